@@ -1,0 +1,147 @@
+//! The `approval-bridge` command line: one binary, several subcommands.
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::config::{DatabaseSettings, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "approval-bridge",
+    version,
+    about = "Safe multisig approvals for Phala Cloud replicas"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server and the background workers in one process.
+    Serve(Box<Settings>),
+    /// Apply the database migrations and exit.
+    Migrate(DatabaseSettings),
+}
+
+impl Cli {
+    /// Parses the command line and environment. A bad or missing setting exits
+    /// with one line that names its environment variable and flag.
+    pub fn parse_or_exit() -> Cli {
+        Cli::try_parse().unwrap_or_else(|err| match setting_error_line(&err) {
+            Some(line) => {
+                eprintln!("approval-bridge: {line}");
+                std::process::exit(2);
+            }
+            None => err.exit(),
+        })
+    }
+}
+
+/// One line for a missing or invalid setting; `None` for other clap outcomes
+/// (help, version, unknown subcommand), which clap prints itself.
+pub fn setting_error_line(err: &clap::Error) -> Option<String> {
+    let args = match err.get(ContextKind::InvalidArg)? {
+        ContextValue::String(arg) => vec![arg.clone()],
+        ContextValue::Strings(args) => args.clone(),
+        _ => return None,
+    };
+    let names: Vec<String> = args.iter().map(|arg| describe_arg(arg)).collect();
+    match err.kind() {
+        ErrorKind::MissingRequiredArgument => Some(format!("missing setting {}", names.join(", "))),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue => {
+            // The cause names the problem; the value itself is never echoed (it may be a secret).
+            let reason = std::error::Error::source(err)
+                .map(|cause| cause.to_string())
+                .unwrap_or_else(|| match err.get(ContextKind::ValidValue) {
+                    Some(ContextValue::Strings(valid)) => {
+                        format!("expected one of {}", valid.join(", "))
+                    }
+                    _ => "invalid value".to_owned(),
+                });
+            Some(format!("invalid setting {}: {reason}", names.join(", ")))
+        }
+        _ => None,
+    }
+}
+
+/// `--phala-api-key <PHALA_API_KEY>` → `APPROVAL_BRIDGE_PHALA_API_KEY (--phala-api-key)`.
+fn describe_arg(arg: &str) -> String {
+    let flag = arg.split_whitespace().next().unwrap_or(arg);
+    let long = flag.trim_start_matches('-');
+    let env = find_env(&Cli::command(), long);
+    match env {
+        Some(env) => format!("{env} ({flag})"),
+        None => flag.to_owned(),
+    }
+}
+
+fn find_env(command: &clap::Command, long: &str) -> Option<String> {
+    command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .and_then(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .or_else(|| {
+            command
+                .get_subcommands()
+                .find_map(|sub| find_env(sub, long))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_line(args: &[&str]) -> String {
+        let err = Cli::try_parse_from(args).expect_err("should not parse");
+        setting_error_line(&err).unwrap_or_else(|| panic!("no setting line for {err}"))
+    }
+
+    #[test]
+    fn missing_setting_names_the_variable() {
+        // Run without the environment of the machine interfering.
+        let line = error_line(&["approval-bridge", "migrate"]);
+        if std::env::var_os("DATABASE_URL").is_none() {
+            assert_eq!(line, "missing setting DATABASE_URL (--database-url)");
+        }
+    }
+
+    #[test]
+    fn invalid_setting_names_the_variable_and_hides_the_value() {
+        let line = error_line(&[
+            "approval-bridge",
+            "serve",
+            "--database-url",
+            "postgres://localhost/x",
+            "--phala-api-key",
+            "k",
+            "--api-tokens",
+            "ci=hunter2",
+        ]);
+        assert!(
+            line.starts_with("invalid setting APPROVAL_BRIDGE_API_TOKENS (--api-tokens): "),
+            "{line}"
+        );
+        assert!(!line.contains("hunter2"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn invalid_number_names_the_variable() {
+        let line = error_line(&[
+            "approval-bridge",
+            "serve",
+            "--database-url",
+            "postgres://localhost/x",
+            "--phala-api-key",
+            "k",
+            "--workers",
+            "many",
+        ]);
+        assert!(
+            line.starts_with("invalid setting APPROVAL_BRIDGE_WORKERS (--workers): "),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! Typed settings. Each comes from an `APPROVAL_BRIDGE_*` environment variable
+//! (or `DATABASE_URL`) and has a `--flag` of the same name.
+//!
+//! Secrets are [`SecretString`]s: their `Debug` output is redacted, so a
+//! settings dump in a log line cannot leak them.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::PgConnectOptions;
+
+pub const DEFAULT_PHALA_API_URL: &str = "https://cloud-api.phala.com/api/v1";
+/// The newest API version the Phala SDK supports; it fixes the shape of `GET /cvms/{id}`.
+pub const DEFAULT_PHALA_API_VERSION: &str = "2026-01-21";
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseSettings {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: SecretString,
+}
+
+impl DatabaseSettings {
+    pub fn connect_options(&self) -> PgConnectOptions {
+        PgConnectOptions::from_str(self.database_url.expose_secret())
+            .expect("validated when the settings were parsed")
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    #[command(flatten)]
+    pub database: DatabaseSettings,
+
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "APPROVAL_BRIDGE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub phala: PhalaSettings,
+
+    /// API tokens for the JSON API, as `name=token` pairs separated by commas.
+    /// The name is recorded as the actor of what the token does.
+    #[arg(long, env = "APPROVAL_BRIDGE_API_TOKENS", value_parser = parse_named_secrets,
+          default_value = "", hide_default_value = true, hide_env_values = true)]
+    pub api_tokens: NamedSecrets,
+
+    /// Webhook secrets, one per CI client, as `name=secret` pairs separated by commas.
+    #[arg(long, env = "APPROVAL_BRIDGE_WEBHOOK_SECRETS", value_parser = parse_named_secrets,
+          default_value = "", hide_default_value = true, hide_env_values = true)]
+    pub webhook_secrets: NamedSecrets,
+
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+
+    /// Log format: human-readable `text` or `json`.
+    #[arg(long, env = "APPROVAL_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PhalaSettings {
+    /// Base URL of the Phala Cloud API.
+    #[arg(long, env = "APPROVAL_BRIDGE_PHALA_API_URL", default_value = DEFAULT_PHALA_API_URL)]
+    pub phala_api_url: Url,
+
+    /// Phala Cloud API key (sent as `X-API-Key`).
+    #[arg(long, env = "APPROVAL_BRIDGE_PHALA_API_KEY", value_parser = parse_secret, hide_env_values = true)]
+    pub phala_api_key: SecretString,
+
+    /// Value of the `X-Phala-Version` header.
+    #[arg(long, env = "APPROVAL_BRIDGE_PHALA_API_VERSION", default_value = DEFAULT_PHALA_API_VERSION)]
+    pub phala_api_version: String,
+
+    /// Timeout of one Phala Cloud request, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub phala_timeout_secs: u64,
+}
+
+impl PhalaSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.phala_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerSettings {
+    /// Concurrent worker tasks in this process (0 runs none: HTTP only).
+    #[arg(long, env = "APPROVAL_BRIDGE_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+
+    /// Attempts of one step before the request fails.
+    #[arg(long, env = "APPROVAL_BRIDGE_MAX_ATTEMPTS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+
+    /// How long a claimed request stays leased to one worker, in seconds.
+    /// It must outlast the slowest step, or another worker takes over.
+    #[arg(long, env = "APPROVAL_BRIDGE_LEASE_SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(5..=3600))]
+    pub lease_secs: u64,
+
+    /// Fallback polling interval when no notification arrives, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_POLL_INTERVAL_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub poll_interval_secs: u64,
+
+    /// First retry delay after a transient error, in seconds; it doubles each attempt.
+    #[arg(long, env = "APPROVAL_BRIDGE_BACKOFF_BASE_SECS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub backoff_base_secs: u64,
+
+    /// Longest retry delay, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_BACKOFF_MAX_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub backoff_max_secs: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            workers: 4,
+            max_attempts: 8,
+            lease_secs: 120,
+            poll_interval_secs: 5,
+            backoff_base_secs: 2,
+            backoff_max_secs: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Named secrets from a `name=secret,name=secret` list.
+#[derive(Debug, Clone, Default)]
+pub struct NamedSecrets(pub Vec<(String, SecretString)>);
+
+impl NamedSecrets {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn parse_secret(value: &str) -> Result<SecretString, String> {
+    if value.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(SecretString::from(value.to_owned()))
+}
+
+fn parse_database_url(value: &str) -> Result<SecretString, String> {
+    // Never echo the URL: it may hold a password.
+    if !(value.starts_with("postgres://") || value.starts_with("postgresql://")) {
+        return Err("must start with postgres:// or postgresql://".to_owned());
+    }
+    PgConnectOptions::from_str(value).map_err(|_| "not a valid postgres:// URL".to_owned())?;
+    Ok(SecretString::from(value.to_owned()))
+}
+
+/// Parses `name=secret` pairs. Error messages name the entry, never the secret.
+pub fn parse_named_secrets(value: &str) -> Result<NamedSecrets, String> {
+    let mut out: Vec<(String, SecretString)> = Vec::new();
+    for (index, entry) in value.split(',').map(str::trim).enumerate() {
+        if entry.is_empty() {
+            continue;
+        }
+        let Some((name, secret)) = entry.split_once('=') else {
+            return Err(format!(
+                "entry {} is not of the form name=secret",
+                index + 1
+            ));
+        };
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "entry {}: the name must be letters, digits, `-`, `_` or `.`",
+                index + 1
+            ));
+        }
+        if secret.trim().len() < 8 {
+            return Err(format!(
+                "`{name}`: the secret must be at least 8 characters"
+            ));
+        }
+        if out.iter().any(|(existing, _)| existing == name) {
+            return Err(format!("`{name}` is listed twice"));
+        }
+        out.push((
+            name.to_owned(),
+            SecretString::from(secret.trim().to_owned()),
+        ));
+    }
+    Ok(NamedSecrets(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_secrets_parse_and_never_show_in_debug() {
+        let parsed = parse_named_secrets("ci=supersecret1, deploy = supersecret2").unwrap();
+        assert_eq!(parsed.0.len(), 2);
+        assert_eq!(parsed.0[1].0, "deploy");
+        assert_eq!(parsed.0[1].1.expose_secret(), "supersecret2");
+        let debug = format!("{parsed:?}");
+        assert!(!debug.contains("supersecret"), "{debug}");
+    }
+
+    #[test]
+    fn named_secret_errors_do_not_echo_the_secret() {
+        for bad in [
+            "nosecret",
+            "a=short",
+            "bad name=longenough1",
+            "x=longenough1,x=longenough2",
+        ] {
+            let err = parse_named_secrets(bad).unwrap_err();
+            assert!(!err.contains("longenough"), "{err}");
+        }
+        assert!(parse_named_secrets("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn database_url_errors_do_not_echo_the_url() {
+        let err = parse_database_url("mysql://user:hunter2@host/db").unwrap_err();
+        assert!(!err.contains("hunter2"));
+    }
+}

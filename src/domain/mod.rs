@@ -1,0 +1,34 @@
+//! Pure types and rules of the service. Nothing here talks to the outside world.
+
+mod ids;
+mod order;
+mod state;
+
+pub use ids::{AppId, Bytes32, InvalidId};
+pub use order::{InvalidOrder, MAX_REPLICAS_PER_ORDER, NodeRef, ReplicaOrder};
+pub use state::{Event, IllegalTransition, Status, UnknownStatus, next};
+
+/// Who caused a change, as recorded in the event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A caller of the JSON API, named after its API token.
+    ApiClient(String),
+    /// A CI system, named after its webhook secret.
+    CiClient(String),
+    /// A person on the team web page.
+    WebUser(String),
+    /// The background worker.
+    Worker,
+}
+
+impl Actor {
+    /// The form stored in the event log and shown by the API: `kind:name`.
+    pub fn label(&self) -> String {
+        match self {
+            Actor::ApiClient(name) => format!("api:{name}"),
+            Actor::CiClient(name) => format!("ci:{name}"),
+            Actor::WebUser(name) => format!("web:{name}"),
+            Actor::Worker => "worker".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The replica request state machine: pure, no I/O.
+//!
+//! Every status change in the service goes through [`next`], so an illegal
+//! transition is an error at the one place that decides, never a silent no-op.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a replica request stands. The names are part of the public API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Accepted, waiting for a worker to prepare it.
+    Queued,
+    /// The Phala prepare call is being made (or retried).
+    Preparing,
+    /// Registrations are missing on the DstackApp; waiting for the next Safe batch.
+    AwaitingProposal,
+    /// Proposed to the Safe; waiting for the owners to sign and execute.
+    AwaitingApproval,
+    /// Everything is allowed on chain; committing the replica with Phala.
+    Committing,
+    /// Phala is creating the replica; waiting for it to run.
+    Provisioning,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 9] = [
+        Status::Queued,
+        Status::Preparing,
+        Status::AwaitingProposal,
+        Status::AwaitingApproval,
+        Status::Committing,
+        Status::Provisioning,
+        Status::Done,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Preparing => "preparing",
+            Status::AwaitingProposal => "awaiting_proposal",
+            Status::AwaitingApproval => "awaiting_approval",
+            Status::Committing => "committing",
+            Status::Provisioning => "provisioning",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Done | Status::Failed | Status::Cancelled)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown status `{0}`")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for Status {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+/// Something that happened to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// A worker starts the prepare step.
+    StartPrepare,
+    /// Prepare reported registrations missing on the DstackApp.
+    RegistrationsMissing,
+    /// Prepare (or a later check) found everything already allowed.
+    RegistrationsAllowed,
+    /// The source is not on on-chain KMS, so the replica was created directly.
+    ReplicatedDirectly,
+    /// The missing registrations were proposed to the Safe.
+    Proposed,
+    /// The proposal can no longer execute (execution failure, replaced nonce).
+    ProposalDropped,
+    /// The commit token was expired or superseded: prepare again.
+    TokenExpired,
+    /// Phala accepted the commit and is creating the replica.
+    Committed,
+    /// The replica runs.
+    ReplicaRunning,
+    /// A permanent error, or the attempts ran out.
+    Fail,
+    /// Someone cancelled the request.
+    Cancel,
+}
+
+impl Event {
+    pub const ALL: [Event; 11] = [
+        Event::StartPrepare,
+        Event::RegistrationsMissing,
+        Event::RegistrationsAllowed,
+        Event::ReplicatedDirectly,
+        Event::Proposed,
+        Event::ProposalDropped,
+        Event::TokenExpired,
+        Event::Committed,
+        Event::ReplicaRunning,
+        Event::Fail,
+        Event::Cancel,
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a request in `{from}` cannot take the event {event:?}")]
+pub struct IllegalTransition {
+    pub from: Status,
+    pub event: Event,
+}
+
+/// The transition function. Cancelling is allowed until the commit starts,
+/// because after that Phala may already be creating the replica.
+pub fn next(from: Status, event: Event) -> Result<Status, IllegalTransition> {
+    use Event as E;
+    use Status as S;
+    let to = match (from, event) {
+        (S::Queued, E::StartPrepare) => S::Preparing,
+        (S::Preparing, E::RegistrationsMissing) => S::AwaitingProposal,
+        (S::Preparing, E::RegistrationsAllowed) => S::Committing,
+        (S::Preparing, E::ReplicatedDirectly) => S::Provisioning,
+        (S::AwaitingProposal, E::Proposed) => S::AwaitingApproval,
+        (S::AwaitingProposal | S::AwaitingApproval, E::RegistrationsAllowed) => S::Committing,
+        (S::AwaitingApproval, E::ProposalDropped) => S::AwaitingProposal,
+        (S::Committing, E::TokenExpired) => S::Preparing,
+        (S::Committing, E::Committed) => S::Provisioning,
+        (S::Provisioning, E::ReplicaRunning) => S::Done,
+        (s, E::Fail) if !s.is_terminal() => S::Failed,
+        (S::Queued | S::Preparing | S::AwaitingProposal | S::AwaitingApproval, E::Cancel) => {
+            S::Cancelled
+        }
+        _ => return Err(IllegalTransition { from, event }),
+    };
+    Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Event as E;
+    use Status as S;
+
+    /// The full table, written out so that a change to `next` must change it too.
+    const LEGAL: &[(Status, Event, Status)] = &[
+        (S::Queued, E::StartPrepare, S::Preparing),
+        (S::Queued, E::Fail, S::Failed),
+        (S::Queued, E::Cancel, S::Cancelled),
+        (S::Preparing, E::RegistrationsMissing, S::AwaitingProposal),
+        (S::Preparing, E::RegistrationsAllowed, S::Committing),
+        (S::Preparing, E::ReplicatedDirectly, S::Provisioning),
+        (S::Preparing, E::Fail, S::Failed),
+        (S::Preparing, E::Cancel, S::Cancelled),
+        (S::AwaitingProposal, E::Proposed, S::AwaitingApproval),
+        (S::AwaitingProposal, E::RegistrationsAllowed, S::Committing),
+        (S::AwaitingProposal, E::Fail, S::Failed),
+        (S::AwaitingProposal, E::Cancel, S::Cancelled),
+        (S::AwaitingApproval, E::RegistrationsAllowed, S::Committing),
+        (S::AwaitingApproval, E::ProposalDropped, S::AwaitingProposal),
+        (S::AwaitingApproval, E::Fail, S::Failed),
+        (S::AwaitingApproval, E::Cancel, S::Cancelled),
+        (S::Committing, E::TokenExpired, S::Preparing),
+        (S::Committing, E::Committed, S::Provisioning),
+        (S::Committing, E::Fail, S::Failed),
+        (S::Provisioning, E::ReplicaRunning, S::Done),
+        (S::Provisioning, E::Fail, S::Failed),
+    ];
+
+    #[test]
+    fn every_state_event_pair_matches_the_table() {
+        for from in Status::ALL {
+            for event in Event::ALL {
+                let expected = LEGAL
+                    .iter()
+                    .find(|(f, e, _)| *f == from && *e == event)
+                    .map(|(_, _, to)| *to);
+                match (next(from, event), expected) {
+                    (Ok(to), Some(want)) => assert_eq!(to, want, "{from} + {event:?}"),
+                    (Err(err), None) => assert_eq!(err, IllegalTransition { from, event }),
+                    (got, want) => panic!("{from} + {event:?}: got {got:?}, want {want:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn terminal_states_accept_no_event() {
+        for from in [S::Done, S::Failed, S::Cancelled] {
+            assert!(from.is_terminal());
+            for event in Event::ALL {
+                assert!(next(from, event).is_err(), "{from} + {event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn cancel_is_refused_once_the_commit_has_started() {
+        for from in [S::Committing, S::Provisioning] {
+            assert!(next(from, E::Cancel).is_err());
+        }
+    }
+
+    #[test]
+    fn status_names_round_trip() {
+        for status in Status::ALL {
+            assert_eq!(status.as_str().parse::<Status>(), Ok(status));
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                serde_json::json!(status.as_str())
+            );
+        }
+        assert!("running".parse::<Status>().is_err());
+    }
+}

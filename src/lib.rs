@@ -1,0 +1,15 @@
+//! approval-bridge: Safe multisig approvals for Phala Cloud replicas.
+//!
+//! Data flows one way: `web` → `store` → `worker` → clients (`phala`).
+//! `domain` holds the pure rules and imports nothing of the outside world.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod phala;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod web;
+pub mod worker;

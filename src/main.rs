@@ -1,0 +1,30 @@
+use approval_bridge::cli::{Cli, Command};
+use approval_bridge::config::LogFormat;
+use approval_bridge::{startup, store, telemetry};
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse_or_exit();
+    if let Err(err) = run(cli.command).await {
+        // `{:#}` keeps the whole cause chain on one line.
+        eprintln!("approval-bridge: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(settings) => {
+            telemetry::init(settings.log_format);
+            let app = startup::Application::build(*settings).await?;
+            app.run_until_stopped().await
+        }
+        Command::Migrate(database) => {
+            telemetry::init(LogFormat::Text);
+            let pool = store::connect(&database).await?;
+            store::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+    }
+}

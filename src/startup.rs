@@ -1,0 +1,121 @@
+//! Building and running the service: `Application::build(settings)`, then
+//! `port()`, then `run_until_stopped()`. Tests run the real app on port 0.
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::phala::PhalaClient;
+use crate::store::{self, Store};
+use crate::web::{self, ApiTokens, AppState, WebhookSecrets};
+use crate::worker::Worker;
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    worker: Worker,
+    workers: usize,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_clock(settings, Clock::system()).await
+    }
+
+    pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
+        let pool = store::connect(&settings.database).await?;
+        store::migrate(&pool).await?;
+        let store = Store::new(pool);
+        let phala = PhalaClient::new(&settings.phala)?;
+        if settings.api_tokens.is_empty() {
+            tracing::warn!(
+                "APPROVAL_BRIDGE_API_TOKENS is empty: every JSON API call will be refused"
+            );
+        }
+        let listener = TcpListener::bind(settings.listen).await.with_context(|| {
+            format!(
+                "cannot listen on {} (APPROVAL_BRIDGE_LISTEN)",
+                settings.listen
+            )
+        })?;
+        let state = AppState {
+            store: store.clone(),
+            phala: phala.clone(),
+            clock: clock.clone(),
+            api_tokens: ApiTokens::new(&settings.api_tokens),
+            webhook_secrets: WebhookSecrets::new(&settings.webhook_secrets),
+        };
+        let worker = Worker::new(store, phala, clock, settings.worker.clone());
+        Ok(Application {
+            listener,
+            state,
+            worker,
+            workers: settings.worker.workers,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port()
+    }
+
+    /// A worker over the same database and clients, for driving steps by hand.
+    pub fn worker(&self) -> Worker {
+        self.worker.clone()
+    }
+
+    pub fn store(&self) -> Store {
+        self.state.store.clone()
+    }
+
+    /// Cancelling it stops the server and the workers gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves HTTP and runs the workers until Ctrl-C, SIGTERM or the shutdown token.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tracing::info!(address = %self.listener.local_addr()?, workers = self.workers, "approval-bridge is serving");
+
+        let workers = (self.workers > 0)
+            .then(|| tokio::spawn(self.worker.run(self.workers, shutdown.clone())));
+        let server = axum::serve(self.listener, web::router(self.state))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let served = server.await.context("the HTTP server failed");
+        shutdown.cancel();
+        if let Some(workers) = workers {
+            workers.await.context("the worker pool panicked")??;
+        }
+        served
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+        _ = shutdown.cancelled() => return,
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,75 @@
+//! Idempotency keys: a retried call with the same key gets the first answer.
+
+use serde_json::Value;
+use sqlx::{Postgres, Transaction};
+
+use super::Store;
+
+/// The response saved under a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdempotencyOutcome {
+    /// The same key and body came before: answer this again.
+    Replay(StoredResponse),
+    /// The key was used with a different body.
+    Mismatch,
+}
+
+impl Store {
+    /// The earlier outcome for `(principal, key)`, if any.
+    pub async fn idempotent_response(
+        &self,
+        principal: &str,
+        key: &str,
+        request_hash: &[u8],
+    ) -> Result<Option<IdempotencyOutcome>, sqlx::Error> {
+        let row: Option<(Vec<u8>, i16, Value)> = sqlx::query_as(
+            "SELECT request_hash, response_status, response_body FROM idempotency_keys
+             WHERE principal = $1 AND key = $2",
+        )
+        .bind(principal)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(hash, status, body)| {
+            if hash == request_hash {
+                IdempotencyOutcome::Replay(StoredResponse {
+                    status: status as u16,
+                    body,
+                })
+            } else {
+                IdempotencyOutcome::Mismatch
+            }
+        }))
+    }
+
+    /// Saves the response in the transaction that created what it describes.
+    /// Returns `false` if a concurrent call saved the key first; the caller
+    /// then rolls back and answers from [`Store::idempotent_response`].
+    pub async fn save_idempotent_response(
+        tx: &mut Transaction<'_, Postgres>,
+        principal: &str,
+        key: &str,
+        request_hash: &[u8],
+        response: &StoredResponse,
+    ) -> Result<bool, sqlx::Error> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (principal, key, request_hash, response_status, response_body)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(principal)
+        .bind(key)
+        .bind(request_hash)
+        .bind(response.status as i16)
+        .bind(&response.body)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+}

@@ -1,0 +1,67 @@
+//! Postgres access. This module is the only place with SQL.
+
+mod idempotency;
+mod requests;
+mod source_locks;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+pub use idempotency::{IdempotencyOutcome, StoredResponse};
+pub use requests::{
+    Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
+    WORKABLE,
+};
+
+use crate::config::DatabaseSettings;
+
+/// The channel workers LISTEN on; a notification means "a request became due".
+pub const WAKE_CHANNEL: &str = "approval_bridge_wake";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(settings.connect_options())
+        .await
+        .context("cannot connect to Postgres (check DATABASE_URL and that the server is running)")
+}
+
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("cannot apply the database migrations")
+}
+
+/// Expected store failures; anything else is an `anyhow` error with context.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The lease expired or another worker took the row: this worker must stop.
+    #[error("the lease on request {0} was lost")]
+    LeaseLost(uuid::Uuid),
+    #[error(transparent)]
+    Illegal(#[from] crate::domain::IllegalTransition),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}

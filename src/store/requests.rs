@@ -1,0 +1,646 @@
+//! The `replica_requests` table and its append-only `request_events` log.
+//!
+//! Every status change goes through [`crate::domain::next`] and writes its
+//! event in the same transaction. Worker writes are fenced by the lease: a
+//! worker whose lease expired, or was taken over, changes nothing.
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::{FromRow, Postgres, Transaction};
+use uuid::Uuid;
+
+use super::{Store, StoreError, WAKE_CHANNEL};
+use crate::domain::{Actor, Event, Status, next};
+
+/// Statuses a worker acts on by itself. The others wait for the Safe flow.
+pub const WORKABLE: [Status; 4] = [
+    Status::Queued,
+    Status::Preparing,
+    Status::Committing,
+    Status::Provisioning,
+];
+
+/// A request as stored. The commit token is deliberately absent: it is read
+/// only by the commit step, through [`Store::commit_token`].
+#[derive(Debug, Clone, FromRow)]
+pub struct ReplicaRequest {
+    pub id: Uuid,
+    #[sqlx(try_from = "String")]
+    pub status: StatusColumn,
+    pub source: String,
+    pub node: Option<String>,
+    pub requested_compose_hash: Option<String>,
+    pub env_names: Vec<String>,
+    pub note: Option<String>,
+    pub encrypted_env: Option<String>,
+    pub created_by: String,
+    pub source_vm_uuid: String,
+    pub source_name: Option<String>,
+    pub node_id: Option<i32>,
+    pub node_name: Option<String>,
+    pub kms_type: Option<String>,
+    pub onchain_kms: bool,
+    pub app_id: Option<String>,
+    pub chain_id: Option<i64>,
+    pub compose_hash: Option<String>,
+    pub device_id: Option<String>,
+    pub compose_hash_allowed: Option<bool>,
+    pub device_id_allowed: Option<bool>,
+    pub prepared_at: Option<DateTime<Utc>>,
+    pub commit_tx_hash: Option<String>,
+    pub call_sent_at: Option<DateTime<Utc>>,
+    pub replica_vm_uuid: Option<String>,
+    pub replica_status: Option<String>,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error_code: Option<String>,
+    pub last_error_message: Option<String>,
+    pub last_error_suggestion: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `status` as read from the database (checked by a constraint there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusColumn(pub Status);
+
+impl TryFrom<String> for StatusColumn {
+    type Error = crate::domain::UnknownStatus;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse().map(StatusColumn)
+    }
+}
+
+impl ReplicaRequest {
+    pub fn status(&self) -> Status {
+        self.status.0
+    }
+}
+
+const COLUMNS: &str = "id, status, source, node, requested_compose_hash, env_names, note, encrypted_env, created_by,
+    source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms, app_id, chain_id, compose_hash,
+    device_id, compose_hash_allowed, device_id_allowed, prepared_at, commit_tx_hash, call_sent_at,
+    replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
+    last_error_suggestion, created_at, updated_at";
+
+#[derive(Debug, Clone, FromRow)]
+pub struct EventRow {
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub actor: String,
+    pub message: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A request to insert, as intake resolved it.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub id: Uuid,
+    pub source: String,
+    pub node: Option<String>,
+    pub requested_compose_hash: Option<String>,
+    pub env_names: Vec<String>,
+    pub note: Option<String>,
+    pub encrypted_env: Option<String>,
+    pub source_vm_uuid: String,
+    pub source_name: Option<String>,
+    pub node_id: Option<i32>,
+    pub node_name: Option<String>,
+    pub kms_type: Option<String>,
+    pub onchain_kms: bool,
+    pub app_id: Option<String>,
+    pub chain_id: Option<i64>,
+}
+
+/// An error as kept on the request: Phala's code (or ours), what happened, what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredError {
+    pub code: String,
+    pub message: String,
+    pub suggestion: Option<String>,
+}
+
+/// What a successful prepare learned.
+#[derive(Debug)]
+pub struct PreparedFields {
+    pub app_id: String,
+    pub chain_id: Option<i64>,
+    pub compose_hash: String,
+    pub device_id: Option<String>,
+    pub compose_hash_allowed: bool,
+    pub device_id_allowed: bool,
+    pub commit_token: SecretString,
+}
+
+/// Columns a transition sets besides the status.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub prepared: Option<PreparedFields>,
+    pub replica_vm_uuid: Option<String>,
+    pub replica_status: Option<String>,
+    /// Kept on the request (for `Fail`); other transitions clear the last error.
+    pub error: Option<StoredError>,
+}
+
+/// Proof that a worker holds a request. Writes that carry it are fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub request_id: Uuid,
+    pub lease_id: Uuid,
+}
+
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub request: ReplicaRequest,
+    pub lease: Lease,
+}
+
+impl Store {
+    /// Inserts the requests of one order with their first event, inside the
+    /// caller's transaction, and wakes the workers when it commits.
+    pub async fn insert_requests(
+        tx: &mut Transaction<'_, Postgres>,
+        requests: &[NewRequest],
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        for r in requests {
+            sqlx::query(
+                "INSERT INTO replica_requests (id, status, source, node, requested_compose_hash, env_names, note,
+                    encrypted_env, created_by, source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms,
+                    app_id, chain_id, next_attempt_at, created_at, updated_at)
+                 VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17)",
+            )
+            .bind(r.id)
+            .bind(&r.source)
+            .bind(&r.node)
+            .bind(&r.requested_compose_hash)
+            .bind(&r.env_names)
+            .bind(&r.note)
+            .bind(&r.encrypted_env)
+            .bind(actor.label())
+            .bind(&r.source_vm_uuid)
+            .bind(&r.source_name)
+            .bind(r.node_id)
+            .bind(&r.node_name)
+            .bind(&r.kms_type)
+            .bind(r.onchain_kms)
+            .bind(&r.app_id)
+            .bind(r.chain_id)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            insert_event(
+                tx,
+                r.id,
+                None,
+                Status::Queued,
+                actor,
+                r.note.as_deref(),
+                now,
+            )
+            .await?;
+        }
+        wake(tx).await
+    }
+
+    /// The given requests, read inside the transaction that created them.
+    pub async fn requests_in(
+        tx: &mut Transaction<'_, Postgres>,
+        ids: &[Uuid],
+    ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM replica_requests WHERE id = ANY($1) ORDER BY id"
+        ))
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await
+    }
+
+    pub async fn get_request(&self, id: Uuid) -> Result<Option<ReplicaRequest>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM replica_requests WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Newest first, optionally of one status.
+    pub async fn list_requests(
+        &self,
+        status: Option<Status>,
+        limit: i64,
+    ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM replica_requests
+             WHERE ($1::text IS NULL OR status = $1)
+             ORDER BY created_at DESC, id DESC LIMIT $2"
+        ))
+        .bind(status.map(Status::as_str))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn events(&self, id: Uuid) -> Result<Vec<EventRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT from_status, to_status, actor, message, created_at FROM request_events
+             WHERE request_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Cancels a request if its status allows it. `Ok(None)`: no such request.
+    /// `Err(Illegal)`: too late to cancel.
+    pub async fn cancel_request(
+        &self,
+        id: Uuid,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ReplicaRequest>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<(String,)> =
+            sqlx::query_as("SELECT status FROM replica_requests WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((current,)) = current else {
+            return Ok(None);
+        };
+        let from: Status = current
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        let to = next(from, Event::Cancel)?;
+        // Dropping the lease fences out a worker that is mid-step on this request.
+        sqlx::query(
+            "UPDATE replica_requests SET status = $2, commit_token = NULL, lease_id = NULL, lease_expires_at = NULL,
+                updated_at = $3 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(to.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        insert_event(&mut tx, id, Some(from), to, actor, None, now).await?;
+        tx.commit().await?;
+        Ok(self.get_request(id).await?)
+    }
+
+    /// Claims the most overdue workable request: a short transaction that
+    /// skips rows other workers hold, and leases the row until `now + lease_for`.
+    pub async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        lease_for: chrono::Duration,
+    ) -> Result<Option<Claimed>, sqlx::Error> {
+        let lease_id = Uuid::new_v4();
+        let statuses: Vec<&str> = WORKABLE.iter().map(|s| s.as_str()).collect();
+        let request: Option<ReplicaRequest> = sqlx::query_as(&format!(
+            "UPDATE replica_requests SET lease_id = $1, lease_expires_at = $2
+             WHERE id = (
+                SELECT id FROM replica_requests
+                WHERE status = ANY($3) AND next_attempt_at <= $4
+                  AND (lease_expires_at IS NULL OR lease_expires_at <= $4)
+                ORDER BY next_attempt_at, created_at
+                LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING {COLUMNS}"
+        ))
+        .bind(lease_id)
+        .bind(now + lease_for)
+        .bind(&statuses)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(request.map(|request| Claimed {
+            lease: Lease {
+                request_id: request.id,
+                lease_id,
+            },
+            request,
+        }))
+    }
+
+    /// Moves a leased request on by `event`, sets `changes`, records the event,
+    /// and releases the lease, all in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn advance(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        from: Status,
+        event: Event,
+        actor: &Actor,
+        message: Option<&str>,
+        changes: Changes,
+    ) -> Result<Status, StoreError> {
+        let to = next(from, event)?;
+        let prepared = changes.prepared.as_ref();
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE replica_requests SET
+                status = $5,
+                app_id = COALESCE($6, app_id),
+                chain_id = COALESCE($7, chain_id),
+                compose_hash = COALESCE($8, compose_hash),
+                device_id = COALESCE($9, device_id),
+                compose_hash_allowed = COALESCE($10, compose_hash_allowed),
+                device_id_allowed = COALESCE($11, device_id_allowed),
+                commit_token = CASE WHEN $17 THEN NULL ELSE COALESCE($12, commit_token) END,
+                prepared_at = CASE WHEN $12::text IS NULL THEN prepared_at ELSE $3 END,
+                replica_vm_uuid = COALESCE($13, replica_vm_uuid),
+                replica_status = COALESCE($14, replica_status),
+                call_sent_at = NULL,
+                last_error_code = $15,
+                last_error_message = $16,
+                last_error_suggestion = $18,
+                attempts = 0,
+                next_attempt_at = $3,
+                lease_id = NULL,
+                lease_expires_at = NULL,
+                updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > $3 AND status = $4",
+        )
+        .bind(lease.request_id)
+        .bind(lease.lease_id)
+        .bind(now)
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .bind(prepared.map(|p| &p.app_id))
+        .bind(prepared.and_then(|p| p.chain_id))
+        .bind(prepared.map(|p| &p.compose_hash))
+        .bind(prepared.and_then(|p| p.device_id.as_ref()))
+        .bind(prepared.map(|p| p.compose_hash_allowed))
+        .bind(prepared.map(|p| p.device_id_allowed))
+        .bind(prepared.map(|p| p.commit_token.expose_secret()))
+        .bind(&changes.replica_vm_uuid)
+        .bind(&changes.replica_status)
+        .bind(changes.error.as_ref().map(|e| &e.code))
+        .bind(changes.error.as_ref().map(|e| &e.message))
+        // A finished request has no further use for its bearer token.
+        .bind(to.is_terminal())
+        .bind(changes.error.as_ref().and_then(|e| e.suggestion.as_ref()))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::LeaseLost(lease.request_id));
+        }
+        let message = message.or(changes.error.as_ref().map(|e| e.message.as_str()));
+        insert_event(
+            &mut tx,
+            lease.request_id,
+            Some(from),
+            to,
+            actor,
+            message,
+            now,
+        )
+        .await?;
+        if crate::store::WORKABLE.contains(&to) {
+            wake(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(to)
+    }
+
+    /// Records a transient failure: one more attempt spent, the error kept,
+    /// the next try at `retry_at`. The status does not change.
+    pub async fn retry_later(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        status: Status,
+        error: &StoredError,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE replica_requests SET attempts = attempts + 1, next_attempt_at = $4,
+                last_error_code = $5, last_error_message = $6, last_error_suggestion = $7,
+                lease_id = NULL, lease_expires_at = NULL, updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > $3",
+        )
+        .bind(lease.request_id)
+        .bind(lease.lease_id)
+        .bind(now)
+        .bind(retry_at)
+        .bind(&error.code)
+        .bind(&error.message)
+        .bind(&error.suggestion)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::LeaseLost(lease.request_id));
+        }
+        let message = format!(
+            "{} (retrying at {})",
+            error.message,
+            retry_at.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        insert_event(
+            &mut tx,
+            lease.request_id,
+            Some(status),
+            status,
+            &Actor::Worker,
+            Some(&message),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Waits without spending an attempt: release the lease until `until`.
+    pub async fn snooze(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.fenced_update(
+            lease,
+            now,
+            "next_attempt_at = $4, lease_id = NULL, lease_expires_at = NULL",
+            |q| q.bind(until),
+        )
+        .await
+    }
+
+    /// Marks that a call whose success cannot be repeated (a direct replicate,
+    /// a commit) is about to be sent, so that a crash cannot send it twice.
+    pub async fn mark_call_sent(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.fenced_update(lease, now, "call_sent_at = $3", |q| q)
+            .await
+    }
+
+    /// Clears the marker once Phala answered with an error: nothing was created.
+    pub async fn clear_call_sent(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.fenced_update(lease, now, "call_sent_at = NULL", |q| q)
+            .await
+    }
+
+    /// Sets the transaction hash the next commit sends.
+    pub async fn set_commit_tx_hash(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        tx_hash: &str,
+    ) -> Result<(), StoreError> {
+        self.fenced_update(lease, now, "commit_tx_hash = $4", |q| {
+            q.bind(tx_hash.to_owned())
+        })
+        .await
+    }
+
+    /// Updates the replica's observed status while provisioning.
+    pub async fn set_replica_status(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        status: &str,
+    ) -> Result<(), StoreError> {
+        self.fenced_update(lease, now, "replica_status = $4", |q| {
+            q.bind(status.to_owned())
+        })
+        .await
+    }
+
+    /// When the request last entered `status` (for timeouts measured per status).
+    pub async fn entered_status_at(
+        &self,
+        id: Uuid,
+        status: Status,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        let row: (Option<DateTime<Utc>>,) = sqlx::query_as(
+            "SELECT max(created_at) FROM request_events
+             WHERE request_id = $1 AND to_status = $2 AND from_status IS DISTINCT FROM to_status",
+        )
+        .bind(id)
+        .bind(status.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.0)
+    }
+
+    /// How often the request has gone from `from` to `to`.
+    pub async fn count_transitions(
+        &self,
+        id: Uuid,
+        from: Status,
+        to: Status,
+    ) -> Result<i64, sqlx::Error> {
+        let row: (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM request_events WHERE request_id = $1 AND from_status = $2 AND to_status = $3",
+        )
+        .bind(id)
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.0)
+    }
+
+    /// The earliest time a workable request becomes due, to sleep until then.
+    pub async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        let statuses: Vec<&str> = WORKABLE.iter().map(|s| s.as_str()).collect();
+        let row: (Option<DateTime<Utc>>,) = sqlx::query_as(
+            "SELECT min(GREATEST(next_attempt_at, COALESCE(lease_expires_at, next_attempt_at)))
+             FROM replica_requests WHERE status = ANY($1)",
+        )
+        .bind(&statuses)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.0)
+    }
+
+    /// The commit token, read only by the step that sends it.
+    pub async fn commit_token(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+    ) -> Result<Option<SecretString>, StoreError> {
+        let token: Option<(Option<String>,)> = sqlx::query_as(
+            "SELECT commit_token FROM replica_requests WHERE id = $1 AND lease_id = $2 AND lease_expires_at > $3",
+        )
+        .bind(lease.request_id)
+        .bind(lease.lease_id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        match token {
+            None => Err(StoreError::LeaseLost(lease.request_id)),
+            Some((token,)) => Ok(token.map(SecretString::from)),
+        }
+    }
+
+    /// An update guarded by the lease. `$1` id, `$2` lease, `$3` now; `bind` adds `$4…`.
+    async fn fenced_update(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        set: &str,
+        bind: impl for<'q> FnOnce(PgQuery<'q>) -> PgQuery<'q>,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE replica_requests SET {set}, updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > $3"
+        );
+        let query = sqlx::query(&sql)
+            .bind(lease.request_id)
+            .bind(lease.lease_id)
+            .bind(now);
+        let updated = bind(query).execute(&self.pool).await?.rows_affected();
+        if updated == 0 {
+            return Err(StoreError::LeaseLost(lease.request_id));
+        }
+        Ok(())
+    }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+async fn insert_event(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: Uuid,
+    from: Option<Status>,
+    to: Status,
+    actor: &Actor,
+    message: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO request_events (request_id, from_status, to_status, actor, message, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(request_id)
+    .bind(from.map(Status::as_str))
+    .bind(to.as_str())
+    .bind(actor.label())
+    .bind(message)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Delivered at commit, so a worker never wakes before the row is visible.
+async fn wake(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(WAKE_CHANNEL)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! Queuing replicas: the part shared by the JSON API, the CI webhook and the
+//! page. An order is validated and resolved against Phala Cloud (source, node,
+//! env) before anything is stored, so bad input changes nothing.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+use super::views;
+use crate::domain::{Actor, InvalidOrder, NodeRef, ReplicaOrder};
+use crate::phala::{PhalaError, ResolveError};
+use crate::store::{IdempotencyOutcome, NewRequest, Store, StoredResponse};
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// The raw body, refused with a JSON error when it is over [`MAX_BODY_BYTES`].
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the body is larger than {} KiB", MAX_BODY_BYTES / 1024),
+                    )
+                } else {
+                    ApiError::bad_request("unreadable_body", rejection.body_text())
+                }
+            })
+    }
+}
+
+/// The `Idempotency-Key` header, if any: 1–255 visible ASCII characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let key = value.to_str().unwrap_or_default().trim();
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Validates, resolves and stores an order; answers 202 with the new requests.
+pub async fn submit(
+    state: &AppState,
+    actor: Actor,
+    idempotency_key: Option<String>,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let order = ReplicaOrder::from_json(body).map_err(invalid_order)?;
+    let principal = actor.label();
+    // Same meaning, same hash: key order and whitespace do not matter.
+    let canonical: Value = serde_json::from_slice(body).expect("parsed above");
+    let request_hash = Sha256::digest(canonical.to_string().as_bytes()).to_vec();
+
+    if let Some(key) = &idempotency_key
+        && let Some(earlier) = state
+            .store
+            .idempotent_response(&principal, key, &request_hash)
+            .await?
+    {
+        return replay(earlier);
+    }
+
+    let rows = resolve(state, &order).await?;
+
+    let mut tx = state.store.pool().begin().await?;
+    Store::insert_requests(&mut tx, &rows, &actor, state.clock.now()).await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let created = Store::requests_in(&mut tx, &ids).await?;
+    let response = StoredResponse {
+        status: StatusCode::ACCEPTED.as_u16(),
+        body: json!({ "replicas": created.iter().map(views::replica).collect::<Vec<_>>() }),
+    };
+    if let Some(key) = &idempotency_key
+        && !Store::save_idempotent_response(&mut tx, &principal, key, &request_hash, &response)
+            .await?
+    {
+        // A concurrent call with the same key won the race: answer as it did.
+        tx.rollback().await?;
+        let earlier = state
+            .store
+            .idempotent_response(&principal, key, &request_hash)
+            .await?;
+        return replay(earlier.ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?);
+    }
+    tx.commit().await?;
+    tracing::info!(actor = %principal, count = rows.len(), source = %order.source, "replicas queued");
+    Ok(stored_response(response))
+}
+
+fn replay(earlier: IdempotencyOutcome) -> Result<Response, ApiError> {
+    match earlier {
+        IdempotencyOutcome::Replay(response) => Ok(stored_response(response)),
+        IdempotencyOutcome::Mismatch => Err(ApiError::unprocessable(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different body",
+        )),
+    }
+}
+
+fn stored_response(response: StoredResponse) -> Response {
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::ACCEPTED);
+    (status, Json(response.body)).into_response()
+}
+
+fn invalid_order(err: InvalidOrder) -> ApiError {
+    match err {
+        InvalidOrder::Syntax(_) => ApiError::bad_request("malformed_json", err.to_string()),
+        InvalidOrder::Shape(_) => ApiError::unprocessable("invalid_body", err.to_string()),
+        InvalidOrder::Field { .. } => ApiError::unprocessable("invalid_field", err.to_string()),
+    }
+}
+
+/// Resolves the source, node and env with Phala and builds one row per replica.
+async fn resolve(state: &AppState, order: &ReplicaOrder) -> Result<Vec<NewRequest>, ApiError> {
+    let source = state
+        .phala
+        .resolve_source(&order.source, order.compose_hash.as_ref())
+        .await
+        .map_err(resolve_error)?;
+    let node = match &order.node {
+        Some(node) => Some(
+            state
+                .phala
+                .resolve_node(node)
+                .await
+                .map_err(resolve_error)?,
+        ),
+        None => None,
+    };
+    let encrypted_env = if order.env.is_empty() {
+        None
+    } else {
+        Some(
+            state
+                .phala
+                .encrypt_env_for(&source, &order.env)
+                .await
+                .map_err(resolve_error)?,
+        )
+    };
+    let node_label = order.node.as_ref().map(|n| match n {
+        NodeRef::Id(id) => id.to_string(),
+        NodeRef::Name(name) => name.clone(),
+    });
+    let row = NewRequest {
+        id: Uuid::nil(),
+        source: order.source.clone(),
+        node: node_label,
+        requested_compose_hash: order.compose_hash.map(|h| h.to_string()),
+        env_names: order.env.keys().cloned().collect(),
+        note: order.note.clone(),
+        encrypted_env,
+        source_vm_uuid: source.vm_uuid.clone(),
+        source_name: source.cvm.name.clone(),
+        node_id: node.as_ref().map(|n| n.id as i32),
+        node_name: node.as_ref().map(|n| n.name.clone()),
+        kms_type: source.cvm.kms_type.clone(),
+        onchain_kms: source.cvm.is_onchain_kms(),
+        app_id: source.app_id().map(|a| a.to_string()),
+        chain_id: source.cvm.chain_id().map(|c| c as i64),
+    };
+    Ok((0..order.count)
+        .map(|_| NewRequest {
+            id: Uuid::now_v7(),
+            ..row.clone()
+        })
+        .collect())
+}
+
+fn resolve_error(err: ResolveError) -> ApiError {
+    match err {
+        ResolveError::UnknownSource(_) => {
+            ApiError::unprocessable("unknown_source", err.to_string())
+        }
+        ResolveError::AmbiguousSource(_) => {
+            ApiError::unprocessable("ambiguous_source", err.to_string())
+        }
+        ResolveError::UnknownNode(_) => ApiError::unprocessable("unknown_node", err.to_string()),
+        ResolveError::AmbiguousNode { .. } => {
+            ApiError::unprocessable("ambiguous_node", err.to_string())
+        }
+        ResolveError::EnvNotAllowed { .. } => {
+            ApiError::unprocessable("env_not_allowed", err.to_string())
+        }
+        ResolveError::Phala(err) => phala_unavailable(err),
+    }
+}
+
+/// Phala's answer during intake: a 4xx about the order is the caller's to fix
+/// (422); 503 when the trouble may pass (retry the call); 502 when Phala
+/// refuses the bridge itself or answers nonsense.
+fn phala_unavailable(err: PhalaError) -> ApiError {
+    let status = err.status().unwrap_or(0);
+    if err.is_transient() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "phala_unavailable",
+            format!("{err}; retry later"),
+        )
+    } else if (400..500).contains(&status) && status != 401 && status != 403 {
+        let suggestion = err
+            .suggestion()
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default();
+        ApiError::unprocessable("phala_rejected", format!("{err}.{suggestion}"))
+    } else {
+        ApiError::new(StatusCode::BAD_GATEWAY, "phala_error", err.to_string())
+    }
+}

@@ -1,0 +1,49 @@
+//! Server-rendered pages (askama) and small service endpoints.
+
+use askama::Template;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+
+#[derive(Template)]
+#[template(path = "index.html")]
+struct IndexPage {
+    version: &'static str,
+}
+
+/// `GET /`: what this service is and where its API lives.
+pub async fn index() -> Result<Html<String>, ApiError> {
+    let page = IndexPage {
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    Ok(Html(page.render()?))
+}
+
+/// `GET /health`: up, and the database answers.
+pub async fn health(State(state): State<AppState>) -> Response {
+    match sqlx::query("SELECT 1").execute(state.store.pool()).await {
+        Ok(_) => Json(json!({"status": "ok"})).into_response(),
+        Err(err) => {
+            tracing::warn!(error = %err, "health check: database unreachable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "database unreachable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The stylesheet, built into the binary so it needs no files at run time.
+pub async fn stylesheet() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/css; charset=utf-8")], include_str!("../../static/style.css"))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}

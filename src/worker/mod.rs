@@ -1,0 +1,295 @@
+//! The background workers: claim a due request, run the step its status
+//! calls for, and record the outcome, fenced by the claim's lease.
+//!
+//! A claim is a short transaction; the step's network calls run with no
+//! transaction open. Several processes can share one database: `SKIP LOCKED`
+//! and the lease keep two workers from running the same step.
+
+mod backoff;
+mod commit;
+mod prepare;
+mod track;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span};
+
+use crate::clock::Clock;
+use crate::config::WorkerSettings;
+use crate::domain::{Actor, Event, Status};
+use crate::phala::{PhalaClient, PhalaError};
+use crate::store::{Changes, Claimed, Store, StoreError, StoredError, WAKE_CHANNEL};
+
+/// What a step decided. [`Worker::apply`] writes it.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Move on by `event`, setting `changes`.
+    Advance {
+        event: Event,
+        changes: Changes,
+        message: Option<String>,
+    },
+    /// A transient failure: spend an attempt, retry with backoff.
+    Retry(StoredError),
+    /// A permanent failure.
+    Fail(StoredError),
+    /// Wait without spending an attempt.
+    Snooze(Duration),
+}
+
+impl Outcome {
+    fn advance(event: Event) -> Self {
+        Outcome::Advance {
+            event,
+            changes: Changes::default(),
+            message: None,
+        }
+    }
+
+    /// A Phala failure: retried if transient, final otherwise.
+    fn from_phala(err: &PhalaError) -> Self {
+        let stored = stored_phala_error(err);
+        if err.is_transient() {
+            Outcome::Retry(stored)
+        } else {
+            Outcome::Fail(stored)
+        }
+    }
+}
+
+pub fn stored_phala_error(err: &PhalaError) -> StoredError {
+    StoredError {
+        code: err.stored_code(),
+        message: err.to_string(),
+        suggestion: err.suggestion().map(str::to_owned),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Worker {
+    store: Store,
+    phala: PhalaClient,
+    clock: Clock,
+    settings: WorkerSettings,
+}
+
+impl Worker {
+    pub fn new(store: Store, phala: PhalaClient, clock: Clock, settings: WorkerSettings) -> Self {
+        Worker {
+            store,
+            phala,
+            clock,
+            settings,
+        }
+    }
+
+    fn lease_duration(&self) -> chrono::Duration {
+        chrono::Duration::seconds(self.settings.lease_secs as i64)
+    }
+
+    /// Claims one due request and runs its step. `false` when nothing was due.
+    pub async fn run_once(&self) -> anyhow::Result<bool> {
+        let now = self.clock.now();
+        let Some(claimed) = self.store.claim_due(now, self.lease_duration()).await? else {
+            return Ok(false);
+        };
+        let request = &claimed.request;
+        let span = info_span!(
+            "step",
+            replica_id = %request.id,
+            state = %request.status(),
+            attempt = request.attempts + 1,
+        );
+        async {
+            let outcome = match request.status() {
+                Status::Queued => Ok(Outcome::advance(Event::StartPrepare)),
+                Status::Preparing => prepare::run(self, &claimed).await,
+                Status::Committing => commit::run(self, &claimed).await,
+                Status::Provisioning => track::run(self, &claimed).await,
+                other => unreachable!("claimed a request in `{other}`, which is not workable"),
+            };
+            let result = match outcome {
+                Ok(outcome) => self.apply(&claimed, outcome).await,
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(()) => Ok(true),
+                // Another worker owns the row now; what this one did is void.
+                Err(err)
+                    if matches!(
+                        err.downcast_ref::<StoreError>(),
+                        Some(StoreError::LeaseLost(_))
+                    ) =>
+                {
+                    tracing::warn!("lease lost; leaving the request to its new holder");
+                    Ok(true)
+                }
+                Err(err) => Err(err),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs steps until nothing is due. Tests drive the workers with this.
+    pub async fn drain(&self) -> anyhow::Result<usize> {
+        let mut steps = 0;
+        while self.run_once().await? {
+            steps += 1;
+        }
+        Ok(steps)
+    }
+
+    async fn apply(&self, claimed: &Claimed, outcome: Outcome) -> anyhow::Result<()> {
+        let request = &claimed.request;
+        let lease = &claimed.lease;
+        let now = self.clock.now();
+        let status = request.status();
+        match outcome {
+            Outcome::Advance {
+                event,
+                changes,
+                message,
+            } => {
+                let to = self
+                    .store
+                    .advance(
+                        lease,
+                        now,
+                        status,
+                        event,
+                        &Actor::Worker,
+                        message.as_deref(),
+                        changes,
+                    )
+                    .await?;
+                tracing::info!(to = %to, "request moved on");
+            }
+            Outcome::Snooze(wait) => {
+                self.store
+                    .snooze(lease, now, now + chrono::Duration::from_std(wait)?)
+                    .await?;
+            }
+            Outcome::Fail(error) => {
+                tracing::warn!(code = %error.code, message = %error.message, "request failed");
+                self.fail(claimed, error).await?;
+            }
+            Outcome::Retry(error) => {
+                let attempts = request.attempts as u32 + 1;
+                if attempts >= self.settings.max_attempts {
+                    let error = StoredError {
+                        message: format!("gave up after {attempts} attempts: {}", error.message),
+                        ..error
+                    };
+                    tracing::warn!(code = %error.code, "attempts exhausted");
+                    self.fail(claimed, error).await?;
+                } else {
+                    let wait = backoff::delay(
+                        request.attempts as u32,
+                        Duration::from_secs(self.settings.backoff_base_secs),
+                        Duration::from_secs(self.settings.backoff_max_secs),
+                    );
+                    tracing::info!(code = %error.code, retry_in = ?wait, "transient error; retrying later");
+                    self.store
+                        .retry_later(
+                            lease,
+                            now,
+                            status,
+                            &error,
+                            now + chrono::Duration::from_std(wait)?,
+                        )
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, claimed: &Claimed, error: StoredError) -> anyhow::Result<()> {
+        let changes = Changes {
+            error: Some(error),
+            ..Changes::default()
+        };
+        self.store
+            .advance(
+                &claimed.lease,
+                self.clock.now(),
+                claimed.request.status(),
+                Event::Fail,
+                &Actor::Worker,
+                None,
+                changes,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `count` worker tasks until `shutdown`. One LISTEN connection wakes
+    /// them; polling at the configured interval covers lost notifications.
+    pub async fn run(self, count: usize, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let wake = Arc::new(Notify::new());
+        let mut listener = PgListener::connect_with(self.store.pool())
+            .await
+            .context("cannot open the LISTEN connection")?;
+        listener.listen(WAKE_CHANNEL).await?;
+
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..count {
+            let worker = self.clone();
+            let wake = wake.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { worker.work_loop(index, wake, shutdown).await });
+        }
+
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                notification = listener.try_recv() => match notification {
+                    Ok(_) => wake.notify_waiters(),
+                    // The connection dropped; sqlx reconnects on the next call. Wake
+                    // everyone in case a notification was lost in between.
+                    Err(err) => {
+                        tracing::warn!(error = %err, "LISTEN connection error; polling until it is back");
+                        wake.notify_waiters();
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                },
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn work_loop(&self, index: usize, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let poll = Duration::from_secs(self.settings.poll_interval_secs);
+        while !shutdown.is_cancelled() {
+            let notified = wake.notified();
+            match self.run_once().await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(err) => tracing::error!(
+                    worker = index,
+                    error = format!("{err:#}"),
+                    "worker step failed"
+                ),
+            }
+            let wait = match self.store.next_due_at().await {
+                Ok(Some(due)) => (due - self.clock.now())
+                    .to_std()
+                    .unwrap_or_default()
+                    .min(poll),
+                _ => poll,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = notified => {}
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
+            }
+        }
+    }
+}

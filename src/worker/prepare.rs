@@ -1,0 +1,160 @@
+//! The prepare step: ask Phala for a commit token and learn which
+//! registrations the DstackApp still needs. Sources without on-chain KMS take
+//! the simple workflow and are replicated directly.
+
+use std::time::Duration;
+
+use super::{Outcome, Worker};
+use crate::domain::{Bytes32, Event};
+use crate::phala::{PhalaError, PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm};
+use crate::store::{Changes, Claimed, PreparedFields, StoredError};
+
+/// How long to wait when another request holds the source's prepare lock.
+const SOURCE_BUSY_WAIT: Duration = Duration::from_secs(2);
+
+pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+    let request = &claimed.request;
+    let holder = claimed.lease.lease_id;
+    let now = worker.clock.now();
+    // A newer prepare for the same CVM supersedes the older token, so prepares
+    // (and direct replicates) of one source never overlap.
+    if !worker
+        .store
+        .try_lock_source(
+            &request.source_vm_uuid,
+            holder,
+            now,
+            now + worker.lease_duration(),
+        )
+        .await?
+    {
+        return Ok(Outcome::Snooze(SOURCE_BUSY_WAIT));
+    }
+    let outcome = if request.onchain_kms {
+        prepare(worker, claimed).await
+    } else {
+        replicate_directly(worker, claimed).await
+    };
+    worker
+        .store
+        .unlock_source(&request.source_vm_uuid, holder)
+        .await?;
+    outcome
+}
+
+fn spec(claimed: &Claimed) -> ReplicaSpec {
+    let request = &claimed.request;
+    ReplicaSpec {
+        node_id: request.node_id.map(|id| id as u32),
+        compose_hash: request
+            .requested_compose_hash
+            .as_deref()
+            .and_then(|h| h.parse::<Bytes32>().ok()),
+        encrypted_env: request.encrypted_env.clone(),
+    }
+}
+
+async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+    let request = &claimed.request;
+    match worker
+        .phala
+        .prepare_replica(&request.source_vm_uuid, &spec(claimed))
+        .await
+    {
+        Ok(PrepareOutcome::Prepared(prepared)) => Ok(prepared_outcome(request.chain_id, prepared)),
+        // Phala ignored the prepare header and created the replica.
+        Ok(PrepareOutcome::Created(vm)) => Ok(created(vm)),
+        Err(err) => Ok(Outcome::from_phala(&err)),
+    }
+}
+
+fn prepared_outcome(known_chain: Option<i64>, prepared: PreparedReplica) -> Outcome {
+    let onchain = prepared.onchain;
+    let allowed = onchain.is_allowed || (onchain.compose_hash_allowed && onchain.device_id_allowed);
+    let (event, message) = if allowed {
+        (
+            Event::RegistrationsAllowed,
+            "prepared; everything is already allowed on chain".to_owned(),
+        )
+    } else {
+        let missing: Vec<&str> = [
+            (!onchain.compose_hash_allowed).then_some("compose hash"),
+            (!onchain.device_id_allowed).then_some("device"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (
+            Event::RegistrationsMissing,
+            format!(
+                "prepared; the DstackApp must allow the {}",
+                missing.join(" and ")
+            ),
+        )
+    };
+    let changes = Changes {
+        prepared: Some(PreparedFields {
+            app_id: prepared.app_id.to_string(),
+            chain_id: prepared.chain_id.map(|c| c as i64).or(known_chain),
+            compose_hash: prepared.compose_hash.to_string(),
+            device_id: prepared.device_id.map(|d| d.to_string()),
+            compose_hash_allowed: onchain.compose_hash_allowed,
+            device_id_allowed: onchain.device_id_allowed,
+            commit_token: prepared.commit_token,
+        }),
+        ..Changes::default()
+    };
+    Outcome::Advance {
+        event,
+        changes,
+        message: Some(message),
+    }
+}
+
+fn created(vm: ReplicaVm) -> Outcome {
+    let message = format!(
+        "replica {} created",
+        vm.vm_uuid.as_deref().unwrap_or("(no vm_uuid yet)")
+    );
+    Outcome::Advance {
+        event: Event::ReplicatedDirectly,
+        changes: Changes {
+            replica_vm_uuid: vm.vm_uuid,
+            replica_status: vm.status,
+            ..Changes::default()
+        },
+        message: Some(message),
+    }
+}
+
+/// Cloud KMS (or no KMS): no prepare, no approval. The call is not
+/// idempotent, so it is marked before it is sent; a marker still set on the
+/// next try means the last call's outcome is unknown, and we stop rather than
+/// risk a second replica.
+async fn replicate_directly(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+    let request = &claimed.request;
+    if request.call_sent_at.is_some() {
+        return Ok(Outcome::Fail(StoredError {
+            code: "REPLICATE-OUTCOME-UNKNOWN".into(),
+            message: "an earlier replicate call got no answer, so a replica may already exist".into(),
+            suggestion: Some("Check the source's instances on the Phala dashboard; queue again only if none was created.".into()),
+        }));
+    }
+    worker
+        .store
+        .mark_call_sent(&claimed.lease, worker.clock.now())
+        .await?;
+    match worker.phala.create_replica(&request.source_vm_uuid, &spec(claimed)).await {
+        Ok(vm) => Ok(created(vm)),
+        Err(err @ PhalaError::Api(_)) => {
+            // Phala answered with an error: nothing was created.
+            worker.store.clear_call_sent(&claimed.lease, worker.clock.now()).await?;
+            Ok(Outcome::from_phala(&err))
+        }
+        Err(err) => Ok(Outcome::Fail(StoredError {
+            code: "REPLICATE-OUTCOME-UNKNOWN".into(),
+            message: format!("the replicate call got no answer, so a replica may exist: {err}"),
+            suggestion: Some("Check the source's instances on the Phala dashboard; queue again only if none was created.".into()),
+        })),
+    }
+}
