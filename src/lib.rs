@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod phala;
+pub mod safe;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
