@@ -76,10 +76,25 @@ impl InvalidOrder {
 impl ReplicaOrder {
     /// Parse and validate a raw JSON body.
     pub fn from_json(body: &[u8]) -> Result<Self, InvalidOrder> {
-        let body: OrderBody = serde_json::from_slice(body).map_err(|err| match err.classify() {
-            serde_json::error::Category::Data => InvalidOrder::Shape(err.to_string()),
-            _ => InvalidOrder::Syntax(err.to_string()),
-        })?;
+        // The path names the field at fault: "count: invalid type: string …".
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let body: OrderBody =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+                let path = err.path().to_string();
+                let inner = err.into_inner();
+                match inner.classify() {
+                    serde_json::error::Category::Data if path == "." => {
+                        InvalidOrder::Shape(inner.to_string())
+                    }
+                    serde_json::error::Category::Data => {
+                        InvalidOrder::Shape(format!("`{path}`: {inner}"))
+                    }
+                    _ => InvalidOrder::Syntax(inner.to_string()),
+                }
+            })?;
+        deserializer
+            .end()
+            .map_err(|err| InvalidOrder::Syntax(err.to_string()))?;
         Self::validate(body)
     }
 
@@ -247,7 +262,10 @@ mod tests {
             "{err}"
         );
         let err = parse(r#"{"source": "a", "count": "two"}"#).unwrap_err();
-        assert!(matches!(&err, InvalidOrder::Shape(_)), "{err}");
+        assert!(
+            matches!(&err, InvalidOrder::Shape(m) if m.starts_with("`count`")),
+            "{err}"
+        );
         let err = parse(r#"{"node": 1}"#).unwrap_err();
         assert!(
             matches!(&err, InvalidOrder::Shape(m) if m.contains("source")),

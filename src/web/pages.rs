@@ -41,7 +41,10 @@ pub async fn health(State(state): State<AppState>) -> Response {
 
 /// The stylesheet, built into the binary so it needs no files at run time.
 pub async fn stylesheet() -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/css; charset=utf-8")], include_str!("../../static/style.css"))
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../../static/style.css"),
+    )
 }
 
 pub async fn not_found() -> ApiError {

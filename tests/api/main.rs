@@ -1,0 +1,10 @@
+//! Integration tests: one binary, the real app on port 0, a fresh Postgres
+//! database per test, wiremock for Phala Cloud.
+
+mod cli;
+mod helpers;
+mod phala_mock;
+mod replicas_api;
+mod secrets;
+mod webhook;
+mod worker;

@@ -1,0 +1,176 @@
+//! Phala Cloud as wiremock, answering as phala-cloud-api.md describes.
+
+use serde_json::{Value, json};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::PHALA_API_KEY;
+
+pub const ONCHAIN_VM: &str = "0b9f6c1e8a2d4c3b9e7f1a2b3c4d5e6f";
+pub const ONCHAIN_NAME: &str = "web-prod";
+pub const CLOUD_VM: &str = "9a8b7c6d5e4f40312a2b3c4d5e6f7081";
+pub const CLOUD_NAME: &str = "cloud-app";
+pub const REPLICA_VM: &str = "5e6f70814a2b4c3d9e8f7a6b5c4d3e2f";
+
+pub fn app_id() -> String {
+    "1f".repeat(20)
+}
+
+pub fn compose_hash() -> String {
+    "ab".repeat(32)
+}
+
+pub fn device_id(node: u32) -> String {
+    format!("{node:02x}").repeat(32)
+}
+
+pub fn api(p: &str) -> String {
+    format!("/api/v1{p}")
+}
+
+/// `GET /cvms/{vm}` (and by name) for an on-chain KMS app on Base.
+pub fn onchain_cvm(allowed_envs: &[&str]) -> Value {
+    json!({
+        "id": "hashed-id",
+        "name": ONCHAIN_NAME,
+        "status": "running",
+        "app_id": app_id(),
+        "vm_uuid": ONCHAIN_VM,
+        "compose_hash": compose_hash(),
+        "kms_type": "base",
+        "kms_info": {"chain_id": 8453, "dstack_app_address": format!("0x{}", app_id())},
+        "compose_file": {"allowed_envs": allowed_envs},
+        "node_info": {"object_type": "node", "id": 1, "name": "prod-1"},
+    })
+}
+
+pub fn cloud_cvm(env_pubkey: &str) -> Value {
+    json!({
+        "name": CLOUD_NAME,
+        "status": "running",
+        "app_id": "2e".repeat(20),
+        "vm_uuid": CLOUD_VM,
+        "kms_type": "phala",
+        "kms_info": {"encrypted_env_pubkey": env_pubkey},
+        "compose_file": "{\"allowed_envs\": [\"API_KEY\"]}",
+    })
+}
+
+pub async fn mount_onchain_source(server: &MockServer, allowed_envs: &[&str]) {
+    for id in [ONCHAIN_VM, ONCHAIN_NAME] {
+        Mock::given(method("GET"))
+            .and(path(api(&format!("/cvms/{id}"))))
+            .and(header("X-API-Key", PHALA_API_KEY))
+            .and(header("X-Phala-Version", "2026-01-21"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(onchain_cvm(allowed_envs)))
+            .mount(server)
+            .await;
+    }
+}
+
+pub async fn mount_cloud_source(server: &MockServer, env_pubkey: &str) {
+    for id in [CLOUD_VM, CLOUD_NAME] {
+        Mock::given(method("GET"))
+            .and(path(api(&format!("/cvms/{id}"))))
+            .respond_with(ResponseTemplate::new(200).set_body_json(cloud_cvm(env_pubkey)))
+            .mount(server)
+            .await;
+    }
+}
+
+/// `GET /teepods/available` with `(id, name)` nodes.
+pub async fn mount_nodes(server: &MockServer, nodes: &[(u32, &str)]) {
+    let nodes: Vec<Value> = nodes
+        .iter()
+        .map(|(id, name)| {
+            json!({"teepod_id": id, "name": name, "listed": true, "remaining_cvm_slots": 3,
+                   "device_id": device_id(*id), "support_onchain_kms": true, "images": []})
+        })
+        .collect();
+    Mock::given(method("GET"))
+        .and(path(api("/teepods/available")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"tier": "pro", "nodes": nodes, "kms_list": []})),
+        )
+        .mount(server)
+        .await;
+}
+
+/// The 465 body of a prepare, nested under `detail` or at the top level.
+pub fn prepared_body(
+    token: &str,
+    node: u32,
+    compose_allowed: bool,
+    device_allowed: bool,
+    nested: bool,
+) -> Value {
+    let envelope = json!({
+        "error_code": "ERR-01-005",
+        "message": "Compose hash registration required",
+        "suggestions": ["Register the compose hash on chain"],
+        "details": [
+            {"field": "compose_hash", "value": compose_hash()},
+            {"field": "app_id", "value": app_id()},
+            {"field": "device_id", "value": device_id(node)},
+            {"field": "kms_info", "value": {"id": "kms-base", "url": "https://kms", "version": "v1", "chain_id": 8453}},
+            {"field": "commit_token", "value": token},
+            {"field": "commit_url", "value": format!("https://cloud.phala.com/team/cvms/x/confirm?token={token}")},
+            {"field": "api_commit_url", "value": format!("https://cloud-api.phala.com/api/v1/cvms/x/commit-replica?token={token}")},
+            {"field": "onchain_status", "value": {
+                "compose_hash_allowed": compose_allowed,
+                "device_id_allowed": device_allowed,
+                "is_allowed": compose_allowed && device_allowed,
+            }},
+        ],
+    });
+    if nested {
+        json!({"detail": envelope})
+    } else {
+        envelope
+    }
+}
+
+pub async fn mount_prepare(server: &MockServer, vm: &str, body: Value) {
+    Mock::given(method("POST"))
+        .and(path(api(&format!("/cvms/{vm}/replicas"))))
+        .and(header("X-Prepare-Only", "true"))
+        .respond_with(ResponseTemplate::new(465).set_body_json(body))
+        .mount(server)
+        .await;
+}
+
+pub fn replica_vm(status: &str) -> Value {
+    json!({"id": 77, "name": "web-prod-replica", "status": status, "teepod_id": 3, "app_id": app_id(),
+           "vm_uuid": REPLICA_VM, "vcpu": 2, "memory": 4096, "disk_size": 40,
+           "created_at": "2026-11-29T12:00:00Z", "source_cvm_id": 12, "teepod_name": "prod-3"})
+}
+
+pub async fn mount_commit_ok(server: &MockServer, vm: &str) {
+    Mock::given(method("POST"))
+        .and(path(api(&format!("/cvms/{vm}/commit-replica"))))
+        .respond_with(ResponseTemplate::new(200).set_body_json(replica_vm("starting")))
+        .mount(server)
+        .await;
+}
+
+pub async fn mount_replica_status(server: &MockServer, status: &str) {
+    Mock::given(method("GET"))
+        .and(path(api(&format!("/cvms/{REPLICA_VM}"))))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"vm_uuid": REPLICA_VM, "status": status})),
+        )
+        .mount(server)
+        .await;
+}
+
+/// The structured error envelope Phala sends, nested or at the top level.
+pub fn phala_error(code: &str, message: &str, nested: bool) -> Value {
+    let envelope = json!({"error_code": code, "message": message, "details": [], "suggestions": ["server suggestion"]});
+    if nested {
+        json!({"detail": envelope})
+    } else {
+        envelope
+    }
+}
