@@ -56,6 +56,21 @@ pub trait SafeService: Send + Sync {
         &'a self,
         registration: &'a DelegateRegistration,
     ) -> BoxFuture<'a, Result<(), SafeServiceError>>;
+
+    /// The registrations of `delegate`: for which Safe (or all) and by whom.
+    fn delegates(
+        &self,
+        delegate: Address,
+    ) -> BoxFuture<'_, Result<Vec<Delegation>, SafeServiceError>>;
+}
+
+/// One delegate registration as the service lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delegation {
+    /// `None`: every Safe the delegator owns.
+    pub safe: Option<Address>,
+    pub delegate: Address,
+    pub delegator: Address,
 }
 
 /// A signed proposal, ready to send.
@@ -336,6 +351,24 @@ pub fn hosted_url(chain_id: u64) -> Option<Url> {
     Url::parse(&format!("https://api.safe.global/tx-service/{short}")).ok()
 }
 
+/// The service root (without `/api`) for a chain: the configured URL, else
+/// the hosted one.
+fn service_root(chain_id: u64, configured: Option<&Url>) -> anyhow::Result<Url> {
+    let mut base = match configured {
+        Some(url) => url.clone(),
+        None => hosted_url(chain_id).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no hosted Safe Transaction Service is known for chain {chain_id}; configure its URL"
+            )
+        })?,
+    };
+    // Paths below add `/api/v…` themselves; accept a URL that already has it.
+    let trimmed = base.path().trim_end_matches('/');
+    let root = trimmed.strip_suffix("/api").unwrap_or(trimmed).to_owned();
+    base.set_path(&root);
+    Ok(base)
+}
+
 /// The reqwest client of the Transaction Service.
 #[derive(Clone)]
 pub struct TxServiceClient {
@@ -360,19 +393,7 @@ impl std::fmt::Debug for TxServiceClient {
 
 impl TxServiceClient {
     pub fn new(options: &TxServiceOptions) -> anyhow::Result<Self> {
-        let mut base = match &options.base_url {
-            Some(url) => url.clone(),
-            None => hosted_url(options.chain_id).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no hosted Safe Transaction Service is known for chain {}; configure its URL",
-                    options.chain_id
-                )
-            })?,
-        };
-        // Paths below add `/api/v…` themselves; accept a URL that already has it.
-        let trimmed = base.path().trim_end_matches('/');
-        let root = trimmed.strip_suffix("/api").unwrap_or(trimmed).to_owned();
-        base.set_path(&root);
+        let base = service_root(options.chain_id, options.base_url.as_ref())?;
 
         let authorization = options
             .api_key
@@ -398,6 +419,16 @@ impl TxServiceClient {
             base,
             authorization,
             limiter: RateLimiter::new(options.requests_per_second)?,
+        })
+    }
+
+    /// A client of another chain's service that shares this one's API key
+    /// and request budget: the hosted gateway counts requests per key, not
+    /// per chain.
+    pub fn for_chain(&self, chain_id: u64, base_url: Option<&Url>) -> anyhow::Result<Self> {
+        Ok(TxServiceClient {
+            base: service_root(chain_id, base_url)?,
+            ..self.clone()
         })
     }
 
@@ -527,6 +558,45 @@ impl TxServiceClient {
     }
 }
 
+impl TxServiceClient {
+    pub async fn delegates(&self, delegate: Address) -> Result<Vec<Delegation>, SafeServiceError> {
+        let mut url = self.url(&["api", "v2", "delegates"]);
+        url.query_pairs_mut()
+            .append_pair("delegate", &delegate.to_checksum(None));
+        let (status, body) = self.send(Method::GET, url, None).await?;
+        if !status.is_success() {
+            return Err(SafeServiceError::Http {
+                status: status.as_u16(),
+                body,
+            });
+        }
+        let page: WireDelegates = decode(&body)?;
+        Ok(page
+            .results
+            .into_iter()
+            .map(|d| Delegation {
+                safe: d.safe,
+                delegate: d.delegate,
+                delegator: d.delegator,
+            })
+            .collect())
+    }
+}
+
+#[derive(Deserialize)]
+struct WireDelegates {
+    #[serde(default)]
+    results: Vec<WireDelegate>,
+}
+
+#[derive(Deserialize)]
+struct WireDelegate {
+    #[serde(default)]
+    safe: Option<Address>,
+    delegate: Address,
+    delegator: Address,
+}
+
 impl SafeService for TxServiceClient {
     fn propose<'a>(
         &'a self,
@@ -556,6 +626,13 @@ impl SafeService for TxServiceClient {
         registration: &'a DelegateRegistration,
     ) -> BoxFuture<'a, Result<(), SafeServiceError>> {
         Box::pin(TxServiceClient::register_delegate(self, registration))
+    }
+
+    fn delegates(
+        &self,
+        delegate: Address,
+    ) -> BoxFuture<'_, Result<Vec<Delegation>, SafeServiceError>> {
+        Box::pin(TxServiceClient::delegates(self, delegate))
     }
 }
 
@@ -889,7 +966,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn requests_are_spaced_by_the_configured_rate_across_clones() {
+    async fn requests_are_spaced_by_the_configured_rate_across_clients() {
         let server = MockServer::start().await;
         Mock::given(method("GET"))
             .respond_with(ResponseTemplate::new(404))
@@ -897,7 +974,9 @@ mod tests {
             .await;
         let rate = 10.0;
         let first = client(&server, None, rate);
-        let second = first.clone();
+        // A clone, and a client of "another chain" derived from it, share the budget.
+        let base = Url::parse(&server.uri()).unwrap();
+        let second = first.for_chain(1, Some(&base)).unwrap();
         let calls = 4;
         let started = Instant::now();
         for i in 0..calls {
