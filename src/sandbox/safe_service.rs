@@ -374,7 +374,9 @@ impl<'a> Fields<'a> {
                 return None;
             }
             Value::String(s)
-                if s.starts_with('-') && s[1..].bytes().all(|b| b.is_ascii_digit()) =>
+                if s.len() > 1
+                    && s.starts_with('-')
+                    && s[1..].bytes().all(|b| b.is_ascii_digit()) =>
             {
                 self.fail(field, "Ensure this value is greater than or equal to 0.");
                 return None;
@@ -390,7 +392,7 @@ impl<'a> Fields<'a> {
         parsed
     }
 
-    /// `0x` hex (the prefix is optional, as in the real service).
+    /// `0x` hex; this fake also takes it without the prefix.
     fn hex(&mut self, field: &str, required: bool) -> Option<Bytes> {
         let value = self.present(field, required)?;
         let text = value.as_str().unwrap_or_default();
