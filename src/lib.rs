@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod phala;
 pub mod safe;
+pub mod sandbox;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
