@@ -9,3 +9,4 @@ mod replicas_api;
 mod secrets;
 mod webhook;
 mod worker;
+mod safe_service;
