@@ -57,6 +57,9 @@ pub struct Settings {
     #[command(flatten)]
     pub worker: WorkerSettings,
 
+    #[command(flatten)]
+    pub safe: SafeSettings,
+
     /// Log format: human-readable `text` or `json`.
     #[arg(long, env = "APPROVAL_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -131,6 +134,125 @@ impl Default for WorkerSettings {
             backoff_base_secs: 2,
             backoff_max_secs: 600,
         }
+    }
+}
+
+/// The chains, the Safes the bridge may propose to, and how it proposes.
+#[derive(Debug, Clone, Args, Default)]
+pub struct SafeSettings {
+    /// JSON-RPC URL per chain, as `chain_id=url` pairs separated by commas.
+    #[arg(long, env = "APPROVAL_BRIDGE_RPC_URLS", value_parser = parse_rpc_urls,
+          default_value = "", hide_default_value = true)]
+    pub rpc_urls: RpcUrls,
+
+    /// JSON-RPC URL for any chain not in APPROVAL_BRIDGE_RPC_URLS.
+    #[arg(long, env = "ETH_RPC_URL")]
+    pub eth_rpc_url: Option<Url>,
+
+    /// The Safes the bridge may propose to, as `chain_id:address` separated by commas.
+    /// Empty disables the Safe flow: requests that need registrations then fail.
+    #[arg(long, env = "APPROVAL_BRIDGE_SAFES", value_parser = parse_safes,
+          default_value = "", hide_default_value = true)]
+    pub safes: AllowedSafes,
+
+    /// The proposer's secp256k1 private key (hex). It must be a Safe owner or
+    /// a delegate registered with the Transaction Service.
+    #[arg(long, env = "APPROVAL_BRIDGE_PROPOSER_KEY", value_parser = parse_secret, hide_env_values = true,
+          conflicts_with = "proposer_key_file")]
+    pub proposer_key: Option<SecretString>,
+
+    /// A file holding the proposer's private key (hex), instead of APPROVAL_BRIDGE_PROPOSER_KEY.
+    #[arg(long, env = "APPROVAL_BRIDGE_PROPOSER_KEY_FILE")]
+    pub proposer_key_file: Option<std::path::PathBuf>,
+
+    /// Safe Transaction Service URL per chain, as `chain_id=url`; the hosted
+    /// service is used for Ethereum, Sepolia, Base and Base Sepolia otherwise.
+    #[arg(long, env = "APPROVAL_BRIDGE_SAFE_SERVICE_URLS", value_parser = parse_rpc_urls,
+          default_value = "", hide_default_value = true)]
+    pub safe_service_urls: RpcUrls,
+
+    /// API key of the hosted Safe Transaction Service (sent as a bearer token).
+    #[arg(long, env = "APPROVAL_BRIDGE_SAFE_API_KEY", value_parser = parse_secret, hide_env_values = true)]
+    pub safe_api_key: Option<SecretString>,
+
+    /// Most requests per second to the Safe Transaction Service.
+    #[arg(long, env = "APPROVAL_BRIDGE_SAFE_RATE_LIMIT", default_value_t = 5.0, value_parser = parse_rate)]
+    pub safe_rate_limit: f64,
+
+    /// How long requests collect before their Safe transaction is proposed, in
+    /// seconds (0 proposes at once).
+    #[arg(long, env = "APPROVAL_BRIDGE_BATCH_WINDOW_SECS", default_value_t = 60)]
+    pub batch_window_secs: u64,
+}
+
+/// `chain_id=url` pairs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RpcUrls(pub Vec<(u64, Url)>);
+
+impl RpcUrls {
+    pub fn get(&self, chain_id: u64) -> Option<&Url> {
+        self.0
+            .iter()
+            .find(|(id, _)| *id == chain_id)
+            .map(|(_, url)| url)
+    }
+}
+
+/// `chain_id:address` pairs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedSafes(pub Vec<(u64, alloy::primitives::Address)>);
+
+impl AllowedSafes {
+    pub fn contains(&self, chain_id: u64, safe: alloy::primitives::Address) -> bool {
+        self.0.contains(&(chain_id, safe))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn parse_rpc_urls(value: &str) -> Result<RpcUrls, String> {
+    let mut out = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (chain, url) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("`{entry}` is not of the form chain_id=url"))?;
+        let chain: u64 = chain
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{chain}` is not a chain id"))?;
+        // Say which entry is wrong without echoing a URL that may carry an API key.
+        let url = Url::parse(url.trim())
+            .map_err(|err| format!("the URL for chain {chain} is invalid: {err}"))?;
+        out.push((chain, url));
+    }
+    Ok(RpcUrls(out))
+}
+
+fn parse_safes(value: &str) -> Result<AllowedSafes, String> {
+    let mut out = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (chain, address) = entry
+            .split_once(':')
+            .ok_or_else(|| format!("`{entry}` is not of the form chain_id:address"))?;
+        let chain: u64 = chain
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{chain}` is not a chain id"))?;
+        let address = address
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not an address", address.trim()))?;
+        out.push((chain, address));
+    }
+    Ok(AllowedSafes(out))
+}
+
+fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate <= 1000.0 => Ok(rate),
+        _ => Err("must be a number of requests per second above 0".into()),
     }
 }
 

@@ -3,6 +3,7 @@
 //! Data flows one way: `web` → `store` → `worker` → clients (`phala`).
 //! `domain` holds the pure rules and imports nothing of the outside world.
 
+pub mod chain;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -10,7 +10,7 @@ use crate::config::Settings;
 use crate::phala::PhalaClient;
 use crate::store::{self, Store};
 use crate::web::{self, ApiTokens, AppState, WebhookSecrets};
-use crate::worker::Worker;
+use crate::worker::{SafeFlow, Worker};
 
 pub struct Application {
     listener: TcpListener,
@@ -48,7 +48,10 @@ impl Application {
             api_tokens: ApiTokens::new(&settings.api_tokens),
             webhook_secrets: WebhookSecrets::new(&settings.webhook_secrets),
         };
-        let worker = Worker::new(store, phala, clock, settings.worker.clone());
+        let safe_flow = SafeFlow::from_settings(&settings.safe)?;
+        safe_flow.check_proposer().await?;
+        let worker =
+            Worker::new(store, phala, clock, settings.worker.clone()).with_safe_flow(safe_flow);
         Ok(Application {
             listener,
             state,

@@ -18,8 +18,8 @@ use alloy::primitives::{Address, B256, address, keccak256};
 use alloy::sol_types::{SolStruct, eip712_domain};
 
 pub use service::{
-    DelegateRegistration, Proposal, SafeService, SafeServiceError, ServiceTx, TxServiceClient,
-    TxServiceOptions,
+    DelegateRegistration, Delegation, Proposal, SafeService, SafeServiceError, ServiceTx,
+    TxServiceClient, TxServiceOptions,
 };
 pub use tx::{
     BuildError, Call, Operation, SafeTx, SignatureError, SignatureKind, build_safe_tx,

@@ -1,6 +1,7 @@
 //! Postgres access. This module is the only place with SQL.
 
 mod idempotency;
+mod proposals;
 mod requests;
 mod source_locks;
 
@@ -11,6 +12,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
+pub use proposals::{
+    NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
+};
 pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,

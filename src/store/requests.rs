@@ -58,6 +58,8 @@ pub struct ReplicaRequest {
     pub last_error_suggestion: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub proposal_id: Option<Uuid>,
+    pub safe: Option<String>,
 }
 
 /// `status` as read from the database (checked by a constraint there).
@@ -77,11 +79,11 @@ impl ReplicaRequest {
     }
 }
 
-const COLUMNS: &str = "id, status, source, node, requested_compose_hash, env_names, note, encrypted_env, created_by,
+pub(super) const COLUMNS: &str = "id, status, source, node, requested_compose_hash, env_names, note, encrypted_env, created_by,
     source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms, app_id, chain_id, compose_hash,
     device_id, compose_hash_allowed, device_id_allowed, prepared_at, commit_tx_hash, call_sent_at,
     replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
-    last_error_suggestion, created_at, updated_at";
+    last_error_suggestion, created_at, updated_at, proposal_id, safe";
 
 #[derive(Debug, Clone, FromRow)]
 pub struct EventRow {
@@ -336,72 +338,41 @@ impl Store {
         message: Option<&str>,
         changes: Changes,
     ) -> Result<Status, StoreError> {
-        let to = next(from, event)?;
-        let prepared = changes.prepared.as_ref();
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE replica_requests SET
-                status = $5,
-                app_id = COALESCE($6, app_id),
-                chain_id = COALESCE($7, chain_id),
-                compose_hash = COALESCE($8, compose_hash),
-                device_id = COALESCE($9, device_id),
-                compose_hash_allowed = COALESCE($10, compose_hash_allowed),
-                device_id_allowed = COALESCE($11, device_id_allowed),
-                commit_token = CASE WHEN $17 THEN NULL ELSE COALESCE($12, commit_token) END,
-                prepared_at = CASE WHEN $12::text IS NULL THEN prepared_at ELSE $3 END,
-                replica_vm_uuid = COALESCE($13, replica_vm_uuid),
-                replica_status = COALESCE($14, replica_status),
-                call_sent_at = NULL,
-                last_error_code = $15,
-                last_error_message = $16,
-                last_error_suggestion = $18,
-                attempts = 0,
-                next_attempt_at = $3,
-                lease_id = NULL,
-                lease_expires_at = NULL,
-                updated_at = $3
-             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > $3 AND status = $4",
-        )
-        .bind(lease.request_id)
-        .bind(lease.lease_id)
-        .bind(now)
-        .bind(from.as_str())
-        .bind(to.as_str())
-        .bind(prepared.map(|p| &p.app_id))
-        .bind(prepared.and_then(|p| p.chain_id))
-        .bind(prepared.map(|p| &p.compose_hash))
-        .bind(prepared.and_then(|p| p.device_id.as_ref()))
-        .bind(prepared.map(|p| p.compose_hash_allowed))
-        .bind(prepared.map(|p| p.device_id_allowed))
-        .bind(prepared.map(|p| p.commit_token.expose_secret()))
-        .bind(&changes.replica_vm_uuid)
-        .bind(&changes.replica_status)
-        .bind(changes.error.as_ref().map(|e| &e.code))
-        .bind(changes.error.as_ref().map(|e| &e.message))
-        // A finished request has no further use for its bearer token.
-        .bind(to.is_terminal())
-        .bind(changes.error.as_ref().and_then(|e| e.suggestion.as_ref()))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            return Err(StoreError::LeaseLost(lease.request_id));
-        }
-        let message = message.or(changes.error.as_ref().map(|e| e.message.as_str()));
-        insert_event(
+        let to = advance_in(
             &mut tx,
             lease.request_id,
-            Some(from),
-            to,
+            Some(lease.lease_id),
+            now,
+            from,
+            event,
             actor,
             message,
-            now,
+            changes,
         )
         .await?;
-        if crate::store::WORKABLE.contains(&to) {
-            wake(&mut tx).await?;
-        }
+        tx.commit().await?;
+        Ok(to)
+    }
+
+    /// Moves on a request that no worker holds (one waiting for the Safe
+    /// flow), guarded by its status. `Err(LeaseLost)` if it changed meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn advance_unleased(
+        &self,
+        request_id: Uuid,
+        now: DateTime<Utc>,
+        from: Status,
+        event: Event,
+        actor: &Actor,
+        message: Option<&str>,
+        changes: Changes,
+    ) -> Result<Status, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let to = advance_in(
+            &mut tx, request_id, None, now, from, event, actor, message, changes,
+        )
+        .await?;
         tx.commit().await?;
         Ok(to)
     }
@@ -553,12 +524,20 @@ impl Store {
         Ok(row.0)
     }
 
-    /// The earliest time a workable request becomes due, to sleep until then.
+    /// The earliest time something becomes due (a workable request, a request
+    /// waiting for its batch, a proposal to post), to sleep until then.
     pub async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
         let statuses: Vec<&str> = WORKABLE.iter().map(|s| s.as_str()).collect();
         let row: (Option<DateTime<Utc>>,) = sqlx::query_as(
-            "SELECT min(GREATEST(next_attempt_at, COALESCE(lease_expires_at, next_attempt_at)))
-             FROM replica_requests WHERE status = ANY($1)",
+            "SELECT min(due) FROM (
+                SELECT GREATEST(next_attempt_at, COALESCE(lease_expires_at, next_attempt_at)) AS due
+                FROM replica_requests WHERE status = ANY($1)
+                UNION ALL
+                SELECT next_attempt_at FROM replica_requests
+                WHERE status = 'awaiting_proposal' AND proposal_id IS NULL
+                UNION ALL
+                SELECT next_attempt_at FROM proposals WHERE status = 'proposed' AND submitted_at IS NULL
+             ) due",
         )
         .bind(&statuses)
         .fetch_one(&self.pool)
@@ -608,6 +587,114 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The one UPDATE behind every status change: computes the new status with
+/// [`next`], sets `changes`, releases the lease and records the event.
+/// `lease_id`: the worker's lease, or `None` for a request no worker holds.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn advance_in(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: Uuid,
+    lease_id: Option<Uuid>,
+    now: DateTime<Utc>,
+    from: Status,
+    event: Event,
+    actor: &Actor,
+    message: Option<&str>,
+    changes: Changes,
+) -> Result<Status, StoreError> {
+    let to = next(from, event)?;
+    let prepared = changes.prepared.as_ref();
+    let updated = sqlx::query(
+        "UPDATE replica_requests SET
+            status = $5,
+            app_id = COALESCE($6, app_id),
+            chain_id = COALESCE($7, chain_id),
+            compose_hash = COALESCE($8, compose_hash),
+            device_id = COALESCE($9, device_id),
+            compose_hash_allowed = COALESCE($10, compose_hash_allowed),
+            device_id_allowed = COALESCE($11, device_id_allowed),
+            commit_token = CASE WHEN $17 THEN NULL ELSE COALESCE($12, commit_token) END,
+            prepared_at = CASE WHEN $12::text IS NULL THEN prepared_at ELSE $3 END,
+            replica_vm_uuid = COALESCE($13, replica_vm_uuid),
+            replica_status = COALESCE($14, replica_status),
+            call_sent_at = NULL,
+            last_error_code = $15,
+            last_error_message = $16,
+            last_error_suggestion = $18,
+            attempts = 0,
+            next_attempt_at = $3,
+            lease_id = NULL,
+            lease_expires_at = NULL,
+            updated_at = $3
+         WHERE id = $1 AND status = $4 AND CASE
+            WHEN $2::uuid IS NULL THEN lease_expires_at IS NULL OR lease_expires_at <= $3
+            ELSE lease_id = $2 AND lease_expires_at > $3 END",
+    )
+    .bind(request_id)
+    .bind(lease_id)
+    .bind(now)
+    .bind(from.as_str())
+    .bind(to.as_str())
+    .bind(prepared.map(|p| &p.app_id))
+    .bind(prepared.and_then(|p| p.chain_id))
+    .bind(prepared.map(|p| &p.compose_hash))
+    .bind(prepared.and_then(|p| p.device_id.as_ref()))
+    .bind(prepared.map(|p| p.compose_hash_allowed))
+    .bind(prepared.map(|p| p.device_id_allowed))
+    .bind(prepared.map(|p| p.commit_token.expose_secret()))
+    .bind(&changes.replica_vm_uuid)
+    .bind(&changes.replica_status)
+    .bind(changes.error.as_ref().map(|e| &e.code))
+    .bind(changes.error.as_ref().map(|e| &e.message))
+    // A finished request has no further use for its bearer token.
+    .bind(to.is_terminal())
+    .bind(changes.error.as_ref().and_then(|e| e.suggestion.as_ref()))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Err(StoreError::LeaseLost(request_id));
+    }
+    if let Some(prepared) = prepared {
+        record_registrations(tx, request_id, prepared).await?;
+    }
+    let message = message.or(changes.error.as_ref().map(|e| e.message.as_str()));
+    insert_event(tx, request_id, Some(from), to, actor, message, now).await?;
+    if WORKABLE.contains(&to) {
+        wake(tx).await?;
+    }
+    Ok(to)
+}
+
+/// Keeps the registrations a prepare found missing, replacing earlier ones.
+async fn record_registrations(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: Uuid,
+    prepared: &PreparedFields,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM request_registrations WHERE request_id = $1")
+        .bind(request_id)
+        .execute(&mut **tx)
+        .await?;
+    let mut missing = Vec::new();
+    if !prepared.compose_hash_allowed {
+        missing.push(("compose_hash", prepared.compose_hash.clone()));
+    }
+    if let (false, Some(device)) = (prepared.device_id_allowed, &prepared.device_id) {
+        missing.push(("device", device.clone()));
+    }
+    for (kind, value) in missing {
+        sqlx::query("INSERT INTO request_registrations (request_id, app_id, kind, value) VALUES ($1, $2, $3, $4)")
+            .bind(request_id)
+            .bind(&prepared.app_id)
+            .bind(kind)
+            .bind(value)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;

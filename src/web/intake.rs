@@ -91,7 +91,7 @@ pub async fn submit(
     let created = Store::requests_in(&mut tx, &ids).await?;
     let response = StoredResponse {
         status: StatusCode::ACCEPTED.as_u16(),
-        body: json!({ "replicas": created.iter().map(views::replica).collect::<Vec<_>>() }),
+        body: json!({ "replicas": created.iter().map(|r| views::replica(r, &views::Proposals::new())).collect::<Vec<_>>() }),
     };
     if let Some(key) = &idempotency_key
         && !Store::save_idempotent_response(&mut tx, &principal, key, &request_hash, &response)

@@ -44,7 +44,8 @@ pub async fn show(
         .await?
         .ok_or_else(|| not_found(id))?;
     let events = state.store.events(id).await?;
-    let mut body = views::replica(&request);
+    let proposals = proposals_of(&state, std::slice::from_ref(&request)).await?;
+    let mut body = views::replica(&request, &proposals);
     body["events"] = events.iter().map(views::event).collect();
     Ok(Json(body))
 }
@@ -84,9 +85,12 @@ pub async fn list(
         ));
     }
     let requests = state.store.list_requests(status, limit).await?;
-    Ok(Json(
-        json!({ "replicas": requests.iter().map(views::replica).collect::<Vec<_>>() }),
-    ))
+    let proposals = proposals_of(&state, &requests).await?;
+    let replicas: Vec<Value> = requests
+        .iter()
+        .map(|r| views::replica(r, &proposals))
+        .collect();
+    Ok(Json(json!({ "replicas": replicas })))
 }
 
 /// `POST /api/v1/replicas/{id}/cancel`: allowed until the commit starts.
@@ -101,7 +105,10 @@ pub async fn cancel(
         .cancel_request(id, &actor, state.clock.now())
         .await
     {
-        Ok(Some(request)) => Ok(Json(views::replica(&request))),
+        Ok(Some(request)) => {
+            let proposals = proposals_of(&state, std::slice::from_ref(&request)).await?;
+            Ok(Json(views::replica(&request, &proposals)))
+        }
         Ok(None) => Err(not_found(id)),
         Err(StoreError::Illegal(IllegalTransition { from, .. })) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -112,6 +119,24 @@ pub async fn cancel(
         )),
         Err(err) => Err(err.into()),
     }
+}
+
+/// The proposals the given requests point to.
+async fn proposals_of(
+    state: &AppState,
+    requests: &[crate::store::ReplicaRequest],
+) -> Result<views::Proposals, ApiError> {
+    let ids: Vec<Uuid> = requests.iter().filter_map(|r| r.proposal_id).collect();
+    if ids.is_empty() {
+        return Ok(views::Proposals::new());
+    }
+    Ok(state
+        .store
+        .proposals(&ids)
+        .await?
+        .into_iter()
+        .map(|p| (p.id, p))
+        .collect())
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

@@ -3,9 +3,18 @@
 
 use serde_json::{Value, json};
 
-use crate::store::{EventRow, ReplicaRequest};
+use std::collections::HashMap;
 
-pub fn replica(r: &ReplicaRequest) -> Value {
+use alloy::primitives::Address;
+use uuid::Uuid;
+
+use crate::store::{EventRow, ProposalRow, ReplicaRequest};
+use crate::worker::safe_wallet_link;
+
+/// Proposals by id, for rendering the requests that point to them.
+pub type Proposals = HashMap<Uuid, ProposalRow>;
+
+pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> Value {
     let last_error = r.last_error_code.as_ref().map(|code| {
         json!({
             "code": code,
@@ -36,7 +45,7 @@ pub fn replica(r: &ReplicaRequest) -> Value {
             "compose_hash_allowed": r.compose_hash_allowed,
             "device_id_allowed": r.device_id_allowed,
         },
-        "proposal": Value::Null,
+        "proposal": r.proposal_id.and_then(|id| proposals.get(&id)).map(proposal),
         "replica": replica,
         "vm_uuid": r.replica_vm_uuid,
         "env_names": r.env_names,
@@ -47,6 +56,26 @@ pub fn replica(r: &ReplicaRequest) -> Value {
         "last_error": last_error,
         "created_at": r.created_at,
         "updated_at": r.updated_at,
+    })
+}
+
+/// A proposal as the owners see it, with the Safe{Wallet} link where signing happens.
+pub fn proposal(p: &ProposalRow) -> Value {
+    let safe: Option<Address> = p.safe.parse().ok();
+    json!({
+        "id": p.id,
+        "chain_id": p.chain_id,
+        "safe": safe.map(|s| s.to_checksum(None)).unwrap_or_else(|| p.safe.clone()),
+        "nonce": p.nonce,
+        "safe_tx_hash": p.safe_tx_hash,
+        "status": p.status,
+        "submitted": p.submitted_at.is_some(),
+        "confirmations": p.confirmations.unwrap_or(0),
+        "threshold": p.threshold,
+        "gas_estimate": p.gas_estimate,
+        "link": safe.and_then(|s| safe_wallet_link(p.chain_id as u64, s, &p.safe_tx_hash)),
+        "execution_tx_hash": p.execution_tx_hash,
+        "last_error": p.last_error_code.as_ref().map(|code| json!({"code": code, "message": p.last_error_message})),
     })
 }
 

@@ -8,6 +8,8 @@
 mod backoff;
 mod commit;
 mod prepare;
+mod propose;
+mod safe_flow;
 mod track;
 
 use std::sync::Arc;
@@ -24,6 +26,8 @@ use crate::config::WorkerSettings;
 use crate::domain::{Actor, Event, Status};
 use crate::phala::{PhalaClient, PhalaError};
 use crate::store::{Changes, Claimed, Store, StoreError, StoredError, WAKE_CHANNEL};
+
+pub use safe_flow::{SafeFlow, safe_wallet_link, short_chain_name};
 
 /// What a step decided. [`Worker::apply`] writes it.
 #[derive(Debug)]
@@ -76,6 +80,8 @@ pub struct Worker {
     phala: PhalaClient,
     clock: Clock,
     settings: WorkerSettings,
+    /// `None` when no Safe is configured: nothing is proposed.
+    safe_flow: Option<SafeFlow>,
 }
 
 impl Worker {
@@ -85,7 +91,23 @@ impl Worker {
             phala,
             clock,
             settings,
+            safe_flow: None,
         }
+    }
+
+    pub fn with_safe_flow(mut self, flow: SafeFlow) -> Self {
+        self.safe_flow = Some(flow);
+        self
+    }
+
+    pub fn safe_flow(&self) -> Option<&SafeFlow> {
+        self.safe_flow.as_ref()
+    }
+
+    /// One pass of the Safe flow: post stored proposals, plan new ones.
+    /// `true` when something moved.
+    pub async fn propose_once(&self) -> anyhow::Result<bool> {
+        propose::run(self).await
     }
 
     fn lease_duration(&self) -> chrono::Duration {
@@ -136,13 +158,18 @@ impl Worker {
         .await
     }
 
-    /// Runs steps until nothing is due. Tests drive the workers with this.
+    /// Runs steps and Safe-flow passes until nothing is due. Tests drive the
+    /// workers with this.
     pub async fn drain(&self) -> anyhow::Result<usize> {
         let mut steps = 0;
-        while self.run_once().await? {
-            steps += 1;
+        loop {
+            while self.run_once().await? {
+                steps += 1;
+            }
+            if !self.propose_once().await? {
+                return Ok(steps);
+            }
         }
-        Ok(steps)
     }
 
     async fn apply(&self, claimed: &Claimed, outcome: Outcome) -> anyhow::Result<()> {

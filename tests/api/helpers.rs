@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use approval_bridge::clock::Clock;
 use approval_bridge::config::{
-    DatabaseSettings, LogFormat, PhalaSettings, Settings, WorkerSettings, parse_named_secrets,
+    DatabaseSettings, LogFormat, PhalaSettings, SafeSettings, Settings, WorkerSettings,
+    parse_named_secrets,
 };
 use approval_bridge::startup::Application;
 use approval_bridge::store::Store;
@@ -74,6 +75,11 @@ pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
             max_attempts: 3,
             lease_secs: 60,
             ..WorkerSettings::default()
+        },
+        safe: SafeSettings {
+            batch_window_secs: 0,
+            safe_rate_limit: 50.0,
+            ..SafeSettings::default()
         },
         log_format: LogFormat::Text,
     }

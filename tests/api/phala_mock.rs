@@ -30,16 +30,23 @@ pub fn api(p: &str) -> String {
 
 /// `GET /cvms/{vm}` (and by name) for an on-chain KMS app on Base.
 pub fn onchain_cvm(allowed_envs: &[&str]) -> Value {
+    let mut cvm = onchain_cvm_on(&app_id(), 8453, ONCHAIN_VM, ONCHAIN_NAME);
+    cvm["compose_file"] = json!({"allowed_envs": allowed_envs});
+    cvm
+}
+
+/// An on-chain KMS source whose DstackApp is `app` (40 hex digits) on `chain_id`.
+pub fn onchain_cvm_on(app: &str, chain_id: u64, vm: &str, name: &str) -> Value {
     json!({
         "id": "hashed-id",
-        "name": ONCHAIN_NAME,
+        "name": name,
         "status": "running",
-        "app_id": app_id(),
-        "vm_uuid": ONCHAIN_VM,
+        "app_id": app,
+        "vm_uuid": vm,
         "compose_hash": compose_hash(),
-        "kms_type": "base",
-        "kms_info": {"chain_id": 8453, "dstack_app_address": format!("0x{}", app_id())},
-        "compose_file": {"allowed_envs": allowed_envs},
+        "kms_type": if chain_id == 1 { "ethereum" } else { "base" },
+        "kms_info": {"chain_id": chain_id, "dstack_app_address": format!("0x{app}")},
+        "compose_file": {"allowed_envs": []},
         "node_info": {"object_type": "node", "id": 1, "name": "prod-1"},
     })
 }
@@ -105,15 +112,36 @@ pub fn prepared_body(
     device_allowed: bool,
     nested: bool,
 ) -> Value {
+    prepared_body_for(
+        &app_id(),
+        8453,
+        token,
+        node,
+        compose_allowed,
+        device_allowed,
+        nested,
+    )
+}
+
+/// The 465 body for the DstackApp `app` (40 hex digits) on `chain_id`, for node `node`'s device.
+pub fn prepared_body_for(
+    app: &str,
+    chain_id: u64,
+    token: &str,
+    node: u32,
+    compose_allowed: bool,
+    device_allowed: bool,
+    nested: bool,
+) -> Value {
     let envelope = json!({
         "error_code": "ERR-01-005",
         "message": "Compose hash registration required",
         "suggestions": ["Register the compose hash on chain"],
         "details": [
             {"field": "compose_hash", "value": compose_hash()},
-            {"field": "app_id", "value": app_id()},
+            {"field": "app_id", "value": app},
             {"field": "device_id", "value": device_id(node)},
-            {"field": "kms_info", "value": {"id": "kms-base", "url": "https://kms", "version": "v1", "chain_id": 8453}},
+            {"field": "kms_info", "value": {"id": "kms-base", "url": "https://kms", "version": "v1", "chain_id": chain_id}},
             {"field": "commit_token", "value": token},
             {"field": "commit_url", "value": format!("https://cloud.phala.com/team/cvms/x/confirm?token={token}")},
             {"field": "api_commit_url", "value": format!("https://cloud-api.phala.com/api/v1/cvms/x/commit-replica?token={token}")},

@@ -317,7 +317,7 @@ async fn transient_errors_back_off_then_succeed() {
     )
     .await;
     app.clock.advance(chrono::Duration::seconds(2));
-    app.drain().await;
+    app.steps(1).await;
     let request = app.get_replica(&id).await;
     assert_eq!(request["status"], "awaiting_proposal");
     assert_eq!(request["last_error"], Value::Null);

@@ -1,0 +1,37 @@
+//! ABI of the contracts the bridge reads besides the Safe (see dstack-app.md).
+
+alloy::sol! {
+    /// The DstackApp surface the bridge uses. `pendingOwner()` exists only on
+    /// apps with two-step ownership.
+    #[sol(rpc)]
+    interface IDstackApp {
+        function owner() external view returns (address);
+        function pendingOwner() external view returns (address);
+        function allowAnyDevice() external view returns (bool);
+        function allowedComposeHashes(bytes32 composeHash) external view returns (bool);
+        function allowedDeviceIds(bytes32 deviceId) external view returns (bool);
+        function addComposeHash(bytes32 composeHash) external;
+        function addDevice(bytes32 deviceId) external;
+
+        event ComposeHashAdded(bytes32 composeHash);
+        event DeviceAdded(bytes32 deviceId);
+
+        error OwnableUnauthorizedAccount(address account);
+        error OwnableInvalidOwner(address owner);
+    }
+
+    /// Multicall3's `aggregate3`: many calls, one `eth_call`.
+    #[sol(rpc)]
+    interface IMulticall3 {
+        struct Call3 {
+            address target;
+            bool allowFailure;
+            bytes callData;
+        }
+        struct Result {
+            bool success;
+            bytes returnData;
+        }
+        function aggregate3(Call3[] calldata calls) external payable returns (Result[] memory returnData);
+    }
+}

@@ -1,0 +1,404 @@
+//! Chain access over JSON-RPC (alloy): the DstackApp and Safe reads the
+//! planner needs, batched through Multicall3, plus simulation and the Safe's
+//! own hash for cross-checking.
+
+mod bindings;
+mod revert;
+
+use std::collections::HashMap;
+
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::TransactionRequest;
+use alloy::sol_types::SolCall;
+use anyhow::Context;
+use reqwest::Url;
+
+pub use bindings::{IDstackApp, IMulticall3};
+pub use revert::decode_revert;
+
+use crate::safe::{ISafe, SafeTx, SafeVersion};
+
+/// Multicall3's address: the same on every chain that has it.
+pub const MULTICALL3: Address =
+    alloy::primitives::address!("cA11bde05977b3631167028862bE2a173976CA11");
+
+/// One registration a replica needs on its DstackApp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Registration {
+    ComposeHash(B256),
+    Device(B256),
+}
+
+impl Registration {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Registration::ComposeHash(_) => "compose_hash",
+            Registration::Device(_) => "device",
+        }
+    }
+
+    pub fn value(&self) -> B256 {
+        match self {
+            Registration::ComposeHash(v) | Registration::Device(v) => *v,
+        }
+    }
+}
+
+/// What a DstackApp says about itself and some registrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppState {
+    pub owner: Address,
+    /// `None` when the app has one-step ownership (`pendingOwner()` reverts).
+    pub pending_owner: Option<Address>,
+    pub allow_any_device: bool,
+    /// The registrations asked about, and whether each is allowed now.
+    pub allowed: HashMap<Registration, bool>,
+}
+
+impl AppState {
+    /// Allowed directly, or covered by `allowAnyDevice`.
+    pub fn is_allowed(&self, registration: &Registration) -> bool {
+        match registration {
+            Registration::Device(_) if self.allow_any_device => true,
+            r => self.allowed.get(r).copied().unwrap_or(false),
+        }
+    }
+}
+
+/// What kind of account owns an app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerKind {
+    /// An externally owned account: no Safe flow.
+    Eoa,
+    /// A contract whose `VERSION()` is not a supported Safe.
+    NotASafe {
+        detail: String,
+    },
+    Safe(SafeInfo),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SafeInfo {
+    pub address: Address,
+    pub version: SafeVersion,
+    pub owners: Vec<Address>,
+    pub threshold: u64,
+    pub nonce: u64,
+}
+
+/// A client for one chain.
+#[derive(Clone, Debug)]
+pub struct ChainClient {
+    chain_id: u64,
+    provider: DynProvider,
+}
+
+impl ChainClient {
+    pub fn new(chain_id: u64, rpc_url: Url) -> Self {
+        let provider = ProviderBuilder::new().connect_http(rpc_url).erased();
+        ChainClient { chain_id, provider }
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    pub fn provider(&self) -> &DynProvider {
+        &self.provider
+    }
+
+    /// Refuses an RPC that answers for another chain than configured.
+    pub async fn check_chain_id(&self) -> anyhow::Result<()> {
+        let actual = self
+            .provider
+            .get_chain_id()
+            .await
+            .context("eth_chainId failed")?;
+        anyhow::ensure!(
+            actual == self.chain_id,
+            "the RPC configured for chain {} answers for chain {actual}",
+            self.chain_id
+        );
+        Ok(())
+    }
+
+    /// Reads every app's ownership and the given registrations in ONE
+    /// `eth_call` to Multicall3. A failed sub-call counts as "not allowed",
+    /// except `pendingOwner()`, whose revert means one-step ownership.
+    pub async fn read_apps(
+        &self,
+        wanted: &[(Address, Vec<Registration>)],
+    ) -> anyhow::Result<HashMap<Address, AppState>> {
+        enum Slot {
+            Owner(Address),
+            Pending(Address),
+            AnyDevice(Address),
+            Registration(Address, Registration),
+        }
+        let mut calls = Vec::new();
+        let mut slots = Vec::new();
+        let mut push = |target: Address, data: Vec<u8>, slot: Slot| {
+            calls.push(IMulticall3::Call3 {
+                target,
+                allowFailure: true,
+                callData: data.into(),
+            });
+            slots.push(slot);
+        };
+        for (app, registrations) in wanted {
+            push(
+                *app,
+                IDstackApp::ownerCall {}.abi_encode(),
+                Slot::Owner(*app),
+            );
+            push(
+                *app,
+                IDstackApp::pendingOwnerCall {}.abi_encode(),
+                Slot::Pending(*app),
+            );
+            push(
+                *app,
+                IDstackApp::allowAnyDeviceCall {}.abi_encode(),
+                Slot::AnyDevice(*app),
+            );
+            for r in registrations {
+                let data = match r {
+                    Registration::ComposeHash(h) => {
+                        IDstackApp::allowedComposeHashesCall { composeHash: *h }.abi_encode()
+                    }
+                    Registration::Device(d) => {
+                        IDstackApp::allowedDeviceIdsCall { deviceId: *d }.abi_encode()
+                    }
+                };
+                push(*app, data, Slot::Registration(*app, *r));
+            }
+        }
+        let results = self.aggregate(calls).await?;
+
+        let mut states: HashMap<Address, AppState> = HashMap::new();
+        let mut owners_read: HashMap<Address, bool> = HashMap::new();
+        for (slot, result) in slots.into_iter().zip(results) {
+            let ok = result.success;
+            let data = result.returnData;
+            match slot {
+                Slot::Owner(app) => {
+                    let owner = ok
+                        .then(|| IDstackApp::ownerCall::abi_decode_returns(&data).ok())
+                        .flatten();
+                    owners_read.insert(app, owner.is_some());
+                    state_of(&mut states, app).owner = owner.unwrap_or_default();
+                }
+                Slot::Pending(app) => {
+                    state_of(&mut states, app).pending_owner = ok
+                        .then(|| IDstackApp::pendingOwnerCall::abi_decode_returns(&data).ok())
+                        .flatten();
+                }
+                Slot::AnyDevice(app) => {
+                    state_of(&mut states, app).allow_any_device = ok
+                        && IDstackApp::allowAnyDeviceCall::abi_decode_returns(&data)
+                            .unwrap_or(false);
+                }
+                Slot::Registration(app, r) => {
+                    let allowed = ok
+                        && match r {
+                            Registration::ComposeHash(_) => {
+                                IDstackApp::allowedComposeHashesCall::abi_decode_returns(&data)
+                            }
+                            Registration::Device(_) => {
+                                IDstackApp::allowedDeviceIdsCall::abi_decode_returns(&data)
+                            }
+                        }
+                        .unwrap_or(false);
+                    state_of(&mut states, app).allowed.insert(r, allowed);
+                }
+            }
+        }
+        if let Some((app, _)) = owners_read.iter().find(|(_, read)| !**read) {
+            anyhow::bail!(
+                "{app} did not answer owner(): it is not a DstackApp on chain {}",
+                self.chain_id
+            );
+        }
+        Ok(states)
+    }
+
+    /// Tells an EOA from a contract, and a Safe from other contracts, and
+    /// reads the Safe's version, owners, threshold and nonce in one Multicall3 call.
+    pub async fn owner_kind(&self, owner: Address) -> anyhow::Result<OwnerKind> {
+        let code = self
+            .provider
+            .get_code_at(owner)
+            .await
+            .context("eth_getCode failed")?;
+        if code.is_empty() {
+            return Ok(OwnerKind::Eoa);
+        }
+        let calls = [
+            ISafe::VERSIONCall {}.abi_encode(),
+            ISafe::getOwnersCall {}.abi_encode(),
+            ISafe::getThresholdCall {}.abi_encode(),
+            ISafe::nonceCall {}.abi_encode(),
+        ]
+        .into_iter()
+        .map(|data| IMulticall3::Call3 {
+            target: owner,
+            allowFailure: true,
+            callData: data.into(),
+        })
+        .collect();
+        let r = self.aggregate(calls).await?;
+        let version = match r[0]
+            .success
+            .then(|| ISafe::VERSIONCall::abi_decode_returns(&r[0].returnData).ok())
+            .flatten()
+        {
+            Some(version) => version,
+            None => {
+                return Ok(OwnerKind::NotASafe {
+                    detail: "it has no VERSION()".into(),
+                });
+            }
+        };
+        let version = match version.parse::<SafeVersion>() {
+            Ok(v) => v,
+            Err(_) => {
+                return Ok(OwnerKind::NotASafe {
+                    detail: format!("its VERSION() is `{version}`, not a supported Safe"),
+                });
+            }
+        };
+        let decoded = (|| -> Option<SafeInfo> {
+            let owners = ISafe::getOwnersCall::abi_decode_returns(&r[1].returnData)
+                .ok()
+                .filter(|_| r[1].success)?;
+            let threshold = ISafe::getThresholdCall::abi_decode_returns(&r[2].returnData)
+                .ok()
+                .filter(|_| r[2].success)?;
+            let nonce = ISafe::nonceCall::abi_decode_returns(&r[3].returnData)
+                .ok()
+                .filter(|_| r[3].success)?;
+            Some(SafeInfo {
+                address: owner,
+                version,
+                owners,
+                threshold: threshold.try_into().ok()?,
+                nonce: nonce.try_into().ok()?,
+            })
+        })();
+        Ok(match decoded {
+            Some(info) => OwnerKind::Safe(info),
+            None => OwnerKind::NotASafe {
+                detail: "it answers VERSION() but not the Safe owner functions".into(),
+            },
+        })
+    }
+
+    /// Runs `data` against `to` from `from` (the Safe) with `eth_call`, and
+    /// estimates its gas. A revert comes back decoded.
+    pub async fn simulate(
+        &self,
+        from: Address,
+        to: Address,
+        data: Bytes,
+    ) -> Result<u64, Simulation> {
+        let request = TransactionRequest::default()
+            .from(from)
+            .to(to)
+            .input(data.into());
+        if let Err(err) = self.provider.call(request.clone()).await {
+            return Err(match err.as_error_resp().and_then(|e| e.as_revert_data()) {
+                Some(revert) => Simulation::Reverted(decode_revert(&revert)),
+                None => Simulation::Rpc(err.to_string()),
+            });
+        }
+        self.provider
+            .estimate_gas(request)
+            .await
+            .map_err(|err| Simulation::Rpc(err.to_string()))
+    }
+
+    /// The Safe's own `getTransactionHash` for `tx`, to cross-check ours.
+    pub async fn safe_tx_hash(&self, safe: Address, tx: &SafeTx) -> anyhow::Result<B256> {
+        let call = ISafe::getTransactionHashCall {
+            to: tx.to,
+            value: tx.value,
+            data: tx.data.clone(),
+            operation: tx.operation.into(),
+            safeTxGas: tx.safe_tx_gas,
+            baseGas: tx.base_gas,
+            gasPrice: tx.gas_price,
+            gasToken: tx.gas_token,
+            refundReceiver: tx.refund_receiver,
+            _nonce: U256::from(tx.nonce),
+        };
+        let request = TransactionRequest::default()
+            .to(safe)
+            .input(call.abi_encode().into());
+        let data = self
+            .provider
+            .call(request)
+            .await
+            .context("getTransactionHash eth_call failed")?;
+        Ok(ISafe::getTransactionHashCall::abi_decode_returns(&data)?)
+    }
+
+    async fn aggregate(
+        &self,
+        calls: Vec<IMulticall3::Call3>,
+    ) -> anyhow::Result<Vec<IMulticall3::Result>> {
+        let data = IMulticall3::aggregate3Call { calls }.abi_encode();
+        let request = TransactionRequest::default()
+            .to(MULTICALL3)
+            .input(data.into());
+        let raw =
+            self.provider.call(request).await.with_context(|| {
+                format!("Multicall3 eth_call failed on chain {}", self.chain_id)
+            })?;
+        Ok(IMulticall3::aggregate3Call::abi_decode_returns(&raw)?)
+    }
+}
+
+fn state_of(states: &mut HashMap<Address, AppState>, app: Address) -> &mut AppState {
+    states.entry(app).or_insert_with(|| AppState {
+        owner: Address::ZERO,
+        pending_owner: None,
+        allow_any_device: false,
+        allowed: HashMap::new(),
+    })
+}
+
+/// Why a simulated call did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Simulation {
+    #[error("the call reverts: {0}")]
+    Reverted(String),
+    #[error("the RPC failed: {0}")]
+    Rpc(String),
+}
+
+/// One client per configured chain.
+#[derive(Clone, Debug, Default)]
+pub struct Chains {
+    clients: HashMap<u64, ChainClient>,
+    fallback: Option<Url>,
+}
+
+impl Chains {
+    /// `rpc_urls` per chain id, and `fallback` (`ETH_RPC_URL`) for any other chain.
+    pub fn new(rpc_urls: &[(u64, Url)], fallback: Option<Url>) -> Self {
+        let clients = rpc_urls
+            .iter()
+            .map(|(id, url)| (*id, ChainClient::new(*id, url.clone())))
+            .collect();
+        Chains { clients, fallback }
+    }
+
+    pub fn get(&self, chain_id: u64) -> Option<ChainClient> {
+        self.clients.get(&chain_id).cloned().or_else(|| {
+            self.fallback
+                .clone()
+                .map(|url| ChainClient::new(chain_id, url))
+        })
+    }
+}

@@ -1,0 +1,502 @@
+//! The `proposals` table and the links between proposals, their calls and
+//! the requests they serve.
+//!
+//! A proposal row is stored (with its nonce and safeTxHash) before it is
+//! posted to the Transaction Service, so a crash in between leads to posting
+//! the same transaction again, never to a second nonce.
+
+use chrono::{DateTime, Utc};
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::requests::{Changes, StoredError, advance_in};
+use super::{Store, StoreError};
+use crate::domain::{Actor, Event, Status};
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ProposalRow {
+    pub id: Uuid,
+    pub chain_id: i64,
+    pub safe: String,
+    pub safe_version: String,
+    pub nonce: i64,
+    pub safe_tx_hash: String,
+    pub to_address: String,
+    pub value: String,
+    pub data: String,
+    pub operation: i16,
+    pub status: String,
+    pub proposer: String,
+    pub gas_estimate: Option<i64>,
+    pub submitted_at: Option<DateTime<Utc>>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub confirmations: Option<i32>,
+    pub threshold: Option<i32>,
+    pub checked_at: Option<DateTime<Utc>>,
+    pub execution_tx_hash: Option<String>,
+    pub execution_block: Option<i64>,
+    pub last_error_code: Option<String>,
+    pub last_error_message: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
+    status, proposer, gas_estimate, submitted_at, next_attempt_at, confirmations, threshold, checked_at,
+    execution_tx_hash, execution_block, last_error_code, last_error_message, created_at, updated_at";
+
+/// A registration as stored: the app, `compose_hash` or `device`, and the 0x value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, FromRow)]
+pub struct StoredRegistration {
+    pub app_id: String,
+    pub kind: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct RequestRegistration {
+    pub request_id: Uuid,
+    #[sqlx(flatten)]
+    pub registration: StoredRegistration,
+}
+
+/// A proposal to store, with the calls it makes and the requests it serves.
+#[derive(Debug, Clone)]
+pub struct NewProposal {
+    pub id: Uuid,
+    pub chain_id: i64,
+    pub safe: String,
+    pub safe_version: String,
+    pub nonce: i64,
+    pub safe_tx_hash: String,
+    pub to_address: String,
+    pub value: String,
+    pub data: String,
+    pub operation: i16,
+    pub proposer: String,
+    pub gas_estimate: Option<i64>,
+    pub calls: Vec<StoredRegistration>,
+    pub request_ids: Vec<Uuid>,
+}
+
+/// Why a proposal could not be stored; both mean "plan again".
+#[derive(Debug, thiserror::Error)]
+pub enum ProposalConflict {
+    #[error("nonce {wanted} is taken; the next free nonce is {next}")]
+    NonceTaken { wanted: i64, next: i64 },
+    #[error("another planner took some of the requests")]
+    RequestsTaken,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl Store {
+    /// Requests waiting for a proposal that are in none yet and are due.
+    pub async fn requests_awaiting_proposal(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<super::ReplicaRequest>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {} FROM replica_requests
+             WHERE status = 'awaiting_proposal' AND proposal_id IS NULL AND next_attempt_at <= $1
+             ORDER BY created_at",
+            super::requests::COLUMNS
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn registrations_of(
+        &self,
+        request_ids: &[Uuid],
+    ) -> Result<Vec<RequestRegistration>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT request_id, app_id, kind, value FROM request_registrations
+             WHERE request_id = ANY($1) ORDER BY request_id, kind, value",
+        )
+        .bind(request_ids)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Registrations already in an open proposal on `chain_id`, with that proposal.
+    pub async fn open_registrations(
+        &self,
+        chain_id: i64,
+    ) -> Result<Vec<(Uuid, StoredRegistration)>, sqlx::Error> {
+        let rows: Vec<(Uuid, String, String, String)> = sqlx::query_as(
+            "SELECT c.proposal_id, c.app_id, c.kind, c.value FROM proposal_calls c
+             JOIN proposals p ON p.id = c.proposal_id
+             WHERE p.chain_id = $1 AND p.status = 'proposed'",
+        )
+        .bind(chain_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, app_id, kind, value)| {
+                (
+                    id,
+                    StoredRegistration {
+                        app_id,
+                        kind,
+                        value,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// The highest nonce of the Safe's open proposals.
+    pub async fn highest_open_nonce(
+        &self,
+        chain_id: i64,
+        safe: &str,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT max(nonce) FROM proposals WHERE chain_id = $1 AND safe = $2 AND status = 'proposed'",
+        )
+        .bind(chain_id)
+        .bind(safe)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Stores a proposal and links its requests, under a per-Safe lock so two
+    /// workers never take the same nonce. `floor` is the lowest nonce allowed
+    /// (the on-chain nonce, or past the service's pending ones).
+    pub async fn insert_proposal(
+        &self,
+        p: &NewProposal,
+        now: DateTime<Utc>,
+    ) -> Result<(), ProposalConflict> {
+        let mut tx = self.pool.begin().await?;
+        // Held until commit: nonce allocation for one Safe is serialized.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('safe-nonce:' || $1 || ':' || $2, 0))",
+        )
+        .bind(p.chain_id.to_string())
+        .bind(&p.safe)
+        .execute(&mut *tx)
+        .await?;
+        let highest: Option<i64> = sqlx::query_scalar(
+            "SELECT max(nonce) FROM proposals WHERE chain_id = $1 AND safe = $2 AND status = 'proposed'",
+        )
+        .bind(p.chain_id)
+        .bind(&p.safe)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(highest) = highest
+            && p.nonce <= highest
+        {
+            return Err(ProposalConflict::NonceTaken {
+                wanted: p.nonce,
+                next: highest + 1,
+            });
+        }
+        sqlx::query(
+            "INSERT INTO proposals (id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data,
+                operation, status, proposer, gas_estimate, next_attempt_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'proposed', $11, $12, $13, $13, $13)",
+        )
+        .bind(p.id)
+        .bind(p.chain_id)
+        .bind(&p.safe)
+        .bind(&p.safe_version)
+        .bind(p.nonce)
+        .bind(&p.safe_tx_hash)
+        .bind(&p.to_address)
+        .bind(&p.value)
+        .bind(&p.data)
+        .bind(p.operation)
+        .bind(&p.proposer)
+        .bind(p.gas_estimate)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        for (position, call) in p.calls.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO proposal_calls (proposal_id, position, app_id, kind, value) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(p.id)
+            .bind(position as i32)
+            .bind(&call.app_id)
+            .bind(&call.kind)
+            .bind(&call.value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let linked = sqlx::query(
+            "UPDATE replica_requests SET proposal_id = $1, safe = $2, updated_at = $4
+             WHERE id = ANY($3) AND status = 'awaiting_proposal' AND proposal_id IS NULL",
+        )
+        .bind(p.id)
+        .bind(&p.safe)
+        .bind(&p.request_ids)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if linked != p.request_ids.len() as u64 {
+            return Err(ProposalConflict::RequestsTaken);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Links a waiting request to an open proposal that already carries what
+    /// it needs; once that proposal is accepted, the request awaits approval.
+    pub async fn join_open_proposal(
+        &self,
+        request_id: Uuid,
+        proposal_id: Uuid,
+        safe: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let linked = sqlx::query(
+            "UPDATE replica_requests SET proposal_id = $2, safe = $3, updated_at = $4
+             WHERE id = $1 AND status = 'awaiting_proposal' AND proposal_id IS NULL",
+        )
+        .bind(request_id)
+        .bind(proposal_id)
+        .bind(safe)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let submitted: Option<(Option<DateTime<Utc>>, i64, String)> =
+            sqlx::query_as("SELECT submitted_at, nonce, safe_tx_hash FROM proposals WHERE id = $1")
+                .bind(proposal_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if linked == 1
+            && let Some((Some(_), nonce, hash)) = submitted
+        {
+            let message = format!(
+                "joined the open proposal {hash} (nonce {nonce}), which already registers what it needs"
+            );
+            advance_in(
+                &mut tx,
+                request_id,
+                None,
+                now,
+                Status::AwaitingProposal,
+                Event::Proposed,
+                &Actor::Worker,
+                Some(&message),
+                Changes::default(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stored proposals the service has not accepted yet, due for a (re)post.
+    pub async fn proposals_to_submit(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ProposalRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM proposals
+             WHERE status = 'proposed' AND submitted_at IS NULL AND next_attempt_at <= $1 ORDER BY created_at"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Accepted proposals still open, last checked before `checked_before`.
+    pub async fn proposals_to_check(
+        &self,
+        checked_before: DateTime<Utc>,
+    ) -> Result<Vec<ProposalRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM proposals
+             WHERE status = 'proposed' AND submitted_at IS NOT NULL AND (checked_at IS NULL OR checked_at < $1)"
+        ))
+        .bind(checked_before)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn proposals(&self, ids: &[Uuid]) -> Result<Vec<ProposalRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM proposals WHERE id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn proposal_by_hash(
+        &self,
+        safe_tx_hash: &str,
+    ) -> Result<Option<ProposalRow>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM proposals WHERE safe_tx_hash = $1"
+        ))
+        .bind(safe_tx_hash)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// The service accepted the proposal: its requests now await the owners.
+    pub async fn mark_submitted(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE proposals SET submitted_at = $2, last_error_code = NULL, last_error_message = NULL, updated_at = $2
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let waiting: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM replica_requests WHERE proposal_id = $1 AND status = 'awaiting_proposal' FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for request in waiting {
+            let changes = Changes::default();
+            advance_in(
+                &mut tx,
+                request,
+                None,
+                now,
+                Status::AwaitingProposal,
+                Event::Proposed,
+                &Actor::Worker,
+                Some(message),
+                changes,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A transient failure to post: keep the proposal, try again at `retry_at`.
+    pub async fn proposal_retry_later(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        retry_at: DateTime<Utc>,
+        error: &StoredError,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE proposals SET next_attempt_at = $3, last_error_code = $4, last_error_message = $5, updated_at = $2
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(retry_at)
+        .bind(&error.code)
+        .bind(&error.message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The service refused the proposal: it fails, and so do its requests,
+    /// each keeping the service's answer verbatim.
+    pub async fn reject_proposal(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        error: &StoredError,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE proposals SET status = 'failed', last_error_code = $3, last_error_message = $4, updated_at = $2
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(&error.code)
+        .bind(&error.message)
+        .execute(&mut *tx)
+        .await?;
+        let requests: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT id, status FROM replica_requests WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval')
+             FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (request, status) in requests {
+            let from: Status = status
+                .parse()
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            let changes = Changes {
+                error: Some(error.clone()),
+                ..Changes::default()
+            };
+            advance_in(
+                &mut tx,
+                request,
+                None,
+                now,
+                from,
+                Event::Fail,
+                &Actor::Worker,
+                None,
+                changes,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn set_confirmations(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        confirmations: i32,
+        threshold: Option<i32>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE proposals SET confirmations = $3, threshold = COALESCE($4, threshold), checked_at = $2 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(confirmations)
+        .bind(threshold)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Puts waiting requests off until `until`, keeping `error` on them (or
+    /// clearing it). No status changes: they wait for the batch window, or
+    /// for a chain problem to pass.
+    pub async fn defer_requests(
+        &self,
+        ids: &[Uuid],
+        until: DateTime<Utc>,
+        error: Option<&StoredError>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE replica_requests SET next_attempt_at = $2,
+                last_error_code = $3, last_error_message = $4, last_error_suggestion = $5
+             WHERE id = ANY($1) AND status = 'awaiting_proposal' AND proposal_id IS NULL",
+        )
+        .bind(ids)
+        .bind(until)
+        .bind(error.map(|e| &e.code))
+        .bind(error.map(|e| &e.message))
+        .bind(error.and_then(|e| e.suggestion.as_ref()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

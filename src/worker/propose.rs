@@ -1,0 +1,710 @@
+//! The propose step: group the requests awaiting a proposal per (chain,
+//! Safe), drop what is already allowed or already proposed, simulate the
+//! rest, and propose one Safe transaction per group.
+//!
+//! Unlike the per-request steps, this works on groups, so it does not claim
+//! rows. Its writes are guarded instead: a request is linked to a proposal
+//! only while it is still waiting and unlinked, and a nonce is allocated
+//! under a per-Safe lock in Postgres.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256, Bytes, U256};
+use uuid::Uuid;
+
+use super::Worker;
+use super::safe_flow::{SafeFlow, safe_wallet_link};
+use crate::chain::{AppState, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
+use crate::domain::{Actor, Event, Status};
+use crate::safe::{Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, build_safe_tx};
+use crate::store::{
+    Changes, NewProposal, ProposalConflict, ProposalRow, ReplicaRequest, StoreError, StoredError,
+    StoredRegistration,
+};
+
+/// How long requests wait after a chain or service problem before planning again.
+const CHAIN_RETRY: chrono::Duration = chrono::Duration::seconds(30);
+/// How often the confirmations of an open proposal are refreshed.
+const CHECK_EVERY: chrono::Duration = chrono::Duration::seconds(30);
+const ORIGIN: &str = r#"{"name":"approval-bridge","url":""}"#;
+
+/// One pass. `true` when something moved, so a drain runs again.
+pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
+    let Some(flow) = worker.safe_flow.as_ref() else {
+        return Ok(false);
+    };
+    let mut moved = submit_stored(worker, flow).await?;
+    moved |= plan(worker, flow).await?;
+    refresh_confirmations(worker, flow).await?;
+    Ok(moved)
+}
+
+async fn plan(worker: &Worker, flow: &SafeFlow) -> anyhow::Result<bool> {
+    let now = worker.clock.now();
+    let requests = worker.store.requests_awaiting_proposal(now).await?;
+    if requests.is_empty() {
+        return Ok(false);
+    }
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
+    let mut needs: HashMap<Uuid, Vec<StoredRegistration>> = HashMap::new();
+    for row in worker.store.registrations_of(&ids).await? {
+        needs
+            .entry(row.request_id)
+            .or_default()
+            .push(row.registration);
+    }
+
+    let mut by_chain: BTreeMap<i64, Vec<ReplicaRequest>> = BTreeMap::new();
+    let mut moved = false;
+    for request in requests {
+        match request.chain_id {
+            Some(chain_id) => by_chain.entry(chain_id).or_default().push(request),
+            None => {
+                fail(
+                    worker,
+                    &request,
+                    error(
+                        "NO-CHAIN",
+                        "Phala reported no chain for this on-chain KMS app",
+                        None,
+                    ),
+                )
+                .await?;
+                moved = true;
+            }
+        }
+    }
+    for (chain_id, requests) in by_chain {
+        moved |= plan_chain(worker, flow, chain_id, requests, &needs).await?;
+    }
+    Ok(moved)
+}
+
+/// Plans every waiting request of one chain with one Multicall3 read.
+async fn plan_chain(
+    worker: &Worker,
+    flow: &SafeFlow,
+    chain_id: i64,
+    requests: Vec<ReplicaRequest>,
+    needs: &HashMap<Uuid, Vec<StoredRegistration>>,
+) -> anyhow::Result<bool> {
+    let now = worker.clock.now();
+    let Some(chain) = flow.chain(chain_id as u64) else {
+        let err = error(
+            "NO-RPC",
+            &format!("no RPC URL is configured for chain {chain_id}"),
+            Some("Set APPROVAL_BRIDGE_RPC_URLS (or ETH_RPC_URL) and restart the bridge."),
+        );
+        defer(worker, &requests, now + CHAIN_RETRY * 10, Some(&err)).await?;
+        return Ok(false);
+    };
+
+    // Parse what Phala gave us; a malformed value fails its request only.
+    let mut moved = false;
+    let mut parsed: Vec<Member> = Vec::new();
+    for request in requests {
+        match parse_needs(
+            &request,
+            needs
+                .get(&request.id)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+        ) {
+            Ok((app, missing)) => parsed.push(Member {
+                request,
+                app,
+                missing,
+            }),
+            Err(err) => {
+                fail(worker, &request, err).await?;
+                moved = true;
+            }
+        }
+    }
+    let mut wanted: BTreeMap<Address, BTreeSet<Registration>> = BTreeMap::new();
+    for Member {
+        app,
+        missing: registrations,
+        ..
+    } in &parsed
+    {
+        wanted
+            .entry(*app)
+            .or_default()
+            .extend(registrations.iter().map(|(r, _)| *r));
+    }
+    let wanted: Vec<(Address, Vec<Registration>)> = wanted
+        .into_iter()
+        .map(|(app, regs)| (app, regs.into_iter().collect()))
+        .collect();
+    let states = match chain.read_apps(&wanted).await {
+        Ok(states) => states,
+        Err(err) => {
+            tracing::warn!(
+                chain_id,
+                error = format!("{err:#}"),
+                "cannot read the DstackApps"
+            );
+            let requests: Vec<ReplicaRequest> = parsed.into_iter().map(|m| m.request).collect();
+            let err = error(
+                "CHAIN-UNAVAILABLE",
+                &format!("cannot read the DstackApp on chain {chain_id}: {err:#}"),
+                None,
+            );
+            defer(worker, &requests, now + CHAIN_RETRY, Some(&err)).await?;
+            return Ok(moved);
+        }
+    };
+
+    // Sort the requests into Safe groups; settle the ones that need nothing.
+    let mut owners: HashMap<Address, OwnerKind> = HashMap::new();
+    let mut groups: BTreeMap<Address, (SafeInfo, Vec<Member>)> = BTreeMap::new();
+    for Member {
+        request,
+        app,
+        missing: registrations,
+    } in parsed
+    {
+        let state = &states[&app];
+        let missing: Vec<(Registration, StoredRegistration)> = registrations
+            .into_iter()
+            .filter(|(r, _)| !state.is_allowed(r))
+            .collect();
+        if missing.is_empty() {
+            allowed_already(
+                worker,
+                &request,
+                "everything it needs is already allowed on chain",
+            )
+            .await?;
+            moved = true;
+            continue;
+        }
+        let owner = match owners.get(&state.owner) {
+            Some(kind) => kind.clone(),
+            None => match chain.owner_kind(state.owner).await {
+                Ok(kind) => {
+                    owners.insert(state.owner, kind.clone());
+                    kind
+                }
+                Err(err) => {
+                    let err = error(
+                        "CHAIN-UNAVAILABLE",
+                        &format!("cannot read the app's owner: {err:#}"),
+                        None,
+                    );
+                    defer(
+                        worker,
+                        std::slice::from_ref(&request),
+                        now + CHAIN_RETRY,
+                        Some(&err),
+                    )
+                    .await?;
+                    continue;
+                }
+            },
+        };
+        match usable_safe(flow, chain_id as u64, app, state, owner) {
+            Ok(info) => groups
+                .entry(info.address)
+                .or_insert_with(|| (info, Vec::new()))
+                .1
+                .push(Member {
+                    request,
+                    app,
+                    missing,
+                }),
+            Err(err) => {
+                fail(worker, &request, err).await?;
+                moved = true;
+            }
+        }
+    }
+
+    for (_, (safe, members)) in groups {
+        // The batch window runs from the first prepare in the group.
+        let window = chrono::Duration::from_std(flow.batch_window)?;
+        let oldest = members
+            .iter()
+            .filter_map(|m| m.request.prepared_at)
+            .min()
+            .unwrap_or(now);
+        if now < oldest + window {
+            let requests: Vec<ReplicaRequest> = members.into_iter().map(|m| m.request).collect();
+            defer(worker, &requests, oldest + window, None).await?;
+            continue;
+        }
+        moved |= propose_group(worker, flow, &chain, &safe, members).await?;
+    }
+    Ok(moved)
+}
+
+struct Member {
+    request: ReplicaRequest,
+    app: Address,
+    missing: Vec<(Registration, StoredRegistration)>,
+}
+
+/// The app's owner must be a Safe the bridge may propose to.
+fn usable_safe(
+    flow: &SafeFlow,
+    chain_id: u64,
+    app: Address,
+    state: &AppState,
+    owner: OwnerKind,
+) -> Result<SafeInfo, StoredError> {
+    let app = app.to_checksum(None);
+    let owner_address = state.owner.to_checksum(None);
+    match owner {
+        OwnerKind::Safe(info) if flow.safes.contains(chain_id, info.address) => Ok(info),
+        _ if state.pending_owner.is_some_and(|p| !p.is_zero()) => {
+            let pending = state.pending_owner.unwrap_or_default().to_checksum(None);
+            Err(error(
+                "OWNERSHIP-PENDING",
+                &format!(
+                    "{pending} is staged as the pendingOwner of app {app} but has not accepted ownership"
+                ),
+                Some(&format!(
+                    "The Safe {pending} must call acceptOwnership() on {app} (as a Safe transaction), then queue again."
+                )),
+            ))
+        }
+        OwnerKind::Safe(info) => Err(error(
+            "SAFE-NOT-ALLOWED",
+            &format!(
+                "app {app} is owned by Safe {} on chain {chain_id}, which is not in the bridge's list of Safes",
+                info.address.to_checksum(None)
+            ),
+            Some(
+                "Add it to APPROVAL_BRIDGE_SAFES as chain_id:address if the bridge should propose to it.",
+            ),
+        )),
+        OwnerKind::Eoa => Err(error(
+            "OWNER-IS-EOA",
+            &format!(
+                "app {app} is owned by the account {owner_address}, not a Safe: the Safe flow does not apply"
+            ),
+            Some(
+                "The owner can register the hash and device itself: the Phala CLI's `phala cvms replicate` does this automatically for EOA owners.",
+            ),
+        )),
+        OwnerKind::NotASafe { detail } => Err(error(
+            "OWNER-NOT-SAFE",
+            &format!(
+                "app {app} is owned by the contract {owner_address}, which is not a Safe ({detail})"
+            ),
+            Some(
+                "Transfer the app's ownership to a Safe, or register the hash and device through the owning contract.",
+            ),
+        )),
+    }
+}
+
+async fn propose_group(
+    worker: &Worker,
+    flow: &SafeFlow,
+    chain: &ChainClient,
+    safe: &SafeInfo,
+    members: Vec<Member>,
+) -> anyhow::Result<bool> {
+    let now = worker.clock.now();
+    let chain_id = chain.chain_id();
+    let safe_key = lower(safe.address);
+    let mut moved = false;
+
+    // A registration already in an open proposal is not proposed again: the
+    // request waits for that proposal instead.
+    let open: HashMap<StoredRegistration, Uuid> = worker
+        .store
+        .open_registrations(chain_id as i64)
+        .await?
+        .into_iter()
+        .map(|(id, reg)| (reg, id))
+        .collect();
+    let mut calls: BTreeMap<(Address, Registration), StoredRegistration> = BTreeMap::new();
+    let mut proposing = Vec::new();
+    for member in members {
+        let new: Vec<_> = member
+            .missing
+            .iter()
+            .filter(|(_, s)| !open.contains_key(s))
+            .collect();
+        if new.is_empty() {
+            let proposal = open[&member.missing[0].1];
+            worker
+                .store
+                .join_open_proposal(member.request.id, proposal, &safe_key, now)
+                .await?;
+            moved = true;
+            continue;
+        }
+        for (registration, stored) in new {
+            calls.insert((member.app, *registration), stored.clone());
+        }
+        proposing.push(member.request);
+    }
+    if calls.is_empty() {
+        return Ok(moved);
+    }
+
+    // Devices first, then compose hashes, as Phala's CLI registers them.
+    let mut ordered: Vec<(&(Address, Registration), &StoredRegistration)> = calls.iter().collect();
+    ordered
+        .sort_by_key(|((app, r), _)| (matches!(r, Registration::ComposeHash(_)), *app, r.value()));
+    let safe_calls: Vec<Call> = ordered
+        .iter()
+        .map(|((app, r), _)| match r {
+            Registration::ComposeHash(h) => Call::add_compose_hash(*app, *h),
+            Registration::Device(d) => Call::add_device(*app, *d),
+        })
+        .collect();
+
+    // Simulate every inner call from the Safe; a revert refuses the proposal.
+    let mut gas = 0u64;
+    for (((app, registration), _), call) in ordered.iter().zip(&safe_calls) {
+        match chain.simulate(safe.address, *app, call.data.clone()).await {
+            Ok(used) => gas += used,
+            Err(Simulation::Reverted(reason)) => {
+                let what = match registration {
+                    Registration::ComposeHash(h) => format!("addComposeHash({h})"),
+                    Registration::Device(d) => format!("addDevice({d})"),
+                };
+                let err = error(
+                    "SIMULATION-REVERTED",
+                    &format!(
+                        "{what} on app {} reverts when Safe {} calls it: {reason}",
+                        app.to_checksum(None),
+                        safe.address.to_checksum(None)
+                    ),
+                    Some(
+                        "Nothing was proposed. Check that the Safe owns the app and the values are right, then queue again.",
+                    ),
+                );
+                for request in &proposing {
+                    fail(worker, request, err.clone()).await?;
+                }
+                return Ok(true);
+            }
+            Err(Simulation::Rpc(message)) => {
+                let err = error(
+                    "CHAIN-UNAVAILABLE",
+                    &format!("cannot simulate the proposal: {message}"),
+                    None,
+                );
+                defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+                return Ok(moved);
+            }
+        }
+    }
+
+    // The nonce: past the chain's, the service's pending ones and ours.
+    let service = flow.service(chain_id)?;
+    let pending = match service.list_pending(safe.address, safe.nonce).await {
+        Ok(pending) => pending,
+        Err(err) => {
+            let err = error(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
+            defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+            return Ok(moved);
+        }
+    };
+    let ours = worker
+        .store
+        .highest_open_nonce(chain_id as i64, &safe_key)
+        .await?
+        .map(|n| n as u64 + 1);
+    let nonce = [Some(safe.nonce), pending.map(|n| n + 1), ours]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(safe.nonce);
+
+    let deployment = Deployment::preferred_for_chain(chain_id);
+    let tx = build_safe_tx(&safe_calls, safe.version, deployment, nonce)?;
+    let safe_tx_hash = tx.hash(safe.address, chain_id, safe.version);
+    let onchain_hash = chain.safe_tx_hash(safe.address, &tx).await?;
+    if onchain_hash != safe_tx_hash {
+        tracing::error!(%safe_tx_hash, %onchain_hash, safe = %safe.address, "our safeTxHash differs from the Safe's getTransactionHash; not proposing");
+        let err = error(
+            "HASH-MISMATCH",
+            &format!(
+                "the Safe computes {onchain_hash} for the transaction, the bridge {safe_tx_hash}"
+            ),
+            Some(
+                "Nothing was proposed. Report this to the bridge maintainers with the Safe's address and version.",
+            ),
+        );
+        for request in &proposing {
+            fail(worker, request, err.clone()).await?;
+        }
+        return Ok(true);
+    }
+
+    let proposer = flow
+        .proposer()
+        .expect("checked at start-up: a proposer exists when Safes are configured");
+    let new = NewProposal {
+        id: Uuid::now_v7(),
+        chain_id: chain_id as i64,
+        safe: safe_key,
+        safe_version: safe.version.to_string(),
+        nonce: nonce as i64,
+        safe_tx_hash: safe_tx_hash.to_string(),
+        to_address: lower(tx.to),
+        value: tx.value.to_string(),
+        data: tx.data.to_string(),
+        operation: u8::from(tx.operation) as i16,
+        proposer: lower(proposer.address()),
+        gas_estimate: Some(gas as i64),
+        calls: ordered
+            .iter()
+            .map(|(_, stored)| (*stored).clone())
+            .collect(),
+        request_ids: proposing.iter().map(|r| r.id).collect(),
+    };
+    match worker.store.insert_proposal(&new, now).await {
+        Ok(()) => {}
+        // Another worker planned these requests or took the nonce: plan again next pass.
+        Err(ProposalConflict::NonceTaken { .. } | ProposalConflict::RequestsTaken) => {
+            return Ok(true);
+        }
+        Err(ProposalConflict::Database(err)) => return Err(err.into()),
+    }
+    tracing::info!(safe_tx_hash = %safe_tx_hash, nonce, calls = new.calls.len(), requests = new.request_ids.len(), "proposal stored");
+    let stored = worker.store.proposals(&[new.id]).await?.remove(0);
+    submit(worker, flow, &stored).await?;
+    Ok(true)
+}
+
+/// Posts stored proposals the service has not accepted yet (after a crash,
+/// or a transient failure): the same transaction, so the same hash and nonce.
+async fn submit_stored(worker: &Worker, flow: &SafeFlow) -> anyhow::Result<bool> {
+    let mut moved = false;
+    for proposal in worker.store.proposals_to_submit(worker.clock.now()).await? {
+        moved |= submit(worker, flow, &proposal).await?;
+    }
+    Ok(moved)
+}
+
+async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyhow::Result<bool> {
+    let chain_id = stored.chain_id as u64;
+    let safe: Address = stored.safe.parse()?;
+    let tx = SafeTx::new(
+        stored.to_address.parse()?,
+        stored.value.parse::<U256>()?,
+        stored.data.parse::<Bytes>()?,
+        Operation::try_from(stored.operation as u8)
+            .map_err(|_| anyhow::anyhow!("stored operation {}", stored.operation))?,
+        stored.nonce as u64,
+    );
+    let version = stored.safe_version.parse()?;
+    let proposer = flow
+        .proposer()
+        .expect("checked at start-up: a proposer exists when Safes are configured");
+    let proposal = Proposal::sign(
+        tx,
+        safe,
+        chain_id,
+        version,
+        proposer,
+        Some(ORIGIN.to_owned()),
+    )?;
+    anyhow::ensure!(
+        proposal.safe_tx_hash.to_string() == stored.safe_tx_hash,
+        "stored proposal {} does not hash to its safeTxHash",
+        stored.id
+    );
+
+    let now = worker.clock.now();
+    let result = flow.service(chain_id)?.propose(safe, &proposal).await;
+    match result {
+        Ok(()) => {
+            let link = safe_wallet_link(chain_id, safe, &stored.safe_tx_hash);
+            let message = format!(
+                "proposed to Safe {} as nonce {}{}",
+                safe.to_checksum(None),
+                stored.nonce,
+                link.map(|l| format!(": {l}")).unwrap_or_default()
+            );
+            worker
+                .store
+                .mark_submitted(stored.id, now, &message)
+                .await?;
+            tracing::info!(safe_tx_hash = %stored.safe_tx_hash, "proposal accepted by the Safe Transaction Service");
+            Ok(true)
+        }
+        Err(SafeServiceError::Rejected { body }) => {
+            tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, body = %body, "the Safe Transaction Service rejected the proposal");
+            let err = error(
+                "SAFE-REJECTED",
+                &body,
+                Some(
+                    "The Safe Transaction Service refused the proposal; its message names the rule.",
+                ),
+            );
+            worker.store.reject_proposal(stored.id, now, &err).await?;
+            Ok(true)
+        }
+        Err(err) => {
+            // Rate limits, outages and configuration trouble pass with time or a restart.
+            let wait = match &err {
+                SafeServiceError::RateLimited {
+                    retry_after: Some(after),
+                } => *after,
+                e if e.is_transient() => Duration::from_secs(10),
+                _ => Duration::from_secs(300),
+            };
+            tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, error = %err, retry_in = ?wait, "proposal not accepted yet");
+            let stored_err = error(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
+            worker
+                .store
+                .proposal_retry_later(
+                    stored.id,
+                    now,
+                    now + chrono::Duration::from_std(wait)?,
+                    &stored_err,
+                )
+                .await?;
+            Ok(false)
+        }
+    }
+}
+
+/// Keeps the confirmations shown with each open proposal fresh.
+async fn refresh_confirmations(worker: &Worker, flow: &SafeFlow) -> anyhow::Result<()> {
+    let now = worker.clock.now();
+    for proposal in worker.store.proposals_to_check(now - CHECK_EVERY).await? {
+        let hash: B256 = proposal.safe_tx_hash.parse()?;
+        match flow
+            .service(proposal.chain_id as u64)?
+            .get_transaction(hash)
+            .await
+        {
+            Ok(Some(tx)) => {
+                let threshold = tx.confirmations_required.map(|t| t as i32);
+                worker
+                    .store
+                    .set_confirmations(proposal.id, now, tx.confirmation_count() as i32, threshold)
+                    .await?;
+            }
+            Ok(None) => {
+                worker
+                    .store
+                    .set_confirmations(proposal.id, now, 0, None)
+                    .await?
+            }
+            Err(err) => tracing::debug!(error = %err, "cannot refresh confirmations"),
+        }
+    }
+    Ok(())
+}
+
+fn parse_needs(
+    request: &ReplicaRequest,
+    needs: &[StoredRegistration],
+) -> Result<(Address, Vec<(Registration, StoredRegistration)>), StoredError> {
+    let bad = |what: String| {
+        error(
+            "INVALID-REGISTRATION",
+            &what,
+            Some("Phala sent an unusable value; queue again."),
+        )
+    };
+    let app: Address = request
+        .app_id
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| bad(format!("app id {:?} is not an address", request.app_id)))?;
+    let mut out = Vec::new();
+    for need in needs {
+        let value: B256 = need
+            .value
+            .parse()
+            .map_err(|_| bad(format!("{} `{}` is not 32 bytes", need.kind, need.value)))?;
+        let registration = match need.kind.as_str() {
+            "compose_hash" => Registration::ComposeHash(value),
+            _ => Registration::Device(value),
+        };
+        out.push((registration, need.clone()));
+    }
+    Ok((app, out))
+}
+
+fn error(code: &str, message: &str, suggestion: Option<&str>) -> StoredError {
+    StoredError {
+        code: code.to_owned(),
+        message: message.to_owned(),
+        suggestion: suggestion.map(str::to_owned),
+    }
+}
+
+fn lower(address: Address) -> String {
+    format!("{address:#x}")
+}
+
+async fn fail(
+    worker: &Worker,
+    request: &ReplicaRequest,
+    err: StoredError,
+) -> Result<(), StoreError> {
+    tracing::warn!(replica_id = %request.id, code = %err.code, message = %err.message, "request failed");
+    let changes = Changes {
+        error: Some(err),
+        ..Changes::default()
+    };
+    let now = worker.clock.now();
+    ignore_moved(
+        worker
+            .store
+            .advance_unleased(
+                request.id,
+                now,
+                request.status(),
+                Event::Fail,
+                &Actor::Worker,
+                None,
+                changes,
+            )
+            .await,
+    )
+}
+
+async fn allowed_already(
+    worker: &Worker,
+    request: &ReplicaRequest,
+    why: &str,
+) -> Result<(), StoreError> {
+    let now = worker.clock.now();
+    ignore_moved(
+        worker
+            .store
+            .advance_unleased(
+                request.id,
+                now,
+                Status::AwaitingProposal,
+                Event::RegistrationsAllowed,
+                &Actor::Worker,
+                Some(why),
+                Changes::default(),
+            )
+            .await,
+    )
+}
+
+async fn defer(
+    worker: &Worker,
+    requests: &[ReplicaRequest],
+    until: chrono::DateTime<chrono::Utc>,
+    err: Option<&StoredError>,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
+    worker.store.defer_requests(&ids, until, err).await
+}
+
+/// A request that changed under us (cancelled, or planned by another worker) is left alone.
+fn ignore_moved(result: Result<Status, StoreError>) -> Result<(), StoreError> {
+    match result {
+        Ok(_) | Err(StoreError::LeaseLost(_)) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
