@@ -1,5 +1,7 @@
 //! The `approval-bridge` command line: one binary, several subcommands.
 
+pub mod delegate;
+
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -22,6 +24,9 @@ pub enum Command {
     Serve(Box<Settings>),
     /// Apply the database migrations and exit.
     Migrate(DatabaseSettings),
+    /// Register the proposer key as a delegate of a Safe owner.
+    #[command(subcommand)]
+    Delegate(delegate::DelegateCommand),
 }
 
 impl Cli {

@@ -1,4 +1,4 @@
-use approval_bridge::cli::{Cli, Command};
+use approval_bridge::cli::{Cli, Command, delegate};
 use approval_bridge::config::LogFormat;
 use approval_bridge::{startup, store, telemetry};
 
@@ -26,5 +26,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
+        // No log subscriber: stdout carries only the command's output.
+        Command::Delegate(command) => delegate::run(command).await,
     }
 }

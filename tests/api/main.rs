@@ -3,6 +3,7 @@
 
 mod chain_world;
 mod cli;
+mod delegate_cli;
 mod helpers;
 mod phala_mock;
 mod replicas_api;
