@@ -6,6 +6,7 @@
 //! contracts (`contracts/*.sol`); [`chain`] starts anvil and deploys the world.
 
 pub mod chain;
+pub mod phala_sim;
 pub mod safe_service;
 
 use std::path::{Path, PathBuf};

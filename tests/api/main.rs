@@ -6,6 +6,7 @@ mod cli;
 mod delegate_cli;
 mod helpers;
 mod phala_mock;
+mod phala_sim;
 mod replicas_api;
 mod safe_flow;
 mod safe_service;
