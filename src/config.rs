@@ -138,7 +138,7 @@ impl Default for WorkerSettings {
 }
 
 /// The chains, the Safes the bridge may propose to, and how it proposes.
-#[derive(Debug, Clone, Args, Default)]
+#[derive(Debug, Clone, Args)]
 pub struct SafeSettings {
     /// JSON-RPC URL per chain, as `chain_id=url` pairs separated by commas.
     #[arg(long, env = "APPROVAL_BRIDGE_RPC_URLS", value_parser = parse_rpc_urls,
@@ -183,6 +183,89 @@ pub struct SafeSettings {
     /// seconds (0 proposes at once).
     #[arg(long, env = "APPROVAL_BRIDGE_BATCH_WINDOW_SECS", default_value_t = 60)]
     pub batch_window_secs: u64,
+
+    /// Blocks on top of a Safe execution before it counts, per chain as
+    /// `chain_id=N`; chains not listed use 3.
+    #[arg(long, env = "APPROVAL_BRIDGE_CONFIRMATIONS", value_parser = parse_confirmations,
+          default_value = "", hide_default_value = true)]
+    pub confirmations: Confirmations,
+
+    /// How often the chain follower polls for new blocks, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_CHAIN_POLL_SECS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub chain_poll_secs: u64,
+
+    /// How long a proposal may wait for execution before its requests fail, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_PROPOSAL_TIMEOUT_SECS", default_value_t = 7 * 24 * 3600,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub proposal_timeout_secs: u64,
+
+    /// Fresh proposals for one request after its proposal could not execute
+    /// (execution failure, nonce replaced) before the request fails.
+    #[arg(long, env = "APPROVAL_BRIDGE_MAX_REPROPOSALS", default_value_t = 3)]
+    pub max_reproposals: u32,
+
+    /// Largest block range of one eth_getLogs call; halved when the provider refuses.
+    #[arg(long, env = "APPROVAL_BRIDGE_LOG_RANGE", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub log_range: u64,
+}
+
+/// `chain_id=N` confirmations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confirmations(pub Vec<(u64, u64)>);
+
+impl Confirmations {
+    pub const DEFAULT: u64 = 3;
+
+    pub fn of(&self, chain_id: u64) -> u64 {
+        self.0
+            .iter()
+            .find(|(id, _)| *id == chain_id)
+            .map(|(_, n)| *n)
+            .unwrap_or(Self::DEFAULT)
+    }
+}
+
+fn parse_confirmations(value: &str) -> Result<Confirmations, String> {
+    let mut out = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (chain, n) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("`{entry}` is not of the form chain_id=N"))?;
+        let chain: u64 = chain
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{chain}` is not a chain id"))?;
+        let n: u64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{n}` is not a number of blocks"))?;
+        out.push((chain, n));
+    }
+    Ok(Confirmations(out))
+}
+
+impl Default for SafeSettings {
+    /// The documented defaults, with no chain, Safe or key configured.
+    fn default() -> Self {
+        SafeSettings {
+            rpc_urls: RpcUrls::default(),
+            eth_rpc_url: None,
+            safes: AllowedSafes::default(),
+            proposer_key: None,
+            proposer_key_file: None,
+            safe_service_urls: RpcUrls::default(),
+            safe_api_key: None,
+            safe_rate_limit: 5.0,
+            batch_window_secs: 60,
+            confirmations: Confirmations::default(),
+            chain_poll_secs: 2,
+            proposal_timeout_secs: 7 * 24 * 3600,
+            max_reproposals: 3,
+            log_range: 2000,
+        }
+    }
 }
 
 /// `chain_id=url` pairs.

@@ -7,9 +7,10 @@ mod revert;
 
 use std::collections::HashMap;
 
+use alloy::eips::{BlockId, BlockNumberOrTag};
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
-use alloy::rpc::types::TransactionRequest;
+use alloy::rpc::types::{Filter, Log, TransactionRequest};
 use alloy::sol_types::SolCall;
 use anyhow::Context;
 use reqwest::Url;
@@ -130,6 +131,15 @@ impl ChainClient {
         &self,
         wanted: &[(Address, Vec<Registration>)],
     ) -> anyhow::Result<HashMap<Address, AppState>> {
+        self.read_apps_at(wanted, None).await
+    }
+
+    /// [`ChainClient::read_apps`] as of `block` (`None`: the latest block).
+    pub async fn read_apps_at(
+        &self,
+        wanted: &[(Address, Vec<Registration>)],
+        block: Option<u64>,
+    ) -> anyhow::Result<HashMap<Address, AppState>> {
         enum Slot {
             Owner(Address),
             Pending(Address),
@@ -174,7 +184,7 @@ impl ChainClient {
                 push(*app, data, Slot::Registration(*app, *r));
             }
         }
-        let results = self.aggregate(calls).await?;
+        let results = self.aggregate_at(calls, block).await?;
 
         let mut states: HashMap<Address, AppState> = HashMap::new();
         let mut owners_read: HashMap<Address, bool> = HashMap::new();
@@ -221,6 +231,104 @@ impl ChainClient {
             );
         }
         Ok(states)
+    }
+
+    /// The latest block number.
+    pub async fn head(&self) -> anyhow::Result<u64> {
+        self.provider
+            .get_block_number()
+            .await
+            .context("eth_blockNumber failed")
+    }
+
+    /// The hash of block `number` on the chain as it is now.
+    pub async fn block_hash(&self, number: u64) -> anyhow::Result<B256> {
+        let block = self
+            .provider
+            .get_block_by_number(BlockNumberOrTag::Number(number))
+            .await
+            .context("eth_getBlockByNumber failed")?
+            .with_context(|| format!("block {number} is not on chain {}", self.chain_id))?;
+        Ok(block.header.hash)
+    }
+
+    /// Logs of `addresses` with one of `topics0` in `from..=to`: one
+    /// `eth_getLogs` per range, halving the range when the provider refuses
+    /// it as too large.
+    pub async fn logs(
+        &self,
+        from: u64,
+        to: u64,
+        max_range: u64,
+        addresses: &[Address],
+        topics0: &[B256],
+    ) -> anyhow::Result<Vec<Log>> {
+        let mut out = Vec::new();
+        let mut start = from;
+        let mut range = max_range.max(1);
+        while start <= to {
+            let end = to.min(start + range - 1);
+            let filter = Filter::new()
+                .from_block(start)
+                .to_block(end)
+                .address(addresses.to_vec())
+                .event_signature(topics0.to_vec());
+            match self.provider.get_logs(&filter).await {
+                Ok(logs) => {
+                    out.extend(logs);
+                    start = end + 1;
+                }
+                Err(err) if range > 1 && is_range_limit(&err.to_string()) => {
+                    range = (range / 2).max(1);
+                    tracing::debug!(
+                        chain_id = self.chain_id,
+                        range,
+                        "provider refused the log range; halving"
+                    );
+                }
+                Err(err) => return Err(err).context("eth_getLogs failed"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `nonce()` and `VERSION()` of each Safe at `block`, in one Multicall3 call.
+    pub async fn safe_states(
+        &self,
+        safes: &[Address],
+        block: u64,
+    ) -> anyhow::Result<HashMap<Address, (u64, String)>> {
+        let calls = safes
+            .iter()
+            .flat_map(|safe| {
+                [
+                    ISafe::nonceCall {}.abi_encode(),
+                    ISafe::VERSIONCall {}.abi_encode(),
+                ]
+                .map(|data| IMulticall3::Call3 {
+                    target: *safe,
+                    allowFailure: true,
+                    callData: data.into(),
+                })
+            })
+            .collect();
+        let results = self.aggregate_at(calls, Some(block)).await?;
+        let mut out = HashMap::new();
+        for (safe, pair) in safes.iter().zip(results.chunks(2)) {
+            let nonce = pair[0]
+                .success
+                .then(|| ISafe::nonceCall::abi_decode_returns(&pair[0].returnData).ok())
+                .flatten()
+                .and_then(|n| u64::try_from(n).ok())
+                .with_context(|| format!("{safe} did not answer nonce()"))?;
+            let version = pair[1]
+                .success
+                .then(|| ISafe::VERSIONCall::abi_decode_returns(&pair[1].returnData).ok())
+                .flatten()
+                .unwrap_or_default();
+            out.insert(*safe, (nonce, version));
+        }
+        Ok(out)
     }
 
     /// Tells an EOA from a contract, and a Safe from other contracts, and
@@ -347,16 +455,42 @@ impl ChainClient {
         &self,
         calls: Vec<IMulticall3::Call3>,
     ) -> anyhow::Result<Vec<IMulticall3::Result>> {
+        self.aggregate_at(calls, None).await
+    }
+
+    async fn aggregate_at(
+        &self,
+        calls: Vec<IMulticall3::Call3>,
+        block: Option<u64>,
+    ) -> anyhow::Result<Vec<IMulticall3::Result>> {
         let data = IMulticall3::aggregate3Call { calls }.abi_encode();
         let request = TransactionRequest::default()
             .to(MULTICALL3)
             .input(data.into());
-        let raw =
-            self.provider.call(request).await.with_context(|| {
-                format!("Multicall3 eth_call failed on chain {}", self.chain_id)
-            })?;
+        let block = block.map(BlockId::number).unwrap_or_else(BlockId::latest);
+        let raw = self
+            .provider
+            .call(request)
+            .block(block)
+            .await
+            .with_context(|| format!("Multicall3 eth_call failed on chain {}", self.chain_id))?;
         Ok(IMulticall3::aggregate3Call::abi_decode_returns(&raw)?)
     }
+}
+
+/// Providers word range limits differently ("block range is too large",
+/// "query returned more than 10000 results", "exceed maximum block range"...).
+fn is_range_limit(message: &str) -> bool {
+    let message = message.to_lowercase();
+    [
+        "range",
+        "too many",
+        "more than",
+        "limit exceeded",
+        "too large",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
 }
 
 fn state_of(states: &mut HashMap<Address, AppState>, app: Address) -> &mut AppState {

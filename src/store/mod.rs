@@ -1,5 +1,6 @@
 //! Postgres access. This module is the only place with SQL.
 
+mod follower;
 mod idempotency;
 mod proposals;
 mod requests;
@@ -11,6 +12,7 @@ use anyhow::Context;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+pub use follower::ProposalEnd;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,

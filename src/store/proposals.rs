@@ -39,11 +39,15 @@ pub struct ProposalRow {
     pub last_error_message: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub proposed_block: Option<i64>,
+    pub execution_block_hash: Option<String>,
+    pub execution_success: Option<bool>,
 }
 
-const COLUMNS: &str = "id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
+pub(super) const COLUMNS: &str = "id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
     status, proposer, gas_estimate, submitted_at, next_attempt_at, confirmations, threshold, checked_at,
-    execution_tx_hash, execution_block, last_error_code, last_error_message, created_at, updated_at";
+    execution_tx_hash, execution_block, last_error_code, last_error_message, created_at, updated_at,
+    proposed_block, execution_block_hash, execution_success";
 
 /// A registration as stored: the app, `compose_hash` or `device`, and the 0x value.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, FromRow)]
@@ -75,6 +79,8 @@ pub struct NewProposal {
     pub operation: i16,
     pub proposer: String,
     pub gas_estimate: Option<i64>,
+    /// The chain head when it was planned: the follower scans from there.
+    pub proposed_block: i64,
     pub calls: Vec<StoredRegistration>,
     pub request_ids: Vec<Uuid>,
 }
@@ -197,8 +203,8 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO proposals (id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data,
-                operation, status, proposer, gas_estimate, next_attempt_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'proposed', $11, $12, $13, $13, $13)",
+                operation, status, proposer, gas_estimate, next_attempt_at, created_at, updated_at, proposed_block)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'proposed', $11, $12, $13, $13, $13, $14)",
         )
         .bind(p.id)
         .bind(p.chain_id)
@@ -213,6 +219,7 @@ impl Store {
         .bind(&p.proposer)
         .bind(p.gas_estimate)
         .bind(now)
+        .bind(p.proposed_block)
         .execute(&mut *tx)
         .await?;
         for (position, call) in p.calls.iter().enumerate() {

@@ -142,6 +142,8 @@ pub struct Changes {
     pub replica_status: Option<String>,
     /// Kept on the request (for `Fail`); other transitions clear the last error.
     pub error: Option<StoredError>,
+    /// The transaction hash the commit sends (the Safe execution's).
+    pub commit_tx_hash: Option<String>,
 }
 
 /// Proof that a worker holds a request. Writes that carry it are fenced.
@@ -620,6 +622,10 @@ pub(super) async fn advance_in(
             replica_vm_uuid = COALESCE($13, replica_vm_uuid),
             replica_status = COALESCE($14, replica_status),
             call_sent_at = NULL,
+            -- Entering awaiting_proposal means a new plan: off the old proposal.
+            proposal_id = CASE WHEN $5 = 'awaiting_proposal' THEN NULL ELSE proposal_id END,
+            -- A fresh prepare commits with `already-registered`.
+            commit_tx_hash = CASE WHEN $5 = 'preparing' THEN NULL ELSE COALESCE($19, commit_tx_hash) END,
             last_error_code = $15,
             last_error_message = $16,
             last_error_suggestion = $18,
@@ -651,6 +657,7 @@ pub(super) async fn advance_in(
     // A finished request has no further use for its bearer token.
     .bind(to.is_terminal())
     .bind(changes.error.as_ref().and_then(|e| e.suggestion.as_ref()))
+    .bind(&changes.commit_tx_hash)
     .execute(&mut **tx)
     .await?
     .rows_affected();

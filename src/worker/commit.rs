@@ -12,7 +12,35 @@ pub const ALREADY_REGISTERED: &str = "already-registered";
 /// Fresh prepares after expired tokens before the request gives up.
 const MAX_REPREPARES: i64 = 3;
 
+/// How long to wait when another request of the source is preparing.
+const SOURCE_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+    // No prepare of the same source may run between this request's token and
+    // its commit: it would supersede the token.
+    let request = &claimed.request;
+    let now = worker.clock.now();
+    let locked = worker
+        .store
+        .try_lock_source(
+            &request.source_vm_uuid,
+            request.id,
+            now,
+            now + worker.lease_duration(),
+        )
+        .await?;
+    if !locked {
+        return Ok(Outcome::Snooze(SOURCE_BUSY_WAIT));
+    }
+    let outcome = commit(worker, claimed).await;
+    worker
+        .store
+        .unlock_source(&request.source_vm_uuid, request.id)
+        .await?;
+    outcome
+}
+
+async fn commit(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     let request = &claimed.request;
     let now = worker.clock.now();
     let Some(token) = worker.store.commit_token(&claimed.lease, now).await? else {

@@ -11,6 +11,7 @@ mod prepare;
 mod propose;
 mod safe_flow;
 mod track;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,8 @@ use crate::store::{Changes, Claimed, Store, StoreError, StoredError, WAKE_CHANNE
 pub use safe_flow::{SafeFlow, safe_wallet_link, short_chain_name};
 
 /// What a step decided. [`Worker::apply`] writes it.
+// One value per step, moved once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outcome {
     /// Move on by `event`, setting `changes`.
@@ -110,6 +113,12 @@ impl Worker {
         propose::run(self).await
     }
 
+    /// One pass of the chain follower: executions, confirmations, replaced
+    /// and expired proposals. `true` when something moved.
+    pub async fn watch_once(&self) -> anyhow::Result<bool> {
+        watch::run(self).await
+    }
+
     fn lease_duration(&self) -> chrono::Duration {
         chrono::Duration::seconds(self.settings.lease_secs as i64)
     }
@@ -166,7 +175,9 @@ impl Worker {
             while self.run_once().await? {
                 steps += 1;
             }
-            if !self.propose_once().await? {
+            let proposed = self.propose_once().await?;
+            let watched = self.watch_once().await?;
+            if !proposed && !watched {
                 return Ok(steps);
             }
         }
@@ -294,6 +305,15 @@ impl Worker {
 
     async fn work_loop(&self, index: usize, wake: Arc<Notify>, shutdown: CancellationToken) {
         let poll = Duration::from_secs(self.settings.poll_interval_secs);
+        // One task also plans proposals and follows the chains; their writes
+        // are guarded, so another process doing the same only wastes work.
+        let safe_flow = if index == 0 {
+            self.safe_flow.as_ref()
+        } else {
+            None
+        };
+        let chain_poll = safe_flow.map(|f| f.poll_interval).unwrap_or(poll);
+        let mut last_watch: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
             let notified = wake.notified();
             match self.run_once().await {
@@ -305,12 +325,35 @@ impl Worker {
                     "worker step failed"
                 ),
             }
+            if safe_flow.is_some() {
+                match self.propose_once().await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(err) => tracing::error!(error = format!("{err:#}"), "propose pass failed"),
+                }
+                if last_watch.is_none_or(|at| at.elapsed() >= chain_poll) {
+                    last_watch = Some(tokio::time::Instant::now());
+                    match self.watch_once().await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(err) => tracing::error!(
+                            error = format!("{err:#}"),
+                            "chain follower pass failed"
+                        ),
+                    }
+                }
+            }
             let wait = match self.store.next_due_at().await {
                 Ok(Some(due)) => (due - self.clock.now())
                     .to_std()
                     .unwrap_or_default()
                     .min(poll),
                 _ => poll,
+            };
+            let wait = if safe_flow.is_some() {
+                wait.min(chain_poll)
+            } else {
+                wait
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,

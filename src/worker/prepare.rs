@@ -14,10 +14,12 @@ const SOURCE_BUSY_WAIT: Duration = Duration::from_secs(2);
 
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     let request = &claimed.request;
-    let holder = claimed.lease.lease_id;
+    let holder = request.id;
     let now = worker.clock.now();
     // A newer prepare for the same CVM supersedes the older token, so prepares
-    // (and direct replicates) of one source never overlap.
+    // (and direct replicates) of one source never overlap. The lock is held by
+    // the request, not the worker, so that a prepare whose token is to be
+    // committed at once keeps it until the commit step is done.
     if !worker
         .store
         .try_lock_source(
@@ -35,10 +37,19 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
     } else {
         replicate_directly(worker, claimed).await
     };
-    worker
-        .store
-        .unlock_source(&request.source_vm_uuid, holder)
-        .await?;
+    let commits_next = matches!(
+        outcome,
+        Ok(Outcome::Advance {
+            event: Event::RegistrationsAllowed,
+            ..
+        })
+    );
+    if !commits_next {
+        worker
+            .store
+            .unlock_source(&request.source_vm_uuid, holder)
+            .await?;
+    }
     outcome
 }
 

@@ -419,6 +419,15 @@ async fn propose_group(
         .max()
         .unwrap_or(safe.nonce);
 
+    // The follower scans for the execution from here on.
+    let proposed_block = match chain.head().await {
+        Ok(head) => head as i64,
+        Err(err) => {
+            let err = error("CHAIN-UNAVAILABLE", &format!("{err:#}"), None);
+            defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+            return Ok(moved);
+        }
+    };
     let deployment = Deployment::preferred_for_chain(chain_id);
     let tx = build_safe_tx(&safe_calls, safe.version, deployment, nonce)?;
     let safe_tx_hash = tx.hash(safe.address, chain_id, safe.version);
@@ -444,6 +453,7 @@ async fn propose_group(
         .proposer()
         .expect("checked at start-up: a proposer exists when Safes are configured");
     let new = NewProposal {
+        proposed_block,
         id: Uuid::now_v7(),
         chain_id: chain_id as i64,
         safe: safe_key,
@@ -464,9 +474,10 @@ async fn propose_group(
     };
     match worker.store.insert_proposal(&new, now).await {
         Ok(()) => {}
-        // Another worker planned these requests or took the nonce: plan again next pass.
+        // Another worker planned these requests or took the nonce: plan
+        // again next pass (not at once, so a conflict cannot spin a drain).
         Err(ProposalConflict::NonceTaken { .. } | ProposalConflict::RequestsTaken) => {
-            return Ok(true);
+            return Ok(moved);
         }
         Err(ProposalConflict::Database(err)) => return Err(err.into()),
     }

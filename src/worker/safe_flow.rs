@@ -11,7 +11,7 @@ use anyhow::Context;
 use secrecy::ExposeSecret;
 
 use crate::chain::{ChainClient, Chains, OwnerKind};
-use crate::config::{AllowedSafes, RpcUrls, SafeSettings};
+use crate::config::{AllowedSafes, Confirmations, RpcUrls, SafeSettings};
 use crate::safe::{SafeService, TxServiceClient, TxServiceOptions};
 
 #[derive(Clone)]
@@ -19,6 +19,11 @@ pub struct SafeFlow {
     pub chains: Chains,
     pub safes: AllowedSafes,
     pub batch_window: Duration,
+    pub confirmations: Confirmations,
+    pub proposal_timeout: Duration,
+    pub max_reproposals: u32,
+    pub log_range: u64,
+    pub poll_interval: Duration,
     proposer: Option<PrivateKeySigner>,
     services: Services,
 }
@@ -54,6 +59,11 @@ impl SafeFlow {
             chains: Chains::new(&settings.rpc_urls.0, settings.eth_rpc_url.clone()),
             safes: settings.safes.clone(),
             batch_window: Duration::from_secs(settings.batch_window_secs),
+            confirmations: settings.confirmations.clone(),
+            proposal_timeout: Duration::from_secs(settings.proposal_timeout_secs),
+            max_reproposals: settings.max_reproposals,
+            log_range: settings.log_range,
+            poll_interval: Duration::from_secs(settings.chain_poll_secs),
             proposer,
             services: Services {
                 clients: Arc::default(),

@@ -1,6 +1,7 @@
 //! `spawn_app()`: the real application on port 0 with its own fresh database,
 //! wiremock standing in for Phala Cloud, and a manual clock.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use approval_bridge::clock::Clock;
@@ -25,7 +26,8 @@ pub const PHALA_API_KEY: &str = "test-phala-api-key";
 pub struct TestApp {
     pub address: String,
     pub http: reqwest::Client,
-    pub phala: MockServer,
+    /// Shared, so that a restarted app can talk to the same Phala.
+    pub phala: Arc<MockServer>,
     pub db: PgPool,
     pub database_url: String,
     pub store: Store,
@@ -92,8 +94,17 @@ pub async fn spawn_app() -> TestApp {
 /// Spawns the app after `adjust` has changed the test settings. Workers do not
 /// run by themselves unless `adjust` asks for them: tests drive them by hand.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
-    let phala = MockServer::start().await;
+    let phala = Arc::new(MockServer::start().await);
     let database_url = fresh_database().await;
+    spawn_app_on(database_url, phala, adjust).await
+}
+
+/// Spawns an app on an existing database and Phala mock: a restart.
+pub async fn spawn_app_on(
+    database_url: String,
+    phala: Arc<MockServer>,
+    adjust: impl FnOnce(&mut Settings),
+) -> TestApp {
     let mut settings = test_settings(&database_url, &format!("{}/api/v1", phala.uri()));
     adjust(&mut settings);
     let clock = Clock::manual(chrono::Utc::now());

@@ -11,5 +11,6 @@ mod replicas_api;
 mod safe_flow;
 mod safe_service;
 mod secrets;
+mod watch_commit;
 mod webhook;
 mod worker;

@@ -55,17 +55,38 @@ impl SafeWorld {
 
     /// The bridge configured for this world; account 0 (an owner) proposes.
     pub async fn spawn_bridge(&self) -> TestApp {
-        let rpc = self.chain.rpc_url();
+        spawn_app_with(self.configure(self.chain.rpc_url())).await
+    }
+
+    /// The bridge reaching the chain through `rpc` (a proxy, say).
+    pub async fn spawn_bridge_with_rpc(&self, rpc: Url) -> TestApp {
+        spawn_app_with(self.configure(rpc)).await
+    }
+
+    /// A second bridge process on an existing database and Phala: a restart.
+    pub async fn spawn_bridge_on(
+        &self,
+        database_url: &str,
+        phala: &std::sync::Arc<wiremock::MockServer>,
+    ) -> TestApp {
+        crate::helpers::spawn_app_on(
+            database_url.to_owned(),
+            phala.clone(),
+            self.configure(self.chain.rpc_url()),
+        )
+        .await
+    }
+
+    fn configure(&self, rpc: Url) -> impl FnOnce(&mut approval_bridge::config::Settings) + use<> {
         let service = self.service_url.clone();
         let safe = self.safe;
         let key = format!("0x{}", hex::encode(self.chain.private_key(0)));
-        spawn_app_with(move |s| {
+        move |s| {
             s.safe.rpc_urls = RpcUrls(vec![(31337, rpc)]);
             s.safe.safe_service_urls = RpcUrls(vec![(31337, service)]);
             s.safe.safes = AllowedSafes(vec![(31337, safe)]);
             s.safe.proposer_key = Some(key.into());
-        })
-        .await
+        }
     }
 
     pub async fn allowed(&self, app: Address, compose: Option<B256>, device: Option<B256>) -> bool {
@@ -80,6 +101,37 @@ impl SafeWorld {
         };
         compose_ok && device_ok
     }
+}
+
+/// Posts a proposal of the owners' own (not the bridge's) to the fake service,
+/// signed by owner 1, at `nonce`.
+pub async fn post_foreign_proposal(world: &SafeWorld, call: &SafeCall, nonce: u64) {
+    use approval_bridge::safe::{
+        Operation, Proposal, SafeTx, SafeVersion, TxServiceClient, TxServiceOptions,
+    };
+    let operation = match call.operation {
+        ChainOperation::Call => Operation::Call,
+        ChainOperation::DelegateCall => Operation::DelegateCall,
+    };
+    let tx = SafeTx::new(call.to, call.value, call.data.clone(), operation, nonce);
+    let proposal = Proposal::sign(
+        tx,
+        world.safe,
+        31337,
+        SafeVersion::V1_4_1,
+        &world.chain.signer(1),
+        None,
+    )
+    .unwrap();
+    let client = TxServiceClient::new(&TxServiceOptions {
+        base_url: Some(world.service_url.clone()),
+        ..TxServiceOptions::for_chain(31337)
+    })
+    .unwrap();
+    client
+        .propose(world.safe, &proposal)
+        .await
+        .expect("the fake accepts the foreign proposal");
 }
 
 pub fn hex40(address: Address) -> String {

@@ -1,0 +1,448 @@
+//! Watching the chain and committing: from queued to done once the Safe
+//! owners execute, with confirmations, reorgs, restarts, replaced and
+//! expired proposals, and a bounded number of RPC calls per pass.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use alloy::primitives::{Bytes, U256};
+use alloy::providers::Provider;
+use approval_bridge::sandbox::chain::{Operation as ChainOperation, SafeCall};
+use axum::extract::State;
+use reqwest::Url;
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+use crate::phala_mock::*;
+use crate::safe_flow::{SafeWorld, mount_source_on};
+
+/// Mines `blocks` empty blocks on anvil.
+async fn mine(world: &SafeWorld, blocks: u64) {
+    let _: Value = world
+        .chain
+        .provider()
+        .raw_request("anvil_mine".into(), (U256::from(blocks),))
+        .await
+        .unwrap();
+}
+
+/// Phala's commit and the replica's status.
+async fn mount_commit_and_run(app: &TestApp) {
+    mount_commit_ok(&app.phala, ONCHAIN_VM).await;
+    mount_replica_status(&app.phala, "running").await;
+}
+
+async fn commits(app: &TestApp) -> Vec<Value> {
+    app.phala_requests("POST", &api(&format!("/cvms/{ONCHAIN_VM}/commit-replica")))
+        .await
+        .iter()
+        .map(|r| r.body_json::<Value>().unwrap())
+        .collect()
+}
+
+/// The stored Safe transaction of a request's proposal, ready to execute.
+async fn proposal_call(app: &TestApp, id: &str) -> (SafeCall, String) {
+    let hash = app.get_replica(id).await["proposal"]["safe_tx_hash"]
+        .as_str()
+        .expect("a proposal")
+        .to_owned();
+    let (to, data, operation): (String, String, i16) =
+        sqlx::query_as("SELECT to_address, data, operation FROM proposals WHERE safe_tx_hash = $1")
+            .bind(&hash)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let call = SafeCall {
+        to: to.parse().unwrap(),
+        value: U256::ZERO,
+        data: data.parse::<Bytes>().unwrap(),
+        operation: if operation == 1 {
+            ChainOperation::DelegateCall
+        } else {
+            ChainOperation::Call
+        },
+    };
+    (call, hash)
+}
+
+async fn execute(world: &SafeWorld, call: SafeCall) -> String {
+    execute_by(world, call, 3).await
+}
+
+/// Executes with owners 0 and 2 signing, sent by dev account `executor`.
+async fn execute_by(world: &SafeWorld, call: SafeCall, executor: usize) -> String {
+    let signers = [world.chain.signer(0), world.chain.signer(2)];
+    let receipt = world
+        .chain
+        .exec_safe_tx(world.safe, call, &signers, &world.chain.signer(executor))
+        .await
+        .unwrap();
+    receipt.transaction_hash.to_string()
+}
+
+/// Queues one replica per node and drives them to awaiting_approval.
+async fn proposed(world: &SafeWorld, app: &TestApp, nodes: &[u32]) -> Vec<String> {
+    mount_source_on(app, world.app, false).await;
+    let mut ids = Vec::new();
+    for node in nodes {
+        ids.extend(
+            app.queue(&json!({"source": ONCHAIN_NAME, "node": node}))
+                .await,
+        );
+    }
+    app.drain_all(10).await;
+    for id in &ids {
+        assert_eq!(app.status_of(id).await, "awaiting_approval");
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_goes_from_queued_to_done_after_the_owners_execute() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    let ids = proposed(&world, &app, &[1, 2]).await;
+    let (call, _) = proposal_call(&app, &ids[0]).await;
+    let execution = execute(&world, call).await;
+
+    // Seen, but not yet buried under 3 blocks: nothing is committed.
+    app.drain_all(5).await;
+    assert_eq!(app.status_of(&ids[0]).await, "awaiting_approval");
+    assert!(commits(&app).await.is_empty());
+
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+    for id in &ids {
+        let request = app.get_replica(id).await;
+        assert_eq!(request["status"], "done", "{request}");
+        assert_eq!(request["proposal"]["status"], "executed");
+        assert_eq!(request["proposal"]["execution_tx_hash"], execution.as_str());
+        let statuses: Vec<&str> = request["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["to"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                "queued",
+                "preparing",
+                "awaiting_proposal",
+                "awaiting_approval",
+                "committing",
+                "provisioning",
+                "done"
+            ]
+        );
+    }
+    // Each replica committed exactly once, with the execution's transaction hash.
+    let sent = commits(&app).await;
+    assert_eq!(sent.len(), 2);
+    let mut tokens: Vec<&str> = sent.iter().map(|c| c["token"].as_str().unwrap()).collect();
+    tokens.sort();
+    assert_eq!(tokens, ["token-1", "token-2"]);
+    assert!(
+        sent.iter()
+            .all(|c| c["transaction_hash"] == execution.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_undone_by_a_reorg_is_never_committed() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    let ids = proposed(&world, &app, &[1]).await;
+    let (call, hash) = proposal_call(&app, &ids[0]).await;
+
+    let snapshot: U256 = world
+        .chain
+        .provider()
+        .raw_request("evm_snapshot".into(), ())
+        .await
+        .unwrap();
+    execute(&world, call.clone()).await;
+    mine(&world, 1).await;
+    app.drain_all(5).await; // the follower sees the execution (1 of 3 confirmations)
+    let seen: Option<i64> =
+        sqlx::query_scalar("SELECT execution_block FROM proposals WHERE safe_tx_hash = $1")
+            .bind(&hash)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(seen.is_some(), "the execution was observed");
+
+    // The blocks with the execution are replaced by empty ones, longer than before.
+    let reverted: bool = world
+        .chain
+        .provider()
+        .raw_request("evm_revert".into(), (snapshot,))
+        .await
+        .unwrap();
+    assert!(reverted);
+    mine(&world, 6).await;
+    app.drain_all(5).await;
+    assert_eq!(app.status_of(&ids[0]).await, "awaiting_approval");
+    assert!(
+        commits(&app).await.is_empty(),
+        "no commit on a block that is gone"
+    );
+    let seen: Option<i64> =
+        sqlx::query_scalar("SELECT execution_block FROM proposals WHERE safe_tx_hash = $1")
+            .bind(&hash)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(seen, None, "the reorged execution is forgotten");
+
+    // Executed again on the new chain: committed once. (Another executor: the
+    // first one's cached account nonce belongs to the chain that is gone.)
+    execute_by(&world, call, 5).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+    assert_eq!(app.status_of(&ids[0]).await, "done");
+    assert_eq!(commits(&app).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_the_middle_resumes_and_commits_once() {
+    let world = SafeWorld::start().await;
+    let first = world.spawn_bridge().await;
+    mount_commit_and_run(&first).await;
+    let ids = proposed(&world, &first, &[1, 2]).await;
+    let (call, _) = proposal_call(&first, &ids[0]).await;
+    execute(&world, call).await;
+    first.drain_all(3).await; // execution observed, not confirmed
+    let cursor: i64 = sqlx::query_scalar("SELECT block_number FROM chain_cursors")
+        .fetch_one(&first.db)
+        .await
+        .unwrap();
+    assert!(cursor > 0);
+
+    // A new process on the same database, pointing at the same Phala.
+    let second = world
+        .spawn_bridge_on(&first.database_url, &first.phala)
+        .await;
+    drop(first.worker.clone());
+    mine(&world, 3).await;
+    second.drain_all(10).await;
+    for id in &ids {
+        assert_eq!(second.status_of(id).await, "done");
+    }
+    assert_eq!(
+        commits(&second).await.len(),
+        2,
+        "each replica committed exactly once"
+    );
+    // The cursor moved on from where the first process stopped.
+    let resumed: i64 = sqlx::query_scalar("SELECT block_number FROM chain_cursors")
+        .fetch_one(&second.db)
+        .await
+        .unwrap();
+    assert!(resumed > cursor);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_used_by_another_transaction_leads_to_a_fresh_proposal() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    let ids = proposed(&world, &app, &[1]).await;
+    let (_, first_hash) = proposal_call(&app, &ids[0]).await;
+    // The owners reject it: a no-op transaction at the same nonce.
+    execute(&world, SafeCall::call(world.safe, Bytes::new())).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+
+    let request = app.get_replica(&ids[0]).await;
+    assert_eq!(request["status"], "awaiting_approval", "{request}");
+    assert_ne!(request["proposal"]["safe_tx_hash"], first_hash.as_str());
+    assert_eq!(request["proposal"]["nonce"], 1);
+    let old: String = sqlx::query_scalar("SELECT status FROM proposals WHERE safe_tx_hash = $1")
+        .bind(&first_hash)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(old, "replaced");
+    let events = request["events"].as_array().unwrap();
+    assert!(events.iter().any(|e| {
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("nonce 0 for another transaction")
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_fail_after_too_many_replaced_proposals() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await; // at most 3 fresh proposals per request
+    let ids = proposed(&world, &app, &[1]).await;
+    for _ in 0..4 {
+        assert_eq!(app.status_of(&ids[0]).await, "awaiting_approval");
+        execute(&world, SafeCall::call(world.safe, Bytes::new())).await;
+        mine(&world, 3).await;
+        app.drain_all(10).await;
+    }
+    let request = app.get_replica(&ids[0]).await;
+    assert_eq!(request["status"], "failed");
+    assert_eq!(request["last_error"]["code"], "SAFE-NONCE-REPLACED");
+    assert!(
+        request["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 4 proposals")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_nobody_executes_in_time_fails_its_requests() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    let ids = proposed(&world, &app, &[1]).await;
+    app.clock.advance(chrono::Duration::days(6));
+    app.drain_all(3).await;
+    assert_eq!(app.status_of(&ids[0]).await, "awaiting_approval");
+    app.clock
+        .advance(chrono::Duration::days(1) + chrono::Duration::seconds(1));
+    app.drain_all(3).await;
+    let request = app.get_replica(&ids[0]).await;
+    assert_eq!(request["status"], "failed");
+    assert_eq!(request["last_error"]["code"], "PROPOSAL-EXPIRED");
+    assert!(
+        request["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("within 7 days")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_allowed_by_other_means_release_the_requests() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    // A foreign proposal holds nonce 0, so the bridge's takes nonce 1.
+    let foreign = [
+        SafeCall::call(
+            world.app,
+            approval_bridge::chain::IDstackApp::addDeviceCall {
+                deviceId: crate::safe_flow::b256(&device_id(1)),
+            }
+            .abi_encode_bytes(),
+        ),
+        SafeCall::call(
+            world.app,
+            approval_bridge::chain::IDstackApp::addComposeHashCall {
+                composeHash: crate::safe_flow::b256(&compose_hash()),
+            }
+            .abi_encode_bytes(),
+        ),
+    ];
+    let foreign = SafeCall::multi_send(&foreign);
+    crate::safe_flow::post_foreign_proposal(&world, &foreign, 0).await;
+    let ids = proposed(&world, &app, &[1]).await;
+    assert_eq!(app.get_replica(&ids[0]).await["proposal"]["nonce"], 1);
+
+    // The owners execute the foreign one, which registers what we needed.
+    execute(&world, foreign).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+    let request = app.get_replica(&ids[0]).await;
+    assert_eq!(request["status"], "done", "{request}");
+    assert_eq!(request["proposal"]["status"], "superseded");
+    let sent = commits(&app).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["transaction_hash"], "already-registered");
+}
+
+/// A JSON-RPC proxy in front of anvil that counts the calls.
+async fn counting_proxy(upstream: Url) -> (Url, Arc<AtomicUsize>) {
+    #[derive(Clone)]
+    struct Proxy {
+        upstream: Url,
+        http: reqwest::Client,
+        calls: Arc<AtomicUsize>,
+    }
+    async fn forward(
+        State(proxy): State<Proxy>,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
+        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let n = parsed.as_array().map(Vec::len).unwrap_or(1);
+        proxy.calls.fetch_add(n, Ordering::SeqCst);
+        let answer = proxy
+            .http
+            .post(proxy.upstream.clone())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let bytes = answer.bytes().await.unwrap();
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            bytes,
+        )
+            .into_response()
+    }
+    use axum::response::IntoResponse;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let proxy = Proxy {
+        upstream,
+        http: reqwest::Client::new(),
+        calls: calls.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(forward))
+        .with_state(proxy);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_calls_per_pass_do_not_grow_with_open_proposals() {
+    let world = SafeWorld::start().await;
+    let (proxy, calls) = counting_proxy(world.chain.rpc_url()).await;
+    let app = world.spawn_bridge_with_rpc(proxy).await;
+    mount_source_on(&app, world.app, false).await;
+
+    let mut per_pass = Vec::new();
+    for node in 1..=3u32 {
+        // One more open proposal each round (a new device each time).
+        app.queue(&json!({"source": ONCHAIN_NAME, "node": node}))
+            .await;
+        app.drain_all(10).await;
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM proposals WHERE status = 'proposed'")
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        assert_eq!(open, node as i64);
+        mine(&world, 1).await; // a new block to process
+        let before = calls.load(Ordering::SeqCst);
+        app.worker.watch_once().await.unwrap();
+        per_pass.push(calls.load(Ordering::SeqCst) - before);
+    }
+    println!("RPC calls per follower pass with 1..=3 open proposals: {per_pass:?}");
+    assert!(
+        per_pass.iter().all(|n| *n == per_pass[0]),
+        "calls per pass grew: {per_pass:?}"
+    );
+    assert!(per_pass[0] <= 7, "{per_pass:?}");
+}
+
+trait AbiEncodeBytes {
+    fn abi_encode_bytes(&self) -> Bytes;
+}
+
+impl<T: alloy::sol_types::SolCall> AbiEncodeBytes for T {
+    fn abi_encode_bytes(&self) -> Bytes {
+        self.abi_encode().into()
+    }
+}
