@@ -27,6 +27,31 @@ pub enum Command {
     /// Register the proposer key as a delegate of a Safe owner.
     #[command(subcommand)]
     Delegate(delegate::DelegateCommand),
+    /// Run the whole flow on this machine: anvil with a Safe, the Phala Cloud
+    /// and Safe Transaction Service simulators, and the bridge.
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SandboxArgs {
+    /// The bridge's port (web page, API, webhook).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Seconds between blocks on the local chain.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub block_time: u64,
+    /// The API token to accept (as `Authorization: Bearer <token>`).
+    #[arg(long, default_value = "sandbox-token")]
+    pub api_token: String,
+    /// The CI webhook secret.
+    #[arg(long, default_value = "sandbox-secret")]
+    pub webhook_secret: String,
+    /// Postgres URL of the sandbox's database, emptied at each start.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Seconds requests collect before their Safe transaction is proposed.
+    #[arg(long, default_value_t = 10)]
+    pub batch_window_secs: u64,
 }
 
 impl Cli {

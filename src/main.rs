@@ -1,5 +1,6 @@
 use approval_bridge::cli::{Cli, Command, delegate};
 use approval_bridge::config::LogFormat;
+use approval_bridge::sandbox::{Sandbox, SandboxOptions};
 use approval_bridge::{startup, store, telemetry};
 
 #[tokio::main]
@@ -28,5 +29,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         // No log subscriber: stdout carries only the command's output.
         Command::Delegate(command) => delegate::run(command).await,
+        Command::Sandbox(args) => {
+            telemetry::init(LogFormat::Text);
+            let options = SandboxOptions {
+                port: args.port,
+                block_time: args.block_time,
+                api_token: args.api_token,
+                webhook_secret: args.webhook_secret,
+                database_url: args.database_url,
+                batch_window_secs: args.batch_window_secs,
+                ..SandboxOptions::default()
+            };
+            let sandbox = Sandbox::start(options).await?;
+            println!("{}", sandbox.banner());
+            sandbox.run_until_stopped().await
+        }
     }
 }

@@ -32,6 +32,15 @@ pub struct CvmInfo {
     pub in_progress: Option<bool>,
     #[serde(default)]
     pub encrypted_env_pubkey: Option<String>,
+    /// The workspace the CVM belongs to; its slug is part of dashboard links.
+    #[serde(default)]
+    pub workspace: Option<Workspace>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Workspace {
+    #[serde(default)]
+    pub slug: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -6,8 +6,10 @@
 //! contracts (`contracts/*.sol`); [`chain`] starts anvil and deploys the world.
 
 pub mod chain;
+mod controls;
 pub mod phala_sim;
 pub mod safe_service;
+mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +21,7 @@ use alloy::primitives::Bytes;
 use anyhow::{Context, bail};
 
 pub use chain::LocalChain;
+pub use world::{EOA_CVM, Sandbox, SandboxApps, SandboxOptions};
 
 /// A file only this project has, used to recognise the project root.
 const ROOT_MARKER: &str = "contracts/DstackApp.sol";
@@ -243,4 +246,27 @@ fn modified(path: &Path) -> anyhow::Result<SystemTime> {
     std::fs::metadata(path)
         .and_then(|meta| meta.modified())
         .with_context(|| format!("reading the mtime of {}", path.display()))
+}
+
+/// Installs the pinned npm packages (anvil, solc-js, the Safe artifacts)
+/// when they are missing: the one-time set-up of the sandbox.
+pub fn ensure_npm_packages() -> anyhow::Result<()> {
+    let root = project_root()?;
+    let installed = root.join("node_modules/.bin/solcjs").is_file()
+        && root
+            .join("node_modules/@safe-global/safe-contracts")
+            .is_dir();
+    if installed {
+        return Ok(());
+    }
+    eprintln!("approval-bridge: installing the pinned npm packages (one time): npm ci");
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&root)
+        .status()
+        .context("cannot run npm: install Node.js and npm")?;
+    if !status.success() {
+        bail!("`npm ci` failed in {}", root.display());
+    }
+    Ok(())
 }

@@ -338,6 +338,33 @@ impl Store {
         .await
     }
 
+    /// The calls of the given proposals, in order.
+    pub async fn proposal_calls(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, StoredRegistration)>, sqlx::Error> {
+        let rows: Vec<(Uuid, String, String, String)> = sqlx::query_as(
+            "SELECT proposal_id, app_id, kind, value FROM proposal_calls WHERE proposal_id = ANY($1)
+             ORDER BY proposal_id, position",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, app_id, kind, value)| {
+                (
+                    id,
+                    StoredRegistration {
+                        app_id,
+                        kind,
+                        value,
+                    },
+                )
+            })
+            .collect())
+    }
+
     pub async fn proposal_by_hash(
         &self,
         safe_tx_hash: &str,

@@ -60,6 +60,7 @@ pub struct ReplicaRequest {
     pub updated_at: DateTime<Utc>,
     pub proposal_id: Option<Uuid>,
     pub safe: Option<String>,
+    pub workspace_slug: Option<String>,
 }
 
 /// `status` as read from the database (checked by a constraint there).
@@ -83,7 +84,7 @@ pub(super) const COLUMNS: &str = "id, status, source, node, requested_compose_ha
     source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms, app_id, chain_id, compose_hash,
     device_id, compose_hash_allowed, device_id_allowed, prepared_at, commit_tx_hash, call_sent_at,
     replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
-    last_error_suggestion, created_at, updated_at, proposal_id, safe";
+    last_error_suggestion, created_at, updated_at, proposal_id, safe, workspace_slug";
 
 #[derive(Debug, Clone, FromRow)]
 pub struct EventRow {
@@ -112,6 +113,7 @@ pub struct NewRequest {
     pub onchain_kms: bool,
     pub app_id: Option<String>,
     pub chain_id: Option<i64>,
+    pub workspace_slug: Option<String>,
 }
 
 /// An error as kept on the request: Phala's code (or ours), what happened, what to do.
@@ -172,8 +174,8 @@ impl Store {
             sqlx::query(
                 "INSERT INTO replica_requests (id, status, source, node, requested_compose_hash, env_names, note,
                     encrypted_env, created_by, source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms,
-                    app_id, chain_id, next_attempt_at, created_at, updated_at)
-                 VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17)",
+                    app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug)
+                 VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17, $18)",
             )
             .bind(r.id)
             .bind(&r.source)
@@ -192,6 +194,7 @@ impl Store {
             .bind(&r.app_id)
             .bind(r.chain_id)
             .bind(now)
+            .bind(&r.workspace_slug)
             .execute(&mut **tx)
             .await?;
             insert_event(

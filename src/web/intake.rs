@@ -181,6 +181,7 @@ async fn resolve(state: &AppState, order: &ReplicaOrder) -> Result<Vec<NewReques
         onchain_kms: source.cvm.is_onchain_kms(),
         app_id: source.app_id().map(|a| a.to_string()),
         chain_id: source.cvm.chain_id().map(|c| c as i64),
+        workspace_slug: source.cvm.workspace.as_ref().and_then(|w| w.slug.clone()),
     };
     Ok((0..order.count)
         .map(|_| NewRequest {

@@ -121,7 +121,7 @@ pub async fn cancel(
     }
 }
 
-/// The proposals the given requests point to.
+/// The proposals the given requests point to, with their calls.
 async fn proposals_of(
     state: &AppState,
     requests: &[crate::store::ReplicaRequest],
@@ -130,13 +130,19 @@ async fn proposals_of(
     if ids.is_empty() {
         return Ok(views::Proposals::new());
     }
-    Ok(state
+    let mut proposals: views::Proposals = state
         .store
         .proposals(&ids)
         .await?
         .into_iter()
-        .map(|p| (p.id, p))
-        .collect())
+        .map(|p| (p.id, (p, Vec::new())))
+        .collect();
+    for (id, call) in state.store.proposal_calls(&ids).await? {
+        if let Some((_, calls)) = proposals.get_mut(&id) {
+            calls.push(call);
+        }
+    }
+    Ok(proposals)
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use alloy::primitives::Address;
 use uuid::Uuid;
 
-use crate::store::{EventRow, ProposalRow, ReplicaRequest};
+use crate::store::{EventRow, ProposalRow, ReplicaRequest, StoredRegistration};
 use crate::worker::safe_wallet_link;
 
-/// Proposals by id, for rendering the requests that point to them.
-pub type Proposals = HashMap<Uuid, ProposalRow>;
+/// Proposals by id with their calls, for rendering the requests that point to them.
+pub type Proposals = HashMap<Uuid, (ProposalRow, Vec<StoredRegistration>)>;
 
 pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> Value {
     let last_error = r.last_error_code.as_ref().map(|code| {
@@ -45,9 +45,10 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> Value {
             "compose_hash_allowed": r.compose_hash_allowed,
             "device_id_allowed": r.device_id_allowed,
         },
-        "proposal": r.proposal_id.and_then(|id| proposals.get(&id)).map(proposal),
+        "proposal": r.proposal_id.and_then(|id| proposals.get(&id)).map(|(p, calls)| proposal(p, calls)),
         "replica": replica,
         "vm_uuid": r.replica_vm_uuid,
+        "dashboard_link": dashboard_link(r),
         "env_names": r.env_names,
         "note": r.note,
         "created_by": r.created_by,
@@ -60,7 +61,7 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> Value {
 }
 
 /// A proposal as the owners see it, with the Safe{Wallet} link where signing happens.
-pub fn proposal(p: &ProposalRow) -> Value {
+pub fn proposal(p: &ProposalRow, calls: &[StoredRegistration]) -> Value {
     let safe: Option<Address> = p.safe.parse().ok();
     json!({
         "id": p.id,
@@ -75,8 +76,43 @@ pub fn proposal(p: &ProposalRow) -> Value {
         "gas_estimate": p.gas_estimate,
         "link": safe.and_then(|s| safe_wallet_link(p.chain_id as u64, s, &p.safe_tx_hash)),
         "execution_tx_hash": p.execution_tx_hash,
+        "execution_tx_link": p.execution_tx_hash.as_ref().and_then(|tx| explorer_tx_link(p.chain_id as u64, tx)),
+        "calls": calls.iter().map(|c| json!({
+            "function": if c.kind == "compose_hash" { "addComposeHash" } else { "addDevice" },
+            "app": c.app_id,
+            "value": c.value,
+        })).collect::<Vec<_>>(),
         "last_error": p.last_error_code.as_ref().map(|code| json!({"code": code, "message": p.last_error_message})),
     })
+}
+
+/// Phala's dashboard has no API-configurable host: this is the public one.
+const PHALA_DASHBOARD: &str = "https://cloud.phala.com";
+
+/// The replica on the Phala dashboard: `{dashboard}/{workspace}/apps/{app}/instances/{vm}`.
+fn dashboard_link(r: &ReplicaRequest) -> Option<String> {
+    let (slug, app, vm) = (
+        r.workspace_slug.as_ref()?,
+        r.app_id.as_ref()?,
+        r.replica_vm_uuid.as_ref()?,
+    );
+    let app = app.trim_start_matches("0x");
+    Some(format!(
+        "{PHALA_DASHBOARD}/{slug}/apps/{app}/instances/{}",
+        vm.replace('-', "")
+    ))
+}
+
+/// A block explorer's page of a transaction, for the chains Phala's on-chain KMS uses.
+pub fn explorer_tx_link(chain_id: u64, tx_hash: &str) -> Option<String> {
+    let base = match chain_id {
+        1 => "https://etherscan.io",
+        11155111 => "https://sepolia.etherscan.io",
+        8453 => "https://basescan.org",
+        84532 => "https://sepolia.basescan.org",
+        _ => return None,
+    };
+    Some(format!("{base}/tx/{tx_hash}"))
 }
 
 pub fn event(e: &EventRow) -> Value {

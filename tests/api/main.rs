@@ -10,6 +10,7 @@ mod phala_sim;
 mod replicas_api;
 mod safe_flow;
 mod safe_service;
+mod sandbox_e2e;
 mod secrets;
 mod watch_commit;
 mod webhook;

@@ -1,0 +1,319 @@
+//! End to end through the sandbox's public HTTP interface: the API, the CI
+//! webhook and the sandbox controls, against anvil with the real Safe
+//! contracts and the Phala Cloud and Safe Transaction Service simulators.
+
+use std::time::Duration;
+
+use approval_bridge::sandbox::{EOA_CVM, Sandbox, SandboxOptions};
+use approval_bridge::web::webhook;
+use serde_json::{Value, json};
+
+use crate::helpers::fresh_database;
+
+const TOKEN: &str = "e2e-token-123";
+const SECRET: &str = "e2e-secret-456";
+
+struct Driver {
+    sandbox: Sandbox,
+    http: reqwest::Client,
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let options = SandboxOptions {
+            port: 0,
+            block_time: 1,
+            api_token: TOKEN.into(),
+            webhook_secret: SECRET.into(),
+            database_url: Some(fresh_database().await),
+            batch_window_secs: 3,
+            confirmations: 1,
+            boot_delay: Duration::ZERO,
+        };
+        let sandbox = Sandbox::start(options).await.expect("the sandbox starts");
+        Driver {
+            sandbox,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.sandbox.url, path.trim_start_matches('/'))
+    }
+
+    async fn world(&self) -> Value {
+        self.http
+            .get(self.url("/sandbox/world"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn queue(&self, body: Value) -> Vec<String> {
+        let response = self
+            .http
+            .post(self.url("/api/v1/replicas"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        ids(response.json().await.unwrap())
+    }
+
+    async fn queue_by_webhook(&self, body: Value) -> Vec<String> {
+        let body = body.to_string();
+        let now = chrono::Utc::now().timestamp();
+        let response = self
+            .http
+            .post(self.url("/webhooks/ci"))
+            .header("X-Bridge-Timestamp", now.to_string())
+            .header(
+                "X-Bridge-Signature",
+                webhook::sign(SECRET, now, body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        ids(response.json().await.unwrap())
+    }
+
+    async fn replica(&self, id: &str) -> Value {
+        self.http
+            .get(self.url(&format!("/api/v1/replicas/{id}")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Polls until every request is in `status` (bounded: the test fails, it never hangs).
+    async fn wait_for(&self, ids: &[String], status: &str) -> Vec<Value> {
+        for _ in 0..120 {
+            let mut all = Vec::new();
+            for id in ids {
+                all.push(self.replica(id).await);
+            }
+            if all.iter().all(|r| r["status"] == status) {
+                return all;
+            }
+            if let Some(failed) = all
+                .iter()
+                .find(|r| r["status"] == "failed" && status != "failed")
+            {
+                panic!("a request failed: {failed}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let last: Vec<Value> = futures_statuses(self, ids).await;
+        panic!("not all {status}: {last:?}");
+    }
+
+    async fn control(&self, hash: &str, action: &str, body: Value) -> Value {
+        let response = self
+            .http
+            .post(self.url(&format!("/sandbox/safe/{hash}/{action}")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert!(status.is_success(), "{action}: {status} {body}");
+        body
+    }
+}
+
+async fn futures_statuses(driver: &Driver, ids: &[String]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for id in ids {
+        let r = driver.replica(id).await;
+        out.push(json!({"status": r["status"], "last_error": r["last_error"]}));
+    }
+    out
+}
+
+fn ids(body: Value) -> Vec<String> {
+    body["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_replicas_of_two_apps_on_three_nodes_take_one_safe_transaction() {
+    let driver = Driver::start().await;
+    let world = driver.world().await;
+    let prod1 = world["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "prod-1")
+        .unwrap()
+        .clone();
+    let web_app = world["apps"]["web"]["address"].as_str().unwrap().to_owned();
+    assert_eq!(
+        prod1["allowed"][&web_app], true,
+        "prod-1 starts allowed: {prod1}"
+    );
+
+    // Five replicas within one batch window: three by the API, two by the webhook.
+    let mut ids = Vec::new();
+    for node in ["prod-1", "prod-2", "prod-3"] {
+        ids.extend(
+            driver
+                .queue(json!({"source": "web-prod", "node": node}))
+                .await,
+        );
+    }
+    for node in ["prod-2", "prod-3"] {
+        ids.extend(
+            driver
+                .queue_by_webhook(json!({"source": "api-prod", "node": node}))
+                .await,
+        );
+    }
+    let waiting = driver.wait_for(&ids, "awaiting_approval").await;
+
+    // Exactly one Safe transaction, with exactly the missing registrations:
+    // both compose hashes, and prod-2 and prod-3 on both apps (prod-1 is allowed).
+    let hashes: std::collections::BTreeSet<&str> = waiting
+        .iter()
+        .map(|r| r["proposal"]["safe_tx_hash"].as_str().unwrap())
+        .collect();
+    assert_eq!(hashes.len(), 1, "{hashes:?}");
+    let calls = waiting[0]["proposal"]["calls"].as_array().unwrap();
+    let count = |function: &str| calls.iter().filter(|c| c["function"] == function).count();
+    assert_eq!(count("addComposeHash"), 2, "{calls:?}");
+    assert_eq!(count("addDevice"), 4, "{calls:?}");
+    let prod1_device = prod1["device_id"].as_str().unwrap();
+    assert!(
+        calls.iter().all(|c| c["value"] != prod1_device),
+        "prod-1 needs no registration"
+    );
+
+    // Two owners sign in their wallets; a third account executes.
+    let hash = hashes.into_iter().next().unwrap().to_owned();
+    assert_eq!(
+        driver.control(&hash, "sign", json!({"owner": 0})).await["confirmations"],
+        1
+    );
+    assert_eq!(
+        driver.control(&hash, "sign", json!({"owner": 1})).await["confirmations"],
+        2
+    );
+    driver.control(&hash, "execute", json!({})).await;
+
+    let done = driver.wait_for(&ids, "done").await;
+    for request in &done {
+        // Committed exactly once each.
+        let commits = request["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["from"] == "committing" && e["to"] == "provisioning")
+            .count();
+        assert_eq!(commits, 1, "{request}");
+        assert!(request["vm_uuid"].is_string());
+    }
+    // At the simulator: one replica per request, each commit token spent once.
+    let phala = &driver.sandbox.phala;
+    let web = phala
+        .world()
+        .cvm("web-prod")
+        .unwrap()
+        .vm_uuid
+        .simple()
+        .to_string();
+    let api = phala
+        .world()
+        .cvm("api-prod")
+        .unwrap()
+        .vm_uuid
+        .simple()
+        .to_string();
+    assert_eq!(phala.replicas(&web).len(), 3);
+    assert_eq!(phala.replicas(&api).len(), 2);
+    driver.sandbox.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_kms_app_is_replicated_without_any_approval() {
+    let driver = Driver::start().await;
+    let ids = driver
+        .queue(json!({"source": "docs-cloud", "node": "prod-2"}))
+        .await;
+    let done = driver.wait_for(&ids, "done").await;
+    assert_eq!(done[0]["proposal"], Value::Null);
+    let statuses: Vec<&str> = done[0]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["queued", "preparing", "provisioning", "done"]);
+    driver.sandbox.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_owned_by_an_account_fails_with_a_clear_error() {
+    let driver = Driver::start().await;
+    let ids = driver
+        .queue(json!({"source": EOA_CVM, "node": "prod-2"}))
+        .await;
+    let failed = driver.wait_for(&ids, "failed").await;
+    let error = &failed[0]["last_error"];
+    assert_eq!(error["code"], "OWNER-IS-EOA");
+    assert!(error["message"].as_str().unwrap().contains("not a Safe"));
+    assert!(
+        error["suggestion"]
+            .as_str()
+            .unwrap()
+            .contains("phala cvms replicate")
+    );
+    driver.sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_sandbox_refuses_a_port_in_use_and_an_unreachable_database() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let err = Sandbox::start(SandboxOptions {
+        port,
+        ..SandboxOptions::default()
+    })
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(
+        err.to_string(),
+        format!("port {port} is in use: stop what listens there, or pass --port")
+    );
+
+    let options = SandboxOptions {
+        port: 0,
+        database_url: Some("postgres://postgres@127.0.0.1:1/approval_bridge_sandbox".into()),
+        ..SandboxOptions::default()
+    };
+    let err = Sandbox::start(options).await.err().expect("refused");
+    let line = format!("{err:#}");
+    assert!(
+        line.starts_with("cannot reach Postgres at 127.0.0.1:1"),
+        "{line}"
+    );
+    assert!(
+        line.contains("pg_ctlcluster") && line.contains("DATABASE_URL"),
+        "{line}"
+    );
+}
