@@ -342,4 +342,3 @@ fn host_of(server: &str) -> String {
         .trim_start_matches("postgresql://")
         .to_owned()
 }
-
