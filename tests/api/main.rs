@@ -13,5 +13,6 @@ mod safe_service;
 mod sandbox_e2e;
 mod secrets;
 mod watch_commit;
+mod watch_failures;
 mod webhook;
 mod worker;

@@ -17,7 +17,7 @@ use crate::phala_mock::*;
 use crate::safe_flow::{SafeWorld, mount_source_on};
 
 /// Mines `blocks` empty blocks on anvil.
-async fn mine(world: &SafeWorld, blocks: u64) {
+pub async fn mine(world: &SafeWorld, blocks: u64) {
     let _: Value = world
         .chain
         .provider()
@@ -27,12 +27,12 @@ async fn mine(world: &SafeWorld, blocks: u64) {
 }
 
 /// Phala's commit and the replica's status.
-async fn mount_commit_and_run(app: &TestApp) {
+pub async fn mount_commit_and_run(app: &TestApp) {
     mount_commit_ok(&app.phala, ONCHAIN_VM).await;
     mount_replica_status(&app.phala, "running").await;
 }
 
-async fn commits(app: &TestApp) -> Vec<Value> {
+pub async fn commits(app: &TestApp) -> Vec<Value> {
     app.phala_requests("POST", &api(&format!("/cvms/{ONCHAIN_VM}/commit-replica")))
         .await
         .iter()
@@ -41,7 +41,7 @@ async fn commits(app: &TestApp) -> Vec<Value> {
 }
 
 /// The stored Safe transaction of a request's proposal, ready to execute.
-async fn proposal_call(app: &TestApp, id: &str) -> (SafeCall, String) {
+pub async fn proposal_call(app: &TestApp, id: &str) -> (SafeCall, String) {
     let hash = app.get_replica(id).await["proposal"]["safe_tx_hash"]
         .as_str()
         .expect("a proposal")
@@ -65,7 +65,7 @@ async fn proposal_call(app: &TestApp, id: &str) -> (SafeCall, String) {
     (call, hash)
 }
 
-async fn execute(world: &SafeWorld, call: SafeCall) -> String {
+pub async fn execute(world: &SafeWorld, call: SafeCall) -> String {
     execute_by(world, call, 3).await
 }
 
@@ -81,7 +81,7 @@ async fn execute_by(world: &SafeWorld, call: SafeCall, executor: usize) -> Strin
 }
 
 /// Queues one replica per node and drives them to awaiting_approval.
-async fn proposed(world: &SafeWorld, app: &TestApp, nodes: &[u32]) -> Vec<String> {
+pub async fn proposed(world: &SafeWorld, app: &TestApp, nodes: &[u32]) -> Vec<String> {
     mount_source_on(app, world.app, false).await;
     let mut ids = Vec::new();
     for node in nodes {
