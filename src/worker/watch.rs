@@ -154,7 +154,26 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
         let logs = chain
             .logs(from, head, flow.log_range, &addresses, &topics)
             .await?;
-        touched_apps = record_executions(worker, &open, &safes, &logs).await?;
+        let seen = record_executions(worker, &open, &safes, &logs).await?;
+        touched_apps = seen.touched_apps;
+        // An odd log proves nothing about any proposal: report it on the
+        // Safe's requests and move past it, so one log cannot stall the chain.
+        for (safe, problem) in seen.anomalies {
+            tracing::error!(chain_id, %safe, problem = %problem, "unexpected execution log; ignored");
+            let err = stored(
+                "CHAIN-FOLLOWER",
+                &format!("chain {chain_id}: {problem}"),
+                Some(
+                    "The log was ignored; the bridge keeps waiting for an execution it can attribute.",
+                ),
+            );
+            for proposal in open
+                .iter()
+                .filter(|p| p.safe.parse::<Address>().ok() == Some(safe))
+            {
+                worker.store.note_on_requests(proposal.id, &err).await?;
+            }
+        }
         let hash = chain.block_hash(head).await?;
         worker
             .store
@@ -182,26 +201,52 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
         .await?;
     }
     if touched_apps {
-        moved |=
-            release_allowed_meanwhile(worker, &chain, chain_id, head.saturating_sub(confirmations))
-                .await?;
+        // A Safe that changed its VERSION() is doubtful evidence: its requests wait.
+        let doubtful: BTreeSet<String> = worker
+            .store
+            .open_proposals(chain_id)
+            .await?
+            .iter()
+            .filter(|p| {
+                let safe = p.safe.parse::<Address>().ok();
+                safe.and_then(|s| states.get(&s))
+                    .is_some_and(|(_, version)| *version != p.safe_version)
+            })
+            .map(|p| p.safe.clone())
+            .collect();
+        moved |= release_allowed_meanwhile(
+            worker,
+            &chain,
+            chain_id,
+            head.saturating_sub(confirmations),
+            &doubtful,
+        )
+        .await?;
     }
     Ok(moved)
 }
 
-/// Records `ExecutionSuccess`/`ExecutionFailure` of open proposals; returns
-/// whether a watched app registered something (someone may have done our job).
+/// What one scan found.
+struct Seen {
+    /// A watched app registered something: someone may have done our job.
+    touched_apps: bool,
+    /// Execution logs that cannot be read, per Safe.
+    anomalies: Vec<(Address, String)>,
+}
+
+/// Records `ExecutionSuccess`/`ExecutionFailure` of open proposals.
 async fn record_executions(
     worker: &Worker,
     open: &[ProposalRow],
     safes: &BTreeSet<Address>,
     logs: &[Log],
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Seen> {
     let by_hash: HashMap<(Address, B256), &ProposalRow> = open
         .iter()
         .filter_map(|p| Some(((p.safe.parse().ok()?, p.safe_tx_hash.parse().ok()?), p)))
         .collect();
     let mut touched = false;
+    let mut anomalies = Vec::new();
     for log in logs {
         let topic0 = log.topics().first().copied();
         let success = match topic0 {
@@ -221,11 +266,15 @@ async fn record_executions(
             (Some(topic), _) => *topic,
             (None, Some(word)) => B256::from_slice(word),
             (None, None) => {
-                anyhow::bail!(
-                    "an execution log of Safe {} in tx {:?} has neither a txHash topic nor data",
+                let tx = log
+                    .transaction_hash
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "?".into());
+                anomalies.push((
                     log.address(),
-                    log.transaction_hash
-                )
+                    format!("an execution log of Safe {} in tx {tx} has neither a txHash topic nor data", log.address()),
+                ));
+                continue;
             }
         };
         let Some(proposal) = by_hash.get(&(log.address(), tx_hash)) else {
@@ -234,10 +283,14 @@ async fn record_executions(
         let (Some(block), Some(block_hash), Some(tx)) =
             (log.block_number, log.block_hash, log.transaction_hash)
         else {
-            anyhow::bail!(
-                "an execution log of Safe {} lacks its block or transaction",
-                log.address()
-            );
+            anomalies.push((
+                log.address(),
+                format!(
+                    "an execution log of Safe {} lacks its block or transaction",
+                    log.address()
+                ),
+            ));
+            continue;
         };
         tracing::info!(safe_tx_hash = %proposal.safe_tx_hash, block, success, "execution seen; waiting for confirmations");
         worker
@@ -251,7 +304,10 @@ async fn record_executions(
             )
             .await?;
     }
-    Ok(touched)
+    Ok(Seen {
+        touched_apps: touched,
+        anomalies,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -461,8 +517,14 @@ async fn release_allowed_meanwhile(
     chain: &ChainClient,
     chain_id: i64,
     block: u64,
+    doubtful_safes: &BTreeSet<String>,
 ) -> anyhow::Result<bool> {
-    let waiting = worker.store.requests_awaiting_approval(chain_id).await?;
+    let mut waiting = worker.store.requests_awaiting_approval(chain_id).await?;
+    waiting.retain(|r| {
+        r.safe
+            .as_ref()
+            .is_none_or(|safe| !doubtful_safes.contains(safe))
+    });
     let allowed = allowed_requests(worker, chain, &waiting, Some(block)).await?;
     let now = worker.clock.now();
     let mut moved = false;
