@@ -97,19 +97,39 @@ pub enum ProposalConflict {
 }
 
 impl Store {
-    /// Requests waiting for a proposal that are in none yet and are due.
+    /// Requests waiting for a proposal and in none yet: all of them, once
+    /// any is due. A group is planned whole; the due times only wake the planner.
     pub async fn requests_awaiting_proposal(
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<super::ReplicaRequest>, sqlx::Error> {
         sqlx::query_as(&format!(
             "SELECT {} FROM replica_requests
-             WHERE status = 'awaiting_proposal' AND proposal_id IS NULL AND next_attempt_at <= $1
+             WHERE status = 'awaiting_proposal' AND proposal_id IS NULL
+               AND EXISTS (SELECT 1 FROM replica_requests
+                           WHERE status = 'awaiting_proposal' AND proposal_id IS NULL AND next_attempt_at <= $1)
              ORDER BY created_at",
             super::requests::COLUMNS
         ))
         .bind(now)
         .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Requests on `chain_id` queued by `queued_by` that have not finished
+    /// preparing: the batch being planned waits for them.
+    pub async fn count_unprepared(
+        &self,
+        chain_id: i64,
+        queued_by: DateTime<Utc>,
+    ) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM replica_requests
+             WHERE chain_id = $1 AND status IN ('queued', 'preparing') AND created_at <= $2",
+        )
+        .bind(chain_id)
+        .bind(queued_by)
+        .fetch_one(&self.pool)
         .await
     }
 

@@ -13,7 +13,7 @@ pub const ALREADY_REGISTERED: &str = "already-registered";
 const MAX_REPREPARES: i64 = 3;
 
 /// How long to wait when another request of the source is preparing.
-const SOURCE_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const SOURCE_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     // No prepare of the same source may run between this request's token and

@@ -10,7 +10,7 @@ use crate::phala::{PhalaError, PrepareOutcome, PreparedReplica, ReplicaSpec, Rep
 use crate::store::{Changes, Claimed, PreparedFields, StoredError};
 
 /// How long to wait when another request holds the source's prepare lock.
-const SOURCE_BUSY_WAIT: Duration = Duration::from_secs(2);
+const SOURCE_BUSY_WAIT: Duration = Duration::from_secs(1);
 
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     let request = &claimed.request;

@@ -223,16 +223,34 @@ async fn plan_chain(
     }
 
     for (_, (safe, members)) in groups {
-        // The batch window runs from the first prepare in the group.
+        // The batch window runs from the oldest request's queueing. Requests
+        // queued within it may still be preparing (prepares of one source run
+        // one at a time): wait for them too, but never past three windows.
         let window = chrono::Duration::from_std(flow.batch_window)?;
         let oldest = members
             .iter()
-            .filter_map(|m| m.request.prepared_at)
+            .map(|m| m.request.created_at)
             .min()
             .unwrap_or(now);
+        let requests_of = |members: Vec<Member>| -> Vec<ReplicaRequest> {
+            members.into_iter().map(|m| m.request).collect()
+        };
         if now < oldest + window {
-            let requests: Vec<ReplicaRequest> = members.into_iter().map(|m| m.request).collect();
-            defer(worker, &requests, oldest + window, None).await?;
+            defer(worker, &requests_of(members), oldest + window, None).await?;
+            continue;
+        }
+        let preparing = worker
+            .store
+            .count_unprepared(chain_id, oldest + window)
+            .await?;
+        if preparing > 0 && now < oldest + window * 3 {
+            defer(
+                worker,
+                &requests_of(members),
+                now + chrono::Duration::seconds(1),
+                None,
+            )
+            .await?;
             continue;
         }
         moved |= propose_group(worker, flow, &chain, &safe, members).await?;

@@ -26,7 +26,8 @@ impl Driver {
             api_token: TOKEN.into(),
             webhook_secret: SECRET.into(),
             database_url: Some(fresh_database().await),
-            batch_window_secs: 3,
+            // Long enough for five intake calls on a loaded CI machine.
+            batch_window_secs: 10,
             confirmations: 1,
             boot_delay: Duration::ZERO,
         };
