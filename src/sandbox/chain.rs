@@ -21,7 +21,6 @@ use alloy::node_bindings::{Anvil, AnvilInstance};
 use alloy::primitives::{Address, B256, Bytes, U256, address, keccak256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
-use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 use alloy::sol_types::SolCall;
@@ -29,6 +28,8 @@ use anyhow::{Context, bail, ensure};
 use reqwest::Url;
 
 use super::{Artifact, anvil_binary, compile_contracts, npm_json, project_artifact, safe_artifact};
+use crate::chain::ChainClient;
+use crate::safe::{Call, Deployment, SafeTx, SafeVersion, build_safe_tx, sign_safe_tx_hash};
 
 /// Canonical Safe v1.4.1 addresses (CREATE2 from the singleton factory, salt 0).
 pub mod v1_4_1 {
@@ -54,7 +55,7 @@ pub const DEV_ACCOUNTS: usize = 10;
 
 sol! {
     /// The Safe (1.4.1) functions and events the sandbox uses.
-    // The generated `getTransactionHash`/`execTransaction` methods mirror the ABI.
+    // The generated `execTransaction` method mirrors the ABI.
     #[allow(clippy::too_many_arguments)]
     #[sol(rpc)]
     interface ISafe {
@@ -72,18 +73,7 @@ sol! {
         function getThreshold() external view returns (uint256);
         function nonce() external view returns (uint256);
         function VERSION() external view returns (string memory);
-        function getTransactionHash(
-            address to,
-            uint256 value,
-            bytes calldata data,
-            uint8 operation,
-            uint256 safeTxGas,
-            uint256 baseGas,
-            uint256 gasPrice,
-            address gasToken,
-            address refundReceiver,
-            uint256 _nonce
-        ) external view returns (bytes32);
+        function swapOwner(address prevOwner, address oldOwner, address newOwner) external;
         function execTransaction(
             address to,
             uint256 value,
@@ -109,6 +99,7 @@ sol! {
         event ProxyCreation(address indexed proxy, address singleton);
     }
 
+    /// MultiSend's entry point, to read the packed calls of a batch back.
     #[sol(rpc)]
     interface IMultiSend {
         function multiSend(bytes memory transactions) external payable;
@@ -159,83 +150,6 @@ sol! {
         error OwnableUnauthorizedAccount(address account);
         error OwnableInvalidOwner(address owner);
     }
-}
-
-/// `Enum.Operation` of the Safe contracts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Operation {
-    Call = 0,
-    DelegateCall = 1,
-}
-
-/// What a Safe transaction does. The gas fields of the SafeTx stay zero, so a
-/// failing inner call reverts the whole `execTransaction` and leaves the nonce
-/// unused (`safe.md` §7); the nonce is read from the Safe when executing.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SafeCall {
-    pub to: Address,
-    pub value: U256,
-    pub data: Bytes,
-    pub operation: Operation,
-}
-
-impl SafeCall {
-    /// A plain CALL without value.
-    pub fn call(to: Address, data: impl Into<Bytes>) -> Self {
-        SafeCall {
-            to,
-            value: U256::ZERO,
-            data: data.into(),
-            operation: Operation::Call,
-        }
-    }
-
-    /// A batch: DELEGATECALL into the v1.4.1 MultiSendCallOnly, so the inner
-    /// calls run with the Safe as `msg.sender`.
-    pub fn multi_send(calls: &[SafeCall]) -> Self {
-        let data = IMultiSend::multiSendCall {
-            transactions: encode_multi_send(calls),
-        }
-        .abi_encode();
-        SafeCall {
-            to: v1_4_1::MULTI_SEND_CALL_ONLY,
-            value: U256::ZERO,
-            data: data.into(),
-            operation: Operation::DelegateCall,
-        }
-    }
-}
-
-/// MultiSend's packed encoding (`safe.md` §5): for each call
-/// `uint8 operation ‖ address to ‖ uint256 value ‖ uint256 length ‖ data`,
-/// with no padding, one after the other.
-pub fn encode_multi_send(calls: &[SafeCall]) -> Bytes {
-    let mut packed = Vec::new();
-    for call in calls {
-        packed.push(call.operation as u8);
-        packed.extend_from_slice(call.to.as_slice());
-        packed.extend_from_slice(&call.value.to_be_bytes::<32>());
-        packed.extend_from_slice(&U256::from(call.data.len()).to_be_bytes::<32>());
-        packed.extend_from_slice(&call.data);
-    }
-    packed.into()
-}
-
-/// Signs a safeTxHash with each key as an EOA owner (raw ECDSA over the hash,
-/// v = 27/28) and concatenates the 65-byte signatures in ascending owner
-/// order, the order `checkNSignatures` demands.
-pub fn sign_safe_tx_hash(hash: B256, signers: &[PrivateKeySigner]) -> anyhow::Result<Bytes> {
-    let mut sorted: Vec<&PrivateKeySigner> = signers.iter().collect();
-    sorted.sort_by_key(|signer| signer.address());
-    let mut signatures = Vec::with_capacity(65 * sorted.len());
-    for signer in sorted {
-        let signature = signer
-            .sign_hash_sync(&hash)
-            .with_context(|| format!("signing {hash} as {}", signer.address()))?;
-        signatures.extend_from_slice(&signature.as_bytes());
-    }
-    Ok(signatures.into())
 }
 
 /// The Safe 1.4.1 contracts the world deploys, with where to find them in
@@ -291,6 +205,8 @@ const SAFE_CONTRACTS: [SafeContract; 6] = [
 pub struct LocalChain {
     root: PathBuf,
     provider: DynProvider,
+    /// The bridge's own client of this chain, for the Safe's hash of a transaction.
+    client: ChainClient,
     signers: Vec<PrivateKeySigner>,
     block_time: Option<u64>,
     // Last, so the process outlives every other field; its Drop stops anvil.
@@ -344,6 +260,7 @@ impl LocalChain {
         let chain = LocalChain {
             root,
             provider,
+            client: ChainClient::new(CHAIN_ID, anvil.endpoint_url()),
             signers,
             block_time,
             anvil,
@@ -475,8 +392,24 @@ impl LocalChain {
         } else {
             "DstackApp"
         };
-        let artifact = project_artifact(&self.root, "DstackApp", contract)?;
-        let code = with_constructor_args(&artifact, &[DynSolValue::Address(owner)])?;
+        self.deploy_contract("DstackApp", contract, &[DynSolValue::Address(owner)])
+            .await
+    }
+
+    /// Deploys `contract` from `contracts/<source>.sol` with the given
+    /// constructor arguments, sent by dev account 0.
+    pub async fn deploy_contract(
+        &self,
+        source: &str,
+        contract: &str,
+        constructor_args: &[DynSolValue],
+    ) -> anyhow::Result<Address> {
+        let artifact = project_artifact(&self.root, source, contract)?;
+        let code = if constructor_args.is_empty() && artifact.abi.constructor.is_none() {
+            artifact.bytecode
+        } else {
+            with_constructor_args(&artifact, constructor_args)?
+        };
         let tx = TransactionRequest::default().with_deploy_code(code);
         let receipt = self
             .send(&self.signers[0], tx)
@@ -531,8 +464,12 @@ impl LocalChain {
             pending == safe,
             "pendingOwner() is {pending}, not the Safe {safe}"
         );
-        let accept = SafeCall::call(app, IDstackApp::acceptOwnershipCall {}.abi_encode());
-        self.exec_safe_tx(safe, accept, safe_signers, executor)
+        let accept = Call {
+            to: app,
+            value: U256::ZERO,
+            data: IDstackApp::acceptOwnershipCall {}.abi_encode().into(),
+        };
+        self.exec_calls(safe, &[accept], safe_signers, executor)
             .await
             .context("the Safe accepting ownership")?;
         let now = dstack_app.owner().call().await?;
@@ -543,63 +480,67 @@ impl LocalChain {
         Ok(())
     }
 
-    /// The SafeTx hash as the Safe itself computes it (`getTransactionHash`),
-    /// for zero gas fields and the given nonce.
-    pub async fn safe_tx_hash(
-        &self,
-        safe: Address,
-        call: &SafeCall,
-        nonce: U256,
-    ) -> anyhow::Result<B256> {
-        let hash = ISafe::new(safe, &self.provider)
-            .getTransactionHash(
-                call.to,
-                call.value,
-                call.data.clone(),
-                call.operation as u8,
-                U256::ZERO,
-                U256::ZERO,
-                U256::ZERO,
-                Address::ZERO,
-                Address::ZERO,
-                nonce,
-            )
+    /// The Safe's current nonce.
+    pub async fn safe_nonce(&self, safe: Address) -> anyhow::Result<u64> {
+        let nonce = ISafe::new(safe, &self.provider)
+            .nonce()
             .call()
             .await
-            .with_context(|| format!("getTransactionHash on {safe}"))?;
-        Ok(hash)
+            .with_context(|| format!("nonce() on {safe}"))?;
+        Ok(nonce.try_into()?)
     }
 
-    /// Runs `call` through `safe` at its current nonce: hashes it with the
-    /// Safe's `getTransactionHash`, signs with each of `signers`, and sends
-    /// `execTransaction` from `executor` (any funded account; owners need not
-    /// pay gas). Fails unless the Safe reports `ExecutionSuccess`.
+    /// `calls` as the next transaction of a 1.4.1 `safe`, at its current
+    /// nonce: one call goes out as it is, several as a MultiSendCallOnly
+    /// batch, as the bridge builds them.
+    pub async fn next_safe_tx(&self, safe: Address, calls: &[Call]) -> anyhow::Result<SafeTx> {
+        let nonce = self.safe_nonce(safe).await?;
+        Ok(build_safe_tx(
+            calls,
+            SafeVersion::V1_4_1,
+            Deployment::Canonical,
+            nonce,
+        )?)
+    }
+
+    /// The SafeTx hash as the Safe itself computes it (`getTransactionHash`).
+    pub async fn safe_tx_hash(&self, safe: Address, tx: &SafeTx) -> anyhow::Result<B256> {
+        self.client
+            .safe_tx_hash(safe, tx)
+            .await
+            .with_context(|| format!("getTransactionHash on {safe}"))
+    }
+
+    /// Executes `tx` as it is (its nonce must be the Safe's current one):
+    /// hashes it with the Safe's `getTransactionHash`, signs with each of
+    /// `signers`, and sends `execTransaction` from `executor` (any funded
+    /// account; owners need not pay gas). Fails unless the Safe reports
+    /// `ExecutionSuccess`.
     pub async fn exec_safe_tx(
         &self,
         safe: Address,
-        call: SafeCall,
+        tx: &SafeTx,
         signers: &[PrivateKeySigner],
         executor: &PrivateKeySigner,
     ) -> anyhow::Result<TransactionReceipt> {
-        let nonce = ISafe::new(safe, &self.provider).nonce().call().await?;
-        let hash = self.safe_tx_hash(safe, &call, nonce).await?;
-        let signatures = sign_safe_tx_hash(hash, signers)?;
+        let hash = self.safe_tx_hash(safe, tx).await?;
+        let signatures = owner_signatures(hash, signers)?;
         let data = ISafe::execTransactionCall {
-            to: call.to,
-            value: call.value,
-            data: call.data,
-            operation: call.operation as u8,
-            safeTxGas: U256::ZERO,
-            baseGas: U256::ZERO,
-            gasPrice: U256::ZERO,
-            gasToken: Address::ZERO,
-            refundReceiver: Address::ZERO,
+            to: tx.to,
+            value: tx.value,
+            data: tx.data.clone(),
+            operation: tx.operation.into(),
+            safeTxGas: tx.safe_tx_gas,
+            baseGas: tx.base_gas,
+            gasPrice: tx.gas_price,
+            gasToken: tx.gas_token,
+            refundReceiver: tx.refund_receiver,
             signatures,
         }
         .abi_encode();
-        let tx = TransactionRequest::default().with_to(safe).with_input(data);
+        let request = TransactionRequest::default().with_to(safe).with_input(data);
         let receipt = self
-            .send(executor, tx)
+            .send(executor, request)
             .await
             .with_context(|| format!("execTransaction {hash} on {safe}"))?;
         let succeeded = receipt.logs().iter().any(|log| {
@@ -613,6 +554,19 @@ impl LocalChain {
             "Safe tx {hash} on {safe} emitted no ExecutionSuccess"
         );
         Ok(receipt)
+    }
+
+    /// Makes `calls` through `safe` now: [`next_safe_tx`](Self::next_safe_tx)
+    /// signed by `signers` and executed by `executor`.
+    pub async fn exec_calls(
+        &self,
+        safe: Address,
+        calls: &[Call],
+        signers: &[PrivateKeySigner],
+        executor: &PrivateKeySigner,
+    ) -> anyhow::Result<TransactionReceipt> {
+        let tx = self.next_safe_tx(safe, calls).await?;
+        self.exec_safe_tx(safe, &tx, signers, executor).await
     }
 
     /// Sends `tx` signed by `signer` and waits for a successful receipt.
@@ -773,6 +727,20 @@ fn spawn_anvil(bin: PathBuf) -> anyhow::Result<AnvilInstance> {
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     }
     Ok(anvil)
+}
+
+/// The owners' signatures of `hash` (v = 27/28), concatenated in ascending
+/// owner order, the order `checkNSignatures` demands.
+fn owner_signatures(hash: B256, signers: &[PrivateKeySigner]) -> anyhow::Result<Bytes> {
+    let mut sorted: Vec<&PrivateKeySigner> = signers.iter().collect();
+    sorted.sort_by_key(|signer| signer.address());
+    let mut signatures = Vec::with_capacity(65 * sorted.len());
+    for signer in sorted {
+        let signature = sign_safe_tx_hash(signer, hash)
+            .with_context(|| format!("signing {hash} as {}", signer.address()))?;
+        signatures.extend_from_slice(&signature);
+    }
+    Ok(signatures.into())
 }
 
 /// Creation code followed by the ABI-encoded constructor arguments, checked

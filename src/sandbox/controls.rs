@@ -18,11 +18,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::SandboxApps;
-use super::chain::{LocalChain, Operation, SafeCall};
+use super::chain::LocalChain;
 use super::phala_sim::PhalaSim;
 use super::safe_service::SafeServiceSim;
 use crate::chain::{ChainClient, Registration};
-use crate::safe::sign_safe_tx_hash;
+use crate::safe::{Operation, SafeTx, sign_safe_tx_hash};
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -200,25 +200,26 @@ async fn execute(
             ),
         ));
     }
-    let call = SafeCall {
-        to: proposal
+    let call = SafeTx::new(
+        proposal
             .to_address
             .parse()
             .map_err(|_| reject(StatusCode::INTERNAL_SERVER_ERROR, "stored", "to"))?,
-        value: U256::ZERO,
-        data: proposal
+        U256::ZERO,
+        proposal
             .data
             .parse()
             .map_err(|_| reject(StatusCode::INTERNAL_SERVER_ERROR, "stored", "data"))?,
-        operation: if proposal.operation == 1 {
+        if proposal.operation == 1 {
             Operation::DelegateCall
         } else {
             Operation::Call
         },
-    };
+        proposal.nonce as u64,
+    );
     let receipt = c
         .chain
-        .exec_safe_tx(c.safe, call, &signers, &c.executor)
+        .exec_safe_tx(c.safe, &call, &signers, &c.executor)
         .await
         .map_err(|err| {
             reject(

@@ -12,7 +12,7 @@ use reqwest::Url;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
-use super::chain::{IDstackApp, LocalChain, SafeCall};
+use super::chain::LocalChain;
 use super::controls::{self, Controls};
 use super::phala_sim::{PhalaSim, PhalaWorld, SimCvm, standard};
 use super::safe_service::SafeServiceSim;
@@ -20,7 +20,7 @@ use crate::config::{
     AllowedSafes, Confirmations, DatabaseSettings, LogFormat, PhalaSettings, RpcUrls, SafeSettings,
     Settings, WorkerSettings, parse_named_secrets,
 };
-use crate::safe::{DelegateRegistration, TxServiceClient, TxServiceOptions};
+use crate::safe::{Call, DelegateRegistration, TxServiceClient, TxServiceOptions};
 use crate::startup::Application;
 
 /// The local Postgres of this machine kind, with the sandbox's own database.
@@ -147,26 +147,11 @@ impl Sandbox {
             .context("the standard world has prod-1")?
             .device_id;
         let register = [
-            SafeCall::call(
-                web,
-                alloy::sol_types::SolCall::abi_encode(&IDstackApp::addDeviceCall {
-                    deviceId: allowed,
-                }),
-            ),
-            SafeCall::call(
-                api,
-                alloy::sol_types::SolCall::abi_encode(&IDstackApp::addDeviceCall {
-                    deviceId: allowed,
-                }),
-            ),
+            Call::add_device(web, allowed),
+            Call::add_device(api, allowed),
         ];
         chain
-            .exec_safe_tx(
-                safe,
-                SafeCall::multi_send(&register),
-                &owner_keys[..2],
-                &executor,
-            )
+            .exec_calls(safe, &register, &owner_keys[..2], &executor)
             .await?;
 
         let (phala_url, phala) = PhalaSim::spawn(world, chain.rpc_url()).await?;

@@ -8,10 +8,10 @@ use std::time::Instant;
 use alloy::primitives::{Address, B256, U256, b256};
 use alloy::providers::Provider;
 use alloy::sol_types::{SolCall, SolEvent};
+use approval_bridge::safe::{Call, Operation, encode_multi_send};
 use approval_bridge::sandbox::LocalChain;
 use approval_bridge::sandbox::chain::{
-    IDstackApp, IMulticall3, ISafe, MULTICALL3, Operation, SAFE_SINGLETON_FACTORY, SafeCall,
-    encode_multi_send, v1_4_1,
+    IDstackApp, IMultiSend, IMulticall3, ISafe, MULTICALL3, SAFE_SINGLETON_FACTORY, v1_4_1,
 };
 
 const COMPOSE_HASH: B256 =
@@ -125,28 +125,26 @@ async fn safe_owned_one_step_app_takes_a_multisend_batch_from_two_of_three_owner
     assert_eq!(decoded.account, chain.address(0));
 
     // Two owners sign one batch; a non-owner pays for its execution.
-    let add_device = IDstackApp::addDeviceCall {
-        deviceId: DEVICE_ID,
-    };
-    let add_compose_hash = IDstackApp::addComposeHashCall {
-        composeHash: COMPOSE_HASH,
-    };
     let calls = [
-        SafeCall::call(app_address, add_device.abi_encode()),
-        SafeCall::call(app_address, add_compose_hash.abi_encode()),
+        Call::add_device(app_address, DEVICE_ID),
+        Call::add_compose_hash(app_address, COMPOSE_HASH),
     ];
     // Packed per safe.md §5: each call is op(1) ‖ to(20) ‖ value(32) ‖ len(32) ‖ data(36).
-    let packed = encode_multi_send(&calls);
+    let multi_send = encode_multi_send(&calls);
+    let packed = IMultiSend::multiSendCall::abi_decode(&multi_send)
+        .unwrap()
+        .transactions;
     assert_eq!(packed.len(), 2 * (1 + 20 + 32 + 32 + 36));
     assert_eq!(packed[0], 0, "inner calls are plain CALLs");
     assert_eq!(&packed[1..21], app_address.as_slice());
-    let batch = SafeCall::multi_send(&calls);
+    let batch = chain.next_safe_tx(safe_address, &calls).await.unwrap();
     assert_eq!(batch.to, v1_4_1::MULTI_SEND_CALL_ONLY);
     assert_eq!(batch.operation, Operation::DelegateCall);
+    assert_eq!(batch.data, multi_send);
     let receipt = chain
         .exec_safe_tx(
             safe_address,
-            batch,
+            &batch,
             &[chain.signer(1), chain.signer(0)],
             &chain.signer(3),
         )
@@ -275,17 +273,11 @@ async fn interval_mining_still_confirms_safe_transactions() {
         .expect("local chain starts");
     let safe_address = two_of_three_safe(&chain).await;
     let app_address = chain.deploy_dstack_app(safe_address, false).await.unwrap();
-    let add = SafeCall::call(
-        app_address,
-        IDstackApp::addComposeHashCall {
-            composeHash: COMPOSE_HASH,
-        }
-        .abi_encode(),
-    );
+    let add = Call::add_compose_hash(app_address, COMPOSE_HASH);
     chain
-        .exec_safe_tx(
+        .exec_calls(
             safe_address,
-            add,
+            &[add],
             &[chain.signer(2), chain.signer(1)],
             &chain.signer(4),
         )

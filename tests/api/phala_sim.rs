@@ -14,8 +14,9 @@ use approval_bridge::domain::{AppId, Bytes32};
 use approval_bridge::phala::{
     PhalaClient, PhalaError, PrepareOutcome, PreparedReplica, ReplicaSpec, ResolveError,
 };
+use approval_bridge::safe::Call;
 use approval_bridge::sandbox::LocalChain;
-use approval_bridge::sandbox::chain::{IDstackApp, SafeCall};
+use approval_bridge::sandbox::chain::IDstackApp;
 use approval_bridge::sandbox::phala_sim::{
     ALREADY_REGISTERED, PhalaSim, PhalaWorld, SimCvm, TokenState, standard,
 };
@@ -555,24 +556,14 @@ async fn a_safe_execution_that_registers_both_verifies() {
 
     let prepared = f.prepare("vault", Some(3)).await;
     let calls = [
-        SafeCall::call(
-            app,
-            alloy::sol_types::SolCall::abi_encode(&IDstackApp::addDeviceCall {
-                deviceId: prepared.device_id.unwrap().0,
-            }),
-        ),
-        SafeCall::call(
-            app,
-            alloy::sol_types::SolCall::abi_encode(&IDstackApp::addComposeHashCall {
-                composeHash: prepared.compose_hash.0,
-            }),
-        ),
+        Call::add_device(app, prepared.device_id.unwrap().0),
+        Call::add_compose_hash(app, prepared.compose_hash.0),
     ];
     let receipt = f
         .chain
-        .exec_safe_tx(
+        .exec_calls(
             safe,
-            SafeCall::multi_send(&calls),
+            &calls,
             &[f.chain.signer(0), f.chain.signer(1)],
             &f.chain.signer(5),
         )

@@ -7,8 +7,8 @@ use alloy::providers::Provider;
 use alloy::sol_types::SolEvent;
 use approval_bridge::chain::IDstackApp;
 use approval_bridge::config::{AllowedSafes, RpcUrls};
+use approval_bridge::safe::{Call, Operation, SafeTx};
 use approval_bridge::sandbox::LocalChain;
-use approval_bridge::sandbox::chain::{Operation as ChainOperation, SafeCall};
 use approval_bridge::sandbox::safe_service::SafeServiceSim;
 use reqwest::Url;
 use serde_json::{Value, json};
@@ -104,18 +104,11 @@ impl SafeWorld {
 }
 
 /// Posts a proposal of the owners' own (not the bridge's) to the fake service,
-/// signed by owner 1, at `nonce`.
-pub async fn post_foreign_proposal(world: &SafeWorld, call: &SafeCall, nonce: u64) {
-    use approval_bridge::safe::{
-        Operation, Proposal, SafeTx, SafeVersion, TxServiceClient, TxServiceOptions,
-    };
-    let operation = match call.operation {
-        ChainOperation::Call => Operation::Call,
-        ChainOperation::DelegateCall => Operation::DelegateCall,
-    };
-    let tx = SafeTx::new(call.to, call.value, call.data.clone(), operation, nonce);
+/// signed by owner 1, at `tx.nonce`.
+pub async fn post_foreign_proposal(world: &SafeWorld, tx: &SafeTx) {
+    use approval_bridge::safe::{Proposal, SafeVersion, TxServiceClient, TxServiceOptions};
     let proposal = Proposal::sign(
-        tx,
+        tx.clone(),
         world.safe,
         31337,
         SafeVersion::V1_4_1,
@@ -220,33 +213,26 @@ async fn one_safe_transaction_registers_exactly_the_missing_hashes_and_devices()
     .fetch_one(&app.db)
     .await
     .unwrap();
-    let call = SafeCall {
-        to: to.parse().unwrap(),
-        value: U256::ZERO,
-        data: data.parse::<Bytes>().unwrap(),
-        operation: if operation == 1 {
-            ChainOperation::DelegateCall
-        } else {
-            ChainOperation::Call
-        },
-    };
+    let tx = SafeTx::new(
+        to.parse().unwrap(),
+        U256::ZERO,
+        data.parse::<Bytes>().unwrap(),
+        Operation::try_from(operation as u8).unwrap(),
+        nonce as u64,
+    );
     assert_eq!(
-        call.to,
+        tx.to,
         approval_bridge::sandbox::chain::v1_4_1::MULTI_SEND_CALL_ONLY
     );
-    assert_eq!(call.operation, ChainOperation::DelegateCall);
-    let onchain = world
-        .chain
-        .safe_tx_hash(world.safe, &call, U256::from(nonce))
-        .await
-        .unwrap();
+    assert_eq!(tx.operation, Operation::DelegateCall);
+    let onchain = world.chain.safe_tx_hash(world.safe, &tx).await.unwrap();
     assert_eq!(onchain, safe_tx_hash);
 
     // Two owners sign, a third account executes.
     let signers = [world.chain.signer(0), world.chain.signer(1)];
     let receipt = world
         .chain
-        .exec_safe_tx(world.safe, call, &signers, &world.chain.signer(3))
+        .exec_safe_tx(world.safe, &tx, &signers, &world.chain.signer(3))
         .await
         .unwrap();
 
@@ -315,30 +301,13 @@ async fn registrations_allowed_meanwhile_skip_the_proposal() {
 
     // Someone registers both through the Safe by hand before the bridge proposes.
     let calls = [
-        SafeCall::call(
-            world.app,
-            IDstackApp::addDeviceCall {
-                deviceId: b256(&device_id(2)),
-            }
-            .abi_encode_call(),
-        ),
-        SafeCall::call(
-            world.app,
-            IDstackApp::addComposeHashCall {
-                composeHash: b256(&compose_hash()),
-            }
-            .abi_encode_call(),
-        ),
+        Call::add_device(world.app, b256(&device_id(2))),
+        Call::add_compose_hash(world.app, b256(&compose_hash())),
     ];
     let signers = [world.chain.signer(1), world.chain.signer(2)];
     world
         .chain
-        .exec_safe_tx(
-            world.safe,
-            SafeCall::multi_send(&calls),
-            &signers,
-            &world.chain.signer(3),
-        )
+        .exec_calls(world.safe, &calls, &signers, &world.chain.signer(3))
         .await
         .unwrap();
 
@@ -352,14 +321,4 @@ async fn registrations_allowed_meanwhile_skip_the_proposal() {
         .unwrap();
     assert_eq!(stored, 0);
     assert_eq!(world.chain.provider().get_chain_id().await.unwrap(), 31337);
-}
-
-trait EncodeCall {
-    fn abi_encode_call(&self) -> Bytes;
-}
-
-impl<T: alloy::sol_types::SolCall> EncodeCall for T {
-    fn abi_encode_call(&self) -> Bytes {
-        self.abi_encode().into()
-    }
 }

@@ -11,7 +11,6 @@ use approval_bridge::safe::{
     SafeTx, SafeVersion, TxServiceClient, TxServiceOptions, build_safe_tx,
 };
 use approval_bridge::sandbox::LocalChain;
-use approval_bridge::sandbox::chain::{self, SafeCall};
 use approval_bridge::sandbox::safe_service::SafeServiceSim;
 use reqwest::Url;
 use serde_json::{Value, json};
@@ -106,19 +105,10 @@ impl World {
 
     /// Executes `tx` on chain, signed by owners 0 and 1.
     async fn execute(&self, tx: &SafeTx) -> B256 {
-        let call = SafeCall {
-            to: tx.to,
-            value: tx.value,
-            data: tx.data.clone(),
-            operation: match tx.operation {
-                Operation::Call => chain::Operation::Call,
-                Operation::DelegateCall => chain::Operation::DelegateCall,
-            },
-        };
         let signers = [self.chain.signer(0), self.chain.signer(1)];
         let receipt = self
             .chain
-            .exec_safe_tx(self.safe, call, &signers, &self.chain.signer(3))
+            .exec_safe_tx(self.safe, tx, &signers, &self.chain.signer(3))
             .await
             .expect("Safe tx executes");
         receipt.transaction_hash
@@ -139,17 +129,7 @@ async fn an_owner_proposal_is_accepted_with_an_empty_201_and_visible() {
     let tx = w.batch(0);
 
     // Our EIP-712 hash equals the one the real Safe computes.
-    let call = SafeCall {
-        to: tx.to,
-        value: tx.value,
-        data: tx.data.clone(),
-        operation: chain::Operation::DelegateCall,
-    };
-    let on_chain = w
-        .chain
-        .safe_tx_hash(w.safe, &call, U256::ZERO)
-        .await
-        .unwrap();
+    let on_chain = w.chain.safe_tx_hash(w.safe, &tx).await.unwrap();
     let proposal = w.sign(tx, &w.chain.signer(0));
     assert_eq!(proposal.safe_tx_hash, on_chain);
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use alloy::primitives::{Bytes, U256};
 use alloy::providers::Provider;
-use approval_bridge::sandbox::chain::{Operation as ChainOperation, SafeCall};
+use approval_bridge::safe::{Call, Deployment, Operation, SafeTx, SafeVersion, build_safe_tx};
 use axum::extract::State;
 use reqwest::Url;
 use serde_json::{Value, json};
@@ -41,7 +41,7 @@ pub async fn commits(app: &TestApp) -> Vec<Value> {
 }
 
 /// The stored Safe transaction of a request's proposal, ready to execute.
-pub async fn proposal_call(app: &TestApp, id: &str) -> (SafeCall, String) {
+pub async fn proposal_call(app: &TestApp, id: &str) -> (SafeTx, String) {
     let hash = app.get_replica(id).await["proposal"]["safe_tx_hash"]
         .as_str()
         .expect("a proposal")
@@ -52,29 +52,31 @@ pub async fn proposal_call(app: &TestApp, id: &str) -> (SafeCall, String) {
             .fetch_one(&app.db)
             .await
             .unwrap();
-    let call = SafeCall {
-        to: to.parse().unwrap(),
-        value: U256::ZERO,
-        data: data.parse::<Bytes>().unwrap(),
-        operation: if operation == 1 {
-            ChainOperation::DelegateCall
-        } else {
-            ChainOperation::Call
-        },
-    };
+    let call = SafeTx::new(
+        to.parse().unwrap(),
+        U256::ZERO,
+        data.parse::<Bytes>().unwrap(),
+        Operation::try_from(operation as u8).unwrap(),
+        0,
+    );
     (call, hash)
 }
 
-pub async fn execute(world: &SafeWorld, call: SafeCall) -> String {
+pub async fn execute(world: &SafeWorld, call: SafeTx) -> String {
     execute_by(world, call, 3).await
 }
 
-/// Executes with owners 0 and 2 signing, sent by dev account `executor`.
-async fn execute_by(world: &SafeWorld, call: SafeCall, executor: usize) -> String {
+/// Executes at the Safe's current nonce with owners 0 and 2 signing, sent by
+/// dev account `executor`.
+async fn execute_by(world: &SafeWorld, call: SafeTx, executor: usize) -> String {
     let signers = [world.chain.signer(0), world.chain.signer(2)];
+    let call = SafeTx {
+        nonce: world.chain.safe_nonce(world.safe).await.unwrap(),
+        ..call
+    };
     let receipt = world
         .chain
-        .exec_safe_tx(world.safe, call, &signers, &world.chain.signer(executor))
+        .exec_safe_tx(world.safe, &call, &signers, &world.chain.signer(executor))
         .await
         .unwrap();
     receipt.transaction_hash.to_string()
@@ -251,7 +253,11 @@ async fn a_nonce_used_by_another_transaction_leads_to_a_fresh_proposal() {
     let ids = proposed(&world, &app, &[1]).await;
     let (_, first_hash) = proposal_call(&app, &ids[0]).await;
     // The owners reject it: a no-op transaction at the same nonce.
-    execute(&world, SafeCall::call(world.safe, Bytes::new())).await;
+    execute(
+        &world,
+        SafeTx::new(world.safe, U256::ZERO, Bytes::new(), Operation::Call, 0),
+    )
+    .await;
     mine(&world, 3).await;
     app.drain_all(10).await;
 
@@ -281,7 +287,11 @@ async fn requests_fail_after_too_many_replaced_proposals() {
     let ids = proposed(&world, &app, &[1]).await;
     for _ in 0..4 {
         assert_eq!(app.status_of(&ids[0]).await, "awaiting_approval");
-        execute(&world, SafeCall::call(world.safe, Bytes::new())).await;
+        execute(
+            &world,
+            SafeTx::new(world.safe, U256::ZERO, Bytes::new(), Operation::Call, 0),
+        )
+        .await;
         mine(&world, 3).await;
         app.drain_all(10).await;
     }
@@ -325,23 +335,11 @@ async fn registrations_allowed_by_other_means_release_the_requests() {
     mount_commit_and_run(&app).await;
     // A foreign proposal holds nonce 0, so the bridge's takes nonce 1.
     let foreign = [
-        SafeCall::call(
-            world.app,
-            approval_bridge::chain::IDstackApp::addDeviceCall {
-                deviceId: crate::safe_flow::b256(&device_id(1)),
-            }
-            .abi_encode_bytes(),
-        ),
-        SafeCall::call(
-            world.app,
-            approval_bridge::chain::IDstackApp::addComposeHashCall {
-                composeHash: crate::safe_flow::b256(&compose_hash()),
-            }
-            .abi_encode_bytes(),
-        ),
+        Call::add_device(world.app, crate::safe_flow::b256(&device_id(1))),
+        Call::add_compose_hash(world.app, crate::safe_flow::b256(&compose_hash())),
     ];
-    let foreign = SafeCall::multi_send(&foreign);
-    crate::safe_flow::post_foreign_proposal(&world, &foreign, 0).await;
+    let foreign = build_safe_tx(&foreign, SafeVersion::V1_4_1, Deployment::Canonical, 0).unwrap();
+    crate::safe_flow::post_foreign_proposal(&world, &foreign).await;
     let ids = proposed(&world, &app, &[1]).await;
     assert_eq!(app.get_replica(&ids[0]).await["proposal"]["nonce"], 1);
 
@@ -435,14 +433,4 @@ async fn rpc_calls_per_pass_do_not_grow_with_open_proposals() {
         "calls per pass grew: {per_pass:?}"
     );
     assert!(per_pass[0] <= 7, "{per_pass:?}");
-}
-
-trait AbiEncodeBytes {
-    fn abi_encode_bytes(&self) -> Bytes;
-}
-
-impl<T: alloy::sol_types::SolCall> AbiEncodeBytes for T {
-    fn abi_encode_bytes(&self) -> Bytes {
-        self.abi_encode().into()
-    }
 }
