@@ -194,6 +194,13 @@ impl SafeServiceSim {
         state.posts.get(&safe_tx_hash).copied().unwrap_or(0)
     }
 
+    /// How many proposal POSTs reached the service in all, accepted or
+    /// rejected: 0 shows that nothing was proposed.
+    pub fn proposal_posts_total(&self) -> usize {
+        let state = self.shared.state.lock().expect("sim state poisoned");
+        state.posts.values().sum()
+    }
+
     /// How many distinct proposals the service holds.
     pub fn stored_transactions(&self) -> usize {
         let state = self.shared.state.lock().expect("sim state poisoned");
