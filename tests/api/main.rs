@@ -9,6 +9,7 @@ mod phala_mock;
 mod phala_sim;
 mod replicas_api;
 mod safe_flow;
+mod safe_flow_errors;
 mod safe_service;
 mod sandbox_e2e;
 mod secrets;

@@ -77,7 +77,10 @@ impl SafeWorld {
         .await
     }
 
-    fn configure(&self, rpc: Url) -> impl FnOnce(&mut approval_bridge::config::Settings) + use<> {
+    pub fn configure(
+        &self,
+        rpc: Url,
+    ) -> impl FnOnce(&mut approval_bridge::config::Settings) + use<> {
         let service = self.service_url.clone();
         let safe = self.safe;
         let key = format!("0x{}", hex::encode(self.chain.private_key(0)));
