@@ -276,12 +276,17 @@ fn usable_safe(
     let owner_address = state.owner.to_checksum(None);
     match owner {
         OwnerKind::Safe(info) if flow.safes.contains(chain_id, info.address) => Ok(info),
-        _ if state.pending_owner.is_some_and(|p| !p.is_zero()) => {
+        // Only one of our Safes staged as the next owner makes this the cause.
+        _ if state
+            .pending_owner
+            .is_some_and(|p| flow.safes.contains(chain_id, p)) =>
+        {
             let pending = state.pending_owner.unwrap_or_default().to_checksum(None);
             Err(error(
                 "OWNERSHIP-PENDING",
                 &format!(
-                    "{pending} is staged as the pendingOwner of app {app} but has not accepted ownership"
+                    "Safe {pending} is staged as the pendingOwner of app {app} but has not accepted ownership: \
+                     it must call acceptOwnership()"
                 ),
                 Some(&format!(
                     "The Safe {pending} must call acceptOwnership() on {app} (as a Safe transaction), then queue again."
