@@ -357,11 +357,18 @@ async fn registrations_allowed_by_other_means_release_the_requests() {
 
 /// A JSON-RPC proxy in front of anvil that counts the calls.
 async fn counting_proxy(upstream: Url) -> (Url, Arc<AtomicUsize>) {
+    rpc_proxy(upstream, None).await
+}
+
+/// A JSON-RPC proxy in front of anvil that counts the calls and, with
+/// `max_log_range`, refuses wider `eth_getLogs` ranges as hosted providers do.
+async fn rpc_proxy(upstream: Url, max_log_range: Option<u64>) -> (Url, Arc<AtomicUsize>) {
     #[derive(Clone)]
     struct Proxy {
         upstream: Url,
         http: reqwest::Client,
         calls: Arc<AtomicUsize>,
+        max_log_range: Option<u64>,
     }
     async fn forward(
         State(proxy): State<Proxy>,
@@ -370,6 +377,20 @@ async fn counting_proxy(upstream: Url) -> (Url, Arc<AtomicUsize>) {
         let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let n = parsed.as_array().map(Vec::len).unwrap_or(1);
         proxy.calls.fetch_add(n, Ordering::SeqCst);
+        if let (Some(max), Some("eth_getLogs")) = (proxy.max_log_range, parsed["method"].as_str()) {
+            let block = |key: &str| {
+                parsed["params"][0][key]
+                    .as_str()
+                    .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+            };
+            if let (Some(from), Some(to)) = (block("fromBlock"), block("toBlock"))
+                && to - from + 1 > max
+            {
+                let refusal = json!({"jsonrpc": "2.0", "id": parsed["id"],
+                    "error": {"code": -32005, "message": format!("block range is too large: at most {max} blocks")}});
+                return axum::Json(refusal).into_response();
+            }
+        }
         let answer = proxy
             .http
             .post(proxy.upstream.clone())
@@ -391,6 +412,7 @@ async fn counting_proxy(upstream: Url) -> (Url, Arc<AtomicUsize>) {
         upstream,
         http: reqwest::Client::new(),
         calls: calls.clone(),
+        max_log_range,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap())
@@ -433,4 +455,21 @@ async fn rpc_calls_per_pass_do_not_grow_with_open_proposals() {
         "calls per pass grew: {per_pass:?}"
     );
     assert!(per_pass[0] <= 7, "{per_pass:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_ranges_are_split_when_the_provider_refuses_them() {
+    let world = SafeWorld::start().await;
+    // The provider takes at most 4 blocks per eth_getLogs; the bridge asks for 2000.
+    let (proxy, _) = rpc_proxy(world.chain.rpc_url(), Some(4)).await;
+    let app = world.spawn_bridge_with_rpc(proxy).await;
+    mount_commit_and_run(&app).await;
+    let ids = proposed(&world, &app, &[1]).await;
+    mine(&world, 20).await;
+    let (call, _) = proposal_call(&app, &ids[0]).await;
+    execute(&world, call).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+    assert_eq!(app.status_of(&ids[0]).await, "done");
+    assert_eq!(commits(&app).await.len(), 1);
 }
