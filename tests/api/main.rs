@@ -12,6 +12,7 @@ mod safe_flow;
 mod safe_flow_errors;
 mod safe_service;
 mod sandbox_e2e;
+mod sandbox_page;
 mod secrets;
 mod watch_commit;
 mod watch_failures;

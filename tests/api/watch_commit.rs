@@ -473,3 +473,35 @@ async fn log_ranges_are_split_when_the_provider_refuses_them() {
     assert_eq!(app.status_of(&ids[0]).await, "done");
     assert_eq!(commits(&app).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_any_device_turned_on_elsewhere_releases_the_requests() {
+    use alloy::sol_types::SolCall;
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    // The owners' own proposal at nonce 0: any device, and the compose hash.
+    let any_device =
+        approval_bridge::sandbox::chain::IDstackApp::setAllowAnyDeviceCall { allowAny: true };
+    let foreign = [
+        Call {
+            to: world.app,
+            value: U256::ZERO,
+            data: any_device.abi_encode().into(),
+        },
+        Call::add_compose_hash(world.app, crate::safe_flow::b256(&compose_hash())),
+    ];
+    let foreign = build_safe_tx(&foreign, SafeVersion::V1_4_1, Deployment::Canonical, 0).unwrap();
+    crate::safe_flow::post_foreign_proposal(&world, &foreign).await;
+    let ids = proposed(&world, &app, &[2, 3]).await;
+
+    execute(&world, foreign).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+    for id in &ids {
+        let request = app.get_replica(id).await;
+        assert_eq!(request["status"], "done", "{request}");
+        assert_eq!(request["proposal"]["status"], "superseded");
+    }
+    assert_eq!(commits(&app).await.len(), 2);
+}
