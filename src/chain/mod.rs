@@ -44,6 +44,15 @@ impl Registration {
             Registration::ComposeHash(v) | Registration::Device(v) => *v,
         }
     }
+
+    /// The inverse of [`Registration::kind`]: a stored kind and its value.
+    pub fn from_kind(kind: &str, value: B256) -> Option<Registration> {
+        match kind {
+            "compose_hash" => Some(Registration::ComposeHash(value)),
+            "device" => Some(Registration::Device(value)),
+            _ => None,
+        }
+    }
 }
 
 /// What a DstackApp says about itself and some registrations.

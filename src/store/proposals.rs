@@ -57,6 +57,20 @@ pub struct StoredRegistration {
     pub value: String,
 }
 
+/// A call of a proposal, as read.
+#[derive(FromRow)]
+struct ProposalCall {
+    proposal_id: Uuid,
+    #[sqlx(flatten)]
+    registration: StoredRegistration,
+}
+
+impl ProposalCall {
+    fn pair(self) -> (Uuid, StoredRegistration) {
+        (self.proposal_id, self.registration)
+    }
+}
+
 #[derive(Debug, Clone, FromRow)]
 pub struct RequestRegistration {
     pub request_id: Uuid,
@@ -151,7 +165,7 @@ impl Store {
         &self,
         chain_id: i64,
     ) -> Result<Vec<(Uuid, StoredRegistration)>, sqlx::Error> {
-        let rows: Vec<(Uuid, String, String, String)> = sqlx::query_as(
+        let calls: Vec<ProposalCall> = sqlx::query_as(
             "SELECT c.proposal_id, c.app_id, c.kind, c.value FROM proposal_calls c
              JOIN proposals p ON p.id = c.proposal_id
              WHERE p.chain_id = $1 AND p.status = 'proposed'",
@@ -159,19 +173,7 @@ impl Store {
         .bind(chain_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, app_id, kind, value)| {
-                (
-                    id,
-                    StoredRegistration {
-                        app_id,
-                        kind,
-                        value,
-                    },
-                )
-            })
-            .collect())
+        Ok(calls.into_iter().map(ProposalCall::pair).collect())
     }
 
     /// The highest nonce of the Safe's open proposals.
@@ -180,18 +182,12 @@ impl Store {
         chain_id: i64,
         safe: &str,
     ) -> Result<Option<i64>, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT max(nonce) FROM proposals WHERE chain_id = $1 AND safe = $2 AND status = 'proposed'",
-        )
-        .bind(chain_id)
-        .bind(safe)
-        .fetch_one(&self.pool)
-        .await
+        highest_open_nonce(&self.pool, chain_id, safe).await
     }
 
     /// Stores a proposal and links its requests, under a per-Safe lock so two
-    /// workers never take the same nonce. `floor` is the lowest nonce allowed
-    /// (the on-chain nonce, or past the service's pending ones).
+    /// workers never take the same nonce: `p.nonce` must be above every open
+    /// proposal's of the Safe.
     pub async fn insert_proposal(
         &self,
         p: &NewProposal,
@@ -206,13 +202,7 @@ impl Store {
         .bind(&p.safe)
         .execute(&mut *tx)
         .await?;
-        let highest: Option<i64> = sqlx::query_scalar(
-            "SELECT max(nonce) FROM proposals WHERE chain_id = $1 AND safe = $2 AND status = 'proposed'",
-        )
-        .bind(p.chain_id)
-        .bind(&p.safe)
-        .fetch_one(&mut *tx)
-        .await?;
+        let highest = highest_open_nonce(&mut *tx, p.chain_id, &p.safe).await?;
         if let Some(highest) = highest
             && p.nonce <= highest
         {
@@ -363,26 +353,14 @@ impl Store {
         &self,
         ids: &[Uuid],
     ) -> Result<Vec<(Uuid, StoredRegistration)>, sqlx::Error> {
-        let rows: Vec<(Uuid, String, String, String)> = sqlx::query_as(
+        let calls: Vec<ProposalCall> = sqlx::query_as(
             "SELECT proposal_id, app_id, kind, value FROM proposal_calls WHERE proposal_id = ANY($1)
              ORDER BY proposal_id, position",
         )
         .bind(ids)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, app_id, kind, value)| {
-                (
-                    id,
-                    StoredRegistration {
-                        app_id,
-                        kind,
-                        value,
-                    },
-                )
-            })
-            .collect())
+        Ok(calls.into_iter().map(ProposalCall::pair).collect())
     }
 
     pub async fn proposal_by_hash(
@@ -553,4 +531,16 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+async fn highest_open_nonce<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    chain_id: i64,
+    safe: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(nonce) FROM proposals WHERE chain_id = $1 AND safe = $2 AND status = 'proposed'")
+        .bind(chain_id)
+        .bind(safe)
+        .fetch_one(executor)
+        .await
 }

@@ -124,6 +124,16 @@ pub struct StoredError {
     pub suggestion: Option<String>,
 }
 
+impl StoredError {
+    pub fn new(code: &str, message: &str, suggestion: Option<&str>) -> StoredError {
+        StoredError {
+            code: code.to_owned(),
+            message: message.to_owned(),
+            suggestion: suggestion.map(str::to_owned),
+        }
+    }
+}
+
 /// What a successful prepare learned.
 #[derive(Debug)]
 pub struct PreparedFields {
@@ -354,28 +364,6 @@ impl Store {
             actor,
             message,
             changes,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(to)
-    }
-
-    /// Moves on a request that no worker holds (one waiting for the Safe
-    /// flow), guarded by its status. `Err(LeaseLost)` if it changed meanwhile.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn advance_unleased(
-        &self,
-        request_id: Uuid,
-        now: DateTime<Utc>,
-        from: Status,
-        event: Event,
-        actor: &Actor,
-        message: Option<&str>,
-        changes: Changes,
-    ) -> Result<Status, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let to = advance_in(
-            &mut tx, request_id, None, now, from, event, actor, message, changes,
         )
         .await?;
         tx.commit().await?;

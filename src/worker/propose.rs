@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::Worker;
 use super::safe_flow::{SafeFlow, safe_wallet_link};
 use crate::chain::{AppState, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
-use crate::domain::{Actor, Event, Status};
+use crate::domain::Event;
 use crate::safe::{Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, build_safe_tx};
 use crate::store::{
     Changes, NewProposal, ProposalConflict, ProposalRow, ReplicaRequest, StoreError, StoredError,
@@ -64,7 +64,7 @@ async fn plan(worker: &Worker, flow: &SafeFlow) -> anyhow::Result<bool> {
                 fail(
                     worker,
                     &request,
-                    error(
+                    StoredError::new(
                         "NO-CHAIN",
                         "Phala reported no chain for this on-chain KMS app",
                         None,
@@ -91,7 +91,7 @@ async fn plan_chain(
 ) -> anyhow::Result<bool> {
     let now = worker.clock.now();
     let Some(chain) = flow.chain(chain_id as u64) else {
-        let err = error(
+        let err = StoredError::new(
             "NO-RPC",
             &format!("no RPC URL is configured for chain {chain_id}"),
             Some("Set APPROVAL_BRIDGE_RPC_URLS (or ETH_RPC_URL) and restart the bridge."),
@@ -147,7 +147,7 @@ async fn plan_chain(
                 "cannot read the DstackApps"
             );
             let requests: Vec<ReplicaRequest> = parsed.into_iter().map(|m| m.request).collect();
-            let err = error(
+            let err = StoredError::new(
                 "CHAIN-UNAVAILABLE",
                 &format!("cannot read the DstackApp on chain {chain_id}: {err:#}"),
                 None,
@@ -189,7 +189,7 @@ async fn plan_chain(
                     kind
                 }
                 Err(err) => {
-                    let err = error(
+                    let err = StoredError::new(
                         "CHAIN-UNAVAILABLE",
                         &format!("cannot read the app's owner: {err:#}"),
                         None,
@@ -282,7 +282,7 @@ fn usable_safe(
             .is_some_and(|p| flow.safes.contains(chain_id, p)) =>
         {
             let pending = state.pending_owner.unwrap_or_default().to_checksum(None);
-            Err(error(
+            Err(StoredError::new(
                 "OWNERSHIP-PENDING",
                 &format!(
                     "Safe {pending} is staged as the pendingOwner of app {app} but has not accepted ownership: \
@@ -293,7 +293,7 @@ fn usable_safe(
                 )),
             ))
         }
-        OwnerKind::Safe(info) => Err(error(
+        OwnerKind::Safe(info) => Err(StoredError::new(
             "SAFE-NOT-ALLOWED",
             &format!(
                 "app {app} is owned by Safe {} on chain {chain_id}, which is not in the bridge's list of Safes",
@@ -303,7 +303,7 @@ fn usable_safe(
                 "Add it to APPROVAL_BRIDGE_SAFES as chain_id:address if the bridge should propose to it.",
             ),
         )),
-        OwnerKind::Eoa => Err(error(
+        OwnerKind::Eoa => Err(StoredError::new(
             "OWNER-IS-EOA",
             &format!(
                 "app {app} is owned by the account {owner_address}, not a Safe: the Safe flow does not apply"
@@ -312,7 +312,7 @@ fn usable_safe(
                 "The owner can register the hash and device itself: the Phala CLI's `phala cvms replicate` does this automatically for EOA owners.",
             ),
         )),
-        OwnerKind::NotASafe { detail } => Err(error(
+        OwnerKind::NotASafe { detail } => Err(StoredError::new(
             "OWNER-NOT-SAFE",
             &format!(
                 "app {app} is owned by the contract {owner_address}, which is not a Safe ({detail})"
@@ -393,7 +393,7 @@ async fn propose_group(
                     Registration::ComposeHash(h) => format!("addComposeHash({h})"),
                     Registration::Device(d) => format!("addDevice({d})"),
                 };
-                let err = error(
+                let err = StoredError::new(
                     "SIMULATION-REVERTED",
                     &format!(
                         "{what} on app {} reverts when Safe {} calls it: {reason}",
@@ -410,7 +410,7 @@ async fn propose_group(
                 return Ok(true);
             }
             Err(Simulation::Rpc(message)) => {
-                let err = error(
+                let err = StoredError::new(
                     "CHAIN-UNAVAILABLE",
                     &format!("cannot simulate the proposal: {message}"),
                     None,
@@ -426,7 +426,8 @@ async fn propose_group(
     let pending = match service.list_pending(safe.address, safe.nonce).await {
         Ok(pending) => pending,
         Err(err) => {
-            let err = error(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
+            let err =
+                StoredError::new(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
             defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
             return Ok(moved);
         }
@@ -446,7 +447,7 @@ async fn propose_group(
     let proposed_block = match chain.head().await {
         Ok(head) => head as i64,
         Err(err) => {
-            let err = error("CHAIN-UNAVAILABLE", &format!("{err:#}"), None);
+            let err = StoredError::new("CHAIN-UNAVAILABLE", &format!("{err:#}"), None);
             defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
             return Ok(moved);
         }
@@ -457,7 +458,7 @@ async fn propose_group(
     let onchain_hash = chain.safe_tx_hash(safe.address, &tx).await?;
     if onchain_hash != safe_tx_hash {
         tracing::error!(%safe_tx_hash, %onchain_hash, safe = %safe.address, "our safeTxHash differs from the Safe's getTransactionHash; not proposing");
-        let err = error(
+        let err = StoredError::new(
             "HASH-MISMATCH",
             &format!(
                 "the Safe computes {onchain_hash} for the transaction, the bridge {safe_tx_hash}"
@@ -569,7 +570,7 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
         }
         Err(SafeServiceError::Rejected { body }) => {
             tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, body = %body, "the Safe Transaction Service rejected the proposal");
-            let err = error(
+            let err = StoredError::new(
                 "SAFE-REJECTED",
                 &body,
                 Some(
@@ -589,7 +590,8 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
                 _ => Duration::from_secs(300),
             };
             tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, error = %err, retry_in = ?wait, "proposal not accepted yet");
-            let stored_err = error(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
+            let stored_err =
+                StoredError::new(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
             worker
                 .store
                 .proposal_retry_later(
@@ -638,7 +640,7 @@ fn parse_needs(
     needs: &[StoredRegistration],
 ) -> Result<(Address, Vec<(Registration, StoredRegistration)>), StoredError> {
     let bad = |what: String| {
-        error(
+        StoredError::new(
             "INVALID-REGISTRATION",
             &what,
             Some("Phala sent an unusable value; queue again."),
@@ -655,52 +657,34 @@ fn parse_needs(
             .value
             .parse()
             .map_err(|_| bad(format!("{} `{}` is not 32 bytes", need.kind, need.value)))?;
-        let registration = match need.kind.as_str() {
-            "compose_hash" => Registration::ComposeHash(value),
-            _ => Registration::Device(value),
-        };
+        let registration = Registration::from_kind(&need.kind, value)
+            .ok_or_else(|| bad(format!("unknown registration kind `{}`", need.kind)))?;
         out.push((registration, need.clone()));
     }
     Ok((app, out))
-}
-
-fn error(code: &str, message: &str, suggestion: Option<&str>) -> StoredError {
-    StoredError {
-        code: code.to_owned(),
-        message: message.to_owned(),
-        suggestion: suggestion.map(str::to_owned),
-    }
 }
 
 fn lower(address: Address) -> String {
     format!("{address:#x}")
 }
 
+/// A request that changed meanwhile (cancelled, or planned by another worker) is left alone.
 async fn fail(
     worker: &Worker,
     request: &ReplicaRequest,
     err: StoredError,
 ) -> Result<(), StoreError> {
     tracing::warn!(replica_id = %request.id, code = %err.code, message = %err.message, "request failed");
+    let message = err.message.clone();
     let changes = Changes {
         error: Some(err),
         ..Changes::default()
     };
-    let now = worker.clock.now();
-    ignore_moved(
-        worker
-            .store
-            .advance_unleased(
-                request.id,
-                now,
-                request.status(),
-                Event::Fail,
-                &Actor::Worker,
-                None,
-                changes,
-            )
-            .await,
-    )
+    worker
+        .store
+        .move_waiting(request, Event::Fail, worker.clock.now(), &message, changes)
+        .await?;
+    Ok(())
 }
 
 async fn allowed_already(
@@ -709,20 +693,17 @@ async fn allowed_already(
     why: &str,
 ) -> Result<(), StoreError> {
     let now = worker.clock.now();
-    ignore_moved(
-        worker
-            .store
-            .advance_unleased(
-                request.id,
-                now,
-                Status::AwaitingProposal,
-                Event::RegistrationsAllowed,
-                &Actor::Worker,
-                Some(why),
-                Changes::default(),
-            )
-            .await,
-    )
+    worker
+        .store
+        .move_waiting(
+            request,
+            Event::RegistrationsAllowed,
+            now,
+            why,
+            Changes::default(),
+        )
+        .await?;
+    Ok(())
 }
 
 async fn defer(
@@ -733,12 +714,4 @@ async fn defer(
 ) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
     worker.store.defer_requests(&ids, until, err).await
-}
-
-/// A request that changed under us (cancelled, or planned by another worker) is left alone.
-fn ignore_moved(result: Result<Status, StoreError>) -> Result<(), StoreError> {
-    match result {
-        Ok(_) | Err(StoreError::LeaseLost(_)) => Ok(()),
-        Err(err) => Err(err),
-    }
 }

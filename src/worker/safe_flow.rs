@@ -41,10 +41,18 @@ impl std::fmt::Debug for SafeFlow {
 /// sandbox may install another implementation for a chain.
 #[derive(Clone, Default)]
 struct Services {
-    clients: Arc<Mutex<HashMap<u64, Arc<dyn SafeService>>>>,
+    clients: Arc<Mutex<Clients>>,
     urls: RpcUrls,
     api_key: Option<secrecy::SecretString>,
     rate: f64,
+}
+
+#[derive(Default)]
+struct Clients {
+    by_chain: HashMap<u64, Arc<dyn SafeService>>,
+    /// The first client made; the others derive from it, so that they share
+    /// one request budget (the hosted gateway counts per API key, not per chain).
+    first: Option<TxServiceClient>,
 }
 
 impl SafeFlow {
@@ -81,20 +89,27 @@ impl SafeFlow {
     /// The Transaction Service for `chain_id`.
     pub fn service(&self, chain_id: u64) -> anyhow::Result<Arc<dyn SafeService>> {
         let mut clients = self.services.clients.lock().expect("services mutex");
-        if let Some(client) = clients.get(&chain_id) {
+        if let Some(client) = clients.by_chain.get(&chain_id) {
             return Ok(client.clone());
         }
-        let options = TxServiceOptions {
-            base_url: self.services.urls.get(chain_id).cloned(),
-            api_key: self.services.api_key.clone(),
-            requests_per_second: self.services.rate,
-            ..TxServiceOptions::for_chain(chain_id)
+        let url = self.services.urls.get(chain_id);
+        let hint = || format!("set APPROVAL_BRIDGE_SAFE_SERVICE_URLS for chain {chain_id}");
+        let client = match &clients.first {
+            Some(first) => first.for_chain(chain_id, url).with_context(hint)?,
+            None => {
+                let options = TxServiceOptions {
+                    base_url: url.cloned(),
+                    api_key: self.services.api_key.clone(),
+                    requests_per_second: self.services.rate,
+                    ..TxServiceOptions::for_chain(chain_id)
+                };
+                let client = TxServiceClient::new(&options).with_context(hint)?;
+                clients.first = Some(client.clone());
+                client
+            }
         };
-        let client: Arc<dyn SafeService> =
-            Arc::new(TxServiceClient::new(&options).with_context(|| {
-                format!("set APPROVAL_BRIDGE_SAFE_SERVICE_URLS for chain {chain_id}")
-            })?);
-        clients.insert(chain_id, client.clone());
+        let client: Arc<dyn SafeService> = Arc::new(client);
+        clients.by_chain.insert(chain_id, client.clone());
         Ok(client)
     }
 
@@ -161,6 +176,7 @@ impl SafeFlow {
             .clients
             .lock()
             .expect("services mutex")
+            .by_chain
             .insert(chain_id, service);
     }
 }

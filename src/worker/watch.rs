@@ -51,7 +51,7 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
                     error = format!("{err:#}"),
                     "chain follower pass failed"
                 );
-                let err = stored(
+                let err = StoredError::new(
                     "CHAIN-FOLLOWER",
                     &format!("watching chain {chain_id} failed: {err:#}"),
                     Some(
@@ -160,7 +160,7 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
         // Safe's requests and move past it, so one log cannot stall the chain.
         for (safe, problem) in seen.anomalies {
             tracing::error!(chain_id, %safe, problem = %problem, "unexpected execution log; ignored");
-            let err = stored(
+            let err = StoredError::new(
                 "CHAIN-FOLLOWER",
                 &format!("chain {chain_id}: {problem}"),
                 Some(
@@ -187,12 +187,14 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
         .await?;
     let now = worker.clock.now();
     let mut moved = false;
-    for proposal in worker.store.open_proposals(chain_id).await? {
+    // Read again: the scan may have recorded executions on them.
+    let current = worker.store.open_proposals(chain_id).await?;
+    for proposal in &current {
         moved |= decide(
             worker,
             flow,
             &chain,
-            &proposal,
+            proposal,
             &states,
             head,
             confirmations,
@@ -202,10 +204,7 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
     }
     if touched_apps {
         // A Safe that changed its VERSION() is doubtful evidence: its requests wait.
-        let doubtful: BTreeSet<String> = worker
-            .store
-            .open_proposals(chain_id)
-            .await?
+        let doubtful: BTreeSet<String> = current
             .iter()
             .filter(|p| {
                 let safe = p.safe.parse::<Address>().ok();
@@ -326,7 +325,7 @@ async fn decide(
         return Ok(false);
     };
     if *version != proposal.safe_version {
-        let err = stored(
+        let err = StoredError::new(
             "SAFE-VERSION-CHANGED",
             &format!(
                 "Safe {} now reports VERSION() `{version}`, not `{}` as when proposed",
@@ -350,7 +349,7 @@ async fn decide(
             if success {
                 executed(worker, chain, proposal, now).await
             } else {
-                let err = stored(
+                let err = StoredError::new(
                     "SAFE-EXECUTION-FAILED",
                     &format!(
                         "the Safe executed the proposal with ExecutionFailure in {}; its nonce is used",
@@ -363,7 +362,7 @@ async fn decide(
         }
         // The Safe moved past our nonce without executing us: replaced or rejected.
         _ if *nonce > proposal.nonce as u64 => {
-            let err = stored(
+            let err = StoredError::new(
                 "SAFE-NONCE-REPLACED",
                 &format!(
                     "the Safe used nonce {} for another transaction (a rejection or replacement)",
@@ -377,7 +376,7 @@ async fn decide(
             let submitted = proposal.submitted_at.unwrap_or(proposal.created_at);
             let timeout = chrono::Duration::seconds(flow.proposal_timeout.as_secs() as i64);
             if now - submitted > timeout {
-                let err = stored(
+                let err = StoredError::new(
                     "PROPOSAL-EXPIRED",
                     &format!(
                         "nobody executed Safe proposal {} within {} days",
@@ -436,7 +435,7 @@ async fn executed(
                 .await?;
         } else {
             // Executed, yet not allowed (removed again?): plan afresh.
-            let err = stored(
+            let err = StoredError::new(
                 "NOT-ALLOWED-AFTER-EXECUTION",
                 "the proposal executed but the app does not allow everything the replica needs",
                 None,
@@ -580,9 +579,8 @@ async fn allowed_requests(
         ) else {
             continue;
         };
-        let registration = match row.registration.kind.as_str() {
-            "compose_hash" => Registration::ComposeHash(value),
-            _ => Registration::Device(value),
+        let Some(registration) = Registration::from_kind(&row.registration.kind, value) else {
+            continue;
         };
         needs
             .entry(row.request_id)
@@ -605,12 +603,4 @@ async fn allowed_requests(
         })
         .map(|r| r.id)
         .collect())
-}
-
-fn stored(code: &str, message: &str, suggestion: Option<&str>) -> StoredError {
-    StoredError {
-        code: code.to_owned(),
-        message: message.to_owned(),
-        suggestion: suggestion.map(str::to_owned),
-    }
 }

@@ -8,6 +8,7 @@ mod helpers;
 mod phala_mock;
 mod phala_sim;
 mod replicas_api;
+mod rpc_proxy;
 mod safe_flow;
 mod safe_flow_errors;
 mod safe_service;

@@ -2,18 +2,16 @@
 //! owners execute, with confirmations, reorgs, restarts, replaced and
 //! expired proposals, and a bounded number of RPC calls per pass.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use alloy::primitives::{Bytes, U256};
 use alloy::providers::Provider;
 use approval_bridge::safe::{Call, Deployment, Operation, SafeTx, SafeVersion, build_safe_tx};
-use axum::extract::State;
-use reqwest::Url;
 use serde_json::{Value, json};
 
 use crate::helpers::TestApp;
 use crate::phala_mock::*;
+use crate::rpc_proxy::RpcProxy;
 use crate::safe_flow::{SafeWorld, mount_source_on};
 
 /// Mines `blocks` empty blocks on anvil.
@@ -355,80 +353,12 @@ async fn registrations_allowed_by_other_means_release_the_requests() {
     assert_eq!(sent[0]["transaction_hash"], "already-registered");
 }
 
-/// A JSON-RPC proxy in front of anvil that counts the calls.
-async fn counting_proxy(upstream: Url) -> (Url, Arc<AtomicUsize>) {
-    rpc_proxy(upstream, None).await
-}
-
-/// A JSON-RPC proxy in front of anvil that counts the calls and, with
-/// `max_log_range`, refuses wider `eth_getLogs` ranges as hosted providers do.
-async fn rpc_proxy(upstream: Url, max_log_range: Option<u64>) -> (Url, Arc<AtomicUsize>) {
-    #[derive(Clone)]
-    struct Proxy {
-        upstream: Url,
-        http: reqwest::Client,
-        calls: Arc<AtomicUsize>,
-        max_log_range: Option<u64>,
-    }
-    async fn forward(
-        State(proxy): State<Proxy>,
-        body: axum::body::Bytes,
-    ) -> axum::response::Response {
-        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let n = parsed.as_array().map(Vec::len).unwrap_or(1);
-        proxy.calls.fetch_add(n, Ordering::SeqCst);
-        if let (Some(max), Some("eth_getLogs")) = (proxy.max_log_range, parsed["method"].as_str()) {
-            let block = |key: &str| {
-                parsed["params"][0][key]
-                    .as_str()
-                    .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
-            };
-            if let (Some(from), Some(to)) = (block("fromBlock"), block("toBlock"))
-                && to - from + 1 > max
-            {
-                let refusal = json!({"jsonrpc": "2.0", "id": parsed["id"],
-                    "error": {"code": -32005, "message": format!("block range is too large: at most {max} blocks")}});
-                return axum::Json(refusal).into_response();
-            }
-        }
-        let answer = proxy
-            .http
-            .post(proxy.upstream.clone())
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let bytes = answer.bytes().await.unwrap();
-        (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            bytes,
-        )
-            .into_response()
-    }
-    use axum::response::IntoResponse;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let proxy = Proxy {
-        upstream,
-        http: reqwest::Client::new(),
-        calls: calls.clone(),
-        max_log_range,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap())
-        .parse()
-        .unwrap();
-    let app = axum::Router::new()
-        .route("/", axum::routing::post(forward))
-        .with_state(proxy);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, calls)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_calls_per_pass_do_not_grow_with_open_proposals() {
     let world = SafeWorld::start().await;
-    let (proxy, calls) = counting_proxy(world.chain.rpc_url()).await;
+    let RpcProxy {
+        url: proxy, calls, ..
+    } = RpcProxy::start(world.chain.rpc_url(), None).await;
     let app = world.spawn_bridge_with_rpc(proxy).await;
     mount_source_on(&app, world.app, false).await;
 
@@ -461,7 +391,7 @@ async fn rpc_calls_per_pass_do_not_grow_with_open_proposals() {
 async fn log_ranges_are_split_when_the_provider_refuses_them() {
     let world = SafeWorld::start().await;
     // The provider takes at most 4 blocks per eth_getLogs; the bridge asks for 2000.
-    let (proxy, _) = rpc_proxy(world.chain.rpc_url(), Some(4)).await;
+    let proxy = RpcProxy::start(world.chain.rpc_url(), Some(4)).await.url;
     let app = world.spawn_bridge_with_rpc(proxy).await;
     mount_commit_and_run(&app).await;
     let ids = proposed(&world, &app, &[1]).await;

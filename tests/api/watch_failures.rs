@@ -8,8 +8,7 @@
 //! our stand-ins (`contracts/ChainFaults.sol`) at the Safe's or the app's
 //! address with `anvil_setCode` for a moment, and put the real code back.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, B256, Bytes, U256};
@@ -17,14 +16,13 @@ use alloy::providers::Provider;
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::sol_types::{SolCall, SolEvent};
 use approval_bridge::sandbox::{project_artifact, project_root};
-use axum::extract::State;
-use reqwest::Url;
 use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::TestApp;
 use crate::phala_mock::*;
+use crate::rpc_proxy::RpcProxy;
 use crate::safe_flow::{SafeWorld, hex40};
 use crate::watch_commit::{commits, execute, mine, mount_commit_and_run, proposal_call, proposed};
 
@@ -367,63 +365,14 @@ async fn an_execution_that_reverts_with_gs013_keeps_the_request_waiting_until_it
     assert_eq!(sent[0]["transaction_hash"], execution.as_str());
 }
 
-/// A JSON-RPC proxy in front of anvil that, while `wrong_chain` is not 0,
-/// answers `eth_chainId` with that chain id and passes everything else on.
-async fn chain_id_proxy(upstream: Url) -> (Url, Arc<AtomicU64>) {
-    #[derive(Clone)]
-    struct Proxy {
-        upstream: Url,
-        http: reqwest::Client,
-        wrong_chain: Arc<AtomicU64>,
-    }
-    async fn forward(
-        State(proxy): State<Proxy>,
-        body: axum::body::Bytes,
-    ) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let wrong = proxy.wrong_chain.load(Ordering::SeqCst);
-        if wrong != 0 && request["method"] == "eth_chainId" {
-            let answer =
-                json!({"jsonrpc": "2.0", "id": request["id"], "result": format!("0x{wrong:x}")});
-            return axum::Json(answer).into_response();
-        }
-        let answer = proxy
-            .http
-            .post(proxy.upstream.clone())
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let bytes = answer.bytes().await.unwrap();
-        (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            bytes,
-        )
-            .into_response()
-    }
-    let wrong_chain = Arc::new(AtomicU64::new(0));
-    let proxy = Proxy {
-        upstream,
-        http: reqwest::Client::new(),
-        wrong_chain: wrong_chain.clone(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap())
-        .parse()
-        .unwrap();
-    let app = axum::Router::new()
-        .route("/", axum::routing::post(forward))
-        .with_state(proxy);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, wrong_chain)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpc_that_answers_for_another_chain_is_not_believed() {
     let world = SafeWorld::start().await;
-    let (rpc, wrong_chain) = chain_id_proxy(world.chain.rpc_url()).await;
+    let RpcProxy {
+        url: rpc,
+        wrong_chain,
+        ..
+    } = RpcProxy::start(world.chain.rpc_url(), None).await;
     let app = world.spawn_bridge_with_rpc(rpc).await;
     mount_commit_and_run(&app).await;
     let ids = proposed(&world, &app, &[1]).await;
