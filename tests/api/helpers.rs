@@ -212,7 +212,7 @@ impl TestApp {
         timestamp: i64,
         idempotency_key: Option<&str>,
     ) -> Response {
-        let signature = webhook::sign(secret, timestamp, body.as_bytes());
+        let signature = webhook::sign(secret, timestamp, idempotency_key, body.as_bytes());
         self.post_webhook_raw(body, &timestamp.to_string(), &signature, idempotency_key)
             .await
     }
