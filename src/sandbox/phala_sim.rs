@@ -122,7 +122,8 @@ pub struct PhalaWorld {
     pub workspace: String,
     /// `kms_info.chain_id` of the on-chain CVMs; the RPC must serve this chain.
     pub chain_id: u64,
-    /// `kms_info.dstack_kms_address` (no DstackKms is deployed locally).
+    /// `kms_info.dstack_kms_address`: the DstackKms stand-in whose root key is
+    /// [`kms_root_key`], when one is deployed.
     pub kms_contract: Address,
     pub nodes: Vec<SimNode>,
     pub cvms: Vec<SimCvm>,
@@ -388,6 +389,17 @@ pub fn env_public_key(app: Address) -> String {
 fn kms_signer() -> PrivateKeySigner {
     let digest = Sha256::digest(format!("approval-bridge sim kms {KMS_SLUG}"));
     PrivateKeySigner::from_slice(&digest).expect("a SHA-256 digest is a valid secp256k1 key")
+}
+
+/// The root key the DstackKms stand-in registers: the signer of env keys,
+/// compressed SEC1, as the real KMS publishes its `k256Pubkey`.
+pub fn kms_root_key() -> Vec<u8> {
+    kms_signer()
+        .credential()
+        .verifying_key()
+        .to_encoded_point(true)
+        .as_bytes()
+        .to_vec()
 }
 
 /// `keccak256("dstack-env-encrypt-pubkey" ‖ ":" ‖ app_id ‖ public_key)` (§10).

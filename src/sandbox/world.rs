@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::chain::LocalChain;
 use super::controls::{self, Controls};
-use super::phala_sim::{PhalaSim, PhalaWorld, SimCvm, standard};
+use super::phala_sim::{PhalaSim, PhalaWorld, SimCvm, kms_root_key, standard};
 use super::safe_service::SafeServiceSim;
 use crate::config::{
-    AllowedSafes, Confirmations, DatabaseSettings, LogFormat, PhalaSettings, RpcUrls, SafeSettings,
-    Settings, WorkerSettings, parse_named_secrets,
+    AllowedSafes, Confirmations, DatabaseSettings, KmsContracts, LogFormat, PhalaSettings, RpcUrls,
+    SafeSettings, Settings, TrustSettings, WorkerSettings, parse_named_secrets,
 };
 use crate::safe::{Call, DelegateRegistration, TxServiceClient, TxServiceOptions};
 use crate::startup::Application;
@@ -141,6 +141,10 @@ impl Sandbox {
         let mut world = PhalaWorld::standard(chain.chain_id(), web, api)
             .with_cvm(SimCvm::onchain(EOA_CVM, eoa, 1));
         world.boot_delay = chrono::Duration::from_std(options.boot_delay)?;
+        // The KMS whose root key signs the simulator's env keys, as on Base.
+        world.kms_contract = chain
+            .deploy_dstack_kms(chain.address(DEPLOYER), &kms_root_key())
+            .await?;
         // prod-1 is already allowed on both Safe-owned apps; the other nodes are not.
         let allowed = world
             .node(standard::NODES[0])
@@ -154,6 +158,7 @@ impl Sandbox {
             .exec_calls(safe, &register, &owner_keys[..2], &executor)
             .await?;
 
+        let world_kms = world.kms_contract;
         let (phala_url, phala) = PhalaSim::spawn(world, chain.rpc_url()).await?;
         let (safe_service_url, safe_service) = SafeServiceSim::spawn(chain.rpc_url()).await?;
 
@@ -209,6 +214,13 @@ impl Sandbox {
                 confirmations: Confirmations(vec![(chain.chain_id(), options.confirmations)]),
                 chain_poll_secs: 1,
                 ..SafeSettings::default()
+            },
+            trust: TrustSettings {
+                kms_contracts: KmsContracts(vec![(chain.chain_id(), world_kms)]),
+                // Room for benchmarks of many replicas.
+                quota_per_hour: 10_000,
+                cloud_quota_per_hour: 1_000,
+                ..TrustSettings::default()
             },
             log_format: LogFormat::Text,
         };

@@ -4,9 +4,12 @@
 mod chain_world;
 mod cli;
 mod delegate_cli;
+mod env_keys;
 mod helpers;
+mod kms_mock;
 mod phala_mock;
 mod phala_sim;
+mod prepare_checks;
 mod replicas_api;
 mod rpc_proxy;
 mod safe_flow;
