@@ -163,7 +163,14 @@ fn quota_exceeded(
     } else {
         "Cloud-KMS sources"
     };
-    let retry_after_secs = retry_after.num_seconds().max(1) as u64;
+    // Whole seconds, rounded up: retrying at once after them must succeed.
+    let whole = retry_after.num_seconds();
+    let retry_after_secs = if retry_after > chrono::Duration::seconds(whole) {
+        whole + 1
+    } else {
+        whole
+    }
+    .max(1) as u64;
     let message = if i64::from(wanted) > i64::from(limit) {
         format!(
             "`{principal}` may queue {limit} replicas of {kind} per hour, and this asks for {wanted}; ask for fewer"

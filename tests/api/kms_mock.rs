@@ -57,16 +57,28 @@ impl MockKms {
 
     /// `GET /kms/base/pubkey/{app}` answering with the env key, signed by `signer`.
     pub async fn mount_env_key(&self, phala: &MockServer, signer: &PrivateKeySigner) {
-        let app: AppId = app_id().parse().unwrap();
+        self.mount_env_key_for(phala, &app_id(), signer).await;
+    }
+
+    /// The same for the app `app` (40 hex digits).
+    pub async fn mount_env_key_for(
+        &self,
+        phala: &MockServer,
+        app: &str,
+        signer: &PrivateKeySigner,
+    ) {
+        let parsed: AppId = app.parse().unwrap();
         let public = PublicKey::from(&self.env_secret);
-        let hash = env_key_message_hash(&app, public.as_bytes());
+        let hash = env_key_message_hash(&parsed, public.as_bytes());
         let mut rsv = signer.sign_hash_sync(&hash).unwrap().as_bytes();
         rsv[64] -= 27; // dstack's KMS writes v as 0 or 1
-        mount_env_key_answer(
-            phala,
-            json!({"public_key": self.env_public_hex(), "signature": hex::encode(rsv)}),
-        )
-        .await;
+        Mock::given(method("GET"))
+            .and(path(api(&format!("/kms/base/pubkey/{app}"))))
+            .respond_with(ResponseTemplate::new(200).set_body_json(
+                json!({"public_key": self.env_public_hex(), "signature": hex::encode(rsv)}),
+            ))
+            .mount(phala)
+            .await;
     }
 
     /// Points the bridge's RPC for Base at this mock.

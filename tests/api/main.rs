@@ -1,6 +1,7 @@
 //! Integration tests: one binary, the real app on port 0, a fresh Postgres
 //! database per test, wiremock for Phala Cloud.
 
+mod access;
 mod chain_world;
 mod cli;
 mod delegate_cli;
