@@ -11,6 +11,7 @@ mod kms_mock;
 mod phala_mock;
 mod phala_sim;
 mod prepare_checks;
+mod properties;
 mod replicas_api;
 mod rpc_proxy;
 mod safe_flow;
