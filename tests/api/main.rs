@@ -12,6 +12,7 @@ mod phala_mock;
 mod phala_sim;
 mod prepare_checks;
 mod properties;
+mod readme;
 mod replicas_api;
 mod rpc_proxy;
 mod safe_flow;
