@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::config::{LogFormat, Settings};
+use crate::config::{LogFormat, SafeSettings, Settings};
 
 /// What replaces a secret.
 pub const REDACTED: &str = "[redacted]";
@@ -46,30 +46,8 @@ pub fn init(format: LogFormat) {
 /// the database password.
 pub fn register_settings(settings: &Settings) {
     register_url(&settings.phala.phala_api_url);
-    let safe = &settings.safe;
-    let urls = safe
-        .rpc_urls
-        .0
-        .iter()
-        .chain(safe.safe_service_urls.0.iter());
-    for (_, url) in urls {
-        register_url(url);
-    }
-    if let Some(url) = &safe.eth_rpc_url {
-        register_url(url);
-    }
     register_secret(settings.phala.phala_api_key.expose_secret());
-    for key in [&safe.safe_api_key, &safe.proposer_key]
-        .into_iter()
-        .flatten()
-    {
-        register_key(key.expose_secret());
-    }
-    if let Some(path) = &safe.proposer_key_file
-        && let Ok(key) = std::fs::read_to_string(path)
-    {
-        register_key(&key);
-    }
+    register_safe_settings(&settings.safe);
     let named = settings
         .api_tokens
         .0
@@ -82,6 +60,32 @@ pub fn register_settings(settings: &Settings) {
         && let Some(password) = url.password()
     {
         register_secret(password);
+    }
+}
+
+/// The chain and Safe settings alone (the `delegate` command has only these).
+pub fn register_safe_settings(safe: &SafeSettings) {
+    let urls = safe
+        .rpc_urls
+        .0
+        .iter()
+        .chain(safe.safe_service_urls.0.iter());
+    for (_, url) in urls {
+        register_url(url);
+    }
+    if let Some(url) = &safe.eth_rpc_url {
+        register_url(url);
+    }
+    for key in [&safe.safe_api_key, &safe.proposer_key]
+        .into_iter()
+        .flatten()
+    {
+        register_key(key.expose_secret());
+    }
+    if let Some(path) = &safe.proposer_key_file
+        && let Ok(key) = std::fs::read_to_string(path)
+    {
+        register_key(&key);
     }
 }
 

@@ -259,3 +259,40 @@ fn help_hides_the_values_of_urls_and_secrets() {
         assert!(!help.contains(secret), "`{secret}` is shown: {help}");
     }
 }
+
+/// A start-up that fails on the chain prints one line, without the RPC key.
+#[tokio::test]
+async fn a_failed_start_up_names_no_url_key() {
+    let database_url = crate::helpers::fresh_database().await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_approval-bridge"))
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("APPROVAL_BRIDGE_LISTEN", "127.0.0.1:0")
+        .env("APPROVAL_BRIDGE_PHALA_API_KEY", PHALA_API_KEY)
+        .env(
+            "APPROVAL_BRIDGE_RPC_URLS",
+            format!("31337=http://127.0.0.1:9/?apikey={RPC_KEY}"),
+        )
+        .env(
+            "APPROVAL_BRIDGE_SAFES",
+            format!("31337:0x{}", "5a".repeat(20)),
+        )
+        .env(
+            "APPROVAL_BRIDGE_PROPOSER_KEY",
+            format!("0x{}", "ab".repeat(32)),
+        )
+        .env("APPROVAL_BRIDGE_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stderr.contains("127.0.0.1:9"),
+        "the line says where: {stderr}"
+    );
+    for secret in [RPC_KEY, &"ab".repeat(32)] {
+        assert!(!stderr.contains(secret), "{stderr}");
+        assert!(!stdout.contains(secret), "{stdout}");
+    }
+}
