@@ -28,6 +28,7 @@ impl Application {
     }
 
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
+        settings.check()?;
         let pool = store::connect(&settings.database).await?;
         store::migrate(&pool).await?;
         let store = Store::new(pool);

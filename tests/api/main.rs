@@ -15,6 +15,7 @@ mod safe_service;
 mod sandbox_e2e;
 mod sandbox_page;
 mod secrets;
+mod unknown_outcomes;
 mod watch_commit;
 mod watch_failures;
 mod webhook;
