@@ -34,7 +34,8 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct SandboxArgs {
-    /// The bridge's port (web page, API, webhook).
+    /// The sandbox's port: the web page, the sandbox controls, and the
+    /// bridge's API and webhook (forwarded to the bridge).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Seconds between blocks on the local chain.
@@ -47,11 +48,28 @@ pub struct SandboxArgs {
     #[arg(long, default_value = "sandbox-secret")]
     pub webhook_secret: String,
     /// Postgres URL of the sandbox's database, emptied at each start.
+    /// [default: the local approval_bridge_sandbox; with --world-only, none]
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Seconds requests collect before their Safe transaction is proposed.
     #[arg(long, default_value_t = 10)]
     pub batch_window_secs: u64,
+    /// Blocks on top of a Safe execution before the bridge acts on it.
+    #[arg(long, default_value_t = 2)]
+    pub confirmations: u64,
+    /// Start anvil, the Safe and the simulators without the bridge, and print
+    /// the environment of `approval-bridge serve` against them on stdout.
+    #[arg(long)]
+    pub world_only: bool,
+    /// Print the environment of `serve` on stdout (the banner then goes to
+    /// stderr): `export NAME='value'` lines, or one JSON object on one line.
+    /// [default with --world-only: shell]
+    #[arg(long, value_enum)]
+    pub print_env: Option<crate::sandbox::EnvFormat>,
+    /// The bridge's own port (with --world-only, the one `serve` is told to
+    /// use). [default: a free port]
+    #[arg(long)]
+    pub bridge_port: Option<u16>,
 }
 
 impl Cli {

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use crate::helpers::fresh_database;
 
-fn bridge() -> Command {
+pub(crate) fn bridge() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_approval-bridge"));
     // Start from a clean slate: the developer's environment must not leak in.
     for (key, _) in std::env::vars() {

@@ -30,6 +30,7 @@ impl Driver {
             batch_window_secs: 10,
             confirmations: 1,
             boot_delay: Duration::ZERO,
+            ..SandboxOptions::default()
         };
         let sandbox = Sandbox::start(options).await.expect("the sandbox starts");
         Driver {
