@@ -47,9 +47,15 @@ pub struct SandboxArgs {
     /// The CI webhook secret.
     #[arg(long, default_value = "sandbox-secret")]
     pub webhook_secret: String,
-    /// Postgres URL of the sandbox's database, emptied at each start.
-    /// [default: the local approval_bridge_sandbox; with --world-only, none]
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    /// Postgres URL of the sandbox's own database, dropped and re-created at
+    /// each start: its name must end in `_sandbox`. `DATABASE_URL` is never
+    /// read. [default: the local approval_bridge_sandbox; with --world-only,
+    /// none]
+    #[arg(
+        long,
+        env = "APPROVAL_BRIDGE_SANDBOX_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// Seconds requests collect before their Safe transaction is proposed.
     #[arg(long, default_value_t = 10)]
@@ -173,6 +179,18 @@ mod tests {
         );
         assert!(!line.contains("hunter2"), "{line}");
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn the_sandbox_reads_its_own_database_setting_never_database_url() {
+        let command = Cli::command();
+        let sandbox = command.find_subcommand("sandbox").unwrap();
+        let envs: Vec<String> = sandbox
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(envs, ["APPROVAL_BRIDGE_SANDBOX_DATABASE_URL"]);
     }
 
     #[test]

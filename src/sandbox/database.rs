@@ -1,4 +1,7 @@
-//! The sandbox's own database, dropped and re-created at every start.
+//! The sandbox's own database. The sandbox drops and re-creates it at every
+//! start, so it comes from its own setting (`APPROVAL_BRIDGE_SANDBOX_DATABASE_URL`
+//! or `--database-url`), never from `serve`'s `DATABASE_URL`, and its name must
+//! end in `_sandbox`: a production database cannot be named by mistake.
 
 use anyhow::{Context, bail};
 use reqwest::Url;
@@ -6,8 +9,10 @@ use sqlx::{Connection, PgConnection};
 
 /// The local Postgres of this machine kind, with the sandbox's own database.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/approval_bridge_sandbox";
+/// The ending every sandbox database name must have.
+pub const SUFFIX: &str = "_sandbox";
 /// Where the sandbox reads its database URL from (besides `--database-url`).
-pub const SETTING: &str = "DATABASE_URL";
+pub const SETTING: &str = "APPROVAL_BRIDGE_SANDBOX_DATABASE_URL";
 
 /// A checked sandbox database: its URL, the server's maintenance database,
 /// and its name.
@@ -29,8 +34,8 @@ impl std::fmt::Debug for SandboxDatabase {
 
 impl SandboxDatabase {
     /// Checks `url` without connecting: a Postgres URL whose database name is
-    /// letters, digits and `_`. Errors are one line and never echo the URL (it
-    /// may carry a password).
+    /// letters, digits and `_`, ending in `_sandbox`. Errors are one line and
+    /// never echo the URL (it may carry a password).
     pub fn parse(url: &str) -> anyhow::Result<SandboxDatabase> {
         let parsed = Url::parse(url)
             .ok()
@@ -44,6 +49,12 @@ impl SandboxDatabase {
         }
         if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             bail!("the sandbox database name `{name}` must be letters, digits and `_`");
+        }
+        if !name.ends_with(SUFFIX) || name.len() == SUFFIX.len() {
+            bail!(
+                "refusing database `{name}`: the sandbox empties its database at every start, \
+                 so the name must end in `{SUFFIX}` (set {SETTING} or --database-url)"
+            );
         }
         let mut maintenance = parsed.clone();
         maintenance.set_path("/postgres");
@@ -100,7 +111,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_are_checked_without_echoing_them() {
+    fn only_names_ending_in_sandbox_are_accepted() {
         let db =
             SandboxDatabase::parse("postgres://postgres@127.0.0.1:5432/approval_bridge_sandbox")
                 .unwrap();
@@ -111,6 +122,15 @@ mod tests {
         );
 
         for (url, expected) in [
+            (
+                "postgres://u:hunter2@db/approval_bridge",
+                "must end in `_sandbox`",
+            ),
+            ("postgres://u:hunter2@db/_sandbox", "must end in `_sandbox`"),
+            (
+                "postgres://u:hunter2@db/sandbox_prod",
+                "must end in `_sandbox`",
+            ),
             ("postgres://u:hunter2@db/", "names no database"),
             ("postgres://u:hunter2@db/x;drop_sandbox", "letters, digits"),
             ("mysql://u:hunter2@db/x_sandbox", "is not a postgres"),

@@ -15,7 +15,7 @@ pub(crate) fn bridge() -> Command {
     command
 }
 
-fn one_line_error(output: std::process::Output) -> String {
+pub(crate) fn one_line_error(output: std::process::Output) -> String {
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");

@@ -1,5 +1,6 @@
 //! `approval-bridge sandbox` as a process: `--world-only` keeps anvil, the
-//! Safe and the simulators up while `serve` runs, dies and restarts apart.
+//! Safe and the simulators up while `serve` runs, dies and restarts apart;
+//! and the sandbox never touches a database that is not its own.
 //!
 //! [`WorldProcess`] and [`ServeProcess`] are meant for the crash and fault
 //! suites too: start the world once, then kill and restart `serve` at will.
@@ -11,9 +12,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
 
-use crate::cli::bridge;
-use crate::helpers::fresh_database;
+use crate::cli::{bridge, one_line_error};
+use crate::helpers::{base_database_url, fresh_database};
 
 /// The token and secret the sandbox's environment carries.
 const TOKEN: &str = "world-token-123";
@@ -363,4 +365,107 @@ async fn the_world_only_sandbox_prints_shell_lines_by_default() {
     );
     assert!(!printed.iter().any(|l| l.contains("DATABASE_URL")));
     assert!(log.contains("not started (--world-only)"), "{log}");
+}
+
+/// Creates `name` with a marker table; `true` later means nothing dropped it.
+async fn marked_database(name: &str) -> String {
+    let base = base_database_url();
+    let mut conn = PgConnection::connect(&base).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    let url = format!("{prefix}/{name}");
+    let mut db = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE precious (id int)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    url
+}
+
+async fn still_marked(url: &str) -> bool {
+    match PgConnection::connect(url).await {
+        Ok(mut db) => sqlx::query("SELECT 1 FROM precious")
+            .execute(&mut db)
+            .await
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn the_sandbox_refuses_a_database_not_named_sandbox_and_drops_nothing() {
+    let name = format!("ab_test_{}", uuid::Uuid::new_v4().simple());
+    let url = marked_database(&name).await;
+    let expected = format!(
+        "approval-bridge: refusing database `{name}`: the sandbox empties its database at every start, \
+         so the name must end in `_sandbox` (set APPROVAL_BRIDGE_SANDBOX_DATABASE_URL or --database-url)"
+    );
+    for world_only in [false, true] {
+        let mut command = bridge();
+        command.args(["sandbox", "--port", "0", "--database-url", &url]);
+        if world_only {
+            command.arg("--world-only");
+        }
+        let output = command.output().unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        assert_eq!(one_line_error(output), expected);
+    }
+    let output = bridge()
+        .args(["sandbox", "--port", "0"])
+        .env("APPROVAL_BRIDGE_SANDBOX_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(one_line_error(output), expected);
+    assert!(still_marked(&url).await, "{name} was dropped");
+}
+
+#[tokio::test]
+async fn the_sandbox_never_reads_database_url() {
+    // Even a DATABASE_URL that the sandbox would accept is left alone: the
+    // sandbox reads only its own setting (here unreachable, so it stops).
+    let name = format!("ab_test_{}_sandbox", uuid::Uuid::new_v4().simple());
+    let url = marked_database(&name).await;
+    let output = bridge()
+        .args(["sandbox", "--port", "0"])
+        .env("DATABASE_URL", &url)
+        .env(
+            "APPROVAL_BRIDGE_SANDBOX_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/unreachable_sandbox",
+        )
+        .output()
+        .unwrap();
+    let line = one_line_error(output);
+    assert!(
+        line.starts_with("approval-bridge: cannot reach Postgres at 127.0.0.1:1"),
+        "{line}"
+    );
+    assert!(still_marked(&url).await, "{name} was dropped");
+
+    // A production DATABASE_URL is not even looked at: the sandbox goes on
+    // with its own default and stops at the next check (the port).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = bridge()
+        .args(["sandbox", "--port", &port])
+        .env(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/production",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(
+        one_line_error(output),
+        format!("approval-bridge: port {port} is in use: stop what listens there, or pass --port")
+    );
+
+    let help = bridge().args(["sandbox", "--help"]).output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(
+        help.contains("[env: APPROVAL_BRIDGE_SANDBOX_DATABASE_URL"),
+        "{help}"
+    );
+    assert!(!help.contains("[env: DATABASE_URL"), "{help}");
 }
