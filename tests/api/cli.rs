@@ -4,7 +4,7 @@ use std::process::Command;
 
 use crate::helpers::fresh_database;
 
-fn bridge() -> Command {
+pub(crate) fn bridge() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_approval-bridge"));
     // Start from a clean slate: the developer's environment must not leak in.
     for (key, _) in std::env::vars() {
@@ -15,7 +15,7 @@ fn bridge() -> Command {
     command
 }
 
-fn one_line_error(output: std::process::Output) -> String {
+pub(crate) fn one_line_error(output: std::process::Output) -> String {
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");

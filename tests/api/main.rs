@@ -14,6 +14,7 @@ mod safe_flow_errors;
 mod safe_service;
 mod sandbox_e2e;
 mod sandbox_page;
+mod sandbox_process;
 mod secrets;
 mod unknown_outcomes;
 mod watch_commit;
