@@ -4,6 +4,8 @@
 mod chain_world;
 mod cli;
 mod delegate_cli;
+mod exactly_once;
+mod fault_proxy;
 mod helpers;
 mod phala_mock;
 mod phala_sim;

@@ -18,7 +18,7 @@ use crate::cli::{bridge, one_line_error};
 use crate::helpers::{base_database_url, fresh_database};
 
 /// The token and secret the sandbox's environment carries.
-const TOKEN: &str = "world-token-123";
+pub const TOKEN: &str = "world-token-123";
 
 /// A log file under the test's target directory, for a child's stderr.
 fn log_file(name: &str) -> (PathBuf, std::fs::File) {
@@ -109,10 +109,23 @@ impl WorldProcess {
     /// Starts `serve` with the printed environment on `database_url`, and
     /// waits until it answers `/health` (bounded).
     pub async fn serve(&self, database_url: &str) -> ServeProcess {
+        self.serve_with(database_url, &BTreeMap::new()).await
+    }
+
+    /// [`WorldProcess::serve`] with some of the printed variables replaced
+    /// (another listen address, a proxy in front of a simulator, ...).
+    pub async fn serve_with(
+        &self,
+        database_url: &str,
+        overrides: &BTreeMap<String, String>,
+    ) -> ServeProcess {
+        let mut env = self.env.clone();
+        env.extend(overrides.clone());
+        let bridge_url = format!("http://{}/", env["APPROVAL_BRIDGE_LISTEN"]);
         let (log, stderr) = log_file("serve");
         let child = bridge()
             .arg("serve")
-            .envs(&self.env)
+            .envs(&env)
             .env("DATABASE_URL", database_url)
             .stdout(stderr.try_clone().expect("clone a file handle"))
             .stderr(stderr)
@@ -122,7 +135,7 @@ impl WorldProcess {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let health = http.get(format!("{}health", self.bridge_url)).send().await;
+            let health = http.get(format!("{bridge_url}health")).send().await;
             if health.is_ok_and(|r| r.status().is_success()) {
                 return serve;
             }
