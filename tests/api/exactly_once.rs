@@ -250,14 +250,7 @@ impl Run {
     /// Checks what the world holds against what the bridge recorded, and
     /// returns the figures.
     async fn verify(&self) -> Figures {
-        let requests: Vec<(
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        )> = sqlx::query_as(
+        let requests: Vec<RequestRow> = sqlx::query_as(
             "SELECT id::text, status, replica_vm_uuid, last_error_code, last_error_message,
                         last_error_suggestion
                  FROM replica_requests",
@@ -394,6 +387,16 @@ impl Run {
         }
     }
 }
+
+/// id, status, replica, and the last error's code, message and suggestion.
+type RequestRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 #[derive(Debug)]
 struct Figures {
