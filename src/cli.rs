@@ -29,9 +29,11 @@ pub enum Command {
     Delegate(delegate::DelegateCommand),
     /// Run the whole flow on this machine: anvil with a Safe, the Phala Cloud
     /// and Safe Transaction Service simulators, and the bridge.
+    #[cfg(feature = "sandbox")]
     Sandbox(SandboxArgs),
 }
 
+#[cfg(feature = "sandbox")]
 #[derive(Debug, clap::Args)]
 pub struct SandboxArgs {
     /// The sandbox's port: the web page, the sandbox controls, and the
@@ -181,6 +183,24 @@ mod tests {
         assert!(!line.contains('\n'));
     }
 
+    #[test]
+    fn the_sandbox_subcommand_exists_only_with_the_sandbox_feature() {
+        let command = Cli::command();
+        let names: Vec<&str> = command.get_subcommands().map(|c| c.get_name()).collect();
+        assert_eq!(
+            names.contains(&"sandbox"),
+            cfg!(feature = "sandbox"),
+            "{names:?}"
+        );
+        let help = command.clone().render_long_help().to_string();
+        assert_eq!(
+            help.contains("sandbox"),
+            cfg!(feature = "sandbox"),
+            "{help}"
+        );
+    }
+
+    #[cfg(feature = "sandbox")]
     #[test]
     fn the_sandbox_reads_its_own_database_setting_never_database_url() {
         let command = Cli::command();

@@ -28,10 +28,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         // No log subscriber: stdout carries only the command's output.
         Command::Delegate(command) => delegate::run(command).await,
+        #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => sandbox(args).await,
     }
 }
 
+#[cfg(feature = "sandbox")]
 async fn sandbox(args: approval_bridge::cli::SandboxArgs) -> anyhow::Result<()> {
     use approval_bridge::sandbox::{EnvFormat, Sandbox, SandboxOptions};
     use std::io::Write;
