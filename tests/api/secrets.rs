@@ -1,41 +1,22 @@
-//! Secrets never reach a log line or an API response.
+//! Secrets never reach a log line, the database or an API answer: the real
+//! `serve` process, logging at TRACE, with keyed RPC, Safe service and Phala
+//! URLs, a proposer key, env overrides and an RPC outage.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use approval_bridge::config::{KmsContracts, RpcUrls};
-use approval_bridge::sandbox::chain::LocalChain;
-use approval_bridge::telemetry::Redacting;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::IntoResponse;
 use reqwest::Url;
-use serde_json::json;
-use tracing_subscriber::fmt::MakeWriter;
+use serde_json::{Value, json};
+use sqlx::PgPool;
 use wiremock::matchers::{body_partial_json, header, method, path};
-use wiremock::{Mock, ResponseTemplate};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{API_TOKEN, PHALA_API_KEY, TestApp, WEBHOOK_SECRET, spawn_app_with};
+use crate::helpers::{API_TOKEN, PHALA_API_KEY, WEBHOOK_SECRET, fresh_database};
 use crate::kms_mock::{MockKms, compressed};
 use crate::phala_mock::*;
 use crate::safe_flow::{SafeWorld, hex40};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 const RPC_KEY: &str = "rpc-key-do-not-log-7311";
 const SAFE_SERVICE_KEY: &str = "safe-url-key-do-not-log-7312";
@@ -50,9 +31,57 @@ fn keyed(url: &Url, key: &str) -> Url {
     url
 }
 
+/// A JSON-RPC proxy that can go away: then connections are refused, and
+/// the bridge's chain client fails with an error that quotes its URL.
+struct Outage {
+    url: Url,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Outage {
+    async fn start(upstream: Url) -> Outage {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state((reqwest::Client::new(), upstream));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Outage { url, server }
+    }
+
+    fn begin(&self) {
+        self.server.abort();
+    }
+}
+
+/// Forwards a call and closes the connection, so none outlives an outage.
+async fn forward(
+    State((http, upstream)): State<(reqwest::Client, Url)>,
+    body: Bytes,
+) -> axum::response::Response {
+    let answer = http
+        .post(upstream)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let bytes = answer.bytes().await.unwrap();
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "application/json"),
+            (axum::http::header::CONNECTION, "close"),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
 /// Phala for a source on `dstack_app`: nodes 1–3, a prepare per node whose
-/// commit token is a secret, an env key signed by `kms`, and the commit.
-async fn mount_phala(app: &TestApp, dstack_app: &str, kms: &MockKms) {
+/// commit token is a secret, and an env key signed by `kms`.
+async fn mount_phala(phala: &MockServer, dstack_app: &str, kms: &MockKms) {
     let mut cvm = onchain_cvm_on(dstack_app, 31337, ONCHAIN_VM, ONCHAIN_NAME);
     cvm["compose_file"] = json!({"allowed_envs": ["DB_PASSWORD"]});
     for id in [ONCHAIN_VM, ONCHAIN_NAME] {
@@ -60,10 +89,10 @@ async fn mount_phala(app: &TestApp, dstack_app: &str, kms: &MockKms) {
             .and(path(api(&format!("/cvms/{id}"))))
             .and(header("X-API-Key", PHALA_API_KEY))
             .respond_with(ResponseTemplate::new(200).set_body_json(cvm.clone()))
-            .mount(&app.phala)
+            .mount(phala)
             .await;
     }
-    mount_nodes(&app.phala, &[(1, "node-a"), (2, "node-b"), (3, "node-c")]).await;
+    mount_nodes(phala, &[(1, "node-a"), (2, "node-b"), (3, "node-c")]).await;
     for node in 1..=3u32 {
         Mock::given(method("POST"))
             .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
@@ -77,16 +106,15 @@ async fn mount_phala(app: &TestApp, dstack_app: &str, kms: &MockKms) {
                 false,
                 true,
             )))
-            .mount(&app.phala)
+            .mount(phala)
             .await;
     }
-    kms.mount_env_key_for(&app.phala, dstack_app, &kms.signer)
-        .await;
+    kms.mount_env_key_for(phala, dstack_app, &kms.signer).await;
 }
 
 /// Every text column of every table, but the commit token (a stored bearer
 /// secret by design) and the encrypted env.
-async fn database_text(app: &TestApp) -> String {
+async fn database_text(db: &PgPool) -> String {
     let mut text = String::new();
     for table in [
         "replica_requests",
@@ -98,7 +126,7 @@ async fn database_text(app: &TestApp) -> String {
         let rows: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT (to_jsonb(t) - 'commit_token' - 'encrypted_env')::text FROM {table} t"
         ))
-        .fetch_all(&app.db)
+        .fetch_all(db)
         .await
         .unwrap();
         text.push_str(&rows.join("\n"));
@@ -106,19 +134,100 @@ async fn database_text(app: &TestApp) -> String {
     text
 }
 
-/// The whole flow at TRACE level, every library included: intake with env,
-/// the webhook, a Safe proposal signed with the proposer key, then an RPC
-/// outage whose errors quote the RPC URL. Then a search of the log, the
-/// database and the API answers for each secret.
-#[tokio::test]
-async fn no_secret_reaches_the_log_the_database_or_the_api() {
-    let log = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(Redacting(log.clone()))
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+/// `approval-bridge serve`, its stdout and stderr in a file; killed on drop.
+struct Serve {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    url: String,
+}
 
+impl Serve {
+    async fn start(env: &[(&str, String)]) -> Serve {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("secrets-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = crate::cli::bridge();
+        command
+            .arg("serve")
+            .env("APPROVAL_BRIDGE_LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut serve = Serve {
+            child: command.spawn().unwrap(),
+            log,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let health = http.get(format!("{}/health", serve.url)).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return serve;
+            }
+            if let Some(status) = serve.child.try_wait().unwrap() {
+                panic!("serve exited with {status}: {}", serve.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not start: {}",
+                serve.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls a request until `done` says so (bounded: fails, never hangs).
+async fn wait_for(
+    http: &reqwest::Client,
+    serve: &Serve,
+    id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..240 {
+        last = http
+            .get(format!("{}/api/v1/replicas/{id}", serve.url))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("request {id} did not get there: {last}\n{}", serve.log());
+}
+
+/// The whole flow in a real `serve` at TRACE level, every library included:
+/// intake with env, the webhook, a Safe proposal signed with the proposer
+/// key, then an RPC outage whose errors quote the RPC URL. Then a search of
+/// the log, the database and the API answers for each secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_log_the_database_or_the_api() {
     let world = SafeWorld::start().await;
     let kms = MockKms::start(None).await;
     let dstack_kms = world
@@ -126,59 +235,114 @@ async fn no_secret_reaches_the_log_the_database_or_the_api() {
         .deploy_dstack_kms(world.chain.address(4), &compressed(&kms.signer))
         .await
         .unwrap();
+    let phala = MockServer::start().await;
+    mount_phala(&phala, &hex40(world.app), &kms).await;
+    let rpc = Outage::start(world.chain.rpc_url()).await;
     let proposer_key = hex::encode(world.chain.private_key(0));
-    let rpc = keyed(&world.chain.rpc_url(), RPC_KEY);
-    let service = keyed(&world.service_url, SAFE_SERVICE_KEY);
-    let configure_safe = world.configure(rpc.clone());
-    let app = spawn_app_with(move |s| {
-        configure_safe(s);
-        s.safe.safe_service_urls = RpcUrls(vec![(31337, service)]);
-        s.trust.kms_contracts = KmsContracts(vec![(31337, dstack_kms)]);
-        let phala = s.phala.phala_api_url.clone();
-        s.phala.phala_api_url = keyed(&phala, PHALA_URL_KEY);
-    })
+    let database_url = fresh_database().await;
+    let phala_url: Url = format!("{}/api/v1", phala.uri()).parse().unwrap();
+    let serve = Serve::start(&[
+        ("DATABASE_URL", database_url.clone()),
+        ("RUST_LOG", "trace".into()),
+        (
+            "APPROVAL_BRIDGE_PHALA_API_URL",
+            keyed(&phala_url, PHALA_URL_KEY).to_string(),
+        ),
+        ("APPROVAL_BRIDGE_PHALA_API_KEY", PHALA_API_KEY.into()),
+        ("APPROVAL_BRIDGE_API_TOKENS", format!("ci-bot={API_TOKEN}")),
+        (
+            "APPROVAL_BRIDGE_WEBHOOK_SECRETS",
+            format!("github={WEBHOOK_SECRET}"),
+        ),
+        ("APPROVAL_BRIDGE_WORKERS", "1".into()),
+        ("APPROVAL_BRIDGE_POLL_INTERVAL_SECS", "1".into()),
+        ("APPROVAL_BRIDGE_BACKOFF_BASE_SECS", "1".into()),
+        ("APPROVAL_BRIDGE_BATCH_WINDOW_SECS", "0".into()),
+        ("APPROVAL_BRIDGE_CHAIN_POLL_SECS", "1".into()),
+        (
+            "APPROVAL_BRIDGE_RPC_URLS",
+            format!("31337={}", keyed(&rpc.url, RPC_KEY)),
+        ),
+        ("APPROVAL_BRIDGE_SAFES", format!("31337:{}", world.safe)),
+        ("APPROVAL_BRIDGE_PROPOSER_KEY", format!("0x{proposer_key}")),
+        (
+            "APPROVAL_BRIDGE_SAFE_SERVICE_URLS",
+            format!("31337={}", keyed(&world.service_url, SAFE_SERVICE_KEY)),
+        ),
+        (
+            "APPROVAL_BRIDGE_KMS_CONTRACTS",
+            format!("31337={dstack_kms}"),
+        ),
+    ])
     .await;
-    let dstack_app = hex40(world.app);
-    mount_phala(&app, &dstack_app, &kms).await;
+    let http = reqwest::Client::new();
 
-    let ids = app
-        .queue(&json!({"source": ONCHAIN_NAME, "node": 2, "env": {"DB_PASSWORD": ENV_VALUE}}))
-        .await;
-    let now = app.clock.now().timestamp();
-    let hooked = app
-        .post_webhook(
-            r#"{"source": "web-prod", "node": 1}"#,
-            WEBHOOK_SECRET,
-            now,
-            None,
+    let queued: Value = http
+        .post(format!("{}/api/v1/replicas", serve.url))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"source": ONCHAIN_NAME, "node": 2, "env": {"DB_PASSWORD": ENV_VALUE}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = queued["replicas"][0]["id"]
+        .as_str()
+        .expect("queued")
+        .to_owned();
+    let body = r#"{"source": "web-prod", "node": 1}"#;
+    let now = chrono::Utc::now().timestamp();
+    let hooked = http
+        .post(format!("{}/webhooks/ci", serve.url))
+        .header("X-Bridge-Timestamp", now.to_string())
+        .header(
+            "X-Bridge-Signature",
+            approval_bridge::web::webhook::sign(WEBHOOK_SECRET, now, None, body.as_bytes()),
         )
-        .await;
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(hooked.status(), 202);
-    app.drain_all(10).await;
-    let proposed = app.get_replica(&ids[0]).await;
-    assert_eq!(proposed["status"], "awaiting_approval", "{proposed}");
+    let proposed = wait_for(&http, &serve, &id, |r| r["status"] == "awaiting_approval").await;
 
-    // The chain goes away: what the bridge stores and logs now quotes the RPC URL.
-    let SafeWorld { chain, .. } = world;
-    let chain: LocalChain = chain;
-    drop(chain);
-    let failing = app.queue(&json!({"source": ONCHAIN_NAME, "node": 3})).await;
-    app.drain().await;
-    let outage = app.get_replica(&failing[0]).await;
-    let shown_outage = outage.to_string();
-    assert!(
-        outage["last_error"].is_object() || shown_outage.contains("[redacted]"),
-        "the outage was recorded: {outage}"
+    // The RPC goes away: what the bridge stores and logs now quotes its URL.
+    rpc.begin();
+    let queued: Value = http
+        .post(format!("{}/api/v1/replicas", serve.url))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"source": ONCHAIN_NAME, "node": 3}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let failing = queued["replicas"][0]["id"]
+        .as_str()
+        .expect("queued")
+        .to_owned();
+    let outage = wait_for(&http, &serve, &failing, |r| r["last_error"].is_object()).await;
+
+    let mut answers = vec![proposed.to_string(), outage.to_string()];
+    answers.push(
+        http.get(format!("{}/api/v1/replicas", serve.url))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
     );
-
-    let mut answers = vec![proposed.to_string(), shown_outage];
-    for id in ids.iter().chain(&failing) {
-        answers.push(app.get_replica(id).await.to_string());
-    }
-    answers.push(app.list_replicas("").await.text().await.unwrap());
-    let stored = database_text(&app).await;
-    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-    assert!(log.contains("replicas queued"), "the capture works");
+    let stored = database_text(&PgPool::connect(&database_url).await.unwrap()).await;
+    let log = serve.log();
+    assert!(log.contains("replicas queued"), "the capture works: {log}");
+    assert!(
+        log.contains("[redacted]"),
+        "the outage quoted the RPC URL, redacted"
+    );
 
     for secret in [
         PHALA_API_KEY,
