@@ -18,13 +18,21 @@
 //! reference gives the real message it is used word for word; other
 //! wordings are this fake's own and marked so.
 //!
+//! Reads serve what the real service's v1 and v2 views serve: a transaction
+//! by hash, a Safe's multisig list (filters, ordering, limit/offset pages,
+//! `countUniqueNonce`), a transaction's confirmations, the Safe's info and
+//! `about`, with every field of the real serializers (execution date, block,
+//! executor, gas and fees, payment, the executed signatures, `dataDecoded`);
+//! v1 writes `nonce`, `safeTxGas` and `baseGas` as numbers. A GET without the
+//! trailing slash is redirected to it, as Django's `APPEND_SLASH` does.
+//!
 //! Unlike the real service, execution status is read from the chain on every
-//! GET (there is no indexer to wait for), and only EOA signatures (v 27/28,
-//! eth_sign 31/32) are understood.
+//! GET (there is no indexer to wait for), so every Safe counts as indexed,
+//! and only EOA signatures (v 27/28, eth_sign 31/32) are understood.
 //!
 //! Layout: `fields` reads request bodies as DRF does, `rules` is the
-//! validation (pure), `chain` the chain reads; this file holds the state and
-//! the HTTP handlers.
+//! validation (pure), `chain` the chain reads, `answers` and `decoded` the
+//! typed JSON of the reads; this file holds the state and the HTTP handlers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,19 +41,27 @@ use alloy::primitives::{Address, B256, Bytes};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use axum::Router;
 use axum::body::Bytes as BodyBytes;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{OriginalUri, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use reqwest::Url;
 use serde_json::{Value, json};
 
 use crate::safe::tx::SignatureKind;
-use crate::safe::{SafeTx, recover_signer, split_signatures};
+use crate::safe::{SafeTx, SafeVersion, recover_signer, split_signatures};
 
+mod answers;
 mod chain;
+mod decoded;
 mod fields;
 mod rules;
+
+use answers::{
+    About, ApiVersion, Confirmation, Delegate, MultisigTransaction, Onchain, Page, SafeInfoAnswer,
+    Window,
+};
 
 use fields::{
     FieldErrors, Fields, Rejection, UNPROCESSABLE, checksummed_address, json_object, path_address,
@@ -63,6 +79,7 @@ pub struct SafeServiceSim {
 
 struct Shared {
     rpc: DynProvider,
+    rpc_url: Url,
     state: Mutex<SimState>,
 }
 
@@ -119,11 +136,12 @@ impl SafeServiceSim {
     pub fn new(rpc_url: Url) -> SafeServiceSim {
         let rpc = ProviderBuilder::new()
             .disable_recommended_fillers()
-            .connect_http(rpc_url)
+            .connect_http(rpc_url.clone())
             .erased();
         SafeServiceSim {
             shared: Arc::new(Shared {
                 rpc,
+                rpc_url,
                 state: Mutex::new(SimState::default()),
             }),
             server: None,
@@ -148,25 +166,24 @@ impl SafeServiceSim {
 
     pub fn router(&self) -> Router {
         Router::new()
+            .route("/api/v1/about/", get(about))
+            .route("/api/v1/safes/{address}/", get(safe_info))
+            .route(
+                "/api/v1/safes/{address}/multisig-transactions/",
+                post(propose).get(list_v1),
+            )
             .route(
                 "/api/v2/safes/{address}/multisig-transactions/",
-                post(propose).get(list_transactions),
+                post(propose).get(list_v2),
             )
-            .route(
-                "/api/v2/multisig-transactions/{safe_tx_hash}/",
-                get(get_transaction),
-            )
+            .route("/api/v1/multisig-transactions/{safe_tx_hash}/", get(get_v1))
+            .route("/api/v2/multisig-transactions/{safe_tx_hash}/", get(get_v2))
             .route(
                 "/api/v1/multisig-transactions/{safe_tx_hash}/confirmations/",
-                post(add_confirmation),
+                post(add_confirmation).get(list_confirmations),
             )
             .route("/api/v2/delegates/", post(add_delegate).get(list_delegates))
-            .fallback(|| async {
-                (
-                    StatusCode::NOT_FOUND,
-                    axum::Json(json!({"detail": "Not found."})),
-                )
-            })
+            .fallback(not_found)
             .with_state(self.shared.clone())
     }
 
@@ -210,10 +227,6 @@ type Sim = State<Arc<Shared>>;
 
 fn unix_now() -> u64 {
     u64::try_from(Utc::now().timestamp()).unwrap_or_default()
-}
-
-fn timestamp(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 /// The (delegate, delegator) pairs that may propose for `safe` now.
@@ -286,76 +299,105 @@ async fn propose(
     Ok(StatusCode::CREATED)
 }
 
-fn transaction_json(stored: &StoredTx, threshold: u64, execution: Option<(B256, bool)>) -> Value {
-    let tx = &stored.tx;
-    let confirmations: Vec<Value> = stored
-        .confirmations
-        .iter()
-        .map(|c| {
-            json!({
-                "owner": c.owner.to_checksum(None),
-                "submissionDate": timestamp(&c.submitted),
-                "transactionHash": null,
-                "signature": c.signature.to_string(),
-                "signatureType": match c.kind {
-                    SignatureKind::Ecdsa => "EOA",
-                    SignatureKind::EthSign => "ETH_SIGN",
-                },
-            })
-        })
-        .collect();
-    json!({
-        "safe": stored.safe.to_checksum(None),
-        "to": tx.to.to_checksum(None),
-        "value": tx.value.to_string(),
-        "data": if tx.data.is_empty() { Value::Null } else { Value::String(tx.data.to_string()) },
-        "operation": u8::from(tx.operation),
-        "gasToken": tx.gas_token.to_checksum(None),
-        "safeTxGas": tx.safe_tx_gas.to_string(),
-        "baseGas": tx.base_gas.to_string(),
-        "gasPrice": tx.gas_price.to_string(),
-        "refundReceiver": tx.refund_receiver.to_checksum(None),
-        "nonce": tx.nonce.to_string(),
-        "submissionDate": timestamp(&stored.submitted),
-        "modified": timestamp(&stored.modified),
-        "transactionHash": execution.map(|(hash, _)| hash.to_string()),
-        "safeTxHash": stored.safe_tx_hash.to_string(),
-        "proposer": stored.proposer.to_checksum(None),
-        "proposedByDelegate": stored.proposed_by_delegate.map(|d| d.to_checksum(None)),
-        "isExecuted": execution.is_some(),
-        "isSuccessful": execution.map(|(_, success)| success),
-        "origin": stored.origin,
-        "confirmationsRequired": threshold,
-        "confirmations": confirmations,
-        "trusted": stored.trusted,
-    })
+/// What the chain says of `rows`, all of one Safe: its version and
+/// threshold, and each executed row's execution and Ethereum transaction.
+async fn answers(
+    shared: &Shared,
+    safe: Address,
+    rows: &[StoredTx],
+    api: ApiVersion,
+) -> Result<Vec<MultisigTransaction>, Rejection> {
+    let facts = shared.safe_facts(safe).await?;
+    let version: SafeVersion =
+        facts
+            .version
+            .parse()
+            .map_err(|err: crate::safe::UnsupportedVersion| {
+                Rejection::non_field(UNPROCESSABLE, err.to_string())
+            })?;
+    let executions = shared.executions(safe).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for stored in rows {
+        let execution = executions.by_hash.get(&stored.safe_tx_hash);
+        let ethereum = match execution {
+            Some(execution) => Some(shared.ethereum_tx(safe, execution).await?),
+            None => None,
+        };
+        let chain = Onchain {
+            version,
+            threshold: facts.threshold,
+            execution: execution.zip(ethereum.as_ref()),
+        };
+        out.push(MultisigTransaction::of(stored, &chain, api));
+    }
+    Ok(out)
 }
 
-async fn get_transaction(
+const NO_TRANSACTION: &str = "No MultisigTransaction matches the given query.";
+
+async fn get_v1(
     State(shared): Sim,
     Path(hash): Path<String>,
-) -> Result<axum::Json<Value>, Rejection> {
-    const MISSING: &str = "No MultisigTransaction matches the given query.";
-    let hash: B256 = hash.parse().map_err(|_| Rejection::not_found(MISSING))?;
+) -> Result<axum::Json<MultisigTransaction>, Rejection> {
+    get_transaction(shared, hash, ApiVersion::V1).await
+}
+
+async fn get_v2(
+    State(shared): Sim,
+    Path(hash): Path<String>,
+) -> Result<axum::Json<MultisigTransaction>, Rejection> {
+    get_transaction(shared, hash, ApiVersion::V2).await
+}
+
+async fn list_v1(
+    State(shared): Sim,
+    Path(address): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Result<axum::Json<Page<MultisigTransaction>>, Rejection> {
+    let url = request_url(&headers, &uri);
+    list_transactions(shared, address, query, url, ApiVersion::V1).await
+}
+
+async fn list_v2(
+    State(shared): Sim,
+    Path(address): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Result<axum::Json<Page<MultisigTransaction>>, Rejection> {
+    let url = request_url(&headers, &uri);
+    list_transactions(shared, address, query, url, ApiVersion::V2).await
+}
+
+/// `GET /api/v{1,2}/multisig-transactions/{safeTxHash}/`.
+async fn get_transaction(
+    shared: Arc<Shared>,
+    hash: String,
+    api: ApiVersion,
+) -> Result<axum::Json<MultisigTransaction>, Rejection> {
+    let hash: B256 = hash
+        .parse()
+        .map_err(|_| Rejection::not_found(NO_TRANSACTION))?;
     let stored = {
         let state = shared.state.lock().expect("sim state poisoned");
         state.transactions.get(&hash).cloned()
     }
-    .ok_or_else(|| Rejection::not_found(MISSING))?;
-    let facts = shared.safe_facts(stored.safe).await?;
-    let executions = shared.executions(stored.safe).await?;
-    Ok(axum::Json(transaction_json(
-        &stored,
-        facts.threshold,
-        executions.by_hash.get(&hash).copied(),
-    )))
+    .ok_or_else(|| Rejection::not_found(NO_TRANSACTION))?;
+    let mut answer = answers(&shared, stored.safe, &[stored], api).await?;
+    Ok(axum::Json(answer.remove(0)))
 }
 
+/// `GET /api/v{1,2}/safes/{address}/multisig-transactions/`, with the real
+/// filters the clients use and `DefaultPagination`.
 async fn list_transactions(
-    State(shared): Sim,
-    Path(address): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<axum::Json<Value>, Rejection> {
+    shared: Arc<Shared>,
+    address: String,
+    query: HashMap<String, String>,
+    url: Url,
+    api: ApiVersion,
+) -> Result<axum::Json<Page<MultisigTransaction>>, Rejection> {
     let safe = path_address(&address)?;
     let number = |key: &str| query.get(key).and_then(|v| v.parse::<u64>().ok());
     let flag = |key: &str| match query.get(key).map(String::as_str) {
@@ -372,58 +414,186 @@ async fn list_transactions(
             .cloned()
             .collect()
     };
-    let facts = shared.safe_facts(safe).await?;
     let executions = shared.executions(safe).await?;
 
     // Untrusted (unsigned) proposals are hidden unless asked for, as in the real list.
     let trusted = flag("trusted").unwrap_or(true);
     rows.retain(|t| !trusted || t.trusted);
+    let unique_nonces = rows
+        .iter()
+        .map(|t| t.tx.nonce)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     if let Some(executed) = flag("executed") {
         rows.retain(|t| executions.by_hash.contains_key(&t.safe_tx_hash) == executed);
     }
-    if let Some(n) = number("nonce") {
-        rows.retain(|t| t.tx.nonce == n);
+    if let Some(confirmed) = flag("has_confirmations") {
+        rows.retain(|t| t.confirmations.is_empty() != confirmed);
     }
-    if let Some(n) = number("nonce__gte") {
-        rows.retain(|t| t.tx.nonce >= n);
+    type NonceTest = fn(u64, u64) -> bool;
+    let nonce_filters: [(&str, NonceTest); 5] = [
+        ("nonce", |n, x| n == x),
+        ("nonce__gte", |n, x| n >= x),
+        ("nonce__gt", |n, x| n > x),
+        ("nonce__lte", |n, x| n <= x),
+        ("nonce__lt", |n, x| n < x),
+    ];
+    for (key, test) in nonce_filters {
+        if let Some(x) = number(key) {
+            rows.retain(|t| test(t.tx.nonce, x));
+        }
     }
-    if let Some(n) = number("nonce__lte") {
-        rows.retain(|t| t.tx.nonce <= n);
+    if let Some(hash) = query.get("safe_tx_hash") {
+        rows.retain(|t| hash.parse::<B256>().is_ok_and(|h| h == t.safe_tx_hash));
     }
-    rows.sort_by_key(|t| (t.tx.nonce, t.modified));
-    if query.get("ordering").map(String::as_str) != Some("nonce") {
-        rows.reverse();
+    if let Some(to) = query.get("to") {
+        rows.retain(|t| to.parse::<Address>().is_ok_and(|a| a == t.tx.to));
     }
+    if let Some(hash) = query.get("transaction_hash") {
+        rows.retain(|t| {
+            executions
+                .by_hash
+                .get(&t.safe_tx_hash)
+                .is_some_and(|e| hash.parse::<B256>().is_ok_and(|h| h == e.tx_hash))
+        });
+    }
+    order(&mut rows, query.get("ordering").map(String::as_str));
+
+    let window = Window::from_query(
+        query.get("limit").map(String::as_str),
+        query.get("offset").map(String::as_str),
+    );
     let count = rows.len();
-    let offset = number("offset").unwrap_or(0) as usize;
-    let limit = number("limit").map_or(usize::MAX, |l| l as usize);
-    let results: Vec<Value> = rows
-        .iter()
-        .skip(offset)
-        .take(limit)
-        .map(|t| {
-            transaction_json(
-                t,
-                facts.threshold,
-                executions.by_hash.get(&t.safe_tx_hash).copied(),
-            )
+    let results = answers(&shared, safe, &window.take(rows), api).await?;
+    Ok(axum::Json(
+        Page::new(count, window, &url, results).with_unique_nonces(unique_nonces),
+    ))
+}
+
+/// `ordering`: `nonce`, `created` or `modified`, `-` for descending, comma
+/// separated; the default is `-nonce,-created`.
+fn order(rows: &mut [StoredTx], ordering: Option<&str>) {
+    let keys: Vec<(&str, bool)> = ordering
+        .unwrap_or("-nonce,-created")
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| match k.strip_prefix('-') {
+            Some(name) => (name, true),
+            None => (k, false),
         })
         .collect();
-    Ok(axum::Json(json!({
-        "count": count,
-        "next": null,
-        "previous": null,
-        "results": results,
-    })))
+    rows.sort_by(|a, b| {
+        keys.iter()
+            .map(|(key, descending)| {
+                let ord = match *key {
+                    "nonce" => a.tx.nonce.cmp(&b.tx.nonce),
+                    "created" => a.submitted.cmp(&b.submitted),
+                    "modified" => a.modified.cmp(&b.modified),
+                    _ => std::cmp::Ordering::Equal,
+                };
+                if *descending { ord.reverse() } else { ord }
+            })
+            .find(|ord| ord.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+}
+
+/// `GET /api/v1/multisig-transactions/{safeTxHash}/confirmations/`.
+async fn list_confirmations(
+    State(shared): Sim,
+    Path(hash): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<axum::Json<Page<Confirmation>>, Rejection> {
+    let hash: B256 = hash
+        .parse()
+        .map_err(|_| Rejection::not_found(NO_TRANSACTION))?;
+    let confirmations: Vec<Confirmation> = {
+        let state = shared.state.lock().expect("sim state poisoned");
+        let stored = state
+            .transactions
+            .get(&hash)
+            .ok_or_else(|| Rejection::not_found(NO_TRANSACTION))?;
+        stored.confirmations.iter().map(Confirmation::of).collect()
+    };
+    let window = Window::from_query(
+        query.get("limit").map(String::as_str),
+        query.get("offset").map(String::as_str),
+    );
+    let count = confirmations.len();
+    Ok(axum::Json(Page::new(
+        count,
+        window,
+        &request_url(&headers, &uri),
+        window.take(confirmations),
+    )))
+}
+
+/// `GET /api/v1/safes/{address}/`: 404 with no body for an address that is
+/// not a Safe.
+async fn safe_info(State(shared): Sim, Path(address): Path<String>) -> Result<Response, Rejection> {
+    let safe = path_address(&address)?;
+    Ok(match shared.safe_info(safe).await? {
+        Some(info) => axum::Json(SafeInfoAnswer::of(info)).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    })
+}
+
+/// `GET /api/v1/about/`.
+async fn about(State(shared): Sim, headers: HeaderMap) -> axum::Json<About> {
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    axum::Json(About::new(host, &shared.rpc_url))
+}
+
+/// Django's `APPEND_SLASH`: a GET without the trailing slash is redirected
+/// to the path with it (api-kit asks for `/v1/about` so); anything else is
+/// DRF's 404.
+async fn not_found(method: axum::http::Method, OriginalUri(uri): OriginalUri) -> Response {
+    let path = uri.path();
+    if matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) && !path.ends_with('/')
+    {
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let location = format!("{path}/{query}");
+        return (
+            StatusCode::MOVED_PERMANENTLY,
+            [(axum::http::header::LOCATION, location)],
+        )
+            .into_response();
+    }
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"detail": "Not found."})),
+    )
+        .into_response()
+}
+
+/// The absolute URL of a request, for a page's `next` and `previous`.
+fn request_url(headers: &HeaderMap, uri: &axum::http::Uri) -> Url {
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    Url::parse(&format!("http://{host}{uri}"))
+        .unwrap_or_else(|_| Url::parse("http://localhost/").expect("a valid URL"))
 }
 
 async fn add_confirmation(
     State(shared): Sim,
-    Path(hash): Path<String>,
+    Path(text): Path<String>,
     body: BodyBytes,
 ) -> Result<(StatusCode, axum::Json<Value>), Rejection> {
-    const MISSING: &str = "No MultisigTransaction matches the given query.";
-    let hash: B256 = hash.parse().map_err(|_| Rejection::not_found(MISSING))?;
+    // The real view checks these in the serializer's `validate_signature`,
+    // so its refusals are field errors of `signature` (400).
+    let missing = Rejection::not_found(&format!(
+        "Multisig transaction with safe-tx-hash={text} was not found"
+    ));
+    let hash: B256 = text.parse().map_err(|_| missing.clone())?;
     let json = json_object(&body, StatusCode::BAD_REQUEST)?;
     let mut f = Fields::new(&json);
     let signature = f.hex("signature", true);
@@ -435,25 +605,34 @@ async fn add_confirmation(
         let state = shared.state.lock().expect("sim state poisoned");
         state.transactions.get(&hash).map(|t| t.safe)
     }
-    .ok_or_else(|| Rejection::not_found(MISSING))?;
+    .ok_or(missing)?;
     let facts = shared.safe_facts(safe).await?;
     let executions = shared.executions(safe).await?;
-    let bad = |message: String| Rejection::non_field(StatusCode::BAD_REQUEST, message);
+    let bad = |message: String| {
+        Rejection::fields(
+            StatusCode::BAD_REQUEST,
+            FieldErrors::from([("signature".to_owned(), vec![message])]),
+        )
+    };
     if executions.by_hash.contains_key(&hash) {
-        // This fake's wording.
         return Err(bad(format!(
-            "Transaction with safe-tx-hash={hash} was already executed"
+            "Transaction with safe-tx-hash={text} was already executed"
         )));
     }
     let mut added = Vec::new();
     for part in split_signatures(&signature).map_err(|e| bad(e.to_string()))? {
         let (owner, kind) = recover_signer(hash, part).map_err(|e| bad(e.to_string()))?;
         if !facts.owners.contains(&owner) {
-            // This fake's wording.
             return Err(bad(format!(
                 "Signer={} is not an owner. Current owners={}",
                 owner.to_checksum(None),
                 py_list(facts.owners.iter().copied())
+            )));
+        }
+        if added.iter().any(|(o, _, _)| *o == owner) {
+            return Err(bad(format!(
+                "Signature for owner={} is duplicated",
+                owner.to_checksum(None)
             )));
         }
         added.push((owner, Bytes::copy_from_slice(part), kind));
@@ -483,20 +662,10 @@ async fn add_confirmation(
     ))
 }
 
-fn delegate_json(d: &StoredDelegate) -> Value {
-    json!({
-        "safe": d.safe.map(|s| s.to_checksum(None)),
-        "delegate": d.delegate.to_checksum(None),
-        "delegator": d.delegator.to_checksum(None),
-        "label": d.label,
-        "expiryDate": d.expiry.as_ref().map(timestamp),
-    })
-}
-
 async fn add_delegate(
     State(shared): Sim,
     body: BodyBytes,
-) -> Result<(StatusCode, axum::Json<Value>), Rejection> {
+) -> Result<(StatusCode, axum::Json<Delegate>), Rejection> {
     // This view answers validation errors with 400, not 422.
     let bad = StatusCode::BAD_REQUEST;
     let json = json_object(&body, bad)?;
@@ -538,13 +707,15 @@ async fn add_delegate(
         Some(existing) => *existing = stored.clone(),
         None => state.delegates.push(stored.clone()),
     }
-    Ok((StatusCode::CREATED, axum::Json(delegate_json(&stored))))
+    Ok((StatusCode::CREATED, axum::Json(Delegate::of(&stored))))
 }
 
 async fn list_delegates(
     State(shared): Sim,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<axum::Json<Value>, Rejection> {
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Result<axum::Json<Page<Delegate>>, Rejection> {
     let mut errors = FieldErrors::new();
     let mut filter = |key: &str| -> Option<Address> {
         let text = query.get(key)?;
@@ -558,19 +729,24 @@ async fn list_delegates(
     }
     let label = query.get("label");
     let state = shared.state.lock().expect("sim state poisoned");
-    let results: Vec<Value> = state
+    let results: Vec<Delegate> = state
         .delegates
         .iter()
         .filter(|d| safe.is_none_or(|s| d.safe == Some(s)))
         .filter(|d| delegate.is_none_or(|a| d.delegate == a))
         .filter(|d| delegator.is_none_or(|a| d.delegator == a))
         .filter(|d| label.is_none_or(|l| &d.label == l))
-        .map(delegate_json)
+        .map(Delegate::of)
         .collect();
-    Ok(axum::Json(json!({
-        "count": results.len(),
-        "next": null,
-        "previous": null,
-        "results": results,
-    })))
+    let window = Window::from_query(
+        query.get("limit").map(String::as_str),
+        query.get("offset").map(String::as_str),
+    );
+    let count = results.len();
+    Ok(axum::Json(Page::new(
+        count,
+        window,
+        &request_url(&headers, &uri),
+        window.take(results),
+    )))
 }

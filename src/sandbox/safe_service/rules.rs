@@ -1,12 +1,11 @@
 //! The real service's validation of proposals and delegate registrations
 //! (safe.md §2.2, §3.1), as pure functions of the request and the chain's facts.
 
-use std::collections::HashMap;
-
 use alloy::primitives::{Address, B256, Bytes};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+use super::chain::Executions;
 use super::fields::{FieldErrors, Fields};
 use crate::safe::tx::SignatureKind;
 use crate::safe::{
@@ -103,15 +102,6 @@ pub(super) struct SafeFacts {
     pub(super) nonce: u64,
 }
 
-/// Executions of one Safe found in its logs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Executions {
-    /// safeTxHash → (Ethereum tx hash, success).
-    pub(super) by_hash: HashMap<B256, (B256, bool)>,
-    /// Safe nonce → Ethereum tx hash (SafeL2 events only).
-    pub(super) by_nonce: HashMap<u64, B256>,
-}
-
 /// A proposal that passed every rule.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Accepted {
@@ -161,7 +151,7 @@ pub(super) fn validate_proposal(
         ));
     }
 
-    if let Some((tx_hash, _)) = executions.by_hash.get(&computed) {
+    if let Some(tx_hash) = executions.by_hash.get(&computed).map(|e| e.tx_hash) {
         return Err(format!(
             "Tx with safe-tx-hash={computed} was already executed in tx-hash={tx_hash}"
         ));
@@ -319,6 +309,7 @@ pub(super) fn check_delegate_signature(
 
 #[cfg(test)]
 mod tests {
+    use super::super::chain::Execution;
     use super::super::fields::{UNPROCESSABLE, checksummed_address, json_object, path_address};
     use super::*;
     use crate::safe::tx::sign_safe_tx_hash;
@@ -530,9 +521,16 @@ mod tests {
         assert!(err.ends_with(&format!("tx-hash={executed_in}")));
 
         let current = signed(batch(5), &[owner], owner.address());
-        executions
-            .by_hash
-            .insert(current.contract_transaction_hash, (executed_in, true));
+        executions.by_hash.insert(
+            current.contract_transaction_hash,
+            Execution {
+                tx_hash: executed_in,
+                success: true,
+                block_number: 9,
+                payment: Default::default(),
+                signatures: None,
+            },
+        );
         let err = validate_proposal(&current, SAFE, &w.facts, &[], &executions).unwrap_err();
         assert!(err.starts_with("Tx with safe-tx-hash="), "{err}");
     }
