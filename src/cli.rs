@@ -52,6 +52,9 @@ pub struct SandboxArgs {
     /// Seconds requests collect before their Safe transaction is proposed.
     #[arg(long, default_value_t = 10)]
     pub batch_window_secs: u64,
+    /// Nodes with free CVM slots, `prod-1` to `prod-N`, besides the full `prod-full`.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=200))]
+    pub nodes: u32,
 }
 
 impl Cli {

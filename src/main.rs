@@ -38,6 +38,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 webhook_secret: args.webhook_secret,
                 database_url: args.database_url,
                 batch_window_secs: args.batch_window_secs,
+                nodes: args.nodes,
                 ..SandboxOptions::default()
             };
             let sandbox = Sandbox::start(options).await?;

@@ -125,8 +125,22 @@ impl SimCvm {
 
 /// Names in the world [`PhalaWorld::standard`] builds.
 pub mod standard {
-    /// The nodes: `prod-1` hosts the sources, `prod-full` has no free slot.
-    pub const NODES: [&str; 4] = ["prod-1", "prod-2", "prod-3", "prod-full"];
+    /// Nodes with free slots in a default world: `prod-1` to `prod-3`.
+    pub const NODES: u32 = 3;
+    /// Free CVM slots of each of them.
+    pub const SLOTS: u32 = 32;
+    /// Where the sources run, but for the canary.
+    pub const SOURCE_NODE: &str = "prod-1";
+    /// Where `api-canary` runs.
+    pub const CANARY_NODE: &str = "prod-2";
+    /// The node after the others, with no free slot.
+    pub const FULL_NODE: &str = "prod-full";
+
+    /// The name of node `id` (1-based) among those with free slots.
+    pub fn node_name(id: u32) -> String {
+        format!("prod-{id}")
+    }
+
     /// On-chain KMS, one CVM.
     pub const WEB: &str = "web-prod";
     /// On-chain KMS, same app as [`API_CANARY`] with another compose hash.
@@ -139,10 +153,19 @@ pub mod standard {
 impl PhalaWorld {
     /// The default nodes (see [`standard::NODES`]) and no CVMs.
     pub fn new(chain_id: u64) -> PhalaWorld {
-        let nodes = standard::NODES
-            .iter()
-            .zip(1u32..)
-            .map(|(name, id)| SimNode::new(id, name, if id == 4 { 0 } else { 8 }))
+        PhalaWorld::with_nodes(chain_id, standard::NODES)
+    }
+
+    /// `prod-1` to `prod-{nodes}` (ids 1 to `nodes`) with
+    /// [`standard::SLOTS`] free slots each, then `prod-full` with none; no CVMs.
+    pub fn with_nodes(chain_id: u64, nodes: u32) -> PhalaWorld {
+        let nodes = (1..=nodes)
+            .map(|id| SimNode::new(id, &standard::node_name(id), standard::SLOTS))
+            .chain(std::iter::once(SimNode::new(
+                nodes + 1,
+                standard::FULL_NODE,
+                0,
+            )))
             .collect();
         PhalaWorld {
             api_key: DEFAULT_API_KEY.to_owned(),
@@ -157,20 +180,26 @@ impl PhalaWorld {
         }
     }
 
-    /// The sandbox world: `web-prod` on `web_app`, `api-prod` and
+    /// The sandbox world on the default nodes: see [`with_standard_cvms`](Self::with_standard_cvms).
+    pub fn standard(chain_id: u64, web_app: Address, api_app: Address) -> PhalaWorld {
+        PhalaWorld::new(chain_id).with_standard_cvms(web_app, api_app)
+    }
+
+    /// Adds the sandbox's CVMs: `web-prod` on `web_app`, `api-prod` and
     /// `api-canary` (two live compose hashes) on `api_app`, all on prod-1
     /// except the canary (prod-2), and `docs-cloud` on Cloud KMS.
-    pub fn standard(chain_id: u64, web_app: Address, api_app: Address) -> PhalaWorld {
-        PhalaWorld::new(chain_id)
-            .with_cvm(SimCvm::onchain(standard::WEB, web_app, 1))
-            .with_cvm(SimCvm::onchain(standard::API, api_app, 1))
+    pub fn with_standard_cvms(self, web_app: Address, api_app: Address) -> PhalaWorld {
+        let source = 1;
+        let canary = 2;
+        self.with_cvm(SimCvm::onchain(standard::WEB, web_app, source))
+            .with_cvm(SimCvm::onchain(standard::API, api_app, source))
             .with_cvm(
-                SimCvm::onchain(standard::API_CANARY, api_app, 2)
+                SimCvm::onchain(standard::API_CANARY, api_app, canary)
                     .revision("v2")
                     // Same app, so the same manifest name as api-prod.
                     .named_like(standard::API),
             )
-            .with_cvm(SimCvm::cloud(standard::DOCS, 1))
+            .with_cvm(SimCvm::cloud(standard::DOCS, source))
     }
 
     pub fn with_cvm(mut self, cvm: SimCvm) -> PhalaWorld {
@@ -298,11 +327,34 @@ mod tests {
         let canary = world.cvm(standard::API_CANARY).unwrap();
         assert_eq!(prod.app_id, canary.app_id);
         assert_ne!(prod.compose_hash(), canary.compose_hash());
-        assert_eq!(world.node("prod-full").unwrap().free_slots, 0);
+        assert_eq!(world.node(standard::FULL_NODE).unwrap().free_slots, 0);
+        assert_eq!(world.node(standard::FULL_NODE).unwrap().id, 4);
+        assert_eq!(
+            world.cvm(standard::WEB).unwrap().node_id,
+            world.node(standard::SOURCE_NODE).unwrap().id
+        );
+        assert_eq!(
+            world.cvm(standard::API_CANARY).unwrap().node_id,
+            world.node(standard::CANARY_NODE).unwrap().id
+        );
         assert_eq!(world.cvm(standard::DOCS).unwrap().kms, SimKms::Cloud);
         let devices: std::collections::HashSet<_> =
             world.nodes.iter().map(|n| n.device_id).collect();
         assert_eq!(devices.len(), world.nodes.len());
+    }
+
+    #[test]
+    fn a_world_of_many_nodes_has_distinct_devices_and_slots_on_each() {
+        let world = PhalaWorld::with_nodes(1, 12).with_standard_cvms(Address::ZERO, Address::ZERO);
+        world.check().unwrap();
+        assert_eq!(world.nodes.len(), 13);
+        assert_eq!(world.node("prod-12").unwrap().id, 12);
+        assert_eq!(world.node(standard::FULL_NODE).unwrap().id, 13);
+        let free: u32 = world.nodes.iter().map(|n| n.free_slots).sum();
+        assert_eq!(free, 12 * standard::SLOTS);
+        let devices: std::collections::HashSet<_> =
+            world.nodes.iter().map(|n| n.device_id).collect();
+        assert_eq!(devices.len(), 13);
     }
 
     #[test]
