@@ -3,6 +3,7 @@
 
 mod chain_world;
 mod cli;
+mod conformance;
 mod delegate_cli;
 mod exactly_once;
 mod fault_proxy;
