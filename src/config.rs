@@ -60,6 +60,9 @@ pub struct Settings {
     #[command(flatten)]
     pub safe: SafeSettings,
 
+    #[command(flatten)]
+    pub trust: TrustSettings,
+
     /// Log format: human-readable `text` or `json`.
     #[arg(long, env = "APPROVAL_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -81,7 +84,8 @@ impl Settings {
 #[derive(Debug, Clone, Args)]
 pub struct PhalaSettings {
     /// Base URL of the Phala Cloud API.
-    #[arg(long, env = "APPROVAL_BRIDGE_PHALA_API_URL", default_value = DEFAULT_PHALA_API_URL)]
+    #[arg(long, env = "APPROVAL_BRIDGE_PHALA_API_URL", default_value = DEFAULT_PHALA_API_URL,
+          hide_env_values = true)]
     pub phala_api_url: Url,
 
     /// Phala Cloud API key (sent as `X-API-Key`).
@@ -184,11 +188,11 @@ impl Default for WorkerSettings {
 pub struct SafeSettings {
     /// JSON-RPC URL per chain, as `chain_id=url` pairs separated by commas.
     #[arg(long, env = "APPROVAL_BRIDGE_RPC_URLS", value_parser = parse_rpc_urls,
-          default_value = "", hide_default_value = true)]
+          default_value = "", hide_default_value = true, hide_env_values = true)]
     pub rpc_urls: RpcUrls,
 
     /// JSON-RPC URL for any chain not in APPROVAL_BRIDGE_RPC_URLS.
-    #[arg(long, env = "ETH_RPC_URL")]
+    #[arg(long, env = "ETH_RPC_URL", hide_env_values = true)]
     pub eth_rpc_url: Option<Url>,
 
     /// The Safes the bridge may propose to, as `chain_id:address` separated by commas.
@@ -210,7 +214,7 @@ pub struct SafeSettings {
     /// Safe Transaction Service URL per chain, as `chain_id=url`; the hosted
     /// service is used for Ethereum, Sepolia, Base and Base Sepolia otherwise.
     #[arg(long, env = "APPROVAL_BRIDGE_SAFE_SERVICE_URLS", value_parser = parse_rpc_urls,
-          default_value = "", hide_default_value = true)]
+          default_value = "", hide_default_value = true, hide_env_values = true)]
     pub safe_service_urls: RpcUrls,
 
     /// API key of the hosted Safe Transaction Service (sent as a bearer token).
@@ -308,6 +312,223 @@ impl Default for SafeSettings {
             log_range: 2000,
         }
     }
+}
+
+/// What the bridge checks before acting: who may replicate which sources and
+/// how many, and whose env encryption keys it believes.
+#[derive(Debug, Clone, Args)]
+pub struct TrustSettings {
+    /// The sources each caller may replicate, as `caller=source|source` separated
+    /// by commas. A caller is `api:<token name>` or `ci:<webhook client name>`; a
+    /// source is a CVM name or an app id; `*` allows any source. A caller not
+    /// listed may replicate any source.
+    #[arg(long, env = "APPROVAL_BRIDGE_SCOPES", value_parser = parse_scopes,
+          default_value = "", hide_default_value = true)]
+    pub scopes: Scopes,
+
+    /// Replicas each caller may queue per hour, as `caller=ONCHAIN/CLOUD`
+    /// separated by commas: ONCHAIN for sources on on-chain KMS, CLOUD for
+    /// Cloud-KMS sources. Callers not listed get the defaults below.
+    #[arg(long, env = "APPROVAL_BRIDGE_QUOTAS", value_parser = parse_quotas,
+          default_value = "", hide_default_value = true)]
+    pub quotas: Quotas,
+
+    /// Default hourly quota of replicas of on-chain KMS sources per caller.
+    #[arg(long, env = "APPROVAL_BRIDGE_QUOTA_PER_HOUR", default_value_t = Quota::DEFAULT.onchain)]
+    pub quota_per_hour: u32,
+
+    /// Default hourly quota of replicas of Cloud-KMS sources per caller. These
+    /// create billable CVMs with no approval, so the default is small.
+    #[arg(long, env = "APPROVAL_BRIDGE_CLOUD_QUOTA_PER_HOUR", default_value_t = Quota::DEFAULT.cloud)]
+    pub cloud_quota_per_hour: u32,
+
+    /// The DstackKms contract per chain, as `chain_id=address`; its `kmsInfo()`
+    /// root key must have signed an app's env encryption key. Ethereum and Base
+    /// have Phala's contracts built in.
+    #[arg(long, env = "APPROVAL_BRIDGE_KMS_CONTRACTS", value_parser = parse_kms_contracts,
+          default_value = "", hide_default_value = true)]
+    pub kms_contracts: KmsContracts,
+
+    /// Encrypt env overrides even when the key's signature cannot be verified
+    /// against the KMS root key on chain (logged as a warning). Off by default.
+    #[arg(
+        long,
+        env = "APPROVAL_BRIDGE_ALLOW_UNVERIFIED_ENV_KEYS",
+        default_value_t = false
+    )]
+    pub allow_unverified_env_keys: bool,
+}
+
+impl Default for TrustSettings {
+    fn default() -> Self {
+        TrustSettings {
+            scopes: Scopes::default(),
+            quotas: Quotas::default(),
+            quota_per_hour: Quota::DEFAULT.onchain,
+            cloud_quota_per_hour: Quota::DEFAULT.cloud,
+            kms_contracts: KmsContracts::default(),
+            allow_unverified_env_keys: false,
+        }
+    }
+}
+
+/// One caller's allowance of replicas per hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Sources on on-chain KMS: every replica waits for the Safe's owners.
+    pub onchain: u32,
+    /// Cloud-KMS sources: replicated at once, billed at once.
+    pub cloud: u32,
+}
+
+impl Quota {
+    pub const DEFAULT: Quota = Quota {
+        onchain: 60,
+        cloud: 5,
+    };
+
+    pub fn for_kms(&self, onchain_kms: bool) -> u32 {
+        if onchain_kms {
+            self.onchain
+        } else {
+            self.cloud
+        }
+    }
+}
+
+/// `caller=ONCHAIN/CLOUD` pairs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quotas(pub Vec<(String, Quota)>);
+
+/// A source a caller may replicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourcePattern {
+    Any,
+    /// A CVM name, compared exactly.
+    Name(String),
+    App(crate::domain::AppId),
+}
+
+/// `caller=source|source` entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scopes(pub Vec<(String, Vec<SourcePattern>)>);
+
+/// `chain_id=address` of the DstackKms contract whose root key signs env keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KmsContracts(pub Vec<(u64, alloy::primitives::Address)>);
+
+impl KmsContracts {
+    /// Phala's DstackKms proxies (dstack-app.md §3.1): Ethereum and Base.
+    pub const BUILT_IN: [(u64, alloy::primitives::Address); 2] = [
+        (
+            1,
+            alloy::primitives::address!("d343a3f5593b93D8056aB5D60c433622d7D65a80"),
+        ),
+        (
+            8453,
+            alloy::primitives::address!("2f83172A49584C017F2B256F0FB2Dca14126Ba9C"),
+        ),
+    ];
+
+    /// The configured contract for `chain_id`, else the built-in one.
+    pub fn get(&self, chain_id: u64) -> Option<alloy::primitives::Address> {
+        self.0
+            .iter()
+            .chain(Self::BUILT_IN.iter())
+            .find(|(id, _)| *id == chain_id)
+            .map(|(_, address)| *address)
+    }
+}
+
+/// A caller label as the event log writes it: `api:<name>` or `ci:<name>`.
+fn parse_caller(caller: &str) -> Result<String, String> {
+    let caller = caller.trim();
+    let valid_name = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    match caller.split_once(':') {
+        Some(("api" | "ci", name)) if valid_name(name) => Ok(caller.to_owned()),
+        _ => Err(format!(
+            "`{caller}` is not a caller: write api:<token name> or ci:<webhook client name>"
+        )),
+    }
+}
+
+fn parse_scopes(value: &str) -> Result<Scopes, String> {
+    let mut out: Vec<(String, Vec<SourcePattern>)> = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (caller, sources) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("`{entry}` is not of the form caller=source|source"))?;
+        let caller = parse_caller(caller)?;
+        if out.iter().any(|(existing, _)| *existing == caller) {
+            return Err(format!("`{caller}` is listed twice"));
+        }
+        let patterns = sources
+            .split('|')
+            .map(str::trim)
+            .map(|source| {
+                if source == "*" {
+                    return Ok(SourcePattern::Any);
+                }
+                if let Ok(app) = source.parse() {
+                    return Ok(SourcePattern::App(app));
+                }
+                let is_name = !source.is_empty()
+                    && source
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                if is_name {
+                    Ok(SourcePattern::Name(source.to_owned()))
+                } else {
+                    Err(format!(
+                        "`{caller}`: `{source}` is neither a CVM name, an app id nor `*`"
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push((caller, patterns));
+    }
+    Ok(Scopes(out))
+}
+
+fn parse_quotas(value: &str) -> Result<Quotas, String> {
+    let mut out: Vec<(String, Quota)> = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let form = || format!("`{entry}` is not of the form caller=ONCHAIN/CLOUD");
+        let (caller, limits) = entry.split_once('=').ok_or_else(form)?;
+        let caller = parse_caller(caller)?;
+        if out.iter().any(|(existing, _)| *existing == caller) {
+            return Err(format!("`{caller}` is listed twice"));
+        }
+        let (onchain, cloud) = limits.split_once('/').ok_or_else(form)?;
+        let onchain = onchain.trim().parse().map_err(|_| form())?;
+        let cloud = cloud.trim().parse().map_err(|_| form())?;
+        out.push((caller, Quota { onchain, cloud }));
+    }
+    Ok(Quotas(out))
+}
+
+fn parse_kms_contracts(value: &str) -> Result<KmsContracts, String> {
+    let mut out = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (chain, address) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("`{entry}` is not of the form chain_id=address"))?;
+        let chain: u64 = chain
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not a chain id", chain.trim()))?;
+        let address = address
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not an address", address.trim()))?;
+        out.push((chain, address));
+    }
+    Ok(KmsContracts(out))
 }
 
 /// `chain_id=url` pairs.

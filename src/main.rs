@@ -6,8 +6,12 @@ use approval_bridge::{startup, store, telemetry};
 async fn main() {
     let cli = Cli::parse_or_exit();
     if let Err(err) = run(cli.command).await {
-        // `{:#}` keeps the whole cause chain on one line.
-        eprintln!("approval-bridge: {err:#}");
+        // `{:#}` keeps the whole cause chain on one line; a client error in it
+        // may quote a URL with an API key.
+        eprintln!(
+            "approval-bridge: {}",
+            telemetry::redact(&format!("{err:#}"))
+        );
         std::process::exit(1);
     }
 }
@@ -27,7 +31,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         // No log subscriber: stdout carries only the command's output.
-        Command::Delegate(command) => delegate::run(command).await,
+        Command::Delegate(command) => {
+            let delegate::DelegateCommand::Register(args) = &command;
+            telemetry::register_safe_settings(&args.settings);
+            delegate::run(command).await
+        }
         #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => sandbox(args).await,
     }

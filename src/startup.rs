@@ -5,11 +5,12 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::Chains;
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::phala::PhalaClient;
+use crate::phala::{EnvKeyVerifier, PhalaClient};
 use crate::store::{self, Store};
-use crate::web::{self, ApiTokens, AppState, WebhookSecrets};
+use crate::web::{self, Access, ApiTokens, AppState, WebhookSecrets};
 use crate::worker::{SafeFlow, Worker};
 
 pub struct Application {
@@ -27,6 +28,12 @@ impl Application {
 
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
         settings.check()?;
+        crate::telemetry::register_settings(&settings);
+        let access = Access::new(
+            &settings.trust,
+            &settings.api_tokens,
+            &settings.webhook_secrets,
+        )?;
         let pool = store::connect(&settings.database).await?;
         store::migrate(&pool).await?;
         let store = Store::new(pool);
@@ -48,6 +55,11 @@ impl Application {
             clock: clock.clone(),
             api_tokens: ApiTokens::new(&settings.api_tokens),
             webhook_secrets: WebhookSecrets::new(&settings.webhook_secrets),
+            access,
+            env_keys: EnvKeyVerifier::new(
+                Chains::new(&settings.safe.rpc_urls.0, settings.safe.eth_rpc_url.clone()),
+                &settings.trust,
+            ),
         };
         let safe_flow = SafeFlow::from_settings(&settings.safe)?;
         safe_flow.check_proposer().await?;

@@ -156,6 +156,13 @@ impl ReplicaOrder {
                 format!("must be at most {MAX_NOTE_CHARS} characters"),
             ));
         }
+        // Postgres text cannot hold NUL; found by the property tests.
+        if note.as_ref().is_some_and(|n| n.contains('\0')) {
+            return Err(InvalidOrder::field(
+                "note",
+                "must not contain NUL characters",
+            ));
+        }
 
         Ok(ReplicaOrder {
             source,
@@ -245,6 +252,7 @@ mod tests {
             (r#"{"source": "a", "count": 0}"#, "count"),
             (r#"{"source": "a", "count": 21}"#, "count"),
             (r#"{"source": "a", "env": {"1BAD": "x"}}"#, "env"),
+            (r#"{"source": "a", "note": "x\u0000y"}"#, "note"),
         ];
         for (body, field) in cases {
             match parse(body).unwrap_err() {

@@ -7,6 +7,7 @@ mod envcrypt;
 pub mod errors;
 mod resolve;
 mod types;
+pub mod verify;
 
 use std::time::Duration;
 
@@ -17,11 +18,12 @@ use serde_json::Value;
 
 pub use envcrypt::{EnvCryptError, encrypt_env};
 pub use errors::{ApiError, PhalaError};
-pub use resolve::{ResolveError, ResolvedNode, ResolvedSource};
+pub use resolve::{EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource};
 pub use types::{
     AvailableNode, AvailableNodes, CvmInfo, EnvPubkey, KmsInfo, OnchainStatus, PrepareOutcome,
     PreparedReplica, ReplicaSpec, ReplicaVm,
 };
+pub use verify::{EnvKeyError, EnvKeyVerifier, ExpectedReplica, PrepareMismatch, check_prepared};
 
 use crate::config::PhalaSettings;
 use crate::domain::{AppId, Bytes32};

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::errors::codes;
-use super::{CvmInfo, PhalaClient, PhalaError, encrypt_env};
+use super::{CvmInfo, PhalaClient, PhalaError};
 use crate::domain::{AppId, Bytes32, NodeRef};
 
 /// The source CVM, resolved to the `vm_uuid` every later call uses.
@@ -183,13 +183,15 @@ impl PhalaClient {
         }
     }
 
-    /// Checks env names against the app's `allowed_envs`, then encrypts the
-    /// env for the app's key. Nothing is sent before the names pass.
-    pub async fn encrypt_env_for(
+    /// Checks env names against the app's `allowed_envs`, then fetches the
+    /// key that encrypts env for the app. Nothing is sent before the names
+    /// pass. The caller verifies the key ([`super::EnvKeyVerifier`]) before
+    /// encrypting with it.
+    pub async fn env_key_for(
         &self,
         source: &ResolvedSource,
         env: &BTreeMap<String, String>,
-    ) -> Result<String, ResolveError> {
+    ) -> Result<EnvKey, ResolveError> {
         let allowed = source.cvm.allowed_envs().unwrap_or_default();
         if let Some(name) = env.keys().find(|name| !allowed.contains(name)) {
             return Err(ResolveError::EnvNotAllowed {
@@ -201,24 +203,58 @@ impl PhalaClient {
                 },
             });
         }
-        let public_key = if source.cvm.is_onchain_kms() {
+        if source.cvm.is_onchain_kms() {
             let app_id = source.app_id().ok_or_else(|| {
                 PhalaError::InvalidResponse("an on-chain KMS CVM without an app id".into())
             })?;
+            let chain_id = source.cvm.chain_id().ok_or_else(|| {
+                PhalaError::InvalidResponse("an on-chain KMS CVM without kms_info.chain_id".into())
+            })?;
             let kms_type = source.cvm.kms_type.as_deref().unwrap_or("base");
-            self.env_pubkey(kms_type, &app_id).await?.public_key
+            let answer = self.env_pubkey(kms_type, &app_id).await?;
+            Ok(EnvKey {
+                public_key: answer.public_key,
+                issuer: EnvKeyIssuer::Onchain {
+                    chain_id,
+                    app_id,
+                    signature: answer.signature,
+                },
+            })
         } else {
-            source
+            let public_key = source
                 .cvm
                 .cloud_env_pubkey()
                 .ok_or_else(|| {
                     PhalaError::InvalidResponse("the CVM has no env encryption key".into())
                 })?
-                .to_owned()
-        };
-        encrypt_env(&public_key, env)
-            .map_err(|err| PhalaError::InvalidResponse(err.to_string()).into())
+                .to_owned();
+            Ok(EnvKey {
+                public_key,
+                issuer: EnvKeyIssuer::Cloud,
+            })
+        }
     }
+}
+
+/// The X25519 key that encrypts env for an app, and who vouches for it.
+#[derive(Debug, Clone)]
+pub struct EnvKey {
+    /// Hex, `0x` optional.
+    pub public_key: String,
+    pub issuer: EnvKeyIssuer,
+}
+
+#[derive(Debug, Clone)]
+pub enum EnvKeyIssuer {
+    /// The app's on-chain KMS, which signs the key with its root key.
+    Onchain {
+        chain_id: u64,
+        app_id: AppId,
+        /// Hex `r‖s‖v`, as `GET /kms/.../pubkey` returns it.
+        signature: Option<String>,
+    },
+    /// Phala's Cloud KMS: Phala runs that KMS, so its word is the key.
+    Cloud,
 }
 
 fn is_not_found(err: &PhalaError) -> bool {

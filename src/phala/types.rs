@@ -133,6 +133,9 @@ pub struct AvailableNode {
 #[derive(Debug, Clone, Deserialize)]
 pub struct EnvPubkey {
     pub public_key: String,
+    /// The KMS root key's signature over the public key (phala-cloud-api.md §10).
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 /// The VM object of a created replica (prepare 2xx, direct create, commit).

@@ -396,6 +396,24 @@ impl LocalChain {
             .await
     }
 
+    /// Deploys the DstackKms stand-in whose `kmsInfo()` holds `root_key`
+    /// (SEC1 bytes), the key that signs env encryption keys.
+    pub async fn deploy_dstack_kms(
+        &self,
+        owner: Address,
+        root_key: &[u8],
+    ) -> anyhow::Result<Address> {
+        self.deploy_contract(
+            "DstackKms",
+            "DstackKms",
+            &[
+                DynSolValue::Address(owner),
+                DynSolValue::Bytes(root_key.to_vec()),
+            ],
+        )
+        .await
+    }
+
     /// Deploys `contract` from `contracts/<source>.sol` with the given
     /// constructor arguments, sent by dev account 0.
     pub async fn deploy_contract(

@@ -148,6 +148,17 @@ fn kms_signer() -> PrivateKeySigner {
     PrivateKeySigner::from_slice(&digest).expect("a SHA-256 digest is a valid secp256k1 key")
 }
 
+/// The root key the DstackKms stand-in registers: the signer of env keys,
+/// compressed SEC1, as the real KMS publishes its `k256Pubkey`.
+pub fn kms_root_key() -> Vec<u8> {
+    kms_signer()
+        .credential()
+        .verifying_key()
+        .to_encoded_point(true)
+        .as_bytes()
+        .to_vec()
+}
+
 /// `keccak256("dstack-env-encrypt-pubkey" ‖ ":" ‖ app_id ‖ public_key)` (§10).
 fn pubkey_message_hash(app: Address, public_key: &[u8; 32]) -> B256 {
     keccak256(

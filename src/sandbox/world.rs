@@ -20,7 +20,7 @@ use super::chain::IDstackApp;
 use super::chain::LocalChain;
 use super::controls::{self, Controls};
 use super::database::{DEFAULT_DATABASE_URL, SandboxDatabase};
-use super::phala_sim::{PhalaSim, PhalaWorld, SimCvm, SimKms, standard};
+use super::phala_sim::{PhalaSim, PhalaWorld, SimCvm, SimKms, kms_root_key, standard};
 use super::safe_service::SafeServiceSim;
 use super::serve_env::{SANDBOX_URL, ServeEnv};
 use crate::config::parse_named_secrets;
@@ -193,6 +193,11 @@ impl Sandbox {
             .with_standard_cvms(web, api)
             .with_cvm(SimCvm::onchain(EOA_CVM, eoa, 1));
         world.boot_delay = chrono::Duration::from_std(options.boot_delay)?;
+        // The KMS whose root key signs the simulator's env keys, as on Base.
+        world.kms_contract = chain
+            .deploy_dstack_kms(chain.address(DEPLOYER), &kms_root_key())
+            .await?;
+        let world_kms = world.kms_contract;
         register_running_cvms(&chain, &world, safe, &owner_keys[..2], &executor).await?;
         let (phala_url, phala) = PhalaSim::spawn(world, chain.rpc_url()).await?;
         let (safe_service_url, safe_service) = SafeServiceSim::spawn(chain.rpc_url()).await?;
@@ -273,6 +278,13 @@ impl Sandbox {
             format!("{chain_id}={}", options.confirmations),
         );
         env.set("APPROVAL_BRIDGE_CHAIN_POLL_SECS", 1);
+        env.set(
+            "APPROVAL_BRIDGE_KMS_CONTRACTS",
+            format!("{chain_id}={}", world_kms.to_checksum(None)),
+        );
+        // Room for benchmarks of many replicas.
+        env.set("APPROVAL_BRIDGE_QUOTA_PER_HOUR", 10_000);
+        env.set("APPROVAL_BRIDGE_CLOUD_QUOTA_PER_HOUR", 1_000);
         env.set(SANDBOX_URL, &url);
 
         let bridge = if options.world_only {

@@ -8,7 +8,7 @@ use super::proposals::ProposalRow;
 use super::requests::{
     COLUMNS as REQUEST_COLUMNS, Changes, ReplicaRequest, StoredError, advance_in,
 };
-use super::{Store, StoreError};
+use super::{Store, StoreError, clean};
 use crate::domain::{Actor, Event, Status};
 
 /// How a proposal ended.
@@ -180,7 +180,7 @@ impl Store {
         .bind(end.as_str())
         .bind(now)
         .bind(error.map(|e| &e.code))
-        .bind(error.map(|e| &e.message))
+        .bind(error.map(|e| clean(&e.message)))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -199,7 +199,7 @@ impl Store {
         )
         .bind(proposal_id)
         .bind(&error.code)
-        .bind(&error.message)
+        .bind(clean(&error.message))
         .bind(&error.suggestion)
         .execute(&self.pool)
         .await?;

@@ -3,6 +3,7 @@
 mod follower;
 mod idempotency;
 mod proposals;
+mod quota;
 mod requests;
 mod source_locks;
 
@@ -17,12 +18,19 @@ pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
 };
+pub use quota::{QUOTA_WINDOW, QuotaCheck};
 pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,
 };
 
 use crate::config::DatabaseSettings;
+
+/// Stored text with credentials removed: error messages may quote a client
+/// error, and client errors quote URLs that may carry API keys.
+fn clean(text: &str) -> String {
+    crate::telemetry::redact(text).into_owned()
+}
 
 /// The channel workers LISTEN on; a notification means "a request became due".
 pub const WAKE_CHANNEL: &str = "approval_bridge_wake";

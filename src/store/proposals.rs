@@ -10,7 +10,7 @@ use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::requests::{Changes, StoredError, advance_in};
-use super::{Store, StoreError};
+use super::{Store, StoreError, clean};
 use crate::domain::{Actor, Event, Status};
 
 #[derive(Debug, Clone, FromRow)]
@@ -432,7 +432,7 @@ impl Store {
         .bind(now)
         .bind(retry_at)
         .bind(&error.code)
-        .bind(&error.message)
+        .bind(clean(&error.message))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -454,7 +454,7 @@ impl Store {
         .bind(id)
         .bind(now)
         .bind(&error.code)
-        .bind(&error.message)
+        .bind(clean(&error.message))
         .execute(&mut *tx)
         .await?;
         let requests: Vec<(Uuid, String)> = sqlx::query_as(
@@ -525,7 +525,7 @@ impl Store {
         .bind(ids)
         .bind(until)
         .bind(error.map(|e| &e.code))
-        .bind(error.map(|e| &e.message))
+        .bind(error.map(|e| clean(&e.message)))
         .bind(error.and_then(|e| e.suggestion.as_ref()))
         .execute(&self.pool)
         .await?;

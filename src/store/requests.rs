@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::{FromRow, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{Store, StoreError, WAKE_CHANNEL};
+use super::{Store, StoreError, WAKE_CHANNEL, clean};
 use crate::domain::{Actor, Event, Status, Transition, transition};
 
 /// Statuses a worker acts on by itself. The others wait for the Safe flow.
@@ -65,6 +65,8 @@ pub struct ReplicaRequest {
     pub instances_before: Option<Vec<String>>,
     /// Since when the outcome of that call has been unknown.
     pub outcome_unknown_since: Option<DateTime<Utc>>,
+    /// The target node's device as intake resolved it; the prepare must agree.
+    pub expected_device_id: Option<String>,
 }
 
 /// `status` as read from the database (checked by a constraint there).
@@ -89,7 +91,7 @@ pub(super) const COLUMNS: &str = "id, status, source, node, requested_compose_ha
     device_id, compose_hash_allowed, device_id_allowed, prepared_at, commit_tx_hash, call_sent_at,
     replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
     last_error_suggestion, created_at, updated_at, proposal_id, safe, workspace_slug, instances_before,
-    outcome_unknown_since";
+    outcome_unknown_since, expected_device_id";
 
 #[derive(Debug, Clone, FromRow)]
 pub struct EventRow {
@@ -119,6 +121,7 @@ pub struct NewRequest {
     pub app_id: Option<String>,
     pub chain_id: Option<i64>,
     pub workspace_slug: Option<String>,
+    pub expected_device_id: Option<String>,
 }
 
 /// An error as kept on the request: Phala's code (or ours), what happened, what to do.
@@ -189,8 +192,8 @@ impl Store {
             sqlx::query(
                 "INSERT INTO replica_requests (id, status, source, node, requested_compose_hash, env_names, note,
                     encrypted_env, created_by, source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms,
-                    app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug)
-                 VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17, $18)",
+                    app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug, expected_device_id)
+                 VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17, $18, $19)",
             )
             .bind(r.id)
             .bind(&r.source)
@@ -210,6 +213,7 @@ impl Store {
             .bind(r.chain_id)
             .bind(now)
             .bind(&r.workspace_slug)
+            .bind(&r.expected_device_id)
             .execute(&mut **tx)
             .await?;
             insert_event(
@@ -430,7 +434,7 @@ impl Store {
         .bind(now)
         .bind(retry_at)
         .bind(&error.code)
-        .bind(&error.message)
+        .bind(clean(&error.message))
         .bind(&error.suggestion)
         .execute(&mut *tx)
         .await?
@@ -531,7 +535,7 @@ impl Store {
         .bind(now)
         .bind(check_at)
         .bind(&error.code)
-        .bind(&error.message)
+        .bind(clean(&error.message))
         .bind(&error.suggestion)
         .execute(&mut *tx)
         .await?
@@ -791,7 +795,7 @@ async fn write_transition(
     .bind(&changes.replica_vm_uuid)
     .bind(&changes.replica_status)
     .bind(changes.error.as_ref().map(|e| &e.code))
-    .bind(changes.error.as_ref().map(|e| &e.message))
+    .bind(changes.error.as_ref().map(|e| clean(&e.message)))
     .bind(changes.error.as_ref().and_then(|e| e.suggestion.as_ref()))
     .bind(effects.detach_proposal)
     .bind(effects.clear_commit_tx_hash)
@@ -855,7 +859,7 @@ async fn insert_event(
     .bind(from.map(Status::as_str))
     .bind(to.as_str())
     .bind(actor.label())
-    .bind(message)
+    .bind(message.map(clean))
     .bind(now)
     .execute(&mut **tx)
     .await?;

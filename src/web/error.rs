@@ -4,8 +4,11 @@
 
 use axum::Json;
 use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+
+use crate::telemetry::redact;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -14,6 +17,11 @@ pub enum ApiError {
         status: StatusCode,
         code: &'static str,
         message: String,
+    },
+    /// Over a quota: 429 with `Retry-After`.
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
     },
     /// Our bug or an outage: logged, never shown.
     Internal(anyhow::Error),
@@ -60,11 +68,20 @@ impl IntoResponse for ApiError {
                 message,
             } => (
                 status,
-                Json(json!({"error": {"code": code, "message": message}})),
+                Json(json!({"error": {"code": code, "message": redact(&message)}})),
+            )
+                .into_response(),
+            ApiError::RateLimited {
+                message,
+                retry_after_secs,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(RETRY_AFTER, retry_after_secs.to_string())],
+                Json(json!({"error": {"code": "quota_exceeded", "message": message}})),
             )
                 .into_response(),
             ApiError::Internal(err) => {
-                tracing::error!(error = format!("{err:#}"), "internal error");
+                tracing::error!(error = %redact(&format!("{err:#}")), "internal error");
                 let body = json!({"error": {"code": "internal", "message": "internal error; see the server log"}});
                 (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
             }

@@ -1,6 +1,7 @@
 //! Queuing replicas: the part shared by the JSON API, the CI webhook and the
-//! page. An order is validated and resolved against Phala Cloud (source, node,
-//! env) before anything is stored, so bad input changes nothing.
+//! page. An order is validated, resolved against Phala Cloud (source, node,
+//! env), checked against the caller's scope and quota, and its env key
+//! verified before anything is stored, so bad input changes nothing.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -14,9 +15,9 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use super::views;
-use crate::domain::{Actor, InvalidOrder, NodeRef, ReplicaOrder};
-use crate::phala::{PhalaError, ResolveError};
-use crate::store::{IdempotencyOutcome, NewRequest, Store, StoredResponse};
+use crate::domain::{Actor, Bytes32, InvalidOrder, NodeRef, ReplicaOrder};
+use crate::phala::{EnvKeyError, PhalaError, ResolveError, ResolvedSource, encrypt_env};
+use crate::store::{IdempotencyOutcome, NewRequest, QuotaCheck, Store, StoredResponse};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -83,10 +84,26 @@ pub async fn submit(
         return replay(earlier);
     }
 
-    let rows = resolve(state, &order).await?;
+    let rows = resolve(state, &principal, &order).await?;
 
+    let now = state.clock.now();
+    let onchain_kms = rows[0].onchain_kms;
+    let limit = state.access.quota(&principal, onchain_kms);
     let mut tx = state.store.pool().begin().await?;
-    Store::insert_requests(&mut tx, &rows, &actor, state.clock.now()).await?;
+    if let QuotaCheck::Exceeded { used, retry_after } =
+        Store::check_quota(&mut tx, &principal, onchain_kms, order.count, limit, now).await?
+    {
+        tx.rollback().await?;
+        return Err(quota_exceeded(
+            &principal,
+            onchain_kms,
+            order.count,
+            limit,
+            used,
+            retry_after,
+        ));
+    }
+    Store::insert_requests(&mut tx, &rows, &actor, now).await?;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let created = Store::requests_in(&mut tx, &ids).await?;
     let response = StoredResponse {
@@ -133,13 +150,55 @@ fn invalid_order(err: InvalidOrder) -> ApiError {
     }
 }
 
-/// Resolves the source, node and env with Phala and builds one row per replica.
-async fn resolve(state: &AppState, order: &ReplicaOrder) -> Result<Vec<NewRequest>, ApiError> {
+fn quota_exceeded(
+    principal: &str,
+    onchain_kms: bool,
+    wanted: u32,
+    limit: u32,
+    used: i64,
+    retry_after: chrono::Duration,
+) -> ApiError {
+    let kind = if onchain_kms {
+        "sources on on-chain KMS"
+    } else {
+        "Cloud-KMS sources"
+    };
+    // Whole seconds, rounded up: retrying at once after them must succeed.
+    let whole = retry_after.num_seconds();
+    let retry_after_secs = if retry_after > chrono::Duration::seconds(whole) {
+        whole + 1
+    } else {
+        whole
+    }
+    .max(1) as u64;
+    let message = if i64::from(wanted) > i64::from(limit) {
+        format!(
+            "`{principal}` may queue {limit} replicas of {kind} per hour, and this asks for {wanted}; ask for fewer"
+        )
+    } else {
+        format!(
+            "`{principal}` has queued {used} of its {limit} replicas of {kind} in the last hour; {wanted} more fit in {retry_after_secs} s"
+        )
+    };
+    ApiError::RateLimited {
+        message,
+        retry_after_secs,
+    }
+}
+
+/// Resolves the source, node and env with Phala, checks the source against
+/// the caller's scope, and builds one row per replica.
+async fn resolve(
+    state: &AppState,
+    principal: &str,
+    order: &ReplicaOrder,
+) -> Result<Vec<NewRequest>, ApiError> {
     let source = state
         .phala
         .resolve_source(&order.source, order.compose_hash.as_ref())
         .await
         .map_err(resolve_error)?;
+    state.access.check_scope(principal, &source)?;
     let node = match &order.node {
         Some(node) => Some(
             state
@@ -153,14 +212,14 @@ async fn resolve(state: &AppState, order: &ReplicaOrder) -> Result<Vec<NewReques
     let encrypted_env = if order.env.is_empty() {
         None
     } else {
-        Some(
-            state
-                .phala
-                .encrypt_env_for(&source, &order.env)
-                .await
-                .map_err(resolve_error)?,
-        )
+        Some(encrypt_env_for(state, &source, &order.env).await?)
     };
+    // The device the prepare's answer must name; a malformed one cannot be compared.
+    let expected_device_id = node
+        .as_ref()
+        .and_then(|n| n.device_id.as_deref())
+        .and_then(|d| d.parse::<Bytes32>().ok())
+        .map(|d| d.to_string());
     let node_label = order.node.as_ref().map(|n| match n {
         NodeRef::Id(id) => id.to_string(),
         NodeRef::Name(name) => name.clone(),
@@ -182,6 +241,7 @@ async fn resolve(state: &AppState, order: &ReplicaOrder) -> Result<Vec<NewReques
         app_id: source.app_id().map(|a| a.to_string()),
         chain_id: source.cvm.chain_id().map(|c| c as i64),
         workspace_slug: source.cvm.workspace.as_ref().and_then(|w| w.slug.clone()),
+        expected_device_id,
     };
     Ok((0..order.count)
         .map(|_| NewRequest {
@@ -189,6 +249,33 @@ async fn resolve(state: &AppState, order: &ReplicaOrder) -> Result<Vec<NewReques
             ..row.clone()
         })
         .collect())
+}
+
+/// Encrypts the env for the app's key once the key is verified (see
+/// [`crate::phala::EnvKeyVerifier`]); a key that fails is refused.
+async fn encrypt_env_for(
+    state: &AppState,
+    source: &ResolvedSource,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<String, ApiError> {
+    let key = state
+        .phala
+        .env_key_for(source, env)
+        .await
+        .map_err(resolve_error)?;
+    state.env_keys.check(&key).await.map_err(|err| match err {
+        EnvKeyError::Chain { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "chain_unavailable",
+            format!("{err}; retry later"),
+        ),
+        err => ApiError::unprocessable(
+            "env_key_unverified",
+            format!("{err}; the env was not encrypted and nothing was stored"),
+        ),
+    })?;
+    encrypt_env(&key.public_key, env)
+        .map_err(|err| phala_unavailable(PhalaError::InvalidResponse(err.to_string())))
 }
 
 fn resolve_error(err: ResolveError) -> ApiError {

@@ -1,6 +1,7 @@
 //! HTTP: the JSON API, the CI webhook and the pages. Handlers stay thin and
 //! call into the domain and the store.
 
+pub mod access;
 mod auth;
 pub mod error;
 pub mod intake;
@@ -19,11 +20,12 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+pub use access::Access;
 pub use auth::ApiTokens;
 pub use webhook::WebhookSecrets;
 
 use crate::clock::Clock;
-use crate::phala::PhalaClient;
+use crate::phala::{EnvKeyVerifier, PhalaClient};
 use crate::store::Store;
 
 /// Everything a handler may use.
@@ -34,6 +36,10 @@ pub struct AppState {
     pub clock: Clock,
     pub api_tokens: ApiTokens,
     pub webhook_secrets: WebhookSecrets,
+    /// Each caller's scope and quota.
+    pub access: Access,
+    /// Checks an app's env key against its KMS root key on chain.
+    pub env_keys: EnvKeyVerifier,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -9,7 +9,13 @@ use alloy::primitives::Address;
 use uuid::Uuid;
 
 use crate::store::{EventRow, ProposalRow, ReplicaRequest, StoredRegistration};
+use crate::telemetry::redact;
 use crate::worker::safe_wallet_link;
+
+/// Stored text that may quote a client error (and so a URL with a key).
+fn clean(text: &Option<String>) -> Option<String> {
+    text.as_deref().map(|t| redact(t).into_owned())
+}
 
 /// Proposals by id with their calls, for rendering the requests that point to them.
 pub type Proposals = HashMap<Uuid, (ProposalRow, Vec<StoredRegistration>)>;
@@ -18,8 +24,8 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> Value {
     let last_error = r.last_error_code.as_ref().map(|code| {
         json!({
             "code": code,
-            "message": r.last_error_message,
-            "suggestion": r.last_error_suggestion,
+            "message": clean(&r.last_error_message),
+            "suggestion": clean(&r.last_error_suggestion),
         })
     });
     let replica = r
@@ -82,7 +88,7 @@ pub fn proposal(p: &ProposalRow, calls: &[StoredRegistration]) -> Value {
             "app": c.app_id,
             "value": c.value,
         })).collect::<Vec<_>>(),
-        "last_error": p.last_error_code.as_ref().map(|code| json!({"code": code, "message": p.last_error_message})),
+        "last_error": p.last_error_code.as_ref().map(|code| json!({"code": code, "message": clean(&p.last_error_message)})),
     })
 }
 
@@ -120,7 +126,7 @@ pub fn event(e: &EventRow) -> Value {
         "from": e.from_status,
         "to": e.to_status,
         "actor": e.actor,
-        "message": e.message,
+        "message": clean(&e.message),
         "at": e.created_at,
     })
 }

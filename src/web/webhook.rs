@@ -1,8 +1,10 @@
 //! `POST /webhooks/ci`: CI systems queue replicas with a signed request.
 //!
-//! `X-Bridge-Signature: sha256=<hex HMAC-SHA256(secret, "{timestamp}.{raw body}")>`
-//! with `X-Bridge-Timestamp: <unix seconds>`. Each CI client has its own secret;
-//! the one that verifies names the caller.
+//! `X-Bridge-Signature: sha256=<hex HMAC-SHA256(secret, "{timestamp}.{key}.{raw body}")>`
+//! with `X-Bridge-Timestamp: <unix seconds>`, where `key` is the
+//! `Idempotency-Key` header (empty without one). Each CI client has its own
+//! secret; the one that verifies names the caller. Signing the key means a
+//! captured delivery cannot be replayed under a fresh key.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -34,10 +36,12 @@ impl WebhookSecrets {
         }
     }
 
-    /// Checks the timestamp window and the signature; returns the CI client's name.
+    /// Checks the timestamp window and the signature over the timestamp, the
+    /// idempotency key (`""` without one) and the body; returns the CI client's name.
     pub fn verify(
         &self,
         headers: &HeaderMap,
+        idempotency_key: Option<&str>,
         body: &[u8],
         now_unix: i64,
     ) -> Result<String, ApiError> {
@@ -50,17 +54,15 @@ impl WebhookSecrets {
                 "X-Bridge-Timestamp is more than 5 minutes away from the server's clock; sign the request again",
             ));
         }
-        let signature = header(headers, SIGNATURE_HEADER)?;
-        let signature = signature
-            .strip_prefix("sha256=")
-            .and_then(|hex_sig| hex::decode(hex_sig).ok())
-            .ok_or_else(|| ApiError::unauthorized("X-Bridge-Signature must be `sha256=<hex>`"))?;
+        let signature = signature_bytes(headers)?;
 
         let mut matched = None;
         for (name, secret) in &self.clients {
             let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
                 .expect("HMAC takes keys of any length");
             mac.update(timestamp.as_bytes());
+            mac.update(b".");
+            mac.update(idempotency_key.unwrap_or_default().as_bytes());
             mac.update(b".");
             mac.update(body);
             // `verify_slice` compares in constant time.
@@ -73,6 +75,19 @@ impl WebhookSecrets {
     }
 }
 
+/// The 32 bytes of `X-Bridge-Signature: sha256=<hex>` (prefix and hex in any case).
+fn signature_bytes(headers: &HeaderMap) -> Result<Vec<u8>, ApiError> {
+    let value = header(headers, SIGNATURE_HEADER)?;
+    value
+        .get(..7)
+        .filter(|prefix| prefix.eq_ignore_ascii_case("sha256="))
+        .and_then(|_| hex::decode(&value[7..]).ok())
+        .filter(|bytes| bytes.len() == 32)
+        .ok_or_else(|| {
+            ApiError::unauthorized("X-Bridge-Signature must be `sha256=<64 hex digits>`")
+        })
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     headers
         .get(name)
@@ -82,28 +97,34 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
 }
 
 /// Same body and answer as `POST /api/v1/replicas`. Without an
-/// `Idempotency-Key`, the signature serves as one: a replayed delivery gets the
-/// first answer and creates nothing.
+/// `Idempotency-Key`, the signature serves as one, in its normalized form
+/// (lowercase hex, no prefix): a replayed delivery, however its signature is
+/// cased, gets the first answer and creates nothing.
 pub async fn ci_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let client = state
-        .webhook_secrets
-        .verify(&headers, &body, state.clock.now().timestamp())?;
-    let key = match intake::idempotency_key(&headers)? {
-        Some(key) => Some(key),
-        None => Some(format!("signature:{}", header(&headers, SIGNATURE_HEADER)?)),
+    let explicit = intake::idempotency_key(&headers)?;
+    let client = state.webhook_secrets.verify(
+        &headers,
+        explicit.as_deref(),
+        &body,
+        state.clock.now().timestamp(),
+    )?;
+    let key = match explicit {
+        Some(key) => key,
+        None => format!("signature:{}", hex::encode(signature_bytes(&headers)?)),
     };
-    intake::submit(&state, Actor::CiClient(client), key, &body).await
+    intake::submit(&state, Actor::CiClient(client), Some(key), &body).await
 }
 
-/// Signs a body as a CI client would (for tests, the sandbox and docs).
-pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
+/// Signs a delivery as a CI client would (for tests, the sandbox and docs):
+/// `idempotency_key` is the `Idempotency-Key` header it will carry, if any.
+pub fn sign(secret: &str, timestamp: i64, idempotency_key: Option<&str>, body: &[u8]) -> String {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
-    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(format!("{timestamp}.{}.", idempotency_key.unwrap_or_default()).as_bytes());
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
@@ -132,13 +153,23 @@ mod tests {
         let now = 1_800_000_000;
         assert_eq!(
             secrets()
-                .verify(&headers(now, &sign("first-secret", now, body)), body, now)
+                .verify(
+                    &headers(now, &sign("first-secret", now, None, body)),
+                    None,
+                    body,
+                    now
+                )
                 .unwrap(),
             "github"
         );
         assert_eq!(
             secrets()
-                .verify(&headers(now, &sign("second-secret", now, body)), body, now)
+                .verify(
+                    &headers(now, &sign("second-secret", now, None, body)),
+                    None,
+                    body,
+                    now
+                )
                 .unwrap(),
             "gitlab"
         );
@@ -147,17 +178,56 @@ mod tests {
     #[test]
     fn a_changed_body_or_timestamp_breaks_the_signature() {
         let now = 1_800_000_000;
-        let signature = sign("first-secret", now, b"{}");
+        let signature = sign("first-secret", now, None, b"{}");
         assert!(
             secrets()
-                .verify(&headers(now, &signature), b"{ }", now)
+                .verify(&headers(now, &signature), None, b"{ }", now)
                 .is_err()
         );
         assert!(
             secrets()
-                .verify(&headers(now + 1, &signature), b"{}", now)
+                .verify(&headers(now + 1, &signature), None, b"{}", now)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_signature_covers_the_idempotency_key() {
+        let now = 1_800_000_000;
+        let signature = sign("first-secret", now, Some("gh-981"), b"{}");
+        let verify =
+            |key: Option<&str>| secrets().verify(&headers(now, &signature), key, b"{}", now);
+        assert_eq!(verify(Some("gh-981")).unwrap(), "github");
+        for other in [None, Some("gh-982"), Some("")] {
+            assert!(verify(other).is_err(), "{other:?}");
+        }
+        // A signature made without a key does not carry one.
+        let keyless = sign("first-secret", now, None, b"{}");
+        assert!(
+            secrets()
+                .verify(&headers(now, &keyless), Some("fresh"), b"{}", now)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn signatures_verify_in_any_case_and_must_be_32_bytes() {
+        let now = 1_800_000_000;
+        let signature = sign("first-secret", now, None, b"{}");
+        let upper = signature.to_uppercase();
+        assert!(
+            secrets()
+                .verify(&headers(now, &upper), None, b"{}", now)
+                .is_ok()
+        );
+        for bad in ["sha256=abcd", "md5=00", "sha256", ""] {
+            assert!(
+                secrets()
+                    .verify(&headers(now, bad), None, b"{}", now)
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -165,14 +235,24 @@ mod tests {
         let now = 1_800_000_000;
         for ts in [now - 301, now + 301] {
             let err = secrets()
-                .verify(&headers(ts, &sign("first-secret", ts, b"{}")), b"{}", now)
+                .verify(
+                    &headers(ts, &sign("first-secret", ts, None, b"{}")),
+                    None,
+                    b"{}",
+                    now,
+                )
                 .unwrap_err();
             assert!(format!("{err:?}").contains("5 minutes"));
         }
         let ts = now - 299;
         assert!(
             secrets()
-                .verify(&headers(ts, &sign("first-secret", ts, b"{}")), b"{}", now)
+                .verify(
+                    &headers(ts, &sign("first-secret", ts, None, b"{}")),
+                    None,
+                    b"{}",
+                    now
+                )
                 .is_ok()
         );
     }

@@ -7,8 +7,11 @@ use std::time::Duration;
 use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
 use crate::domain::{Bytes32, Event};
-use crate::phala::{PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm};
-use crate::store::{Changes, Claimed, PreparedFields};
+use crate::phala::{
+    ExpectedReplica, PrepareMismatch, PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,
+    check_prepared,
+};
+use crate::store::{Changes, Claimed, PreparedFields, StoredError};
 
 /// How long to wait when another request holds the source's prepare lock.
 const SOURCE_BUSY_WAIT: Duration = Duration::from_secs(1);
@@ -52,7 +55,22 @@ async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> 
         .prepare_replica(&request.source_vm_uuid, &spec(claimed))
         .await
     {
-        Ok(PrepareOutcome::Prepared(prepared)) => Ok(prepared_outcome(request.chain_id, prepared)),
+        Ok(PrepareOutcome::Prepared(prepared)) => {
+            // Act only on an answer that names what intake resolved itself.
+            let expected = ExpectedReplica::from_stored(
+                request.app_id.as_deref(),
+                request.expected_device_id.as_deref(),
+                request.requested_compose_hash.as_deref(),
+            );
+            if let Err(mismatch) = check_prepared(&expected, &prepared) {
+                return Ok(Outcome::Fail(StoredError::new(
+                    PrepareMismatch::CODE,
+                    &mismatch.to_string(),
+                    Some(PrepareMismatch::SUGGESTION),
+                )));
+            }
+            Ok(prepared_outcome(request.chain_id, prepared))
+        }
         // Phala ignored the prepare header and created the replica.
         Ok(PrepareOutcome::Created(vm)) => Ok(created(vm)),
         Err(err) => Ok(Outcome::from_phala(&err)),

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use approval_bridge::clock::Clock;
 use approval_bridge::config::{
-    DatabaseSettings, LogFormat, PhalaSettings, SafeSettings, Settings, WorkerSettings,
-    parse_named_secrets,
+    DatabaseSettings, LogFormat, PhalaSettings, SafeSettings, Settings, TrustSettings,
+    WorkerSettings, parse_named_secrets,
 };
 use approval_bridge::startup::Application;
 use approval_bridge::store::Store;
@@ -92,6 +92,7 @@ pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
             safe_rate_limit: 50.0,
             ..SafeSettings::default()
         },
+        trust: TrustSettings::default(),
         log_format: LogFormat::Text,
     }
 }
@@ -221,7 +222,7 @@ impl TestApp {
         timestamp: i64,
         idempotency_key: Option<&str>,
     ) -> Response {
-        let signature = webhook::sign(secret, timestamp, body.as_bytes());
+        let signature = webhook::sign(secret, timestamp, idempotency_key, body.as_bytes());
         self.post_webhook_raw(body, &timestamp.to_string(), &signature, idempotency_key)
             .await
     }

@@ -1,15 +1,21 @@
 //! Integration tests: one binary, the real app on port 0, a fresh Postgres
 //! database per test, wiremock for Phala Cloud.
 
+mod access;
 mod chain_world;
 mod cli;
 mod conformance;
 mod delegate_cli;
+mod env_keys;
 mod exactly_once;
 mod fault_proxy;
 mod helpers;
+mod kms_mock;
 mod phala_mock;
 mod phala_sim;
+mod prepare_checks;
+mod properties;
+mod readme;
 mod replicas_api;
 mod rpc_proxy;
 mod safe_flow;

@@ -601,7 +601,8 @@ async fn env_is_encrypted_for_the_kms_key_and_reaches_the_replica() {
     let web = f.cvm(standard::WEB).clone();
     let source = f.client.resolve_source(standard::WEB, None).await.unwrap();
     let env = BTreeMap::from([("API_URL".to_owned(), "http://127.0.0.1:9".to_owned())]);
-    let encrypted = f.client.encrypt_env_for(&source, &env).await.unwrap();
+    let key = f.client.env_key_for(&source, &env).await.unwrap();
+    let encrypted = approval_bridge::phala::encrypt_env(&key.public_key, &env).unwrap();
 
     let spec = ReplicaSpec {
         node_id: Some(1),

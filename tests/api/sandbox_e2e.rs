@@ -81,7 +81,7 @@ impl Driver {
             .header("X-Bridge-Timestamp", now.to_string())
             .header(
                 "X-Bridge-Signature",
-                webhook::sign(SECRET, now, body.as_bytes()),
+                webhook::sign(SECRET, now, None, body.as_bytes()),
             )
             .body(body)
             .send()

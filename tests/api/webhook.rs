@@ -45,7 +45,7 @@ async fn a_wrong_signature_is_rejected_and_stores_nothing() {
     assert!(message.contains("no configured CI client"), "{message}");
 
     // Signed for one body, sent with another.
-    let signature = approval_bridge::web::webhook::sign(WEBHOOK_SECRET, now, BODY.as_bytes());
+    let signature = approval_bridge::web::webhook::sign(WEBHOOK_SECRET, now, None, BODY.as_bytes());
     let tampered = BODY.replace("2", "9");
     error_of(
         app.post_webhook_raw(&tampered, &now.to_string(), &signature, None)
@@ -208,4 +208,60 @@ async fn the_readme_github_actions_step_is_accepted() {
     assert_eq!(body["replicas"][0]["created_by"], "ci:github");
     assert_eq!(body["replicas"][0]["node_name"], "prod-3");
     assert_eq!(body["replicas"][0]["note"], "deploy abc123");
+}
+
+#[tokio::test]
+async fn a_replay_under_a_fresh_idempotency_key_is_refused() {
+    let app = spawn_app().await;
+    mount_onchain_source(&app.phala, &[]).await;
+    let now = app.clock.now().timestamp();
+    let ts = now.to_string();
+    let signed =
+        approval_bridge::web::webhook::sign(WEBHOOK_SECRET, now, Some("gh-1"), BODY.as_bytes());
+    let response = app.post_webhook_raw(BODY, &ts, &signed, Some("gh-1")).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(app.request_count().await, 2);
+
+    // The captured delivery, sent again under another key or none.
+    for key in [Some("gh-2"), Some("GH-1"), None] {
+        let (code, message) =
+            error_of(app.post_webhook_raw(BODY, &ts, &signed, key).await, 401).await;
+        assert_eq!(code, "unauthorized");
+        assert!(message.contains("no configured CI client"), "{message}");
+    }
+    // A delivery signed without a key cannot take one on either.
+    let keyless = approval_bridge::web::webhook::sign(WEBHOOK_SECRET, now, None, BODY.as_bytes());
+    error_of(
+        app.post_webhook_raw(BODY, &ts, &keyless, Some("fresh"))
+            .await,
+        401,
+    )
+    .await;
+    assert_eq!(app.request_count().await, 2);
+}
+
+#[tokio::test]
+async fn a_replay_with_a_re_cased_signature_creates_nothing() {
+    let app = spawn_app().await;
+    mount_onchain_source(&app.phala, &[]).await;
+    let now = app.clock.now().timestamp();
+    let ts = now.to_string();
+    let signed = approval_bridge::web::webhook::sign(WEBHOOK_SECRET, now, None, BODY.as_bytes());
+    let first: Value = app
+        .post_webhook_raw(BODY, &ts, &signed, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let hex = signed.strip_prefix("sha256=").unwrap();
+    for variant in [
+        signed.to_uppercase(),
+        format!("SHA256={hex}"),
+        format!("sha256={}", hex.to_uppercase()),
+    ] {
+        let replay = app.post_webhook_raw(BODY, &ts, &variant, None).await;
+        assert_eq!(replay.status(), 202, "{variant}");
+        assert_eq!(replay.json::<Value>().await.unwrap(), first);
+    }
+    assert_eq!(app.request_count().await, 2);
 }

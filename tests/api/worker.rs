@@ -207,19 +207,12 @@ async fn a_cloud_kms_source_is_replicated_directly_without_a_prepare() {
 
 #[tokio::test]
 async fn env_for_an_onchain_app_is_encrypted_to_its_kms_key() {
-    let app = spawn_app().await;
-    let kms_secret = x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng);
-    let kms_public = hex::encode(x25519_dalek::PublicKey::from(&kms_secret).as_bytes());
+    // The key is signed by the KMS root key its DstackKms registers (see env_keys.rs).
+    let kms = crate::kms_mock::MockKms::start(None).await;
+    let app = spawn_app_with(kms.configure()).await;
+    let kms_secret = kms.env_secret.clone();
     mount_onchain_source(&app.phala, &["DB_URL", "TOKEN"]).await;
-    Mock::given(method("GET"))
-        .and(path(api(&format!("/kms/base/pubkey/{}", app_id()))))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(
-                json!({"public_key": format!("0x{kms_public}"), "signature": "0x00"}),
-            ),
-        )
-        .mount(&app.phala)
-        .await;
+    kms.mount_env_key(&app.phala, &kms.signer).await;
     mount_prepare(
         &app.phala,
         ONCHAIN_VM,

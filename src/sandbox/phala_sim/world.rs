@@ -18,7 +18,8 @@ pub struct PhalaWorld {
     pub workspace: String,
     /// `kms_info.chain_id` of the on-chain CVMs; the RPC must serve this chain.
     pub chain_id: u64,
-    /// `kms_info.dstack_kms_address` (no DstackKms is deployed locally).
+    /// `kms_info.dstack_kms_address`: the DstackKms stand-in whose root key is
+    /// [`super::kms_root_key`], when one is deployed.
     pub kms_contract: Address,
     pub nodes: Vec<SimNode>,
     pub cvms: Vec<SimCvm>,
