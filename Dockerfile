@@ -1,4 +1,5 @@
-# Build: a release binary of approval-bridge.
+# Build: a release binary of approval-bridge, without the `sandbox` feature:
+# the image carries no simulators and no `sandbox` subcommand.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./

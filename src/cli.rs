@@ -29,12 +29,15 @@ pub enum Command {
     Delegate(delegate::DelegateCommand),
     /// Run the whole flow on this machine: anvil with a Safe, the Phala Cloud
     /// and Safe Transaction Service simulators, and the bridge.
+    #[cfg(feature = "sandbox")]
     Sandbox(SandboxArgs),
 }
 
+#[cfg(feature = "sandbox")]
 #[derive(Debug, clap::Args)]
 pub struct SandboxArgs {
-    /// The bridge's port (web page, API, webhook).
+    /// The sandbox's port: the web page, the sandbox controls, and the
+    /// bridge's API and webhook (forwarded to the bridge).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Seconds between blocks on the local chain.
@@ -46,12 +49,35 @@ pub struct SandboxArgs {
     /// The CI webhook secret.
     #[arg(long, default_value = "sandbox-secret")]
     pub webhook_secret: String,
-    /// Postgres URL of the sandbox's database, emptied at each start.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    /// Postgres URL of the sandbox's own database, dropped and re-created at
+    /// each start: its name must end in `_sandbox`. `DATABASE_URL` is never
+    /// read. [default: the local approval_bridge_sandbox; with --world-only,
+    /// none]
+    #[arg(
+        long,
+        env = "APPROVAL_BRIDGE_SANDBOX_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// Seconds requests collect before their Safe transaction is proposed.
     #[arg(long, default_value_t = 10)]
     pub batch_window_secs: u64,
+    /// Blocks on top of a Safe execution before the bridge acts on it.
+    #[arg(long, default_value_t = 2)]
+    pub confirmations: u64,
+    /// Start anvil, the Safe and the simulators without the bridge, and print
+    /// the environment of `approval-bridge serve` against them on stdout.
+    #[arg(long)]
+    pub world_only: bool,
+    /// Print the environment of `serve` on stdout (the banner then goes to
+    /// stderr): `export NAME='value'` lines, or one JSON object on one line.
+    /// [default with --world-only: shell]
+    #[arg(long, value_enum)]
+    pub print_env: Option<crate::sandbox::EnvFormat>,
+    /// The bridge's own port (with --world-only, the one `serve` is told to
+    /// use). [default: a free port]
+    #[arg(long)]
+    pub bridge_port: Option<u16>,
     /// Nodes with free CVM slots, `prod-1` to `prod-N`, besides the full `prod-full`.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=200))]
     pub nodes: u32,
@@ -158,6 +184,36 @@ mod tests {
         );
         assert!(!line.contains("hunter2"), "{line}");
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn the_sandbox_subcommand_exists_only_with_the_sandbox_feature() {
+        let command = Cli::command();
+        let names: Vec<&str> = command.get_subcommands().map(|c| c.get_name()).collect();
+        assert_eq!(
+            names.contains(&"sandbox"),
+            cfg!(feature = "sandbox"),
+            "{names:?}"
+        );
+        let help = command.clone().render_long_help().to_string();
+        assert_eq!(
+            help.contains("sandbox"),
+            cfg!(feature = "sandbox"),
+            "{help}"
+        );
+    }
+
+    #[cfg(feature = "sandbox")]
+    #[test]
+    fn the_sandbox_reads_its_own_database_setting_never_database_url() {
+        let command = Cli::command();
+        let sandbox = command.find_subcommand("sandbox").unwrap();
+        let envs: Vec<String> = sandbox
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(envs, ["APPROVAL_BRIDGE_SANDBOX_DATABASE_URL"]);
     }
 
     #[test]

@@ -65,6 +65,19 @@ pub struct Settings {
     pub log_format: LogFormat,
 }
 
+impl Settings {
+    /// Rules that span several settings; clap checks each one alone.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let (lease, call) = (self.worker.lease_secs, self.phala.phala_timeout_secs);
+        anyhow::ensure!(
+            lease > call,
+            "invalid setting APPROVAL_BRIDGE_LEASE_SECS (--lease-secs): {lease} s must be longer \
+             than one Phala call (APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS is {call} s)"
+        );
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct PhalaSettings {
     /// Base URL of the Phala Cloud API.
@@ -102,11 +115,36 @@ pub struct WorkerSettings {
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
 
-    /// How long a claimed request stays leased to one worker, in seconds.
-    /// It must outlast the slowest step, or another worker takes over.
+    /// How long a claimed request stays leased to one worker, in seconds, on
+    /// the database's clock. A running step renews it every third of this, and
+    /// it must be longer than one Phala call (APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS).
     #[arg(long, env = "APPROVAL_BRIDGE_LEASE_SECS", default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(5..=3600))]
     pub lease_secs: u64,
+
+    /// After a create or commit got no answer: how long a replica may take to
+    /// appear in Phala's instance list before the call is sent again, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_RECONCILE_SETTLE_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub reconcile_settle_secs: u64,
+
+    /// How long the outcome of such a call may stay unknown (Phala's instance
+    /// list cannot be read) before the request fails, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_UNKNOWN_OUTCOME_TIMEOUT_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub unknown_outcome_timeout_secs: u64,
+
+    /// How long a committed replica may stay missing from Phala (404) before
+    /// the request fails, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_REPLICA_MISSING_TIMEOUT_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub replica_missing_timeout_secs: u64,
+
+    /// How long `serve` waits for running steps after SIGTERM before it gives
+    /// their leases back and exits, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_SHUTDOWN_GRACE_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub shutdown_grace_secs: u64,
 
     /// Fallback polling interval when no notification arrives, in seconds.
     #[arg(long, env = "APPROVAL_BRIDGE_POLL_INTERVAL_SECS", default_value_t = 5,
@@ -130,6 +168,10 @@ impl Default for WorkerSettings {
             workers: 4,
             max_attempts: 8,
             lease_secs: 120,
+            reconcile_settle_secs: 20,
+            unknown_outcome_timeout_secs: 3600,
+            replica_missing_timeout_secs: 600,
+            shutdown_grace_secs: 20,
             poll_interval_secs: 5,
             backoff_base_secs: 2,
             backoff_max_secs: 600,

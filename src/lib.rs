@@ -10,6 +10,9 @@ pub mod config;
 pub mod domain;
 pub mod phala;
 pub mod safe;
+/// The local world (anvil, simulators, `approval-bridge sandbox`): a test
+/// double, compiled only with the `sandbox` feature.
+#[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod startup;
 pub mod store;

@@ -1,6 +1,5 @@
 use approval_bridge::cli::{Cli, Command, delegate};
 use approval_bridge::config::LogFormat;
-use approval_bridge::sandbox::{Sandbox, SandboxOptions};
 use approval_bridge::{startup, store, telemetry};
 
 #[tokio::main]
@@ -29,21 +28,43 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         // No log subscriber: stdout carries only the command's output.
         Command::Delegate(command) => delegate::run(command).await,
-        Command::Sandbox(args) => {
-            telemetry::init(LogFormat::Text);
-            let options = SandboxOptions {
-                port: args.port,
-                block_time: args.block_time,
-                api_token: args.api_token,
-                webhook_secret: args.webhook_secret,
-                database_url: args.database_url,
-                batch_window_secs: args.batch_window_secs,
-                nodes: args.nodes,
-                ..SandboxOptions::default()
-            };
-            let sandbox = Sandbox::start(options).await?;
-            println!("{}", sandbox.banner());
-            sandbox.run_until_stopped().await
-        }
+        #[cfg(feature = "sandbox")]
+        Command::Sandbox(args) => sandbox(args).await,
     }
+}
+
+#[cfg(feature = "sandbox")]
+async fn sandbox(args: approval_bridge::cli::SandboxArgs) -> anyhow::Result<()> {
+    use approval_bridge::sandbox::{EnvFormat, Sandbox, SandboxOptions};
+    use std::io::Write;
+
+    // Logs go to stderr: stdout carries the banner or the environment only.
+    telemetry::init_stderr(LogFormat::Text);
+    let print_env = args
+        .print_env
+        .or(args.world_only.then_some(EnvFormat::Shell));
+    let options = SandboxOptions {
+        port: args.port,
+        block_time: args.block_time,
+        api_token: args.api_token,
+        webhook_secret: args.webhook_secret,
+        database_url: args.database_url,
+        batch_window_secs: args.batch_window_secs,
+        confirmations: args.confirmations,
+        world_only: args.world_only,
+        bridge_port: args.bridge_port,
+        nodes: args.nodes,
+        ..SandboxOptions::default()
+    };
+    let sandbox = Sandbox::start(options).await?;
+    match print_env {
+        Some(format) => {
+            eprintln!("{}", sandbox.banner());
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(sandbox.env.render(format).as_bytes())?;
+            stdout.flush()?;
+        }
+        None => println!("{}", sandbox.banner()),
+    }
+    sandbox.run_until_stopped().await
 }

@@ -18,8 +18,6 @@ pub struct Application {
     worker: Worker,
     workers: usize,
     shutdown: CancellationToken,
-    /// Routes added by the embedding program (the sandbox's controls).
-    extra_routes: Option<axum::Router>,
 }
 
 impl Application {
@@ -28,6 +26,7 @@ impl Application {
     }
 
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
+        settings.check()?;
         let pool = store::connect(&settings.database).await?;
         store::migrate(&pool).await?;
         let store = Store::new(pool);
@@ -60,14 +59,7 @@ impl Application {
             worker,
             workers: settings.worker.workers,
             shutdown: CancellationToken::new(),
-            extra_routes: None,
         })
-    }
-
-    /// Serves `routes` beside the bridge's own (the sandbox's controls).
-    pub fn with_routes(mut self, routes: axum::Router) -> Self {
-        self.extra_routes = Some(routes);
-        self
     }
 
     pub fn port(&self) -> u16 {
@@ -99,10 +91,7 @@ impl Application {
 
         let workers = (self.workers > 0)
             .then(|| tokio::spawn(self.worker.run(self.workers, shutdown.clone())));
-        let mut router = web::router(self.state);
-        if let Some(extra) = self.extra_routes {
-            router = extra.merge(router);
-        }
+        let router = web::router(self.state);
         let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let served = server.await.context("the HTTP server failed");

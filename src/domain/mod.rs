@@ -6,7 +6,10 @@ mod state;
 
 pub use ids::{AppId, Bytes32, InvalidId};
 pub use order::{InvalidOrder, MAX_REPLICAS_PER_ORDER, NodeRef, ReplicaOrder};
-pub use state::{Event, IllegalTransition, Status, UnknownStatus, next};
+pub use state::{
+    Effects, Event, IllegalTransition, Status, Transition, UnknownStatus, holds_source_lock, next,
+    transition,
+};
 
 /// Who caused a change, as recorded in the event log.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -132,6 +132,49 @@ pub struct IllegalTransition {
     pub event: Event,
 }
 
+/// What a transition does besides changing the status. The store carries
+/// these out in the transaction that writes the new status, so a reader finds
+/// every rule here rather than in SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effects {
+    /// Forget the commit token: it was spent, or the request is finished.
+    pub clear_commit_token: bool,
+    /// Leave the current Safe proposal: the request needs a new plan.
+    pub detach_proposal: bool,
+    /// Forget the execution's transaction hash: a fresh prepare commits with
+    /// `already-registered`.
+    pub clear_commit_tx_hash: bool,
+    /// Give up the source's prepare lock. Only a request that is preparing or
+    /// committing holds it: a prepare of a sibling would supersede its token.
+    pub release_source_lock: bool,
+}
+
+/// A legal move: the status it leads to and what comes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub to: Status,
+    pub effects: Effects,
+}
+
+/// Whether a request in `status` holds its source's prepare lock.
+pub fn holds_source_lock(status: Status) -> bool {
+    matches!(status, Status::Preparing | Status::Committing)
+}
+
+/// [`next`] with the effects of the move.
+pub fn transition(from: Status, event: Event) -> Result<Transition, IllegalTransition> {
+    let to = next(from, event)?;
+    Ok(Transition {
+        to,
+        effects: Effects {
+            clear_commit_token: to.is_terminal() || event == Event::Committed,
+            detach_proposal: to == Status::AwaitingProposal,
+            clear_commit_tx_hash: to == Status::Preparing,
+            release_source_lock: !holds_source_lock(to),
+        },
+    })
+}
+
 /// The transition function. Cancelling is allowed until the commit starts,
 /// because after that Phala may already be creating the replica.
 pub fn next(from: Status, event: Event) -> Result<Status, IllegalTransition> {
@@ -220,6 +263,36 @@ mod tests {
         for from in [S::Committing, S::Provisioning] {
             assert!(next(from, E::Cancel).is_err());
         }
+    }
+
+    #[test]
+    fn effects_follow_the_destination() {
+        for (from, event, to) in LEGAL {
+            let t = transition(*from, *event).unwrap();
+            assert_eq!(t.to, *to);
+            let e = t.effects;
+            assert_eq!(
+                e.release_source_lock,
+                !matches!(to, S::Preparing | S::Committing),
+                "{from} + {event:?}"
+            );
+            assert_eq!(e.detach_proposal, *to == S::AwaitingProposal);
+            assert_eq!(e.clear_commit_tx_hash, *to == S::Preparing);
+            assert_eq!(
+                e.clear_commit_token,
+                to.is_terminal() || *event == E::Committed
+            );
+        }
+    }
+
+    #[test]
+    fn a_prepare_that_commits_at_once_keeps_the_source_lock() {
+        let t = transition(S::Preparing, E::RegistrationsAllowed).unwrap();
+        assert!(!t.effects.release_source_lock);
+        let t = transition(S::Committing, E::TokenExpired).unwrap();
+        assert!(!t.effects.release_source_lock, "re-prepare keeps it");
+        let t = transition(S::Committing, E::Committed).unwrap();
+        assert!(t.effects.release_source_lock && t.effects.clear_commit_token);
     }
 
     #[test]

@@ -44,6 +44,17 @@ impl PhalaError {
         }
     }
 
+    /// Whether a call that must not repeat may have taken effect although
+    /// this error came back: no answer at all, a timeout, a 5xx of any shape
+    /// (a gateway's 502 says nothing of what the server behind it did), or a
+    /// success we could not read. Every other answer is Phala's own refusal.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            PhalaError::Transport { .. } | PhalaError::InvalidResponse(_) => true,
+            PhalaError::Api(api) => api.status >= 500 || api.status == 408,
+        }
+    }
+
     pub fn code(&self) -> Option<&str> {
         match self {
             PhalaError::Api(api) => api.code.as_deref(),

@@ -35,6 +35,30 @@ pub struct CvmInfo {
     /// The workspace the CVM belongs to; its slug is part of dashboard links.
     #[serde(default)]
     pub workspace: Option<Workspace>,
+    /// The node it runs on (2026-01-21).
+    #[serde(default)]
+    pub node_info: Option<NodeInfo>,
+    /// The node it runs on (2025-10-28).
+    #[serde(default)]
+    pub teepod_id: Option<i64>,
+}
+
+impl CvmInfo {
+    /// The id of the node the CVM runs on, in either API version's shape.
+    pub fn node_id(&self) -> Option<i64> {
+        self.node_info
+            .as_ref()
+            .and_then(|n| n.id)
+            .or(self.teepod_id)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeInfo {
+    #[serde(default)]
+    pub id: Option<i64>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

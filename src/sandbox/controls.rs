@@ -1,6 +1,9 @@
 //! Sandbox-only HTTP controls: act as the Safe owners (sign, execute), show
-//! the world as JSON, and a page with buttons for both. Never served by
-//! `approval-bridge serve`.
+//! the world as JSON, and a page with buttons for both. They are served on
+//! the sandbox's own port, the front door, which forwards every other path to
+//! the bridge; `approval-bridge serve` never serves them. Like Safe{Wallet},
+//! the owners read proposals from the Safe Transaction Service, not from the
+//! bridge, so they work while the bridge is down or runs in another process.
 
 use std::sync::Arc;
 
@@ -9,8 +12,9 @@ use alloy::signers::local::PrivateKeySigner;
 use askama::Template;
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use reqwest::Url;
@@ -23,7 +27,9 @@ use super::phala_sim::PhalaSim;
 use super::safe_service::SafeServiceSim;
 use crate::chain::{ChainClient, Registration};
 use crate::safe::{Operation, SafeTx, sign_safe_tx_hash};
-use crate::store::Store;
+
+/// The largest body the front door forwards to the bridge.
+const MAX_FORWARDED_BODY: usize = 4 * 1024 * 1024;
 
 #[derive(Clone)]
 pub(super) struct Controls {
@@ -37,7 +43,8 @@ pub(super) struct Controls {
     pub safe_service_url: Url,
     pub phala: PhalaSim,
     pub apps: SandboxApps,
-    pub store: Store,
+    /// Where the bridge listens (or, with `--world-only`, is told to).
+    pub bridge_url: Url,
     /// Shown on the page so its buttons can call the API.
     pub api_token: String,
     pub http: reqwest::Client,
@@ -49,6 +56,7 @@ pub(super) fn router(controls: Controls) -> Router {
         .route("/sandbox/world", get(world))
         .route("/sandbox/safe/{safe_tx_hash}/sign", post(sign))
         .route("/sandbox/safe/{safe_tx_hash}/execute", post(execute))
+        .fallback(forward)
         .with_state(controls)
 }
 
@@ -143,31 +151,7 @@ async fn execute(
     Path(hash): Path<String>,
 ) -> Result<Json<Value>, Rejection> {
     let hash = parse_hash(&hash)?;
-    let proposal = c
-        .store
-        .proposal_by_hash(&hash.to_string())
-        .await
-        .map_err(|err| {
-            reject(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "database",
-                err.to_string(),
-            )
-        })?
-        .ok_or_else(|| {
-            reject(
-                StatusCode::NOT_FOUND,
-                "unknown_proposal",
-                format!("the bridge has no proposal {hash}"),
-            )
-        })?;
-    let confirmed = c.safe_service.confirmations(hash);
-    let signers: Vec<PrivateKeySigner> = c
-        .owner_keys
-        .iter()
-        .filter(|k| confirmed.contains(&k.address()))
-        .cloned()
-        .collect();
+    let tx = proposed_tx(&c, hash).await?;
     let client = ChainClient::new(c.chain.chain_id(), c.chain.rpc_url());
     let info = match client.owner_kind(c.safe).await {
         Ok(crate::chain::OwnerKind::Safe(info)) => info,
@@ -179,6 +163,12 @@ async fn execute(
             ));
         }
     };
+    let signers: Vec<PrivateKeySigner> = c
+        .owner_keys
+        .iter()
+        .filter(|k| tx.confirmations.contains(&k.address()))
+        .cloned()
+        .collect();
     if (signers.len() as u64) < info.threshold {
         return Err(reject(
             StatusCode::CONFLICT,
@@ -190,33 +180,17 @@ async fn execute(
             ),
         ));
     }
-    if info.nonce != proposal.nonce as u64 {
+    if info.nonce != tx.call.nonce {
         return Err(reject(
             StatusCode::CONFLICT,
             "not_next",
             format!(
                 "the Safe is at nonce {}, the proposal has nonce {}",
-                info.nonce, proposal.nonce
+                info.nonce, tx.call.nonce
             ),
         ));
     }
-    let call = SafeTx::new(
-        proposal
-            .to_address
-            .parse()
-            .map_err(|_| reject(StatusCode::INTERNAL_SERVER_ERROR, "stored", "to"))?,
-        U256::ZERO,
-        proposal
-            .data
-            .parse()
-            .map_err(|_| reject(StatusCode::INTERNAL_SERVER_ERROR, "stored", "data"))?,
-        if proposal.operation == 1 {
-            Operation::DelegateCall
-        } else {
-            Operation::Call
-        },
-        proposal.nonce as u64,
-    );
+    let call = tx.call;
     let receipt = c
         .chain
         .exec_safe_tx(c.safe, &call, &signers, &c.executor)
@@ -233,6 +207,217 @@ async fn execute(
         "transaction_hash": receipt.transaction_hash,
         "block": receipt.block_number,
     })))
+}
+
+/// A proposal as the Safe Transaction Service holds it, with the owners who
+/// confirmed it.
+struct ProposedTx {
+    call: SafeTx,
+    confirmations: Vec<Address>,
+}
+
+/// `GET /api/v2/multisig-transactions/{hash}/`, as Safe{Wallet} reads it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireTx {
+    to: Address,
+    value: Value,
+    data: Option<Bytes>,
+    operation: u8,
+    safe_tx_gas: Value,
+    base_gas: Value,
+    gas_price: Value,
+    gas_token: Address,
+    refund_receiver: Address,
+    nonce: Value,
+    #[serde(default)]
+    confirmations: Vec<WireConfirmation>,
+}
+
+#[derive(Deserialize)]
+struct WireConfirmation {
+    owner: Address,
+}
+
+/// The service sends numbers as decimal strings or as JSON numbers.
+fn number(field: &str, value: &Value) -> Result<U256, Rejection> {
+    let parsed = match value {
+        Value::String(text) => text.parse::<U256>().ok(),
+        Value::Number(n) => n.as_u64().map(U256::from),
+        _ => None,
+    };
+    parsed.ok_or_else(|| {
+        reject(
+            StatusCode::BAD_GATEWAY,
+            "safe_service_answer",
+            format!("the service's `{field}` is `{value}`, not a number"),
+        )
+    })
+}
+
+/// Reads the proposal from the Safe Transaction Service and checks that its
+/// fields hash to `hash` on the Safe itself.
+async fn proposed_tx(c: &Controls, hash: B256) -> Result<ProposedTx, Rejection> {
+    let url = format!(
+        "{}api/v2/multisig-transactions/{hash}/",
+        with_slash(&c.safe_service_url)
+    );
+    let answer = c.http.get(url).send().await.map_err(|err| {
+        reject(
+            StatusCode::BAD_GATEWAY,
+            "safe_service_unreachable",
+            err.to_string(),
+        )
+    })?;
+    if answer.status() == StatusCode::NOT_FOUND {
+        return Err(reject(
+            StatusCode::NOT_FOUND,
+            "unknown_proposal",
+            format!("the Safe Transaction Service has no proposal {hash}"),
+        ));
+    }
+    if !answer.status().is_success() {
+        let status = answer.status();
+        return Err(reject(
+            StatusCode::BAD_GATEWAY,
+            "safe_service_answer",
+            format!("the Safe Transaction Service answered {status}"),
+        ));
+    }
+    let wire: WireTx = answer.json().await.map_err(|err| {
+        reject(
+            StatusCode::BAD_GATEWAY,
+            "safe_service_answer",
+            format!("cannot read the service's proposal: {err}"),
+        )
+    })?;
+    let operation = match wire.operation {
+        0 => Operation::Call,
+        1 => Operation::DelegateCall,
+        other => {
+            return Err(reject(
+                StatusCode::BAD_GATEWAY,
+                "safe_service_answer",
+                format!("the service's operation is {other}"),
+            ));
+        }
+    };
+    let nonce = u64::try_from(number("nonce", &wire.nonce)?).map_err(|_| {
+        reject(
+            StatusCode::BAD_GATEWAY,
+            "safe_service_answer",
+            "the service's nonce is too large",
+        )
+    })?;
+    let call = SafeTx {
+        safe_tx_gas: number("safeTxGas", &wire.safe_tx_gas)?,
+        base_gas: number("baseGas", &wire.base_gas)?,
+        gas_price: number("gasPrice", &wire.gas_price)?,
+        gas_token: wire.gas_token,
+        refund_receiver: wire.refund_receiver,
+        ..SafeTx::new(
+            wire.to,
+            number("value", &wire.value)?,
+            wire.data.unwrap_or_default(),
+            operation,
+            nonce,
+        )
+    };
+    let on_chain = c
+        .chain
+        .safe_tx_hash(c.safe, &call)
+        .await
+        .map_err(|err| reject(StatusCode::BAD_GATEWAY, "chain", format!("{err:#}")))?;
+    if on_chain != hash {
+        return Err(reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "hash_mismatch",
+            format!("the service's proposal hashes to {on_chain} on the Safe, not {hash}"),
+        ));
+    }
+    Ok(ProposedTx {
+        call,
+        confirmations: wire.confirmations.iter().map(|c| c.owner).collect(),
+    })
+}
+
+/// Every path that is not a control goes to the bridge, so one address
+/// serves the page, the API and the webhook. With `--world-only`, and while
+/// `serve` is down, it answers 502 with what to do.
+async fn forward(State(c): State<Controls>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let url = format!("{}{}", c.bridge_url.as_str().trim_end_matches('/'), path);
+    let body = match axum::body::to_bytes(body, MAX_FORWARDED_BODY).await {
+        Ok(body) => body,
+        Err(_) => {
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the sandbox forwards bodies up to {MAX_FORWARDED_BODY} bytes"),
+            )
+            .into_response();
+        }
+    };
+    let mut headers = parts.headers;
+    strip_hop_headers(&mut headers);
+    let answer = c
+        .http
+        .request(parts.method, url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(_) => {
+            return reject(
+                StatusCode::BAD_GATEWAY,
+                "bridge_unavailable",
+                format!(
+                    "the bridge does not answer at {}: start `approval-bridge serve` with the sandbox's environment",
+                    c.bridge_url
+                ),
+            )
+            .into_response();
+        }
+    };
+    let status = answer.status();
+    let mut headers = answer.headers().clone();
+    strip_hop_headers(&mut headers);
+    match answer.bytes().await {
+        Ok(bytes) => {
+            let mut response = Response::new(Body::from(bytes));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            response
+        }
+        Err(_) => reject(
+            StatusCode::BAD_GATEWAY,
+            "bridge_unavailable",
+            "the bridge closed the connection mid-answer",
+        )
+        .into_response(),
+    }
+}
+
+/// Headers that describe one connection, not the message.
+fn strip_hop_headers(headers: &mut HeaderMap) {
+    for name in [
+        header::HOST,
+        header::CONNECTION,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// `GET /sandbox/world`: everything a test or a person needs to drive the sandbox.

@@ -4,11 +4,16 @@
 //! crate root, installed with `npm ci`): anvil, solc-js, and the Safe 1.4.1
 //! artifacts. This file finds those tools and builds the project's own test
 //! contracts (`contracts/*.sol`); [`chain`] starts anvil and deploys the world.
+//!
+//! The whole module is a test double of the outside world, compiled only with
+//! the `sandbox` feature: nothing outside it may depend on it.
 
 pub mod chain;
 mod controls;
+pub mod database;
 pub mod phala_sim;
 pub mod safe_service;
+pub mod serve_env;
 mod world;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +26,8 @@ use alloy::primitives::Bytes;
 use anyhow::{Context, bail};
 
 pub use chain::LocalChain;
+pub use database::SandboxDatabase;
+pub use serve_env::{EnvFormat, ServeEnv};
 pub use world::{EOA_CVM, Sandbox, SandboxApps, SandboxOptions};
 
 /// A file only this project has, used to recognise the project root.

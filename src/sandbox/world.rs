@@ -1,6 +1,7 @@
 //! `approval-bridge sandbox`: the whole flow on one machine. It starts
 //! anvil with the Safe contracts, a 2-of-3 Safe, three DstackApps, the Phala
-//! Cloud and Safe Transaction Service simulators, and the bridge itself.
+//! Cloud and Safe Transaction Service simulators, and the bridge itself
+//! (unless `--world-only`: then `serve` runs apart, with [`Sandbox::env`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,23 +14,19 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
 use anyhow::Context;
 use reqwest::Url;
-use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use super::chain::IDstackApp;
 use super::chain::LocalChain;
 use super::controls::{self, Controls};
+use super::database::{DEFAULT_DATABASE_URL, SandboxDatabase};
 use super::phala_sim::{PhalaSim, PhalaWorld, SimCvm, SimKms, standard};
 use super::safe_service::SafeServiceSim;
-use crate::config::{
-    AllowedSafes, Confirmations, DatabaseSettings, LogFormat, PhalaSettings, RpcUrls, SafeSettings,
-    Settings, WorkerSettings, parse_named_secrets,
-};
+use super::serve_env::{SANDBOX_URL, ServeEnv};
+use crate::config::parse_named_secrets;
 use crate::safe::{Call, DelegateRegistration, TxServiceClient, TxServiceOptions};
 use crate::startup::Application;
 
-/// The local Postgres of this machine kind, with the sandbox's own database.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/approval_bridge_sandbox";
 /// The CVM owned by an account, not a Safe: the bridge refuses it clearly.
 pub const EOA_CVM: &str = "eoa-app";
 /// Anvil accounts: 0..2 own the Safe, 3 executes, 4 and 5 deploy apps, 9 proposes.
@@ -47,12 +44,18 @@ pub struct SandboxOptions {
     pub block_time: u64,
     pub api_token: String,
     pub webhook_secret: String,
-    /// `None`: [`DEFAULT_DATABASE_URL`]. The database is emptied at start.
+    /// The sandbox's own database, emptied at start; its name must end in
+    /// `_sandbox`. `None`: [`DEFAULT_DATABASE_URL`], or with `world_only` no
+    /// database at all.
     pub database_url: Option<String>,
     pub batch_window_secs: u64,
     pub confirmations: u64,
     /// How long a new replica stays `starting`.
     pub boot_delay: Duration,
+    /// Start the world without the bridge: run `serve` apart with [`Sandbox::env`].
+    pub world_only: bool,
+    /// Where the bridge listens; `None` picks a free port.
+    pub bridge_port: Option<u16>,
     /// Nodes with free slots, `prod-1` to `prod-N` (at least 2: the
     /// sources run on prod-1 and prod-2); `prod-full` comes after them.
     pub nodes: u32,
@@ -69,6 +72,8 @@ impl Default for SandboxOptions {
             batch_window_secs: 10,
             confirmations: 2,
             boot_delay: Duration::from_secs(3),
+            world_only: false,
+            bridge_port: None,
             nodes: standard::NODES,
         }
     }
@@ -85,9 +90,16 @@ pub struct SandboxApps {
     pub eoa: Address,
 }
 
-/// A running sandbox. Dropping it stops anvil; [`Sandbox::stop`] stops the bridge.
+/// A running sandbox. Dropping it stops anvil; [`Sandbox::stop`] stops the
+/// bridge and the sandbox's own server.
 pub struct Sandbox {
+    /// The front door: the controls, the world view, and the bridge behind them.
     pub url: Url,
+    /// The bridge itself (with `world_only`, where `serve` is told to listen).
+    pub bridge_url: Url,
+    /// The environment of `serve` against this world (with `DATABASE_URL`
+    /// only when the sandbox has a database).
+    pub env: ServeEnv,
     pub chain: Arc<LocalChain>,
     pub safe: Address,
     pub owners: Vec<Address>,
@@ -97,8 +109,16 @@ pub struct Sandbox {
     pub safe_service: SafeServiceSim,
     pub safe_service_url: Url,
     pub options: SandboxOptions,
+    /// Stops the front door and, with it, the bridge.
     shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    front: tokio::task::JoinHandle<anyhow::Result<()>>,
+    bridge: Option<Bridge>,
+}
+
+/// The bridge that the full sandbox runs inside its own process.
+struct Bridge {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Sandbox {
@@ -107,19 +127,37 @@ impl Sandbox {
             options.nodes >= 2,
             "the sandbox needs at least 2 nodes: its sources run on prod-1 and prod-2"
         );
-        // Refuse early, before anything is started, with what to do.
-        let listener = std::net::TcpListener::bind(("127.0.0.1", options.port)).map_err(|_| {
+        // Refuse early, before anything is started or dropped, with what to do.
+        let database = match (&options.database_url, options.world_only) {
+            (Some(url), _) => Some(SandboxDatabase::parse(url)?),
+            (None, false) => Some(SandboxDatabase::parse(DEFAULT_DATABASE_URL)?),
+            (None, true) => None,
+        };
+        let front = std::net::TcpListener::bind(("127.0.0.1", options.port)).map_err(|_| {
             anyhow::anyhow!(
                 "port {} is in use: stop what listens there, or pass --port",
                 options.port
             )
         })?;
-        drop(listener);
-        let database_url = options
-            .database_url
-            .clone()
-            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-        reset_database(&database_url).await?;
+        let bridge_port = match options.bridge_port {
+            Some(port) => {
+                drop(
+                    std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|_| {
+                        anyhow::anyhow!(
+                            "port {port} is in use: stop what listens there, or pass --bridge-port"
+                        )
+                    })?,
+                );
+                port
+            }
+            // Taken from the OS and released: `serve` binds it again.
+            None => std::net::TcpListener::bind(("127.0.0.1", 0))?
+                .local_addr()?
+                .port(),
+        };
+        if let Some(database) = &database {
+            database.reset().await?;
+        }
 
         super::ensure_npm_packages()?;
         let chain = Arc::new(LocalChain::start(Some(options.block_time)).await?);
@@ -180,42 +218,71 @@ impl Sandbox {
             .await
             .context("registering the sandbox proposer as a delegate")?;
 
-        let settings = Settings {
-            database: DatabaseSettings {
-                database_url: database_url.clone().into(),
-            },
-            listen: ([127, 0, 0, 1], options.port).into(),
-            phala: PhalaSettings {
-                phala_api_url: phala_url.clone(),
-                phala_api_key: phala.api_key().to_owned().into(),
-                phala_api_version: crate::config::DEFAULT_PHALA_API_VERSION.into(),
-                phala_timeout_secs: 30,
-            },
-            api_tokens: parse_named_secrets(&format!("sandbox={}", options.api_token))
-                .map_err(|err| anyhow::anyhow!("--api-token: {err}"))?,
-            webhook_secrets: parse_named_secrets(&format!("ci={}", options.webhook_secret))
-                .map_err(|err| anyhow::anyhow!("--webhook-secret: {err}"))?,
-            worker: WorkerSettings {
-                workers: 2,
-                poll_interval_secs: 1,
-                ..WorkerSettings::default()
-            },
-            safe: SafeSettings {
-                rpc_urls: RpcUrls(vec![(chain.chain_id(), chain.rpc_url())]),
-                safes: AllowedSafes(vec![(chain.chain_id(), safe)]),
-                proposer_key: Some(
-                    format!("0x{}", hex::encode(chain.private_key(PROPOSER))).into(),
-                ),
-                safe_service_urls: RpcUrls(vec![(chain.chain_id(), safe_service_url.clone())]),
-                batch_window_secs: options.batch_window_secs,
-                confirmations: Confirmations(vec![(chain.chain_id(), options.confirmations)]),
-                chain_poll_secs: 1,
-                ..SafeSettings::default()
-            },
-            log_format: LogFormat::Text,
+        // What `serve` needs to run against this world; the full sandbox runs
+        // its own bridge from exactly these variables.
+        parse_named_secrets(&format!("sandbox={}", options.api_token))
+            .map_err(|err| anyhow::anyhow!("--api-token: {err}"))?;
+        parse_named_secrets(&format!("ci={}", options.webhook_secret))
+            .map_err(|err| anyhow::anyhow!("--webhook-secret: {err}"))?;
+        let chain_id = chain.chain_id();
+        let bridge_url: Url = format!("http://127.0.0.1:{bridge_port}/").parse()?;
+        let front = tokio::net::TcpListener::from_std({
+            front.set_nonblocking(true)?;
+            front
+        })?;
+        let url: Url = format!("http://127.0.0.1:{}/", front.local_addr()?.port()).parse()?;
+        let mut env = ServeEnv::default();
+        if let Some(database) = &database {
+            env.set("DATABASE_URL", database.url());
+        }
+        env.set("APPROVAL_BRIDGE_LISTEN", format!("127.0.0.1:{bridge_port}"));
+        env.set("APPROVAL_BRIDGE_PHALA_API_URL", &phala_url);
+        env.set("APPROVAL_BRIDGE_PHALA_API_KEY", phala.api_key());
+        env.set(
+            "APPROVAL_BRIDGE_API_TOKENS",
+            format!("sandbox={}", options.api_token),
+        );
+        env.set(
+            "APPROVAL_BRIDGE_WEBHOOK_SECRETS",
+            format!("ci={}", options.webhook_secret),
+        );
+        env.set("APPROVAL_BRIDGE_WORKERS", 2);
+        env.set("APPROVAL_BRIDGE_POLL_INTERVAL_SECS", 1);
+        env.set(
+            "APPROVAL_BRIDGE_RPC_URLS",
+            format!("{chain_id}={}", chain.rpc_url()),
+        );
+        env.set(
+            "APPROVAL_BRIDGE_SAFES",
+            format!("{chain_id}:{}", safe.to_checksum(None)),
+        );
+        env.set(
+            "APPROVAL_BRIDGE_PROPOSER_KEY",
+            format!("0x{}", hex::encode(chain.private_key(PROPOSER))),
+        );
+        env.set(
+            "APPROVAL_BRIDGE_SAFE_SERVICE_URLS",
+            format!("{chain_id}={safe_service_url}"),
+        );
+        env.set(
+            "APPROVAL_BRIDGE_BATCH_WINDOW_SECS",
+            options.batch_window_secs,
+        );
+        env.set(
+            "APPROVAL_BRIDGE_CONFIRMATIONS",
+            format!("{chain_id}={}", options.confirmations),
+        );
+        env.set("APPROVAL_BRIDGE_CHAIN_POLL_SECS", 1);
+        env.set(SANDBOX_URL, &url);
+
+        let bridge = if options.world_only {
+            None
+        } else {
+            let app = Application::build(env.settings()?).await?;
+            let shutdown = app.shutdown_token();
+            let task = tokio::spawn(app.run_until_stopped());
+            Some(Bridge { shutdown, task })
         };
-        let app = Application::build(settings).await?;
-        let url: Url = format!("http://127.0.0.1:{}", app.port()).parse()?;
         let controls = Controls {
             chain: chain.clone(),
             safe,
@@ -225,17 +292,24 @@ impl Sandbox {
             safe_service_url: safe_service_url.clone(),
             phala: phala.clone(),
             apps,
-            store: app.store(),
+            bridge_url: bridge_url.clone(),
             api_token: options.api_token.clone(),
             http: reqwest::Client::new(),
         };
-        let shutdown = app.shutdown_token();
-        let server = tokio::spawn(
-            app.with_routes(controls::router(controls))
-                .run_until_stopped(),
-        );
+        let shutdown = CancellationToken::new();
+        let front = tokio::spawn({
+            let stopped = shutdown.clone().cancelled_owned();
+            async move {
+                axum::serve(front, controls::router(controls))
+                    .with_graceful_shutdown(stopped)
+                    .await
+                    .context("the sandbox's server failed")
+            }
+        });
         Ok(Sandbox {
             url,
+            bridge_url,
+            env,
             chain,
             safe,
             owners,
@@ -246,19 +320,29 @@ impl Sandbox {
             safe_service_url,
             options,
             shutdown,
-            server,
+            front,
+            bridge,
         })
     }
 
     /// What a newcomer needs to start: URLs, credentials, the Safe.
     pub fn banner(&self) -> String {
         let owners: Vec<String> = self.owners.iter().map(|o| o.to_checksum(None)).collect();
+        let bridge = if self.options.world_only {
+            format!(
+                "\n  bridge          not started (--world-only): run `approval-bridge serve` with the\
+                 \n                  printed environment; it listens on {} and this address forwards to it",
+                self.bridge_url
+            )
+        } else {
+            String::new()
+        };
         format!(
             "approval-bridge sandbox is running\n\
              \n  web page        {url}sandbox\
              \n  JSON API        {url}api/v1/replicas   (Authorization: Bearer {token})\
              \n  CI webhook      {url}webhooks/ci       (HMAC secret: {secret})\
-             \n  world           {url}sandbox/world\
+             \n  world           {url}sandbox/world{bridge}\
              \n  chain           {rpc} (chain id {chain_id}, a block every {block}s)\
              \n  Phala sim       {phala}\
              \n  Safe service    {service}\
@@ -278,16 +362,39 @@ impl Sandbox {
         )
     }
 
-    /// Stops the bridge; anvil stops when the sandbox is dropped.
+    /// Stops the bridge and the sandbox's server; anvil stops when the
+    /// sandbox is dropped.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        self.server.await.context("the bridge task panicked")?
+        let bridge = match self.bridge {
+            Some(bridge) => {
+                bridge.shutdown.cancel();
+                bridge.task.await.context("the bridge task panicked")?
+            }
+            None => Ok(()),
+        };
+        self.front
+            .await
+            .context("the sandbox's server panicked")??;
+        bridge
     }
 
-    /// Runs until Ctrl-C (or SIGTERM), then stops everything it started.
+    /// Runs until Ctrl-C or SIGTERM, then stops everything it started.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
+            _ = terminate => {}
             _ = self.shutdown.cancelled() => {}
         }
         self.stop().await
@@ -373,40 +480,4 @@ async fn register_running_cvms(
         .await
         .context("removing the canary's compose hash")?;
     Ok(())
-}
-
-/// Empties the sandbox database: drop and create it again.
-async fn reset_database(url: &str) -> anyhow::Result<()> {
-    let (server, name) = url
-        .rsplit_once('/')
-        .context("DATABASE_URL has no database name")?;
-    let name = name.split('?').next().unwrap_or(name);
-    anyhow::ensure!(
-        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-        "the sandbox database name `{name}` must be letters, digits and `_`"
-    );
-    let mut conn = PgConnection::connect(&format!("{server}/postgres")).await.map_err(|_| {
-        anyhow::anyhow!(
-            "cannot reach Postgres at {}: start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) or set DATABASE_URL",
-            host_of(server)
-        )
-    })?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut conn)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await?;
-    Ok(())
-}
-
-/// `postgres://user:password@host:port` → `host:port`, never the password.
-fn host_of(server: &str) -> String {
-    server
-        .rsplit('@')
-        .next()
-        .unwrap_or(server)
-        .trim_start_matches("postgres://")
-        .trim_start_matches("postgresql://")
-        .to_owned()
 }

@@ -53,6 +53,10 @@ pub enum StoreError {
     LeaseLost(uuid::Uuid),
     #[error(transparent)]
     Illegal(#[from] crate::domain::IllegalTransition),
+    /// A create or commit for the request is on its way to Phala, or its
+    /// answer was lost: the request cannot be cancelled until that is known.
+    #[error("a create call for request {0} is in flight")]
+    CallInFlight(uuid::Uuid),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }

@@ -10,7 +10,7 @@ use sqlx::{FromRow, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{Store, StoreError, WAKE_CHANNEL};
-use crate::domain::{Actor, Event, Status, next};
+use crate::domain::{Actor, Event, Status, Transition, transition};
 
 /// Statuses a worker acts on by itself. The others wait for the Safe flow.
 pub const WORKABLE: [Status; 4] = [
@@ -61,6 +61,10 @@ pub struct ReplicaRequest {
     pub proposal_id: Option<Uuid>,
     pub safe: Option<String>,
     pub workspace_slug: Option<String>,
+    /// The app's instances just before the first unanswered create or commit.
+    pub instances_before: Option<Vec<String>>,
+    /// Since when the outcome of that call has been unknown.
+    pub outcome_unknown_since: Option<DateTime<Utc>>,
 }
 
 /// `status` as read from the database (checked by a constraint there).
@@ -84,7 +88,8 @@ pub(super) const COLUMNS: &str = "id, status, source, node, requested_compose_ha
     source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms, app_id, chain_id, compose_hash,
     device_id, compose_hash_allowed, device_id_allowed, prepared_at, commit_tx_hash, call_sent_at,
     replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
-    last_error_suggestion, created_at, updated_at, proposal_id, safe, workspace_slug";
+    last_error_suggestion, created_at, updated_at, proposal_id, safe, workspace_slug, instances_before,
+    outcome_unknown_since";
 
 #[derive(Debug, Clone, FromRow)]
 pub struct EventRow {
@@ -271,7 +276,8 @@ impl Store {
     }
 
     /// Cancels a request if its status allows it. `Ok(None)`: no such request.
-    /// `Err(Illegal)`: too late to cancel.
+    /// `Err(Illegal)`: too late to cancel. `Err(CallInFlight)`: a create is on
+    /// its way to Phala (or its answer was lost), so a replica may exist.
     pub async fn cancel_request(
         &self,
         id: Uuid,
@@ -279,54 +285,52 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Option<ReplicaRequest>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let current: Option<(String,)> =
-            sqlx::query_as("SELECT status FROM replica_requests WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((current,)) = current else {
+        let current: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT status, call_sent_at FROM replica_requests WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((current, call_sent_at)) = current else {
             return Ok(None);
         };
         let from: Status = current
             .parse()
             .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-        let to = next(from, Event::Cancel)?;
-        // Dropping the lease fences out a worker that is mid-step on this request.
-        sqlx::query(
-            "UPDATE replica_requests SET status = $2, commit_token = NULL, lease_id = NULL, lease_expires_at = NULL,
-                updated_at = $3 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(to.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        insert_event(&mut tx, id, Some(from), to, actor, None, now).await?;
+        let to = transition(from, Event::Cancel)?;
+        if call_sent_at.is_some() {
+            return Err(StoreError::CallInFlight(id));
+        }
+        // Dropping the lease fences out a worker that is mid-step on this
+        // request: its marker write (before any create) then fails.
+        write_transition(&mut tx, id, to, &Changes::default(), now).await?;
+        insert_event(&mut tx, id, Some(from), to.to, actor, None, now).await?;
         tx.commit().await?;
         Ok(self.get_request(id).await?)
     }
 
     /// Claims the most overdue workable request: a short transaction that
-    /// skips rows other workers hold, and leases the row until `now + lease_for`.
+    /// skips rows other workers hold. The lease runs on the database's clock,
+    /// so workers on machines whose clocks disagree still fence each other.
     pub async fn claim_due(
         &self,
         now: DateTime<Utc>,
-        lease_for: chrono::Duration,
+        lease_for: std::time::Duration,
     ) -> Result<Option<Claimed>, sqlx::Error> {
         let lease_id = Uuid::new_v4();
         let statuses: Vec<&str> = WORKABLE.iter().map(|s| s.as_str()).collect();
         let request: Option<ReplicaRequest> = sqlx::query_as(&format!(
-            "UPDATE replica_requests SET lease_id = $1, lease_expires_at = $2
+            "UPDATE replica_requests SET lease_id = $1, lease_expires_at = now() + make_interval(secs => $2)
              WHERE id = (
                 SELECT id FROM replica_requests
                 WHERE status = ANY($3) AND next_attempt_at <= $4
-                  AND (lease_expires_at IS NULL OR lease_expires_at <= $4)
+                  AND (lease_expires_at IS NULL OR lease_expires_at <= now())
                 ORDER BY next_attempt_at, created_at
                 LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING {COLUMNS}"
         ))
         .bind(lease_id)
-        .bind(now + lease_for)
+        .bind(lease_for.as_secs_f64())
         .bind(&statuses)
         .bind(now)
         .fetch_optional(&self.pool)
@@ -338,6 +342,40 @@ impl Store {
             },
             request,
         }))
+    }
+
+    /// Extends a lease that is still held: a long step's heartbeat. `false`
+    /// when the lease was lost, so the step must stop writing.
+    pub async fn renew_lease(
+        &self,
+        lease: &Lease,
+        lease_for: std::time::Duration,
+    ) -> Result<bool, sqlx::Error> {
+        let renewed = sqlx::query(
+            "UPDATE replica_requests SET lease_expires_at = now() + make_interval(secs => $3)
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+        )
+        .bind(lease.request_id)
+        .bind(lease.lease_id)
+        .bind(lease_for.as_secs_f64())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(renewed == 1)
+    }
+
+    /// Gives a lease back without changing anything else (a worker shutting
+    /// down before its step ran), so another worker may claim the row at once.
+    pub async fn release_lease(&self, lease: &Lease) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE replica_requests SET lease_id = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND lease_id = $2",
+        )
+        .bind(lease.request_id)
+        .bind(lease.lease_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Moves a leased request on by `event`, sets `changes`, records the event,
@@ -385,7 +423,7 @@ impl Store {
             "UPDATE replica_requests SET attempts = attempts + 1, next_attempt_at = $4,
                 last_error_code = $5, last_error_message = $6, last_error_suggestion = $7,
                 lease_id = NULL, lease_expires_at = NULL, updated_at = $3
-             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > $3",
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
         )
         .bind(lease.request_id)
         .bind(lease.lease_id)
@@ -437,23 +475,100 @@ impl Store {
 
     /// Marks that a call whose success cannot be repeated (a direct replicate,
     /// a commit) is about to be sent, so that a crash cannot send it twice.
+    /// `instances` is the app's instance list just before the first such call;
+    /// a later retry of the same call keeps the first list.
     pub async fn mark_call_sent(
         &self,
         lease: &Lease,
         now: DateTime<Utc>,
+        instances: &[String],
     ) -> Result<(), StoreError> {
-        self.fenced_update(lease, now, "call_sent_at = $3", |q| q)
-            .await
+        self.fenced_update(
+            lease,
+            now,
+            "call_sent_at = $3, instances_before = COALESCE(instances_before, $4)",
+            |q| q.bind(instances.to_vec()),
+        )
+        .await
     }
 
-    /// Clears the marker once Phala answered with an error: nothing was created.
+    /// Clears the marker once Phala answered with a refusal: nothing was created.
     pub async fn clear_call_sent(
         &self,
         lease: &Lease,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.fenced_update(lease, now, "call_sent_at = NULL", |q| q)
-            .await
+        self.fenced_update(
+            lease,
+            now,
+            "call_sent_at = NULL, instances_before = NULL, outcome_unknown_since = NULL",
+            |q| q,
+        )
+        .await
+    }
+
+    /// The answer to the marked call never came: keep the marker (and the
+    /// source lock), record why, and look for the replica at `check_at`. No
+    /// attempt is spent: an unknown outcome has its own bound.
+    pub async fn await_outcome(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        status: Status,
+        error: &StoredError,
+        check_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE replica_requests SET next_attempt_at = $4,
+                outcome_unknown_since = COALESCE(outcome_unknown_since, $3),
+                last_error_code = $5, last_error_message = $6, last_error_suggestion = $7,
+                lease_id = NULL, lease_expires_at = NULL, updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now() AND call_sent_at IS NOT NULL",
+        )
+        .bind(lease.request_id)
+        .bind(lease.lease_id)
+        .bind(now)
+        .bind(check_at)
+        .bind(&error.code)
+        .bind(&error.message)
+        .bind(&error.suggestion)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::LeaseLost(lease.request_id));
+        }
+        insert_event(
+            &mut tx,
+            lease.request_id,
+            Some(status),
+            status,
+            &Actor::Worker,
+            Some(&error.message),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Which of `vm_uuids` (lowercase, no dashes) some other request already
+    /// owns as its replica.
+    pub async fn replicas_owned_by_others(
+        &self,
+        me: Uuid,
+        vm_uuids: &[String],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT replica_vm_uuid FROM replica_requests
+             WHERE replace(lower(replica_vm_uuid), '-', '') = ANY($2) AND id <> $1",
+        )
+        .bind(me)
+        .bind(vm_uuids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(v,)| v).collect())
     }
 
     /// Sets the transaction hash the next commit sends.
@@ -539,17 +654,12 @@ impl Store {
     }
 
     /// The commit token, read only by the step that sends it.
-    pub async fn commit_token(
-        &self,
-        lease: &Lease,
-        now: DateTime<Utc>,
-    ) -> Result<Option<SecretString>, StoreError> {
+    pub async fn commit_token(&self, lease: &Lease) -> Result<Option<SecretString>, StoreError> {
         let token: Option<(Option<String>,)> = sqlx::query_as(
-            "SELECT commit_token FROM replica_requests WHERE id = $1 AND lease_id = $2 AND lease_expires_at > $3",
+            "SELECT commit_token FROM replica_requests WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
         )
         .bind(lease.request_id)
         .bind(lease.lease_id)
-        .bind(now)
         .fetch_optional(&self.pool)
         .await?;
         match token {
@@ -568,7 +678,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let sql = format!(
             "UPDATE replica_requests SET {set}, updated_at = $3
-             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > $3"
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()"
         );
         let query = sqlx::query(&sql)
             .bind(lease.request_id)
@@ -582,8 +692,9 @@ impl Store {
     }
 }
 
-/// The one UPDATE behind every status change: computes the new status with
-/// [`next`], sets `changes`, releases the lease and records the event.
+/// The one path behind every worker or follower status change: computes the
+/// transition with [`transition`], writes it with its effects, records the
+/// event, all in the caller's transaction.
 /// `lease_id`: the worker's lease, or `None` for a request no worker holds.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn advance_in(
@@ -597,73 +708,103 @@ pub(super) async fn advance_in(
     message: Option<&str>,
     changes: Changes,
 ) -> Result<Status, StoreError> {
-    let to = next(from, event)?;
+    let to = transition(from, event)?;
+    // Fenced: the status is still `from`, and the caller holds the lease (or
+    // nobody does). Locks the row for the write below.
+    let fenced: Option<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM replica_requests WHERE id = $1 AND status = $2 AND CASE
+            WHEN $3::uuid IS NULL THEN lease_expires_at IS NULL OR lease_expires_at <= now()
+            ELSE lease_id = $3 AND lease_expires_at > now() END
+         FOR UPDATE",
+    )
+    .bind(request_id)
+    .bind(from.as_str())
+    .bind(lease_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if fenced.is_none() {
+        return Err(StoreError::LeaseLost(request_id));
+    }
+    write_transition(tx, request_id, to, &changes, now).await?;
+    if let Some(prepared) = &changes.prepared {
+        record_registrations(tx, request_id, prepared).await?;
+    }
+    let message = message.or(changes.error.as_ref().map(|e| e.message.as_str()));
+    insert_event(tx, request_id, Some(from), to.to, actor, message, now).await?;
+    if WORKABLE.contains(&to.to) {
+        wake(tx).await?;
+    }
+    Ok(to.to)
+}
+
+/// Writes a transition's status, its effects and `changes`, and releases the
+/// lease. Every status change ends here. Any pending-call marker goes too: a
+/// request only moves on once the call's outcome is known.
+async fn write_transition(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: Uuid,
+    transition: Transition,
+    changes: &Changes,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let Transition { to, effects } = transition;
     let prepared = changes.prepared.as_ref();
-    let updated = sqlx::query(
+    sqlx::query(
         "UPDATE replica_requests SET
-            status = $5,
-            app_id = COALESCE($6, app_id),
-            chain_id = COALESCE($7, chain_id),
-            compose_hash = COALESCE($8, compose_hash),
-            device_id = COALESCE($9, device_id),
-            compose_hash_allowed = COALESCE($10, compose_hash_allowed),
-            device_id_allowed = COALESCE($11, device_id_allowed),
-            commit_token = CASE WHEN $17 THEN NULL ELSE COALESCE($12, commit_token) END,
-            prepared_at = CASE WHEN $12::text IS NULL THEN prepared_at ELSE $3 END,
-            replica_vm_uuid = COALESCE($13, replica_vm_uuid),
-            replica_status = COALESCE($14, replica_status),
+            status = $2,
+            app_id = COALESCE($4, app_id),
+            chain_id = COALESCE($5, chain_id),
+            compose_hash = COALESCE($6, compose_hash),
+            device_id = COALESCE($7, device_id),
+            compose_hash_allowed = COALESCE($8, compose_hash_allowed),
+            device_id_allowed = COALESCE($9, device_id_allowed),
+            commit_token = CASE WHEN $10 THEN NULL ELSE COALESCE($11, commit_token) END,
+            prepared_at = CASE WHEN $11::text IS NULL THEN prepared_at ELSE $3 END,
+            replica_vm_uuid = COALESCE($12, replica_vm_uuid),
+            replica_status = COALESCE($13, replica_status),
             call_sent_at = NULL,
-            -- Entering awaiting_proposal means a new plan: off the old proposal.
-            proposal_id = CASE WHEN $5 = 'awaiting_proposal' THEN NULL ELSE proposal_id END,
-            -- A fresh prepare commits with `already-registered`.
-            commit_tx_hash = CASE WHEN $5 = 'preparing' THEN NULL ELSE COALESCE($19, commit_tx_hash) END,
-            last_error_code = $15,
-            last_error_message = $16,
-            last_error_suggestion = $18,
+            instances_before = NULL,
+            outcome_unknown_since = NULL,
+            proposal_id = CASE WHEN $17 THEN NULL ELSE proposal_id END,
+            commit_tx_hash = CASE WHEN $18 THEN NULL ELSE COALESCE($19, commit_tx_hash) END,
+            last_error_code = $14,
+            last_error_message = $15,
+            last_error_suggestion = $16,
             attempts = 0,
             next_attempt_at = $3,
             lease_id = NULL,
             lease_expires_at = NULL,
             updated_at = $3
-         WHERE id = $1 AND status = $4 AND CASE
-            WHEN $2::uuid IS NULL THEN lease_expires_at IS NULL OR lease_expires_at <= $3
-            ELSE lease_id = $2 AND lease_expires_at > $3 END",
+         WHERE id = $1",
     )
     .bind(request_id)
-    .bind(lease_id)
-    .bind(now)
-    .bind(from.as_str())
     .bind(to.as_str())
+    .bind(now)
     .bind(prepared.map(|p| &p.app_id))
     .bind(prepared.and_then(|p| p.chain_id))
     .bind(prepared.map(|p| &p.compose_hash))
     .bind(prepared.and_then(|p| p.device_id.as_ref()))
     .bind(prepared.map(|p| p.compose_hash_allowed))
     .bind(prepared.map(|p| p.device_id_allowed))
+    .bind(effects.clear_commit_token)
     .bind(prepared.map(|p| p.commit_token.expose_secret()))
     .bind(&changes.replica_vm_uuid)
     .bind(&changes.replica_status)
     .bind(changes.error.as_ref().map(|e| &e.code))
     .bind(changes.error.as_ref().map(|e| &e.message))
-    // A finished request has no further use for its bearer token.
-    .bind(to.is_terminal())
     .bind(changes.error.as_ref().and_then(|e| e.suggestion.as_ref()))
+    .bind(effects.detach_proposal)
+    .bind(effects.clear_commit_tx_hash)
     .bind(&changes.commit_tx_hash)
     .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if updated == 0 {
-        return Err(StoreError::LeaseLost(request_id));
+    .await?;
+    if effects.release_source_lock {
+        sqlx::query("DELETE FROM source_locks WHERE holder = $1")
+            .bind(request_id)
+            .execute(&mut **tx)
+            .await?;
     }
-    if let Some(prepared) = prepared {
-        record_registrations(tx, request_id, prepared).await?;
-    }
-    let message = message.or(changes.error.as_ref().map(|e| e.message.as_str()));
-    insert_event(tx, request_id, Some(from), to, actor, message, now).await?;
-    if WORKABLE.contains(&to) {
-        wake(tx).await?;
-    }
-    Ok(to)
+    Ok(())
 }
 
 /// Keeps the registrations a prepare found missing, replacing earlier ones.

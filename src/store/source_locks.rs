@@ -1,47 +1,36 @@
 //! One prepare at a time per source CVM: a newer prepare for the same CVM
 //! cancels the older commit token, so prepares must not overlap.
+//!
+//! The lock belongs to a request, not to a worker: a request holds it while it
+//! is preparing or committing (see [`crate::domain::holds_source_lock`]), and
+//! the transition that moves it on releases it in the same transaction. So a
+//! commit whose answer was lost keeps the lock until its outcome is known.
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::Store;
 
 impl Store {
-    /// Takes the lock on `source_vm_uuid` for `holder` until `expires_at`.
-    /// An expired lock (its holder crashed) is taken over.
+    /// Takes the lock on `source_vm_uuid` for `holder`, or confirms `holder`
+    /// has it. A lock whose holder no longer prepares or commits (it was
+    /// failed or cancelled from outside) is taken over.
     pub async fn try_lock_source(
         &self,
         source_vm_uuid: &str,
         holder: Uuid,
-        now: DateTime<Utc>,
-        expires_at: DateTime<Utc>,
     ) -> Result<bool, sqlx::Error> {
         let acquired: Option<(Uuid,)> = sqlx::query_as(
-            "INSERT INTO source_locks (source_vm_uuid, holder, lease_expires_at) VALUES ($1, $2, $4)
-             ON CONFLICT (source_vm_uuid) DO UPDATE
-                SET holder = EXCLUDED.holder, lease_expires_at = EXCLUDED.lease_expires_at
-                WHERE source_locks.lease_expires_at <= $3 OR source_locks.holder = EXCLUDED.holder
+            "INSERT INTO source_locks (source_vm_uuid, holder) VALUES ($1, $2)
+             ON CONFLICT (source_vm_uuid) DO UPDATE SET holder = EXCLUDED.holder
+                WHERE source_locks.holder = EXCLUDED.holder OR NOT EXISTS (
+                    SELECT 1 FROM replica_requests r
+                    WHERE r.id = source_locks.holder AND r.status IN ('preparing', 'committing'))
              RETURNING holder",
         )
         .bind(source_vm_uuid)
         .bind(holder)
-        .bind(now)
-        .bind(expires_at)
         .fetch_optional(&self.pool)
         .await?;
         Ok(acquired.is_some())
-    }
-
-    pub async fn unlock_source(
-        &self,
-        source_vm_uuid: &str,
-        holder: Uuid,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM source_locks WHERE source_vm_uuid = $1 AND holder = $2")
-            .bind(source_vm_uuid)
-            .bind(holder)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 }

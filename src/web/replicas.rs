@@ -117,6 +117,12 @@ pub async fn cancel(
                 "the request is `{from}`; only requests that have not started committing can be cancelled"
             ),
         )),
+        Err(StoreError::CallInFlight(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_cancellable",
+            "the replica is being created right now (or Phala's answer is being confirmed); \
+             try again once the request has moved on",
+        )),
         Err(err) => Err(err.into()),
     }
 }

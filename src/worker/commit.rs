@@ -1,9 +1,12 @@
 //! The commit step: hand Phala the commit token once the DstackApp allows
-//! everything. The token is one-time, so a commit whose answer was lost is
-//! never followed by a fresh prepare and a second commit.
+//! everything. A commit creates the replica, so it is sent under the rules of
+//! [`super::reconcile`]: a commit whose answer was lost is looked for in
+//! Phala's instance list before anything is sent again.
 
+use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
 use crate::domain::{Bytes32, Event, Status};
+use crate::phala::ReplicaVm;
 use crate::phala::errors::codes;
 use crate::store::{Changes, Claimed, StoredError};
 
@@ -17,33 +20,55 @@ const SOURCE_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     // No prepare of the same source may run between this request's token and
-    // its commit: it would supersede the token.
+    // its commit: it would supersede the token. The lock stays with the
+    // request until it leaves `committing` (or `preparing` after it).
     let request = &claimed.request;
-    let now = worker.clock.now();
-    let locked = worker
+    if !worker
         .store
-        .try_lock_source(
-            &request.source_vm_uuid,
-            request.id,
-            now,
-            now + worker.lease_duration(),
-        )
-        .await?;
-    if !locked {
+        .try_lock_source(&request.source_vm_uuid, request.id)
+        .await?
+    {
         return Ok(Outcome::Snooze(SOURCE_BUSY_WAIT));
     }
-    let outcome = commit(worker, claimed).await;
-    worker
-        .store
-        .unlock_source(&request.source_vm_uuid, request.id)
-        .await?;
-    outcome
+    if request.call_sent_at.is_some() {
+        match reconcile::reconcile(worker, claimed, "commit").await? {
+            Reconciled::Found { vm_uuid, status } => {
+                return Ok(committed(
+                    ReplicaVm {
+                        vm_uuid: Some(vm_uuid),
+                        status,
+                        ..ReplicaVm::default()
+                    },
+                    "the commit whose answer was lost created replica",
+                ));
+            }
+            Reconciled::LookAgainAt(at, error) => return Ok(Outcome::AwaitOutcome { at, error }),
+            Reconciled::GiveUp(error) => return Ok(Outcome::Fail(error)),
+            // The lost call did not take effect: send it again, same token.
+            Reconciled::NotCreated => {}
+        }
+    }
+    commit(worker, claimed).await
+}
+
+fn committed(vm: ReplicaVm, what: &str) -> Outcome {
+    Outcome::Advance {
+        event: Event::Committed,
+        message: Some(format!(
+            "{what} {}",
+            vm.vm_uuid.as_deref().unwrap_or("(no vm_uuid yet)")
+        )),
+        changes: Changes {
+            replica_vm_uuid: vm.vm_uuid,
+            replica_status: vm.status,
+            ..Changes::default()
+        },
+    }
 }
 
 async fn commit(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     let request = &claimed.request;
-    let now = worker.clock.now();
-    let Some(token) = worker.store.commit_token(&claimed.lease, now).await? else {
+    let Some(token) = worker.store.commit_token(&claimed.lease).await? else {
         return reprepare(worker, claimed, "no commit token is stored").await;
     };
     let Some(compose_hash) = request
@@ -61,66 +86,41 @@ async fn commit(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
         .commit_tx_hash
         .as_deref()
         .unwrap_or(ALREADY_REGISTERED);
-    let earlier_call_unanswered = request.call_sent_at.is_some();
 
-    worker.store.mark_call_sent(&claimed.lease, now).await?;
-    match worker
+    // What exists before the call, to recognise what the call made if its
+    // answer is lost. A retry keeps the list taken before the first call.
+    let before = match reconcile::instances_now(worker, request).await {
+        Ok(before) => before,
+        Err(err) => return Ok(Outcome::from_phala(&err)),
+    };
+    worker
+        .store
+        .mark_call_sent(&claimed.lease, worker.clock.now(), &before)
+        .await?;
+    let answer = worker
         .phala
         .commit_replica(&request.source_vm_uuid, &token, &compose_hash, tx_hash)
-        .await
-    {
-        Ok(vm) => Ok(Outcome::Advance {
-            event: Event::Committed,
-            message: Some(format!(
-                "committed; replica {}",
-                vm.vm_uuid.as_deref().unwrap_or("(no vm_uuid yet)")
-            )),
-            changes: Changes {
-                replica_vm_uuid: vm.vm_uuid,
-                replica_status: vm.status,
-                ..Changes::default()
-            },
-        }),
-        Err(err)
-            if err.code() == Some(codes::HASH_INVALID_OR_EXPIRED) && earlier_call_unanswered =>
-        {
-            // The token was probably spent by the commit whose answer we lost.
-            Ok(Outcome::Fail(StoredError {
-                code: "COMMIT-OUTCOME-UNKNOWN".into(),
-                message: "an earlier commit got no answer and the token is now spent, so the replica may exist".into(),
-                suggestion: Some("Check the source's instances on the Phala dashboard; queue again only if none was created.".into()),
-            }))
-        }
-        Err(err) if err.code() == Some(codes::HASH_INVALID_OR_EXPIRED) => {
-            worker
-                .store
-                .clear_call_sent(&claimed.lease, worker.clock.now())
-                .await?;
-            reprepare(worker, claimed, &err.to_string()).await
-        }
-        Err(err)
-            if err.code() == Some(codes::TX_VERIFICATION_FAILED)
-                && tx_hash != ALREADY_REGISTERED =>
-        {
-            // Phala could not tie the transaction to the change; rely on state instead.
+        .await;
+    match answer {
+        Ok(vm) => Ok(committed(vm, "committed; replica")),
+        Err(err) if err.outcome_unknown() => Ok(reconcile::outcome_unknown("commit", worker, &err)),
+        // Phala refused: nothing was created.
+        Err(err) => {
             let now = worker.clock.now();
             worker.store.clear_call_sent(&claimed.lease, now).await?;
-            worker
-                .store
-                .set_commit_tx_hash(&claimed.lease, now, ALREADY_REGISTERED)
-                .await?;
-            Ok(Outcome::Snooze(std::time::Duration::ZERO))
-        }
-        Err(err @ crate::phala::PhalaError::Api(_)) => {
-            worker
-                .store
-                .clear_call_sent(&claimed.lease, worker.clock.now())
-                .await?;
+            if err.code() == Some(codes::HASH_INVALID_OR_EXPIRED) {
+                return reprepare(worker, claimed, &err.to_string()).await;
+            }
+            if err.code() == Some(codes::TX_VERIFICATION_FAILED) && tx_hash != ALREADY_REGISTERED {
+                // Phala could not tie the transaction to the change; rely on state instead.
+                worker
+                    .store
+                    .set_commit_tx_hash(&claimed.lease, now, ALREADY_REGISTERED)
+                    .await?;
+                return Ok(Outcome::Snooze(std::time::Duration::ZERO));
+            }
             Ok(Outcome::from_phala(&err))
         }
-        // No answer: retry with the same token. If the lost call went
-        // through, the retry gets ERR-01-006 and stops above.
-        Err(err) => Ok(Outcome::from_phala(&err)),
     }
 }
 

@@ -9,10 +9,12 @@ mod backoff;
 mod commit;
 mod prepare;
 mod propose;
+mod reconcile;
 mod safe_flow;
 mod track;
 mod watch;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +28,7 @@ use crate::clock::Clock;
 use crate::config::WorkerSettings;
 use crate::domain::{Actor, Event, Status};
 use crate::phala::{PhalaClient, PhalaError};
-use crate::store::{Changes, Claimed, Store, StoreError, StoredError, WAKE_CHANNEL};
+use crate::store::{Changes, Claimed, Lease, Store, StoreError, StoredError, WAKE_CHANNEL};
 
 pub use safe_flow::{SafeFlow, safe_wallet_link, short_chain_name};
 
@@ -47,6 +49,12 @@ pub enum Outcome {
     Fail(StoredError),
     /// Wait without spending an attempt.
     Snooze(Duration),
+    /// A create or commit got no answer: keep its marker and the source lock,
+    /// and look for the replica at `at` (see [`reconcile`]).
+    AwaitOutcome {
+        at: chrono::DateTime<chrono::Utc>,
+        error: StoredError,
+    },
 }
 
 impl Outcome {
@@ -85,6 +93,9 @@ pub struct Worker {
     settings: WorkerSettings,
     /// `None` when no Safe is configured: nothing is proposed.
     safe_flow: Option<SafeFlow>,
+    /// The leases this process's steps hold right now, given back when a
+    /// shutdown cannot wait for the steps to finish.
+    held: Arc<std::sync::Mutex<HashMap<uuid::Uuid, Lease>>>,
 }
 
 impl Worker {
@@ -95,6 +106,7 @@ impl Worker {
             clock,
             settings,
             safe_flow: None,
+            held: Arc::default(),
         }
     }
 
@@ -119,8 +131,8 @@ impl Worker {
         watch::run(self).await
     }
 
-    fn lease_duration(&self) -> chrono::Duration {
-        chrono::Duration::seconds(self.settings.lease_secs as i64)
+    fn lease_duration(&self) -> Duration {
+        Duration::from_secs(self.settings.lease_secs)
     }
 
     /// Claims one due request and runs its step. `false` when nothing was due.
@@ -129,6 +141,41 @@ impl Worker {
         let Some(claimed) = self.store.claim_due(now, self.lease_duration()).await? else {
             return Ok(false);
         };
+        let lease = claimed.lease;
+        self.held_leases().insert(lease.request_id, lease);
+        let result = tokio::select! {
+            biased;
+            result = self.step(&claimed) => result,
+            never = self.heartbeat(&lease) => match never {},
+        };
+        self.held_leases().remove(&lease.request_id);
+        result
+    }
+
+    fn held_leases(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Lease>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Renews the lease every third of its length while the step runs, so a
+    /// slow Phala answer never hands the request to a second worker. Once the
+    /// lease is lost the step's fenced writes fail by themselves.
+    async fn heartbeat(&self, lease: &Lease) -> std::convert::Infallible {
+        let every = self.lease_duration() / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.store.renew_lease(lease, self.lease_duration()).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(err) => tracing::warn!(error = %err, "cannot renew a lease; retrying"),
+            }
+        }
+        tracing::warn!(replica_id = %lease.request_id, "lease lost while the step runs");
+        std::future::pending().await
+    }
+
+    async fn step(&self, claimed: &Claimed) -> anyhow::Result<bool> {
         let request = &claimed.request;
         let span = info_span!(
             "step",
@@ -139,13 +186,13 @@ impl Worker {
         async {
             let outcome = match request.status() {
                 Status::Queued => Ok(Outcome::advance(Event::StartPrepare)),
-                Status::Preparing => prepare::run(self, &claimed).await,
-                Status::Committing => commit::run(self, &claimed).await,
-                Status::Provisioning => track::run(self, &claimed).await,
+                Status::Preparing => prepare::run(self, claimed).await,
+                Status::Committing => commit::run(self, claimed).await,
+                Status::Provisioning => track::run(self, claimed).await,
                 other => unreachable!("claimed a request in `{other}`, which is not workable"),
             };
             let result = match outcome {
-                Ok(outcome) => self.apply(&claimed, outcome).await,
+                Ok(outcome) => self.apply(claimed, outcome).await,
                 Err(err) => Err(err),
             };
             match result {
@@ -211,6 +258,12 @@ impl Worker {
             Outcome::Snooze(wait) => {
                 self.store
                     .snooze(lease, now, now + chrono::Duration::from_std(wait)?)
+                    .await?;
+            }
+            Outcome::AwaitOutcome { at, error } => {
+                tracing::warn!(code = %error.code, check_at = %at, "call outcome unknown; reconciling");
+                self.store
+                    .await_outcome(lease, now, status, &error, at)
                     .await?;
             }
             Outcome::Fail(error) => {
@@ -299,7 +352,26 @@ impl Worker {
                 },
             }
         }
-        while tasks.join_next().await.is_some() {}
+        // Steps under way finish (each call has a timeout); past the grace
+        // period they are dropped and their leases given back. Dropping a step
+        // is safe at any point: a create or commit is marked before it is sent.
+        let grace = Duration::from_secs(self.settings.shutdown_grace_secs);
+        let finished =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            let held: Vec<Lease> = self.held_leases().drain().map(|(_, l)| l).collect();
+            tracing::warn!(
+                steps = held.len(),
+                "shutdown grace period over; giving the unfinished steps' leases back"
+            );
+            for lease in held {
+                if let Err(err) = self.store.release_lease(&lease).await {
+                    tracing::warn!(error = %err, "cannot give a lease back; it expires by itself");
+                }
+            }
+        }
         Ok(())
     }
 

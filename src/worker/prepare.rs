@@ -4,53 +4,33 @@
 
 use std::time::Duration;
 
+use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
 use crate::domain::{Bytes32, Event};
-use crate::phala::{PhalaError, PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm};
-use crate::store::{Changes, Claimed, PreparedFields, StoredError};
+use crate::phala::{PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm};
+use crate::store::{Changes, Claimed, PreparedFields};
 
 /// How long to wait when another request holds the source's prepare lock.
 const SOURCE_BUSY_WAIT: Duration = Duration::from_secs(1);
 
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     let request = &claimed.request;
-    let holder = request.id;
-    let now = worker.clock.now();
     // A newer prepare for the same CVM supersedes the older token, so prepares
     // (and direct replicates) of one source never overlap. The lock is held by
-    // the request, not the worker, so that a prepare whose token is to be
-    // committed at once keeps it until the commit step is done.
+    // the request, not the worker: it stays while the request prepares or
+    // commits, and the transition out of those releases it.
     if !worker
         .store
-        .try_lock_source(
-            &request.source_vm_uuid,
-            holder,
-            now,
-            now + worker.lease_duration(),
-        )
+        .try_lock_source(&request.source_vm_uuid, request.id)
         .await?
     {
         return Ok(Outcome::Snooze(SOURCE_BUSY_WAIT));
     }
-    let outcome = if request.onchain_kms {
+    if request.onchain_kms {
         prepare(worker, claimed).await
     } else {
         replicate_directly(worker, claimed).await
-    };
-    let commits_next = matches!(
-        outcome,
-        Ok(Outcome::Advance {
-            event: Event::RegistrationsAllowed,
-            ..
-        })
-    );
-    if !commits_next {
-        worker
-            .store
-            .unlock_source(&request.source_vm_uuid, holder)
-            .await?;
     }
-    outcome
 }
 
 fn spec(claimed: &Claimed) -> ReplicaSpec {
@@ -138,34 +118,49 @@ fn created(vm: ReplicaVm) -> Outcome {
     }
 }
 
-/// Cloud KMS (or no KMS): no prepare, no approval. The call is not
-/// idempotent, so it is marked before it is sent; a marker still set on the
-/// next try means the last call's outcome is unknown, and we stop rather than
-/// risk a second replica.
+/// Cloud KMS (or no KMS): no prepare, no approval. The call creates a CVM,
+/// so it follows [`super::reconcile`]: an unanswered call is looked for in
+/// Phala's instance list, never simply sent again.
 async fn replicate_directly(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     let request = &claimed.request;
     if request.call_sent_at.is_some() {
-        return Ok(Outcome::Fail(StoredError {
-            code: "REPLICATE-OUTCOME-UNKNOWN".into(),
-            message: "an earlier replicate call got no answer, so a replica may already exist".into(),
-            suggestion: Some("Check the source's instances on the Phala dashboard; queue again only if none was created.".into()),
-        }));
+        match reconcile::reconcile(worker, claimed, "replicate").await? {
+            Reconciled::Found { vm_uuid, status } => {
+                return Ok(created(ReplicaVm {
+                    vm_uuid: Some(vm_uuid),
+                    status,
+                    ..ReplicaVm::default()
+                }));
+            }
+            Reconciled::LookAgainAt(at, error) => return Ok(Outcome::AwaitOutcome { at, error }),
+            Reconciled::GiveUp(error) => return Ok(Outcome::Fail(error)),
+            Reconciled::NotCreated => {}
+        }
     }
+    let before = match reconcile::instances_now(worker, request).await {
+        Ok(before) => before,
+        Err(err) => return Ok(Outcome::from_phala(&err)),
+    };
     worker
         .store
-        .mark_call_sent(&claimed.lease, worker.clock.now())
+        .mark_call_sent(&claimed.lease, worker.clock.now(), &before)
         .await?;
-    match worker.phala.create_replica(&request.source_vm_uuid, &spec(claimed)).await {
+    match worker
+        .phala
+        .create_replica(&request.source_vm_uuid, &spec(claimed))
+        .await
+    {
         Ok(vm) => Ok(created(vm)),
-        Err(err @ PhalaError::Api(_)) => {
-            // Phala answered with an error: nothing was created.
-            worker.store.clear_call_sent(&claimed.lease, worker.clock.now()).await?;
+        Err(err) if err.outcome_unknown() => {
+            Ok(reconcile::outcome_unknown("replicate", worker, &err))
+        }
+        Err(err) => {
+            // Phala refused: nothing was created.
+            worker
+                .store
+                .clear_call_sent(&claimed.lease, worker.clock.now())
+                .await?;
             Ok(Outcome::from_phala(&err))
         }
-        Err(err) => Ok(Outcome::Fail(StoredError {
-            code: "REPLICATE-OUTCOME-UNKNOWN".into(),
-            message: format!("the replicate call got no answer, so a replica may exist: {err}"),
-            suggestion: Some("Check the source's instances on the Phala dashboard; queue again only if none was created.".into()),
-        })),
     }
 }

@@ -21,10 +21,30 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
             suggestion: Some("Check the source's instances on the Phala dashboard.".into()),
         }));
     };
+    let now = worker.clock.now();
+    let since = worker
+        .store
+        .entered_status_at(request.id, Status::Provisioning)
+        .await?
+        .unwrap_or(now);
     let cvm = match worker.phala.get_cvm(vm_uuid).await {
         Ok(cvm) => cvm,
-        // A replica can take a moment to appear.
-        Err(err) if err.status() == Some(404) => return Ok(Outcome::Snooze(POLL_EVERY)),
+        // A replica can take a moment to appear, but not forever.
+        Err(err) if err.status() == Some(404) => {
+            let bound = worker.settings.replica_missing_timeout_secs;
+            if now - since > chrono::Duration::seconds(bound as i64) {
+                return Ok(Outcome::Fail(StoredError {
+                    code: "REPLICA-NOT-FOUND".into(),
+                    message: format!(
+                        "Phala accepted replica {vm_uuid}, but it has not been found for {bound} s"
+                    ),
+                    suggestion: Some(
+                        "Look at the source's instances on the Phala dashboard.".into(),
+                    ),
+                }));
+            }
+            return Ok(Outcome::Snooze(POLL_EVERY));
+        }
         Err(err) => return Ok(Outcome::from_phala(&err)),
     };
     let status = cvm.status.unwrap_or_default().to_lowercase();
@@ -45,12 +65,6 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
             suggestion: Some("Look at the replica's logs on the Phala dashboard.".into()),
         }));
     }
-    let now = worker.clock.now();
-    let since = worker
-        .store
-        .entered_status_at(request.id, Status::Provisioning)
-        .await?
-        .unwrap_or(now);
     if now - since > GIVE_UP_AFTER {
         return Ok(Outcome::Fail(StoredError {
             code: "REPLICA-TIMEOUT".into(),

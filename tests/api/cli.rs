@@ -4,7 +4,7 @@ use std::process::Command;
 
 use crate::helpers::fresh_database;
 
-fn bridge() -> Command {
+pub(crate) fn bridge() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_approval-bridge"));
     // Start from a clean slate: the developer's environment must not leak in.
     for (key, _) in std::env::vars() {
@@ -15,7 +15,7 @@ fn bridge() -> Command {
     command
 }
 
-fn one_line_error(output: std::process::Output) -> String {
+pub(crate) fn one_line_error(output: std::process::Output) -> String {
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
@@ -160,4 +160,119 @@ async fn serve_refuses_a_port_in_use_in_one_line() {
         line.contains(&format!("cannot listen on {address}")),
         "{line}"
     );
+}
+
+/// SIGTERM while a step waits on a slow Phala call: `serve` stops claiming,
+/// gives the step's lease back once the grace period is over, and exits 0.
+#[tokio::test]
+async fn sigterm_mid_step_exits_cleanly_and_gives_the_lease_back() {
+    use crate::helpers::{API_TOKEN, PHALA_API_KEY};
+    use crate::phala_mock::*;
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let phala = MockServer::start().await;
+    mount_onchain_source(&phala, &[]).await;
+    Mock::given(method("POST"))
+        .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
+        .respond_with(
+            ResponseTemplate::new(465)
+                .set_body_json(prepared_body("t", 1, false, false, true))
+                .set_delay(std::time::Duration::from_secs(8)),
+        )
+        .mount(&phala)
+        .await;
+    let database_url = fresh_database().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_approval-bridge"))
+        .arg("serve")
+        .env_clear()
+        .env("DATABASE_URL", &database_url)
+        .env("APPROVAL_BRIDGE_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "APPROVAL_BRIDGE_PHALA_API_URL",
+            format!("{}/api/v1", phala.uri()),
+        )
+        .env("APPROVAL_BRIDGE_PHALA_API_KEY", PHALA_API_KEY)
+        .env("APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS", "20")
+        .env("APPROVAL_BRIDGE_API_TOKENS", format!("ci-bot={API_TOKEN}"))
+        .env("APPROVAL_BRIDGE_WORKERS", "2")
+        .env("APPROVAL_BRIDGE_SHUTDOWN_GRACE_SECS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..100 {
+        if http.get(format!("{base}/health")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "serve did not come up");
+    let queued = http
+        .post(format!("{base}/api/v1/replicas"))
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({"source": ONCHAIN_NAME}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queued.status(), 202);
+    let db = sqlx::PgPool::connect(&database_url).await.unwrap();
+    // Wait until the prepare call is under way.
+    for _ in 0..100 {
+        let sent = phala
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.url.path().ends_with("/replicas"));
+        if sent {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let leased: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM replica_requests WHERE lease_id IS NOT NULL")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(leased, 1, "the prepare step holds the request");
+
+    let started = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "serve exits within its deadline"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(7),
+        "it did not wait for the 8 s call: {:?}",
+        started.elapsed()
+    );
+    let (status, leased): (String, bool) =
+        sqlx::query_as("SELECT status, lease_id IS NOT NULL FROM replica_requests")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(status, "preparing");
+    assert!(!leased, "the lease was given back");
 }

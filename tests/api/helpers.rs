@@ -55,6 +55,15 @@ pub async fn fresh_database() -> String {
     format!("{prefix}/{name}")
 }
 
+/// A URL for a sandbox's own database: not created (the sandbox creates it),
+/// named `…_sandbox` as the sandbox demands, and `ab_test_…` so that
+/// `scripts/test` clears it after an interrupted run.
+pub fn sandbox_database() -> String {
+    let base = base_database_url();
+    let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
+    format!("{prefix}/ab_test_{}_sandbox", Uuid::new_v4().simple())
+}
+
 pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
     Settings {
         database: DatabaseSettings {

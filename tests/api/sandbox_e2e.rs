@@ -8,7 +8,7 @@ use approval_bridge::sandbox::{EOA_CVM, Sandbox, SandboxOptions};
 use approval_bridge::web::webhook;
 use serde_json::{Value, json};
 
-use crate::helpers::fresh_database;
+use crate::helpers::sandbox_database;
 
 const TOKEN: &str = "e2e-token-123";
 const SECRET: &str = "e2e-secret-456";
@@ -29,12 +29,13 @@ impl Driver {
             block_time: 1,
             api_token: TOKEN.into(),
             webhook_secret: SECRET.into(),
-            database_url: Some(fresh_database().await),
+            database_url: Some(sandbox_database()),
             // Long enough for five intake calls on a loaded CI machine.
             batch_window_secs: 10,
             confirmations: 1,
             boot_delay: Duration::ZERO,
             nodes,
+            ..SandboxOptions::default()
         };
         let sandbox = Sandbox::start(options).await.expect("the sandbox starts");
         Driver {
@@ -407,7 +408,7 @@ async fn the_sandbox_refuses_a_port_in_use_too_few_nodes_and_an_unreachable_data
         "{line}"
     );
     assert!(
-        line.contains("pg_ctlcluster") && line.contains("DATABASE_URL"),
+        line.contains("pg_ctlcluster") && line.contains("APPROVAL_BRIDGE_SANDBOX_DATABASE_URL"),
         "{line}"
     );
 }

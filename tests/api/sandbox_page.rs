@@ -7,7 +7,7 @@ use std::time::Duration;
 use approval_bridge::sandbox::{Sandbox, SandboxOptions};
 use serde_json::{Value, json};
 
-use crate::helpers::fresh_database;
+use crate::helpers::sandbox_database;
 
 /// The W3C key of an element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -141,7 +141,7 @@ impl Drop for Browser {
 async fn the_page_queues_a_replica_and_its_buttons_sign_and_execute_it() {
     let sandbox = Sandbox::start(SandboxOptions {
         port: 0,
-        database_url: Some(fresh_database().await),
+        database_url: Some(sandbox_database()),
         batch_window_secs: 1,
         confirmations: 1,
         boot_delay: Duration::ZERO,

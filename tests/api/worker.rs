@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::helpers::{PHALA_API_KEY, spawn_app, spawn_app_with, test_settings};
+use crate::helpers::{PHALA_API_KEY, TestApp, spawn_app, spawn_app_with, test_settings};
 use crate::phala_mock::*;
 
 async fn commit_token_in_db(app: &crate::helpers::TestApp, id: &str) -> Option<String> {
@@ -587,38 +587,6 @@ async fn a_prepare_answer_with_a_malformed_compose_hash_fails_the_request() {
 }
 
 #[tokio::test]
-async fn a_direct_replicate_without_an_answer_is_never_sent_twice() {
-    let app = spawn_app().await;
-    mount_cloud_source(&app.phala, &"11".repeat(32)).await;
-    Mock::given(method("POST"))
-        .and(path(api(&format!("/cvms/{CLOUD_VM}/replicas"))))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(replica_vm("starting"))
-                .set_delay(Duration::from_secs(3)),
-        )
-        .mount(&app.phala)
-        .await;
-    let id = app.queue(&json!({"source": CLOUD_NAME})).await.remove(0);
-    app.drain_all(5).await;
-    let request = app.get_replica(&id).await;
-    assert_eq!(request["status"], "failed");
-    assert_eq!(request["last_error"]["code"], "REPLICATE-OUTCOME-UNKNOWN");
-    assert!(
-        request["last_error"]["suggestion"]
-            .as_str()
-            .unwrap()
-            .contains("dashboard")
-    );
-    assert_eq!(
-        app.phala_requests("POST", &api(&format!("/cvms/{CLOUD_VM}/replicas")))
-            .await
-            .len(),
-        1
-    );
-}
-
-#[tokio::test]
 async fn prepares_of_one_source_never_overlap_and_waiting_spends_no_attempt() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
@@ -629,16 +597,30 @@ async fn prepares_of_one_source_never_overlap_and_waiting_spends_no_attempt() {
     )
     .await;
     let id = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
-    app.steps(1).await; // queued → preparing
-    // Another worker is mid-prepare on the same source.
-    let now = app.clock.now();
-    let other = uuid::Uuid::new_v4();
+    let sibling = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
+    app.steps(2).await; // both queued → preparing
+    // The sibling is mid-prepare on the same source: it holds the lock.
+    let sibling_id: uuid::Uuid = sibling.parse().unwrap();
     assert!(
         app.store
-            .try_lock_source(ONCHAIN_VM, other, now, now + chrono::Duration::seconds(60))
+            .try_lock_source(ONCHAIN_VM, sibling_id)
             .await
             .unwrap()
     );
+    let mine: uuid::Uuid = id.parse().unwrap();
+    assert!(
+        !app.store.try_lock_source(ONCHAIN_VM, mine).await.unwrap(),
+        "a lock whose holder is preparing is not taken over"
+    );
+    // Make the sibling's step not due, so the next step is ours.
+    app.clock.advance(chrono::Duration::milliseconds(1));
+    sqlx::query(
+        "UPDATE replica_requests SET next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+    )
+    .bind(sibling_id)
+    .execute(&app.db)
+    .await
+    .unwrap();
     app.steps(1).await;
     let request = app.get_replica(&id).await;
     assert_eq!(request["status"], "preparing");
@@ -649,7 +631,8 @@ async fn prepares_of_one_source_never_overlap_and_waiting_spends_no_attempt() {
             .is_empty()
     );
 
-    app.store.unlock_source(ONCHAIN_VM, other).await.unwrap();
+    // Cancelling the sibling releases its lock in the same transaction.
+    assert_eq!(app.cancel(&sibling).await.status().as_u16(), 200);
     app.clock.advance(chrono::Duration::seconds(3));
     app.drain().await;
     assert_eq!(app.status_of(&id).await, "awaiting_proposal");
@@ -660,7 +643,7 @@ async fn a_worker_whose_lease_expired_cannot_write() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
     let id = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
-    let lease = chrono::Duration::seconds(60);
+    let lease = Duration::from_secs(60);
     let first = app
         .store
         .claim_due(app.clock.now(), lease)
@@ -675,8 +658,17 @@ async fn a_worker_whose_lease_expired_cannot_write() {
             .is_none(),
         "held rows are skipped"
     );
-
+    // The process clock does not end a lease: the database's does.
     app.clock.advance(chrono::Duration::seconds(61));
+    assert!(
+        app.store
+            .claim_due(app.clock.now(), lease)
+            .await
+            .unwrap()
+            .is_none(),
+        "a lease runs on the database clock"
+    );
+    expire_leases(&app).await;
     let second = app
         .store
         .claim_due(app.clock.now(), lease)
@@ -709,12 +701,25 @@ async fn a_worker_whose_lease_expired_cannot_write() {
         snooze,
         Err(approval_bridge::store::StoreError::LeaseLost(_))
     ));
+    assert!(
+        !app.store.renew_lease(&first.lease, lease).await.unwrap(),
+        "a lost lease cannot be renewed"
+    );
+    assert!(app.store.renew_lease(&second.lease, lease).await.unwrap());
 
     let events = app.get_replica(&id).await["events"]
         .as_array()
         .unwrap()
         .len();
     assert_eq!(events, 1, "the stale worker wrote nothing");
+}
+
+/// Ends every lease now, as if their workers had died long ago.
+async fn expire_leases(app: &TestApp) {
+    sqlx::query("UPDATE replica_requests SET lease_expires_at = now() - interval '1 second' WHERE lease_id IS NOT NULL")
+        .execute(&app.db)
+        .await
+        .unwrap();
 }
 
 /// Two worker processes (separate pools) race over one database.

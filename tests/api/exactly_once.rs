@@ -1,0 +1,581 @@
+//! The proof of "exactly once", end to end on real processes: the sandbox's
+//! world stays up (`sandbox --world-only`), `serve` runs against it through
+//! proxies that add a real API's latency or inject faults, and the suites
+//! count at the simulator what the bridge really did.
+//!
+//! - crash: SIGKILL `serve` at 30+ random moments across the flow;
+//! - faults: 30% of the calls to Phala, the Safe service and the RPC fail in
+//!   every way a network and a gateway can fail;
+//! - two instances: two `serve` processes share the database; one dies.
+//!
+//! Each prints its figures (kills, faults, requests, replicas per request,
+//! proposals per batch) for the closing notes.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::fault_proxy::{ALL_FAULTS, FaultPlan, FaultProxy, FaultStats};
+use crate::helpers::fresh_database;
+use crate::sandbox_process::{ServeProcess, TOKEN, WorldProcess};
+
+/// The 13 requests of a run: (source, node). Device registrations on two
+/// apps, a two-step app with two compose hashes, siblings of one source that
+/// must commit one after another, and a Cloud-KMS source created directly.
+const ORDER: [(&str, &str); 13] = [
+    ("web-prod", "prod-2"),
+    ("web-prod", "prod-2"),
+    ("web-prod", "prod-3"),
+    ("web-prod", "prod-3"),
+    ("web-prod", "prod-1"),
+    ("web-prod", "prod-2"),
+    ("api-prod", "prod-2"),
+    ("api-prod", "prod-3"),
+    ("api-prod", "prod-1"),
+    ("api-canary", "prod-1"),
+    ("api-canary", "prod-3"),
+    ("docs-cloud", "prod-2"),
+    ("docs-cloud", "prod-3"),
+];
+
+/// The bridge's settings for the suites: short leases so a killed process's
+/// work is taken over quickly, a short settle time, one-second chain polls.
+fn suite_settings() -> BTreeMap<String, String> {
+    [
+        ("APPROVAL_BRIDGE_LEASE_SECS", "8"),
+        ("APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS", "4"),
+        ("APPROVAL_BRIDGE_RECONCILE_SETTLE_SECS", "3"),
+        ("APPROVAL_BRIDGE_BACKOFF_BASE_SECS", "1"),
+        ("APPROVAL_BRIDGE_BACKOFF_MAX_SECS", "4"),
+        ("APPROVAL_BRIDGE_POLL_INTERVAL_SECS", "1"),
+        ("APPROVAL_BRIDGE_SHUTDOWN_GRACE_SECS", "2"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+struct Run {
+    world: WorldProcess,
+    database_url: String,
+    db: PgPool,
+    http: reqwest::Client,
+    env: BTreeMap<String, String>,
+}
+
+impl Run {
+    async fn start() -> Run {
+        let world = WorldProcess::start(&[
+            "--batch-window-secs",
+            "2",
+            "--confirmations",
+            "1",
+            "--block-time",
+            "1",
+        ]);
+        let database_url = fresh_database().await;
+        let db = PgPool::connect(&database_url).await.unwrap();
+        let mut env = world.env.clone();
+        env.extend(suite_settings());
+        Run {
+            world,
+            database_url,
+            db,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            env,
+        }
+    }
+
+    /// Puts a proxy in front of the service behind `variable` (a URL, or
+    /// `chain=url` pairs) and points `serve` at it.
+    async fn proxy(&mut self, variable: &str, plan: FaultPlan) -> FaultProxy {
+        let value = self.env[variable].clone();
+        let (prefix, url) = match value.split_once('=') {
+            Some((chain, url)) if !chain.contains(':') => (format!("{chain}="), url.to_owned()),
+            _ => (String::new(), value.clone()),
+        };
+        let upstream: reqwest::Url = url.parse().unwrap();
+        let proxy = FaultProxy::start(upstream.clone(), plan).await;
+        let mut through = proxy.url.clone();
+        through.set_path(upstream.path());
+        let through = through.as_str().trim_end_matches('/').to_owned();
+        let through = if url.ends_with('/') {
+            format!("{through}/")
+        } else {
+            through
+        };
+        self.env
+            .insert(variable.to_owned(), format!("{prefix}{through}"));
+        proxy
+    }
+
+    async fn serve(&self) -> ServeProcess {
+        self.world.serve_with(&self.database_url, &self.env).await
+    }
+
+    async fn serve_on(&self, listen: &str) -> ServeProcess {
+        let mut env = self.env.clone();
+        env.insert("APPROVAL_BRIDGE_LISTEN".into(), listen.to_owned());
+        self.world.serve_with(&self.database_url, &env).await
+    }
+
+    fn bridge(&self) -> String {
+        format!("http://{}/", self.env["APPROVAL_BRIDGE_LISTEN"])
+    }
+
+    /// Queues the order, one request per call, each with its own
+    /// idempotency key so a retry after a lost answer creates nothing.
+    async fn queue(&self, bridge: &str) -> Vec<String> {
+        let mut ids = Vec::new();
+        for (index, (source, node)) in ORDER.iter().enumerate() {
+            let mut answer = None;
+            for _ in 0..50 {
+                let sent = self
+                    .http
+                    .post(format!("{bridge}api/v1/replicas"))
+                    .bearer_auth(TOKEN)
+                    .header("Idempotency-Key", format!("suite-{index}"))
+                    .json(&json!({"source": source, "node": node}))
+                    .send()
+                    .await;
+                if let Ok(response) = sent
+                    && response.status() == 202
+                {
+                    answer = Some(response.json::<Value>().await.unwrap());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let answer = answer.unwrap_or_else(|| panic!("request {index} was never queued"));
+            ids.push(answer["replicas"][0]["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    }
+
+    async fn statuses(&self) -> BTreeMap<String, i64> {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT status, count(*) FROM replica_requests GROUP BY status",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+    }
+
+    async fn all_finished(&self) -> bool {
+        let statuses = self.statuses().await;
+        let finished: i64 = ["done", "failed", "cancelled"]
+            .iter()
+            .filter_map(|s| statuses.get(*s))
+            .sum();
+        finished == ORDER.len() as i64
+    }
+
+    /// Acts as the Safe's owners: two sign and one executes every proposal
+    /// the bridge submitted, while `serve` lives and dies.
+    fn sign_and_execute(&self, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
+        let db = self.db.clone();
+        let http = self.http.clone();
+        let controls = self.world.url.clone();
+        tokio::spawn(async move {
+            let mut executed = HashSet::new();
+            while !stop.load(Ordering::SeqCst) {
+                let open: Vec<(String,)> = sqlx::query_as(
+                    "SELECT safe_tx_hash FROM proposals
+                     WHERE status = 'proposed' AND submitted_at IS NOT NULL ORDER BY nonce",
+                )
+                .fetch_all(&db)
+                .await
+                .unwrap_or_default();
+                for (hash,) in open {
+                    if executed.contains(&hash) {
+                        continue;
+                    }
+                    for owner in [0, 1] {
+                        let _ = http
+                            .post(format!("{controls}sandbox/safe/{hash}/sign"))
+                            .json(&json!({"owner": owner}))
+                            .send()
+                            .await;
+                    }
+                    let done = http
+                        .post(format!("{controls}sandbox/safe/{hash}/execute"))
+                        .send()
+                        .await;
+                    if done.is_ok_and(|r| r.status().is_success()) {
+                        executed.insert(hash);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            executed.len()
+        })
+    }
+
+    /// Waits until every request has finished (bounded), with `serve` up.
+    async fn wait_finished(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.all_finished().await {
+            assert!(
+                Instant::now() < deadline,
+                "requests still unfinished after {within:?}: {:?}\n{}",
+                self.statuses().await,
+                self.unfinished().await
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn unfinished(&self) -> String {
+        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT id::text, status, last_error_code, last_error_message FROM replica_requests
+             WHERE status NOT IN ('done', 'failed', 'cancelled')",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        format!("{rows:#?}")
+    }
+
+    /// Checks what the world holds against what the bridge recorded, and
+    /// returns the figures.
+    async fn verify(&self) -> Figures {
+        let requests: Vec<RequestRow> = sqlx::query_as(
+            "SELECT id::text, status, replica_vm_uuid, last_error_code, last_error_message,
+                        last_error_suggestion
+                 FROM replica_requests",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        assert_eq!(requests.len(), ORDER.len(), "no request lost or added");
+        for (id, status, _, code, message, suggestion) in &requests {
+            if status != "done" {
+                assert_eq!(status, "failed", "{id} ended {status}");
+                assert!(
+                    code.is_some() && message.is_some() && suggestion.is_some(),
+                    "a failure carries a clear error: {id} {code:?} {message:?}"
+                );
+            }
+        }
+
+        // Every replica at the simulator belongs to exactly one request.
+        let world: Value = self
+            .http
+            .get(format!("{}sandbox/world", self.world.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let sources: HashSet<String> = world["cvms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| normalize(c["vm_uuid"].as_str().unwrap()))
+            .collect();
+        let apps: BTreeSet<String> = world["cvms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                c["app_id"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("0x")
+                    .to_lowercase()
+            })
+            .collect();
+        let mut replicas = Vec::new();
+        for app in apps {
+            let listed = self
+                .http
+                .get(format!(
+                    "{}/apps/{app}/cvms",
+                    self.world.env["APPROVAL_BRIDGE_PHALA_API_URL"].trim_end_matches('/')
+                ))
+                .header(
+                    "X-API-Key",
+                    &self.world.env["APPROVAL_BRIDGE_PHALA_API_KEY"],
+                )
+                .send()
+                .await
+                .unwrap();
+            if listed.status() == 404 {
+                continue;
+            }
+            let listed: Vec<Value> = listed.json().await.unwrap();
+            replicas.extend(
+                listed
+                    .iter()
+                    .map(|c| normalize(c["vm_uuid"].as_str().unwrap()))
+                    .filter(|v| !sources.contains(v)),
+            );
+        }
+        let owned: Vec<String> = requests
+            .iter()
+            .filter_map(|r| r.2.as_deref().map(normalize))
+            .collect();
+        let distinct: HashSet<&String> = owned.iter().collect();
+        assert_eq!(distinct.len(), owned.len(), "two requests share a replica");
+        let created: HashSet<&String> = replicas.iter().collect();
+        assert_eq!(created.len(), replicas.len());
+        assert_eq!(
+            created, distinct,
+            "the replicas Phala created are exactly those the requests own"
+        );
+        let done = requests.iter().filter(|r| r.1 == "done").count();
+        assert_eq!(
+            replicas.len(),
+            done,
+            "one replica per finished request, none for a failed one"
+        );
+
+        // No nonce holds two proposals for the same registration, and no
+        // registration was executed twice.
+        let doubled: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+            "SELECT p.nonce, c.app_id, c.kind, c.value, count(*) FROM proposals p
+             JOIN proposal_calls c ON c.proposal_id = p.id
+             GROUP BY p.chain_id, p.safe, p.nonce, c.app_id, c.kind, c.value HAVING count(*) > 1",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        assert!(doubled.is_empty(), "a nonce proposed twice: {doubled:?}");
+        let executed_twice: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT c.app_id, c.kind, c.value, count(*) FROM proposals p
+             JOIN proposal_calls c ON c.proposal_id = p.id WHERE p.status = 'executed'
+             GROUP BY c.app_id, c.kind, c.value HAVING count(*) > 1",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        assert!(
+            executed_twice.is_empty(),
+            "executed twice: {executed_twice:?}"
+        );
+        let (proposals, executed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'executed') FROM proposals",
+        )
+        .fetch_one(&self.db)
+        .await
+        .unwrap();
+        let batched: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT proposal_id) FROM replica_requests WHERE proposal_id IS NOT NULL",
+        )
+        .fetch_one(&self.db)
+        .await
+        .unwrap();
+        Figures {
+            requests: requests.len(),
+            done,
+            replicas: replicas.len(),
+            proposals,
+            executed,
+            batched,
+        }
+    }
+}
+
+/// id, status, replica, and the last error's code, message and suggestion.
+type RequestRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+#[derive(Debug)]
+struct Figures {
+    requests: usize,
+    done: usize,
+    replicas: usize,
+    proposals: i64,
+    executed: i64,
+    /// Proposals that the finished requests point to.
+    batched: i64,
+}
+
+impl Figures {
+    fn line(&self) -> String {
+        format!(
+            "{} requests, {} done, {} replicas ({:.2} per done request), {} proposals ({} executed; requests rode on {})",
+            self.requests,
+            self.done,
+            self.replicas,
+            self.replicas as f64 / self.done.max(1) as f64,
+            self.proposals,
+            self.executed,
+            self.batched,
+        )
+    }
+}
+
+fn normalize(vm_uuid: &str) -> String {
+    vm_uuid.replace('-', "").to_lowercase()
+}
+
+fn faults_line(name: &str, stats: &FaultStats) -> String {
+    format!(
+        "{name}: {} calls, {} faults {:?}",
+        stats.calls,
+        stats.injected(),
+        stats.faults
+    )
+}
+
+const LATENCY: std::ops::Range<Duration> = Duration::from_millis(50)..Duration::from_millis(600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_suite_serve_killed_at_random_moments_makes_each_replica_exactly_once() {
+    let seed: u64 = std::env::var("CRASH_SUITE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut run = Run::start().await;
+    let phala = run
+        .proxy(
+            "APPROVAL_BRIDGE_PHALA_API_URL",
+            FaultPlan::latency(LATENCY, seed),
+        )
+        .await;
+    let safe = run
+        .proxy(
+            "APPROVAL_BRIDGE_SAFE_SERVICE_URLS",
+            FaultPlan::latency(LATENCY, seed + 1),
+        )
+        .await;
+
+    let mut serve = run.serve().await;
+    run.queue(&run.bridge()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let signer = run.sign_and_execute(stop.clone());
+
+    const MIN_KILLS: usize = 30;
+    const MAX_KILLS: usize = 60;
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while kills < MIN_KILLS || (kills < MAX_KILLS && !run.all_finished().await) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
+        serve.kill();
+        kills += 1;
+        serve = run.serve().await;
+        assert!(Instant::now() < deadline, "the crash suite ran out of time");
+    }
+    run.wait_finished(Duration::from_secs(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let executions = signer.await.unwrap();
+    drop(serve);
+
+    let figures = run.verify().await;
+    eprintln!(
+        "crash suite (seed {seed}): {kills} SIGKILLs; {}; {executions} Safe executions; {}; {}",
+        figures.line(),
+        faults_line("phala latency", &phala.stats()),
+        faults_line("safe service latency", &safe.stats()),
+    );
+    assert_eq!(figures.done, ORDER.len(), "every request ends done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_suite_every_request_finishes_through_injected_faults() {
+    let seed: u64 = std::env::var("FAULT_SUITE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    let plan = |seed| FaultPlan {
+        rate: 0.3,
+        faults: ALL_FAULTS.to_vec(),
+        hold: Duration::from_secs(6),
+        slow: Duration::from_millis(1500),
+        ..FaultPlan::latency(LATENCY, seed)
+    };
+    let mut run = Run::start().await;
+    let phala = run.proxy("APPROVAL_BRIDGE_PHALA_API_URL", plan(seed)).await;
+    let safe = run
+        .proxy("APPROVAL_BRIDGE_SAFE_SERVICE_URLS", plan(seed + 1))
+        .await;
+    let rpc = run.proxy("APPROVAL_BRIDGE_RPC_URLS", plan(seed + 2)).await;
+    // Start-up checks the Safe and the proposer once; faults begin after.
+    for proxy in [&phala, &safe, &rpc] {
+        proxy.set_enabled(false);
+    }
+    let serve = run.serve().await;
+    for proxy in [&phala, &safe, &rpc] {
+        proxy.set_enabled(true);
+    }
+    run.queue(&run.bridge()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let signer = run.sign_and_execute(stop.clone());
+    run.wait_finished(Duration::from_secs(480)).await;
+    stop.store(true, Ordering::SeqCst);
+    let executions = signer.await.unwrap();
+    drop(serve);
+
+    let figures = run.verify().await;
+    eprintln!(
+        "fault suite (seed {seed}): {}; {executions} Safe executions; {}; {}; {}",
+        figures.line(),
+        faults_line("phala", &phala.stats()),
+        faults_line("safe service", &safe.stats()),
+        faults_line("rpc", &rpc.stats()),
+    );
+    let injected = phala.stats().injected() + safe.stats().injected() + rpc.stats().injected();
+    assert!(injected > 0, "faults were injected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_work_and_one_finishes_it_when_the_other_dies() {
+    let run = Run::start().await;
+    let mut first = run.serve().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let second_listen = format!("127.0.0.1:{port}");
+    let second = run.serve_on(&second_listen).await;
+    run.queue(&run.bridge()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let signer = run.sign_and_execute(stop.clone());
+
+    // Let both work until the first proposal is out, then kill the first.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let proposed: i64 = sqlx::query_scalar("SELECT count(*) FROM proposals")
+            .fetch_one(&run.db)
+            .await
+            .unwrap();
+        if proposed > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing was proposed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    first.kill();
+    run.wait_finished(Duration::from_secs(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let executions = signer.await.unwrap();
+    drop(second);
+
+    let figures = run.verify().await;
+    eprintln!(
+        "two instances: one SIGKILLed after the first proposal; {}; {executions} Safe executions",
+        figures.line()
+    );
+    assert_eq!(figures.done, ORDER.len());
+}
