@@ -78,6 +78,9 @@ pub struct SandboxArgs {
     /// use). [default: a free port]
     #[arg(long)]
     pub bridge_port: Option<u16>,
+    /// Nodes with free CVM slots, `prod-1` to `prod-N`, besides the full `prod-full`.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=200))]
+    pub nodes: u32,
 }
 
 impl Cli {

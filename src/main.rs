@@ -61,6 +61,7 @@ async fn sandbox(args: approval_bridge::cli::SandboxArgs) -> anyhow::Result<()> 
         confirmations: args.confirmations,
         world_only: args.world_only,
         bridge_port: args.bridge_port,
+        nodes: args.nodes,
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;

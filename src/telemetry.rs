@@ -41,6 +41,7 @@ pub fn init_stderr(format: LogFormat) {
 fn install<W>(format: LogFormat, writer: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+    for<'a> <W as MakeWriter<'a>>::Writer: Write,
 {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));

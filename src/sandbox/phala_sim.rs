@@ -53,6 +53,12 @@
 //! - Compose hash: SHA-256 of the manifest as compact JSON with sorted keys
 //!   (the dstack SDK's form). Env keys: X25519 secrets derived from the app
 //!   id, so they are stable across runs and not secret.
+//!
+//! Layout: `world` is what the simulator starts with, `state` what it
+//! remembers, `rules` the pure chain and token checks, `answers` the typed
+//! JSON of every success answer (after the SDK's zod schemas), `errors` and
+//! `bodies` the error answers and request validation; this file holds the
+//! env keys, the chain reads and the HTTP handlers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -61,10 +67,8 @@ use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use alloy::primitives::{Address, B256, keccak256};
 use alloy::providers::Provider;
-use alloy::rpc::types::TransactionReceipt;
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
-use alloy::sol_types::SolEvent;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
@@ -74,13 +78,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::Url;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::chain::{ChainClient, IDstackApp, Registration};
-use crate::clock::Clock;
+use crate::chain::{ChainClient, Registration};
 
 /// The API key of a world built with [`PhalaWorld::new`].
 pub const DEFAULT_API_KEY: &str = "phak_sandbox_local_only";
@@ -110,268 +113,22 @@ pub mod codes {
     pub const INVALID_API_KEY: &str = "ERR-05-003";
 }
 
-// ---------------------------------------------------------------------------
-// The world
+mod answers;
+mod bodies;
+mod errors;
+mod rules;
+mod state;
+mod world;
 
-/// Everything the simulator starts with. Fill it in, then [`PhalaSim::spawn`].
-#[derive(Debug, Clone)]
-pub struct PhalaWorld {
-    /// The only `X-API-Key` accepted.
-    pub api_key: String,
-    /// Workspace name and slug, shown in CVMs and commit URLs.
-    pub workspace: String,
-    /// `kms_info.chain_id` of the on-chain CVMs; the RPC must serve this chain.
-    pub chain_id: u64,
-    /// `kms_info.dstack_kms_address`: the DstackKms stand-in whose root key is
-    /// [`kms_root_key`], when one is deployed.
-    pub kms_contract: Address,
-    pub nodes: Vec<SimNode>,
-    pub cvms: Vec<SimCvm>,
-    /// Lifetime of a commit token (default 14 days, §12).
-    pub token_ttl: chrono::Duration,
-    /// How long a new replica stays `starting` (default 3 s).
-    pub boot_delay: chrono::Duration,
-    /// "Now" for token expiry and boot; a manual clock lets tests skip time.
-    pub clock: Clock,
-}
+pub use state::{IssuedToken, RecordedRequest, SimReplica, TokenState};
+pub use world::{PhalaWorld, SimCvm, SimKms, SimNode, compose_hash, device_id_for, standard};
 
-/// A node of `GET /teepods/available`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SimNode {
-    /// The teepod id, `node_id` in the replicas body.
-    pub id: u32,
-    pub name: String,
-    pub region: String,
-    /// The `addDevice` argument for replicas on this node.
-    pub device_id: B256,
-    /// Free CVM slots; each replica takes one. At 0 a replica on the node
-    /// fails with `ERR-02-005`.
-    pub free_slots: u32,
-}
-
-impl SimNode {
-    /// A node with a device id derived from its name.
-    pub fn new(id: u32, name: &str, free_slots: u32) -> SimNode {
-        SimNode {
-            id,
-            name: name.to_owned(),
-            region: "sandbox-1".to_owned(),
-            device_id: device_id_for(name),
-            free_slots,
-        }
-    }
-}
-
-/// How a CVM gets its keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SimKms {
-    /// On-chain KMS: the app id is a DstackApp on the world's chain;
-    /// `kms_type` is what `GET /cvms/{id}` reports (`base`, `ethereum`).
-    Onchain { kms_type: String },
-    /// Phala's Cloud KMS: no contract, no prepare.
-    Cloud,
-}
-
-/// A live CVM of the world.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SimCvm {
-    pub name: String,
-    pub vm_uuid: Uuid,
-    /// The app id; for on-chain KMS the DstackApp address.
-    pub app_id: Address,
-    pub kms: SimKms,
-    /// The teepod id it runs on.
-    pub node_id: u32,
-    pub status: String,
-    /// The app-compose manifest; [`compose_hash`] of it is the CVM's hash.
-    pub compose_file: Value,
-}
-
-impl SimCvm {
-    /// An on-chain KMS CVM (`kms_type` `base`) of the DstackApp at `app`.
-    pub fn onchain(name: &str, app: Address, node_id: u32) -> SimCvm {
-        SimCvm {
-            name: name.to_owned(),
-            vm_uuid: uuid_for(name),
-            app_id: app,
-            kms: SimKms::Onchain {
-                kms_type: "base".to_owned(),
-            },
-            node_id,
-            status: "running".to_owned(),
-            compose_file: manifest(name, "v1", &["API_URL", "LOG_LEVEL"]),
-        }
-    }
-
-    /// A Cloud KMS CVM; its app id is derived from the name.
-    pub fn cloud(name: &str, node_id: u32) -> SimCvm {
-        let digest = Sha256::digest(format!("approval-bridge sim app {name}"));
-        SimCvm {
-            kms: SimKms::Cloud,
-            ..SimCvm::onchain(name, Address::from_slice(&digest[..20]), node_id)
-        }
-    }
-
-    /// Another configuration of the same app: a different compose hash.
-    pub fn revision(mut self, revision: &str) -> SimCvm {
-        self.compose_file["docker_compose_file"] = compose_yaml(&self.name, revision).into();
-        self
-    }
-
-    pub fn allowed_envs(mut self, names: &[&str]) -> SimCvm {
-        self.compose_file["allowed_envs"] = json!(names);
-        self
-    }
-
-    pub fn compose_hash(&self) -> B256 {
-        compose_hash(&self.compose_file)
-    }
-}
-
-/// Names in the world [`PhalaWorld::standard`] builds.
-pub mod standard {
-    /// The nodes: `prod-1` hosts the sources, `prod-full` has no free slot.
-    pub const NODES: [&str; 4] = ["prod-1", "prod-2", "prod-3", "prod-full"];
-    /// On-chain KMS, one CVM.
-    pub const WEB: &str = "web-prod";
-    /// On-chain KMS, same app as [`API_CANARY`] with another compose hash.
-    pub const API: &str = "api-prod";
-    pub const API_CANARY: &str = "api-canary";
-    /// Cloud KMS.
-    pub const DOCS: &str = "docs-cloud";
-}
-
-impl PhalaWorld {
-    /// The default nodes (see [`standard::NODES`]) and no CVMs.
-    pub fn new(chain_id: u64) -> PhalaWorld {
-        let nodes = standard::NODES
-            .iter()
-            .zip(1u32..)
-            .map(|(name, id)| SimNode::new(id, name, if id == 4 { 0 } else { 8 }))
-            .collect();
-        PhalaWorld {
-            api_key: DEFAULT_API_KEY.to_owned(),
-            workspace: "sandbox".to_owned(),
-            chain_id,
-            kms_contract: Address::from_slice(&Sha256::digest(KMS_SLUG)[..20]),
-            nodes,
-            cvms: Vec::new(),
-            token_ttl: chrono::Duration::days(14),
-            boot_delay: chrono::Duration::seconds(3),
-            clock: Clock::system(),
-        }
-    }
-
-    /// The sandbox world: `web-prod` on `web_app`, `api-prod` and
-    /// `api-canary` (two live compose hashes) on `api_app`, all on prod-1
-    /// except the canary (prod-2), and `docs-cloud` on Cloud KMS.
-    pub fn standard(chain_id: u64, web_app: Address, api_app: Address) -> PhalaWorld {
-        PhalaWorld::new(chain_id)
-            .with_cvm(SimCvm::onchain(standard::WEB, web_app, 1))
-            .with_cvm(SimCvm::onchain(standard::API, api_app, 1))
-            .with_cvm(
-                SimCvm::onchain(standard::API_CANARY, api_app, 2)
-                    .revision("v2")
-                    // Same app, so the same manifest name as api-prod.
-                    .named_like(standard::API),
-            )
-            .with_cvm(SimCvm::cloud(standard::DOCS, 1))
-    }
-
-    pub fn with_cvm(mut self, cvm: SimCvm) -> PhalaWorld {
-        self.cvms.push(cvm);
-        self
-    }
-
-    pub fn node(&self, name: &str) -> Option<&SimNode> {
-        self.nodes.iter().find(|n| n.name == name)
-    }
-
-    pub fn cvm(&self, name: &str) -> Option<&SimCvm> {
-        self.cvms.iter().find(|c| c.name == name)
-    }
-
-    /// Unique names, UUIDs and node ids; every CVM on a known node.
-    fn check(&self) -> anyhow::Result<()> {
-        for (i, cvm) in self.cvms.iter().enumerate() {
-            let later = &self.cvms[i + 1..];
-            anyhow::ensure!(
-                !later.iter().any(|c| c.name == cvm.name),
-                "two CVMs are named `{}`",
-                cvm.name
-            );
-            anyhow::ensure!(
-                !later.iter().any(|c| c.vm_uuid == cvm.vm_uuid),
-                "two CVMs have vm_uuid {}",
-                cvm.vm_uuid
-            );
-            anyhow::ensure!(
-                self.nodes.iter().any(|n| n.id == cvm.node_id),
-                "CVM `{}` runs on node {}, which the world does not have",
-                cvm.name,
-                cvm.node_id
-            );
-        }
-        for (i, node) in self.nodes.iter().enumerate() {
-            anyhow::ensure!(
-                !self.nodes[i + 1..].iter().any(|n| n.id == node.id),
-                "two nodes have id {}",
-                node.id
-            );
-        }
-        Ok(())
-    }
-}
-
-impl SimCvm {
-    /// Uses `app_name` as the manifest name (CVMs of one app share it).
-    fn named_like(mut self, app_name: &str) -> SimCvm {
-        self.compose_file["name"] = app_name.into();
-        self
-    }
-}
-
-fn compose_yaml(name: &str, revision: &str) -> String {
-    format!("services:\n  {name}:\n    image: {name}:{revision}\n    restart: always\n")
-}
-
-fn manifest(name: &str, revision: &str, allowed_envs: &[&str]) -> Value {
-    json!({
-        "manifest_version": 2,
-        "name": name,
-        "runner": "docker-compose",
-        "docker_compose_file": compose_yaml(name, revision),
-        "allowed_envs": allowed_envs,
-        "kms_enabled": true,
-        "gateway_enabled": true,
-        "public_logs": false,
-        "public_sysinfo": false,
-        "local_key_provider_enabled": false,
-        "no_instance_id": false,
-        "secure_time": false,
-    })
-}
-
-/// SHA-256 of the manifest as compact JSON with sorted keys (`serde_json`
-/// maps are sorted), as the dstack SDK's `getComposeHash` writes it.
-pub fn compose_hash(manifest: &Value) -> B256 {
-    let text = serde_json::to_vec(manifest).expect("a JSON value serializes");
-    B256::from_slice(&Sha256::digest(text))
-}
-
-/// A stable device id for a node name.
-pub fn device_id_for(node_name: &str) -> B256 {
-    B256::from_slice(&Sha256::digest(format!(
-        "approval-bridge sim device {node_name}"
-    )))
-}
-
-/// A stable v4-shaped UUID for a seed.
-fn uuid_for(seed: &str) -> Uuid {
-    let digest = Sha256::digest(format!("approval-bridge sim vm {seed}"));
-    let bytes: [u8; 16] = digest[..16].try_into().expect("16 bytes");
-    uuid::Builder::from_random_bytes(bytes).into_uuid()
-}
+use bodies::{Kind, parse_model};
+use errors::{SimError, custom_status};
+use rules::{
+    Onchain, Refusal, TxEvidence, commit_verdict, receipt_evidence, schedule, token_problem,
+};
+use state::{CvmRecord, SimState};
 
 /// The X25519 secret that decrypts the env of `app` (derived, not secret).
 fn env_secret(app: Address) -> StaticSecret {
@@ -481,612 +238,6 @@ fn bare(app: Address) -> String {
 
 fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-// ---------------------------------------------------------------------------
-// Errors
-
-/// An error answer.
-#[derive(Debug)]
-enum SimError {
-    /// The structured envelope, nested under `detail` (§7).
-    Envelope {
-        status: StatusCode,
-        code: &'static str,
-        message: String,
-        details: Vec<Value>,
-        suggestions: Vec<String>,
-    },
-    /// FastAPI's request validation error.
-    Validation(Vec<Value>),
-    Internal(anyhow::Error),
-}
-
-fn custom_status(code: u16) -> StatusCode {
-    StatusCode::from_u16(code).expect("465-468 are valid status codes")
-}
-
-impl SimError {
-    fn envelope(status: StatusCode, code: &'static str, message: impl Into<String>) -> SimError {
-        SimError::Envelope {
-            status,
-            code,
-            message: message.into(),
-            details: Vec::new(),
-            suggestions: Vec::new(),
-        }
-    }
-
-    fn suggest(mut self, suggestion: &str) -> SimError {
-        if let SimError::Envelope { suggestions, .. } = &mut self {
-            suggestions.push(suggestion.to_owned());
-        }
-        self
-    }
-
-    fn with_details(mut self, more: Vec<Value>) -> SimError {
-        if let SimError::Envelope { details, .. } = &mut self {
-            details.extend(more);
-        }
-        self
-    }
-
-    fn cvm_not_found(id: &str) -> SimError {
-        SimError::envelope(
-            StatusCode::NOT_FOUND,
-            codes::CVM_NOT_FOUND,
-            format!("CVM {id} not found"),
-        )
-        .suggest("Check the CVM id, app id or name.")
-    }
-
-    fn invalid_request(message: impl Into<String>) -> SimError {
-        SimError::envelope(StatusCode::BAD_REQUEST, codes::INVALID_REQUEST, message)
-    }
-
-    fn token_invalid(why: &str) -> SimError {
-        SimError::envelope(
-            custom_status(466),
-            codes::HASH_INVALID_OR_EXPIRED,
-            format!("Commit token is invalid or expired: {why}"),
-        )
-        .suggest("Run the replica request with --prepare-only again to get a new token.")
-    }
-
-    fn unauthorized() -> SimError {
-        SimError::envelope(
-            StatusCode::UNAUTHORIZED,
-            codes::INVALID_API_KEY,
-            "Invalid or missing API key",
-        )
-        .suggest("Send a valid API key in the X-API-Key header.")
-    }
-
-    fn issue(kind: &str, loc: Value, msg: &str, input: &Value) -> Value {
-        json!({"type": kind, "loc": loc, "msg": msg, "input": input})
-    }
-}
-
-impl IntoResponse for SimError {
-    fn into_response(self) -> Response {
-        match self {
-            SimError::Envelope {
-                status,
-                code,
-                message,
-                details,
-                suggestions,
-            } => {
-                let body = json!({"detail": {
-                    "error_code": code,
-                    "message": message,
-                    "details": details,
-                    "suggestions": suggestions,
-                    "links": [],
-                }});
-                (status, axum::Json(body)).into_response()
-            }
-            SimError::Validation(issues) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                axum::Json(json!({ "detail": issues })),
-            )
-                .into_response(),
-            SimError::Internal(err) => {
-                tracing::error!(error = format!("{err:#}"), "phala simulator failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    axum::Json(json!({"detail": "Internal Server Error"})),
-                )
-                    .into_response()
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Request bodies, validated the way pydantic v2 does in lax mode
-
-#[derive(Clone, Copy)]
-enum Kind {
-    Int,
-    Str,
-    StrList,
-}
-
-/// Reads the fields of a JSON object body. An empty body is `{}`; every
-/// field is optional unless `required`, and `null` counts as absent.
-fn parse_model(body: &[u8], fields: &[(&str, Kind, bool)]) -> Result<Map<String, Value>, SimError> {
-    let object = if body.iter().all(u8::is_ascii_whitespace) {
-        Map::new()
-    } else {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(map)) => map,
-            Ok(other) => {
-                return Err(SimError::Validation(vec![SimError::issue(
-                    "model_attributes_type",
-                    json!(["body"]),
-                    "Input should be a valid dictionary or object to extract fields from",
-                    &other,
-                )]));
-            }
-            Err(err) => {
-                return Err(SimError::Validation(vec![json!({
-                    "type": "json_invalid",
-                    "loc": ["body", err.column().saturating_sub(1)],
-                    "msg": "JSON decode error",
-                    "input": {},
-                    "ctx": {"error": err.to_string()},
-                })]));
-            }
-        }
-    };
-    let mut issues = Vec::new();
-    let mut out = Map::new();
-    for (name, kind, required) in fields {
-        let loc = json!(["body", name]);
-        match object.get(*name) {
-            None | Some(Value::Null) if *required => issues.push(SimError::issue(
-                "missing",
-                loc,
-                "Field required",
-                &Value::Object(object.clone()),
-            )),
-            None | Some(Value::Null) => {}
-            Some(value) => match coerce(*kind, value) {
-                Ok(v) => {
-                    out.insert((*name).to_owned(), v);
-                }
-                Err((kind, msg)) => issues.push(SimError::issue(kind, loc, msg, value)),
-            },
-        }
-    }
-    if issues.is_empty() {
-        Ok(out)
-    } else {
-        Err(SimError::Validation(issues))
-    }
-}
-
-fn coerce(kind: Kind, value: &Value) -> Result<Value, (&'static str, &'static str)> {
-    const NOT_STR: (&str, &str) = ("string_type", "Input should be a valid string");
-    match kind {
-        Kind::Str => value.as_str().map(Value::from).ok_or(NOT_STR),
-        Kind::StrList => {
-            let items = value
-                .as_array()
-                .ok_or(("list_type", "Input should be a valid list"))?;
-            items
-                .iter()
-                .map(|item| item.as_str().map(Value::from).ok_or(NOT_STR))
-                .collect::<Result<Vec<_>, _>>()
-                .map(Value::Array)
-        }
-        Kind::Int => match value {
-            Value::Number(n) if n.is_i64() || n.is_u64() => Ok(value.clone()),
-            Value::Number(n) => match n.as_f64() {
-                Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok((f as i64).into()),
-                _ => Err((
-                    "int_from_float",
-                    "Input should be a valid integer, got a number with a fractional part",
-                )),
-            },
-            Value::Bool(b) => Ok(i64::from(*b).into()),
-            Value::String(s) => s.trim().parse::<i64>().map(Value::from).map_err(|_| {
-                (
-                    "int_parsing",
-                    "Input should be a valid integer, unable to parse string as an integer",
-                )
-            }),
-            _ => Err(("int_type", "Input should be a valid integer")),
-        },
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Pure rules
-
-/// What the contract says about one replica's registrations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Onchain {
-    compose_hash_allowed: bool,
-    /// `allowedDeviceIds(device) || allowAnyDevice()`.
-    device_allowed: bool,
-}
-
-impl Onchain {
-    fn json(self) -> Value {
-        json!({
-            "compose_hash_allowed": self.compose_hash_allowed,
-            "device_id_allowed": self.device_allowed,
-            "is_allowed": self.compose_hash_allowed && self.device_allowed,
-        })
-    }
-}
-
-/// What the commit's `transaction_hash` proves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TxEvidence {
-    /// `already-registered` or no hash: state only.
-    StateOnly,
-    /// No receipt, a failed one, or no log from the app.
-    Unrelated,
-    /// Logs from the app, but not the expected `ComposeHashAdded(hash)` /
-    /// `DeviceAdded(device)`.
-    TouchedApp,
-    /// A log of the expected change from the app.
-    ExpectedChange,
-}
-
-/// Why a commit with a valid token is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    /// 465 `ERR-01-005`.
-    RegistrationRequired,
-    /// 467 `ERR-01-007`.
-    TxNotVerified,
-    /// 468 `ERR-01-008`.
-    HashNotAllowed,
-}
-
-/// The chain part of the commit checks, in the order of §6.
-fn commit_verdict(onchain: Onchain, evidence: TxEvidence) -> Result<(), Refusal> {
-    let touched = matches!(
-        evidence,
-        TxEvidence::TouchedApp | TxEvidence::ExpectedChange
-    );
-    if !onchain.compose_hash_allowed {
-        return Err(if touched {
-            Refusal::HashNotAllowed
-        } else {
-            Refusal::RegistrationRequired
-        });
-    }
-    if !onchain.device_allowed {
-        return Err(Refusal::RegistrationRequired);
-    }
-    match evidence {
-        TxEvidence::StateOnly | TxEvidence::ExpectedChange => Ok(()),
-        TxEvidence::Unrelated | TxEvidence::TouchedApp => Err(Refusal::TxNotVerified),
-    }
-}
-
-/// Reads a receipt for what it shows about `app`.
-fn receipt_evidence(
-    receipt: Option<&TransactionReceipt>,
-    app: Address,
-    compose_hash: B256,
-    device_id: B256,
-) -> TxEvidence {
-    let Some(receipt) = receipt.filter(|r| r.status()) else {
-        return TxEvidence::Unrelated;
-    };
-    let app_logs: Vec<_> = receipt
-        .logs()
-        .iter()
-        .filter(|log| log.address() == app)
-        .collect();
-    if app_logs.is_empty() {
-        return TxEvidence::Unrelated;
-    }
-    let expected = app_logs.iter().any(|log| {
-        let topic = log.topics().first().copied();
-        let data = log.data().data.as_ref();
-        (topic == Some(IDstackApp::ComposeHashAdded::SIGNATURE_HASH)
-            && data == compose_hash.as_slice())
-            || (topic == Some(IDstackApp::DeviceAdded::SIGNATURE_HASH)
-                && data == device_id.as_slice())
-    });
-    if expected {
-        TxEvidence::ExpectedChange
-    } else {
-        TxEvidence::TouchedApp
-    }
-}
-
-/// A commit token's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenState {
-    Live,
-    /// A newer prepare of the same source CVM replaced it.
-    Superseded,
-    /// A commit succeeded with it.
-    Spent,
-}
-
-/// Why a token does not commit, or `None` when it does.
-fn token_problem(token: &IssuedToken, source: Uuid, now: DateTime<Utc>) -> Option<&'static str> {
-    if token.source_vm_uuid != source {
-        Some("the token was issued for another CVM")
-    } else if token.state == TokenState::Spent {
-        Some("the token was already used")
-    } else if token.state == TokenState::Superseded {
-        Some("a newer prepare for this CVM superseded the token")
-    } else if now >= token.expires_at {
-        Some("the token has expired")
-    } else {
-        None
-    }
-}
-
-/// The node a replica goes to: the requested one, else the source's, else
-/// the first (by id) with a free slot.
-fn schedule(
-    nodes: &[SimNode],
-    slots: &HashMap<u32, u32>,
-    requested: Option<i64>,
-    source_node: u32,
-) -> Result<u32, SimError> {
-    let free = |id: u32| slots.get(&id).copied().unwrap_or(0) > 0;
-    let full = |node: &SimNode| {
-        SimError::envelope(
-            StatusCode::BAD_REQUEST,
-            codes::INSUFFICIENT_SLOTS,
-            format!("Node {} ({}) has no free CVM slots", node.name, node.id),
-        )
-        .suggest("Choose another node.")
-    };
-    if let Some(id) = requested {
-        let node = u32::try_from(id)
-            .ok()
-            .and_then(|id| nodes.iter().find(|n| n.id == id))
-            .ok_or_else(|| {
-                SimError::envelope(
-                    StatusCode::BAD_REQUEST,
-                    codes::NODE_NOT_FOUND,
-                    format!("Node {id} not found"),
-                )
-                .suggest("List the available nodes with GET /teepods/available.")
-            })?;
-        return if free(node.id) {
-            Ok(node.id)
-        } else {
-            Err(full(node))
-        };
-    }
-    if free(source_node) {
-        return Ok(source_node);
-    }
-    let mut ids: Vec<u32> = nodes.iter().map(|n| n.id).filter(|id| free(*id)).collect();
-    ids.sort_unstable();
-    match ids.first() {
-        Some(id) => Ok(*id),
-        None => Err(SimError::envelope(
-            StatusCode::BAD_REQUEST,
-            codes::INSUFFICIENT_SLOTS,
-            "No node has a free CVM slot",
-        )),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// State
-
-/// A commit token the simulator issued.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IssuedToken {
-    pub token: String,
-    pub source_vm_uuid: Uuid,
-    pub compose_hash: B256,
-    pub node_id: u32,
-    pub device_id: B256,
-    pub issued_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    pub state: TokenState,
-    /// Decrypted `encrypted_env` of the prepare, for the replica.
-    env: Option<BTreeMap<String, String>>,
-}
-
-/// A CVM as the simulator holds it: the world's and the replicas.
-#[derive(Debug, Clone)]
-struct CvmRecord {
-    /// The numeric id of the legacy VM object.
-    number: u64,
-    spec: SimCvm,
-    instance_id: String,
-    created_at: DateTime<Utc>,
-    /// When a replica is `running`; `None` keeps `spec.status`.
-    ready_at: Option<DateTime<Utc>>,
-    source: Option<Uuid>,
-    env: Option<BTreeMap<String, String>>,
-}
-
-impl CvmRecord {
-    fn status(&self, now: DateTime<Utc>) -> &str {
-        match self.ready_at {
-            Some(ready) if now < ready => "starting",
-            Some(_) => "running",
-            None => &self.spec.status,
-        }
-    }
-
-    fn in_progress(&self, now: DateTime<Utc>) -> bool {
-        self.ready_at.is_some_and(|ready| now < ready)
-    }
-}
-
-/// A replica the simulator created.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SimReplica {
-    pub vm_uuid: Uuid,
-    pub name: String,
-    pub source_vm_uuid: Uuid,
-    pub node_id: u32,
-    pub compose_hash: B256,
-    pub status: String,
-    /// The env it got: decrypted `encrypted_env`, or the source's.
-    pub env: Option<BTreeMap<String, String>>,
-}
-
-/// One HTTP request the simulator answered.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecordedRequest {
-    pub method: String,
-    /// The path, from `/api/v1/...`.
-    pub path: String,
-    pub query: Option<String>,
-    /// `None` without `X-API-Key`, else whether it was the right key (the
-    /// key itself is not kept).
-    pub api_key_valid: Option<bool>,
-    pub phala_version: Option<String>,
-    pub prepare_only: Option<String>,
-    pub body: String,
-    pub status: u16,
-}
-
-#[derive(Default)]
-struct SimState {
-    cvms: Vec<CvmRecord>,
-    free_slots: HashMap<u32, u32>,
-    /// By token, in issue order per source through `issued_at`.
-    tokens: Vec<IssuedToken>,
-    prepare_calls: HashMap<Uuid, usize>,
-    commit_calls: HashMap<Uuid, usize>,
-    token_commit_calls: HashMap<String, usize>,
-    requests: Vec<RecordedRequest>,
-}
-
-impl SimState {
-    /// The CVM an id names: a UUID (dashes optional), `app_<hex>`, an
-    /// instance id, or a name.
-    fn resolve(&self, id: &str) -> Result<usize, SimError> {
-        let found = |i: Option<usize>| i.ok_or_else(|| SimError::cvm_not_found(id));
-        if matches!(id.len(), 32 | 36)
-            && let Ok(uuid) = Uuid::try_parse(id)
-        {
-            return found(self.cvms.iter().position(|c| c.spec.vm_uuid == uuid));
-        }
-        if let Some(hex) = id.strip_prefix("app_") {
-            let app = parse_app_id(hex).ok_or_else(|| SimError::cvm_not_found(id))?;
-            let matches: Vec<usize> = (0..self.cvms.len())
-                .filter(|i| self.cvms[*i].spec.app_id == app)
-                .collect();
-            return match matches.as_slice() {
-                [] => Err(SimError::cvm_not_found(id)),
-                [one] => Ok(*one),
-                several => Err(SimError::envelope(
-                    StatusCode::BAD_REQUEST,
-                    codes::MULTIPLE_CVMS_MATCH,
-                    format!("Identifier {id} matches {} CVMs", several.len()),
-                )
-                .with_details(
-                    several
-                        .iter()
-                        .map(|i| json!({"field": "vm_uuid", "value": self.cvms[*i].spec.vm_uuid}))
-                        .collect(),
-                )
-                .suggest(
-                    "Use the CVM's vm_uuid, or list the app's CVMs with GET /apps/{app_id}/cvms.",
-                )),
-            };
-        }
-        if let Some(i) = self.cvms.iter().position(|c| c.instance_id == id) {
-            return Ok(i);
-        }
-        let named: Vec<usize> = (0..self.cvms.len())
-            .filter(|i| self.cvms[*i].spec.name == id)
-            .collect();
-        match named.as_slice() {
-            [] => Err(SimError::cvm_not_found(id)),
-            [one] => Ok(*one),
-            _ => Err(SimError::envelope(
-                StatusCode::BAD_REQUEST,
-                codes::MULTIPLE_CVMS_SAME_NAME,
-                format!("Several CVMs are named {id}"),
-            )
-            .suggest("Use the CVM's vm_uuid.")),
-        }
-    }
-
-    /// The live CVM of `source`'s app that runs `wanted` (default: the
-    /// source's own hash).
-    fn configuration(&self, source: usize, wanted: Option<&str>) -> Result<usize, SimError> {
-        let Some(text) = wanted else {
-            return Ok(source);
-        };
-        let app = self.cvms[source].spec.app_id;
-        let hash = parse_hex32(text).ok_or_else(|| {
-            SimError::invalid_request(format!("compose_hash `{text}` is not 32 bytes of hex"))
-        })?;
-        if self.cvms[source].spec.compose_hash() == hash {
-            return Ok(source);
-        }
-        self.cvms
-            .iter()
-            .position(|c| c.spec.app_id == app && c.spec.compose_hash() == hash)
-            .ok_or_else(|| {
-                SimError::invalid_request(format!(
-                    "compose_hash {} is not a live configuration of app {}",
-                    hex::encode(hash),
-                    bare(app)
-                ))
-                .suggest("Pass the compose_hash of one of the app's running CVMs.")
-            })
-    }
-
-    /// Creates a replica of `config` on `node`, taking one of its slots.
-    fn create_replica(
-        &mut self,
-        source: Uuid,
-        config: usize,
-        node: u32,
-        env: Option<BTreeMap<String, String>>,
-        now: DateTime<Utc>,
-        boot_delay: chrono::Duration,
-    ) -> usize {
-        let template = &self.cvms[config];
-        let source_record = self
-            .cvms
-            .iter()
-            .find(|c| c.spec.vm_uuid == source)
-            .expect("the source exists");
-        let vm_uuid = Uuid::new_v4();
-        let name = format!(
-            "{}-replica-{}",
-            source_record.spec.name,
-            &vm_uuid.simple().to_string()[..8]
-        );
-        let env = env.or_else(|| source_record.env.clone());
-        let record = CvmRecord {
-            number: self.cvms.len() as u64 + 1,
-            spec: SimCvm {
-                name,
-                vm_uuid,
-                node_id: node,
-                status: "running".to_owned(),
-                ..template.spec.clone()
-            },
-            instance_id: hex::encode(&Sha256::digest(vm_uuid.as_bytes())[..20]),
-            created_at: now,
-            ready_at: Some(now + boot_delay),
-            source: Some(source),
-            env,
-        };
-        if let Some(slots) = self.free_slots.get_mut(&node) {
-            *slots = slots.saturating_sub(1);
-        }
-        self.cvms.push(record);
-        self.cvms.len() - 1
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1343,142 +494,12 @@ impl Shared {
         ))
     }
 
-    fn kms_info(&self) -> Value {
-        json!({
-            "id": KMS_SLUG,
-            "slug": KMS_SLUG,
-            "url": format!("{}/kms/{KMS_SLUG}", self.origin()),
-            "version": "v0.5.3",
-            "chain_id": self.world.chain_id,
-            "kms_contract_address": self.world.kms_contract.to_string().to_lowercase(),
-            "gateway_app_id": null,
-        })
-    }
-
     fn node(&self, id: u32) -> &SimNode {
         self.world
             .nodes
             .iter()
             .find(|n| n.id == id)
             .expect("records only name nodes of the world")
-    }
-
-    /// `GET /cvms/{id}` in the shape `version` asks for.
-    fn cvm_json(
-        &self,
-        record: &CvmRecord,
-        now: DateTime<Utc>,
-        version: &str,
-        detail: bool,
-    ) -> Value {
-        let spec = &record.spec;
-        let node = self.node(spec.node_id);
-        let onchain = matches!(spec.kms, SimKms::Onchain { .. });
-        let pubkey = (!onchain).then(|| env_public_key(spec.app_id));
-        let status = record.status(now);
-        let mut cvm = if version == OLD_API_VERSION {
-            json!({
-                "id": record.number,
-                "name": spec.name,
-                "status": status,
-                "in_progress": record.in_progress(now),
-                "teepod_id": node.id,
-                "teepod": {"id": node.id, "name": node.name},
-                "app_id": bare(spec.app_id),
-                "vm_uuid": spec.vm_uuid.to_string(),
-                "instance_id": record.instance_id,
-                "compose_hash": hex::encode(spec.compose_hash()),
-                "kms_info": if onchain { self.kms_info() } else { Value::Null },
-                "contract_address": onchain.then(|| spec.app_id.to_string().to_lowercase()),
-                "deployer_address": null,
-                "encrypted_env_pubkey": pubkey,
-                "created_at": timestamp(record.created_at),
-            })
-        } else {
-            let kms_type = match &spec.kms {
-                SimKms::Onchain { kms_type } => kms_type.as_str(),
-                SimKms::Cloud => "phala",
-            };
-            json!({
-                "id": hex::encode(&Sha256::digest(spec.vm_uuid.as_bytes())[..8]),
-                "name": spec.name,
-                "status": status,
-                "app_id": bare(spec.app_id),
-                "vm_uuid": spec.vm_uuid.to_string(),
-                "instance_id": record.instance_id,
-                "compose_hash": hex::encode(spec.compose_hash()),
-                "resource": {"instance_type": "tdx.small", "vcpu": 1, "memory_in_gb": 2, "disk_in_gb": 20, "gpus": 0},
-                "node_info": {
-                    "object_type": "node", "id": node.id, "name": node.name, "region": node.region,
-                    "device_id": hex::encode(node.device_id), "status": "online", "version": OS_VERSION,
-                },
-                "os": {"name": format!("dstack-{OS_VERSION}"), "version": OS_VERSION, "is_dev": false},
-                "kms_type": kms_type,
-                "kms_info": if onchain {
-                    json!({
-                        "chain_id": self.world.chain_id,
-                        "dstack_kms_address": self.world.kms_contract.to_string().to_lowercase(),
-                        "dstack_app_address": spec.app_id.to_string().to_lowercase(),
-                        "deployer_address": null,
-                        "rpc_endpoint": self.rpc_url.as_str(),
-                        "encrypted_env_pubkey": null,
-                    })
-                } else {
-                    json!({"chain_id": null, "encrypted_env_pubkey": pubkey})
-                },
-                "progress": if record.in_progress(now) {
-                    json!({"target": "running", "started_at": timestamp(record.created_at), "correlation_id": null})
-                } else {
-                    Value::Null
-                },
-                "gateway": {"base_domain": null, "cname": null},
-                "services": [],
-                "endpoints": [],
-                "public_logs": false,
-                "public_sysinfo": false,
-                "gateway_enabled": true,
-                "secure_time": false,
-                "listed": false,
-                "workspace": {"id": self.world.workspace, "name": self.world.workspace, "slug": self.world.workspace},
-                "created_at": timestamp(record.created_at),
-            })
-        };
-        if detail {
-            cvm["compose_file"] = spec.compose_file.clone();
-        }
-        cvm
-    }
-
-    /// The legacy VM object of §2, for created replicas.
-    fn vm_json(&self, record: &CvmRecord, source: Option<&CvmRecord>, now: DateTime<Utc>) -> Value {
-        let spec = &record.spec;
-        let node = self.node(spec.node_id);
-        let compose = &spec.compose_file;
-        json!({
-            "id": record.number,
-            "name": spec.name,
-            "status": record.status(now),
-            "teepod_id": node.id,
-            "teepod": {"id": node.id, "name": node.name, "region_identifier": node.region},
-            "teepod_name": node.name,
-            "user_id": 1,
-            "app_id": bare(spec.app_id),
-            "vm_uuid": spec.vm_uuid.to_string(),
-            "instance_id": record.instance_id,
-            "app_url": null,
-            "base_image": format!("dstack-{OS_VERSION}"),
-            "vcpu": 1,
-            "memory": 2048,
-            "disk_size": 20,
-            "manifest_version": compose.get("manifest_version"),
-            "version": OS_VERSION,
-            "runner": compose.get("runner"),
-            "docker_compose_file": compose.get("docker_compose_file"),
-            "features": null,
-            "created_at": timestamp(record.created_at),
-            "encrypted_env_pubkey": matches!(spec.kms, SimKms::Cloud).then(|| env_public_key(spec.app_id)),
-            "source_cvm_id": source.map(|s| s.number),
-        })
     }
 
     /// The `details` of a 465 (§3).
@@ -1506,7 +527,7 @@ impl Shared {
             field("compose_hash", hex::encode(token.compose_hash).into()),
             field("app_id", bare(source.spec.app_id).into()),
             field("device_id", hex::encode(token.device_id).into()),
-            field("kms_info", self.kms_info()),
+            field("kms_info", json!(self.kms_info())),
             field("commit_token", token.token.clone().into()),
             field("commit_url", commit_url.into()),
             field("api_commit_url", api_commit_url.into()),
@@ -1622,27 +643,26 @@ async fn get_cvm(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<axum::Json<Value>, SimError> {
+) -> Result<Response, SimError> {
     shared.authorize(&headers)?;
     let now = shared.now();
     let state = shared.lock();
-    let i = state.resolve(&id)?;
-    Ok(axum::Json(shared.cvm_json(
-        &state.cvms[i],
-        now,
-        api_version(&headers),
-        true,
-    )))
+    let record = &state.cvms[state.resolve(&id)?];
+    Ok(match api_version(&headers) {
+        OLD_API_VERSION => axum::Json(shared.cvm_detail_v20251028(record, now)).into_response(),
+        _ => axum::Json(shared.cvm_info(record, now, true)).into_response(),
+    })
 }
 
+/// `GET /apps/{app_id}/cvms`: every CVM of the app, the world's and the
+/// replicas, oldest first.
 async fn app_cvms(
     State(shared): State<Arc<Shared>>,
     Path(app_id): Path<String>,
     headers: HeaderMap,
-) -> Result<axum::Json<Value>, SimError> {
+) -> Result<Response, SimError> {
     shared.authorize(&headers)?;
     let now = shared.now();
-    let version = api_version(&headers);
     let not_found = || {
         SimError::envelope(
             StatusCode::NOT_FOUND,
@@ -1652,54 +672,35 @@ async fn app_cvms(
     };
     let app = parse_app_id(&app_id).ok_or_else(not_found)?;
     let state = shared.lock();
-    let cvms: Vec<Value> = state
-        .cvms
-        .iter()
-        .filter(|c| c.spec.app_id == app)
-        .map(|c| shared.cvm_json(c, now, version, false))
-        .collect();
-    if cvms.is_empty() {
+    let records: Vec<&CvmRecord> = state.cvms.iter().filter(|c| c.spec.app_id == app).collect();
+    if records.is_empty() {
         return Err(not_found());
     }
-    Ok(axum::Json(Value::Array(cvms)))
+    Ok(match api_version(&headers) {
+        OLD_API_VERSION => {
+            let cvms: Vec<_> = records
+                .iter()
+                .map(|c| shared.cvm_info_v20251028(c, now))
+                .collect();
+            axum::Json(cvms).into_response()
+        }
+        _ => {
+            let cvms: Vec<_> = records
+                .iter()
+                .map(|c| shared.cvm_info(c, now, false))
+                .collect();
+            axum::Json(cvms).into_response()
+        }
+    })
 }
 
 async fn available_nodes(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-) -> Result<axum::Json<Value>, SimError> {
+) -> Result<axum::Json<answers::AvailableNodes>, SimError> {
     shared.authorize(&headers)?;
     let state = shared.lock();
-    let nodes: Vec<Value> = shared
-        .world
-        .nodes
-        .iter()
-        .map(|node| {
-            let slots = state.free_slots.get(&node.id).copied().unwrap_or(0);
-            json!({
-                "teepod_id": node.id,
-                "name": node.name,
-                "listed": true,
-                "resource_score": slots,
-                "remaining_vcpu": slots,
-                "remaining_memory": u64::from(slots) * 2048,
-                "remaining_cvm_slots": slots,
-                "images": [{"name": format!("dstack-{OS_VERSION}"), "is_dev": false, "version": [0, 5, 3]}],
-                "support_onchain_kms": true,
-                "fmspc": null,
-                "device_id": hex::encode(node.device_id),
-                "region_identifier": node.region,
-                "default_kms": KMS_SLUG,
-                "kms_list": [KMS_SLUG],
-            })
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "tier": "sandbox",
-        "capacity": {"max_instances": null, "max_vcpu": null, "max_memory": null, "max_disk": null},
-        "nodes": nodes,
-        "kms_list": [shared.kms_info()],
-    })))
+    Ok(axum::Json(shared.available_nodes(&state.free_slots)))
 }
 
 async fn env_pubkey(
@@ -1736,12 +737,12 @@ async fn status_batch(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<axum::Json<Value>, SimError> {
+) -> Result<axum::Json<BTreeMap<String, answers::CvmStatus>>, SimError> {
     shared.authorize(&headers)?;
     let body = parse_model(&body, &[("vm_uuids", Kind::StrList, true)])?;
     let now = shared.now();
     let state = shared.lock();
-    let mut out = Map::new();
+    let mut out = BTreeMap::new();
     for id in body["vm_uuids"]
         .as_array()
         .into_iter()
@@ -1752,23 +753,10 @@ async fn status_batch(
             continue;
         };
         if let Some(c) = state.cvms.iter().find(|c| c.spec.vm_uuid == uuid) {
-            out.insert(
-                id.to_owned(),
-                json!({
-                    "vm_uuid": id,
-                    "status": c.status(now),
-                    "uptime": null,
-                    "in_progress": c.in_progress(now),
-                    "boot_progress": if c.in_progress(now) { "booting" } else { "done" },
-                    "boot_error": null,
-                    "operation_type": c.in_progress(now).then_some("create"),
-                    "operation_started_at": c.in_progress(now).then(|| timestamp(c.created_at)),
-                    "correlation_id": null,
-                }),
-            );
+            out.insert(id.to_owned(), answers::CvmStatus::of(c, id, now));
         }
     }
-    Ok(axum::Json(Value::Object(out)))
+    Ok(axum::Json(out))
 }
 
 /// `POST /cvms/{id}/replicas`.
@@ -1833,7 +821,7 @@ async fn replicate(
             now,
             shared.world.boot_delay,
         );
-        let vm = shared.vm_json(&state.cvms[replica], Some(&source), now);
+        let vm = shared.vm(&state.cvms[replica], Some(&source), now);
         return Ok((StatusCode::OK, axum::Json(vm)).into_response());
     }
 
@@ -1873,7 +861,7 @@ async fn commit_replica(
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
-) -> Result<axum::Json<Value>, SimError> {
+) -> Result<axum::Json<answers::Vm>, SimError> {
     let token_required = !query.contains_key("token");
     let body = parse_model(
         &body,
@@ -2000,7 +988,7 @@ async fn commit_replica(
         now,
         shared.world.boot_delay,
     );
-    Ok(axum::Json(shared.vm_json(
+    Ok(axum::Json(shared.vm(
         &state.cvms[replica],
         Some(&source),
         now,
@@ -2010,200 +998,6 @@ async fn commit_replica(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn compose_hash_is_sha256_of_sorted_compact_json() {
-        let manifest = json!({"b": 1, "a": "x"});
-        let expected = Sha256::digest(br#"{"a":"x","b":1}"#);
-        assert_eq!(compose_hash(&manifest).as_slice(), expected.as_slice());
-        let cvm = SimCvm::onchain("web", Address::ZERO, 1);
-        assert_ne!(
-            cvm.compose_hash(),
-            cvm.clone().revision("v2").compose_hash()
-        );
-        assert_eq!(
-            cvm.compose_hash(),
-            SimCvm::onchain("web", Address::ZERO, 1).compose_hash()
-        );
-    }
-
-    #[test]
-    fn standard_world_has_two_configurations_of_one_app_and_a_full_node() {
-        let web = Address::repeat_byte(1);
-        let api = Address::repeat_byte(2);
-        let world = PhalaWorld::standard(31337, web, api);
-        world.check().unwrap();
-        let prod = world.cvm(standard::API).unwrap();
-        let canary = world.cvm(standard::API_CANARY).unwrap();
-        assert_eq!(prod.app_id, canary.app_id);
-        assert_ne!(prod.compose_hash(), canary.compose_hash());
-        assert_eq!(world.node("prod-full").unwrap().free_slots, 0);
-        assert_eq!(world.cvm(standard::DOCS).unwrap().kms, SimKms::Cloud);
-        let devices: std::collections::HashSet<_> =
-            world.nodes.iter().map(|n| n.device_id).collect();
-        assert_eq!(devices.len(), world.nodes.len());
-    }
-
-    #[test]
-    fn world_check_refuses_duplicates_and_unknown_nodes() {
-        let twice = PhalaWorld::new(1)
-            .with_cvm(SimCvm::cloud("a", 1))
-            .with_cvm(SimCvm::cloud("a", 2));
-        assert!(twice.check().is_err());
-        let nowhere = PhalaWorld::new(1).with_cvm(SimCvm::cloud("a", 99));
-        assert!(nowhere.check().is_err());
-    }
-
-    fn issue_of(err: SimError) -> Vec<Value> {
-        match err {
-            SimError::Validation(issues) => issues,
-            other => panic!("expected a validation error, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn bodies_are_validated_like_pydantic() {
-        let fields = [
-            ("node_id", Kind::Int, false),
-            ("compose_hash", Kind::Str, false),
-        ];
-        let ok = parse_model(
-            br#"{"node_id": "3", "compose_hash": "ab", "extra": 1}"#,
-            &fields,
-        )
-        .unwrap();
-        assert_eq!(ok["node_id"], json!(3));
-        assert!(!ok.contains_key("extra"));
-        assert!(parse_model(b"", &fields).unwrap().is_empty());
-        assert!(
-            parse_model(br#"{"node_id": null}"#, &fields)
-                .unwrap()
-                .is_empty()
-        );
-
-        let issues = issue_of(
-            parse_model(br#"{"node_id": "prod-2", "compose_hash": 5}"#, &fields).unwrap_err(),
-        );
-        assert_eq!(issues.len(), 2);
-        assert_eq!(issues[0]["type"], "int_parsing");
-        assert_eq!(issues[0]["loc"], json!(["body", "node_id"]));
-        assert_eq!(issues[0]["input"], "prod-2");
-        assert_eq!(issues[1]["type"], "string_type");
-
-        let issues = issue_of(parse_model(br#"{"node_id": 2.5}"#, &fields).unwrap_err());
-        assert_eq!(issues[0]["type"], "int_from_float");
-        let issues = issue_of(parse_model(b"[1]", &fields).unwrap_err());
-        assert_eq!(issues[0]["type"], "model_attributes_type");
-        let issues = issue_of(parse_model(b"{nope", &fields).unwrap_err());
-        assert_eq!(issues[0]["type"], "json_invalid");
-        let issues = issue_of(parse_model(b"{}", &[("token", Kind::Str, true)]).unwrap_err());
-        assert_eq!(issues[0]["type"], "missing");
-        assert_eq!(issues[0]["msg"], "Field required");
-    }
-
-    #[test]
-    fn commit_verdict_follows_the_documented_order() {
-        let allowed = Onchain {
-            compose_hash_allowed: true,
-            device_allowed: true,
-        };
-        let no_hash = Onchain {
-            compose_hash_allowed: false,
-            device_allowed: true,
-        };
-        let no_device = Onchain {
-            compose_hash_allowed: true,
-            device_allowed: false,
-        };
-        use Refusal::*;
-        use TxEvidence::*;
-        assert_eq!(commit_verdict(allowed, StateOnly), Ok(()));
-        assert_eq!(commit_verdict(allowed, ExpectedChange), Ok(()));
-        assert_eq!(commit_verdict(allowed, Unrelated), Err(TxNotVerified));
-        assert_eq!(commit_verdict(allowed, TouchedApp), Err(TxNotVerified));
-        assert_eq!(
-            commit_verdict(no_hash, StateOnly),
-            Err(RegistrationRequired)
-        );
-        assert_eq!(
-            commit_verdict(no_hash, Unrelated),
-            Err(RegistrationRequired)
-        );
-        assert_eq!(commit_verdict(no_hash, TouchedApp), Err(HashNotAllowed));
-        assert_eq!(commit_verdict(no_hash, ExpectedChange), Err(HashNotAllowed));
-        assert_eq!(
-            commit_verdict(no_device, StateOnly),
-            Err(RegistrationRequired)
-        );
-        assert_eq!(
-            commit_verdict(no_device, ExpectedChange),
-            Err(RegistrationRequired)
-        );
-    }
-
-    #[test]
-    fn token_problems() {
-        let now = Utc::now();
-        let source = uuid_for("s");
-        let token = IssuedToken {
-            token: "t".into(),
-            source_vm_uuid: source,
-            compose_hash: B256::ZERO,
-            node_id: 1,
-            device_id: B256::ZERO,
-            issued_at: now,
-            expires_at: now + chrono::Duration::days(14),
-            state: TokenState::Live,
-            env: None,
-        };
-        assert_eq!(token_problem(&token, source, now), None);
-        assert!(token_problem(&token, uuid_for("other"), now).is_some());
-        assert!(
-            token_problem(&token, source, token.expires_at)
-                .unwrap()
-                .contains("expired")
-        );
-        let spent = IssuedToken {
-            state: TokenState::Spent,
-            ..token.clone()
-        };
-        assert!(token_problem(&spent, source, now).unwrap().contains("used"));
-        let old = IssuedToken {
-            state: TokenState::Superseded,
-            ..token
-        };
-        assert!(
-            token_problem(&old, source, now)
-                .unwrap()
-                .contains("newer prepare")
-        );
-    }
-
-    #[test]
-    fn scheduling_prefers_the_request_then_the_source_node() {
-        let nodes = PhalaWorld::new(1).nodes;
-        let slots: HashMap<u32, u32> = nodes.iter().map(|n| (n.id, n.free_slots)).collect();
-        assert_eq!(schedule(&nodes, &slots, Some(3), 1).unwrap(), 3);
-        assert_eq!(schedule(&nodes, &slots, None, 2).unwrap(), 2);
-        assert_eq!(schedule(&nodes, &slots, None, 4).unwrap(), 1);
-        let code = |err: SimError| match err {
-            SimError::Envelope { code, .. } => code,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(
-            code(schedule(&nodes, &slots, Some(4), 1).unwrap_err()),
-            codes::INSUFFICIENT_SLOTS
-        );
-        assert_eq!(
-            code(schedule(&nodes, &slots, Some(99), 1).unwrap_err()),
-            codes::NODE_NOT_FOUND
-        );
-        let none: HashMap<u32, u32> = nodes.iter().map(|n| (n.id, 0)).collect();
-        assert_eq!(
-            code(schedule(&nodes, &none, None, 1).unwrap_err()),
-            codes::INSUFFICIENT_SLOTS
-        );
-    }
 
     #[test]
     fn env_encrypted_by_the_bridge_decrypts_with_the_app_key() {

@@ -6,16 +6,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy::primitives::Address;
+use alloy::network::TransactionBuilder;
+use alloy::primitives::{Address, U256};
+use alloy::providers::Provider;
+use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolCall;
 use anyhow::Context;
 use reqwest::Url;
 use tokio_util::sync::CancellationToken;
 
+use super::chain::IDstackApp;
 use super::chain::LocalChain;
 use super::controls::{self, Controls};
 use super::database::{DEFAULT_DATABASE_URL, SandboxDatabase};
-use super::phala_sim::{PhalaSim, PhalaWorld, SimCvm, kms_root_key, standard};
+use super::phala_sim::{PhalaSim, PhalaWorld, SimCvm, SimKms, kms_root_key, standard};
 use super::safe_service::SafeServiceSim;
 use super::serve_env::{SANDBOX_URL, ServeEnv};
 use crate::config::parse_named_secrets;
@@ -51,6 +56,9 @@ pub struct SandboxOptions {
     pub world_only: bool,
     /// Where the bridge listens; `None` picks a free port.
     pub bridge_port: Option<u16>,
+    /// Nodes with free slots, `prod-1` to `prod-N` (at least 2: the
+    /// sources run on prod-1 and prod-2); `prod-full` comes after them.
+    pub nodes: u32,
 }
 
 impl Default for SandboxOptions {
@@ -66,6 +74,7 @@ impl Default for SandboxOptions {
             boot_delay: Duration::from_secs(3),
             world_only: false,
             bridge_port: None,
+            nodes: standard::NODES,
         }
     }
 }
@@ -114,6 +123,10 @@ struct Bridge {
 
 impl Sandbox {
     pub async fn start(options: SandboxOptions) -> anyhow::Result<Sandbox> {
+        anyhow::ensure!(
+            options.nodes >= 2,
+            "the sandbox needs at least 2 nodes: its sources run on prod-1 and prod-2"
+        );
         // Refuse early, before anything is started or dropped, with what to do.
         let database = match (&options.database_url, options.world_only) {
             (Some(url), _) => Some(SandboxDatabase::parse(url)?),
@@ -176,27 +189,16 @@ impl Sandbox {
             .await?;
         let apps = SandboxApps { web, api, eoa };
 
-        let mut world = PhalaWorld::standard(chain.chain_id(), web, api)
+        let mut world = PhalaWorld::with_nodes(chain.chain_id(), options.nodes)
+            .with_standard_cvms(web, api)
             .with_cvm(SimCvm::onchain(EOA_CVM, eoa, 1));
         world.boot_delay = chrono::Duration::from_std(options.boot_delay)?;
         // The KMS whose root key signs the simulator's env keys, as on Base.
         world.kms_contract = chain
             .deploy_dstack_kms(chain.address(DEPLOYER), &kms_root_key())
             .await?;
-        // prod-1 is already allowed on both Safe-owned apps; the other nodes are not.
-        let allowed = world
-            .node(standard::NODES[0])
-            .context("the standard world has prod-1")?
-            .device_id;
-        let register = [
-            Call::add_device(web, allowed),
-            Call::add_device(api, allowed),
-        ];
-        chain
-            .exec_calls(safe, &register, &owner_keys[..2], &executor)
-            .await?;
-
         let world_kms = world.kms_contract;
+        register_running_cvms(&chain, &world, safe, &owner_keys[..2], &executor).await?;
         let (phala_url, phala) = PhalaSim::spawn(world, chain.rpc_url()).await?;
         let (safe_service_url, safe_service) = SafeServiceSim::spawn(chain.rpc_url()).await?;
 
@@ -276,12 +278,11 @@ impl Sandbox {
             format!("{chain_id}={}", options.confirmations),
         );
         env.set("APPROVAL_BRIDGE_CHAIN_POLL_SECS", 1);
-        // The KMS whose root key signs the simulator's env keys; room for
-        // benchmarks of many replicas.
         env.set(
             "APPROVAL_BRIDGE_KMS_CONTRACTS",
             format!("{chain_id}={}", world_kms.to_checksum(None)),
         );
+        // Room for benchmarks of many replicas.
         env.set("APPROVAL_BRIDGE_QUOTA_PER_HOUR", 10_000);
         env.set("APPROVAL_BRIDGE_CLOUD_QUOTA_PER_HOUR", 1_000);
         env.set(SANDBOX_URL, &url);
@@ -410,4 +411,85 @@ impl Sandbox {
         }
         self.stop().await
     }
+}
+
+/// A CVM on on-chain KMS boots only where its app allows its compose hash
+/// and its node's device, so every running source's are allowed, as they
+/// would be on Phala Cloud: a replica of it on a new node then needs only
+/// `addDevice`. The canary's hash was removed after it booted (a revoked
+/// revision), so a replica of the canary needs `addComposeHash` again.
+async fn register_running_cvms(
+    chain: &LocalChain,
+    world: &PhalaWorld,
+    safe: Address,
+    owner_keys: &[PrivateKeySigner],
+    executor: &PrivateKeySigner,
+) -> anyhow::Result<()> {
+    let mut by_owner: Vec<(Address, Vec<Call>)> = Vec::new();
+    for cvm in world.cvms.iter().filter(|c| c.kms != SimKms::Cloud) {
+        let device = world
+            .nodes
+            .iter()
+            .find(|n| n.id == cvm.node_id)
+            .context("a CVM of the world runs on a node of the world")?
+            .device_id;
+        let calls = [
+            Call::add_compose_hash(cvm.app_id, cvm.compose_hash()),
+            Call::add_device(cvm.app_id, device),
+        ];
+        let owner = IDstackApp::new(cvm.app_id, chain.provider())
+            .owner()
+            .call()
+            .await
+            .with_context(|| format!("owner() of the app of {}", cvm.name))?;
+        match by_owner.iter_mut().find(|(o, _)| *o == owner) {
+            Some((_, all)) => all.extend(calls),
+            None => by_owner.push((owner, calls.to_vec())),
+        }
+    }
+    for (owner, all) in by_owner {
+        let mut calls: Vec<Call> = Vec::new();
+        for call in all {
+            if !calls.contains(&call) {
+                calls.push(call);
+            }
+        }
+        if owner == safe {
+            chain
+                .exec_calls(safe, &calls, owner_keys, executor)
+                .await
+                .context("allowing the running CVMs on the Safe's apps")?;
+        } else {
+            for call in calls {
+                let request = TransactionRequest::default()
+                    .with_from(owner)
+                    .with_to(call.to)
+                    .with_input(call.data);
+                chain
+                    .provider()
+                    .send_transaction(request)
+                    .await?
+                    .get_receipt()
+                    .await
+                    .with_context(|| format!("allowing a running CVM on an app of {owner}"))?;
+            }
+        }
+    }
+    let canary = world
+        .cvm(standard::API_CANARY)
+        .context("the standard world has the canary")?;
+    let revoke = Call {
+        to: canary.app_id,
+        value: U256::ZERO,
+        data: IDstackApp::removeComposeHashCall {
+            composeHash: canary.compose_hash(),
+        }
+        .abi_encode()
+        .into(),
+    };
+    chain
+        .exec_calls(safe, &[revoke], owner_keys, executor)
+        .await
+        .context("removing the canary's compose hash")?;
+    Ok(())
 }

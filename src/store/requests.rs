@@ -535,7 +535,7 @@ impl Store {
         .bind(now)
         .bind(check_at)
         .bind(&error.code)
-        .bind(&error.message)
+        .bind(clean(&error.message))
         .bind(&error.suggestion)
         .execute(&mut *tx)
         .await?

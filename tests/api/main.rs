@@ -4,6 +4,7 @@
 mod access;
 mod chain_world;
 mod cli;
+mod conformance;
 mod delegate_cli;
 mod env_keys;
 mod exactly_once;

@@ -770,3 +770,77 @@ async fn a_missing_or_wrong_api_key_is_401_but_commit_needs_only_the_token() {
         Some("2026-01-21")
     );
 }
+
+#[tokio::test]
+async fn an_apps_cvm_list_shows_each_committed_replica_with_its_node_hash_and_status() {
+    // What a client reconciles a lost commit or create answer with: the app's
+    // CVMs, the replica among them as soon as it exists.
+    let f = Fixture::start().await;
+    let web = f.cvm(standard::WEB).clone();
+    let before = app_cvms(&f, "2026-01-21").await;
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0]["vm_uuid"], web.vm_uuid.to_string());
+    assert_eq!(before[0]["progress"], Value::Null);
+
+    let prepared = f.prepare(standard::WEB, Some(3)).await;
+    f.add_compose_hash(f.web_app, web.compose_hash()).await;
+    f.add_device(f.web_app, f.device("prod-3")).await;
+    let vm = f
+        .commit(standard::WEB, &prepared, ALREADY_REGISTERED)
+        .await
+        .unwrap();
+    let replica = vm.vm_uuid.unwrap();
+
+    let after = app_cvms(&f, "2026-01-21").await;
+    assert_eq!(after.len(), 2);
+    let entry = after
+        .iter()
+        .find(|c| c["vm_uuid"] == replica.as_str())
+        .unwrap_or_else(|| panic!("the replica is listed: {after:?}"));
+    assert_eq!(entry["node_info"]["id"], 3);
+    assert_eq!(entry["node_info"]["name"], "prod-3");
+    assert_eq!(entry["compose_hash"], hex::encode(web.compose_hash()));
+    assert_eq!(entry["app_id"], hex::encode(f.web_app));
+    assert_eq!(entry["status"], "starting");
+    assert_eq!(entry["progress"]["target"], "running");
+    assert!(entry["progress"]["started_at"].is_string());
+    assert_eq!(entry["workspace"]["object_type"], "workspace");
+    assert!(
+        entry.get("compose_file").is_none(),
+        "the list has no manifest"
+    );
+
+    // The bridge's own client reads the list; the replica boots.
+    f.clock.advance(chrono::Duration::seconds(3));
+    let cvms = f.client.app_cvms(&hex::encode(f.web_app)).await.unwrap();
+    let booted = cvms
+        .iter()
+        .find(|c| c.vm_uuid.as_deref() == Some(replica.as_str()))
+        .unwrap();
+    assert_eq!(booted.status.as_deref(), Some("running"));
+    let after = app_cvms(&f, "2026-01-21").await;
+    assert_eq!(after[1]["progress"], Value::Null);
+
+    // The 2025-10-28 list has its own shape: the VM under `hosted`.
+    let old = app_cvms(&f, "2025-10-28").await;
+    assert_eq!(old[1]["hosted"]["id"], replica.as_str());
+    assert_eq!(old[1]["node"]["id"], 3);
+    assert_eq!(old[1]["in_progress"], false);
+}
+
+/// `GET /apps/{web app}/cvms` in the given API version.
+async fn app_cvms(f: &Fixture, version: &str) -> Vec<Value> {
+    let response = f
+        .raw(
+            reqwest::Method::GET,
+            &format!("/apps/{}/cvms", hex::encode(f.web_app)),
+            Some(f.sim.api_key()),
+        )
+        .await
+        .header("X-Phala-Version", version)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}

@@ -5,6 +5,7 @@
 //! Needs the pinned npm packages (`npm ci`; `scripts/test` runs it).
 
 use alloy::primitives::{Address, B256, Bytes, U256, address};
+use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 use approval_bridge::safe::{
     Call, DelegateRegistration, Deployment, Operation, Proposal, SafeService, SafeServiceError,
@@ -431,10 +432,172 @@ async fn delegates_and_confirmations_follow_the_owner_rules() {
     let (status, text) = w
         .post(confirm_url.clone(), &signature(&PrivateKeySigner::random()))
         .await;
+    // The real view validates in the `signature` field, so the error is that field's.
     assert_eq!(status, 400);
-    assert!(non_field_error(&text).contains("is not an owner"));
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        body["signature"][0]
+            .as_str()
+            .is_some_and(|m| m.contains("is not an owner")),
+        "{text}"
+    );
     assert_eq!(
         w.sim.confirmations(proposal.safe_tx_hash),
         vec![owner.address()]
     );
+}
+
+impl World {
+    /// GETs `path` (from the service root) without following redirects.
+    async fn get(&self, path: &str) -> (u16, reqwest::header::HeaderMap, String) {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let response = client
+            .get(self.base.join(path).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (status, headers, response.text().await.unwrap())
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let (status, _, body) = self.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn the_v1_reads_serve_transactions_lists_safe_info_and_about_with_every_field() {
+    use approval_bridge::sandbox::chain::v1_4_1;
+    let w = World::start().await;
+    let safe = w.safe.to_checksum(None);
+    let first = w.sign(w.batch(0), &w.chain.signer(0));
+    w.client.propose(w.safe, &first).await.unwrap();
+    let second = w.sign(w.batch(1), &w.chain.signer(1));
+    w.client.propose(w.safe, &second).await.unwrap();
+    let executed_in = w.execute(&first.tx).await;
+
+    // What `cast safe` asks for: the newest pending proposal, v1 numbers.
+    let pending = w
+        .get_json(&format!(
+            "api/v1/safes/{safe}/multisig-transactions/?executed=false&ordering=-nonce&limit=1"
+        ))
+        .await;
+    assert_eq!(pending["count"], 1);
+    assert_eq!(pending["countUniqueNonce"], 2);
+    assert_eq!(pending["results"][0]["nonce"], 1);
+    assert_eq!(pending["results"][0]["safeTxGas"], 0);
+    assert_eq!(pending["results"][0]["isExecuted"], false);
+
+    // The executed one, by hash, in both versions.
+    let hash = first.safe_tx_hash;
+    let v1 = w
+        .get_json(&format!("api/v1/multisig-transactions/{hash}/"))
+        .await;
+    let v2 = w
+        .get_json(&format!("api/v2/multisig-transactions/{hash}/"))
+        .await;
+    assert_eq!(
+        (v1["nonce"].clone(), v2["nonce"].clone()),
+        (json!(0), json!("0"))
+    );
+    assert_eq!(v1["baseGas"], 0);
+    assert_eq!(v2["baseGas"], "0");
+    let receipt = w
+        .chain
+        .provider()
+        .get_transaction_receipt(executed_in)
+        .await
+        .unwrap()
+        .unwrap();
+    for tx in [&v1, &v2] {
+        assert_eq!(tx["isExecuted"], true);
+        assert_eq!(tx["transactionHash"], executed_in.to_string());
+        assert_eq!(tx["blockNumber"], receipt.block_number.unwrap());
+        assert_eq!(tx["executor"], w.chain.address(3).to_checksum(None));
+        assert_eq!(tx["gasUsed"], receipt.gas_used);
+        assert_eq!(tx["ethGasPrice"], receipt.effective_gas_price.to_string());
+        assert!(tx["maxFeePerGas"].is_string() && tx["maxPriorityFeePerGas"].is_string());
+        assert_eq!(tx["payment"], "0");
+        assert!(tx["executionDate"].as_str().unwrap().ends_with('Z'));
+        // Both owners' signatures, as executed (sorted by owner).
+        assert_eq!(tx["signatures"].as_str().unwrap().len(), 2 + 4 * 65);
+        assert_eq!(tx["origin"], "{}");
+        // The batch, decoded: MultiSendCallOnly is trusted for DELEGATECALL.
+        assert_eq!(tx["dataDecoded"]["method"], "multiSend");
+        let calls = tx["dataDecoded"]["parameters"][0]["valueDecoded"]
+            .as_array()
+            .unwrap();
+        let methods: Vec<&Value> = calls.iter().map(|c| &c["dataDecoded"]["method"]).collect();
+        assert_eq!(methods, [&json!("addComposeHash"), &json!("addDevice")]);
+    }
+
+    // A list pages with DRF's limit/offset links.
+    let page = w
+        .get_json(&format!(
+            "api/v2/safes/{safe}/multisig-transactions/?limit=1"
+        ))
+        .await;
+    assert_eq!(page["count"], 2);
+    assert_eq!(page["results"][0]["nonce"], "1", "newest first");
+    let next = page["next"].as_str().unwrap();
+    assert!(next.ends_with("limit=1&offset=1"), "{next}");
+    let rest: Value = w.http.get(next).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rest["results"][0]["nonce"], "0");
+    assert!(rest["previous"].is_string() && rest["next"].is_null());
+
+    // The Safe, live from the chain; a non-Safe is a bare 404.
+    let info = w.get_json(&format!("api/v1/safes/{safe}/")).await;
+    assert_eq!(info["address"], safe);
+    assert_eq!(info["nonce"], "1");
+    assert_eq!(info["threshold"], 2);
+    assert_eq!(info["version"], "1.4.1");
+    assert_eq!(info["masterCopy"], v1_4_1::SAFE_L2.to_checksum(None));
+    assert_eq!(
+        info["fallbackHandler"],
+        v1_4_1::COMPATIBILITY_FALLBACK_HANDLER.to_checksum(None)
+    );
+    assert_eq!(info["guard"], Address::ZERO.to_checksum(None));
+    assert_eq!(info["moduleGuard"], Address::ZERO.to_checksum(None));
+    assert_eq!(info["modules"], json!([]));
+    let owners: Vec<String> = (0..3)
+        .map(|i| w.chain.address(i).to_checksum(None))
+        .collect();
+    assert_eq!(info["owners"], json!(owners));
+    let (status, _, body) = w
+        .get(&format!("api/v1/safes/{}/", w.app.to_checksum(None)))
+        .await;
+    assert_eq!((status, body.as_str()), (404, ""));
+    let (status, _, body) = w
+        .get(&format!("api/v1/safes/{}/", safe.to_lowercase()))
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["code"], 1);
+
+    // `about`, and Django's APPEND_SLASH redirect that api-kit relies on.
+    let about = w.get_json("api/v1/about/").await;
+    assert_eq!(about["name"], "Safe Transaction Service");
+    assert!(about["settings"]["ETHEREUM_NODE_URL"].is_string());
+    let (status, headers, _) = w.get("api/v1/about?x=1").await;
+    assert_eq!(status, 301);
+    assert_eq!(headers["location"], "/api/v1/about/?x=1");
+
+    // The confirmations of the pending proposal.
+    let confirmations = w
+        .get_json(&format!(
+            "api/v1/multisig-transactions/{}/confirmations/",
+            second.safe_tx_hash
+        ))
+        .await;
+    assert_eq!(confirmations["count"], 1);
+    assert_eq!(
+        confirmations["results"][0]["owner"],
+        w.chain.address(1).to_checksum(None)
+    );
+    assert_eq!(confirmations["results"][0]["signatureType"], "EOA");
 }

@@ -20,6 +20,10 @@ struct Driver {
 
 impl Driver {
     async fn start() -> Driver {
+        Driver::start_with(3).await
+    }
+
+    async fn start_with(nodes: u32) -> Driver {
         let options = SandboxOptions {
             port: 0,
             block_time: 1,
@@ -30,6 +34,7 @@ impl Driver {
             batch_window_secs: 10,
             confirmations: 1,
             boot_delay: Duration::ZERO,
+            nodes,
             ..SandboxOptions::default()
         };
         let sandbox = Sandbox::start(options).await.expect("the sandbox starts");
@@ -153,70 +158,115 @@ fn ids(body: Value) -> Vec<String> {
         .collect()
 }
 
+impl Driver {
+    /// Signs the proposal as owners 0 and 1 (as in Safe{Wallet}) and executes it.
+    async fn approve(&self, hash: &str) {
+        assert_eq!(
+            self.control(hash, "sign", json!({"owner": 0})).await["confirmations"],
+            1
+        );
+        assert_eq!(
+            self.control(hash, "sign", json!({"owner": 1})).await["confirmations"],
+            2
+        );
+        self.control(hash, "execute", json!({})).await;
+    }
+
+    fn node<'a>(world: &'a Value, name: &str) -> &'a Value {
+        world["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap_or_else(|| panic!("no node {name} in {world}"))
+    }
+}
+
+/// The one proposal of `waiting`, and how many of each call it makes.
+fn one_proposal(waiting: &[Value]) -> (String, Vec<Value>) {
+    let hashes: std::collections::BTreeSet<&str> = waiting
+        .iter()
+        .map(|r| r["proposal"]["safe_tx_hash"].as_str().unwrap())
+        .collect();
+    assert_eq!(hashes.len(), 1, "{hashes:?}");
+    let calls = waiting[0]["proposal"]["calls"].as_array().unwrap().clone();
+    (hashes.into_iter().next().unwrap().to_owned(), calls)
+}
+
+fn count(calls: &[Value], function: &str) -> usize {
+    calls.iter().filter(|c| c["function"] == function).count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_replicas_of_two_apps_on_three_nodes_take_one_safe_transaction() {
+async fn replicas_of_running_sources_need_only_their_devices_and_a_revoked_hash_is_added_again() {
     let driver = Driver::start().await;
     let world = driver.world().await;
-    let prod1 = world["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == "prod-1")
-        .unwrap()
-        .clone();
     let web_app = world["apps"]["web"]["address"].as_str().unwrap().to_owned();
+    let api_app = world["apps"]["api"]["address"].as_str().unwrap().to_owned();
+    // The sources run, so their nodes' devices are allowed on their apps.
+    let prod1 = Driver::node(&world, "prod-1");
+    assert_eq!(prod1["allowed"][&web_app], true, "{prod1}");
+    assert_eq!(prod1["allowed"][&api_app], true, "{prod1}");
+    let prod2 = Driver::node(&world, "prod-2");
     assert_eq!(
-        prod1["allowed"][&web_app], true,
-        "prod-1 starts allowed: {prod1}"
+        prod2["allowed"][&api_app], true,
+        "the canary runs there: {prod2}"
     );
+    assert_eq!(prod2["allowed"][&web_app], false, "{prod2}");
 
-    // Five replicas within one batch window: three by the API, two by the webhook.
+    // A replica where everything is allowed is committed without a proposal.
+    let direct = driver
+        .queue(json!({"source": "web-prod", "node": "prod-1"}))
+        .await;
+    // Four within one batch window: two by the API, two by the webhook.
     let mut ids = Vec::new();
-    for node in ["prod-1", "prod-2", "prod-3"] {
+    for node in ["prod-2", "prod-3"] {
         ids.extend(
             driver
                 .queue(json!({"source": "web-prod", "node": node}))
                 .await,
         );
     }
-    for node in ["prod-2", "prod-3"] {
+    for source in ["api-prod", "api-canary"] {
         ids.extend(
             driver
-                .queue_by_webhook(json!({"source": "api-prod", "node": node}))
+                .queue_by_webhook(json!({"source": source, "node": "prod-3"}))
                 .await,
         );
     }
+    let done = driver.wait_for(&direct, "done").await;
+    assert_eq!(done[0]["proposal"], Value::Null);
+    assert!(
+        done[0]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["to"] != "awaiting_approval"),
+        "{}",
+        done[0]
+    );
     let waiting = driver.wait_for(&ids, "awaiting_approval").await;
 
-    // Exactly one Safe transaction, with exactly the missing registrations:
-    // both compose hashes, and prod-2 and prod-3 on both apps (prod-1 is allowed).
-    let hashes: std::collections::BTreeSet<&str> = waiting
+    // One Safe transaction with exactly what is missing: the web app's
+    // prod-2 and prod-3 devices, the api app's prod-3 device (once, for two
+    // requests), and the canary's revoked compose hash.
+    let (hash, calls) = one_proposal(&waiting);
+    assert_eq!(count(&calls, "addDevice"), 3, "{calls:?}");
+    assert_eq!(count(&calls, "addComposeHash"), 1, "{calls:?}");
+    let canary_hash = world["cvms"]
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|r| r["proposal"]["safe_tx_hash"].as_str().unwrap())
-        .collect();
-    assert_eq!(hashes.len(), 1, "{hashes:?}");
-    let calls = waiting[0]["proposal"]["calls"].as_array().unwrap();
-    let count = |function: &str| calls.iter().filter(|c| c["function"] == function).count();
-    assert_eq!(count("addComposeHash"), 2, "{calls:?}");
-    assert_eq!(count("addDevice"), 4, "{calls:?}");
-    let prod1_device = prod1["device_id"].as_str().unwrap();
-    assert!(
-        calls.iter().all(|c| c["value"] != prod1_device),
-        "prod-1 needs no registration"
-    );
+        .find(|c| c["name"] == "api-canary")
+        .unwrap()["compose_hash"]
+        .clone();
+    let added = calls
+        .iter()
+        .find(|c| c["function"] == "addComposeHash")
+        .unwrap();
+    assert_eq!(added["value"], canary_hash, "{calls:?}");
 
-    // Two owners sign in their wallets; a third account executes.
-    let hash = hashes.into_iter().next().unwrap().to_owned();
-    assert_eq!(
-        driver.control(&hash, "sign", json!({"owner": 0})).await["confirmations"],
-        1
-    );
-    assert_eq!(
-        driver.control(&hash, "sign", json!({"owner": 1})).await["confirmations"],
-        2
-    );
-    driver.control(&hash, "execute", json!({})).await;
-
+    driver.approve(&hash).await;
     let done = driver.wait_for(&ids, "done").await;
     for request in &done {
         // Committed exactly once each.
@@ -229,24 +279,57 @@ async fn five_replicas_of_two_apps_on_three_nodes_take_one_safe_transaction() {
         assert_eq!(commits, 1, "{request}");
         assert!(request["vm_uuid"].is_string());
     }
-    // At the simulator: one replica per request, each commit token spent once.
+    // At the simulator: one replica per request.
     let phala = &driver.sandbox.phala;
-    let web = phala
-        .world()
-        .cvm("web-prod")
-        .unwrap()
-        .vm_uuid
-        .simple()
-        .to_string();
-    let api = phala
-        .world()
-        .cvm("api-prod")
-        .unwrap()
-        .vm_uuid
-        .simple()
-        .to_string();
-    assert_eq!(phala.replicas(&web).len(), 3);
-    assert_eq!(phala.replicas(&api).len(), 2);
+    let replicas = |name: &str| {
+        let uuid = phala
+            .world()
+            .cvm(name)
+            .unwrap()
+            .vm_uuid
+            .simple()
+            .to_string();
+        phala.replicas(&uuid).len()
+    };
+    assert_eq!(replicas("web-prod"), 3);
+    assert_eq!(replicas("api-prod"), 1);
+    assert_eq!(replicas("api-canary"), 1);
+    driver.sandbox.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_world_of_many_nodes_replicates_onto_ten_new_nodes_in_one_safe_transaction() {
+    let driver = Driver::start_with(12).await;
+    let world = driver.world().await;
+    let nodes = world["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 13, "prod-1 to prod-12 and prod-full");
+    assert!(
+        nodes
+            .iter()
+            .filter(|n| n["name"] != "prod-full")
+            .all(|n| n["free_slots"].as_u64() >= Some(10)),
+        "{nodes:?}"
+    );
+
+    let mut ids = Vec::new();
+    for node in 3..=12 {
+        ids.extend(
+            driver
+                .queue(json!({"source": "web-prod", "node": format!("prod-{node}")}))
+                .await,
+        );
+    }
+    let waiting = driver.wait_for(&ids, "awaiting_approval").await;
+    let (hash, calls) = one_proposal(&waiting);
+    assert_eq!(count(&calls, "addDevice"), 10, "{calls:?}");
+    assert_eq!(count(&calls, "addComposeHash"), 0, "{calls:?}");
+    driver.approve(&hash).await;
+    driver.wait_for(&ids, "done").await;
+    let phala = &driver.sandbox.phala;
+    let web = phala.world().cvm("web-prod").unwrap().vm_uuid.to_string();
+    let mut on: Vec<u32> = phala.replicas(&web).iter().map(|r| r.node_id).collect();
+    on.sort_unstable();
+    assert_eq!(on, (3..=12).collect::<Vec<u32>>());
     driver.sandbox.stop().await.unwrap();
 }
 
@@ -288,7 +371,7 @@ async fn an_app_owned_by_an_account_fails_with_a_clear_error() {
 }
 
 #[tokio::test]
-async fn the_sandbox_refuses_a_port_in_use_and_an_unreachable_database() {
+async fn the_sandbox_refuses_a_port_in_use_too_few_nodes_and_an_unreachable_database() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let err = Sandbox::start(SandboxOptions {
@@ -302,6 +385,16 @@ async fn the_sandbox_refuses_a_port_in_use_and_an_unreachable_database() {
         err.to_string(),
         format!("port {port} is in use: stop what listens there, or pass --port")
     );
+
+    let err = Sandbox::start(SandboxOptions {
+        port: 0,
+        nodes: 1,
+        ..SandboxOptions::default()
+    })
+    .await
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("at least 2 nodes"), "{err}");
 
     let options = SandboxOptions {
         port: 0,
