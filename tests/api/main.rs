@@ -2,6 +2,7 @@
 //! database per test, wiremock for Phala Cloud.
 
 mod access;
+mod chain_rpc;
 mod chain_world;
 mod cli;
 mod conformance;
