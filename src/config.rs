@@ -256,8 +256,9 @@ pub struct SafeSettings {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub log_range: u64,
 
-    /// How long the Transaction Service may keep refusing a stored proposal
-    /// (HTTP 401, 403, 404...) before its requests fail, in seconds.
+    /// How long the Transaction Service may keep refusing a stored proposal,
+    /// or the nonce lookup for a new one (HTTP 401, 403, 404...), before the
+    /// requests fail, in seconds.
     #[arg(long, env = "APPROVAL_BRIDGE_PROPOSE_GIVE_UP_SECS", default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(60..))]
     pub propose_give_up_secs: u64,

@@ -562,6 +562,23 @@ async fn propose_group(
             let pending = match service.list_pending(safe.address, safe.nonce).await {
                 Ok(pending) => pending,
                 Err(err) => {
+                    // A refusal that outlasts the bound will not pass by itself.
+                    let give_up = chrono::Duration::from_std(flow.propose_give_up)?;
+                    let waited = |r: &ReplicaRequest| now - r.prepared_at.unwrap_or(r.created_at);
+                    if !err.is_transient() && proposing.iter().all(|r| waited(r) >= give_up) {
+                        let minutes = give_up.num_minutes();
+                        let err = StoredError::new(
+                            &err.stored_code(),
+                            &format!(
+                                "the Safe Transaction Service refused the bridge for over {minutes} minutes; last answer: {err}"
+                            ),
+                            Some(err.suggestion()),
+                        );
+                        for request in &proposing {
+                            fail(worker, request, err.clone()).await?;
+                        }
+                        return Ok(true);
+                    }
                     let err = StoredError::new(
                         &err.stored_code(),
                         &err.to_string(),
@@ -720,12 +737,17 @@ async fn already_out(flow: &SafeFlow, stored: &ProposalRow) -> Result<Option<Str
             )));
         }
         Ok(None) => {}
-        Err(err) => {
+        Err(err) if err.is_transient() => {
             return Err(StoredError::new(
                 &err.stored_code(),
                 &err.to_string(),
                 Some(err.suggestion()),
             ));
+        }
+        // Refused (a bad API key, say): the post will be refused as well,
+        // and a refusal that lasts is bounded there.
+        Err(err) => {
+            tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, error = %err, "the Safe Transaction Service refused the lookup");
         }
     }
     let chain = flow.chain(stored.chain_id as u64).ok_or_else(|| {

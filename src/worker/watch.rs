@@ -134,7 +134,8 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
             let block = cursor.block_number as u64;
             let now_hash = chain.block_hash(block).await?;
             if now_hash.to_string() == cursor.block_hash {
-                block + 1
+                // Nothing before the oldest open proposal concerns it.
+                (block + 1).max(earliest)
             } else {
                 let rewind = block
                     .saturating_sub(REORG_WINDOW)

@@ -24,8 +24,11 @@ pub enum OnPropose {
     AnswerLostOnce,
     /// Answers the first one 503 without passing it on, then forwards.
     UnavailableOnce,
-    /// Refuses every one with this HTTP status (401, 403, 404...).
+    /// Refuses every one, and every lookup of one, with this HTTP status
+    /// (401, 403, 404...).
     Refuse(u16),
+    /// Refuses every call with this HTTP status, as with a bad API key.
+    RefuseAll(u16),
 }
 
 pub struct ServiceDouble {
@@ -101,10 +104,7 @@ impl SafeService for ServiceDouble {
                 OnPropose::AnswerLostOnce | OnPropose::UnavailableOnce => {
                     self.inner.propose(safe, proposal).await
                 }
-                OnPropose::Refuse(status) => Err(SafeServiceError::Http {
-                    status,
-                    body: r#"{"detail":"Invalid API key"}"#.into(),
-                }),
+                OnPropose::Refuse(status) | OnPropose::RefuseAll(status) => Err(refusal(status)),
             }
         }))
     }
@@ -113,7 +113,12 @@ impl SafeService for ServiceDouble {
         &self,
         safe_tx_hash: B256,
     ) -> BoxFuture<'_, Result<Option<ServiceTx>, SafeServiceError>> {
-        Box::pin(self.counted(self.inner.get_transaction(safe_tx_hash)))
+        Box::pin(self.counted(async move {
+            match self.on_propose {
+                OnPropose::Refuse(status) | OnPropose::RefuseAll(status) => Err(refusal(status)),
+                _ => self.inner.get_transaction(safe_tx_hash).await,
+            }
+        }))
     }
 
     fn list_pending(
@@ -121,7 +126,12 @@ impl SafeService for ServiceDouble {
         safe: Address,
         nonce_gte: u64,
     ) -> BoxFuture<'_, Result<Option<u64>, SafeServiceError>> {
-        Box::pin(self.counted(self.inner.list_pending(safe, nonce_gte)))
+        Box::pin(self.counted(async move {
+            match self.on_propose {
+                OnPropose::RefuseAll(status) => Err(refusal(status)),
+                _ => self.inner.list_pending(safe, nonce_gte).await,
+            }
+        }))
     }
 
     fn register_delegate<'a>(
@@ -136,5 +146,12 @@ impl SafeService for ServiceDouble {
         delegate: Address,
     ) -> BoxFuture<'_, Result<Vec<Delegation>, SafeServiceError>> {
         Box::pin(self.counted(self.inner.delegates(delegate)))
+    }
+}
+
+fn refusal(status: u16) -> SafeServiceError {
+    SafeServiceError::Http {
+        status,
+        body: r#"{"detail":"Invalid API key"}"#.into(),
     }
 }

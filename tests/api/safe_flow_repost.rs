@@ -134,6 +134,46 @@ async fn a_proposal_the_service_keeps_refusing_fails_its_requests_after_the_boun
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_service_refuses_to_plan_for_fail_after_the_bound() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    let double = Arc::new(ServiceDouble::new(
+        &world,
+        OnPropose::RefuseAll(401),
+        Duration::ZERO,
+    ));
+    app.worker.safe_flow().unwrap().set_service(31337, double);
+    mount_source_on(&app, world.app, false).await;
+    let id = app
+        .queue(&json!({"source": ONCHAIN_NAME, "node": 1}))
+        .await
+        .remove(0);
+    app.drain().await;
+    assert_eq!(app.status_of(&id).await, "awaiting_proposal");
+
+    // Tried again every 30 s; nothing is stored, and after an hour it fails.
+    for _ in 0..130 {
+        app.clock.advance(chrono::Duration::seconds(31));
+        app.drain().await;
+    }
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(request["last_error"]["code"], "SAFE-HTTP-401");
+    assert!(
+        request["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused the bridge for over 60 minutes"),
+        "{request}"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM proposals")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_batch_reuses_the_nonce_of_an_expired_proposal() {
     let world = SafeWorld::start().await;
     let app = world.spawn_bridge().await;
