@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span};
 
 use super::Worker;
 use super::propose::{self, PlanScope};
@@ -62,7 +63,8 @@ pub(super) async fn run(worker: Worker, wake: Arc<Notify>, shutdown: Cancellatio
 
     let mut tasks = JoinSet::new();
     for job in jobs {
-        tasks.spawn(run_job(worker.clone(), job, wake.clone(), shutdown.clone()));
+        let span = info_span!("safe_flow_job", job = %job.name());
+        tasks.spawn(run_job(worker.clone(), job, wake.clone(), shutdown.clone()).instrument(span));
     }
     while tasks.join_next().await.is_some() {}
 }
