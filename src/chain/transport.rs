@@ -1,6 +1,6 @@
 //! The JSON-RPC transport: reqwest with timeouts, alloy's retry layer with
-//! our rule for what is transient, and errors stripped of the URL (an RPC
-//! URL often carries the provider's API key).
+//! our rule for what is transient, and errors that name the provider's host
+//! but never its path or query (an RPC URL often carries an API key there).
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -64,7 +64,7 @@ impl RetryPolicy for TransientRpcErrors {
             }
             RpcError::Transport(TransportErrorKind::Custom(err)) => err
                 .downcast_ref::<HttpFailure>()
-                .is_some_and(|err| !err.0.is_builder()),
+                .is_some_and(|err| !err.error.is_builder()),
             _ => false,
         }
     }
@@ -74,8 +74,9 @@ impl RetryPolicy for TransientRpcErrors {
     }
 }
 
-/// Replaces reqwest's errors with [`HttpFailure`]: the same error without
-/// its URL, so that no error, log line or stored message ever shows it.
+/// Replaces reqwest's errors with [`HttpFailure`]: the same error with only
+/// the scheme, host and port of its URL, so that no error, log line or
+/// stored message shows a key in the path or query.
 #[derive(Debug, Clone, Copy)]
 struct WithoutUrl;
 
@@ -115,7 +116,16 @@ fn strip_url(error: TransportError) -> TransportError {
     match error {
         RpcError::Transport(TransportErrorKind::Custom(err)) => {
             match err.downcast::<reqwest::Error>() {
-                Ok(err) => TransportErrorKind::custom(HttpFailure(err.without_url())),
+                Ok(err) => {
+                    let host = err.url().map(|url| {
+                        let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+                        format!("{}://{}{port}", url.scheme(), url.host_str().unwrap_or("?"))
+                    });
+                    TransportErrorKind::custom(HttpFailure {
+                        host,
+                        error: err.without_url(),
+                    })
+                }
                 Err(err) => RpcError::Transport(TransportErrorKind::Custom(err)),
             }
         }
@@ -123,15 +133,22 @@ fn strip_url(error: TransportError) -> TransportError {
     }
 }
 
-/// A reqwest error without its URL, shown with its causes ("error sending
-/// request: operation timed out"): alloy prints only the outer message.
+/// A reqwest error without its URL's path and query, shown with its host
+/// and causes ("http://host:8545: error sending request: operation timed
+/// out"): alloy prints only the outer message.
 #[derive(Debug)]
-struct HttpFailure(reqwest::Error);
+struct HttpFailure {
+    host: Option<String>,
+    error: reqwest::Error,
+}
 
 impl std::fmt::Display for HttpFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = std::error::Error::source(&self.0);
+        if let Some(host) = &self.host {
+            write!(f, "{host}: ")?;
+        }
+        write!(f, "{}", self.error)?;
+        let mut source = std::error::Error::source(&self.error);
         while let Some(cause) = source {
             write!(f, ": {cause}")?;
             source = cause.source();
