@@ -255,6 +255,20 @@ pub struct SafeSettings {
     #[arg(long, env = "APPROVAL_BRIDGE_LOG_RANGE", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub log_range: u64,
+
+    /// How long the Transaction Service may keep refusing a stored proposal,
+    /// or the nonce lookup for a new one (HTTP 401, 403, 404...), before the
+    /// requests fail, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_PROPOSE_GIVE_UP_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub propose_give_up_secs: u64,
+
+    /// How long a process holds a Safe-flow job (the planner of a Safe, the
+    /// follower of a chain) without renewing it, in seconds: another process
+    /// takes the job over within this time once the holder dies.
+    #[arg(long, env = "APPROVAL_BRIDGE_SAFE_FLOW_LEASE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub safe_flow_lease_secs: u64,
 }
 
 /// `chain_id=N` confirmations.
@@ -310,6 +324,8 @@ impl Default for SafeSettings {
             proposal_timeout_secs: 7 * 24 * 3600,
             max_reproposals: 3,
             log_range: 2000,
+            propose_give_up_secs: 3600,
+            safe_flow_lease_secs: 30,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod bindings;
 mod revert;
+mod transport;
 
 use std::collections::HashMap;
 
@@ -105,8 +106,12 @@ pub struct ChainClient {
 }
 
 impl ChainClient {
+    /// Every call times out and transient failures are retried (see
+    /// [`transport`]), so no call waits without bound.
     pub fn new(chain_id: u64, rpc_url: Url) -> Self {
-        let provider = ProviderBuilder::new().connect_http(rpc_url).erased();
+        let provider = ProviderBuilder::new()
+            .connect_client(transport::rpc_client(rpc_url))
+            .erased();
         ChainClient { chain_id, provider }
     }
 
@@ -149,6 +154,33 @@ impl ChainClient {
         wanted: &[(Address, Vec<Registration>)],
         block: Option<u64>,
     ) -> anyhow::Result<HashMap<Address, AppState>> {
+        let (states, owners_read) = self.read_app_states(wanted, block).await?;
+        if let Some((app, _)) = owners_read.iter().find(|(_, read)| !**read) {
+            anyhow::bail!(
+                "{app} did not answer owner(): it is not a DstackApp on chain {}",
+                self.chain_id
+            );
+        }
+        Ok(states)
+    }
+
+    /// What is allowed as of `block`: like [`ChainClient::read_apps_at`],
+    /// except that an app that does not answer there (not deployed yet at
+    /// that block, say) allows nothing.
+    pub async fn allowed_at(
+        &self,
+        wanted: &[(Address, Vec<Registration>)],
+        block: u64,
+    ) -> anyhow::Result<HashMap<Address, AppState>> {
+        Ok(self.read_app_states(wanted, Some(block)).await?.0)
+    }
+
+    /// The states, and whether each app answered `owner()`.
+    async fn read_app_states(
+        &self,
+        wanted: &[(Address, Vec<Registration>)],
+        block: Option<u64>,
+    ) -> anyhow::Result<(HashMap<Address, AppState>, HashMap<Address, bool>)> {
         enum Slot {
             Owner(Address),
             Pending(Address),
@@ -233,13 +265,21 @@ impl ChainClient {
                 }
             }
         }
-        if let Some((app, _)) = owners_read.iter().find(|(_, read)| !**read) {
-            anyhow::bail!(
-                "{app} did not answer owner(): it is not a DstackApp on chain {}",
-                self.chain_id
-            );
-        }
-        Ok(states)
+        Ok((states, owners_read))
+    }
+
+    /// The Safe's `nonce()` at the latest block.
+    pub async fn safe_nonce(&self, safe: Address) -> anyhow::Result<u64> {
+        let request = TransactionRequest::default()
+            .to(safe)
+            .input(ISafe::nonceCall {}.abi_encode().into());
+        let data = self
+            .provider
+            .call(request)
+            .await
+            .with_context(|| format!("nonce() of Safe {safe} failed"))?;
+        let nonce = ISafe::nonceCall::abi_decode_returns(&data)?;
+        u64::try_from(nonce).with_context(|| format!("Safe {safe} reports nonce {nonce}"))
     }
 
     /// The latest block number.
@@ -248,6 +288,17 @@ impl ChainClient {
             .get_block_number()
             .await
             .context("eth_blockNumber failed")
+    }
+
+    /// The latest block's number and hash, in one call.
+    pub async fn head_block(&self) -> anyhow::Result<(u64, B256)> {
+        let block = self
+            .provider
+            .get_block_by_number(BlockNumberOrTag::Latest)
+            .await
+            .context("eth_getBlockByNumber(latest) failed")?
+            .with_context(|| format!("chain {} has no latest block", self.chain_id))?;
+        Ok((block.header.number, block.header.hash))
     }
 
     /// The hash of block `number` on the chain as it is now.
@@ -261,7 +312,7 @@ impl ChainClient {
         Ok(block.header.hash)
     }
 
-    /// Logs of `addresses` with one of `topics0` in `from..=to`: one
+    /// Logs of `addresses` with one of `topics0` (any log when empty) in `from..=to`: one
     /// `eth_getLogs` per range, halving the range when the provider refuses
     /// it as too large.
     pub async fn logs(
@@ -277,11 +328,13 @@ impl ChainClient {
         let mut range = max_range.max(1);
         while start <= to {
             let end = to.min(start + range - 1);
-            let filter = Filter::new()
+            let mut filter = Filter::new()
                 .from_block(start)
                 .to_block(end)
-                .address(addresses.to_vec())
-                .event_signature(topics0.to_vec());
+                .address(addresses.to_vec());
+            if !topics0.is_empty() {
+                filter = filter.event_signature(topics0.to_vec());
+            }
             match self.provider.get_logs(&filter).await {
                 Ok(logs) => {
                     out.extend(logs);
@@ -301,7 +354,9 @@ impl ChainClient {
         Ok(out)
     }
 
-    /// `nonce()` and `VERSION()` of each Safe at `block`, in one Multicall3 call.
+    /// `nonce()` and `VERSION()` of each Safe at `block`, in one Multicall3
+    /// call. A Safe that does not answer `nonce()` there (not created yet at
+    /// that block) is left out.
     pub async fn safe_states(
         &self,
         safes: &[Address],
@@ -324,12 +379,14 @@ impl ChainClient {
         let results = self.aggregate_at(calls, Some(block)).await?;
         let mut out = HashMap::new();
         for (safe, pair) in safes.iter().zip(results.chunks(2)) {
-            let nonce = pair[0]
+            let Some(nonce) = pair[0]
                 .success
                 .then(|| ISafe::nonceCall::abi_decode_returns(&pair[0].returnData).ok())
                 .flatten()
                 .and_then(|n| u64::try_from(n).ok())
-                .with_context(|| format!("{safe} did not answer nonce()"))?;
+            else {
+                continue;
+            };
             let version = pair[1]
                 .success
                 .then(|| ISafe::VERSIONCall::abi_decode_returns(&pair[1].returnData).ok())
@@ -489,7 +546,7 @@ impl ChainClient {
 
 /// Providers word range limits differently ("block range is too large",
 /// "query returned more than 10000 results", "exceed maximum block range"...).
-fn is_range_limit(message: &str) -> bool {
+pub(crate) fn is_range_limit(message: &str) -> bool {
     let message = message.to_lowercase();
     [
         "range",

@@ -2,6 +2,7 @@
 //! has seen, and the moves of requests when a proposal ends.
 
 use chrono::{DateTime, Utc};
+use sqlx::{FromRow, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::proposals::ProposalRow;
@@ -10,6 +11,17 @@ use super::requests::{
 };
 use super::{Store, StoreError, clean};
 use crate::domain::{Actor, Event, Status};
+
+/// Where a chain's follower stands.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct Cursor {
+    /// The last block done with: confirmed, and every log up to it seen.
+    pub block_number: i64,
+    /// Its hash, to notice a reorg that replaced it.
+    pub block_hash: String,
+    /// App logs were seen that the follower has not acted on yet.
+    pub apps_touched: bool,
+}
 
 /// How a proposal ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,30 +78,45 @@ impl Store {
         .await
     }
 
-    pub async fn cursor(&self, chain_id: i64) -> Result<Option<(i64, String)>, sqlx::Error> {
-        sqlx::query_as("SELECT block_number, block_hash FROM chain_cursors WHERE chain_id = $1")
-            .bind(chain_id)
-            .fetch_optional(&self.pool)
-            .await
+    /// The last block the follower is done with, its hash, and whether app
+    /// logs seen so far still wait to be acted on.
+    pub async fn cursor(&self, chain_id: i64) -> Result<Option<Cursor>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT block_number, block_hash, apps_touched FROM chain_cursors WHERE chain_id = $1",
+        )
+        .bind(chain_id)
+        .fetch_optional(&self.pool)
+        .await
     }
 
     pub async fn set_cursor(
         &self,
         chain_id: i64,
-        block: i64,
-        hash: &str,
+        cursor: &Cursor,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO chain_cursors (chain_id, block_number, block_hash, updated_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (chain_id) DO UPDATE SET block_number = $2, block_hash = $3, updated_at = $4",
+            "INSERT INTO chain_cursors (chain_id, block_number, block_hash, apps_touched, updated_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (chain_id) DO UPDATE SET block_number = $2, block_hash = $3, apps_touched = $4,
+                updated_at = $5",
         )
         .bind(chain_id)
-        .bind(block)
-        .bind(hash)
+        .bind(cursor.block_number)
+        .bind(&cursor.block_hash)
+        .bind(cursor.apps_touched)
         .bind(now)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// The app logs seen so far have been acted on.
+    pub async fn clear_apps_touched(&self, chain_id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE chain_cursors SET apps_touched = false WHERE chain_id = $1")
+            .bind(chain_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -163,15 +190,23 @@ impl Store {
         .await
     }
 
-    /// Ends a proposal.
+    /// Ends an open proposal and moves each of its waiting requests as
+    /// `move_of` says, in ONE transaction: a crash leaves both or neither.
+    /// `move_of` gets the request and how often it lost a proposal before.
+    /// A request still awaiting the proposal's submission is only unlinked
+    /// when dropped: it is planned afresh. `Ok(false)`: the proposal had
+    /// ended already.
     pub async fn end_proposal(
         &self,
         proposal_id: Uuid,
         end: ProposalEnd,
         now: DateTime<Utc>,
         error: Option<&StoredError>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        mut move_of: impl FnMut(&ReplicaRequest, i64) -> RequestMove,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock orders this after (or before) a request joining.
+        let ended = sqlx::query(
             "UPDATE proposals SET status = $2, updated_at = $3,
                 last_error_code = COALESCE($4, last_error_code), last_error_message = COALESCE($5, last_error_message)
              WHERE id = $1 AND status = 'proposed'",
@@ -181,9 +216,93 @@ impl Store {
         .bind(now)
         .bind(error.map(|e| &e.code))
         .bind(error.map(|e| clean(&e.message)))
-        .execute(&self.pool)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if ended == 0 {
+            return Ok(false);
+        }
+        for request in waiting_on(&mut tx, proposal_id).await? {
+            let lost_before = proposals_lost_in(&mut tx, request.id).await?;
+            let RequestMove {
+                event,
+                message,
+                changes,
+            } = move_of(&request, lost_before);
+            if request.status() == Status::AwaitingProposal && event == Event::ProposalDropped {
+                unlink(&mut tx, request.id, now).await?;
+                continue;
+            }
+            advance_in(
+                &mut tx,
+                request.id,
+                None,
+                now,
+                request.status(),
+                event,
+                &Actor::Worker,
+                Some(&message),
+                changes,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Everything the given requests need was allowed on chain without this
+    /// proposal: they move on to committing, and the proposal, left with
+    /// nothing to do, is superseded, in one transaction. A proposal with an
+    /// execution on record is left alone: the follower confirms that one.
+    /// Returns how many requests moved.
+    pub async fn release_allowed(
+        &self,
+        proposal_id: Uuid,
+        request_ids: &[Uuid],
+        now: DateTime<Utc>,
+        message: &str,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let open: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM proposals WHERE id = $1 AND status = 'proposed' AND execution_tx_hash IS NULL
+             FOR UPDATE",
+        )
+        .bind(proposal_id)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(())
+        if open.is_none() {
+            return Ok(0);
+        }
+        let waiting = waiting_on(&mut tx, proposal_id).await?;
+        let mut moved = 0;
+        for request in waiting.iter().filter(|r| request_ids.contains(&r.id)) {
+            advance_in(
+                &mut tx,
+                request.id,
+                None,
+                now,
+                request.status(),
+                Event::RegistrationsAllowed,
+                &Actor::Worker,
+                Some(message),
+                Changes::default(),
+            )
+            .await?;
+            moved += 1;
+        }
+        if moved == waiting.len() {
+            sqlx::query(
+                "UPDATE proposals SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'proposed'",
+            )
+            .bind(proposal_id)
+            .bind(ProposalEnd::Superseded.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tracing::info!(%proposal_id, "proposal superseded: nothing left in it");
+        }
+        tx.commit().await?;
+        Ok(moved)
     }
 
     /// Keeps `error` visible on the requests of a proposal without moving
@@ -238,14 +357,59 @@ impl Store {
             Err(err) => Err(err),
         }
     }
+}
 
-    /// How often a request lost its proposal (execution failure, replaced, ...).
-    pub async fn proposals_lost(&self, request_id: Uuid) -> Result<i64, sqlx::Error> {
-        self.count_transitions(
-            request_id,
-            Status::AwaitingApproval,
-            Status::AwaitingProposal,
-        )
-        .await
-    }
+/// How one request leaves a proposal that ends.
+#[derive(Debug)]
+pub struct RequestMove {
+    pub event: Event,
+    pub message: String,
+    pub changes: Changes,
+}
+
+/// The requests still waiting on a proposal, locked.
+async fn waiting_on(
+    tx: &mut Transaction<'_, Postgres>,
+    proposal_id: Uuid,
+) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM replica_requests
+         WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval')
+         ORDER BY created_at FOR UPDATE"
+    ))
+    .bind(proposal_id)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// How often a request lost its proposal (execution failure, replaced, ...).
+async fn proposals_lost_in(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: Uuid,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM request_events WHERE request_id = $1 AND from_status = $2 AND to_status = $3",
+    )
+    .bind(request_id)
+    .bind(Status::AwaitingApproval.as_str())
+    .bind(Status::AwaitingProposal.as_str())
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// Takes a request that never got to await approval off its proposal.
+async fn unlink(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE replica_requests SET proposal_id = NULL, next_attempt_at = $2, updated_at = $2
+         WHERE id = $1 AND status = 'awaiting_proposal'",
+    )
+    .bind(request_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod follower;
 mod idempotency;
+mod job_leases;
 mod proposals;
 mod quota;
 mod requests;
@@ -13,8 +14,9 @@ use anyhow::Context;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-pub use follower::ProposalEnd;
+pub use follower::{Cursor, ProposalEnd, RequestMove};
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
+pub use job_leases::{Acquired, JobLease};
 pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
 };

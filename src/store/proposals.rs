@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::FromRow;
 use uuid::Uuid;
 
+use super::job_leases::{JobLease, still_held};
 use super::requests::{Changes, StoredError, advance_in};
 use super::{Store, StoreError, clean};
 use crate::domain::{Actor, Event, Status};
@@ -106,6 +107,8 @@ pub enum ProposalConflict {
     NonceTaken { wanted: i64, next: i64 },
     #[error("another planner took some of the requests")]
     RequestsTaken,
+    #[error("the planner's lease on {0} ended")]
+    LeaseLost(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -185,15 +188,47 @@ impl Store {
         highest_open_nonce(&self.pool, chain_id, safe).await
     }
 
+    /// The lowest nonce at or above `onchain` that one of our own proposals
+    /// took and gave up without executing (expired, refused, superseded), and
+    /// that no open proposal holds: the Safe cannot move past it until some
+    /// transaction uses it, so the next batch takes it. Safe{Wallet} then
+    /// shows both at that nonce, and only one can execute.
+    pub async fn reusable_nonce(
+        &self,
+        chain_id: i64,
+        safe: &str,
+        onchain: i64,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT min(nonce) FROM proposals p
+             WHERE chain_id = $1 AND safe = $2 AND nonce >= $3
+               AND status IN ('failed', 'superseded') AND execution_tx_hash IS NULL
+               AND NOT EXISTS (SELECT 1 FROM proposals o
+                               WHERE o.chain_id = p.chain_id AND o.safe = p.safe AND o.nonce = p.nonce
+                                 AND o.status = 'proposed')",
+        )
+        .bind(chain_id)
+        .bind(safe)
+        .bind(onchain)
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// Stores a proposal and links its requests, under a per-Safe lock so two
-    /// workers never take the same nonce: `p.nonce` must be above every open
-    /// proposal's of the Safe.
+    /// planners never take the same nonce: no open proposal of the Safe may
+    /// hold `p.nonce`. With `fence`, the planner's job lease must still hold.
     pub async fn insert_proposal(
         &self,
         p: &NewProposal,
         now: DateTime<Utc>,
+        fence: Option<&JobLease>,
     ) -> Result<(), ProposalConflict> {
         let mut tx = self.pool.begin().await?;
+        if let Some(lease) = fence
+            && !still_held(&mut tx, lease).await?
+        {
+            return Err(ProposalConflict::LeaseLost(lease.job.clone()));
+        }
         // Held until commit: nonce allocation for one Safe is serialized.
         sqlx::query(
             "SELECT pg_advisory_xact_lock(hashtextextended('safe-nonce:' || $1 || ':' || $2, 0))",
@@ -202,13 +237,20 @@ impl Store {
         .bind(&p.safe)
         .execute(&mut *tx)
         .await?;
-        let highest = highest_open_nonce(&mut *tx, p.chain_id, &p.safe).await?;
-        if let Some(highest) = highest
-            && p.nonce <= highest
-        {
+        let taken: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM proposals
+                            WHERE chain_id = $1 AND safe = $2 AND nonce = $3 AND status = 'proposed')",
+        )
+        .bind(p.chain_id)
+        .bind(&p.safe)
+        .bind(p.nonce)
+        .fetch_one(&mut *tx)
+        .await?;
+        if taken {
+            let highest = highest_open_nonce(&mut *tx, p.chain_id, &p.safe).await?;
             return Err(ProposalConflict::NonceTaken {
                 wanted: p.nonce,
-                next: highest + 1,
+                next: highest.unwrap_or(p.nonce) + 1,
             });
         }
         sqlx::query(
@@ -264,6 +306,8 @@ impl Store {
 
     /// Links a waiting request to an open proposal that already carries what
     /// it needs; once that proposal is accepted, the request awaits approval.
+    /// The proposal row is share-locked first: recording its submission (or
+    /// its end) waits for this link, and a link made after it sees it.
     pub async fn join_open_proposal(
         &self,
         request_id: Uuid,
@@ -272,6 +316,17 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        let open: Option<(Option<DateTime<Utc>>, i64, String)> = sqlx::query_as(
+            "SELECT submitted_at, nonce, safe_tx_hash FROM proposals
+             WHERE id = $1 AND status = 'proposed' FOR SHARE",
+        )
+        .bind(proposal_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        // Ended meanwhile: the request stays unlinked and is planned afresh.
+        let Some((submitted_at, nonce, hash)) = open else {
+            return Ok(());
+        };
         let linked = sqlx::query(
             "UPDATE replica_requests SET proposal_id = $2, safe = $3, updated_at = $4
              WHERE id = $1 AND status = 'awaiting_proposal' AND proposal_id IS NULL",
@@ -283,14 +338,7 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let submitted: Option<(Option<DateTime<Utc>>, i64, String)> =
-            sqlx::query_as("SELECT submitted_at, nonce, safe_tx_hash FROM proposals WHERE id = $1")
-                .bind(proposal_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if linked == 1
-            && let Some((Some(_), nonce, hash)) = submitted
-        {
+        if linked == 1 && submitted_at.is_some() {
             let message = format!(
                 "joined the open proposal {hash} (nonce {nonce}), which already registers what it needs"
             );
@@ -322,6 +370,21 @@ impl Store {
         ))
         .bind(now)
         .fetch_all(&self.pool)
+        .await
+    }
+
+    /// When the planner next has something due: a request waiting for its
+    /// batch or its chain, or a stored proposal to post.
+    pub async fn next_plan_due_at(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT min(due) FROM (
+                SELECT next_attempt_at AS due FROM replica_requests
+                WHERE status = 'awaiting_proposal' AND proposal_id IS NULL
+                UNION ALL
+                SELECT next_attempt_at FROM proposals WHERE status = 'proposed' AND submitted_at IS NULL
+             ) due",
+        )
+        .fetch_one(&self.pool)
         .await
     }
 
@@ -375,7 +438,10 @@ impl Store {
         .await
     }
 
-    /// The service accepted the proposal: its requests now await the owners.
+    /// The service accepted the proposal (or the chain is to tell what became
+    /// of it): its requests now await the owners. The UPDATE locks the
+    /// proposal row, so a request joining at the same time is either seen
+    /// here or sees the submission itself.
     pub async fn mark_submitted(
         &self,
         id: Uuid,
@@ -383,14 +449,19 @@ impl Store {
         message: &str,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE proposals SET submitted_at = $2, last_error_code = NULL, last_error_message = NULL, updated_at = $2
-             WHERE id = $1",
+        let open = sqlx::query(
+            "UPDATE proposals SET submitted_at = COALESCE(submitted_at, $2), last_error_code = NULL,
+                last_error_message = NULL, updated_at = $2
+             WHERE id = $1 AND status = 'proposed'",
         )
         .bind(id)
         .bind(now)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if open == 0 {
+            return Ok(());
+        }
         let waiting: Vec<Uuid> = sqlx::query_scalar(
             "SELECT id FROM replica_requests WHERE proposal_id = $1 AND status = 'awaiting_proposal' FOR UPDATE",
         )
@@ -439,7 +510,7 @@ impl Store {
     }
 
     /// The service refused the proposal: it fails, and so do its requests,
-    /// each keeping the service's answer verbatim.
+    /// each keeping the service's answer verbatim, in one transaction.
     pub async fn reject_proposal(
         &self,
         id: Uuid,
@@ -447,16 +518,20 @@ impl Store {
         error: &StoredError,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let open = sqlx::query(
             "UPDATE proposals SET status = 'failed', last_error_code = $3, last_error_message = $4, updated_at = $2
-             WHERE id = $1",
+             WHERE id = $1 AND status = 'proposed'",
         )
         .bind(id)
         .bind(now)
         .bind(&error.code)
         .bind(clean(&error.message))
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if open == 0 {
+            return Ok(());
+        }
         let requests: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT id, status FROM replica_requests WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval')
              FOR UPDATE",

@@ -7,6 +7,7 @@
 
 mod backoff;
 mod commit;
+mod owner;
 mod prepare;
 mod propose;
 mod reconcile;
@@ -330,6 +331,10 @@ impl Worker {
         listener.listen(WAKE_CHANNEL).await?;
 
         let mut tasks = tokio::task::JoinSet::new();
+        // The Safe flow's planners and followers, each on its own leased task.
+        if self.safe_flow.is_some() {
+            tasks.spawn(owner::run(self.clone(), wake.clone(), shutdown.clone()));
+        }
         for index in 0..count {
             let worker = self.clone();
             let wake = wake.clone();
@@ -377,15 +382,6 @@ impl Worker {
 
     async fn work_loop(&self, index: usize, wake: Arc<Notify>, shutdown: CancellationToken) {
         let poll = Duration::from_secs(self.settings.poll_interval_secs);
-        // One task also plans proposals and follows the chains; their writes
-        // are guarded, so another process doing the same only wastes work.
-        let safe_flow = if index == 0 {
-            self.safe_flow.as_ref()
-        } else {
-            None
-        };
-        let chain_poll = safe_flow.map(|f| f.poll_interval).unwrap_or(poll);
-        let mut last_watch: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
             let notified = wake.notified();
             match self.run_once().await {
@@ -397,35 +393,12 @@ impl Worker {
                     "worker step failed"
                 ),
             }
-            if safe_flow.is_some() {
-                match self.propose_once().await {
-                    Ok(true) => continue,
-                    Ok(false) => {}
-                    Err(err) => tracing::error!(error = format!("{err:#}"), "propose pass failed"),
-                }
-                if last_watch.is_none_or(|at| at.elapsed() >= chain_poll) {
-                    last_watch = Some(tokio::time::Instant::now());
-                    match self.watch_once().await {
-                        Ok(true) => continue,
-                        Ok(false) => {}
-                        Err(err) => tracing::error!(
-                            error = format!("{err:#}"),
-                            "chain follower pass failed"
-                        ),
-                    }
-                }
-            }
             let wait = match self.store.next_due_at().await {
                 Ok(Some(due)) => (due - self.clock.now())
                     .to_std()
                     .unwrap_or_default()
                     .min(poll),
                 _ => poll,
-            };
-            let wait = if safe_flow.is_some() {
-                wait.min(chain_poll)
-            } else {
-                wait
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -3,9 +3,10 @@
 //! rest, and propose one Safe transaction per group.
 //!
 //! Unlike the per-request steps, this works on groups, so it does not claim
-//! rows. Its writes are guarded instead: a request is linked to a proposal
-//! only while it is still waiting and unlinked, and a nonce is allocated
-//! under a per-Safe lock in Postgres.
+//! rows. Each Safe has one planner (a leased job, see `owner`), and its
+//! writes are guarded as well: a request is linked to a proposal only while
+//! it is still waiting and unlinked, and a nonce is allocated under a
+//! per-Safe lock in Postgres, fenced by the planner's lease.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -19,8 +20,8 @@ use crate::chain::{AppState, ChainClient, OwnerKind, Registration, SafeInfo, Sim
 use crate::domain::Event;
 use crate::safe::{Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, build_safe_tx};
 use crate::store::{
-    Changes, NewProposal, ProposalConflict, ProposalRow, ReplicaRequest, StoreError, StoredError,
-    StoredRegistration,
+    Changes, JobLease, NewProposal, ProposalConflict, ProposalRow, ReplicaRequest, StoreError,
+    StoredError, StoredRegistration,
 };
 
 /// How long requests wait after a chain or service problem before planning again.
@@ -29,20 +30,115 @@ const CHAIN_RETRY: chrono::Duration = chrono::Duration::seconds(30);
 const CHECK_EVERY: chrono::Duration = chrono::Duration::seconds(30);
 const ORIGIN: &str = r#"{"name":"approval-bridge","url":""}"#;
 
-/// One pass. `true` when something moved, so a drain runs again.
+/// What one planner owns. Each scope is planned by its own leased job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum PlanScope {
+    /// The proposals of one allowed Safe, and the requests on its chain whose
+    /// app that Safe owns. `orphans`: also settles the chain's requests that
+    /// need no Safe or that no allowed Safe can take (the first allowed Safe
+    /// of each chain does this).
+    Safe {
+        chain_id: i64,
+        safe: Address,
+        orphans: bool,
+    },
+    /// Requests on chains without an allowed Safe, or with no chain: they
+    /// fail with the reason, or wait for an RPC URL.
+    Elsewhere,
+}
+
+impl PlanScope {
+    /// Every scope of the configured Safes, plus [`PlanScope::Elsewhere`].
+    pub(super) fn all(flow: &SafeFlow) -> Vec<PlanScope> {
+        let mut scopes = Vec::new();
+        let mut chains = BTreeSet::new();
+        for &(chain_id, safe) in &flow.safes.0 {
+            scopes.push(PlanScope::Safe {
+                chain_id: chain_id as i64,
+                safe,
+                orphans: chains.insert(chain_id),
+            });
+        }
+        scopes.push(PlanScope::Elsewhere);
+        scopes
+    }
+
+    /// The scope's job in `job_leases`.
+    pub(super) fn job(&self) -> String {
+        match self {
+            PlanScope::Safe { chain_id, safe, .. } => {
+                format!("planner:{chain_id}:{}", lower(*safe))
+            }
+            PlanScope::Elsewhere => "planner:elsewhere".to_owned(),
+        }
+    }
+
+    fn takes_chain(&self, flow: &SafeFlow, chain_id: Option<i64>) -> bool {
+        match self {
+            PlanScope::Safe { chain_id: own, .. } => chain_id == Some(*own),
+            PlanScope::Elsewhere => {
+                chain_id.is_none_or(|id| !flow.safes.0.iter().any(|(chain, _)| *chain as i64 == id))
+            }
+        }
+    }
+
+    fn takes_safe(&self, address: Address) -> bool {
+        matches!(self, PlanScope::Safe { safe, .. } if *safe == address)
+    }
+
+    fn takes_orphans(&self) -> bool {
+        matches!(
+            self,
+            PlanScope::Safe { orphans: true, .. } | PlanScope::Elsewhere
+        )
+    }
+
+    fn takes_proposal(&self, proposal: &ProposalRow) -> bool {
+        match self {
+            PlanScope::Safe { chain_id, safe, .. } => {
+                proposal.chain_id == *chain_id && proposal.safe == lower(*safe)
+            }
+            PlanScope::Elsewhere => false,
+        }
+    }
+}
+
+/// One pass of every scope, unfenced (tests drain with this). `true` when
+/// something moved, so a drain runs again.
 pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
     let Some(flow) = worker.safe_flow.as_ref() else {
         return Ok(false);
     };
-    let mut moved = submit_stored(worker, flow).await?;
-    moved |= plan(worker, flow).await?;
-    refresh_confirmations(worker, flow).await?;
+    let mut moved = false;
+    for scope in PlanScope::all(flow) {
+        moved |= run_scope(worker, flow, &scope, None).await?;
+    }
     Ok(moved)
 }
 
-async fn plan(worker: &Worker, flow: &SafeFlow) -> anyhow::Result<bool> {
+/// One pass of one planner: post its stored proposals, plan new ones, and
+/// refresh the confirmations of its open ones. `fence`: the job's lease.
+pub(super) async fn run_scope(
+    worker: &Worker,
+    flow: &SafeFlow,
+    scope: &PlanScope,
+    fence: Option<&JobLease>,
+) -> anyhow::Result<bool> {
+    let mut moved = submit_stored(worker, flow, scope).await?;
+    moved |= plan(worker, flow, scope, fence).await?;
+    refresh_confirmations(worker, flow, scope).await?;
+    Ok(moved)
+}
+
+async fn plan(
+    worker: &Worker,
+    flow: &SafeFlow,
+    scope: &PlanScope,
+    fence: Option<&JobLease>,
+) -> anyhow::Result<bool> {
     let now = worker.clock.now();
-    let requests = worker.store.requests_awaiting_proposal(now).await?;
+    let mut requests = worker.store.requests_awaiting_proposal(now).await?;
+    requests.retain(|r| scope.takes_chain(flow, r.chain_id));
     if requests.is_empty() {
         return Ok(false);
     }
@@ -76,15 +172,19 @@ async fn plan(worker: &Worker, flow: &SafeFlow) -> anyhow::Result<bool> {
         }
     }
     for (chain_id, requests) in by_chain {
-        moved |= plan_chain(worker, flow, chain_id, requests, &needs).await?;
+        moved |= plan_chain(worker, flow, scope, fence, chain_id, requests, &needs).await?;
     }
     Ok(moved)
 }
 
-/// Plans every waiting request of one chain with one Multicall3 read.
+/// Plans every waiting request of one chain with two Multicall3 reads: at
+/// the latest block (what is missing) and at the confirmed block (what is
+/// allowed for good).
 async fn plan_chain(
     worker: &Worker,
     flow: &SafeFlow,
+    scope: &PlanScope,
+    fence: Option<&JobLease>,
     chain_id: i64,
     requests: Vec<ReplicaRequest>,
     needs: &HashMap<Uuid, Vec<StoredRegistration>>,
@@ -138,7 +238,14 @@ async fn plan_chain(
         .into_iter()
         .map(|(app, regs)| (app, regs.into_iter().collect()))
         .collect();
-    let states = match chain.read_apps(&wanted).await {
+    let read = async {
+        let head = chain.head().await?;
+        let confirmed = head.saturating_sub(flow.confirmations.of(chain_id as u64));
+        let latest = chain.read_apps(&wanted).await?;
+        let settled = chain.allowed_at(&wanted, confirmed).await?;
+        anyhow::Ok((latest, settled))
+    };
+    let (states, settled) = match read.await {
         Ok(states) => states,
         Err(err) => {
             tracing::warn!(
@@ -168,17 +275,33 @@ async fn plan_chain(
     {
         let state = &states[&app];
         let missing: Vec<(Registration, StoredRegistration)> = registrations
-            .into_iter()
+            .iter()
             .filter(|(r, _)| !state.is_allowed(r))
+            .cloned()
             .collect();
         if missing.is_empty() {
-            allowed_already(
-                worker,
-                &request,
-                "everything it needs is already allowed on chain",
-            )
-            .await?;
-            moved = true;
+            if !scope.takes_orphans() {
+                continue;
+            }
+            // Allowed at the head; it counts once it is allowed at confirmed depth.
+            let confirmed = &settled[&app];
+            if registrations.iter().all(|(r, _)| confirmed.is_allowed(r)) {
+                allowed_already(
+                    worker,
+                    &request,
+                    "everything it needs is already allowed on chain",
+                )
+                .await?;
+                moved = true;
+            } else {
+                defer(
+                    worker,
+                    std::slice::from_ref(&request),
+                    now + chrono::Duration::seconds(5),
+                    None,
+                )
+                .await?;
+            }
             continue;
         }
         let owner = match owners.get(&state.owner) {
@@ -206,7 +329,7 @@ async fn plan_chain(
             },
         };
         match usable_safe(flow, chain_id as u64, app, state, owner) {
-            Ok(info) => groups
+            Ok(info) if scope.takes_safe(info.address) => groups
                 .entry(info.address)
                 .or_insert_with(|| (info, Vec::new()))
                 .1
@@ -215,10 +338,13 @@ async fn plan_chain(
                     app,
                     missing,
                 }),
-            Err(err) => {
+            // Another allowed Safe's planner takes it.
+            Ok(_) => {}
+            Err(err) if scope.takes_orphans() => {
                 fail(worker, &request, err).await?;
                 moved = true;
             }
+            Err(_) => {}
         }
     }
 
@@ -253,7 +379,7 @@ async fn plan_chain(
             .await?;
             continue;
         }
-        moved |= propose_group(worker, flow, &chain, &safe, members).await?;
+        moved |= propose_group(worker, flow, &chain, &safe, members, fence).await?;
     }
     Ok(moved)
 }
@@ -330,6 +456,7 @@ async fn propose_group(
     chain: &ChainClient,
     safe: &SafeInfo,
     members: Vec<Member>,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let now = worker.clock.now();
     let chain_id = chain.chain_id();
@@ -421,27 +548,58 @@ async fn propose_group(
         }
     }
 
-    // The nonce: past the chain's, the service's pending ones and ours.
-    let service = flow.service(chain_id)?;
-    let pending = match service.list_pending(safe.address, safe.nonce).await {
-        Ok(pending) => pending,
-        Err(err) => {
-            let err =
-                StoredError::new(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
-            defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
-            return Ok(moved);
+    // The nonce: a dead one of ours first (it blocks the queue until some
+    // transaction uses it), else past the chain's, the service's pending
+    // ones and ours.
+    let nonce = match worker
+        .store
+        .reusable_nonce(chain_id as i64, &safe_key, safe.nonce as i64)
+        .await?
+    {
+        Some(dead) => dead as u64,
+        None => {
+            let service = flow.service(chain_id)?;
+            let pending = match service.list_pending(safe.address, safe.nonce).await {
+                Ok(pending) => pending,
+                Err(err) => {
+                    // A refusal that outlasts the bound will not pass by itself.
+                    let give_up = chrono::Duration::from_std(flow.propose_give_up)?;
+                    let waited = |r: &ReplicaRequest| now - r.prepared_at.unwrap_or(r.created_at);
+                    if !err.is_transient() && proposing.iter().all(|r| waited(r) >= give_up) {
+                        let minutes = give_up.num_minutes();
+                        let err = StoredError::new(
+                            &err.stored_code(),
+                            &format!(
+                                "the Safe Transaction Service refused the bridge for over {minutes} minutes; last answer: {err}"
+                            ),
+                            Some(err.suggestion()),
+                        );
+                        for request in &proposing {
+                            fail(worker, request, err.clone()).await?;
+                        }
+                        return Ok(true);
+                    }
+                    let err = StoredError::new(
+                        &err.stored_code(),
+                        &err.to_string(),
+                        Some(err.suggestion()),
+                    );
+                    defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+                    return Ok(moved);
+                }
+            };
+            let ours = worker
+                .store
+                .highest_open_nonce(chain_id as i64, &safe_key)
+                .await?
+                .map(|n| n as u64 + 1);
+            [Some(safe.nonce), pending.map(|n| n + 1), ours]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(safe.nonce)
         }
     };
-    let ours = worker
-        .store
-        .highest_open_nonce(chain_id as i64, &safe_key)
-        .await?
-        .map(|n| n as u64 + 1);
-    let nonce = [Some(safe.nonce), pending.map(|n| n + 1), ours]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(safe.nonce);
 
     // The follower scans for the execution from here on.
     let proposed_block = match chain.head().await {
@@ -496,13 +654,14 @@ async fn propose_group(
             .collect(),
         request_ids: proposing.iter().map(|r| r.id).collect(),
     };
-    match worker.store.insert_proposal(&new, now).await {
+    match worker.store.insert_proposal(&new, now, fence).await {
         Ok(()) => {}
         // Another worker planned these requests or took the nonce: plan
         // again next pass (not at once, so a conflict cannot spin a drain).
         Err(ProposalConflict::NonceTaken { .. } | ProposalConflict::RequestsTaken) => {
             return Ok(moved);
         }
+        Err(err @ ProposalConflict::LeaseLost(_)) => return Err(err.into()),
         Err(ProposalConflict::Database(err)) => return Err(err.into()),
     }
     tracing::info!(safe_tx_hash = %safe_tx_hash, nonce, calls = new.calls.len(), requests = new.request_ids.len(), "proposal stored");
@@ -512,13 +671,108 @@ async fn propose_group(
 }
 
 /// Posts stored proposals the service has not accepted yet (after a crash,
-/// or a transient failure): the same transaction, so the same hash and nonce.
-async fn submit_stored(worker: &Worker, flow: &SafeFlow) -> anyhow::Result<bool> {
+/// a lost answer or a failure): the same transaction, so the same hash and
+/// nonce. Each is looked up first: a post whose answer was lost may have
+/// reached the service, and the owners may have executed it since, or used
+/// its nonce for something else; then posting again would only earn a 422.
+async fn submit_stored(
+    worker: &Worker,
+    flow: &SafeFlow,
+    scope: &PlanScope,
+) -> anyhow::Result<bool> {
     let mut moved = false;
     for proposal in worker.store.proposals_to_submit(worker.clock.now()).await? {
-        moved |= submit(worker, flow, &proposal).await?;
+        if !scope.takes_proposal(&proposal) {
+            continue;
+        }
+        moved |= match already_out(flow, &proposal).await {
+            Ok(Some(message)) => {
+                tracing::info!(safe_tx_hash = %proposal.safe_tx_hash, message = %message, "stored proposal is out already; following the chain");
+                worker
+                    .store
+                    .mark_submitted(proposal.id, worker.clock.now(), &message)
+                    .await?;
+                true
+            }
+            Ok(None) => submit(worker, flow, &proposal).await?,
+            Err(err) => {
+                let now = worker.clock.now();
+                tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, message = %err.message, "cannot look up the stored proposal; retrying later");
+                worker
+                    .store
+                    .proposal_retry_later(proposal.id, now, now + CHAIN_RETRY, &err)
+                    .await?;
+                false
+            }
+        };
     }
     Ok(moved)
+}
+
+/// `Some(why)` when a stored proposal must not be posted again: the service
+/// has it already (executed or not), or the Safe used its nonce. The chain
+/// follower then tells what became of it.
+async fn already_out(flow: &SafeFlow, stored: &ProposalRow) -> Result<Option<String>, StoredError> {
+    let hash: B256 = stored.safe_tx_hash.parse().map_err(|_| {
+        StoredError::new(
+            "INVALID-PROPOSAL",
+            "stored safeTxHash is not 32 bytes",
+            None,
+        )
+    })?;
+    let service = flow
+        .service(stored.chain_id as u64)
+        .map_err(|err| StoredError::new("SAFE-SERVICE", &format!("{err:#}"), None))?;
+    match service.get_transaction(hash).await {
+        Ok(Some(tx)) if tx.is_executed => {
+            return Ok(Some(format!(
+                "the Safe Transaction Service knows proposal {} as executed (nonce {})",
+                stored.safe_tx_hash, stored.nonce
+            )));
+        }
+        Ok(Some(_)) => {
+            return Ok(Some(format!(
+                "proposed to Safe {} as nonce {} (the service had it already)",
+                stored.safe, stored.nonce
+            )));
+        }
+        Ok(None) => {}
+        Err(err) if err.is_transient() => {
+            return Err(StoredError::new(
+                &err.stored_code(),
+                &err.to_string(),
+                Some(err.suggestion()),
+            ));
+        }
+        // Refused (a bad API key, say): the post will be refused as well,
+        // and a refusal that lasts is bounded there.
+        Err(err) => {
+            tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, error = %err, "the Safe Transaction Service refused the lookup");
+        }
+    }
+    let chain = flow.chain(stored.chain_id as u64).ok_or_else(|| {
+        StoredError::new(
+            "NO-RPC",
+            &format!("no RPC URL is configured for chain {}", stored.chain_id),
+            None,
+        )
+    })?;
+    let safe: Address = stored
+        .safe
+        .parse()
+        .map_err(|_| StoredError::new("INVALID-PROPOSAL", "stored Safe is not an address", None))?;
+    match chain.safe_nonce(safe).await {
+        Ok(onchain) if onchain > stored.nonce as u64 => Ok(Some(format!(
+            "Safe {} used nonce {} before the proposal reached the service; watching the chain",
+            stored.safe, stored.nonce
+        ))),
+        Ok(_) => Ok(None),
+        Err(err) => Err(StoredError::new(
+            "CHAIN-UNAVAILABLE",
+            &format!("cannot read the Safe's nonce: {err:#}"),
+            None,
+        )),
+    }
 }
 
 async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyhow::Result<bool> {
@@ -580,6 +834,23 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
             worker.store.reject_proposal(stored.id, now, &err).await?;
             Ok(true)
         }
+        // A refusal that outlasts the bound will not pass by itself.
+        Err(err)
+            if !err.is_transient()
+                && now - stored.created_at >= chrono::Duration::from_std(flow.propose_give_up)? =>
+        {
+            let minutes = (now - stored.created_at).num_minutes();
+            let err = StoredError::new(
+                &err.stored_code(),
+                &format!(
+                    "the Safe Transaction Service refused the proposal for {minutes} minutes; last answer: {err}"
+                ),
+                Some(err.suggestion()),
+            );
+            tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, code = %err.code, "giving up on a refused proposal");
+            worker.store.reject_proposal(stored.id, now, &err).await?;
+            Ok(true)
+        }
         Err(err) => {
             // Rate limits, outages and configuration trouble pass with time or a restart.
             let wait = match &err {
@@ -607,9 +878,16 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
 }
 
 /// Keeps the confirmations shown with each open proposal fresh.
-async fn refresh_confirmations(worker: &Worker, flow: &SafeFlow) -> anyhow::Result<()> {
+async fn refresh_confirmations(
+    worker: &Worker,
+    flow: &SafeFlow,
+    scope: &PlanScope,
+) -> anyhow::Result<()> {
     let now = worker.clock.now();
     for proposal in worker.store.proposals_to_check(now - CHECK_EVERY).await? {
+        if !scope.takes_proposal(&proposal) {
+            continue;
+        }
         let hash: B256 = proposal.safe_tx_hash.parse()?;
         match flow
             .service(proposal.chain_id as u64)?

@@ -24,6 +24,12 @@ pub struct SafeFlow {
     pub max_reproposals: u32,
     pub log_range: u64,
     pub poll_interval: Duration,
+    /// How long a stored proposal may keep being refused before its requests fail.
+    pub propose_give_up: Duration,
+    /// The lease of a Safe-flow job (see `owner`).
+    pub job_lease: Duration,
+    /// This process, as the holder of Safe-flow jobs.
+    owner_id: uuid::Uuid,
     proposer: Option<PrivateKeySigner>,
     services: Services,
 }
@@ -72,6 +78,9 @@ impl SafeFlow {
             max_reproposals: settings.max_reproposals,
             log_range: settings.log_range,
             poll_interval: Duration::from_secs(settings.chain_poll_secs),
+            propose_give_up: Duration::from_secs(settings.propose_give_up_secs),
+            job_lease: Duration::from_secs(settings.safe_flow_lease_secs),
+            owner_id: uuid::Uuid::new_v4(),
             proposer,
             services: Services {
                 clients: Arc::default(),
@@ -80,6 +89,11 @@ impl SafeFlow {
                 rate: settings.safe_rate_limit,
             },
         })
+    }
+
+    /// This process's id in `job_leases`.
+    pub fn owner_id(&self) -> uuid::Uuid {
+        self.owner_id
     }
 
     pub fn proposer(&self) -> Option<&PrivateKeySigner> {

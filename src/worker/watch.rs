@@ -1,25 +1,42 @@
 //! The chain follower: finds the execution of open proposals in the logs,
 //! waits for confirmations, and moves their requests on to committing.
 //!
+//! Decisions are made only at confirmed depth: with `confirmed` = head −
+//! confirmations, an execution counts once its block is at or below
+//! `confirmed`, a replacement once the Safe's nonce at `confirmed` is past
+//! the proposal's, and app state is read at `confirmed`, and only for apps
+//! with no log above it (a log above means the state at `confirmed` is
+//! older than something the follower has seen, such as a recent
+//! `removeDevice`: those requests wait).
+//!
+//! Every pass scans the unconfirmed blocks again and forgets what it saw
+//! there before, so a shallow reorg simply reads differently on the next
+//! pass; a reorg below the cursor shows as a changed hash there. A stale
+//! cursor is caught up one log range per pass, with no decision until the
+//! scan reaches the head.
+//!
 //! Each pass costs a fixed number of RPC calls, whatever the number of open
-//! proposals: the chain id, the head, the cursor block's hash, one
-//! `eth_getLogs` per block range (every Safe and app in one filter), the
-//! range end's hash, and one Multicall3 read of every Safe's nonce and
-//! version. A reorg shows as a changed hash at the cursor: block hashes
-//! chain, so an unchanged cursor hash vouches for everything before it.
+//! proposals: the chain id, the head block, the cursor block's hash, one
+//! `eth_getLogs` per block range (every Safe and app in one filter), and two
+//! Multicall3 reads of every Safe's nonce and version: at `confirmed` (for
+//! decisions) and at the head (any doubt about the Safe's version holds
+//! everything back at once).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use alloy::primitives::{Address, B256};
 use alloy::rpc::types::Log;
 use alloy::sol_types::SolEvent;
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 use super::Worker;
 use super::safe_flow::SafeFlow;
 use crate::chain::{ChainClient, Registration};
 use crate::domain::Event;
-use crate::store::{Changes, ProposalEnd, ProposalRow, ReplicaRequest, StoredError};
+use crate::store::{
+    Changes, Cursor, ProposalEnd, ProposalRow, ReplicaRequest, RequestMove, StoredError,
+};
 
 /// How far back to rescan when the cursor's block was reorganised away.
 const REORG_WINDOW: u64 = 64;
@@ -29,42 +46,64 @@ mod events {
         // topic0 is the same whether `txHash` is indexed (1.4.1+) or not (1.3.0).
         event ExecutionSuccess(bytes32 txHash, uint256 payment);
         event ExecutionFailure(bytes32 txHash, uint256 payment);
+        // What can allow a registration without us.
         event ComposeHashAdded(bytes32 composeHash);
         event DeviceAdded(bytes32 deviceId);
         event AllowAnyDeviceSet(bool allowAny);
     }
 }
 
+/// An app log that may have allowed something by other means.
+fn may_allow(log: &Log) -> bool {
+    log.topics().first().is_some_and(|topic| {
+        [
+            events::ComposeHashAdded::SIGNATURE_HASH,
+            events::DeviceAdded::SIGNATURE_HASH,
+            events::AllowAnyDeviceSet::SIGNATURE_HASH,
+        ]
+        .contains(topic)
+    })
+}
+
 /// One pass over every chain with open proposals. `true` when something moved.
 pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
+    if worker.safe_flow.is_none() {
+        return Ok(false);
+    }
+    let mut moved = false;
+    for chain_id in worker.store.chains_to_follow().await? {
+        moved |= run_chain(worker, chain_id).await?;
+    }
+    Ok(moved)
+}
+
+/// One pass over one chain: the follower job of that chain runs this.
+pub(super) async fn run_chain(worker: &Worker, chain_id: i64) -> anyhow::Result<bool> {
     let Some(flow) = worker.safe_flow.as_ref() else {
         return Ok(false);
     };
-    let mut moved = false;
-    for chain_id in worker.store.chains_to_follow().await? {
-        match follow(worker, flow, chain_id).await {
-            Ok(m) => moved |= m,
-            Err(err) => {
-                // Keep waiting, with the cause visible on the requests.
-                tracing::warn!(
-                    chain_id,
-                    error = format!("{err:#}"),
-                    "chain follower pass failed"
-                );
-                let err = StoredError::new(
-                    "CHAIN-FOLLOWER",
-                    &format!("watching chain {chain_id} failed: {err:#}"),
-                    Some(
-                        "The bridge keeps watching; nothing is committed until the chain answers consistently.",
-                    ),
-                );
-                for proposal in worker.store.open_proposals(chain_id).await? {
-                    worker.store.note_on_requests(proposal.id, &err).await?;
-                }
+    match follow(worker, flow, chain_id).await {
+        Ok(moved) => Ok(moved),
+        Err(err) => {
+            // Keep waiting, with the cause visible on the requests.
+            tracing::warn!(
+                chain_id,
+                error = format!("{err:#}"),
+                "chain follower pass failed"
+            );
+            let err = StoredError::new(
+                "CHAIN-FOLLOWER",
+                &format!("watching chain {chain_id} failed: {err:#}"),
+                Some(
+                    "The bridge keeps watching; nothing is committed until the chain answers consistently.",
+                ),
+            );
+            for proposal in worker.store.open_proposals(chain_id).await? {
+                worker.store.note_on_requests(proposal.id, &err).await?;
             }
+            Ok(false)
         }
     }
-    Ok(moved)
 }
 
 async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Result<bool> {
@@ -77,62 +116,75 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
     if open.is_empty() {
         return Ok(false);
     }
-    let head = chain.head().await?;
-    let confirmations = flow.confirmations.of(chain_id as u64);
+    let (head, head_hash) = chain.head_block().await?;
+    let confirmed = head.saturating_sub(flow.confirmations.of(chain_id as u64));
 
-    // Where to scan from: the stored cursor, unless a reorg took its block away.
+    // Where to scan from: past the stored cursor, unless a reorg took its
+    // block away; never past the unconfirmed blocks, which are read again.
     let earliest = open
         .iter()
         .filter_map(|p| p.proposed_block)
         .min()
         .unwrap_or(head as i64)
         .max(1) as u64;
-    let mut from = match worker.store.cursor(chain_id).await? {
-        Some((block, hash)) if (block as u64) <= head => {
-            let now_hash = chain.block_hash(block as u64).await?;
-            if now_hash.to_string() == hash {
-                block as u64 + 1
+    let stored = worker.store.cursor(chain_id).await?;
+    let mut apps_touched = stored.as_ref().is_some_and(|c| c.apps_touched);
+    let from = match &stored {
+        Some(cursor) if (cursor.block_number as u64) <= head => {
+            let block = cursor.block_number as u64;
+            let now_hash = chain.block_hash(block).await?;
+            if now_hash.to_string() == cursor.block_hash {
+                // Nothing before the oldest open proposal concerns it.
+                (block + 1).max(earliest)
             } else {
-                let rewind = (block as u64)
+                let rewind = block
                     .saturating_sub(REORG_WINDOW)
                     .max(earliest.saturating_sub(1))
                     .max(1);
-                let forgotten = worker
-                    .store
-                    .forget_executions_from(chain_id, rewind as i64)
-                    .await?;
                 tracing::warn!(
                     chain_id,
                     block,
                     rewind,
-                    forgotten,
                     "reorg: the cursor's block changed; scanning again"
                 );
                 rewind
             }
         }
         // A cursor above the head: the chain went back (a reorg to a shorter chain).
-        Some((block, _)) => {
+        Some(cursor) => {
             let rewind = head
                 .saturating_sub(REORG_WINDOW)
                 .max(earliest.saturating_sub(1))
                 .max(1);
-            worker
-                .store
-                .forget_executions_from(chain_id, rewind as i64)
-                .await?;
             tracing::warn!(
                 chain_id,
-                block,
+                block = cursor.block_number,
                 head,
                 "reorg: the head is below the cursor; scanning again"
             );
             rewind
         }
         None => earliest,
-    };
-    from = from.min(earliest.max(from));
+    }
+    .min(confirmed + 1)
+    .max(1);
+    // One log range per pass: a stale cursor catches up over several passes.
+    let to = head.min(from.saturating_add(flow.log_range.max(1) - 1));
+    let caught_up = to == head;
 
+    // What was seen from `from` on is read again from the chain as it is now.
+    let forgotten = worker
+        .store
+        .forget_executions_from(chain_id, from as i64)
+        .await?;
+    if forgotten > 0 {
+        tracing::info!(
+            chain_id,
+            from,
+            forgotten,
+            "unconfirmed executions are read again"
+        );
+    }
     let safes: BTreeSet<Address> = open.iter().filter_map(|p| p.safe.parse().ok()).collect();
     let apps: BTreeSet<Address> = worker
         .store
@@ -141,24 +193,25 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
         .iter()
         .filter_map(|a| a.parse().ok())
         .collect();
-    let mut touched_apps = false;
-    if from <= head {
+    // Apps with a log above `confirmed`: their state at `confirmed` is stale.
+    let mut unsettled: BTreeSet<Address> = BTreeSet::new();
+    if from <= to {
+        // Every log of the Safes and apps: any app log may change what is
+        // allowed (added, removed, allowAnyDevice, a new owner...).
         let addresses: Vec<Address> = safes.iter().chain(apps.iter()).copied().collect();
-        let topics = [
-            events::ExecutionSuccess::SIGNATURE_HASH,
-            events::ExecutionFailure::SIGNATURE_HASH,
-            events::ComposeHashAdded::SIGNATURE_HASH,
-            events::DeviceAdded::SIGNATURE_HASH,
-            events::AllowAnyDeviceSet::SIGNATURE_HASH,
-        ];
         let logs = chain
-            .logs(from, head, flow.log_range, &addresses, &topics)
+            .logs(from, to, flow.log_range, &addresses, &[])
             .await?;
-        let seen = record_executions(worker, &open, &safes, &logs).await?;
-        touched_apps = seen.touched_apps;
+        for log in logs.iter().filter(|l| apps.contains(&l.address())) {
+            apps_touched |= may_allow(log);
+            if log.block_number.is_none_or(|b| b > confirmed) {
+                unsettled.insert(log.address());
+            }
+        }
+        let anomalies = record_executions(worker, &open, &safes, &logs).await?;
         // An odd log proves nothing about any proposal: report it on the
         // Safe's requests and move past it, so one log cannot stall the chain.
-        for (safe, problem) in seen.anomalies {
+        for (safe, problem) in anomalies {
             tracing::error!(chain_id, %safe, problem = %problem, "unexpected execution log; ignored");
             let err = StoredError::new(
                 "CHAIN-FOLLOWER",
@@ -174,88 +227,92 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
                 worker.store.note_on_requests(proposal.id, &err).await?;
             }
         }
-        let hash = chain.block_hash(head).await?;
-        worker
-            .store
-            .set_cursor(chain_id, head as i64, &hash.to_string(), worker.clock.now())
-            .await?;
+    }
+    let cursor_hash = if caught_up {
+        head_hash
+    } else {
+        chain.block_hash(to).await?
+    };
+    let cursor = Cursor {
+        block_number: to as i64,
+        block_hash: cursor_hash.to_string(),
+        apps_touched,
+    };
+    worker
+        .store
+        .set_cursor(chain_id, &cursor, worker.clock.now())
+        .await?;
+    if !caught_up {
+        // Nothing is decided on a partial view; the next pass goes on.
+        return Ok(true);
     }
 
-    // Decide on each open proposal with the chain as of the head.
-    let states = chain
-        .safe_states(&safes.iter().copied().collect::<Vec<_>>(), head)
-        .await?;
+    // Decide on each open proposal with the chain as of `confirmed`; doubt
+    // the Safe's version as soon as the head shows it.
+    let safe_list: Vec<Address> = safes.iter().copied().collect();
+    let states = chain.safe_states(&safe_list, confirmed).await?;
+    let at_head = chain.safe_states(&safe_list, head).await?;
     let now = worker.clock.now();
     let mut moved = false;
     // Read again: the scan may have recorded executions on them.
     let current = worker.store.open_proposals(chain_id).await?;
+    let view = View {
+        chain: &chain,
+        states: &states,
+        at_head: &at_head,
+        confirmed,
+        unsettled: &unsettled,
+    };
     for proposal in &current {
-        moved |= decide(
-            worker,
-            flow,
-            &chain,
-            proposal,
-            &states,
-            head,
-            confirmations,
-            now,
-        )
-        .await?;
+        moved |= decide(worker, flow, &view, proposal, now).await?;
     }
-    if touched_apps {
+    if apps_touched {
         // A Safe that changed its VERSION() is doubtful evidence: its requests wait.
         let doubtful: BTreeSet<String> = current
             .iter()
             .filter(|p| {
                 let safe = p.safe.parse::<Address>().ok();
-                safe.and_then(|s| states.get(&s))
+                safe.and_then(|s| at_head.get(&s))
                     .is_some_and(|(_, version)| *version != p.safe_version)
             })
             .map(|p| p.safe.clone())
             .collect();
-        moved |= release_allowed_meanwhile(
-            worker,
-            &chain,
-            chain_id,
-            head.saturating_sub(confirmations),
-            &doubtful,
-        )
-        .await?;
+        moved |= release_allowed_meanwhile(worker, &view, chain_id, &doubtful).await?;
+        worker.store.clear_apps_touched(chain_id).await?;
     }
     Ok(moved)
 }
 
-/// What one scan found.
-struct Seen {
-    /// A watched app registered something: someone may have done our job.
-    touched_apps: bool,
-    /// Execution logs that cannot be read, per Safe.
-    anomalies: Vec<(Address, String)>,
+/// The chain as the follower decides on it.
+struct View<'a> {
+    chain: &'a ChainClient,
+    /// Each Safe's nonce (and VERSION()) at `confirmed`.
+    states: &'a HashMap<Address, (u64, String)>,
+    /// The same at the head, where a changed VERSION() shows first.
+    at_head: &'a HashMap<Address, (u64, String)>,
+    confirmed: u64,
+    /// Apps with logs above `confirmed`.
+    unsettled: &'a BTreeSet<Address>,
 }
 
-/// Records `ExecutionSuccess`/`ExecutionFailure` of open proposals.
+/// Records `ExecutionSuccess`/`ExecutionFailure` of open proposals; returns
+/// the execution logs that cannot be read, per Safe.
 async fn record_executions(
     worker: &Worker,
     open: &[ProposalRow],
     safes: &BTreeSet<Address>,
     logs: &[Log],
-) -> anyhow::Result<Seen> {
+) -> anyhow::Result<Vec<(Address, String)>> {
     let by_hash: HashMap<(Address, B256), &ProposalRow> = open
         .iter()
         .filter_map(|p| Some(((p.safe.parse().ok()?, p.safe_tx_hash.parse().ok()?), p)))
         .collect();
-    let mut touched = false;
     let mut anomalies = Vec::new();
     for log in logs {
-        let topic0 = log.topics().first().copied();
-        let success = match topic0 {
+        let success = match log.topics().first().copied() {
             Some(t) if t == events::ExecutionSuccess::SIGNATURE_HASH => true,
             Some(t) if t == events::ExecutionFailure::SIGNATURE_HASH => false,
-            Some(_) => {
-                touched = true;
-                continue;
-            }
-            None => continue,
+            _ => continue,
         };
         if !safes.contains(&log.address()) {
             continue;
@@ -303,28 +360,22 @@ async fn record_executions(
             )
             .await?;
     }
-    Ok(Seen {
-        touched_apps: touched,
-        anomalies,
-    })
+    Ok(anomalies)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn decide(
     worker: &Worker,
     flow: &SafeFlow,
-    chain: &ChainClient,
+    view: &View<'_>,
     proposal: &ProposalRow,
-    states: &HashMap<Address, (u64, String)>,
-    head: u64,
-    confirmations: u64,
     now: DateTime<Utc>,
 ) -> anyhow::Result<bool> {
     let safe: Address = proposal.safe.parse()?;
-    let Some((nonce, version)) = states.get(&safe) else {
-        return Ok(false);
-    };
-    if *version != proposal.safe_version {
+    // `None`: the Safe did not exist yet at the confirmed block.
+    let state = view.states.get(&safe);
+    if let Some((_, version)) = view.at_head.get(&safe)
+        && *version != proposal.safe_version
+    {
         let err = StoredError::new(
             "SAFE-VERSION-CHANGED",
             &format!(
@@ -343,11 +394,11 @@ async fn decide(
 
     match (proposal.execution_block, proposal.execution_success) {
         (Some(block), Some(success)) => {
-            if head < block as u64 + confirmations {
+            if block as u64 > view.confirmed || state.is_none() {
                 return Ok(false); // Seen, not final yet.
             }
             if success {
-                executed(worker, chain, proposal, now).await
+                executed(worker, view, proposal, now).await
             } else {
                 let err = StoredError::new(
                     "SAFE-EXECUTION-FAILED",
@@ -360,8 +411,9 @@ async fn decide(
                 lost(worker, flow, proposal, ProposalEnd::Failed, err, now).await
             }
         }
-        // The Safe moved past our nonce without executing us: replaced or rejected.
-        _ if *nonce > proposal.nonce as u64 => {
+        // The Safe moved past our nonce at a confirmed block, and no
+        // execution of ours up to there: replaced or rejected.
+        _ if state.is_some_and(|(nonce, _)| *nonce > proposal.nonce as u64) => {
             let err = StoredError::new(
                 "SAFE-NONCE-REPLACED",
                 &format!(
@@ -372,92 +424,89 @@ async fn decide(
             );
             lost(worker, flow, proposal, ProposalEnd::Replaced, err, now).await
         }
-        _ => {
+        (Some(_), _) => Ok(false),
+        (None, _) => {
             let submitted = proposal.submitted_at.unwrap_or(proposal.created_at);
             let timeout = chrono::Duration::seconds(flow.proposal_timeout.as_secs() as i64);
-            if now - submitted > timeout {
-                let err = StoredError::new(
-                    "PROPOSAL-EXPIRED",
-                    &format!(
-                        "nobody executed Safe proposal {} within {} days",
-                        proposal.safe_tx_hash,
-                        timeout.num_days().max(1)
-                    ),
-                    Some("Ask the Safe owners, then queue the replica again."),
-                );
-                worker
-                    .store
-                    .end_proposal(proposal.id, ProposalEnd::Failed, now, Some(&err))
-                    .await?;
-                for request in worker.store.requests_of_proposal(proposal.id).await? {
-                    let changes = Changes {
-                        error: Some(err.clone()),
-                        ..Changes::default()
-                    };
-                    worker
-                        .store
-                        .move_waiting(&request, Event::Fail, now, &err.message, changes)
-                        .await?;
-                }
-                return Ok(true);
+            if now - submitted <= timeout {
+                // Not executed yet (or an execution reverted without an event,
+                // GS013): the proposal is still executable, keep waiting.
+                return Ok(false);
             }
-            // Not executed yet (or an execution reverted without an event, GS013):
-            // the proposal is still executable, keep waiting.
-            Ok(false)
+            let err = StoredError::new(
+                "PROPOSAL-EXPIRED",
+                &format!(
+                    "nobody executed Safe proposal {} within {} days",
+                    proposal.safe_tx_hash,
+                    timeout.num_days().max(1)
+                ),
+                Some("Ask the Safe owners, then queue the replica again."),
+            );
+            let ended = worker
+                .store
+                .end_proposal(proposal.id, ProposalEnd::Failed, now, Some(&err), |_, _| {
+                    RequestMove {
+                        event: Event::Fail,
+                        message: err.message.clone(),
+                        changes: Changes {
+                            error: Some(err.clone()),
+                            ..Changes::default()
+                        },
+                    }
+                })
+                .await?;
+            if ended {
+                tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, "proposal expired; its nonce is free for the next batch");
+            }
+            Ok(ended)
         }
     }
 }
 
-/// A confirmed `ExecutionSuccess`: re-read the registrations and release the
-/// requests that now have everything, with the execution's transaction hash.
+/// A confirmed `ExecutionSuccess`: re-read the registrations at the
+/// confirmed block and release the requests that now have everything, with
+/// the execution's transaction hash. Waits while an app involved has a log
+/// above the confirmed block.
 async fn executed(
     worker: &Worker,
-    chain: &ChainClient,
+    view: &View<'_>,
     proposal: &ProposalRow,
     now: DateTime<Utc>,
 ) -> anyhow::Result<bool> {
     let requests = worker.store.requests_of_proposal(proposal.id).await?;
-    let allowed = allowed_requests(worker, chain, &requests, None).await?;
+    let Some(allowed) = allowed_requests(worker, view, &requests, Settled::All).await? else {
+        return Ok(false);
+    };
     let tx_hash = proposal.execution_tx_hash.clone();
-    for request in &requests {
-        if allowed.contains(&request.id) {
-            let changes = Changes {
-                commit_tx_hash: tx_hash.clone(),
-                ..Changes::default()
-            };
-            let message = format!(
-                "Safe executed the proposal in {}",
-                tx_hash.as_deref().unwrap_or("?")
-            );
-            worker
-                .store
-                .move_waiting(request, Event::RegistrationsAllowed, now, &message, changes)
-                .await?;
-        } else {
-            // Executed, yet not allowed (removed again?): plan afresh.
-            let err = StoredError::new(
-                "NOT-ALLOWED-AFTER-EXECUTION",
-                "the proposal executed but the app does not allow everything the replica needs",
-                None,
-            );
-            worker
-                .store
-                .move_waiting(
-                    request,
-                    Event::ProposalDropped,
-                    now,
-                    &err.message,
-                    Changes::default(),
-                )
-                .await?;
-        }
-    }
-    worker
+    let ended = worker
         .store
-        .end_proposal(proposal.id, ProposalEnd::Executed, now, None)
+        .end_proposal(proposal.id, ProposalEnd::Executed, now, None, |request, _| {
+            if allowed.contains(&request.id) {
+                RequestMove {
+                    event: Event::RegistrationsAllowed,
+                    message: format!(
+                        "Safe executed the proposal in {}",
+                        tx_hash.as_deref().unwrap_or("?")
+                    ),
+                    changes: Changes {
+                        commit_tx_hash: tx_hash.clone(),
+                        ..Changes::default()
+                    },
+                }
+            } else {
+                // Executed, yet not allowed (removed again?): plan afresh.
+                RequestMove {
+                    event: Event::ProposalDropped,
+                    message: "the proposal executed but the app does not allow everything the replica needs".into(),
+                    changes: Changes::default(),
+                }
+            }
+        })
         .await?;
-    tracing::info!(safe_tx_hash = %proposal.safe_tx_hash, requests = requests.len(), "proposal executed and confirmed");
-    Ok(true)
+    if ended {
+        tracing::info!(safe_tx_hash = %proposal.safe_tx_hash, requests = requests.len(), "proposal executed and confirmed");
+    }
+    Ok(ended)
 }
 
 /// The proposal can no longer execute: its requests wait for a fresh one,
@@ -470,52 +519,53 @@ async fn lost(
     err: StoredError,
     now: DateTime<Utc>,
 ) -> anyhow::Result<bool> {
-    worker
+    let max = flow.max_reproposals as i64;
+    let ended = worker
         .store
-        .end_proposal(proposal.id, end, now, Some(&err))
+        .end_proposal(proposal.id, end, now, Some(&err), |_, lost_before| {
+            if lost_before + 1 > max {
+                let err = StoredError {
+                    message: format!(
+                        "{} (gave up after {} proposals)",
+                        err.message,
+                        lost_before + 1
+                    ),
+                    ..err.clone()
+                };
+                RequestMove {
+                    event: Event::Fail,
+                    message: err.message.clone(),
+                    changes: Changes {
+                        error: Some(err),
+                        ..Changes::default()
+                    },
+                }
+            } else {
+                RequestMove {
+                    event: Event::ProposalDropped,
+                    message: err.message.clone(),
+                    changes: Changes {
+                        error: Some(err.clone()),
+                        ..Changes::default()
+                    },
+                }
+            }
+        })
         .await?;
-    for request in worker.store.requests_of_proposal(proposal.id).await? {
-        let lost_before = worker.store.proposals_lost(request.id).await?;
-        if lost_before + 1 > flow.max_reproposals as i64 {
-            let err = StoredError {
-                message: format!(
-                    "{} (gave up after {} proposals)",
-                    err.message,
-                    lost_before + 1
-                ),
-                ..err.clone()
-            };
-            let changes = Changes {
-                error: Some(err.clone()),
-                ..Changes::default()
-            };
-            worker
-                .store
-                .move_waiting(&request, Event::Fail, now, &err.message, changes)
-                .await?;
-        } else {
-            let changes = Changes {
-                error: Some(err.clone()),
-                ..Changes::default()
-            };
-            worker
-                .store
-                .move_waiting(&request, Event::ProposalDropped, now, &err.message, changes)
-                .await?;
-        }
+    if ended {
+        tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, "proposal lost");
     }
-    tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, "proposal lost");
-    Ok(true)
+    Ok(ended)
 }
 
 /// Registrations can be allowed without us (someone executed them, or turned
 /// on `allowAnyDevice`): release the waiting requests, and mark proposals
-/// left with nothing to do superseded. Reads state at a confirmed block.
+/// left with nothing to do superseded. Reads state at the confirmed block,
+/// and only for apps with no newer log.
 async fn release_allowed_meanwhile(
     worker: &Worker,
-    chain: &ChainClient,
+    view: &View<'_>,
     chain_id: i64,
-    block: u64,
     doubtful_safes: &BTreeSet<String>,
 ) -> anyhow::Result<bool> {
     let mut waiting = worker.store.requests_awaiting_approval(chain_id).await?;
@@ -524,53 +574,56 @@ async fn release_allowed_meanwhile(
             .as_ref()
             .is_none_or(|safe| !doubtful_safes.contains(safe))
     });
-    let allowed = allowed_requests(worker, chain, &waiting, Some(block)).await?;
+    let Some(allowed) = allowed_requests(worker, view, &waiting, Settled::Some).await? else {
+        return Ok(false);
+    };
+    let mut by_proposal: BTreeMap<Uuid, Vec<Uuid>> = BTreeMap::new();
+    for request in waiting.iter().filter(|r| allowed.contains(&r.id)) {
+        if let Some(proposal) = request.proposal_id {
+            by_proposal.entry(proposal).or_default().push(request.id);
+        }
+    }
     let now = worker.clock.now();
     let mut moved = false;
-    let mut proposals = BTreeSet::new();
-    for request in waiting.iter().filter(|r| allowed.contains(&r.id)) {
-        let message = "everything it needs was allowed on chain by other means";
-        moved |= worker
+    for (proposal, ids) in by_proposal {
+        let released = worker
             .store
-            .move_waiting(
-                request,
-                Event::RegistrationsAllowed,
+            .release_allowed(
+                proposal,
+                &ids,
                 now,
-                message,
-                Changes::default(),
+                "everything it needs was allowed on chain by other means",
             )
             .await?;
-        proposals.extend(request.proposal_id);
-    }
-    for proposal in proposals {
-        if worker
-            .store
-            .requests_of_proposal(proposal)
-            .await?
-            .is_empty()
-        {
-            worker
-                .store
-                .end_proposal(proposal, ProposalEnd::Superseded, now, None)
-                .await?;
-            tracing::info!(%proposal, "proposal superseded: nothing left in it");
-        }
+        moved |= released > 0;
     }
     Ok(moved)
 }
 
-/// The requests whose registrations are all allowed (one Multicall3 read).
+/// Which requests [`allowed_requests`] needs to be settled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// All of them, or it answers `None` (a proposal is decided whole).
+    All,
+    /// Some of them: the others are left out (`None` when there is none).
+    Some,
+}
+
+/// The requests whose registrations are all allowed at the confirmed block
+/// (one Multicall3 read). A request on an app with a log above the
+/// confirmed block is unsettled: the state there is older than what was
+/// seen, so it is not read as allowed.
 async fn allowed_requests(
     worker: &Worker,
-    chain: &ChainClient,
+    view: &View<'_>,
     requests: &[ReplicaRequest],
-    block: Option<u64>,
-) -> anyhow::Result<BTreeSet<uuid::Uuid>> {
+    settled_needed: Settled,
+) -> anyhow::Result<Option<BTreeSet<Uuid>>> {
     if requests.is_empty() {
-        return Ok(BTreeSet::new());
+        return Ok(Some(BTreeSet::new()));
     }
-    let ids: Vec<uuid::Uuid> = requests.iter().map(|r| r.id).collect();
-    let mut needs: HashMap<uuid::Uuid, Vec<(Address, Registration)>> = HashMap::new();
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
+    let mut needs: HashMap<Uuid, Vec<(Address, Registration)>> = HashMap::new();
     let mut wanted: HashMap<Address, BTreeSet<Registration>> = HashMap::new();
     for row in worker.store.registrations_of(&ids).await? {
         let (Ok(app), Ok(value)) = (
@@ -588,19 +641,35 @@ async fn allowed_requests(
             .push((app, registration));
         wanted.entry(app).or_default().insert(registration);
     }
+    let settled = |id: &Uuid| {
+        needs
+            .get(id)
+            .is_none_or(|regs| regs.iter().all(|(app, _)| !view.unsettled.contains(app)))
+    };
+    let enough = match settled_needed {
+        Settled::All => requests.iter().all(|r| settled(&r.id)),
+        Settled::Some => requests.iter().any(|r| settled(&r.id)),
+    };
+    if !enough {
+        return Ok(None);
+    }
     let wanted: Vec<(Address, Vec<Registration>)> = wanted
         .into_iter()
+        .filter(|(app, _)| !view.unsettled.contains(app))
         .map(|(a, r)| (a, r.into_iter().collect()))
         .collect();
-    let states = chain.read_apps_at(&wanted, block).await?;
-    Ok(requests
-        .iter()
-        .filter(|r| {
-            needs.get(&r.id).is_some_and(|regs| {
-                regs.iter()
-                    .all(|(app, reg)| states.get(app).is_some_and(|s| s.is_allowed(reg)))
+    let states = view.chain.allowed_at(&wanted, view.confirmed).await?;
+    Ok(Some(
+        requests
+            .iter()
+            .filter(|r| settled(&r.id))
+            .filter(|r| {
+                needs.get(&r.id).is_some_and(|regs| {
+                    regs.iter()
+                        .all(|(app, reg)| states.get(app).is_some_and(|s| s.is_allowed(reg)))
+                })
             })
-        })
-        .map(|r| r.id)
-        .collect())
+            .map(|r| r.id)
+            .collect(),
+    ))
 }

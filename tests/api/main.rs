@@ -2,6 +2,7 @@
 //! database per test, wiremock for Phala Cloud.
 
 mod access;
+mod chain_rpc;
 mod chain_world;
 mod cli;
 mod conformance;
@@ -18,8 +19,12 @@ mod properties;
 mod readme;
 mod replicas_api;
 mod rpc_proxy;
+mod safe_doubles;
 mod safe_flow;
+mod safe_flow_atomic;
 mod safe_flow_errors;
+mod safe_flow_owner;
+mod safe_flow_repost;
 mod safe_service;
 mod sandbox_e2e;
 mod sandbox_page;
@@ -28,5 +33,6 @@ mod secrets;
 mod unknown_outcomes;
 mod watch_commit;
 mod watch_failures;
+mod watch_reorg;
 mod webhook;
 mod worker;

@@ -314,6 +314,13 @@ async fn registrations_allowed_meanwhile_skip_the_proposal() {
         .await
         .unwrap();
 
+    // Allowed in the head block only: nothing is proposed, nothing committed yet.
+    app.worker.propose_once().await.unwrap();
+    assert_eq!(app.status_of(&id).await, "awaiting_proposal");
+
+    // Once confirmed, the request goes on to commit without a proposal.
+    crate::watch_commit::mine(&world, 3).await;
+    app.clock.advance(chrono::Duration::seconds(6));
     app.worker.propose_once().await.unwrap();
     let request = app.get_replica(&id).await;
     assert_eq!(request["status"], "committing");

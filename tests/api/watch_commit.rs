@@ -92,7 +92,8 @@ pub async fn proposed(world: &SafeWorld, app: &TestApp, nodes: &[u32]) -> Vec<St
     }
     app.drain_all(10).await;
     for id in &ids {
-        assert_eq!(app.status_of(id).await, "awaiting_approval");
+        let request = app.get_replica(id).await;
+        assert_eq!(request["status"], "awaiting_approval", "{request}");
     }
     ids
 }

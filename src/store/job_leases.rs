@@ -1,0 +1,129 @@
+//! `job_leases`: who runs each Safe-flow job (a planner per Safe, a follower
+//! per chain). A holder renews its lease by heartbeat; once it stops, the
+//! lease expires and another process takes the job with a higher token.
+//! Every time is the database's `now()`, never a process clock.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::Store;
+
+/// A held job: the proof to renew, release, or fence a write with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobLease {
+    pub job: String,
+    pub holder: Uuid,
+    /// Grows at every change of holder.
+    pub token: i64,
+}
+
+/// The answer to [`Store::acquire_job`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    Held(JobLease),
+    /// Another holder's lease runs for this long yet.
+    Busy {
+        expires_in: Duration,
+    },
+}
+
+impl Store {
+    /// Takes `job` for `holder` for `lease`, if it is free, expired, or
+    /// already `holder`'s.
+    pub async fn acquire_job(
+        &self,
+        job: &str,
+        holder: Uuid,
+        lease: Duration,
+    ) -> Result<Acquired, sqlx::Error> {
+        let token: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO job_leases AS l (job, holder, token, expires_at, updated_at)
+             VALUES ($1, $2, 1, now() + make_interval(secs => $3), now())
+             ON CONFLICT (job) DO UPDATE SET
+                holder = EXCLUDED.holder,
+                token = l.token + 1,
+                expires_at = EXCLUDED.expires_at,
+                updated_at = now()
+             WHERE l.expires_at <= now() OR l.holder = EXCLUDED.holder
+             RETURNING token",
+        )
+        .bind(job)
+        .bind(holder)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(token) = token {
+            return Ok(Acquired::Held(JobLease {
+                job: job.to_owned(),
+                holder,
+                token,
+            }));
+        }
+        let seconds: f64 = sqlx::query_scalar(
+            "SELECT COALESCE(GREATEST(extract(epoch FROM expires_at - now())::float8, 0), 0)
+             FROM job_leases WHERE job = $1",
+        )
+        .bind(job)
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or(0.0);
+        Ok(Acquired::Busy {
+            expires_in: Duration::from_secs_f64(seconds),
+        })
+    }
+
+    /// Extends the lease. `false`: another holder took the job.
+    pub async fn renew_job(
+        &self,
+        lease: &JobLease,
+        duration: Duration,
+    ) -> Result<bool, sqlx::Error> {
+        let renewed = sqlx::query(
+            "UPDATE job_leases SET expires_at = now() + make_interval(secs => $4), updated_at = now()
+             WHERE job = $1 AND holder = $2 AND token = $3",
+        )
+        .bind(&lease.job)
+        .bind(lease.holder)
+        .bind(lease.token)
+        .bind(duration.as_secs_f64())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(renewed == 1)
+    }
+
+    /// Gives the job up at once, so that another process need not wait for
+    /// the lease to run out.
+    pub async fn release_job(&self, lease: &JobLease) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE job_leases SET expires_at = now(), updated_at = now()
+             WHERE job = $1 AND holder = $2 AND token = $3",
+        )
+        .bind(&lease.job)
+        .bind(lease.holder)
+        .bind(lease.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Inside a transaction: `true` while `lease` still holds its job. The row
+/// stays share-locked until the transaction ends, so no takeover can slip
+/// in before the transaction's writes are committed.
+pub(super) async fn still_held(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    lease: &JobLease,
+) -> Result<bool, sqlx::Error> {
+    let held: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM job_leases
+         WHERE job = $1 AND holder = $2 AND token = $3 AND expires_at > now() FOR SHARE",
+    )
+    .bind(&lease.job)
+    .bind(lease.holder)
+    .bind(lease.token)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(held.is_some())
+}

@@ -1,0 +1,195 @@
+//! One leased owner per Safe-flow task: the planner of each allowed Safe
+//! (and one for requests elsewhere) and the follower of each chain run on
+//! their own tasks, each as a job in `job_leases`. Every process runs every
+//! job's task; only the holder of a job's lease runs its passes. Request
+//! steps run on other tasks, so a backlog of them cannot starve these.
+//!
+//! Why a lease table and not a session advisory lock: an advisory lock lives
+//! as long as one connection, so it needs a connection kept aside per job,
+//! is lost silently when that connection drops while the process works on
+//! through others, and does not survive a transaction-mode pooler. A lease
+//! row with the database's `now()` gives an explicit expiry the holder
+//! renews by heartbeat, a fencing token the planner's nonce allocation
+//! checks in its own transaction, and a takeover within one lease when the
+//! holder dies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span};
+
+use super::Worker;
+use super::propose::{self, PlanScope};
+use super::watch;
+use crate::store::{Acquired, JobLease};
+
+/// A Safe-flow job.
+#[derive(Debug, Clone)]
+enum Job {
+    Planner(PlanScope),
+    Follower(i64),
+}
+
+impl Job {
+    fn name(&self) -> String {
+        match self {
+            Job::Planner(scope) => scope.job(),
+            Job::Follower(chain_id) => format!("follower:{chain_id}"),
+        }
+    }
+}
+
+/// Runs every Safe-flow job's task until `shutdown`; on shutdown each holder
+/// gives its lease up, so another process takes over at once.
+pub(super) async fn run(worker: Worker, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let Some(flow) = worker.safe_flow.as_ref() else {
+        return;
+    };
+    let mut jobs: Vec<Job> = PlanScope::all(flow).into_iter().map(Job::Planner).collect();
+    // Chains of the allowed Safes, and any chain with proposals still open
+    // (a Safe removed from the settings leaves its proposals to follow).
+    let mut chains: Vec<i64> = flow.safes.0.iter().map(|(c, _)| *c as i64).collect();
+    match worker.store.chains_to_follow().await {
+        Ok(open) => chains.extend(open),
+        Err(err) => tracing::warn!(error = %err, "cannot list the chains with open proposals"),
+    }
+    chains.sort_unstable();
+    chains.dedup();
+    jobs.extend(chains.into_iter().map(Job::Follower));
+
+    let mut tasks = JoinSet::new();
+    for job in jobs {
+        let span = info_span!("safe_flow_job", job = %job.name());
+        tasks.spawn(run_job(worker.clone(), job, wake.clone(), shutdown.clone()).instrument(span));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Takes the job whenever it is free, and runs its passes while it holds it.
+async fn run_job(worker: Worker, job: Job, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let flow = worker.safe_flow.clone().expect("jobs run with a Safe flow");
+    let name = job.name();
+    let lease = flow.job_lease;
+    while !shutdown.is_cancelled() {
+        let wait = match worker
+            .store
+            .acquire_job(&name, flow.owner_id(), lease)
+            .await
+        {
+            Ok(Acquired::Held(held)) => {
+                tracing::info!(job = %name, token = held.token, "holding the Safe-flow job");
+                hold(&worker, &job, &held, &wake, &shutdown).await;
+                Duration::ZERO
+            }
+            // Wake when the other holder's lease runs out.
+            Ok(Acquired::Busy { expires_in }) => {
+                (expires_in + Duration::from_millis(50)).min(lease)
+            }
+            Err(err) => {
+                tracing::warn!(job = %name, error = %err, "cannot take the Safe-flow job");
+                Duration::from_secs(1).min(lease)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Runs the job's passes until the lease is lost or `shutdown`, whichever
+/// comes first; the pass under way is dropped at that moment (an open
+/// transaction rolls back; every write is also guarded by row state).
+async fn hold(
+    worker: &Worker,
+    job: &Job,
+    held: &JobLease,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+) {
+    let lease = worker
+        .safe_flow
+        .as_ref()
+        .expect("jobs run with a Safe flow")
+        .job_lease;
+    tokio::select! {
+        _ = shutdown.cancelled() => {
+            if let Err(err) = worker.store.release_job(held).await {
+                tracing::warn!(job = %held.job, error = %err, "cannot release the Safe-flow job; it expires by itself");
+            }
+        }
+        _ = keep(worker, held, lease) => {
+            tracing::warn!(job = %held.job, token = held.token, "lost the Safe-flow job; stopping its passes");
+        }
+        _ = passes(worker, job, held, wake) => {}
+    }
+}
+
+/// Renews the lease every third of it; returns once it is lost, or once it
+/// can no longer be proven held: two thirds of a lease after the last
+/// renewal that got through, safely before it can expire in the database.
+async fn keep(worker: &Worker, held: &JobLease, lease: Duration) {
+    let mut last_renewed = Instant::now();
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let sent = Instant::now();
+        match tokio::time::timeout(lease / 3, worker.store.renew_job(held, lease)).await {
+            Ok(Ok(true)) => last_renewed = sent,
+            Ok(Ok(false)) => return,
+            Ok(Err(err)) => {
+                tracing::warn!(job = %held.job, error = %err, "cannot renew the Safe-flow job")
+            }
+            Err(_) => tracing::warn!(job = %held.job, "renewing the Safe-flow job timed out"),
+        }
+        if last_renewed.elapsed() >= lease * 2 / 3 {
+            return;
+        }
+    }
+}
+
+/// The job's passes, back to back while they move things, else at the
+/// planner's next due time or the chain poll interval.
+async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
+    let flow = worker
+        .safe_flow
+        .as_ref()
+        .expect("jobs run with a Safe flow");
+    let poll = flow
+        .poll_interval
+        .min(Duration::from_secs(worker.settings.poll_interval_secs));
+    loop {
+        let notified = wake.notified();
+        let (moved, wait) = match job {
+            Job::Planner(scope) => {
+                let moved = propose::run_scope(worker, flow, scope, Some(held)).await;
+                let due = match worker.store.next_plan_due_at().await {
+                    Ok(Some(due)) => (due - worker.clock.now()).to_std().unwrap_or_default(),
+                    _ => poll,
+                };
+                (moved, due.min(poll))
+            }
+            Job::Follower(chain_id) => (
+                watch::run_chain(worker, *chain_id).await,
+                flow.poll_interval,
+            ),
+        };
+        let wait = match moved {
+            Ok(true) => Duration::ZERO,
+            Ok(false) => wait,
+            Err(err) => {
+                tracing::error!(job = %held.job, error = format!("{err:#}"), "Safe-flow pass failed");
+                poll
+            }
+        };
+        // Planners also wake when a request changes; followers poll the chain.
+        let wake_on_notify = matches!(job, Job::Planner(_));
+        tokio::select! {
+            _ = notified, if wake_on_notify => {}
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
+        }
+    }
+}
