@@ -44,8 +44,9 @@ const ORDER: [(&str, &str); 13] = [
     ("docs-cloud", "prod-3"),
 ];
 
-/// The bridge's settings for the suites: short leases so a killed process's
-/// work is taken over quickly, a short settle time, one-second chain polls.
+/// The bridge's settings for the suites: short leases (request steps and the
+/// Safe-flow jobs) so a killed process's work is taken over quickly, and a
+/// short settle time.
 fn suite_settings() -> BTreeMap<String, String> {
     [
         ("APPROVAL_BRIDGE_LEASE_SECS", "8"),
@@ -55,6 +56,7 @@ fn suite_settings() -> BTreeMap<String, String> {
         ("APPROVAL_BRIDGE_BACKOFF_MAX_SECS", "4"),
         ("APPROVAL_BRIDGE_POLL_INTERVAL_SECS", "1"),
         ("APPROVAL_BRIDGE_SHUTDOWN_GRACE_SECS", "2"),
+        ("APPROVAL_BRIDGE_SAFE_FLOW_LEASE_SECS", "4"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
