@@ -422,17 +422,42 @@ impl Store {
         error: &StoredError,
         retry_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        let message = format!(
+            "{} (retrying at {})",
+            error.message,
+            retry_at.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        let hold = Hold {
+            set: "attempts = attempts + 1",
+            guard: "",
+            message: &message,
+        };
+        self.hold(lease, now, status, error, retry_at, hold).await
+    }
+
+    /// Keeps a leased request in `status` until `until` with `error` kept and
+    /// an event recorded, and releases the lease, in one transaction.
+    async fn hold(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        status: Status,
+        error: &StoredError,
+        until: DateTime<Utc>,
+        hold: Hold<'_>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE replica_requests SET attempts = attempts + 1, next_attempt_at = $4,
+        let updated = sqlx::query(&format!(
+            "UPDATE replica_requests SET {}, next_attempt_at = $4,
                 last_error_code = $5, last_error_message = $6, last_error_suggestion = $7,
                 lease_id = NULL, lease_expires_at = NULL, updated_at = $3
-             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
-        )
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now() {}",
+            hold.set, hold.guard
+        ))
         .bind(lease.request_id)
         .bind(lease.lease_id)
         .bind(now)
-        .bind(retry_at)
+        .bind(until)
         .bind(&error.code)
         .bind(clean(&error.message))
         .bind(&error.suggestion)
@@ -442,18 +467,13 @@ impl Store {
         if updated == 0 {
             return Err(StoreError::LeaseLost(lease.request_id));
         }
-        let message = format!(
-            "{} (retrying at {})",
-            error.message,
-            retry_at.format("%Y-%m-%d %H:%M:%S UTC")
-        );
         insert_event(
             &mut tx,
             lease.request_id,
             Some(status),
             status,
             &Actor::Worker,
-            Some(&message),
+            Some(hold.message),
             now,
         )
         .await?;
@@ -522,39 +542,12 @@ impl Store {
         error: &StoredError,
         check_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE replica_requests SET next_attempt_at = $4,
-                outcome_unknown_since = COALESCE(outcome_unknown_since, $3),
-                last_error_code = $5, last_error_message = $6, last_error_suggestion = $7,
-                lease_id = NULL, lease_expires_at = NULL, updated_at = $3
-             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now() AND call_sent_at IS NOT NULL",
-        )
-        .bind(lease.request_id)
-        .bind(lease.lease_id)
-        .bind(now)
-        .bind(check_at)
-        .bind(&error.code)
-        .bind(clean(&error.message))
-        .bind(&error.suggestion)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            return Err(StoreError::LeaseLost(lease.request_id));
-        }
-        insert_event(
-            &mut tx,
-            lease.request_id,
-            Some(status),
-            status,
-            &Actor::Worker,
-            Some(&error.message),
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let hold = Hold {
+            set: "outcome_unknown_since = COALESCE(outcome_unknown_since, $3)",
+            guard: "AND call_sent_at IS NOT NULL",
+            message: &error.message,
+        };
+        self.hold(lease, now, status, error, check_at, hold).await
     }
 
     /// Which of `vm_uuids` (lowercase, no dashes) some other request already
@@ -838,6 +831,14 @@ async fn record_registrations(
             .await?;
     }
     Ok(())
+}
+
+/// What a [`Store::hold`] sets besides the error and the due time, the
+/// extra condition it needs, and the event's message.
+struct Hold<'a> {
+    set: &'static str,
+    guard: &'static str,
+    message: &'a str,
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
