@@ -88,8 +88,8 @@ async fn commit(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
         .unwrap_or(ALREADY_REGISTERED);
 
     // What exists before the call, to recognise what the call made if its
-    // answer is lost. A retry keeps the list taken before the first call.
-    let before = match reconcile::instances_now(worker, request).await {
+    // answer is lost.
+    let before = match reconcile::instances_before_call(worker, request).await {
         Ok(before) => before,
         Err(err) => return Ok(Outcome::from_phala(&err)),
     };

@@ -155,7 +155,7 @@ async fn replicate_directly(worker: &Worker, claimed: &Claimed) -> anyhow::Resul
             Reconciled::NotCreated => {}
         }
     }
-    let before = match reconcile::instances_now(worker, request).await {
+    let before = match reconcile::instances_before_call(worker, request).await {
         Ok(before) => before,
         Err(err) => return Ok(Outcome::from_phala(&err)),
     };

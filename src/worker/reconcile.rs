@@ -61,12 +61,17 @@ pub(super) fn outcome_unknown(call: &str, worker: &Worker, err: &PhalaError) -> 
     }
 }
 
-/// The app's instances as they stand, to compare with after an unanswered
-/// call. Normalized so that dashes and case never hide a match.
-pub(super) async fn instances_now(
+/// The app's instances before the call, to compare with after an unanswered
+/// one. Normalized so that dashes and case never hide a match. A call sent
+/// again after reconciliation keeps the list taken before the first one, so
+/// Phala is asked only when there is none yet.
+pub(super) async fn instances_before_call(
     worker: &Worker,
     request: &ReplicaRequest,
 ) -> Result<Vec<String>, PhalaError> {
+    if let Some(before) = &request.instances_before {
+        return Ok(before.clone());
+    }
     let Some(app) = app_path(request) else {
         return Ok(Vec::new());
     };
