@@ -63,6 +63,9 @@ pub struct Settings {
     #[command(flatten)]
     pub trust: TrustSettings,
 
+    #[command(flatten)]
+    pub web: WebSettings,
+
     /// Log format: human-readable `text` or `json`.
     #[arg(long, env = "APPROVAL_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -77,8 +80,102 @@ impl Settings {
             "invalid setting APPROVAL_BRIDGE_LEASE_SECS (--lease-secs): {lease} s must be longer \
              than one Phala call (APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS is {call} s)"
         );
+        self.web.check()
+    }
+}
+
+/// Who may use the team page, and how they sign in.
+#[derive(Debug, Clone, Default, Args)]
+pub struct WebSettings {
+    /// The address people open the page at, e.g. `https://bridge.example.com`.
+    /// Sign-In with Ethereum messages must name its host as their domain; an
+    /// `https` URL marks cookies `Secure`. Without it, only the proxy signs in.
+    #[arg(long, env = "APPROVAL_BRIDGE_PUBLIC_URL")]
+    pub public_url: Option<Url>,
+
+    /// Who may queue and cancel on the page: addresses (Sign-In with
+    /// Ethereum) or user names as the SSO proxy sends them, separated by
+    /// commas. The owners of the configured Safes may sign in and read.
+    #[arg(long, env = "APPROVAL_BRIDGE_OPERATORS", value_parser = parse_operators,
+          default_value = "", hide_default_value = true)]
+    pub operators: Operators,
+
+    /// The header in which an SSO proxy names the signed-in user, e.g.
+    /// `X-Forwarded-Email`; trusted only from APPROVAL_BRIDGE_TRUSTED_PROXIES.
+    #[arg(long, env = "APPROVAL_BRIDGE_PROXY_USER_HEADER", value_parser = parse_header_name)]
+    pub proxy_user_header: Option<axum::http::HeaderName>,
+
+    /// The IP addresses of the SSO proxy, separated by commas.
+    #[arg(long, env = "APPROVAL_BRIDGE_TRUSTED_PROXIES", value_parser = parse_ips,
+          default_value = "", hide_default_value = true)]
+    pub trusted_proxies: TrustedProxies,
+}
+
+impl WebSettings {
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.proxy_user_header.is_none() || !self.trusted_proxies.0.is_empty(),
+            "invalid setting APPROVAL_BRIDGE_PROXY_USER_HEADER (--proxy-user-header): \
+             set APPROVAL_BRIDGE_TRUSTED_PROXIES to the proxy's addresses as well"
+        );
+        if let Some(url) = &self.public_url {
+            anyhow::ensure!(
+                matches!(url.scheme(), "http" | "https") && url.host_str().is_some(),
+                "invalid setting APPROVAL_BRIDGE_PUBLIC_URL (--public-url): \
+                 it must be an http(s) URL with a host"
+            );
+        }
         Ok(())
     }
+}
+
+/// Operators: addresses, or user names from the SSO proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Operators {
+    pub addresses: Vec<alloy::primitives::Address>,
+    pub users: Vec<String>,
+}
+
+fn parse_operators(value: &str) -> Result<Operators, String> {
+    let mut out = Operators::default();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        if entry.starts_with("0x") {
+            out.addresses.push(
+                entry
+                    .parse()
+                    .map_err(|_| format!("`{entry}` is not an address"))?,
+            );
+        } else if entry.chars().any(char::is_whitespace) {
+            return Err(format!("`{entry}` is not a user name"));
+        } else {
+            out.users.push(entry.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// The SSO proxy's addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(pub Vec<std::net::IpAddr>);
+
+fn parse_ips(value: &str) -> Result<TrustedProxies, String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|ip| {
+            ip.parse()
+                .map_err(|_| format!("`{ip}` is not an IP address"))
+        })
+        .collect::<Result<_, _>>()
+        .map(TrustedProxies)
+}
+
+fn parse_header_name(value: &str) -> Result<axum::http::HeaderName, String> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a header name"))
 }
 
 #[derive(Debug, Clone, Args)]

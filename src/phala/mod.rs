@@ -20,8 +20,8 @@ pub use envcrypt::{EnvCryptError, encrypt_env};
 pub use errors::{ApiError, PhalaError};
 pub use resolve::{EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource};
 pub use types::{
-    AvailableNode, AvailableNodes, CvmInfo, EnvPubkey, KmsInfo, OnchainStatus, PrepareOutcome,
-    PreparedReplica, ReplicaSpec, ReplicaVm,
+    AvailableNode, AvailableNodes, CvmInfo, CvmPage, EnvPubkey, KmsInfo, OnchainStatus,
+    PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,
 };
 pub use verify::{EnvKeyError, EnvKeyVerifier, ExpectedReplica, PrepareMismatch, check_prepared};
 
@@ -74,6 +74,17 @@ impl PhalaClient {
     /// `GET /apps/{app_id}/cvms`: every instance of an app.
     pub async fn app_cvms(&self, app_id: &str) -> Result<Vec<CvmInfo>, PhalaError> {
         self.get_json(&["apps", app_id, "cvms"]).await
+    }
+
+    /// `GET /cvms/paginated`: the workspace's CVMs, first page of 100.
+    pub async fn list_cvms(&self) -> Result<Vec<CvmInfo>, PhalaError> {
+        let request = self.request_with_query(
+            Method::GET,
+            &["cvms", "paginated"],
+            &[("page", "1"), ("page_size", "100")],
+        );
+        let page: CvmPage = self.expect_json(request).await?;
+        Ok(page.items)
     }
 
     /// `GET /teepods/available`.
@@ -144,11 +155,23 @@ impl PhalaClient {
     }
 
     fn request(&self, method: Method, segments: &[&str]) -> reqwest::RequestBuilder {
+        self.request_with_query(method, segments, &[])
+    }
+
+    fn request_with_query(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .expect("an http(s) base URL has path segments")
             .pop_if_empty()
             .extend(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         self.http
             .request(method, url)
             .header("X-API-Key", self.api_key.expose_secret())

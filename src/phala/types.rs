@@ -127,6 +127,18 @@ pub struct AvailableNode {
     pub name: String,
     #[serde(default)]
     pub device_id: Option<String>,
+    /// Free capacity, in CVMs.
+    #[serde(default)]
+    pub remaining_cvm_slots: Option<i64>,
+    #[serde(default)]
+    pub region_identifier: Option<String>,
+}
+
+/// `GET /cvms/paginated`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CvmPage {
+    #[serde(default)]
+    pub items: Vec<CvmInfo>,
 }
 
 /// `GET /kms/{kms_type}/pubkey/{app_id}`.

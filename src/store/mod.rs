@@ -5,8 +5,10 @@ mod idempotency;
 mod job_leases;
 mod proposals;
 mod quota;
+mod request_filters;
 mod requests;
 mod source_locks;
+mod web_sessions;
 
 use std::time::Duration;
 
@@ -21,10 +23,12 @@ pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
 };
 pub use quota::{QUOTA_WINDOW, QuotaCheck};
+pub use request_filters::RequestFilter;
 pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,
 };
+pub use web_sessions::WebSession;
 
 use crate::config::DatabaseSettings;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use approval_bridge::clock::Clock;
 use approval_bridge::config::{
-    DatabaseSettings, LogFormat, PhalaSettings, SafeSettings, Settings, TrustSettings,
+    DatabaseSettings, LogFormat, PhalaSettings, SafeSettings, Settings, TrustSettings, WebSettings,
     WorkerSettings, parse_named_secrets,
 };
 use approval_bridge::startup::Application;
@@ -93,6 +93,7 @@ pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
             ..SafeSettings::default()
         },
         trust: TrustSettings::default(),
+        web: WebSettings::default(),
         log_format: LogFormat::Text,
     }
 }
