@@ -60,6 +60,7 @@ impl Application {
                 Chains::new(&settings.safe.rpc_urls.0, settings.safe.eth_rpc_url.clone()),
                 &settings.trust,
             ),
+            page_auth: web::PageAuth::new(&settings),
         };
         let safe_flow = SafeFlow::from_settings(&settings.safe)?;
         safe_flow.check_proposer().await?;
@@ -104,6 +105,8 @@ impl Application {
         let workers = (self.workers > 0)
             .then(|| tokio::spawn(self.worker.run(self.workers, shutdown.clone())));
         let router = web::router(self.state);
+        // The peer's address tells a trusted SSO proxy from anyone else.
+        let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let served = server.await.context("the HTTP server failed");

@@ -69,6 +69,18 @@ pub async fn submit(
     idempotency_key: Option<String>,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    queue(state, actor, idempotency_key, body)
+        .await
+        .map(stored_response)
+}
+
+/// [`submit`] for callers that render the answer themselves (the page).
+pub async fn queue(
+    state: &AppState,
+    actor: Actor,
+    idempotency_key: Option<String>,
+    body: &[u8],
+) -> Result<StoredResponse, ApiError> {
     let order = ReplicaOrder::from_json(body).map_err(invalid_order)?;
     let principal = actor.label();
     // Same meaning, same hash: key order and whitespace do not matter.
@@ -124,12 +136,12 @@ pub async fn submit(
     }
     tx.commit().await?;
     tracing::info!(actor = %principal, count = rows.len(), source = %order.source, "replicas queued");
-    Ok(stored_response(response))
+    Ok(response)
 }
 
-fn replay(earlier: IdempotencyOutcome) -> Result<Response, ApiError> {
+fn replay(earlier: IdempotencyOutcome) -> Result<StoredResponse, ApiError> {
     match earlier {
-        IdempotencyOutcome::Replay(response) => Ok(stored_response(response)),
+        IdempotencyOutcome::Replay(response) => Ok(response),
         IdempotencyOutcome::Mismatch => Err(ApiError::unprocessable(
             "idempotency_key_reused",
             "this Idempotency-Key was used with a different body",

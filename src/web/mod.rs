@@ -7,6 +7,10 @@ pub mod error;
 pub mod intake;
 mod pages;
 mod replicas;
+mod security;
+pub mod signin;
+mod ui;
+mod ui_models;
 mod views;
 pub mod webhook;
 
@@ -22,6 +26,7 @@ use tower_http::trace::TraceLayer;
 
 pub use access::Access;
 pub use auth::ApiTokens;
+pub use signin::PageAuth;
 pub use webhook::WebhookSecrets;
 
 use crate::clock::Clock;
@@ -40,6 +45,8 @@ pub struct AppState {
     pub access: Access,
     /// Checks an app's env key against its KMS root key on chain.
     pub env_keys: EnvKeyVerifier,
+    /// Who may use the team page.
+    pub page_auth: PageAuth,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -50,7 +57,21 @@ pub fn router(state: AppState) -> Router {
         .route("/replicas/{id}", get(replicas::show))
         .route("/replicas/{id}/cancel", post(replicas::cancel));
 
+    // The team page; its forms carry CSRF tokens (see `signin`).
+    let page = Router::new()
+        .route("/login", get(ui::login).post(signin::sign_in))
+        .route("/login/message", post(signin::message))
+        .route("/logout", post(ui::logout))
+        .route("/replicas", get(ui::list).post(ui::queue))
+        .route("/replicas/rows", get(ui::rows_partial))
+        .route("/replicas/new", get(ui::new_form))
+        .route("/replicas/{id}", get(ui::detail))
+        .route("/replicas/{id}/live", get(ui::live_partial))
+        .route("/replicas/{id}/cancel", post(ui::cancel))
+        .route("/static/app.js", get(ui::script));
+
     Router::new()
+        .merge(page)
         .route("/", get(pages::index))
         .route("/health", get(pages::health))
         .nest("/api/v1", api)
@@ -58,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/static/style.css", get(pages::stylesheet))
         .fallback(pages::not_found)
         .layer(DefaultBodyLimit::max(intake::MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(security::headers))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::GATEWAY_TIMEOUT, Duration::from_secs(90)))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {

@@ -99,16 +99,23 @@ pub async fn cancel(
     ApiCaller(actor): ApiCaller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
+    let request = cancel_as(&state, &actor, parse_id(&id)?).await?;
+    let proposals = proposals_of(&state, std::slice::from_ref(&request)).await?;
+    Ok(Json(views::replica(&request, &proposals)))
+}
+
+/// Cancels request `id` on behalf of `actor`: the API's and the page's path.
+pub(super) async fn cancel_as(
+    state: &AppState,
+    actor: &crate::domain::Actor,
+    id: Uuid,
+) -> Result<crate::store::ReplicaRequest, ApiError> {
     match state
         .store
-        .cancel_request(id, &actor, state.clock.now())
+        .cancel_request(id, actor, state.clock.now())
         .await
     {
-        Ok(Some(request)) => {
-            let proposals = proposals_of(&state, std::slice::from_ref(&request)).await?;
-            Ok(Json(views::replica(&request, &proposals)))
-        }
+        Ok(Some(request)) => Ok(request),
         Ok(None) => Err(not_found(id)),
         Err(StoreError::Illegal(IllegalTransition { from, .. })) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -128,7 +135,7 @@ pub async fn cancel(
 }
 
 /// The proposals the given requests point to, with their calls.
-async fn proposals_of(
+pub(super) async fn proposals_of(
     state: &AppState,
     requests: &[crate::store::ReplicaRequest],
 ) -> Result<views::Proposals, ApiError> {
@@ -151,7 +158,7 @@ async fn proposals_of(
     Ok(proposals)
 }
 
-fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+pub(super) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| {
         ApiError::bad_request("invalid_id", format!("`{id}` is not a request id (a UUID)"))
     })

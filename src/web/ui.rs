@@ -1,0 +1,632 @@
+//! The team page: the replicas list, the queue form, a request's detail,
+//! sign-in and sign-out. Server-rendered (askama); every form is a plain POST
+//! answered by a redirect, so it all works without JavaScript, and
+//! `static/app.js` only adds live updates, the wallet sign-in and the env
+//! checks. Queue and cancel go through the JSON API's own code
+//! ([`intake::queue`], [`replicas::cancel_as`]) with the signed-in person as
+//! the actor, so scopes, quotas and validation are the API's.
+
+use std::collections::BTreeMap;
+
+use askama::Template;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{LOCATION, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+use super::intake;
+use super::replicas::{cancel_as, parse_id, proposals_of};
+use super::signin::{CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
+use super::ui_models::{DetailView, RowView};
+use crate::domain::Status;
+use crate::store::RequestFilter;
+
+const LIST_LIMIT: i64 = 100;
+
+/// What every page's frame shows: who is signed in, and the CSRF token.
+pub struct Chrome {
+    pub csrf: String,
+    pub user: Option<String>,
+    pub operator: bool,
+}
+
+/// An answer to a page request: HTML with the CSRF cookie when it is new.
+fn html(
+    body: Result<String, askama::Error>,
+    status: StatusCode,
+    cookie: Option<HeaderValue>,
+) -> Response {
+    match body {
+        Ok(body) => {
+            let mut response = (status, Html(body)).into_response();
+            if let Some(cookie) = cookie {
+                response.headers_mut().append(SET_COOKIE, cookie);
+            }
+            response
+        }
+        Err(err) => ApiError::from(err).into_response(),
+    }
+}
+
+fn chrome(
+    state: &AppState,
+    headers: &HeaderMap,
+    user: Option<&PageUser>,
+) -> (Chrome, Option<HeaderValue>) {
+    let (csrf, cookie) = csrf_token(&state.page_auth, headers);
+    (
+        Chrome {
+            csrf,
+            user: user.map(|u| u.subject.clone()),
+            operator: user.is_some_and(PageUser::is_operator),
+        },
+        cookie,
+    )
+}
+
+#[derive(Template)]
+#[template(path = "page/message.html")]
+struct MessagePage<'a> {
+    chrome: Chrome,
+    title: &'a str,
+    message: &'a str,
+    sign_in_link: bool,
+}
+
+/// A page that says one thing: a refusal or an error.
+pub fn message_page(
+    status: StatusCode,
+    title: &str,
+    message: &str,
+    sign_in_link: bool,
+) -> Response {
+    let page = MessagePage {
+        chrome: Chrome {
+            csrf: String::new(),
+            user: None,
+            operator: false,
+        },
+        title,
+        message,
+        sign_in_link,
+    };
+    html(page.render(), status, None)
+}
+
+/// An [`ApiError`] shown as a page.
+pub struct PageError(ApiError);
+
+impl From<ApiError> for PageError {
+    fn from(err: ApiError) -> Self {
+        PageError(err)
+    }
+}
+
+impl From<sqlx::Error> for PageError {
+    fn from(err: sqlx::Error) -> Self {
+        PageError(err.into())
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        match self.0 {
+            ApiError::Client {
+                status, message, ..
+            } => {
+                let title = if status == StatusCode::FORBIDDEN {
+                    "Not allowed"
+                } else {
+                    "Cannot do that"
+                };
+                message_page(status, title, &message, false)
+            }
+            ApiError::RateLimited { message, .. } => message_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Over the quota",
+                &message,
+                false,
+            ),
+            internal => internal.into_response(),
+        }
+    }
+}
+
+fn see_other(to: &str) -> Response {
+    (StatusCode::SEE_OTHER, [(LOCATION, to.to_owned())]).into_response()
+}
+
+/// A form body as ordered pairs: names may repeat (the env rows).
+fn form_pairs(body: &Bytes) -> Vec<(String, String)> {
+    form_urlencoded::parse(body).into_owned().collect()
+}
+
+fn field<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+// ---- sign-in -------------------------------------------------------------
+
+#[derive(Template)]
+#[template(path = "page/login.html")]
+struct LoginPage {
+    chrome: Chrome,
+    siwe: bool,
+    domain: String,
+    proxy_header: Option<String>,
+}
+
+/// `GET /login`
+pub async fn login(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let (chrome, cookie) = chrome(&state, &headers, None);
+    let page = LoginPage {
+        chrome,
+        siwe: state.page_auth.siwe_enabled(),
+        domain: state.page_auth.domain().unwrap_or_default().to_owned(),
+        proxy_header: state.page_auth.proxy_header().map(|h| h.to_string()),
+    };
+    html(page.render(), StatusCode::OK, cookie)
+}
+
+/// `POST /logout`
+pub async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, PageError> {
+    let pairs = form_pairs(&body);
+    check_csrf(&headers, field(&pairs, CSRF_FIELD))?;
+    let forget = sign_out(&state, &headers).await?;
+    let mut response = see_other("/login");
+    response.headers_mut().append(SET_COOKIE, forget);
+    Ok(response)
+}
+
+// ---- the list -------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    app: String,
+    #[serde(default)]
+    source: String,
+}
+
+impl ListQuery {
+    fn filter(&self) -> Result<RequestFilter, ApiError> {
+        let status = match self.status.as_str() {
+            "" => None,
+            s => Some(s.parse::<Status>().map_err(|_| {
+                ApiError::bad_request("invalid_status", format!("unknown status `{s}`"))
+            })?),
+        };
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Ok(RequestFilter {
+            status,
+            app_id: some(&self.app),
+            source: some(&self.source),
+        })
+    }
+
+    fn query_string(&self) -> String {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in [
+            ("status", &self.status),
+            ("app", &self.app),
+            ("source", &self.source),
+        ] {
+            if !value.is_empty() {
+                out.append_pair(name, value);
+            }
+        }
+        let query = out.finish();
+        if query.is_empty() {
+            query
+        } else {
+            format!("?{query}")
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "page/replicas.html")]
+struct ReplicasPage {
+    chrome: Chrome,
+    rows: Vec<RowView>,
+    filtered: bool,
+    statuses: &'static [Status],
+    apps: Vec<String>,
+    sources: Vec<String>,
+    filter_status: String,
+    filter_app: String,
+    filter_source: String,
+    query: String,
+}
+
+#[derive(Template)]
+#[template(path = "page/rows.html")]
+struct RowsPartial {
+    rows: Vec<RowView>,
+    filtered: bool,
+}
+
+async fn rows(state: &AppState, query: &ListQuery) -> Result<Vec<RowView>, PageError> {
+    let requests = state
+        .store
+        .filtered_requests(&query.filter()?, LIST_LIMIT)
+        .await?;
+    let proposals = proposals_of(state, &requests).await?;
+    Ok(requests
+        .iter()
+        .map(|r| RowView::new(r, &proposals))
+        .collect())
+}
+
+/// `GET /replicas`: newest first, filtered by status, app and source.
+pub async fn list(
+    State(state): State<AppState>,
+    user: PageUser,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, PageError> {
+    let rows = rows(&state, &query).await?;
+    let (apps, sources) = state.store.request_facets().await?;
+    let (chrome, cookie) = chrome(&state, &headers, Some(&user));
+    let page = ReplicasPage {
+        chrome,
+        rows,
+        filtered: !query.query_string().is_empty(),
+        statuses: &Status::ALL,
+        apps,
+        sources,
+        query: query.query_string(),
+        filter_status: query.status,
+        filter_app: query.app,
+        filter_source: query.source,
+    };
+    Ok(html(page.render(), StatusCode::OK, cookie))
+}
+
+/// `GET /replicas/rows`: the list's rows alone, which the page polls.
+pub async fn rows_partial(
+    State(state): State<AppState>,
+    _user: PageUser,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, PageError> {
+    let page = RowsPartial {
+        rows: rows(&state, &query).await?,
+        filtered: !query.query_string().is_empty(),
+    };
+    Ok(html(page.render(), StatusCode::OK, None))
+}
+
+// ---- one request -------------------------------------------------------------
+
+#[derive(Template)]
+#[template(path = "page/detail.html")]
+struct DetailPage {
+    chrome: Chrome,
+    d: DetailView,
+}
+
+#[derive(Template)]
+#[template(path = "page/live.html")]
+struct LivePartial {
+    d: DetailView,
+}
+
+async fn detail_view(state: &AppState, id: &str) -> Result<DetailView, PageError> {
+    let id = parse_id(id)?;
+    let request = state
+        .store
+        .get_request(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no replica request has id {id}")))?;
+    let events = state.store.events(id).await?;
+    let proposals = proposals_of(state, std::slice::from_ref(&request)).await?;
+    Ok(DetailView::new(&request, &proposals, &events))
+}
+
+/// `GET /replicas/{id}`: status, timeline, error, proposal, cancel.
+pub async fn detail(
+    State(state): State<AppState>,
+    user: PageUser,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, PageError> {
+    let d = detail_view(&state, &id).await?;
+    let (chrome, cookie) = chrome(&state, &headers, Some(&user));
+    Ok(html(
+        DetailPage { chrome, d }.render(),
+        StatusCode::OK,
+        cookie,
+    ))
+}
+
+/// `GET /replicas/{id}/live`: the detail's changing part, which the page polls.
+pub async fn live_partial(
+    State(state): State<AppState>,
+    _user: PageUser,
+    Path(id): Path<String>,
+) -> Result<Response, PageError> {
+    let d = detail_view(&state, &id).await?;
+    Ok(html(LivePartial { d }.render(), StatusCode::OK, None))
+}
+
+/// `POST /replicas/{id}/cancel`: operators only, as the API's cancel.
+pub async fn cancel(
+    State(state): State<AppState>,
+    user: PageUser,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, PageError> {
+    let pairs = form_pairs(&body);
+    check_csrf(&headers, field(&pairs, CSRF_FIELD))?;
+    user.require_operator()?;
+    let request = cancel_as(&state, &user.actor(), parse_id(&id)?).await?;
+    Ok(see_other(&format!("/replicas/{}", request.id)))
+}
+
+// ---- the queue form -------------------------------------------------------------
+
+/// A source CVM in the form's menu.
+struct SourceOption {
+    value: String,
+    label: String,
+    /// Comma-separated, for the browser's check before submit.
+    allowed_envs: String,
+}
+
+struct NodeOption {
+    value: String,
+    label: String,
+    full: bool,
+}
+
+/// What the person typed, shown again when the bridge refuses it.
+#[derive(Default)]
+struct FormValues {
+    source: String,
+    node: String,
+    count: String,
+    env: String,
+    note: String,
+}
+
+#[derive(Template)]
+#[template(path = "page/queue.html")]
+struct QueuePage {
+    chrome: Chrome,
+    error: Option<String>,
+    sources: Vec<SourceOption>,
+    sources_error: Option<String>,
+    nodes: Vec<NodeOption>,
+    nodes_error: Option<String>,
+    values: FormValues,
+    idempotency_key: String,
+}
+
+async fn queue_page(
+    state: &AppState,
+    user: &PageUser,
+    headers: &HeaderMap,
+    values: FormValues,
+    error: Option<(StatusCode, String)>,
+    idempotency_key: String,
+) -> Response {
+    let (sources, sources_error) = match state.phala.list_cvms().await {
+        Ok(cvms) => (
+            cvms.iter()
+                .filter_map(|cvm| {
+                    let value = cvm.name.clone().or_else(|| cvm.vm_uuid.clone())?;
+                    let kms = if cvm.is_onchain_kms() {
+                        format!(
+                            "on-chain KMS{}",
+                            cvm.chain_id()
+                                .map(|c| format!(", chain {c}"))
+                                .unwrap_or_default()
+                        )
+                    } else {
+                        format!("{} KMS", cvm.kms_type.as_deref().unwrap_or("Cloud"))
+                    };
+                    let hash = cvm
+                        .compose_hash
+                        .as_deref()
+                        .map(|h| format!(", compose {}…", &h[..h.len().min(12)]))
+                        .unwrap_or_default();
+                    let status = cvm.status.as_deref().unwrap_or("unknown");
+                    Some(SourceOption {
+                        label: format!("{value} ({kms}{hash}, {status})"),
+                        allowed_envs: cvm.allowed_envs().unwrap_or_default().join(","),
+                        value,
+                    })
+                })
+                .collect(),
+            None,
+        ),
+        Err(err) => (Vec::new(), Some(err.to_string())),
+    };
+    let (nodes, nodes_error) = match state.phala.available_nodes().await {
+        Ok(available) => (
+            available
+                .nodes
+                .iter()
+                .map(|n| {
+                    let slots = n.remaining_cvm_slots;
+                    let region = n
+                        .region_identifier
+                        .as_deref()
+                        .map(|r| format!(", {r}"))
+                        .unwrap_or_default();
+                    NodeOption {
+                        value: n.name.clone(),
+                        label: match slots {
+                            Some(s) => format!("{} ({s} free{region})", n.name),
+                            None => format!("{}{region}", n.name),
+                        },
+                        full: slots == Some(0),
+                    }
+                })
+                .collect(),
+            None,
+        ),
+        Err(err) => (Vec::new(), Some(err.to_string())),
+    };
+    let (chrome, cookie) = chrome(state, headers, Some(user));
+    let (status, error) = match error {
+        Some((status, message)) => (status, Some(message)),
+        None => (StatusCode::OK, None),
+    };
+    let page = QueuePage {
+        chrome,
+        error,
+        sources,
+        sources_error,
+        nodes,
+        nodes_error,
+        values: FormValues {
+            count: if values.count.is_empty() {
+                "1".to_owned()
+            } else {
+                values.count
+            },
+            ..values
+        },
+        idempotency_key,
+    };
+    html(page.render(), status, cookie)
+}
+
+/// `GET /replicas/new`: operators only.
+pub async fn new_form(
+    State(state): State<AppState>,
+    user: PageUser,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    user.require_operator()?;
+    let key = uuid::Uuid::new_v4().to_string();
+    Ok(queue_page(&state, &user, &headers, FormValues::default(), None, key).await)
+}
+
+/// The form as the JSON API's body: env from the .env text, then the rows.
+fn order_json(pairs: &[(String, String)]) -> Result<Value, String> {
+    let mut env = BTreeMap::new();
+    let text = field(pairs, "env").unwrap_or_default();
+    for item in dotenvy::from_read_iter(text.as_bytes()) {
+        let (name, value) = item.map_err(|err| format!("the .env text does not parse: {err}"))?;
+        env.insert(name, value);
+    }
+    let names = pairs
+        .iter()
+        .filter(|(n, _)| n == "env_name")
+        .map(|(_, v)| v);
+    let values = pairs
+        .iter()
+        .filter(|(n, _)| n == "env_value")
+        .map(|(_, v)| v);
+    for (name, value) in names.zip(values) {
+        if !name.trim().is_empty() {
+            env.insert(name.trim().to_owned(), value.clone());
+        }
+    }
+    let mut order = Map::new();
+    order.insert(
+        "source".into(),
+        json!(field(pairs, "source").unwrap_or_default().trim()),
+    );
+    if let Some(node) = field(pairs, "node").filter(|n| !n.is_empty()) {
+        order.insert("node".into(), json!(node));
+    }
+    let count = field(pairs, "count").unwrap_or("1").trim();
+    let count: u64 = count
+        .parse()
+        .map_err(|_| format!("count `{count}` is not a whole number"))?;
+    order.insert("count".into(), json!(count));
+    if !env.is_empty() {
+        order.insert("env".into(), json!(env));
+    }
+    if let Some(note) = field(pairs, "note")
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        order.insert("note".into(), json!(note));
+    }
+    Ok(Value::Object(order))
+}
+
+/// `POST /replicas`: queues through intake as the signed-in operator, then
+/// shows the request (or the list, for several).
+pub async fn queue(
+    State(state): State<AppState>,
+    user: PageUser,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, PageError> {
+    let pairs = form_pairs(&body);
+    check_csrf(&headers, field(&pairs, CSRF_FIELD))?;
+    user.require_operator()?;
+    let values = FormValues {
+        source: field(&pairs, "source").unwrap_or_default().to_owned(),
+        node: field(&pairs, "node").unwrap_or_default().to_owned(),
+        count: field(&pairs, "count").unwrap_or_default().to_owned(),
+        env: field(&pairs, "env").unwrap_or_default().to_owned(),
+        note: field(&pairs, "note").unwrap_or_default().to_owned(),
+    };
+    let key = field(&pairs, "idempotency_key")
+        .filter(|k| !k.is_empty() && k.len() <= 64)
+        .map(|k| format!("page-{k}"));
+    let retry_key = uuid::Uuid::new_v4().to_string();
+    let order = match order_json(&pairs) {
+        Ok(order) => order,
+        Err(message) => {
+            let error = Some((StatusCode::UNPROCESSABLE_ENTITY, message));
+            return Ok(queue_page(&state, &user, &headers, values, error, retry_key).await);
+        }
+    };
+    let body = serde_json::to_vec(&order).map_err(ApiError::from)?;
+    match intake::queue(&state, user.actor(), key, &body).await {
+        Ok(answer) => {
+            let ids: Vec<&str> = answer.body["replicas"]
+                .as_array()
+                .map(|r| r.iter().filter_map(|r| r["id"].as_str()).collect())
+                .unwrap_or_default();
+            Ok(match ids.as_slice() {
+                [one] => see_other(&format!("/replicas/{one}")),
+                _ => see_other("/replicas"),
+            })
+        }
+        Err(ApiError::Client {
+            status, message, ..
+        }) => {
+            let error = Some((status, message));
+            Ok(queue_page(&state, &user, &headers, values, error, retry_key).await)
+        }
+        Err(ApiError::RateLimited { message, .. }) => {
+            let error = Some((StatusCode::TOO_MANY_REQUESTS, message));
+            Ok(queue_page(&state, &user, &headers, values, error, retry_key).await)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The page's script: live updates, the wallet sign-in, the env checks.
+pub async fn script() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
+        include_str!("../../static/app.js"),
+    )
+}

@@ -1,0 +1,106 @@
+// The team page's only script (the CSP allows no inline script). Everything
+// works without it; it adds live updates, the wallet sign-in and the env
+// checks before a queue form is sent.
+"use strict";
+
+const csrf = () => document.querySelector('meta[name="csrf-token"]')?.content || "";
+
+// Live updates: every element with data-live-src is replaced by what that URL
+// renders, every 2 s while the tab is visible.
+function live() {
+  for (const element of document.querySelectorAll("[data-live-src]")) {
+    const refresh = async () => {
+      if (document.hidden) return;
+      try {
+        const answer = await fetch(element.dataset.liveSrc, {credentials: "same-origin"});
+        if (answer.ok) element.innerHTML = await answer.text();
+      } catch (_) { /* offline for a moment: try again next time */ }
+    };
+    setInterval(refresh, 2000);
+  }
+}
+
+async function postJson(path, body) {
+  const answer = await fetch(path, {
+    method: "POST",
+    credentials: "same-origin",
+    headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf()},
+    body: JSON.stringify(body),
+  });
+  const json = await answer.json().catch(() => ({}));
+  if (!answer.ok) throw new Error(json.error?.message || `HTTP ${answer.status}`);
+  return json;
+}
+
+const hex = text => "0x" + Array.from(new TextEncoder().encode(text), b => b.toString(16).padStart(2, "0")).join("");
+
+// Sign-In with Ethereum through the browser wallet (EIP-1193).
+function signIn() {
+  const button = document.getElementById("siwe");
+  if (!button) return;
+  const say = text => { document.getElementById("login-status").textContent = text; };
+  button.addEventListener("click", async () => {
+    if (!window.ethereum) { say("No browser wallet found (window.ethereum)."); return; }
+    try {
+      button.disabled = true;
+      const [address] = await window.ethereum.request({method: "eth_requestAccounts"});
+      const chainId = parseInt(await window.ethereum.request({method: "eth_chainId"}), 16);
+      say("Sign the message in your wallet…");
+      const {message} = await postJson("/login/message", {address, chain_id: chainId});
+      const signature = await window.ethereum.request({method: "personal_sign", params: [hex(message), address]});
+      const answer = await postJson("/login", {message, signature});
+      say(`Signed in as ${answer.subject}.`);
+      window.location.assign(answer.redirect);
+    } catch (err) {
+      say(`Not signed in: ${err.message || err}`);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// The queue form: a .env file fills the text area, and env names outside the
+// source's allowed_envs are refused before the form is sent.
+function queueForm() {
+  const form = document.getElementById("queue");
+  if (!form) return;
+  const source = document.getElementById("source");
+  const shown = document.getElementById("allowed-envs");
+  const error = document.getElementById("form-error");
+  const allowed = () => {
+    const option = source.selectedOptions ? source.selectedOptions[0] : null;
+    const list = option ? option.dataset.allowedEnvs : undefined;
+    return list === undefined ? null : list.split(",").filter(Boolean);
+  };
+  const showAllowed = () => {
+    const names = allowed();
+    shown.textContent = names === null ? "" :
+      names.length ? `This app allows: ${names.join(", ")}` : "This app allows no env overrides.";
+  };
+  source.addEventListener("change", showAllowed);
+  showAllowed();
+  document.getElementById("env-file").addEventListener("change", async event => {
+    const file = event.target.files[0];
+    if (file) document.getElementById("env").value = await file.text();
+  });
+  form.addEventListener("submit", event => {
+    const names = allowed();
+    if (names === null) return;
+    const used = [];
+    for (const line of document.getElementById("env").value.split("\n")) {
+      const match = line.trim().match(/^(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=/);
+      if (match) used.push(match[1]);
+    }
+    for (const input of form.querySelectorAll('input[name="env_name"]')) {
+      if (input.value.trim()) used.push(input.value.trim());
+    }
+    const refused = used.filter(name => !names.includes(name));
+    if (refused.length) {
+      event.preventDefault();
+      error.hidden = false;
+      error.textContent = `Not in the app's allowed_envs: ${refused.join(", ")}.`;
+    }
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => { live(); signIn(); queueForm(); });
