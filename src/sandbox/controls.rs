@@ -45,14 +45,17 @@ pub(super) struct Controls {
     pub apps: SandboxApps,
     /// Where the bridge listens (or, with `--world-only`, is told to).
     pub bridge_url: Url,
-    /// Shown on the page so its buttons can call the API.
-    pub api_token: String,
+    /// The account the bridge lists as its operator (the dev login's fourth choice).
+    pub operator_key: PrivateKeySigner,
+    /// Follows no redirects: the front door hands them to the browser.
     pub http: reqwest::Client,
 }
 
 pub(super) fn router(controls: Controls) -> Router {
     Router::new()
         .route("/sandbox", get(page))
+        .route("/sandbox/proposals", get(proposals_partial))
+        .route("/sandbox/dev-login", post(dev_login))
         .route("/sandbox/world", get(world))
         .route("/sandbox/safe/{safe_tx_hash}/sign", post(sign))
         .route("/sandbox/safe/{safe_tx_hash}/execute", post(execute))
@@ -85,17 +88,57 @@ struct SignBody {
     owner: usize,
 }
 
-/// `POST /sandbox/safe/{hash}/sign` `{"owner": 0|1|2}`: the owner confirms
-/// the proposal at the Safe Transaction Service, as Safe{Wallet} would.
+/// Whether a control was posted by the page's HTML form: it then answers
+/// with a redirect back to the page, and JSON otherwise.
+fn from_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
+}
+
+fn back_to_page() -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, "/sandbox")]).into_response()
+}
+
+/// `POST /sandbox/safe/{hash}/sign` `{"owner": 0|1|2}` (JSON, or the page's
+/// form): the owner confirms the proposal at the Safe Transaction Service,
+/// as Safe{Wallet} would.
 async fn sign(
     State(c): State<Controls>,
     Path(hash): Path<String>,
-    body: Result<Json<SignBody>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Value>, Rejection> {
-    let hash = parse_hash(&hash)?;
-    let Json(body) =
-        body.map_err(|err| reject(StatusCode::BAD_REQUEST, "invalid_body", err.body_text()))?;
-    let key = c.owner_keys.get(body.owner).ok_or_else(|| {
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, Rejection> {
+    let form = from_form(&headers);
+    let body: SignBody = if form {
+        let owner = form_urlencoded::parse(&body)
+            .find(|(name, _)| name == "owner")
+            .and_then(|(_, v)| v.parse().ok());
+        SignBody {
+            owner: owner.ok_or_else(|| {
+                reject(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    "the form names no owner",
+                )
+            })?,
+        }
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|err| reject(StatusCode::BAD_REQUEST, "invalid_body", err.to_string()))?
+    };
+    let answer = sign_as(&c, &hash, body.owner).await?;
+    Ok(if form {
+        back_to_page()
+    } else {
+        Json(answer).into_response()
+    })
+}
+
+async fn sign_as(c: &Controls, hash: &str, owner: usize) -> Result<Value, Rejection> {
+    let hash = parse_hash(hash)?;
+    let key = c.owner_keys.get(owner).ok_or_else(|| {
         reject(
             StatusCode::BAD_REQUEST,
             "invalid_owner",
@@ -137,11 +180,11 @@ async fn sign(
         return Err(reject(status, "confirmation_refused", text));
     }
     let confirmations = c.safe_service.confirmations(hash);
-    Ok(Json(json!({
+    Ok(json!({
         "safe_tx_hash": hash,
         "owner": key.address().to_checksum(None),
         "confirmations": confirmations.len(),
-    })))
+    }))
 }
 
 /// `POST /sandbox/safe/{hash}/execute`: a non-owner account executes the
@@ -149,9 +192,19 @@ async fn sign(
 async fn execute(
     State(c): State<Controls>,
     Path(hash): Path<String>,
-) -> Result<Json<Value>, Rejection> {
-    let hash = parse_hash(&hash)?;
-    let tx = proposed_tx(&c, hash).await?;
+    headers: HeaderMap,
+) -> Result<Response, Rejection> {
+    let answer = execute_now(&c, &hash).await?;
+    Ok(if from_form(&headers) {
+        back_to_page()
+    } else {
+        Json(answer).into_response()
+    })
+}
+
+async fn execute_now(c: &Controls, hash: &str) -> Result<Value, Rejection> {
+    let hash = parse_hash(hash)?;
+    let tx = proposed_tx(c, hash).await?;
     let client = ChainClient::new(c.chain.chain_id(), c.chain.rpc_url());
     let info = match client.owner_kind(c.safe).await {
         Ok(crate::chain::OwnerKind::Safe(info)) => info,
@@ -202,11 +255,11 @@ async fn execute(
                 format!("{err:#}"),
             )
         })?;
-    Ok(Json(json!({
+    Ok(json!({
         "safe_tx_hash": hash,
         "transaction_hash": receipt.transaction_hash,
         "block": receipt.block_number,
-    })))
+    }))
 }
 
 /// A proposal as the Safe Transaction Service holds it, with the owners who
@@ -495,31 +548,84 @@ async fn world_json(c: &Controls) -> anyhow::Result<Value> {
     }))
 }
 
+/// An open proposal of the Safe, as Safe{Wallet} lists it.
+struct OpenProposal {
+    safe_tx_hash: String,
+    nonce: String,
+    confirmed: usize,
+    required: String,
+    /// Per owner index: whether that owner has confirmed.
+    signed: Vec<bool>,
+}
+
+/// The Safe's unexecuted proposals from the Safe Transaction Service.
+async fn open_proposals(c: &Controls) -> Result<Vec<OpenProposal>, String> {
+    let url = format!(
+        "{}api/v2/safes/{}/multisig-transactions/?executed=false&ordering=nonce",
+        with_slash(&c.safe_service_url),
+        c.safe.to_checksum(None)
+    );
+    let page: Value = async {
+        c.http
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+    }
+    .await
+    .map_err(|err: reqwest::Error| err.to_string())?;
+    let results = page["results"].as_array().cloned().unwrap_or_default();
+    Ok(results
+        .iter()
+        .filter(|tx| tx["isExecuted"].as_bool() != Some(true))
+        .map(|tx| {
+            let owners: Vec<Address> = tx["confirmations"]
+                .as_array()
+                .map(|all| {
+                    all.iter()
+                        .filter_map(|c| c["owner"].as_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            OpenProposal {
+                safe_tx_hash: tx["safeTxHash"].as_str().unwrap_or_default().to_owned(),
+                nonce: tx["nonce"].to_string().trim_matches('"').to_owned(),
+                confirmed: owners.len(),
+                required: tx["confirmationsRequired"]
+                    .to_string()
+                    .trim_matches('"')
+                    .to_owned(),
+                signed: c
+                    .owner_keys
+                    .iter()
+                    .map(|k| owners.contains(&k.address()))
+                    .collect(),
+            }
+        })
+        .collect())
+}
+
 #[derive(Template)]
 #[template(path = "sandbox.html")]
 struct SandboxPage {
-    api_token: String,
-    cvms: Vec<String>,
-    nodes: Vec<String>,
     safe: String,
     owners: Vec<String>,
+    operator: String,
+    proposals: Vec<OpenProposal>,
+    error: Option<String>,
 }
 
-/// `GET /sandbox`: queue replicas, watch them, and sign or execute proposals.
-async fn page(State(c): State<Controls>) -> Response {
-    let world = c.phala.world();
-    let page = SandboxPage {
-        api_token: c.api_token.clone(),
-        cvms: world.cvms.iter().map(|cvm| cvm.name.clone()).collect(),
-        nodes: world.nodes.iter().map(|n| n.name.clone()).collect(),
-        safe: c.safe.to_checksum(None),
-        owners: c
-            .owner_keys
-            .iter()
-            .map(|k| k.address().to_checksum(None))
-            .collect(),
-    };
-    match page.render() {
+#[derive(Template)]
+#[template(path = "sandbox_proposals.html")]
+struct ProposalsPartial {
+    proposals: Vec<OpenProposal>,
+    error: Option<String>,
+}
+
+fn render(body: Result<String, askama::Error>) -> Response {
+    match body {
         Ok(html) => Html(html).into_response(),
         Err(err) => reject(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -528,6 +634,78 @@ async fn page(State(c): State<Controls>) -> Response {
         )
         .into_response(),
     }
+}
+
+/// `GET /sandbox`: sign in to the team page as one of the sandbox's
+/// accounts, and sign or execute the Safe's proposals as its owners. It
+/// holds no token: queuing happens on the team page, as the signed-in person.
+async fn page(State(c): State<Controls>) -> Response {
+    let (proposals, error) = match open_proposals(&c).await {
+        Ok(p) => (p, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    render(
+        SandboxPage {
+            safe: c.safe.to_checksum(None),
+            owners: c
+                .owner_keys
+                .iter()
+                .map(|k| k.address().to_checksum(None))
+                .collect(),
+            operator: c.operator_key.address().to_checksum(None),
+            proposals,
+            error,
+        }
+        .render(),
+    )
+}
+
+/// `GET /sandbox/proposals`: the page's proposal rows alone, polled by it.
+async fn proposals_partial(State(c): State<Controls>) -> Response {
+    let (proposals, error) = match open_proposals(&c).await {
+        Ok(p) => (p, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    render(ProposalsPartial { proposals, error }.render())
+}
+
+/// `POST /sandbox/dev-login` `account=owner-0|owner-1|owner-2|operator`:
+/// signs in to the bridge as that account (see [`super::dev_login`]) and
+/// hands its session cookie to the browser.
+async fn dev_login(
+    State(c): State<Controls>,
+    body: axum::body::Bytes,
+) -> Result<Response, Rejection> {
+    let account = form_urlencoded::parse(&body)
+        .find(|(name, _)| name == "account")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let key = match account.as_str() {
+        "operator" => c.operator_key.clone(),
+        other => other
+            .strip_prefix("owner-")
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| c.owner_keys.get(i).cloned())
+            .ok_or_else(|| {
+                reject(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_account",
+                    format!("`{other}` is none of owner-0, owner-1, owner-2, operator"),
+                )
+            })?,
+    };
+    let cookie = super::dev_login::sign_in(&c.http, &c.bridge_url, &key, c.chain.chain_id())
+        .await
+        .map_err(|err| {
+            reject(
+                StatusCode::BAD_GATEWAY,
+                "sign_in_failed",
+                format!("{err:#}"),
+            )
+        })?;
+    let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, "/replicas")]).into_response();
+    response.headers_mut().append(header::SET_COOKIE, cookie);
+    Ok(response)
 }
 
 fn with_slash(url: &Url) -> String {

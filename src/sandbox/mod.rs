@@ -11,6 +11,7 @@
 pub mod chain;
 mod controls;
 pub mod database;
+mod dev_login;
 pub mod phala_sim;
 pub mod safe_service;
 pub mod serve_env;

@@ -577,6 +577,7 @@ impl Shared {
 
 fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
+        .route("/cvms/paginated", get(list_cvms))
         .route("/cvms/{id}", get(get_cvm))
         .route("/cvms/{id}/replicas", post(replicate))
         .route("/cvms/{id}/commit-replica", post(commit_replica))
@@ -652,6 +653,26 @@ async fn get_cvm(
         OLD_API_VERSION => axum::Json(shared.cvm_detail_v20251028(record, now)).into_response(),
         _ => axum::Json(shared.cvm_info(record, now, true)).into_response(),
     })
+}
+
+/// `GET /cvms/paginated`: every CVM of the workspace on one page, with its
+/// manifest (2026-01-21 shape only: the page's queue form reads it).
+async fn list_cvms(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, SimError> {
+    shared.authorize(&headers)?;
+    let now = shared.now();
+    let state = shared.lock();
+    let items: Vec<_> = state
+        .cvms
+        .iter()
+        .map(|c| shared.cvm_info(c, now, true))
+        .collect();
+    let total = items.len();
+    Ok(axum::Json(json!({
+        "items": items, "total": total, "page": 1, "page_size": 100, "pages": 1,
+    })))
 }
 
 /// `GET /apps/{app_id}/cvms`: every CVM of the app, the world's and the

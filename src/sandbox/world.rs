@@ -29,11 +29,13 @@ use crate::startup::Application;
 
 /// The CVM owned by an account, not a Safe: the bridge refuses it clearly.
 pub const EOA_CVM: &str = "eoa-app";
-/// Anvil accounts: 0..2 own the Safe, 3 executes, 4 and 5 deploy apps, 9 proposes.
+/// Anvil accounts: 0..2 own the Safe, 3 executes, 4 and 5 deploy apps, 6 is
+/// the team page's operator, 9 proposes.
 const OWNERS: [usize; 3] = [0, 1, 2];
 const EXECUTOR: usize = 3;
 const DEPLOYER: usize = 4;
 const EOA_OWNER: usize = 5;
+const OPERATOR: usize = 6;
 const PROPOSER: usize = 9;
 
 #[derive(Debug, Clone)]
@@ -285,6 +287,16 @@ impl Sandbox {
         // Room for benchmarks of many replicas.
         env.set("APPROVAL_BRIDGE_QUOTA_PER_HOUR", 10_000);
         env.set("APPROVAL_BRIDGE_CLOUD_QUOTA_PER_HOUR", 1_000);
+        // The team page: signed in at the front door, with one operator;
+        // the Safe's owners read.
+        env.set(
+            "APPROVAL_BRIDGE_PUBLIC_URL",
+            url.as_str().trim_end_matches('/'),
+        );
+        env.set(
+            "APPROVAL_BRIDGE_OPERATORS",
+            chain.address(OPERATOR).to_checksum(None),
+        );
         env.set(SANDBOX_URL, &url);
 
         let bridge = if options.world_only {
@@ -305,8 +317,10 @@ impl Sandbox {
             phala: phala.clone(),
             apps,
             bridge_url: bridge_url.clone(),
-            api_token: options.api_token.clone(),
-            http: reqwest::Client::new(),
+            operator_key: chain.signer(OPERATOR),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
         };
         let shutdown = CancellationToken::new();
         let front = tokio::spawn({
@@ -351,7 +365,8 @@ impl Sandbox {
         };
         format!(
             "approval-bridge sandbox is running\n\
-             \n  web page        {url}sandbox\
+             \n  team page       {url}replicas   (sign in at {url}sandbox: dev login)\
+             \n  sandbox page    {url}sandbox\
              \n  JSON API        {url}api/v1/replicas   (Authorization: Bearer {token})\
              \n  CI webhook      {url}webhooks/ci       (HMAC secret: {secret})\
              \n  world           {url}sandbox/world{bridge}\
