@@ -34,5 +34,6 @@ mod unknown_outcomes;
 mod watch_commit;
 mod watch_failures;
 mod watch_reorg;
+mod web_signin;
 mod webhook;
 mod worker;

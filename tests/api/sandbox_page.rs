@@ -1,26 +1,48 @@
-//! The sandbox page in a real browser: headless Chromium driven over the
-//! W3C WebDriver protocol (chromedriver), clicking the page's own buttons.
+//! The team page and the sandbox page in a real browser: headless Chromium
+//! driven over WebDriver (chromedriver) with fantoccini. The person signs in
+//! with a wallet the test injects (EIP-1193: it hands `personal_sign` to the
+//! test, which signs in Rust with the anvil key, so the page's CSP stays as
+//! it is), queues with the form, and follows the request live while the
+//! sandbox's buttons sign and execute. Screenshots go to
+//! `target/screenshots/`.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
 use approval_bridge::sandbox::{Sandbox, SandboxOptions};
+use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 use crate::helpers::sandbox_database;
 
-/// The W3C key of an element reference.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+/// The wallet the page sees: accounts and chain from the test, and every
+/// `personal_sign` parked in `window.__sign` until the test answers it.
+const PROVIDER: &str = r#"
+const [address, chainId] = arguments;
+window.__sign = null;
+window.ethereum = {
+  request: ({method, params}) => {
+    if (method === "eth_requestAccounts" || method === "eth_accounts") return Promise.resolve([address]);
+    if (method === "eth_chainId") return Promise.resolve(chainId);
+    if (method === "personal_sign") {
+      return new Promise((resolve, reject) => { window.__sign = {message: params[0], resolve, reject}; });
+    }
+    return Promise.reject(new Error("unsupported " + method));
+  },
+};
+"#;
 
 struct Browser {
+    client: Client,
     driver: Child,
-    base: String,
-    session: String,
-    http: reqwest::Client,
+    shots: PathBuf,
 }
 
 impl Browser {
-    async fn start() -> Browser {
+    async fn start(name: &str) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -32,101 +54,153 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver (scripts/test installs chromium and chromium-driver)");
-        let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        for _ in 0..100 {
-            if http.get(format!("{base}/status")).send().await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         let profile = std::env::temp_dir().join(format!("ab-chromium-{}", uuid::Uuid::new_v4()));
-        let capabilities = json!({"capabilities": {"alwaysMatch": {
+        let capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                         format!("--user-data-dir={}", profile.display())],
+                         "--window-size=1100,900", format!("--user-data-dir={}", profile.display())],
             },
-        }}});
-        let session: Value = http
-            .post(format!("{base}/session"))
-            .json(&capabilities)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let session = session["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session: {session}"))
-            .to_owned();
-        Browser {
-            driver,
-            base,
-            session,
-            http,
+        });
+        let capabilities = capabilities.as_object().unwrap().clone();
+        let mut client = None;
+        for _ in 0..100 {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
+                .capabilities(capabilities.clone())
+                .connect(&format!("http://127.0.0.1:{port}"))
+                .await
+            {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         }
-    }
-
-    async fn command(&self, path: &str, body: Value) -> Value {
-        let url = format!("{}/session/{}{path}", self.base, self.session);
-        self.http
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        println!("{name}: screenshots in {}", shots.display());
+        Browser {
+            client: client.expect("a WebDriver session"),
+            driver,
+            shots,
+        }
     }
 
     async fn open(&self, url: &str) {
-        self.command("/url", json!({"url": url})).await;
+        self.client.goto(url).await.unwrap();
     }
 
-    /// Clicks the element at `xpath`, retrying while the page (which
-    /// refreshes its table every 2 s) has not drawn it yet or redrew it.
-    async fn click(&self, xpath: &str) {
-        for _ in 0..60 {
-            let found = self
-                .command("/element", json!({"using": "xpath", "value": xpath}))
-                .await;
-            if let Some(id) = found["value"][ELEMENT].as_str() {
-                let clicked = self
-                    .command(&format!("/element/{id}/click"), json!({}))
-                    .await;
-                if clicked["value"].is_null() {
-                    return;
-                }
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.client.screenshot().await.unwrap();
+        let path = self.shots.join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(30))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|err| panic!("no {css}: {err}"))
+            .click()
+            .await
+            .unwrap();
+    }
+
+    async fn text(&self, css: &str) -> String {
+        match self.client.find(Locator::Css(css)).await {
+            Ok(element) => element.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Waits until the text at `css` contains `wanted`, without touching the page.
+    async fn wait_for_text(&self, css: &str, wanted: &str, secs: u64) -> String {
+        let mut text = String::new();
+        for _ in 0..secs * 4 {
+            text = self.text(css).await;
+            if text.contains(wanted) {
+                return text;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        panic!("no clickable element at {xpath}");
+        panic!("`{css}` never showed `{wanted}`; last: `{text}`");
     }
 
-    async fn text_of(&self, xpath: &str) -> String {
-        let found = self
-            .command("/element", json!({"using": "xpath", "value": xpath}))
-            .await;
-        let id = found["value"][ELEMENT]
-            .as_str()
-            .unwrap_or_else(|| panic!("nothing at {xpath}"))
-            .to_owned();
-        let url = format!("{}/session/{}/element/{id}/text", self.base, self.session);
-        let text: Value = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
+    async fn body(&self) -> String {
+        self.text("body").await
+    }
+
+    /// Signs in on `/login` with the injected wallet of `key`.
+    async fn sign_in_with_wallet(&self, base: &str, key: &PrivateKeySigner, chain_id: u64) {
+        self.open(&format!("{base}login")).await;
+        self.client
+            .execute(
+                PROVIDER,
+                vec![
+                    json!(key.address().to_checksum(None)),
+                    json!(format!("0x{chain_id:x}")),
+                ],
+            )
             .await
             .unwrap();
-        text["value"].as_str().unwrap_or_default().to_owned()
+        self.click("#siwe").await;
+        let mut message = Value::Null;
+        for _ in 0..80 {
+            message = self
+                .client
+                .execute("return window.__sign && window.__sign.message", vec![])
+                .await
+                .unwrap();
+            if message.is_string() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let hex_message = message.as_str().expect("the page asked the wallet to sign");
+        let bytes = hex::decode(hex_message.trim_start_matches("0x")).unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(
+            text.contains("wants you to sign in with your Ethereum account"),
+            "{text}"
+        );
+        let signature = key.sign_message_sync(text.as_bytes()).unwrap();
+        self.client
+            .execute(
+                "window.__sign.resolve(arguments[0])",
+                vec![json!(format!("0x{}", hex::encode(signature.as_bytes())))],
+            )
+            .await
+            .unwrap();
+        for _ in 0..80 {
+            if self.client.current_url().await.unwrap().path() == "/replicas" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("not signed in: {}", self.body().await);
+    }
+
+    /// Marks the page; [`Self::same_page`] then tells whether it was reloaded.
+    async fn mark(&self) {
+        self.client
+            .execute("window.__not_reloaded = true", vec![])
+            .await
+            .unwrap();
+    }
+
+    async fn same_page(&self) -> bool {
+        self.client
+            .execute("return window.__not_reloaded === true", vec![])
+            .await
+            .unwrap()
+            == json!(true)
     }
 }
 
@@ -137,9 +211,8 @@ impl Drop for Browser {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_queues_a_replica_and_its_buttons_sign_and_execute_it() {
-    let sandbox = Sandbox::start(SandboxOptions {
+async fn start_sandbox() -> Sandbox {
+    Sandbox::start(SandboxOptions {
         port: 0,
         database_url: Some(sandbox_database()),
         batch_window_secs: 1,
@@ -148,52 +221,215 @@ async fn the_page_queues_a_replica_and_its_buttons_sign_and_execute_it() {
         ..SandboxOptions::default()
     })
     .await
-    .unwrap();
-    let browser = Browser::start().await;
-    browser.open(&format!("{}sandbox", sandbox.url)).await;
+    .unwrap()
+}
 
-    // Queue web-prod on prod-2 with the form.
+/// The operator of the sandbox's bridge: anvil account 6.
+fn operator(sandbox: &Sandbox) -> PrivateKeySigner {
+    sandbox.chain.signer(6)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_signs_in_queues_and_follows_a_replica_to_done_in_the_browser() {
+    let sandbox = start_sandbox().await;
+    let base = sandbox.url.to_string();
+    let browser = Browser::start("queue_and_follow").await;
+
     browser
-        .click("//select[@name='source']/option[text()='web-prod']")
+        .sign_in_with_wallet(&base, &operator(&sandbox), sandbox.chain.chain_id())
         .await;
-    browser
-        .click("//select[@name='node']/option[text()='prod-2']")
-        .await;
-    browser.click("//button[text()='Queue']").await;
-
-    // Two owners sign with the buttons, then execute.
-    browser.click("//button[text()='sign as 0']").await;
-    browser.click("//button[text()='sign as 2']").await;
-    browser.click("//button[text()='execute']").await;
-
-    // The API says it reached done; the page shows it too.
-    let http = reqwest::Client::new();
-    let mut status = String::new();
-    for _ in 0..120 {
-        let list: Value = http
-            .get(format!("{}api/v1/replicas", sandbox.url))
-            .bearer_auth(&sandbox.options.api_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        status = list["replicas"][0]["status"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if status == "done" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert_eq!(status, "done");
-    tokio::time::sleep(Duration::from_millis(2500)).await; // one page refresh
-    assert_eq!(
-        browser.text_of("//tbody[@id='requests']/tr[1]/td[4]").await,
-        "done"
+    assert!(
+        browser.body().await.contains("operator"),
+        "{}",
+        browser.body().await
     );
+
+    // Queue web-prod on prod-2 with the form: the request's page opens.
+    browser.open(&format!("{base}replicas/new")).await;
+    let form = browser.client.find(Locator::Css("#source")).await.unwrap();
+    form.select_by_value("web-prod").await.unwrap();
+    let node = browser.client.find(Locator::Css("#node")).await.unwrap();
+    node.select_by_value("prod-2").await.unwrap();
+    browser
+        .client
+        .find(Locator::Css("#note"))
+        .await
+        .unwrap()
+        .send_keys("from the browser test")
+        .await
+        .unwrap();
+    browser.screenshot("queue-form").await;
+    browser.click("#queue button[type=submit]").await;
+    let url = browser.client.current_url().await.unwrap();
+    let id = url.path().trim_start_matches("/replicas/").to_owned();
+    assert_eq!(id.len(), 36, "{url}");
+
+    // The detail updates by itself to awaiting_approval.
+    browser.mark().await;
+    browser
+        .wait_for_text("#status", "awaiting_approval", 60)
+        .await;
+    assert!(browser.same_page().await, "the page was reloaded");
+    browser.screenshot("awaiting-approval").await;
+    let timeline = browser.text(".timeline").await;
+    assert!(
+        timeline.contains("queued") && timeline.contains("web:"),
+        "{timeline}"
+    );
+
+    // Owner 0 signs with the sandbox's button, in a second tab.
+    let detail = browser.client.window().await.unwrap();
+    let tab = browser.client.new_window(true).await.unwrap();
+    browser.client.switch_to_window(tab.handle).await.unwrap();
+    browser.open(&format!("{base}sandbox")).await;
+    browser.click("form[action$='/sign'] button").await;
+    browser.wait_for_text("#proposals", "1 of 2", 20).await;
+    browser.screenshot("sandbox-one-signed").await;
+
+    // Back on the request: 1 of 2, live.
+    browser
+        .client
+        .switch_to_window(detail.clone())
+        .await
+        .unwrap();
+    browser.wait_for_text("#live .approval", "1 of 2", 90).await;
+    assert!(browser.same_page().await);
+    browser.screenshot("one-of-two").await;
+
+    // Owner 1 signs and the executor executes: the request reaches done.
+    let tabs = browser.client.windows().await.unwrap();
+    let sandbox_tab = tabs.into_iter().find(|w| *w != detail).unwrap();
+    browser.client.switch_to_window(sandbox_tab).await.unwrap();
+    browser.click("form[action$='/sign'] button").await;
+    browser.wait_for_text("#proposals", "2 of 2", 20).await;
+    browser.click("form[action$='/execute'] button").await;
+    browser.client.switch_to_window(detail).await.unwrap();
+    browser.wait_for_text("#status", "done", 120).await;
+    assert!(browser.same_page().await);
+    let shot = browser.screenshot("done").await;
+    println!("the request, done: {}", shot.display());
+
+    // The list shows it too, with the operator as its author.
+    browser.open(&format!("{base}replicas?status=done")).await;
+    let rows = browser.text("#rows").await;
+    assert!(
+        rows.contains(&id[id.len() - 8..]) && rows.contains("done"),
+        "{rows}"
+    );
+    browser.client.set_window_size(390, 844).await.unwrap();
+    browser.screenshot("replicas-phone").await;
+
+    browser.client.clone().close().await.ok();
+    drop(browser);
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_refuses_a_form_without_csrf_and_an_owner_cancelling() {
+    let sandbox = start_sandbox().await;
+    let base = sandbox.url.to_string();
+    let http = reqwest::Client::new();
+    let queued: Value = http
+        .post(format!("{base}api/v1/replicas"))
+        .bearer_auth(&sandbox.options.api_token)
+        .json(&json!({"source": "web-prod", "node": "prod-3"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = queued["replicas"][0]["id"].as_str().unwrap().to_owned();
+    let browser = Browser::start("refusals").await;
+
+    // The sandbox's dev login, as owner 0: it reads, and may not cancel.
+    browser.open(&format!("{base}sandbox")).await;
+    let account = browser.client.find(Locator::Css("#account")).await.unwrap();
+    account.select_by_value("owner-0").await.unwrap();
+    browser
+        .click("form[action='/sandbox/dev-login'] button")
+        .await;
+    let owner = sandbox.owners[0].to_checksum(None);
+    browser.wait_for_text("header", &owner, 20).await;
+    assert!(browser.text("header").await.contains("read-only"));
+    browser.open(&format!("{base}replicas/{id}")).await;
+    assert!(
+        browser
+            .client
+            .find(Locator::Css("form.cancel"))
+            .await
+            .is_err()
+    );
+    // The cancel form, made by hand with this page's own CSRF token.
+    browser
+        .client
+        .execute(
+            r#"const form = document.createElement("form");
+               form.method = "post"; form.action = arguments[0];
+               const csrf = document.createElement("input");
+               csrf.type = "hidden"; csrf.name = "csrf";
+               csrf.value = document.querySelector('meta[name="csrf-token"]').content;
+               form.append(csrf); document.body.append(form); form.submit();"#,
+            vec![json!(format!("/replicas/{id}/cancel"))],
+        )
+        .await
+        .unwrap();
+    browser
+        .wait_for_text("body", "only operators may queue and cancel", 20)
+        .await;
+    browser.screenshot("owner-refused").await;
+
+    // As the operator, the cancel form without its CSRF token is refused.
+    browser.open(&format!("{base}sandbox")).await;
+    let account = browser.client.find(Locator::Css("#account")).await.unwrap();
+    account.select_by_value("operator").await.unwrap();
+    browser
+        .click("form[action='/sandbox/dev-login'] button")
+        .await;
+    browser.wait_for_text("header", "operator", 20).await;
+    browser.open(&format!("{base}replicas/{id}")).await;
+    browser
+        .client
+        .execute(
+            "document.querySelector('form.cancel input[name=csrf]').remove()",
+            vec![],
+        )
+        .await
+        .unwrap();
+    browser.click("form.cancel button").await;
+    browser
+        .wait_for_text("body", "CSRF token is missing", 20)
+        .await;
+    browser.screenshot("csrf-refused").await;
+
+    // Neither changed anything.
+    let request: Value = http
+        .get(format!("{base}api/v1/replicas/{id}"))
+        .bearer_auth(&sandbox.options.api_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(request["status"], "cancelled");
+    let actors: Vec<&str> = request["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["actor"].as_str())
+        .collect();
+    assert!(actors.iter().all(|a| !a.starts_with("web:")), "{actors:?}");
+
+    // With its token, the operator's cancel goes through, recorded as theirs.
+    browser.open(&format!("{base}replicas/{id}")).await;
+    browser.click("form.cancel button").await;
+    browser.wait_for_text("#status", "cancelled", 20).await;
+    let timeline = browser.text(".timeline").await;
+    let operator = format!("web:{}", operator(&sandbox).address().to_checksum(None));
+    assert!(timeline.contains(&operator), "{timeline}");
+
+    browser.client.clone().close().await.ok();
     drop(browser);
     sandbox.stop().await.unwrap();
 }

@@ -1,0 +1,368 @@
+//! Sign-in to the team page over HTTP: Sign-In with Ethereum against a real
+//! Safe on anvil (its owners read, a listed operator queues), the SSO proxy
+//! header, CSRF and the security headers. Every bad input is refused with a
+//! clear answer and creates no session.
+
+use alloy::primitives::Address;
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use approval_bridge::config::{Operators, TrustedProxies};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, spawn_app_with};
+use crate::safe_flow::SafeWorld;
+
+const PUBLIC_URL: &str = "http://bridge.test:8080";
+const CHAIN: u64 = 31337;
+/// The browser's CSRF token, as both cookie and header (double submit).
+const CSRF: &str = "a1b2c3d4e5f6a7b8c9d0a1b2c3d4e5f6a1b2c3d4e5f6a7b8c9d0a1b2c3d4e5f6";
+
+struct Page {
+    app: TestApp,
+    world: SafeWorld,
+    operator: PrivateKeySigner,
+}
+
+/// The bridge on a real Safe (owners: anvil accounts 0..2), with account 6
+/// as its operator and, when asked, an SSO proxy at 127.0.0.1.
+async fn page_app(proxy: bool) -> Page {
+    let world = SafeWorld::start().await;
+    let operator = world.chain.signer(6);
+    let configure = world.configure(world.chain.rpc_url());
+    let operator_address = operator.address();
+    let app = spawn_app_with(move |s| {
+        configure(s);
+        s.web.public_url = Some(PUBLIC_URL.parse().unwrap());
+        s.web.operators = Operators {
+            addresses: vec![operator_address],
+            users: vec!["ops@example.com".into()],
+        };
+        if proxy {
+            s.web.proxy_user_header = Some("x-forwarded-email".parse().unwrap());
+            s.web.trusted_proxies = TrustedProxies(vec!["10.9.8.7".parse().unwrap()]);
+        }
+    })
+    .await;
+    Page {
+        app,
+        world,
+        operator,
+    }
+}
+
+impl Page {
+    async fn post_json(&self, path: &str, body: Value, cookies: &str) -> reqwest::Response {
+        self.app
+            .http
+            .post(format!("{}{path}", self.app.address))
+            .header("cookie", format!("ab_csrf={CSRF}; {cookies}"))
+            .header("x-csrf-token", CSRF)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn message_for(&self, address: Address, chain_id: u64) -> reqwest::Response {
+        self.post_json(
+            "/login/message",
+            json!({"address": address.to_checksum(None), "chain_id": chain_id}),
+            "",
+        )
+        .await
+    }
+
+    /// A fresh message from the bridge for `key`.
+    async fn message(&self, key: &PrivateKeySigner) -> String {
+        let answer = self.message_for(key.address(), CHAIN).await;
+        assert_eq!(answer.status(), 200);
+        let json: Value = answer.json().await.unwrap();
+        json["message"].as_str().unwrap().to_owned()
+    }
+
+    async fn sign_in(&self, message: &str, key: &PrivateKeySigner) -> reqwest::Response {
+        let signature = key.sign_message_sync(message.as_bytes()).unwrap();
+        self.post_json(
+            "/login",
+            json!({"message": message, "signature": format!("0x{}", hex::encode(signature.as_bytes()))}),
+            "",
+        )
+        .await
+    }
+
+    async fn sessions(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM web_sessions")
+            .fetch_one(&self.app.db)
+            .await
+            .unwrap()
+    }
+
+    async fn get_page(&self, path: &str, cookies: &str) -> reqwest::Response {
+        self.app
+            .http
+            .get(format!("{}{path}", self.app.address))
+            .header("cookie", cookies)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// A form body, as a browser sends it.
+fn form_body(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
+fn session_cookie(answer: &reqwest::Response) -> String {
+    let set = answer
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|v| v.starts_with("ab_session="))
+        .expect("a session cookie");
+    assert!(set.contains("HttpOnly"), "{set}");
+    assert!(set.contains("SameSite=Strict"), "{set}");
+    set.split(';').next().unwrap().to_owned()
+}
+
+async fn refusal(answer: reqwest::Response, status: u16) -> String {
+    let got = answer.status();
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(got.as_u16(), status, "{body}");
+    body["error"]["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn an_operator_signs_in_with_ethereum_and_an_owner_reads_only() {
+    let page = page_app(false).await;
+    let message = page.message(&page.operator).await;
+    assert!(
+        message.starts_with("bridge.test:8080 wants you to sign in"),
+        "{message}"
+    );
+    let answer = page.sign_in(&message, &page.operator).await;
+    assert_eq!(answer.status(), 200);
+    let cookie = session_cookie(&answer);
+    let json: Value = answer.json().await.unwrap();
+    assert_eq!(json["role"], "operator");
+    // Only the digest is stored.
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT id_digest FROM web_sessions")
+        .fetch_one(&page.app.db)
+        .await
+        .unwrap();
+    assert_ne!(stored, cookie.trim_start_matches("ab_session=").as_bytes());
+
+    let list = page.get_page("/replicas", &cookie).await;
+    assert_eq!(list.status(), 200);
+    let headers = list.headers().clone();
+    let html = list.text().await.unwrap();
+    assert!(
+        html.contains(&page.operator.address().to_checksum(None)),
+        "{html}"
+    );
+    assert!(html.contains("href=\"/replicas/new\""));
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(headers["referrer-policy"], "same-origin");
+
+    // Owner 1 of the Safe (read from the chain) reads, and may not queue.
+    let owner = page.world.chain.signer(1);
+    let message = page.message(&owner).await;
+    let answer = page.sign_in(&message, &owner).await;
+    assert_eq!(answer.status(), 200);
+    let owner_cookie = session_cookie(&answer);
+    let form = page.get_page("/replicas/new", &owner_cookie).await;
+    assert_eq!(form.status(), 403);
+    assert!(
+        form.text()
+            .await
+            .unwrap()
+            .contains("only operators may queue")
+    );
+    let queue = page
+        .app
+        .http
+        .post(format!("{}/replicas", page.app.address))
+        .header("cookie", format!("ab_csrf={CSRF}; {owner_cookie}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[("csrf", CSRF), ("source", "web-prod")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queue.status(), 403);
+    assert_eq!(page.app.request_count().await, 0);
+
+    // Signing out ends the session: the same cookie no longer signs in.
+    let out = page
+        .app
+        .http
+        .post(format!("{}/logout", page.app.address))
+        .header("cookie", format!("ab_csrf={CSRF}; {cookie}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[("csrf", CSRF)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 303);
+    assert_eq!(page.get_page("/replicas", &cookie).await.status(), 401);
+}
+
+#[tokio::test]
+async fn forged_replayed_stale_and_foreign_messages_create_no_session() {
+    let page = page_app(false).await;
+    let stranger = PrivateKeySigner::random();
+
+    // Anonymous: sent to sign in.
+    let anonymous = page.get_page("/replicas", "").await;
+    assert_eq!(anonymous.status(), 303);
+    assert_eq!(anonymous.headers()["location"], "/login");
+
+    // Forged: the operator's message signed by another key.
+    let message = page.message(&page.operator).await;
+    let text = refusal(page.sign_in(&message, &stranger).await, 401).await;
+    assert!(text.contains("signature does not verify"), "{text}");
+    // A message altered after signing.
+    let signature = page.operator.sign_message_sync(message.as_bytes()).unwrap();
+    let altered = message.replace("Sign in to approval-bridge.", "Sign in to approval-bridge!");
+    let answer = page
+        .post_json(
+            "/login",
+            json!({"message": altered, "signature": format!("0x{}", hex::encode(signature.as_bytes()))}),
+            "",
+        )
+        .await;
+    refusal(answer, 401).await;
+
+    // Replayed: the first use signs in, the second is refused.
+    let message = page.message(&page.operator).await;
+    assert_eq!(page.sign_in(&message, &page.operator).await.status(), 200);
+    assert_eq!(page.sessions().await, 1);
+    let text = refusal(page.sign_in(&message, &page.operator).await, 401).await;
+    assert!(text.contains("nonce"), "{text}");
+
+    // Stale: the message's nonce and expiry are ten minutes old.
+    let message = page.message(&page.operator).await;
+    page.app.clock.advance(chrono::Duration::minutes(11));
+    let text = refusal(page.sign_in(&message, &page.operator).await, 422).await;
+    assert!(text.contains("expired"), "{text}");
+
+    // Another domain, another chain: a message the bridge did not write,
+    // made from one it did.
+    let message = page.message(&page.operator).await;
+    let other_domain = message.replacen("bridge.test:8080", "evil.test", 1);
+    let text = refusal(page.sign_in(&other_domain, &page.operator).await, 422).await;
+    assert!(text.contains("evil.test"), "{text}");
+    let other_chain = message.replace("Chain ID: 31337", "Chain ID: 1");
+    let text = refusal(page.sign_in(&other_chain, &page.operator).await, 422).await;
+    assert!(text.contains("chain 1"), "{text}");
+    let text = refusal(page.message_for(page.operator.address(), 1).await, 422).await;
+    assert!(text.contains("chain 1"), "{text}");
+
+    // Someone who is neither operator nor owner.
+    let message = page.message(&stranger).await;
+    let text = refusal(page.sign_in(&message, &stranger).await, 403).await;
+    assert!(text.contains("neither an operator nor an owner"), "{text}");
+
+    // Without the CSRF header.
+    let answer = page
+        .app
+        .http
+        .post(format!("{}/login/message", page.app.address))
+        .json(&json!({"address": page.operator.address().to_checksum(None), "chain_id": CHAIN}))
+        .send()
+        .await
+        .unwrap();
+    refusal(answer, 403).await;
+
+    assert_eq!(page.sessions().await, 1, "only the one good sign-in");
+
+    // A tampered cookie signs nobody in, and says so.
+    let tampered = page
+        .get_page("/replicas", &format!("ab_session={}", "0f".repeat(32)))
+        .await;
+    assert_eq!(tampered.status(), 401);
+    assert!(tampered.text().await.unwrap().contains("Sign in again"));
+}
+
+#[tokio::test]
+async fn the_proxy_header_counts_only_from_a_trusted_proxy() {
+    let page = page_app(true).await;
+    // The test connects from 127.0.0.1, which is not the trusted proxy.
+    let answer = page
+        .app
+        .http
+        .get(format!("{}/replicas", page.app.address))
+        .header("x-forwarded-email", "ops@example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    assert!(answer.text().await.unwrap().contains("not a trusted proxy"));
+    assert_eq!(page.sessions().await, 0);
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_signs_in_its_user() {
+    let world = SafeWorld::start().await;
+    let configure = world.configure(world.chain.rpc_url());
+    let page = spawn_app_with(move |s| {
+        configure(s);
+        s.web.operators = Operators {
+            addresses: vec![],
+            users: vec!["ops@example.com".into()],
+        };
+        s.web.proxy_user_header = Some("x-forwarded-email".parse().unwrap());
+        s.web.trusted_proxies = TrustedProxies(vec!["127.0.0.1".parse().unwrap()]);
+    })
+    .await;
+    let get = |user: &'static str| {
+        page.http
+            .get(format!("{}/replicas/new", page.address))
+            .header("x-forwarded-email", user)
+            .send()
+    };
+    let operator = get("ops@example.com").await.unwrap();
+    assert_eq!(operator.status(), 200);
+    let viewer = get("someone@example.com").await.unwrap();
+    assert_eq!(viewer.status(), StatusCode::FORBIDDEN);
+    assert!(
+        viewer
+            .text()
+            .await
+            .unwrap()
+            .contains("someone@example.com reads only")
+    );
+}
+
+#[tokio::test]
+async fn a_page_form_without_its_csrf_token_is_refused_and_changes_nothing() {
+    let page = page_app(false).await;
+    let message = page.message(&page.operator).await;
+    let cookie = session_cookie(&page.sign_in(&message, &page.operator).await);
+    for form in [
+        vec![("source", "web-prod")],
+        vec![("source", "web-prod"), ("csrf", "0000")],
+    ] {
+        let answer = page
+            .app
+            .http
+            .post(format!("{}/replicas", page.app.address))
+            .header("cookie", format!("ab_csrf={CSRF}; {cookie}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(&form))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 403);
+        assert!(answer.text().await.unwrap().contains("CSRF token"));
+    }
+    assert_eq!(page.app.request_count().await, 0);
+}
