@@ -8,6 +8,7 @@ pub mod intake;
 mod pages;
 mod replicas;
 mod security;
+pub mod signers;
 pub mod signin;
 mod ui;
 mod ui_models;
@@ -55,7 +56,9 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/replicas", post(replicas::create).get(replicas::list))
         .route("/replicas/{id}", get(replicas::show))
-        .route("/replicas/{id}/cancel", post(replicas::cancel));
+        .route("/replicas/{id}/cancel", post(replicas::cancel))
+        .route("/proposals", get(signers::list))
+        .route("/proposals/{id}", get(signers::show));
 
     // The team page; its forms carry CSRF tokens (see `signin`).
     let page = Router::new()
@@ -68,6 +71,8 @@ pub fn router(state: AppState) -> Router {
         .route("/replicas/{id}", get(ui::detail))
         .route("/replicas/{id}/live", get(ui::live_partial))
         .route("/replicas/{id}/cancel", post(ui::cancel))
+        .route("/proposals", get(ui::proposals))
+        .route("/proposals/live", get(ui::proposals_partial))
         .route("/static/app.js", get(ui::script));
 
     Router::new()

@@ -21,6 +21,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::intake;
 use super::replicas::{cancel_as, parse_id, proposals_of};
+use super::signers::{ProposalView, open_proposals};
 use super::signin::{CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
 use super::ui_models::{DetailView, RowView};
 use crate::domain::Status;
@@ -629,4 +630,47 @@ pub async fn script() -> impl IntoResponse {
         )],
         include_str!("../../static/app.js"),
     )
+}
+
+// ---- proposals -------------------------------------------------------------
+
+#[derive(Template)]
+#[template(path = "page/proposals.html")]
+struct ProposalsPage {
+    chrome: Chrome,
+    proposals: Vec<ProposalView>,
+}
+
+#[derive(Template)]
+#[template(path = "page/proposal_list.html")]
+struct ProposalsPartial {
+    proposals: Vec<ProposalView>,
+}
+
+/// `GET /proposals`: the open Safe transactions, as the signers see them.
+pub async fn proposals(
+    State(state): State<AppState>,
+    user: PageUser,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let proposals = open_proposals(&state).await.map_err(ApiError::from)?;
+    let (chrome, cookie) = chrome(&state, &headers, Some(&user));
+    Ok(html(
+        ProposalsPage { chrome, proposals }.render(),
+        StatusCode::OK,
+        cookie,
+    ))
+}
+
+/// `GET /proposals/live`: the list alone, which the page polls.
+pub async fn proposals_partial(
+    State(state): State<AppState>,
+    _user: PageUser,
+) -> Result<Response, PageError> {
+    let proposals = open_proposals(&state).await.map_err(ApiError::from)?;
+    Ok(html(
+        ProposalsPartial { proposals }.render(),
+        StatusCode::OK,
+        None,
+    ))
 }

@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use super::signers::ProposalView;
 use super::views;
 use crate::store::{EventRow, ReplicaRequest};
 
@@ -38,7 +39,11 @@ pub struct RowView {
 impl RowView {
     pub fn new(r: &ReplicaRequest, proposals: &views::Proposals) -> RowView {
         let json = serde_json::to_value(views::replica(r, proposals)).unwrap_or_default();
-        RowView::from_json(&json)
+        let mut row = RowView::from_json(&json);
+        if let Some(p) = r.proposal_id.and_then(|id| proposals.get(&id)) {
+            row.approval = p.summary.clone();
+        }
+        row
     }
 
     fn from_json(json: &Value) -> RowView {
@@ -62,26 +67,19 @@ impl RowView {
                 .or_else(|| text(json, "node"))
                 .unwrap_or_else(|| "auto".to_owned()),
             app: text(json, "app_id").unwrap_or_else(|| "-".to_owned()),
-            approval: approval(&json["proposal"], json["onchain_kms"].as_bool()),
+            approval: approval(json["onchain_kms"].as_bool()),
             created_by: text(json, "created_by").unwrap_or_default(),
             created_at: short(text(json, "created_at")),
         }
     }
 }
 
-/// "1 of 2 confirmations" for a proposal; what no proposal means otherwise.
-fn approval(proposal: &Value, onchain_kms: Option<bool>) -> String {
-    if proposal.is_null() {
-        return match onchain_kms {
-            Some(false) => "none needed (Cloud KMS)".to_owned(),
-            _ => "-".to_owned(),
-        };
-    }
-    let confirmations = proposal["confirmations"].as_i64().unwrap_or(0);
-    let status = text(proposal, "status").unwrap_or_default();
-    match proposal["threshold"].as_i64() {
-        Some(threshold) => format!("{confirmations} of {threshold} confirmations ({status})"),
-        None => format!("{confirmations} confirmations ({status})"),
+/// What a request without a proposal waits for (a proposal's own summary
+/// replaces it: see [`RowView::new`]).
+fn approval(onchain_kms: Option<bool>) -> String {
+    match onchain_kms {
+        Some(false) => "none needed (Cloud KMS)".to_owned(),
+        _ => "-".to_owned(),
     }
 }
 
@@ -90,18 +88,6 @@ pub struct ErrorView {
     pub code: String,
     pub message: String,
     pub suggestion: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct ProposalView {
-    pub safe: String,
-    pub nonce: String,
-    pub safe_tx_hash: String,
-    pub status: String,
-    pub link: Option<String>,
-    pub execution_tx_hash: Option<String>,
-    pub execution_tx_link: Option<String>,
-    pub calls: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,9 +117,8 @@ impl DetailView {
     pub fn new(r: &ReplicaRequest, proposals: &views::Proposals, events: &[EventRow]) -> Self {
         let json = serde_json::to_value(views::replica(r, proposals)).unwrap_or_default();
         let error = &json["last_error"];
-        let proposal = &json["proposal"];
         DetailView {
-            row: RowView::from_json(&json),
+            row: RowView::new(r, proposals),
             compose_hash: text(&json, "compose_hash"),
             env_names: json["env_names"]
                 .as_array()
@@ -153,31 +138,7 @@ impl DetailView {
                 message: text(error, "message").unwrap_or_default(),
                 suggestion: text(error, "suggestion"),
             }),
-            proposal: (!proposal.is_null()).then(|| ProposalView {
-                safe: text(proposal, "safe").unwrap_or_default(),
-                nonce: text(proposal, "nonce").unwrap_or_default(),
-                safe_tx_hash: text(proposal, "safe_tx_hash").unwrap_or_default(),
-                status: text(proposal, "status").unwrap_or_default(),
-                link: text(proposal, "link"),
-                execution_tx_hash: text(proposal, "execution_tx_hash"),
-                execution_tx_link: text(proposal, "execution_tx_link"),
-                calls: proposal["calls"]
-                    .as_array()
-                    .map(|calls| {
-                        calls
-                            .iter()
-                            .map(|c| {
-                                format!(
-                                    "{}({}) on app {}",
-                                    text(c, "function").unwrap_or_default(),
-                                    text(c, "value").unwrap_or_default(),
-                                    text(c, "app").unwrap_or_default()
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
+            proposal: r.proposal_id.and_then(|id| proposals.get(&id)).cloned(),
             events: events
                 .iter()
                 .map(|e| {

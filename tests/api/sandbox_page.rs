@@ -258,6 +258,31 @@ async fn a_person_signs_in_queues_and_follows_a_replica_to_done_in_the_browser()
         .send_keys("from the browser test")
         .await
         .unwrap();
+    // A name outside the app's allowed_envs is refused before the form is sent.
+    let env_name = browser
+        .client
+        .find(Locator::Css("#env-name-0"))
+        .await
+        .unwrap();
+    env_name.send_keys("NOT_ALLOWED").await.unwrap();
+    browser.click("#queue button[type=submit]").await;
+    browser
+        .wait_for_text(
+            "#form-error",
+            "Not in the app's allowed_envs: NOT_ALLOWED",
+            10,
+        )
+        .await;
+    assert!(
+        browser
+            .client
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .ends_with("/replicas/new")
+    );
+    env_name.clear().await.unwrap();
     browser.screenshot("queue-form").await;
     browser.click("#queue button[type=submit]").await;
     let url = browser.client.current_url().await.unwrap();
@@ -286,13 +311,32 @@ async fn a_person_signs_in_queues_and_follows_a_replica_to_done_in_the_browser()
     browser.wait_for_text("#proposals", "1 of 2", 20).await;
     browser.screenshot("sandbox-one-signed").await;
 
-    // Back on the request: 1 of 2, live.
+    // The proposals page: what it approves, for whom, and who still signs.
+    let waiting = format!(
+        "1 of 2 confirmations; waiting for one of {}, {}",
+        sandbox.owners[1].to_checksum(None),
+        sandbox.owners[2].to_checksum(None)
+    );
+    browser.open(&format!("{base}proposals")).await;
+    let proposals = browser.wait_for_text("#proposals", &waiting, 60).await;
+    assert!(
+        proposals.contains("addDevice") && proposals.contains("web-prod"),
+        "{proposals}"
+    );
+    assert!(
+        proposals.contains(&sandbox.owners[0].to_checksum(None)),
+        "{proposals}"
+    );
+    browser.screenshot("proposals").await;
+    browser.open(&format!("{base}sandbox")).await;
+
+    // Back on the request: 1 of 2, waiting for the other owners, live.
     browser
         .client
         .switch_to_window(detail.clone())
         .await
         .unwrap();
-    browser.wait_for_text("#live .approval", "1 of 2", 90).await;
+    browser.wait_for_text("#live .approval", &waiting, 60).await;
     assert!(browser.same_page().await);
     browser.screenshot("one-of-two").await;
 

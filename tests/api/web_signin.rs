@@ -223,7 +223,13 @@ async fn forged_replayed_stale_and_foreign_messages_create_no_session() {
     // Anonymous: sent to sign in.
     let anonymous = page.get_page("/replicas", "").await;
     assert_eq!(anonymous.url().path(), "/login");
-    assert!(anonymous.text().await.unwrap().contains("Sign in with Ethereum"));
+    assert!(
+        anonymous
+            .text()
+            .await
+            .unwrap()
+            .contains("Sign in with Ethereum")
+    );
 
     // Forged: the operator's message signed by another key.
     let message = page.message(&page.operator).await;
