@@ -13,6 +13,8 @@ function live() {
       if (document.hidden) return;
       try {
         const answer = await fetch(element.dataset.liveSrc, {credentials: "same-origin"});
+        // Signed out meanwhile: the reload shows the sign-in page.
+        if (answer.redirected || answer.status === 401) { window.location.reload(); return; }
         if (answer.ok) element.innerHTML = await answer.text();
       } catch (_) { /* offline for a moment: try again next time */ }
     };
