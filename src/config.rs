@@ -432,7 +432,8 @@ impl Default for SafeSettings {
 #[derive(Debug, Clone, Args)]
 pub struct TrustSettings {
     /// The sources each caller may replicate, as `caller=source|source` separated
-    /// by commas. A caller is `api:<token name>` or `ci:<webhook client name>`; a
+    /// by commas. A caller is `api:<token name>`, `ci:<webhook client name>` or
+    /// `web:<address or proxy user>`; a
     /// source is a CVM name or an app id; `*` allows any source. A caller not
     /// listed may replicate any source.
     #[arg(long, env = "APPROVAL_BRIDGE_SCOPES", value_parser = parse_scopes,
@@ -553,19 +554,26 @@ impl KmsContracts {
     }
 }
 
-/// A caller label as the event log writes it: `api:<name>` or `ci:<name>`.
+/// A caller label as the event log writes it: `api:<name>`, `ci:<name>`, or
+/// `web:<address or user name>` for a person on the team page (an address in
+/// its checksummed form, as sign-in records it).
 fn parse_caller(caller: &str) -> Result<String, String> {
     let caller = caller.trim();
-    let valid_name = |name: &str| {
+    let valid_name = |name: &str, extra: &[char]| {
         !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && name.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || extra.contains(&c)
+            })
     };
     match caller.split_once(':') {
-        Some(("api" | "ci", name)) if valid_name(name) => Ok(caller.to_owned()),
+        Some(("api" | "ci", name)) if valid_name(name, &[]) => Ok(caller.to_owned()),
+        Some(("web", name)) if name.starts_with("0x") => name
+            .parse::<alloy::primitives::Address>()
+            .map(|a| format!("web:{}", a.to_checksum(None)))
+            .map_err(|_| format!("`{caller}`: `{name}` is not an address")),
+        Some(("web", name)) if valid_name(name, &['@', '+']) => Ok(caller.to_owned()),
         _ => Err(format!(
-            "`{caller}` is not a caller: write api:<token name> or ci:<webhook client name>"
+            "`{caller}` is not a caller: write api:<token name>, ci:<webhook client name> or web:<address or user>"
         )),
     }
 }
@@ -813,6 +821,20 @@ mod tests {
             assert!(!err.contains("longenough"), "{err}");
         }
         assert!(parse_named_secrets("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn page_callers_are_named_by_checksummed_address_or_user() {
+        let scopes = parse_scopes(
+            "web:0x976ea74026e726554db657fa54763abd0c3a0aa9=web-prod,web:ops@example.com=*",
+        )
+        .unwrap();
+        assert_eq!(
+            scopes.0[0].0,
+            "web:0x976EA74026E726554dB657fA54763abd0C3a0aa9"
+        );
+        assert_eq!(scopes.0[1].0, "web:ops@example.com");
+        assert!(parse_scopes("web:0x12=*").is_err());
     }
 
     #[test]

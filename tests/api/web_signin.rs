@@ -27,6 +27,13 @@ struct Page {
 /// The bridge on a real Safe (owners: anvil accounts 0..2), with account 6
 /// as its operator and, when asked, an SSO proxy at 127.0.0.1.
 async fn page_app(proxy: bool) -> Page {
+    page_app_with(proxy, |_, _| {}).await
+}
+
+async fn page_app_with(
+    proxy: bool,
+    adjust: impl FnOnce(&mut approval_bridge::config::Settings, Address),
+) -> Page {
     let world = SafeWorld::start().await;
     let operator = world.chain.signer(6);
     let configure = world.configure(world.chain.rpc_url());
@@ -42,6 +49,7 @@ async fn page_app(proxy: bool) -> Page {
             s.web.proxy_user_header = Some("x-forwarded-email".parse().unwrap());
             s.web.trusted_proxies = TrustedProxies(vec!["10.9.8.7".parse().unwrap()]);
         }
+        adjust(s, operator_address);
     })
     .await;
     Page {
@@ -370,5 +378,45 @@ async fn a_page_form_without_its_csrf_token_is_refused_and_changes_nothing() {
         assert_eq!(answer.status(), 403);
         assert!(answer.text().await.unwrap().contains("CSRF token"));
     }
+    assert_eq!(page.app.request_count().await, 0);
+}
+
+#[tokio::test]
+async fn the_page_queues_through_intake_as_the_person_and_within_their_scope() {
+    let page = page_app_with(false, |s, operator| {
+        s.trust.scopes = approval_bridge::config::Scopes(vec![(
+            format!("web:{}", operator.to_checksum(None)),
+            vec![approval_bridge::config::SourcePattern::Name(
+                "other-cvm".into(),
+            )],
+        )]);
+    })
+    .await;
+    crate::safe_flow::mount_source_on(&page.app, page.world.app, true).await;
+    let message = page.message(&page.operator).await;
+    let cookie = session_cookie(&page.sign_in(&message, &page.operator).await);
+    let answer = page
+        .app
+        .http
+        .post(format!("{}/replicas", page.app.address))
+        .header("cookie", format!("ab_csrf={CSRF}; {cookie}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[
+            ("csrf", CSRF),
+            ("source", crate::phala_mock::ONCHAIN_NAME),
+            ("node", "node-b"),
+            ("count", "1"),
+            ("note", "from the page"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    let html = answer.text().await.unwrap();
+    let operator = format!("web:{}", page.operator.address().to_checksum(None));
+    assert!(html.contains("may not replicate"), "{html}");
+    assert!(html.contains(&operator), "{html}");
+    // The form comes back with what was typed.
+    assert!(html.contains("from the page"), "{html}");
     assert_eq!(page.app.request_count().await, 0);
 }
