@@ -180,6 +180,7 @@ async fn an_operator_signs_in_with_ethereum_and_an_owner_reads_only() {
     );
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert_eq!(headers["referrer-policy"], "same-origin");
+    assert_eq!(headers["cache-control"], "no-store");
 
     // Owner 1 of the Safe (read from the chain) reads, and may not queue.
     let owner = page.world.chain.signer(1);
