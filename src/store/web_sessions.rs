@@ -13,23 +13,30 @@ pub struct WebSession {
 }
 
 impl Store {
-    /// Stores a fresh nonce until `expires_at`; old ones are swept on the way.
+    /// Stores a fresh nonce until `expires_at`, unless `max` live nonces
+    /// wait already (`false`): anyone may ask for one, so the table is
+    /// bounded. Old ones are swept on the way.
     pub async fn insert_web_nonce(
         &self,
         nonce: &str,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error> {
+        max: i64,
+    ) -> Result<bool, sqlx::Error> {
         sqlx::query("DELETE FROM web_nonces WHERE expires_at <= $1")
             .bind(now)
             .execute(&self.pool)
             .await?;
-        sqlx::query("INSERT INTO web_nonces (nonce, expires_at) VALUES ($1, $2)")
-            .bind(nonce)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let inserted = sqlx::query(
+            "INSERT INTO web_nonces (nonce, expires_at)
+             SELECT $1, $2 WHERE (SELECT count(*) FROM web_nonces) < $3",
+        )
+        .bind(nonce)
+        .bind(expires_at)
+        .bind(max)
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
     }
 
     /// Uses a nonce up. `false`: unknown, used already, or expired.

@@ -38,6 +38,8 @@ const CSRF_HEADER: &str = "x-csrf-token";
 /// How long a sign-in message may wait for its signature.
 const NONCE_TTL_MINUTES: i64 = 10;
 const SESSION_TTL_HOURS: i64 = 8;
+/// Sign-ins that may wait for their signature at once, from anyone.
+const MAX_OPEN_NONCES: i64 = 10_000;
 const STATEMENT: &str = "Sign in to approval-bridge.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,7 +417,17 @@ pub async fn message(
     let now = state.clock.now();
     let expires = now + Duration::minutes(NONCE_TTL_MINUTES);
     let nonce = siwe::generate_nonce();
-    state.store.insert_web_nonce(&nonce, now, expires).await?;
+    if !state
+        .store
+        .insert_web_nonce(&nonce, now, expires, MAX_OPEN_NONCES)
+        .await?
+    {
+        return Err(ApiError::RateLimited {
+            message: "too many sign-ins are waiting for a signature; retry in a few minutes"
+                .to_owned(),
+            retry_after_secs: 60,
+        });
+    }
     let message = siwe::Message {
         domain: domain.parse().map_err(anyhow::Error::from)?,
         address: address.0.0,

@@ -421,3 +421,101 @@ async fn the_page_queues_through_intake_as_the_person_and_within_their_scope() {
     assert!(html.contains("from the page"), "{html}");
     assert_eq!(page.app.request_count().await, 0);
 }
+
+#[tokio::test]
+async fn env_from_the_page_reaches_the_bridges_allowed_envs_check() {
+    let page = page_app(false).await;
+    crate::safe_flow::mount_source_on(&page.app, page.world.app, true).await;
+    let message = page.message(&page.operator).await;
+    let cookie = session_cookie(&page.sign_in(&message, &page.operator).await);
+    let post = |form: Vec<(&'static str, &'static str)>| {
+        page.app
+            .http
+            .post(format!("{}/replicas", page.app.address))
+            .header("cookie", format!("ab_csrf={CSRF}; {cookie}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(&form))
+            .send()
+    };
+    // From the .env text and from a name/value row: both are checked.
+    for form in [
+        vec![
+            ("csrf", CSRF),
+            ("source", "web-prod"),
+            ("env", "# comment\nDB_URL=postgres://x\n"),
+        ],
+        vec![
+            ("csrf", CSRF),
+            ("source", "web-prod"),
+            ("env_name", "DB_URL"),
+            ("env_value", "x"),
+        ],
+    ] {
+        let answer = post(form).await.unwrap();
+        assert_eq!(answer.status(), 422);
+        let html = answer.text().await.unwrap();
+        assert!(
+            html.contains("DB_URL") && html.contains("allowed_envs"),
+            "{html}"
+        );
+    }
+    // A .env text that does not parse is refused by the page itself.
+    let answer = post(vec![
+        ("csrf", CSRF),
+        ("source", "web-prod"),
+        ("env", "NOT A LINE"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 422);
+    assert!(
+        answer
+            .text()
+            .await
+            .unwrap()
+            .contains(".env text does not parse")
+    );
+    assert_eq!(page.app.request_count().await, 0);
+}
+
+#[tokio::test]
+async fn open_sign_in_nonces_are_bounded_and_expired_ones_make_room() {
+    let app = crate::helpers::spawn_app().await;
+    let now = app.clock.now();
+    let expires = now + chrono::Duration::minutes(10);
+    assert!(
+        app.store
+            .insert_web_nonce("nonce-1", now, expires, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        app.store
+            .insert_web_nonce("nonce-2", now, expires, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !app.store
+            .insert_web_nonce("nonce-3", now, expires, 2)
+            .await
+            .unwrap()
+    );
+    let later = expires + chrono::Duration::seconds(1);
+    let again = later + chrono::Duration::minutes(10);
+    assert!(
+        app.store
+            .insert_web_nonce("nonce-4", later, again, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !app.store.take_web_nonce("nonce-1", later).await.unwrap(),
+        "swept"
+    );
+    assert!(app.store.take_web_nonce("nonce-4", later).await.unwrap());
+    assert!(
+        !app.store.take_web_nonce("nonce-4", later).await.unwrap(),
+        "single use"
+    );
+}
