@@ -1,11 +1,13 @@
 //! Postgres access. This module is the only place with SQL.
 
 mod follower;
+mod gauges;
 mod idempotency;
 mod job_leases;
 mod proposals;
 mod quota;
 mod requests;
+mod retention;
 mod source_locks;
 
 use std::time::Duration;
@@ -15,12 +17,14 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use follower::{Cursor, ProposalEnd, RequestMove};
+pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
 pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
 };
 pub use quota::{QUOTA_WINDOW, QuotaCheck};
+pub use retention::Purged;
 pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,
