@@ -7,6 +7,7 @@ mod chain_world;
 mod cli;
 mod conformance;
 mod delegate_cli;
+mod doctor;
 mod env_keys;
 mod exactly_once;
 mod fault_proxy;
