@@ -11,6 +11,7 @@ pub mod openapi;
 mod pages;
 mod replicas;
 mod request_id;
+pub mod signers;
 mod views;
 pub mod webhook;
 
@@ -58,6 +59,8 @@ pub fn router(state: AppState) -> Router {
         .route("/replicas", post(replicas::create).get(replicas::list))
         .route("/replicas/{id}", get(replicas::show))
         .route("/replicas/{id}/cancel", post(replicas::cancel))
+        .route("/proposals", get(signers::list))
+        .route("/proposals/{id}", get(signers::show))
         .route("/openapi.json", get(openapi::openapi_json));
 
     let routes = Router::new()

@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, metrics, replicas, webhook};
+use super::{health, metrics, replicas, signers, webhook};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,8 @@ use super::{health, metrics, replicas, webhook};
         replicas::list,
         replicas::show,
         replicas::cancel,
+        signers::list,
+        signers::show,
         webhook::ci_webhook,
         health::healthz,
         health::readyz,
@@ -30,6 +32,7 @@ use super::{health, metrics, replicas, webhook};
     modifiers(&BearerAuth),
     tags(
         (name = "replicas", description = "the JSON API; every call needs `Authorization: Bearer <token>`"),
+        (name = "proposals", description = "the Safe proposals as the owners see them; bearer token as above"),
         (name = "webhook", description = "CI deliveries, authenticated by HMAC-SHA256"),
         (name = "operations", description = "probes, metrics and this description"),
     )

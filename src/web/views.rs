@@ -1,29 +1,25 @@
 //! The JSON shape of a replica request, shared by every endpoint that shows one.
 //! The commit token and the encrypted env are never part of it.
 
-use serde_json::{Value, json};
-
 use std::collections::HashMap;
 
-use alloy::primitives::Address;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::signers::ProposalView;
 use crate::domain::Status;
-
-use crate::store::{EventRow, ProposalRow, ReplicaRequest, StoredRegistration};
+use crate::store::{EventRow, ReplicaRequest};
 use crate::telemetry::redact;
-use crate::worker::safe_wallet_link;
 
 /// Stored text that may quote a client error (and so a URL with a key).
 fn clean(text: &Option<String>) -> Option<String> {
     text.as_deref().map(|t| redact(t).into_owned())
 }
 
-/// Proposals by id with their calls, for rendering the requests that point to them.
-pub type Proposals = HashMap<Uuid, (ProposalRow, Vec<StoredRegistration>)>;
+/// Proposals by id, as the signers see them, for the requests that point to them.
+pub type Proposals = HashMap<Uuid, ProposalView>;
 
 /// A replica request as every endpoint shows it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -47,8 +43,7 @@ pub struct ReplicaView {
     pub device_id: Option<String>,
     pub registrations: RegistrationsView,
     /// The Safe proposal that registers what the request needs.
-    #[schema(value_type = Option<Object>)]
-    pub proposal: Option<Value>,
+    pub proposal: Option<ProposalView>,
     pub replica: Option<ReplicaVmView>,
     pub vm_uuid: Option<String>,
     /// The replica on the Phala dashboard.
@@ -138,7 +133,7 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> ReplicaView {
         proposal: r
             .proposal_id
             .and_then(|id| proposals.get(&id))
-            .map(|(p, calls)| proposal(p, calls)),
+            .cloned(),
         replica: r.replica_vm_uuid.as_ref().map(|vm_uuid| ReplicaVmView {
             vm_uuid: vm_uuid.clone(),
             status: r.replica_status.clone(),
@@ -158,32 +153,6 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> ReplicaView {
         created_at: r.created_at,
         updated_at: r.updated_at,
     }
-}
-
-/// A proposal as the owners see it, with the Safe{Wallet} link where signing happens.
-pub fn proposal(p: &ProposalRow, calls: &[StoredRegistration]) -> Value {
-    let safe: Option<Address> = p.safe.parse().ok();
-    json!({
-        "id": p.id,
-        "chain_id": p.chain_id,
-        "safe": safe.map(|s| s.to_checksum(None)).unwrap_or_else(|| p.safe.clone()),
-        "nonce": p.nonce,
-        "safe_tx_hash": p.safe_tx_hash,
-        "status": p.status,
-        "submitted": p.submitted_at.is_some(),
-        "confirmations": p.confirmations.unwrap_or(0),
-        "threshold": p.threshold,
-        "gas_estimate": p.gas_estimate,
-        "link": safe.and_then(|s| safe_wallet_link(p.chain_id as u64, s, &p.safe_tx_hash)),
-        "execution_tx_hash": p.execution_tx_hash,
-        "execution_tx_link": p.execution_tx_hash.as_ref().and_then(|tx| explorer_tx_link(p.chain_id as u64, tx)),
-        "calls": calls.iter().map(|c| json!({
-            "function": if c.kind == "compose_hash" { "addComposeHash" } else { "addDevice" },
-            "app": c.app_id,
-            "value": c.value,
-        })).collect::<Vec<_>>(),
-        "last_error": p.last_error_code.as_ref().map(|code| json!({"code": code, "message": clean(&p.last_error_message)})),
-    })
 }
 
 /// Phala's dashboard has no API-configurable host: this is the public one.
