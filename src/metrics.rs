@@ -60,7 +60,9 @@ pub fn handle() -> PrometheusHandle {
             // Another recorder may be installed already (a test harness's):
             // the bridge then renders an empty page rather than failing.
             if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was installed already; /metrics shows none of the bridge's");
+                tracing::warn!(
+                    "a metrics recorder was installed already; /metrics shows none of the bridge's"
+                );
             }
             describe();
             handle
@@ -71,10 +73,23 @@ pub fn handle() -> PrometheusHandle {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(HTTP_REQUESTS, "HTTP answers by method, route and status");
-    describe_histogram!(STEP_SECONDS, Unit::Seconds, "duration of one worker step, by state and outcome");
-    describe_counter!(CALLS, "calls to Phala Cloud, the Safe Transaction Service and the RPCs");
-    describe_counter!(CALL_ERRORS, "failed calls to outside services, by service and error code");
-    describe_gauge!(FOLLOWER_LAG, "blocks between the chain head and the follower's scan");
+    describe_histogram!(
+        STEP_SECONDS,
+        Unit::Seconds,
+        "duration of one worker step, by state and outcome"
+    );
+    describe_counter!(
+        CALLS,
+        "calls to Phala Cloud, the Safe Transaction Service and the RPCs"
+    );
+    describe_counter!(
+        CALL_ERRORS,
+        "failed calls to outside services, by service and error code"
+    );
+    describe_gauge!(
+        FOLLOWER_LAG,
+        "blocks between the chain head and the follower's scan"
+    );
     describe_histogram!(
         EXECUTION_TO_COMMIT,
         Unit::Seconds,
@@ -84,7 +99,10 @@ fn describe() {
     describe_counter!(RETENTION_DELETED, "rows deleted by the retention job");
     describe_gauge!(QUEUE_DEPTH, "requests by status that are not finished");
     describe_gauge!(OPEN_PROPOSALS, "Safe proposals waiting for execution");
-    describe_gauge!(EXPIRED_LEASES, "requests whose lease expired and that no worker took back yet");
+    describe_gauge!(
+        EXPIRED_LEASES,
+        "requests whose lease expired and that no worker took back yet"
+    );
 }
 
 /// Counts one call to an outside service and, if it failed, its error code.

@@ -124,14 +124,16 @@ fn rpc_outcome(result: &Result<ResponsePacket, TransportError>) -> Result<(), St
             Some(code) => Err(code.to_string()),
             None => Ok(()),
         },
-        Err(RpcError::Transport(TransportErrorKind::HttpError(http))) => Err(http.status.to_string()),
-        Err(RpcError::Transport(TransportErrorKind::Custom(err))) => Err(
-            match err.downcast_ref::<HttpFailure>() {
+        Err(RpcError::Transport(TransportErrorKind::HttpError(http))) => {
+            Err(http.status.to_string())
+        }
+        Err(RpcError::Transport(TransportErrorKind::Custom(err))) => {
+            Err(match err.downcast_ref::<HttpFailure>() {
                 Some(failure) if failure.error.is_timeout() => "timeout",
                 _ => "transport",
             }
-            .to_owned(),
-        ),
+            .to_owned())
+        }
         Err(_) => Err("transport".to_owned()),
     }
 }

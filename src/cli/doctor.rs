@@ -143,7 +143,10 @@ async fn check_rpc(flow: &SafeFlow, chain_id: u64) -> Row {
         );
     };
     let result = bounded(async {
-        chain.check_chain_id().await.map_err(|err| format!("{err:#}"))?;
+        chain
+            .check_chain_id()
+            .await
+            .map_err(|err| format!("{err:#}"))?;
         let head = chain.head().await.map_err(|err| format!("{err:#}"))?;
         Ok(format!("answers for chain {chain_id}, head block {head}"))
     })
@@ -157,10 +160,18 @@ async fn check_rpc(flow: &SafeFlow, chain_id: u64) -> Row {
 async fn check_safe(flow: &SafeFlow, chain_id: u64, safe: Address) -> Vec<Row> {
     let target = format!("{chain_id}:{}", safe.to_checksum(None));
     let Some(chain) = flow.chain(chain_id) else {
-        return vec![Row::new("safe", target, Err(format!("no RPC URL for chain {chain_id}")))];
+        return vec![Row::new(
+            "safe",
+            target,
+            Err(format!("no RPC URL for chain {chain_id}")),
+        )];
     };
     let info = bounded(async {
-        match chain.owner_kind(safe).await.map_err(|err| format!("{err:#}"))? {
+        match chain
+            .owner_kind(safe)
+            .await
+            .map_err(|err| format!("{err:#}"))?
+        {
             OwnerKind::Safe(info) => Ok(info),
             OwnerKind::Eoa => Err("not a contract on this chain".to_owned()),
             OwnerKind::NotASafe { detail } => Err(format!("not a Safe: {detail}")),
@@ -286,7 +297,11 @@ mod tests {
     #[test]
     fn the_table_aligns_columns_and_marks_failures() {
         let rows = vec![
-            Row::new("phala", "APPROVAL_BRIDGE_PHALA_API_KEY", Ok("accepted".into())),
+            Row::new(
+                "phala",
+                "APPROVAL_BRIDGE_PHALA_API_KEY",
+                Ok("accepted".into()),
+            ),
             Row::new("rpc", "chain 1", Err("answers for chain 5".into())),
         ];
         let text = table(&rows);
@@ -296,6 +311,10 @@ mod tests {
         assert!(lines[1].starts_with("ok     phala"), "{text}");
         assert!(lines[2].starts_with("FAIL   rpc  "), "{text}");
         let detail_at = lines[1].find("accepted").unwrap();
-        assert_eq!(lines[2].find("answers for chain 5").unwrap(), detail_at, "{text}");
+        assert_eq!(
+            lines[2].find("answers for chain 5").unwrap(),
+            detail_at,
+            "{text}"
+        );
     }
 }

@@ -185,7 +185,9 @@ impl PhalaClient {
         crate::metrics::record_call(
             "phala",
             match &result {
-                Ok((status, body)) if status.as_u16() >= 400 && status.as_u16() != PREPARED_STATUS => {
+                Ok((status, body))
+                    if status.as_u16() >= 400 && status.as_u16() != PREPARED_STATUS =>
+                {
                     Err(PhalaError::Api(errors::parse_error(status.as_u16(), body)).stored_code())
                 }
                 Ok(_) => Ok(()),

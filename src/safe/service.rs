@@ -677,7 +677,11 @@ impl RateLimiter {
 
 /// Also counted: the call got no answer.
 fn record_transport_error(err: reqwest::Error) -> SafeServiceError {
-    let code = if err.is_timeout() { "timeout" } else { "transport" };
+    let code = if err.is_timeout() {
+        "timeout"
+    } else {
+        "transport"
+    };
     crate::metrics::record_call("safe_service", Err(code.to_owned()));
     SafeServiceError::Transport {
         timed_out: err.is_timeout(),

@@ -26,11 +26,11 @@ pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
 };
 pub use quota::{QUOTA_WINDOW, QuotaCheck};
-pub use retention::Purged;
 pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,
 };
+pub use retention::Purged;
 
 use crate::config::DatabaseSettings;
 

@@ -69,7 +69,6 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
     internal_response()
 }
 
-
 /// What a server error shows: its cause is in the log, never in the answer.
 pub const INTERNAL_MESSAGE: &str = "internal error; see the server log";
 
@@ -129,11 +128,7 @@ impl IntoResponse for ApiError {
                 status,
                 code,
                 message,
-            } => (
-                status,
-                ErrorBody::new(code, redact(&message)),
-            )
-                .into_response(),
+            } => (status, ErrorBody::new(code, redact(&message))).into_response(),
             ApiError::RateLimited {
                 message,
                 retry_after_secs,

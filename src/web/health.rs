@@ -97,7 +97,12 @@ pub async fn healthz() -> Json<Health> {
     ))]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     match sqlx::query("SELECT 1").execute(state.store.pool()).await {
-        Ok(_) => (StatusCode::OK, Json(Health { status: "ok".into() })),
+        Ok(_) => (
+            StatusCode::OK,
+            Json(Health {
+                status: "ok".into(),
+            }),
+        ),
         Err(err) => {
             tracing::warn!(error = %err, "health check: database unreachable");
             (
@@ -120,7 +125,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Ready>) 
     let readiness = &state.readiness;
     let mut checks = Vec::new();
     if readiness.shutdown.is_cancelled() {
-        checks.push(Check::new("shutdown", Err("the process is shutting down".into())));
+        checks.push(Check::new(
+            "shutdown",
+            Err("the process is shutting down".into()),
+        ));
     }
     let database = bounded(async {
         sqlx::query("SELECT 1")

@@ -130,10 +130,7 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> ReplicaView {
             compose_hash_allowed: r.compose_hash_allowed,
             device_id_allowed: r.device_id_allowed,
         },
-        proposal: r
-            .proposal_id
-            .and_then(|id| proposals.get(&id))
-            .cloned(),
+        proposal: r.proposal_id.and_then(|id| proposals.get(&id)).cloned(),
         replica: r.replica_vm_uuid.as_ref().map(|vm_uuid| ReplicaVmView {
             vm_uuid: vm_uuid.clone(),
             status: r.replica_status.clone(),

@@ -223,13 +223,12 @@ impl Worker {
                 Ok(Outcome::Advance {
                     event: Event::Committed,
                     ..
-                }) if request.proposal_id.is_some() => {
-                    self.store
-                        .entered_status_at(request.id, Status::Committing)
-                        .await
-                        .ok()
-                        .flatten()
-                }
+                }) if request.proposal_id.is_some() => self
+                    .store
+                    .entered_status_at(request.id, Status::Committing)
+                    .await
+                    .ok()
+                    .flatten(),
                 _ => None,
             };
             let result = match outcome {
@@ -237,7 +236,10 @@ impl Worker {
                 Err(err) => Err(err),
             };
             let lease_lost = matches!(
-                result.as_ref().err().and_then(|e| e.downcast_ref::<StoreError>()),
+                result
+                    .as_ref()
+                    .err()
+                    .and_then(|e| e.downcast_ref::<StoreError>()),
                 Some(StoreError::LeaseLost(_))
             );
             crate::metrics::record_step(

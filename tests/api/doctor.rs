@@ -5,7 +5,11 @@ use crate::cli::bridge;
 use crate::helpers::fresh_database;
 use crate::sandbox_process::WorldProcess;
 
-fn doctor(world: &WorldProcess, database_url: &str, overrides: &[(&str, &str)]) -> (i32, String, String) {
+fn doctor(
+    world: &WorldProcess,
+    database_url: &str,
+    overrides: &[(&str, &str)],
+) -> (i32, String, String) {
     let output = bridge()
         .arg("doctor")
         .envs(&world.env)
@@ -25,7 +29,10 @@ fn doctor(world: &WorldProcess, database_url: &str, overrides: &[(&str, &str)]) 
 fn row<'a>(table: &'a str, check: &str) -> &'a str {
     table
         .lines()
-        .find(|line| line.get(7..).is_some_and(|rest| rest.starts_with(&format!("{check}  "))))
+        .find(|line| {
+            line.get(7..)
+                .is_some_and(|rest| rest.starts_with(&format!("{check}  ")))
+        })
         .unwrap_or_else(|| panic!("no `{check}` row in:\n{table}"))
 }
 
@@ -46,21 +53,37 @@ async fn doctor_checks_the_sandbox_world_and_names_a_wrong_phala_key() {
     assert!(row(&table, "database").starts_with("ok"), "{table}");
     assert!(row(&table, "migrations").contains("all applied"), "{table}");
     assert!(row(&table, "phala").starts_with("ok"), "{table}");
-    let chain_id = world.env["APPROVAL_BRIDGE_SAFES"].split(':').next().unwrap().to_owned();
+    let chain_id = world.env["APPROVAL_BRIDGE_SAFES"]
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
     assert!(
         row(&table, "rpc").contains(&format!("answers for chain {chain_id}")),
         "{table}"
     );
     // The sandbox's Safe: 1.4.1, 2 of 3 owners; its proposer is a delegate of owner 0.
-    assert!(row(&table, "safe").contains("Safe 1.4.1, 2 of 3 owners"), "{table}");
+    assert!(
+        row(&table, "safe").contains("Safe 1.4.1, 2 of 3 owners"),
+        "{table}"
+    );
     assert!(row(&table, "safe service").starts_with("ok"), "{table}");
-    assert!(row(&table, "proposer").contains("is a delegate of owner"), "{table}");
+    assert!(
+        row(&table, "proposer").contains("is a delegate of owner"),
+        "{table}"
+    );
     assert!(table.contains("checks passed"), "{table}");
     // No secret reaches the table.
-    assert!(!table.contains(&world.env["APPROVAL_BRIDGE_PHALA_API_KEY"]), "{table}");
+    assert!(
+        !table.contains(&world.env["APPROVAL_BRIDGE_PHALA_API_KEY"]),
+        "{table}"
+    );
 
-    let (code, table, stderr) =
-        doctor(&world, &database_url, &[("APPROVAL_BRIDGE_PHALA_API_KEY", "phak_wrong-key-0000")]);
+    let (code, table, stderr) = doctor(
+        &world,
+        &database_url,
+        &[("APPROVAL_BRIDGE_PHALA_API_KEY", "phak_wrong-key-0000")],
+    );
     assert_eq!(code, 1, "{table}\n{stderr}");
     let phala = row(&table, "phala");
     assert!(phala.starts_with("FAIL"), "{table}");
@@ -82,11 +105,18 @@ async fn doctor_fails_on_an_rpc_for_another_chain_and_an_unmigrated_database() {
     let database_url = fresh_database().await;
     let safes = world.env["APPROVAL_BRIDGE_SAFES"].clone();
     let (chain_id, _) = safes.split_once(':').unwrap();
-    let rpc = world.env["APPROVAL_BRIDGE_RPC_URLS"].split_once('=').unwrap().1.to_owned();
+    let rpc = world.env["APPROVAL_BRIDGE_RPC_URLS"]
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_owned();
     // The world's RPC, configured for one more chain it does not serve.
     let rpc_urls = format!("{chain_id}={rpc},5={rpc}");
-    let (code, table, stderr) =
-        doctor(&world, &database_url, &[("APPROVAL_BRIDGE_RPC_URLS", &rpc_urls)]);
+    let (code, table, stderr) = doctor(
+        &world,
+        &database_url,
+        &[("APPROVAL_BRIDGE_RPC_URLS", &rpc_urls)],
+    );
     assert_eq!(code, 1, "{table}\n{stderr}");
     assert!(row(&table, "migrations").starts_with("FAIL"), "{table}");
     let wrong = table
@@ -95,7 +125,9 @@ async fn doctor_fails_on_an_rpc_for_another_chain_and_an_unmigrated_database() {
         .unwrap_or_else(|| panic!("{table}"));
     assert!(wrong.starts_with("FAIL"), "{table}");
     assert!(
-        wrong.contains(&format!("the RPC configured for chain 5 answers for chain {chain_id}")),
+        wrong.contains(&format!(
+            "the RPC configured for chain 5 answers for chain {chain_id}"
+        )),
         "{table}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");

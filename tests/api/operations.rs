@@ -55,7 +55,10 @@ async fn healthz_and_readyz_answer_when_everything_is_up() {
 
     let healthz = get(&app, "/healthz").await;
     assert_eq!(healthz.status(), 200);
-    assert_eq!(healthz.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+    assert_eq!(
+        healthz.json::<Value>().await.unwrap(),
+        json!({"status": "ok"})
+    );
 
     let readyz = get(&app, "/readyz").await;
     assert_eq!(readyz.status(), 200);
@@ -160,9 +163,11 @@ async fn metrics_count_requests_phala_calls_and_the_queue() {
     // A Phala error, counted by its code.
     Mock::given(method("GET"))
         .and(wiremock::matchers::path("/api/v1/cvms/missing-one"))
-        .respond_with(
-            ResponseTemplate::new(404).set_body_json(phala_error("ERR-01-001", "CVM not found", true)),
-        )
+        .respond_with(ResponseTemplate::new(404).set_body_json(phala_error(
+            "ERR-01-001",
+            "CVM not found",
+            true,
+        )))
         .mount(&app.phala)
         .await;
     app.queue(&json!({"source": ONCHAIN_NAME, "node": "prod-3", "count": 2}))
@@ -192,23 +197,41 @@ async fn metrics_count_requests_phala_calls_and_the_queue() {
     );
     assert!(phala_errors.unwrap_or(0.0) >= 1.0, "{page}");
     assert!(
-        sample(&page, "approval_bridge_calls_total", &[("service", "phala"), ("outcome", "ok")])
-            .unwrap_or(0.0)
+        sample(
+            &page,
+            "approval_bridge_calls_total",
+            &[("service", "phala"), ("outcome", "ok")]
+        )
+        .unwrap_or(0.0)
             >= 2.0,
         "{page}"
     );
     // This app's database: exactly its two queued requests.
     assert_eq!(
-        sample(&page, "approval_bridge_queue_depth", &[("status", "queued")]),
+        sample(
+            &page,
+            "approval_bridge_queue_depth",
+            &[("status", "queued")]
+        ),
         Some(2.0),
         "{page}"
     );
     assert_eq!(
-        sample(&page, "approval_bridge_queue_depth", &[("status", "preparing")]),
+        sample(
+            &page,
+            "approval_bridge_queue_depth",
+            &[("status", "preparing")]
+        ),
         Some(0.0)
     );
-    assert_eq!(sample(&page, "approval_bridge_open_proposals", &[]), Some(0.0));
-    assert!(page.contains("# TYPE approval_bridge_http_requests_total counter"), "{page}");
+    assert_eq!(
+        sample(&page, "approval_bridge_open_proposals", &[]),
+        Some(0.0)
+    );
+    assert!(
+        page.contains("# TYPE approval_bridge_http_requests_total counter"),
+        "{page}"
+    );
 }
 
 #[tokio::test]
@@ -220,7 +243,10 @@ async fn a_scrape_while_the_database_is_closed_still_answers() {
     let page = get(&app, "/metrics").await;
     assert_eq!(page.status(), 200);
     let page = page.text().await.unwrap();
-    assert!(page.contains("approval_bridge_http_requests_total"), "{page}");
+    assert!(
+        page.contains("approval_bridge_http_requests_total"),
+        "{page}"
+    );
     // And readiness says why it is not ready, instead of failing.
     let readyz = get(&app, "/readyz").await;
     assert_eq!(readyz.status(), 503);
@@ -264,7 +290,11 @@ async fn the_openapi_description_and_the_routes_agree() {
     // Every described operation is served: the router answers something
     // other than its fallback 404 or a 405.
     for (path, method) in &described {
-        let url = format!("{}{}", app.address, path.replace("{id}", &uuid::Uuid::nil().to_string()));
+        let url = format!(
+            "{}{}",
+            app.address,
+            path.replace("{id}", &uuid::Uuid::nil().to_string())
+        );
         let response = app
             .http
             .request(method.parse().unwrap(), url)
@@ -275,13 +305,19 @@ async fn the_openapi_description_and_the_routes_agree() {
         assert_ne!(response.status(), 405, "{method} {path}");
         if response.status() == 404 {
             let body: Value = response.json().await.unwrap();
-            assert_ne!(body["error"]["message"], "no such endpoint", "{method} {path}");
+            assert_ne!(
+                body["error"]["message"], "no such endpoint",
+                "{method} {path}"
+            );
         }
     }
 
     // The answer types are described, not free-form.
     let replica = &doc["components"]["schemas"]["ReplicaView"];
-    assert_eq!(replica["properties"]["status"]["$ref"], "#/components/schemas/Status", "{replica}");
+    assert_eq!(
+        replica["properties"]["status"]["$ref"], "#/components/schemas/Status",
+        "{replica}"
+    );
     assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
     assert!(doc["components"]["schemas"]["OrderBody"]["properties"]["source"].is_object());
 }
@@ -299,7 +335,12 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
     let mut nested: Vec<(String, String)> = Vec::new();
     for nest in source.split(".nest(\"").skip(1) {
         let (prefix, rest) = nest.split_once('"').unwrap();
-        let name = rest.trim_start_matches([',', ' ']).split(')').next().unwrap().trim();
+        let name = rest
+            .trim_start_matches([',', ' '])
+            .split(')')
+            .next()
+            .unwrap()
+            .trim();
         nested.push((name.to_owned(), prefix.to_owned()));
     }
     let mut routes = BTreeSet::new();
@@ -364,7 +405,8 @@ async fn an_expired_idempotency_key_counts_as_new_and_is_purged() {
     assert_eq!(first, again, "within the TTL the first answer comes back");
 
     // Seven days (the default) and a second later the key is forgotten.
-    app.clock.advance(chrono::Duration::days(7) + chrono::Duration::seconds(1));
+    app.clock
+        .advance(chrono::Duration::days(7) + chrono::Duration::seconds(1));
     let later = app.post_replicas_with(body.clone(), Some("deploy-1")).await;
     assert_eq!(later.status(), 202);
     let later: Value = later.json().await.unwrap();
@@ -427,7 +469,9 @@ async fn finished_requests_are_kept_by_default_and_deleted_after_the_retention_t
     assert_eq!(count(&prune, "request_events").await, 1);
 
     // The event log stays append-only for everyone else.
-    let refused = sqlx::query("DELETE FROM request_events").execute(&prune.db).await;
+    let refused = sqlx::query("DELETE FROM request_events")
+        .execute(&prune.db)
+        .await;
     assert!(refused.is_err());
 }
 
@@ -439,16 +483,44 @@ async fn api_answers_are_typed_and_unchanged_in_shape() {
         .queue(&json!({"source": ONCHAIN_NAME, "node": "prod-3"}))
         .await;
     let shown = app.get_replica(&ids[0]).await;
-    let mut keys: Vec<&str> = shown.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = shown
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     keys.sort_unstable();
     assert_eq!(
         keys,
         [
-            "app_id", "attempts", "chain_id", "compose_hash", "created_at", "created_by",
-            "dashboard_link", "device_id", "env_names", "events", "id", "kms_type",
-            "last_error", "next_attempt_at", "node", "node_id", "node_name", "note",
-            "onchain_kms", "proposal", "registrations", "replica", "source", "source_name",
-            "source_vm_uuid", "status", "updated_at", "vm_uuid",
+            "app_id",
+            "attempts",
+            "chain_id",
+            "compose_hash",
+            "created_at",
+            "created_by",
+            "dashboard_link",
+            "device_id",
+            "env_names",
+            "events",
+            "id",
+            "kms_type",
+            "last_error",
+            "next_attempt_at",
+            "node",
+            "node_id",
+            "node_name",
+            "note",
+            "onchain_kms",
+            "proposal",
+            "registrations",
+            "replica",
+            "source",
+            "source_name",
+            "source_vm_uuid",
+            "status",
+            "updated_at",
+            "vm_uuid",
         ]
     );
     assert_eq!(shown["events"][0]["to"], "queued");
