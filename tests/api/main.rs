@@ -13,6 +13,7 @@ mod exactly_once;
 mod fault_proxy;
 mod helpers;
 mod kms_mock;
+mod logs;
 mod operations;
 mod phala_mock;
 mod phala_sim;
