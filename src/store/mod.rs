@@ -1,6 +1,7 @@
 //! Postgres access. This module is the only place with SQL.
 
 mod follower;
+mod gauges;
 mod idempotency;
 mod job_leases;
 mod proposal_facts;
@@ -8,6 +9,7 @@ mod proposals;
 mod quota;
 mod request_filters;
 mod requests;
+mod retention;
 mod source_locks;
 mod web_sessions;
 
@@ -18,6 +20,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use follower::{Cursor, ProposalEnd, RequestMove};
+pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
 pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
@@ -30,6 +33,7 @@ pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,
 };
+pub use retention::Purged;
 pub use web_sessions::WebSession;
 
 use crate::config::DatabaseSettings;
