@@ -70,23 +70,8 @@ pub fn router(state: AppState) -> Router {
         .route("/proposals/{id}", get(signers::show))
         .route("/openapi.json", get(openapi::openapi_json));
 
-    // The team page; its forms carry CSRF tokens (see `signin`).
-    let page = Router::new()
-        .route("/login", get(ui::login).post(signin::sign_in))
-        .route("/login/message", post(signin::message))
-        .route("/logout", post(ui::logout))
-        .route("/replicas", get(ui::list).post(ui::queue))
-        .route("/replicas/rows", get(ui::rows_partial))
-        .route("/replicas/new", get(ui::new_form))
-        .route("/replicas/{id}", get(ui::detail))
-        .route("/replicas/{id}/live", get(ui::live_partial))
-        .route("/replicas/{id}/cancel", post(ui::cancel))
-        .route("/proposals", get(ui::proposals))
-        .route("/proposals/live", get(ui::proposals_partial))
-        .route("/static/app.js", get(ui::script));
-
     let routes = Router::new()
-        .merge(page)
+        .merge(ui::routes())
         .route("/", get(pages::index))
         .route("/health", get(health::health))
         .route("/healthz", get(health::healthz))

@@ -9,11 +9,13 @@
 use std::collections::BTreeMap;
 
 use askama::Template;
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::header::{LOCATION, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -22,12 +24,30 @@ use super::error::ApiError;
 use super::intake;
 use super::replicas::{cancel_as, parse_id, proposals_of};
 use super::signers::{ProposalView, open_proposals};
-use super::signin::{CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
+use super::signin::{self, CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
 use super::ui_models::{DetailView, RowView};
 use crate::domain::Status;
 use crate::store::RequestFilter;
 
 const LIST_LIMIT: i64 = 100;
+
+/// The team page's routes (pages, not the JSON API: the OpenAPI description
+/// leaves them out). Its forms carry CSRF tokens (see `signin`).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/login", get(login).post(signin::sign_in))
+        .route("/login/message", post(signin::message))
+        .route("/logout", post(logout))
+        .route("/replicas", get(list).post(queue))
+        .route("/replicas/rows", get(rows_partial))
+        .route("/replicas/new", get(new_form))
+        .route("/replicas/{id}", get(detail))
+        .route("/replicas/{id}/live", get(live_partial))
+        .route("/replicas/{id}/cancel", post(cancel))
+        .route("/proposals", get(proposals))
+        .route("/proposals/live", get(proposals_partial))
+        .route("/static/app.js", get(script))
+}
 
 /// What every page's frame shows: who is signed in, and the CSRF token.
 pub struct Chrome {
