@@ -7,6 +7,8 @@
 # stylesheet: the runtime stage needs no files besides the binary.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# Checked queries compile from the committed `.sqlx/` data, never a database.
+ENV SQLX_OFFLINE=true
 # Dependencies first, in their own layer: a change to the code alone does not
 # rebuild them.
 COPY Cargo.toml Cargo.lock ./
