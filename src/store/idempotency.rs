@@ -28,19 +28,19 @@ impl Store {
         key: &str,
         request_hash: &[u8],
     ) -> Result<Option<IdempotencyOutcome>, sqlx::Error> {
-        let row: Option<(Vec<u8>, i16, Value)> = sqlx::query_as(
+        let row = sqlx::query!(
             "SELECT request_hash, response_status, response_body FROM idempotency_keys
              WHERE principal = $1 AND key = $2",
+            principal,
+            key,
         )
-        .bind(principal)
-        .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(hash, status, body)| {
-            if hash == request_hash {
+        Ok(row.map(|row| {
+            if row.request_hash == request_hash {
                 IdempotencyOutcome::Replay(StoredResponse {
-                    status: status as u16,
-                    body,
+                    status: row.response_status as u16,
+                    body: row.response_body,
                 })
             } else {
                 IdempotencyOutcome::Mismatch
@@ -58,15 +58,15 @@ impl Store {
         request_hash: &[u8],
         response: &StoredResponse,
     ) -> Result<bool, sqlx::Error> {
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO idempotency_keys (principal, key, request_hash, response_status, response_body)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            principal,
+            key,
+            request_hash,
+            response.status as i16,
+            response.body,
         )
-        .bind(principal)
-        .bind(key)
-        .bind(request_hash)
-        .bind(response.status as i16)
-        .bind(&response.body)
         .execute(&mut **tx)
         .await?
         .rows_affected();

@@ -26,7 +26,7 @@ pub async fn index() -> Result<Html<String>, ApiError> {
 
 /// `GET /health`: up, and the database answers.
 pub async fn health(State(state): State<AppState>) -> Response {
-    match sqlx::query("SELECT 1").execute(state.store.pool()).await {
+    match state.store.ping().await {
         Ok(_) => Json(json!({"status": "ok"})).into_response(),
         Err(err) => {
             tracing::warn!(error = %err, "health check: database unreachable");
