@@ -20,6 +20,8 @@ RUN mkdir -p src tests/api \
     && rm -rf src
 COPY src src
 COPY migrations migrations
+# The checked queries compile from this offline data: no database at build time.
+COPY .sqlx .sqlx
 COPY templates templates
 COPY static static
 # `touch`: the sources are older than the placeholder build above.
