@@ -1,7 +1,7 @@
 //! The replicas page's list: newest first, filtered by status, app and source.
 
 use super::Store;
-use super::requests::COLUMNS;
+use super::requests::query_requests;
 use crate::domain::Status;
 use crate::store::ReplicaRequest;
 
@@ -21,36 +21,36 @@ impl Store {
         filter: &RequestFilter,
         limit: i64,
     ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM replica_requests
+        query_requests!(
+            "SELECT ",
+            " FROM replica_requests
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::text IS NULL OR lower(app_id) = lower($2))
                AND ($3::text IS NULL OR source = $3 OR source_name = $3)
-             ORDER BY created_at DESC, id DESC LIMIT $4"
-        ))
-        .bind(filter.status.map(Status::as_str))
-        .bind(filter.app_id.as_deref())
-        .bind(filter.source.as_deref())
-        .bind(limit)
+             ORDER BY created_at DESC, id DESC LIMIT $4",
+            filter.status.map(Status::as_str),
+            filter.app_id.as_deref(),
+            filter.source.as_deref(),
+            limit,
+        )
         .fetch_all(&self.pool)
         .await
     }
 
     /// The app ids and sources that requests name, for the filter menus.
     pub async fn request_facets(&self) -> Result<(Vec<String>, Vec<String>), sqlx::Error> {
-        let apps: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT app_id FROM replica_requests WHERE app_id IS NOT NULL ORDER BY 1",
+        let apps = sqlx::query_scalar!(
+            r#"SELECT DISTINCT app_id AS "app_id!" FROM replica_requests
+               WHERE app_id IS NOT NULL ORDER BY 1"#
         )
         .fetch_all(&self.pool)
         .await?;
-        let sources: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT coalesce(source_name, source) FROM replica_requests ORDER BY 1",
+        let sources = sqlx::query_scalar!(
+            r#"SELECT DISTINCT coalesce(source_name, source) AS "source!"
+               FROM replica_requests ORDER BY 1"#
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok((
-            apps.into_iter().map(|(a,)| a).collect(),
-            sources.into_iter().map(|(s,)| s).collect(),
-        ))
+        Ok((apps, sources))
     }
 }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use super::Store;
 
 /// A signed-in person, as a session row holds them.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebSession {
     pub subject: String,
     pub role: String,
@@ -23,17 +23,16 @@ impl Store {
         expires_at: DateTime<Utc>,
         max: i64,
     ) -> Result<bool, sqlx::Error> {
-        sqlx::query("DELETE FROM web_nonces WHERE expires_at <= $1")
-            .bind(now)
+        sqlx::query!("DELETE FROM web_nonces WHERE expires_at <= $1", now)
             .execute(&self.pool)
             .await?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO web_nonces (nonce, expires_at)
              SELECT $1, $2 WHERE (SELECT count(*) FROM web_nonces) < $3",
+            nonce,
+            expires_at,
+            max,
         )
-        .bind(nonce)
-        .bind(expires_at)
-        .bind(max)
         .execute(&self.pool)
         .await?;
         Ok(inserted.rows_affected() == 1)
@@ -45,12 +44,13 @@ impl Store {
         nonce: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, sqlx::Error> {
-        let taken: Option<(DateTime<Utc>,)> =
-            sqlx::query_as("DELETE FROM web_nonces WHERE nonce = $1 RETURNING expires_at")
-                .bind(nonce)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(taken.is_some_and(|(expires_at,)| expires_at > now))
+        let taken = sqlx::query_scalar!(
+            "DELETE FROM web_nonces WHERE nonce = $1 RETURNING expires_at",
+            nonce
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(taken.is_some_and(|expires_at| expires_at > now))
     }
 
     pub async fn insert_web_session(
@@ -61,19 +61,18 @@ impl Store {
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM web_sessions WHERE expires_at <= $1")
-            .bind(now)
+        sqlx::query!("DELETE FROM web_sessions WHERE expires_at <= $1", now)
             .execute(&self.pool)
             .await?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO web_sessions (id_digest, subject, role, created_at, expires_at)
              VALUES ($1, $2, $3, $4, $5)",
+            id_digest,
+            subject,
+            role,
+            now,
+            expires_at,
         )
-        .bind(id_digest)
-        .bind(subject)
-        .bind(role)
-        .bind(now)
-        .bind(expires_at)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -85,19 +84,19 @@ impl Store {
         id_digest: &[u8],
         now: DateTime<Utc>,
     ) -> Result<Option<WebSession>, sqlx::Error> {
-        sqlx::query_as(
+        sqlx::query_as!(
+            WebSession,
             "SELECT subject, role, expires_at FROM web_sessions
              WHERE id_digest = $1 AND expires_at > $2",
+            id_digest,
+            now,
         )
-        .bind(id_digest)
-        .bind(now)
         .fetch_optional(&self.pool)
         .await
     }
 
     pub async fn delete_web_session(&self, id_digest: &[u8]) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM web_sessions WHERE id_digest = $1")
-            .bind(id_digest)
+        sqlx::query!("DELETE FROM web_sessions WHERE id_digest = $1", id_digest)
             .execute(&self.pool)
             .await?;
         Ok(())
