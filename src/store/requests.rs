@@ -795,6 +795,8 @@ async fn write_transition(
     .bind(&changes.commit_tx_hash)
     .execute(&mut **tx)
     .await?;
+    // The team hears of it exactly when it is written.
+    super::outbox::record(tx, request_id, to, now).await?;
     if effects.release_source_lock {
         sqlx::query("DELETE FROM source_locks WHERE holder = $1")
             .bind(request_id)

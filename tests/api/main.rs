@@ -12,6 +12,7 @@ mod exactly_once;
 mod fault_proxy;
 mod helpers;
 mod kms_mock;
+mod notifications;
 mod phala_mock;
 mod phala_sim;
 mod prepare_checks;
