@@ -32,8 +32,6 @@ use crate::web::signers::{ProposalView, views_by_id};
 use crate::web::webhook;
 use crate::worker::backoff;
 
-/// How long one attempt may hold its delivery before another process may take it.
-const LEASE: Duration = Duration::from_secs(120);
 /// How often an idle target's task looks for new notifications.
 const POLL: Duration = Duration::from_secs(1);
 /// Slack refuses a section longer than this.
@@ -46,6 +44,9 @@ pub struct Notifier {
     targets: Vec<(String, Url)>,
     secret: SecretString,
     http: reqwest::Client,
+    /// How long one attempt holds its delivery before another process may
+    /// take it: well past the request timeout.
+    lease: Duration,
     max_attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
@@ -97,6 +98,7 @@ impl Notifier {
             targets,
             secret,
             http,
+            lease: timeout * 2 + Duration::from_secs(30),
             max_attempts: settings.notify_max_attempts,
             backoff_base: Duration::from_secs(worker.backoff_base_secs),
             backoff_max: Duration::from_secs(worker.backoff_max_secs),
@@ -124,7 +126,7 @@ impl Notifier {
     pub async fn deliver_once(&self, target: usize) -> anyhow::Result<bool> {
         let (name, url) = &self.targets[target];
         let now = self.clock.now();
-        let Some(delivery) = self.store.claim_delivery(name, now, LEASE).await? else {
+        let Some(delivery) = self.store.claim_delivery(name, now, self.lease).await? else {
             return Ok(false);
         };
         let outcome = self.send(url, &delivery).await;

@@ -301,3 +301,86 @@ fn a_target_that_is_not_http_or_has_no_secret_stops_start_up_in_one_line() {
     );
     assert!(!line.contains("token-123"), "{line}");
 }
+
+/// Driven by hand on a manual clock: a failure writes one notification, and
+/// its delivery keeps its id and message across a crash-free retry.
+#[tokio::test]
+async fn a_failure_notifies_once_and_its_retry_keeps_the_delivery_id() {
+    use crate::phala_mock::*;
+    let target = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&target)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&target)
+        .await;
+    let mut notify = approval_bridge::config::NotifySettings::default();
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.notify.notify_urls =
+            parse_named_secrets(&format!("team={}/hook", target.uri())).unwrap();
+        settings.notify.notify_secret = Some(SECRET.to_owned().into());
+        notify = settings.notify.clone();
+    })
+    .await;
+    let notifier = approval_bridge::notify::Notifier::from_settings(
+        app.store.clone(),
+        app.clock.clone(),
+        &notify,
+        &approval_bridge::config::WorkerSettings::default(),
+    )
+    .unwrap()
+    .expect("a target is configured");
+
+    mount_onchain_source(&app.phala, &[]).await;
+    Mock::given(method("POST"))
+        .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
+        .respond_with(ResponseTemplate::new(400).set_body_json(phala_error(
+            "ERR-02-005",
+            "no capacity",
+            false,
+        )))
+        .mount(&app.phala)
+        .await;
+    let failing = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
+    let cancelled = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
+    assert_eq!(app.cancel(&cancelled).await.status(), 200);
+    app.drain_all(10).await;
+    assert_eq!(app.status_of(&failing).await, "failed");
+
+    // The first attempt fails; nothing is due again until the backoff passes.
+    assert_eq!(notifier.drain().await.unwrap(), 1);
+    assert_eq!(notifier.drain().await.unwrap(), 0);
+    app.clock.advance(chrono::Duration::minutes(10));
+    assert_eq!(notifier.drain().await.unwrap(), 1);
+    app.clock.advance(chrono::Duration::hours(1));
+    assert_eq!(
+        notifier.drain().await.unwrap(),
+        0,
+        "delivered once, then done"
+    );
+
+    let got = received(&target).await;
+    assert_eq!(got.len(), 2, "one failed attempt and its retry");
+    assert_eq!(
+        header(&got[0], "idempotency-key"),
+        header(&got[1], "idempotency-key")
+    );
+    assert_eq!(got[0].body, got[1].body);
+    assert_eq!(header(&got[1], "x-bridge-event"), "failed");
+    assert_eq!(
+        body(&got[1])["metadata"]["event_payload"]["request_id"],
+        failing.as_str()
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "the cancelled request notifies nothing");
+}
