@@ -18,7 +18,7 @@ use crate::domain::{IllegalTransition, Status};
 use crate::store::StoreError;
 
 const DEFAULT_LIST_LIMIT: i64 = 50;
-const MAX_LIST_LIMIT: i64 = 500;
+pub(super) const MAX_LIST_LIMIT: i64 = 500;
 
 /// `POST /api/v1/replicas`
 pub async fn create(
@@ -53,8 +53,22 @@ pub async fn show(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
-    status: Option<String>,
+    pub(super) status: Option<String>,
     limit: Option<i64>,
+}
+
+impl ListParams {
+    /// The `limit`, 1 to 500 (default 50).
+    pub(super) fn limit(&self) -> Result<i64, ApiError> {
+        let limit = self.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
+            ));
+        }
+        Ok(limit)
+    }
 }
 
 /// `GET /api/v1/replicas?status=…&limit=…`, newest first.
@@ -65,6 +79,7 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let Query(params) = params
         .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
+    let limit = params.limit()?;
     let status = params
         .status
         .map(|s| {
@@ -77,13 +92,6 @@ pub async fn list(
             })
         })
         .transpose()?;
-    let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
-    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
-        ));
-    }
     let requests = state.store.list_requests(status, limit).await?;
     let proposals = proposals_of(&state, &requests).await?;
     let replicas: Vec<Value> = requests

@@ -14,12 +14,13 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use uuid::Uuid;
 
 use super::AppState;
 use super::auth::ApiCaller;
 use super::error::ApiError;
+use super::replicas::{ListParams, MAX_LIST_LIMIT};
 use super::views::explorer_tx_link;
 use crate::store::{
     CvmFacts, ProposalFacts, ProposalRow, ReplicaRequest, Store, StoredRegistration, same_hex,
@@ -481,8 +482,6 @@ fn checksum(address: &str) -> String {
         .unwrap_or_else(|_| address.to_owned())
 }
 
-const DEFAULT_LIST_LIMIT: i64 = 50;
-const MAX_LIST_LIMIT: i64 = 500;
 /// The proposal statuses, plus `open` (= `proposed`) and `all`.
 const STATUSES: [&str; 7] = [
     "open",
@@ -493,13 +492,6 @@ const STATUSES: [&str; 7] = [
     "superseded",
     "all",
 ];
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    status: Option<String>,
-    limit: Option<i64>,
-}
 
 /// `GET /api/v1/proposals?status=open&limit=50`: open proposals by default, newest first.
 pub async fn list(
@@ -524,13 +516,7 @@ pub async fn list(
             ));
         }
     };
-    let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
-    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
-        ));
-    }
+    let limit = params.limit()?;
     let rows = state.store.list_proposals(status, limit).await?;
     Ok(Json(ProposalList {
         proposals: views_of(&state.store, rows).await?,

@@ -39,6 +39,27 @@ async fn start(target: &MockServer, tune: &[(&str, &str)]) -> (Front, Cancellati
     (front, shutdown)
 }
 
+/// A target that answers `status` to the first `failures` posts (maybe none), then 200.
+async fn failing_target(status: u16, failures: u64) -> MockServer {
+    let target = MockServer::start().await;
+    if failures > 0 {
+        Mock::given(method("POST"))
+            .and(path("/hook"))
+            .respond_with(ResponseTemplate::new(status))
+            .up_to_n_times(failures)
+            .with_priority(1)
+            .mount(&target)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&target)
+        .await;
+    target
+}
+
 /// What the target received, in order.
 async fn received(target: &MockServer) -> Vec<wiremock::Request> {
     target.received_requests().await.unwrap_or_default()
@@ -110,12 +131,7 @@ async fn approve(front: &Front, waiting: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_receives_signed_messages_for_approval_done_and_failed() {
-    let target = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/hook"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&target)
-        .await;
+    let target = failing_target(503, 0).await;
     let (front, shutdown) = start(&target, &[]).await;
 
     let id = front
@@ -198,20 +214,7 @@ async fn a_target_receives_signed_messages_for_approval_done_and_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_target_is_retried_with_the_same_delivery_and_the_flow_reaches_done() {
-    let target = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/hook"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(3)
-        .with_priority(1)
-        .mount(&target)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/hook"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&target)
-        .await;
+    let target = failing_target(503, 3).await;
     let (front, shutdown) = start(&target, &[("APPROVAL_BRIDGE_BACKOFF_BASE_SECS", "1")]).await;
 
     let id = front
@@ -307,20 +310,7 @@ fn a_target_that_is_not_http_or_has_no_secret_stops_start_up_in_one_line() {
 #[tokio::test]
 async fn a_failure_notifies_once_and_its_retry_keeps_the_delivery_id() {
     use crate::phala_mock::*;
-    let target = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/hook"))
-        .respond_with(ResponseTemplate::new(500))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&target)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/hook"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&target)
-        .await;
+    let target = failing_target(500, 1).await;
     let mut notify = approval_bridge::config::NotifySettings::default();
     let app = crate::helpers::spawn_app_with(|settings| {
         settings.notify.notify_urls =
