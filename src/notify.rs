@@ -98,7 +98,7 @@ impl Notifier {
             targets,
             secret,
             http,
-            lease: timeout * 2 + Duration::from_secs(30),
+            lease: timeout * 2 + Duration::from_secs(5),
             max_attempts: settings.notify_max_attempts,
             backoff_base: Duration::from_secs(worker.backoff_base_secs),
             backoff_max: Duration::from_secs(worker.backoff_max_secs),

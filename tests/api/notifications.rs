@@ -374,3 +374,85 @@ async fn a_failure_notifies_once_and_its_retry_keeps_the_delivery_id() {
         .unwrap();
     assert_eq!(rows, 1, "the cancelled request notifies nothing");
 }
+
+/// A process that dies after posting and before recording the answer: once
+/// its lease runs out the notification is sent again, with the same delivery
+/// id and message, and then never again.
+#[tokio::test]
+async fn a_delivery_cut_off_by_a_crash_is_sent_again_with_the_same_id_once() {
+    use crate::phala_mock::*;
+    let target = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+        .mount(&target)
+        .await;
+    let mut notify = approval_bridge::config::NotifySettings::default();
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.notify.notify_urls =
+            parse_named_secrets(&format!("team={}/hook", target.uri())).unwrap();
+        settings.notify.notify_secret = Some(SECRET.to_owned().into());
+        // A lease of 2 × 1 s + 5 s.
+        settings.notify.notify_timeout_secs = 1;
+        notify = settings.notify.clone();
+    })
+    .await;
+    let notifier = || {
+        approval_bridge::notify::Notifier::from_settings(
+            app.store.clone(),
+            app.clock.clone(),
+            &notify,
+            &approval_bridge::config::WorkerSettings::default(),
+        )
+        .unwrap()
+        .expect("a target is configured")
+    };
+    mount_onchain_source(&app.phala, &[]).await;
+    Mock::given(method("POST"))
+        .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
+        .respond_with(ResponseTemplate::new(400).set_body_json(phala_error(
+            "ERR-02-005",
+            "no capacity",
+            false,
+        )))
+        .mount(&app.phala)
+        .await;
+    app.queue(&json!({"source": ONCHAIN_NAME})).await;
+    app.drain_all(10).await;
+
+    // The first process posts, then dies before the answer comes.
+    let first = notifier();
+    let attempt = tokio::spawn(async move { first.drain().await });
+    let cut_off = wait_received(&target, 1).await.remove(0);
+    attempt.abort();
+    let _ = attempt.await;
+
+    // Another process: nothing while the dead one's lease holds, then the same delivery.
+    target.reset().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&target)
+        .await;
+    let second = notifier();
+    assert_eq!(second.drain().await.unwrap(), 0, "the lease still holds");
+    let mut sent = 0;
+    for _ in 0..60 {
+        sent = second.drain().await.unwrap();
+        if sent > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(sent, 1, "sent again once the lease ran out");
+    assert_eq!(second.drain().await.unwrap(), 0, "and then never again");
+    let again = received(&target).await;
+    assert_eq!(again.len(), 1);
+    assert_signed(&again[0]);
+    assert_eq!(
+        header(&again[0], "idempotency-key"),
+        header(&cut_off, "idempotency-key")
+    );
+    assert_eq!(again[0].body, cut_off.body);
+    assert_eq!(header(&again[0], "x-bridge-event"), "failed");
+}
