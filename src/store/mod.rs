@@ -1,6 +1,7 @@
 //! Postgres access. This module is the only place with SQL.
 
 mod follower;
+mod gauges;
 mod idempotency;
 mod job_leases;
 mod outbox;
@@ -8,6 +9,7 @@ mod proposal_facts;
 mod proposals;
 mod quota;
 mod requests;
+mod retention;
 mod source_locks;
 
 use std::time::Duration;
@@ -17,6 +19,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use follower::{Cursor, ProposalEnd, RequestMove};
+pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
 pub use outbox::{DueDelivery, PendingNotification};
@@ -29,6 +32,7 @@ pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,
 };
+pub use retention::Purged;
 
 use crate::config::DatabaseSettings;
 
