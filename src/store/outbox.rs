@@ -6,7 +6,7 @@
 //! as the idempotency key: the same at every attempt.
 
 use chrono::{DateTime, Utc};
-use sqlx::{FromRow, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{Store, clean};
@@ -35,25 +35,25 @@ pub(super) async fn record(
     let Some(event) = event_of(to) else {
         return Ok(());
     };
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO notifications (id, dedupe_key, event, request_id, proposal_id, created_at)
-         SELECT $1, $2 || ':' || CASE WHEN $2 = 'awaiting_approval' AND proposal_id IS NOT NULL
+         SELECT $1, $2::text || ':' || CASE WHEN $2::text = 'awaiting_approval' AND proposal_id IS NOT NULL
                                       THEN 'proposal:' || proposal_id::text ELSE id::text END,
-                $2, id, proposal_id, $3
+                $2::text, id, proposal_id, $3
          FROM replica_requests WHERE id = $4
          ON CONFLICT (dedupe_key) DO NOTHING",
+        Uuid::now_v7(),
+        event,
+        now,
+        request_id,
     )
-    .bind(Uuid::now_v7())
-    .bind(event)
-    .bind(now)
-    .bind(request_id)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 /// A notification whose message is still to be written.
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct PendingNotification {
     pub id: Uuid,
     pub event: String,
@@ -62,7 +62,7 @@ pub struct PendingNotification {
 }
 
 /// A delivery claimed for one attempt.
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct DueDelivery {
     /// The delivery id: the target's idempotency key.
     pub id: Uuid,
@@ -79,11 +79,12 @@ impl Store {
         &self,
         limit: i64,
     ) -> Result<Vec<PendingNotification>, sqlx::Error> {
-        sqlx::query_as(
+        sqlx::query_as!(
+            PendingNotification,
             "SELECT id, event, request_id, proposal_id FROM notifications
              WHERE payload IS NULL ORDER BY created_at, id LIMIT $1",
+            limit,
         )
-        .bind(limit)
         .fetch_all(&self.pool)
         .await
     }
@@ -94,11 +95,13 @@ impl Store {
         id: Uuid,
         payload: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE notifications SET payload = $2 WHERE id = $1 AND payload IS NULL")
-            .bind(id)
-            .bind(payload)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query!(
+            "UPDATE notifications SET payload = $2 WHERE id = $1 AND payload IS NULL",
+            id,
+            payload,
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -109,7 +112,7 @@ impl Store {
         targets: &[String],
         now: DateTime<Utc>,
     ) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "WITH pending AS (
                 SELECT id FROM notifications WHERE NOT fanned_out AND payload IS NOT NULL
                 ORDER BY created_at, id LIMIT 100 FOR UPDATE SKIP LOCKED),
@@ -118,9 +121,9 @@ impl Store {
                 SELECT gen_random_uuid(), p.id, t.target, $2 FROM pending p CROSS JOIN unnest($1::text[]) AS t(target)
                 ON CONFLICT (notification_id, target) DO NOTHING)
              UPDATE notifications SET fanned_out = true WHERE id IN (SELECT id FROM pending)",
+            targets,
+            now,
         )
-        .bind(targets)
-        .bind(now)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -135,7 +138,8 @@ impl Store {
         now: DateTime<Utc>,
         lease_for: std::time::Duration,
     ) -> Result<Option<DueDelivery>, sqlx::Error> {
-        sqlx::query_as(
+        sqlx::query_as!(
+            DueDelivery,
             "UPDATE notification_deliveries d SET lease_id = $1, lease_expires_at = now() + make_interval(secs => $2)
              FROM notifications n
              WHERE n.id = d.notification_id AND d.id = (
@@ -143,12 +147,13 @@ impl Store {
                 WHERE target = $3 AND delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= $4
                   AND (lease_expires_at IS NULL OR lease_expires_at <= now())
                 ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING d.id, d.target, d.attempts, n.event, n.payload, d.lease_id",
+             RETURNING d.id AS \"id!\", d.target AS \"target!\", d.attempts AS \"attempts!\",
+                n.event AS \"event!\", n.payload AS \"payload!\", d.lease_id AS \"lease_id!\"",
+            Uuid::new_v4(),
+            lease_for.as_secs_f64(),
+            target,
+            now,
         )
-        .bind(Uuid::new_v4())
-        .bind(lease_for.as_secs_f64())
-        .bind(target)
-        .bind(now)
         .fetch_optional(&self.pool)
         .await
     }
@@ -159,14 +164,14 @@ impl Store {
         delivery: &DueDelivery,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE notification_deliveries SET delivered_at = $3, attempts = attempts + 1,
                 last_error = NULL, lease_id = NULL, lease_expires_at = NULL
              WHERE id = $1 AND lease_id = $2",
+            delivery.id,
+            delivery.lease_id,
+            now,
         )
-        .bind(delivery.id)
-        .bind(delivery.lease_id)
-        .bind(now)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -180,18 +185,18 @@ impl Store {
         error: &str,
         retry_at: Option<DateTime<Utc>>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE notification_deliveries SET attempts = attempts + 1, last_error = $3,
-                next_attempt_at = COALESCE($4, next_attempt_at),
-                gave_up_at = CASE WHEN $4::timestamptz IS NULL THEN $5 END,
+                next_attempt_at = COALESCE($4::timestamptz, next_attempt_at),
+                gave_up_at = CASE WHEN $4::timestamptz IS NULL THEN $5::timestamptz END,
                 lease_id = NULL, lease_expires_at = NULL
              WHERE id = $1 AND lease_id = $2",
+            delivery.id,
+            delivery.lease_id,
+            clean(error),
+            retry_at,
+            now,
         )
-        .bind(delivery.id)
-        .bind(delivery.lease_id)
-        .bind(clean(error))
-        .bind(retry_at)
-        .bind(now)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -202,12 +207,12 @@ impl Store {
         &self,
         target: &str,
     ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        sqlx::query_scalar(
+        sqlx::query_scalar!(
             "SELECT min(GREATEST(next_attempt_at, COALESCE(lease_expires_at, next_attempt_at)))
              FROM notification_deliveries
              WHERE target = $1 AND delivered_at IS NULL AND gave_up_at IS NULL",
+            target,
         )
-        .bind(target)
         .fetch_one(&self.pool)
         .await
     }
