@@ -67,6 +67,9 @@ pub struct Settings {
     pub web: WebSettings,
 
     #[command(flatten)]
+    pub notify: NotifySettings,
+
+    #[command(flatten)]
     pub retention: RetentionSettings,
 
     /// Log format: human-readable `text` or `json`.
@@ -82,6 +85,11 @@ impl Settings {
             lease > call,
             "invalid setting APPROVAL_BRIDGE_LEASE_SECS (--lease-secs): {lease} s must be longer \
              than one Phala call (APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS is {call} s)"
+        );
+        anyhow::ensure!(
+            self.notify.notify_urls.is_empty() || self.notify.notify_secret.is_some(),
+            "missing setting APPROVAL_BRIDGE_NOTIFY_SECRET (--notify-secret): notifications to \
+             APPROVAL_BRIDGE_NOTIFY_URLS are signed with it"
         );
         self.web.check()
     }
@@ -783,6 +791,60 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the team hears about approvals to give and replicas done or failed.
+#[derive(Debug, Clone, Args)]
+pub struct NotifySettings {
+    /// Webhook targets of notifications (Slack-compatible JSON), as `name=url`
+    /// pairs separated by commas; each URL must be http(s). Secret: a Slack
+    /// webhook URL carries its token.
+    #[arg(long, env = "APPROVAL_BRIDGE_NOTIFY_URLS", value_parser = parse_notify_urls,
+          default_value = "", hide_default_value = true, hide_env_values = true)]
+    pub notify_urls: NamedSecrets,
+
+    /// HMAC-SHA256 secret that signs every notification, as the CI webhook's
+    /// requests are signed. Required with APPROVAL_BRIDGE_NOTIFY_URLS.
+    #[arg(long, env = "APPROVAL_BRIDGE_NOTIFY_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub notify_secret: Option<SecretString>,
+
+    /// Attempts of one notification to one target before it is given up.
+    #[arg(long, env = "APPROVAL_BRIDGE_NOTIFY_MAX_ATTEMPTS", default_value_t = 12,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub notify_max_attempts: u32,
+
+    /// Timeout of one notification request, in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_NOTIFY_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=120))]
+    pub notify_timeout_secs: u64,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        NotifySettings {
+            notify_urls: NamedSecrets::default(),
+            notify_secret: None,
+            notify_max_attempts: 12,
+            notify_timeout_secs: 10,
+        }
+    }
+}
+
+/// `name=url` targets; an entry whose URL is not http(s) is refused, naming
+/// the entry but never the URL (it may carry a token).
+pub fn parse_notify_urls(value: &str) -> Result<NamedSecrets, String> {
+    let targets = parse_named_secrets(value)?;
+    for (name, url) in &targets.0 {
+        match Url::parse(url.expose_secret()) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+            _ => {
+                return Err(format!(
+                    "`{name}`: the URL must be an http:// or https:// URL"
+                ));
+            }
+        }
+    }
+    Ok(targets)
+}
+
 /// Named secrets from a `name=secret,name=secret` list.
 #[derive(Debug, Clone, Default)]
 pub struct NamedSecrets(pub Vec<(String, SecretString)>);
@@ -889,6 +951,23 @@ mod tests {
         );
         assert_eq!(scopes.0[1].0, "web:ops@example.com");
         assert!(parse_scopes("web:0x12=*").is_err());
+    }
+
+    #[test]
+    fn notify_urls_must_be_http_and_errors_do_not_echo_them() {
+        let ok = parse_notify_urls(
+            "slack=https://hooks.example/T0/B0/secret1, ops=http://10.0.0.2:9000/in",
+        )
+        .unwrap();
+        assert_eq!(ok.0.len(), 2);
+        for bad in [
+            "slack=ftp://hooks.example/secret1",
+            "slack=hooks.example/secret12345",
+            "slack=javascript:alert(1)//secret1",
+        ] {
+            let err = parse_notify_urls(bad).unwrap_err();
+            assert_eq!(err, "`slack`: the URL must be an http:// or https:// URL");
+        }
     }
 
     #[test]

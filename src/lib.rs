@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod metrics;
+pub mod notify;
 pub mod phala;
 pub mod safe;
 /// The local world (anvil, simulators, `approval-bridge sandbox`): a test

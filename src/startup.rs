@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::Chains;
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::notify::Notifier;
 use crate::phala::{EnvKeyVerifier, PhalaClient};
 use crate::store::{self, Store};
 use crate::web::{self, Access, ApiTokens, AppState, WebhookSecrets};
@@ -17,6 +18,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     worker: Worker,
+    notifier: Option<Notifier>,
     workers: usize,
     shutdown: CancellationToken,
 }
@@ -68,6 +70,12 @@ impl Application {
         };
         let safe_flow = SafeFlow::from_settings(&settings.safe)?;
         safe_flow.check_proposer().await?;
+        let notifier = Notifier::from_settings(
+            store.clone(),
+            clock.clone(),
+            &settings.notify,
+            &settings.worker,
+        )?;
         let worker = Worker::new(store, phala, clock, settings.worker.clone())
             .with_safe_flow(safe_flow)
             .with_retention(settings.retention.clone());
@@ -75,6 +83,7 @@ impl Application {
             listener,
             state,
             worker,
+            notifier,
             workers: settings.worker.workers,
             shutdown,
         })
@@ -90,6 +99,11 @@ impl Application {
     /// A worker over the same database and clients, for driving steps by hand.
     pub fn worker(&self) -> Worker {
         self.worker.clone()
+    }
+
+    /// The notifier (when targets are configured), for driving deliveries by hand.
+    pub fn notifier(&self) -> Option<Notifier> {
+        self.notifier.clone()
     }
 
     pub fn store(&self) -> Store {
@@ -109,6 +123,11 @@ impl Application {
 
         let workers = (self.workers > 0)
             .then(|| tokio::spawn(self.worker.run(self.workers, shutdown.clone())));
+        // Delivered on tasks of their own: a slow target never holds up a step.
+        let notifier = self
+            .notifier
+            .filter(|_| self.workers > 0)
+            .map(|notifier| tokio::spawn(notifier.run(shutdown.clone())));
         let router = web::router(self.state);
         // The peer's address tells a trusted SSO proxy from anyone else.
         let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
@@ -118,6 +137,9 @@ impl Application {
         shutdown.cancel();
         if let Some(workers) = workers {
             workers.await.context("the worker pool panicked")??;
+        }
+        if let Some(notifier) = notifier {
+            notifier.await.context("the notifier panicked")?;
         }
         served
     }

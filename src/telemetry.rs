@@ -73,6 +73,13 @@ pub fn register_settings(settings: &Settings) {
     for (_, secret) in named {
         register_secret(secret.expose_secret());
     }
+    // Notification targets: a Slack webhook URL is its own credential.
+    for (_, url) in &settings.notify.notify_urls.0 {
+        register_secret(url.expose_secret());
+    }
+    if let Some(secret) = &settings.notify.notify_secret {
+        register_secret(secret.expose_secret());
+    }
     if let Ok(url) = Url::parse(settings.database.database_url.expose_secret())
         && let Some(password) = url.password()
     {

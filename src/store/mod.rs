@@ -4,6 +4,7 @@ mod follower;
 mod gauges;
 mod idempotency;
 mod job_leases;
+mod outbox;
 mod proposal_facts;
 mod proposals;
 mod quota;
@@ -23,6 +24,7 @@ pub use follower::{Cursor, ProposalEnd, RequestMove};
 pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
+pub use outbox::{DueDelivery, PendingNotification};
 pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
 pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,

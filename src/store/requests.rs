@@ -852,6 +852,8 @@ async fn write_transition(
     )
     .execute(&mut **tx)
     .await?;
+    // The team hears of it exactly when it is written.
+    super::outbox::record(tx, request_id, to, now).await?;
     if effects.release_source_lock {
         sqlx::query!("DELETE FROM source_locks WHERE holder = $1", request_id)
             .execute(&mut **tx)

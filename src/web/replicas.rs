@@ -18,7 +18,7 @@ use crate::domain::{IllegalTransition, OrderBody, Status};
 use crate::store::StoreError;
 
 const DEFAULT_LIST_LIMIT: i64 = 50;
-const MAX_LIST_LIMIT: i64 = 500;
+pub(super) const MAX_LIST_LIMIT: i64 = 500;
 
 /// `POST /api/v1/replicas`
 #[utoipa::path(post, path = "/api/v1/replicas", tag = "replicas",
@@ -80,6 +80,18 @@ pub struct ListParams {
     limit: Option<i64>,
 }
 
+/// A list's `limit`, 1 to 500 (default 50).
+pub(super) fn list_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// `GET /api/v1/replicas?status=…&limit=…`, newest first.
 #[utoipa::path(get, path = "/api/v1/replicas", tag = "replicas",
     params(ListParams),
@@ -95,6 +107,7 @@ pub async fn list(
 ) -> Result<Json<views::ReplicaList>, ApiError> {
     let Query(params) = params
         .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
+    let limit = list_limit(params.limit)?;
     let status = params
         .status
         .map(|s| {
@@ -107,13 +120,6 @@ pub async fn list(
             })
         })
         .transpose()?;
-    let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
-    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
-        ));
-    }
     let requests = state.store.list_requests(status, limit).await?;
     let proposals = proposals_of(&state, &requests).await?;
     let replicas = requests

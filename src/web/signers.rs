@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::ApiCaller;
 use super::error::{ApiError, ErrorBody};
+use super::replicas::{MAX_LIST_LIMIT, list_limit};
 use super::views::explorer_tx_link;
 use crate::store::{
     CvmFacts, ProposalFacts, ProposalRow, ReplicaRequest, Store, StoredRegistration, same_hex,
@@ -482,8 +483,6 @@ fn checksum(address: &str) -> String {
         .unwrap_or_else(|_| address.to_owned())
 }
 
-const DEFAULT_LIST_LIMIT: i64 = 50;
-const MAX_LIST_LIMIT: i64 = 500;
 /// The proposal statuses, plus `open` (= `proposed`) and `all`.
 const STATUSES: [&str; 7] = [
     "open",
@@ -536,13 +535,7 @@ pub async fn list(
             ));
         }
     };
-    let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
-    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
-        ));
-    }
+    let limit = list_limit(params.limit)?;
     let rows = state.store.list_proposals(status, limit).await?;
     Ok(Json(ProposalList {
         proposals: views_of(&state.store, rows).await?,

@@ -5,7 +5,7 @@
 //! transaction open. Several processes can share one database: `SKIP LOCKED`
 //! and the lease keep two workers from running the same step.
 
-mod backoff;
+pub(crate) mod backoff;
 mod commit;
 mod describe;
 mod owner;

@@ -14,6 +14,7 @@ mod fault_proxy;
 mod helpers;
 mod kms_mock;
 mod logs;
+mod notifications;
 mod operations;
 mod phala_mock;
 mod phala_sim;
