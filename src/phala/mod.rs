@@ -20,8 +20,8 @@ pub use envcrypt::{EnvCryptError, encrypt_env};
 pub use errors::{ApiError, PhalaError};
 pub use resolve::{EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource};
 pub use types::{
-    AvailableNode, AvailableNodes, CvmInfo, EnvPubkey, KmsInfo, OnchainStatus, PrepareOutcome,
-    PreparedReplica, ReplicaSpec, ReplicaVm,
+    AvailableNode, AvailableNodes, CvmInfo, CvmStatus, EnvPubkey, KmsInfo, OnchainStatus,
+    PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,
 };
 pub use verify::{EnvKeyError, EnvKeyVerifier, ExpectedReplica, PrepareMismatch, check_prepared};
 
@@ -74,6 +74,18 @@ impl PhalaClient {
     /// `GET /apps/{app_id}/cvms`: every instance of an app.
     pub async fn app_cvms(&self, app_id: &str) -> Result<Vec<CvmInfo>, PhalaError> {
         self.get_json(&["apps", app_id, "cvms"]).await
+    }
+
+    /// `POST /status/batch`: the status of many CVMs in one call, keyed by
+    /// the ids as sent. A CVM Phala does not know is left out of the map.
+    pub async fn status_batch(
+        &self,
+        vm_uuids: &[String],
+    ) -> Result<std::collections::HashMap<String, CvmStatus>, PhalaError> {
+        let request = self
+            .request(Method::POST, &["status", "batch"])
+            .json(&serde_json::json!({ "vm_uuids": vm_uuids }));
+        self.expect_json(request).await
     }
 
     /// `GET /teepods/available`.

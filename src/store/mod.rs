@@ -7,6 +7,7 @@ mod proposals;
 mod quota;
 mod requests;
 mod source_locks;
+mod tracking;
 
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,
 };
+pub use tracking::Tracked;
 
 use crate::config::DatabaseSettings;
 

@@ -12,13 +12,9 @@ use uuid::Uuid;
 use super::{Store, StoreError, WAKE_CHANNEL, clean};
 use crate::domain::{Actor, Event, Status, Transition, transition};
 
-/// Statuses a worker acts on by itself. The others wait for the Safe flow.
-pub const WORKABLE: [Status; 4] = [
-    Status::Queued,
-    Status::Preparing,
-    Status::Committing,
-    Status::Provisioning,
-];
+/// Statuses a worker acts on by itself. The others wait for the Safe flow,
+/// or, in `provisioning`, for the replica tracker.
+pub const WORKABLE: [Status; 3] = [Status::Queued, Status::Preparing, Status::Committing];
 
 /// A request as stored. The commit token is deliberately absent: it is read
 /// only by the commit step, through [`Store::commit_token`].
@@ -581,36 +577,6 @@ impl Store {
         .await
     }
 
-    /// Updates the replica's observed status while provisioning.
-    pub async fn set_replica_status(
-        &self,
-        lease: &Lease,
-        now: DateTime<Utc>,
-        status: &str,
-    ) -> Result<(), StoreError> {
-        self.fenced_update(lease, now, "replica_status = $4", |q| {
-            q.bind(status.to_owned())
-        })
-        .await
-    }
-
-    /// When the request last entered `status` (for timeouts measured per status).
-    pub async fn entered_status_at(
-        &self,
-        id: Uuid,
-        status: Status,
-    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        let row: (Option<DateTime<Utc>>,) = sqlx::query_as(
-            "SELECT max(created_at) FROM request_events
-             WHERE request_id = $1 AND to_status = $2 AND from_status IS DISTINCT FROM to_status",
-        )
-        .bind(id)
-        .bind(status.as_str())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.0)
-    }
-
     /// How often the request has gone from `from` to `to`.
     pub async fn count_transitions(
         &self,
@@ -728,7 +694,8 @@ pub(super) async fn advance_in(
     }
     let message = message.or(changes.error.as_ref().map(|e| e.message.as_str()));
     insert_event(tx, request_id, Some(from), to.to, actor, message, now).await?;
-    if WORKABLE.contains(&to.to) {
+    // The tracker wakes too when a replica starts provisioning.
+    if WORKABLE.contains(&to.to) || to.to == Status::Provisioning {
         wake(tx).await?;
     }
     Ok(to.to)

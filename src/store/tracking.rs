@@ -1,0 +1,73 @@
+//! What the replica tracker reads and writes: every provisioning request in
+//! one query, and what each status poll saw. Moves go through
+//! [`Store::move_waiting`], like the follower's: no worker holds these rows.
+
+use chrono::{DateTime, Utc};
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::requests::{COLUMNS, ReplicaRequest, StoredError};
+use super::{Store, clean};
+
+/// A provisioning request and when it entered `provisioning`.
+#[derive(Debug, Clone, FromRow)]
+pub struct Tracked {
+    #[sqlx(flatten)]
+    pub request: ReplicaRequest,
+    pub provisioning_since: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Every request whose replica is being created, oldest first.
+    pub async fn provisioning(&self) -> Result<Vec<Tracked>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS}, (
+                SELECT max(e.created_at) FROM request_events e
+                WHERE e.request_id = r.id AND e.to_status = 'provisioning'
+                  AND e.from_status IS DISTINCT FROM e.to_status) AS provisioning_since
+             FROM replica_requests r WHERE status = 'provisioning'
+             ORDER BY updated_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// The replica's status as the last poll saw it.
+    pub async fn note_replica_status(
+        &self,
+        id: Uuid,
+        status: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE replica_requests SET replica_status = $2, updated_at = $3
+             WHERE id = $1 AND status = 'provisioning'",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Keeps a failed poll visible on the requests it was for, without
+    /// moving them: the next pass asks again.
+    pub async fn note_tracking_error(
+        &self,
+        ids: &[Uuid],
+        error: &StoredError,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4
+             WHERE id = ANY($1) AND status = 'provisioning'",
+        )
+        .bind(ids)
+        .bind(&error.code)
+        .bind(clean(&error.message))
+        .bind(&error.suggestion)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
