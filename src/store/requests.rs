@@ -9,6 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::{FromRow, Postgres, Transaction};
 use uuid::Uuid;
 
+use super::source_locks::{newest_token_of, release_source_lock};
 use super::{Store, StoreError, WAKE_CHANNEL, clean};
 use crate::domain::{Actor, Event, Status, Transition, transition};
 
@@ -691,6 +692,7 @@ pub(super) async fn advance_in(
     write_transition(tx, request_id, to, &changes, now).await?;
     if let Some(prepared) = &changes.prepared {
         record_registrations(tx, request_id, prepared).await?;
+        newest_token_of(tx, request_id).await?;
     }
     let message = message.or(changes.error.as_ref().map(|e| e.message.as_str()));
     insert_event(tx, request_id, Some(from), to.to, actor, message, now).await?;
@@ -762,11 +764,8 @@ async fn write_transition(
     .bind(&changes.commit_tx_hash)
     .execute(&mut **tx)
     .await?;
-    if effects.release_source_lock {
-        sqlx::query("DELETE FROM source_locks WHERE holder = $1")
-            .bind(request_id)
-            .execute(&mut **tx)
-            .await?;
+    if effects.release_source_lock && release_source_lock(tx, request_id, now).await? {
+        wake(tx).await?;
     }
     Ok(())
 }
