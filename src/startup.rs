@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::Chains;
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::phala::{EnvKeyVerifier, PhalaClient};
+use crate::phala::{EnvKeyVerifier, Lookups, PhalaClient};
 use crate::store::{self, Store};
 use crate::web::{self, Access, ApiTokens, AppState, WebhookSecrets};
 use crate::worker::{SafeFlow, Worker};
@@ -52,6 +52,7 @@ impl Application {
         let state = AppState {
             store: store.clone(),
             phala: phala.clone(),
+            lookups: Lookups::new(phala.clone(), settings.phala.lookup_cache()),
             clock: clock.clone(),
             api_tokens: ApiTokens::new(&settings.api_tokens),
             webhook_secrets: WebhookSecrets::new(&settings.webhook_secrets),

@@ -5,6 +5,7 @@
 
 mod envcrypt;
 pub mod errors;
+mod lookups;
 mod resolve;
 mod types;
 pub mod verify;
@@ -18,7 +19,8 @@ use serde_json::Value;
 
 pub use envcrypt::{EnvCryptError, encrypt_env};
 pub use errors::{ApiError, PhalaError};
-pub use resolve::{EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource};
+pub use lookups::Lookups;
+pub use resolve::{EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource, pick_node};
 pub use types::{
     AvailableNode, AvailableNodes, CvmInfo, CvmStatus, EnvPubkey, KmsInfo, OnchainStatus,
     PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,

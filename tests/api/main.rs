@@ -11,6 +11,7 @@ mod env_keys;
 mod exactly_once;
 mod fault_proxy;
 mod helpers;
+mod intake_cache;
 mod kms_mock;
 mod phala_mock;
 mod phala_sim;

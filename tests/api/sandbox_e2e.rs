@@ -442,7 +442,11 @@ async fn twenty_four_batched_replicas_of_one_source_commit_once_each_and_never_m
         .filter(|r| r.path.ends_with("/commit-replica") && r.status != 200)
         .map(|r| r.status)
         .collect();
-    assert_eq!(refused, Vec::<u16>::new(), "no commit met a superseded token");
+    assert_eq!(
+        refused,
+        Vec::<u16>::new(),
+        "no commit met a superseded token"
+    );
     // After the execution, at most one prepare each, right before its commit.
     let after = phala.prepare_calls(&web) - planned;
     assert!(after <= 24, "{after} prepares after the execution");
