@@ -96,21 +96,27 @@ async fn commit(worker: &Worker, claimed: &Claimed, resend: Resend) -> anyhow::R
             suggestion: Some("Queue the replica again.".into()),
         }));
     };
-    let token = match token_for_commit(worker, claimed, &compose_hash, resend).await? {
+    // The token, and what exists before the call (to recognise what the
+    // call made if its answer is lost), asked for side by side: siblings
+    // commit one after another, so each round trip saved here is saved per
+    // replica.
+    let (token, before) = tokio::join!(
+        token_for_commit(worker, claimed, &compose_hash, resend),
+        reconcile::instances_before_call(worker, request),
+    );
+    let token = match token? {
         Ok(token) => token,
         Err(outcome) => return Ok(outcome),
+    };
+    let before = match before {
+        Ok(before) => before,
+        Err(err) => return Ok(Outcome::from_phala(&err)),
     };
     let tx_hash = request
         .commit_tx_hash
         .as_deref()
         .unwrap_or(ALREADY_REGISTERED);
 
-    // What exists before the call, to recognise what the call made if its
-    // answer is lost.
-    let before = match reconcile::instances_before_call(worker, request).await {
-        Ok(before) => before,
-        Err(err) => return Ok(Outcome::from_phala(&err)),
-    };
     worker
         .store
         .mark_call_sent(&claimed.lease, worker.clock.now(), &before)
