@@ -1,6 +1,7 @@
 //! The `approval-bridge` command line: one binary, several subcommands.
 
 pub mod delegate;
+pub mod doctor;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -24,6 +25,10 @@ pub enum Command {
     Serve(Box<Settings>),
     /// Apply the database migrations and exit.
     Migrate(DatabaseSettings),
+    /// Check the settings of `serve` against the live services (database,
+    /// Phala Cloud, RPCs, Safes, Safe Transaction Service) and print a table;
+    /// exits 1 if any check fails.
+    Doctor(Box<Settings>),
     /// Register the proposer key as a delegate of a Safe owner.
     #[command(subcommand)]
     Delegate(delegate::DelegateCommand),

@@ -63,6 +63,9 @@ pub struct Settings {
     #[command(flatten)]
     pub trust: TrustSettings,
 
+    #[command(flatten)]
+    pub retention: RetentionSettings,
+
     /// Log format: human-readable `text` or `json`.
     #[arg(long, env = "APPROVAL_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -279,6 +282,18 @@ pub struct SafeSettings {
     #[arg(long, env = "APPROVAL_BRIDGE_SAFE_FLOW_LEASE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub safe_flow_lease_secs: u64,
+}
+
+impl SafeSettings {
+    /// The chains the bridge works on: each with its own RPC URL, and each
+    /// allowed Safe's (which may use `ETH_RPC_URL`).
+    pub fn configured_chain_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.rpc_urls.0.iter().map(|(id, _)| *id).collect();
+        ids.extend(self.safes.0.iter().map(|(id, _)| *id));
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 }
 
 /// `chain_id=N` confirmations.
@@ -625,6 +640,45 @@ fn parse_rate(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(rate) if rate > 0.0 && rate <= 1000.0 => Ok(rate),
         _ => Err("must be a number of requests per second above 0".into()),
+    }
+}
+
+/// How long the bridge keeps what it no longer needs.
+#[derive(Debug, Clone, Args)]
+pub struct RetentionSettings {
+    /// How long an Idempotency-Key is remembered, in seconds; a key used
+    /// again after this counts as new.
+    #[arg(long, env = "APPROVAL_BRIDGE_IDEMPOTENCY_KEY_TTL_SECS", default_value_t = 7 * 24 * 3600,
+          value_parser = clap::value_parser!(u64).range(60..=10 * 365 * 24 * 3600))]
+    pub idempotency_key_ttl_secs: u64,
+
+    /// How long finished requests (done, failed, cancelled) and their events
+    /// are kept after they finished, in seconds; then they are deleted. At
+    /// least an hour, the quota window. Unset keeps everything.
+    #[arg(long, env = "APPROVAL_BRIDGE_RETAIN_FINISHED_SECS",
+          value_parser = clap::value_parser!(u64).range(3600..=100 * 365 * 24 * 3600))]
+    pub retain_finished_secs: Option<u64>,
+
+    /// How often the retention job runs (across all processes), in seconds.
+    #[arg(long, env = "APPROVAL_BRIDGE_RETENTION_INTERVAL_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub retention_interval_secs: u64,
+}
+
+impl RetentionSettings {
+    pub fn idempotency_key_ttl(&self) -> chrono::Duration {
+        chrono::Duration::seconds(self.idempotency_key_ttl_secs as i64)
+    }
+}
+
+impl Default for RetentionSettings {
+    /// Keys for 7 days; requests forever.
+    fn default() -> Self {
+        RetentionSettings {
+            idempotency_key_ttl_secs: 7 * 24 * 3600,
+            retain_finished_secs: None,
+            retention_interval_secs: 3600,
+        }
     }
 }
 

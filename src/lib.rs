@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod metrics;
 pub mod phala;
 pub mod safe;
 /// The local world (anvil, simulators, `approval-bridge sandbox`): a test

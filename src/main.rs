@@ -1,4 +1,4 @@
-use approval_bridge::cli::{Cli, Command, delegate};
+use approval_bridge::cli::{Cli, Command, delegate, doctor};
 use approval_bridge::config::LogFormat;
 use approval_bridge::{startup, store, telemetry};
 
@@ -29,6 +29,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             store::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
+        }
+        // Logs go to stderr: stdout carries the table.
+        Command::Doctor(settings) => {
+            telemetry::init_stderr(settings.log_format);
+            if doctor::run(*settings).await? {
+                Ok(())
+            } else {
+                std::process::exit(1);
+            }
         }
         // No log subscriber: stdout carries only the command's output.
         Command::Delegate(command) => {

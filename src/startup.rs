@@ -49,6 +49,8 @@ impl Application {
                 settings.listen
             )
         })?;
+        crate::metrics::handle();
+        let shutdown = CancellationToken::new();
         let state = AppState {
             store: store.clone(),
             phala: phala.clone(),
@@ -61,17 +63,20 @@ impl Application {
                 Chains::new(&settings.safe.rpc_urls.0, settings.safe.eth_rpc_url.clone()),
                 &settings.trust,
             ),
+            readiness: web::health::Readiness::new(&settings.safe, shutdown.clone()),
+            retention: settings.retention.clone(),
         };
         let safe_flow = SafeFlow::from_settings(&settings.safe)?;
         safe_flow.check_proposer().await?;
-        let worker =
-            Worker::new(store, phala, clock, settings.worker.clone()).with_safe_flow(safe_flow);
+        let worker = Worker::new(store, phala, clock, settings.worker.clone())
+            .with_safe_flow(safe_flow)
+            .with_retention(settings.retention.clone());
         Ok(Application {
             listener,
             state,
             worker,
             workers: settings.worker.workers,
-            shutdown: CancellationToken::new(),
+            shutdown,
         })
     }
 

@@ -8,7 +8,7 @@
 //! writer in every log line.
 
 use std::borrow::Cow;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::sync::RwLock;
 
 use reqwest::Url;
@@ -30,15 +30,17 @@ static REDACTIONS: RwLock<Vec<(String, String)>> = RwLock::new(Vec::new());
 /// Installs the global subscriber, writing to stdout. `RUST_LOG` sets the
 /// filter (default `info`).
 pub fn init(format: LogFormat) {
-    install(format, std::io::stdout);
+    install(format, std::io::stdout, std::io::stdout().is_terminal());
 }
 
 /// The same, writing to stderr: for commands whose stdout is read by programs.
 pub fn init_stderr(format: LogFormat) {
-    install(format, std::io::stderr);
+    install(format, std::io::stderr, std::io::stderr().is_terminal());
 }
 
-fn install<W>(format: LogFormat, writer: W)
+/// Colours only when a person reads the output: a file, a pipe or a log
+/// collector gets plain text.
+fn install<W>(format: LogFormat, writer: W, terminal: bool)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
     for<'a> <W as MakeWriter<'a>>::Writer: Write,
@@ -47,6 +49,7 @@ where
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(terminal && format == LogFormat::Text)
         .with_writer(Redacting(writer));
     // `try_init` so that tests, which may call this more than once, do not panic.
     let _ = match format {

@@ -108,7 +108,33 @@ where
 
     fn call(&mut self, request: RequestPacket) -> Self::Future {
         let call = self.inner.call(request);
-        Box::pin(async move { call.await.map_err(strip_url) })
+        Box::pin(async move {
+            let result = call.await.map_err(strip_url);
+            crate::metrics::record_call("rpc", rpc_outcome(&result));
+            result
+        })
+    }
+}
+
+/// `Ok`, or the code a call failed with: the JSON-RPC error code, the HTTP
+/// status, `timeout` or `transport`. Each attempt counts: retries are inside.
+fn rpc_outcome(result: &Result<ResponsePacket, TransportError>) -> Result<(), String> {
+    match result {
+        Ok(response) => match response.first_error_code() {
+            Some(code) => Err(code.to_string()),
+            None => Ok(()),
+        },
+        Err(RpcError::Transport(TransportErrorKind::HttpError(http))) => {
+            Err(http.status.to_string())
+        }
+        Err(RpcError::Transport(TransportErrorKind::Custom(err))) => {
+            Err(match err.downcast_ref::<HttpFailure>() {
+                Some(failure) if failure.error.is_timeout() => "timeout",
+                _ => "transport",
+            }
+            .to_owned())
+        }
+        Err(_) => Err("transport".to_owned()),
     }
 }
 

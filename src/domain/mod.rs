@@ -5,7 +5,7 @@ mod order;
 mod state;
 
 pub use ids::{AppId, Bytes32, InvalidId};
-pub use order::{InvalidOrder, MAX_REPLICAS_PER_ORDER, NodeRef, ReplicaOrder};
+pub use order::{InvalidOrder, MAX_REPLICAS_PER_ORDER, NodeRef, OrderBody, ReplicaOrder};
 pub use state::{
     Effects, Event, IllegalTransition, Status, Transition, UnknownStatus, holds_source_lock, next,
     transition,

@@ -12,20 +12,37 @@ const MAX_NOTE_CHARS: usize = 1_000;
 const MAX_SOURCE_CHARS: usize = 128;
 
 /// The body of `POST /api/v1/replicas` and `POST /webhooks/ci`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct OrderBody {
+pub struct OrderBody {
+    /// The CVM to replicate: its UUID, its app id or its name.
     source: String,
+    /// A numeric node id or a node name (case-insensitive); without it Phala schedules.
     #[serde(default)]
+    #[schema(value_type = Option<NodeField>)]
     node: Option<serde_json::Value>,
+    /// Picks the configuration when the app has several live ones (32 bytes, hex).
     #[serde(default)]
     compose_hash: Option<String>,
+    /// Replicas to create, 1 to 20 (default 1); each is its own request.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 20)]
     count: Option<u32>,
+    /// Env overrides; names must be in the app's `allowed_envs`. Encrypted at once, never stored in plaintext.
     #[serde(default)]
     env: Option<BTreeMap<String, String>>,
+    /// Free text, shown with the request.
     #[serde(default)]
     note: Option<String>,
+}
+
+/// How the body may name a node (for the API description).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum NodeField {
+    Id(u32),
+    Name(String),
 }
 
 /// Which node to place the replica on.

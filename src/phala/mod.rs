@@ -189,10 +189,26 @@ impl PhalaClient {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, Vec<u8>), PhalaError> {
-        let response = request.send().await.map_err(transport_error)?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(transport_error)?;
-        Ok((status, body.to_vec()))
+        let result: Result<(StatusCode, Vec<u8>), PhalaError> = async {
+            let response = request.send().await.map_err(transport_error)?;
+            let status = response.status();
+            let body = response.bytes().await.map_err(transport_error)?;
+            Ok((status, body.to_vec()))
+        }
+        .await;
+        crate::metrics::record_call(
+            "phala",
+            match &result {
+                Ok((status, body))
+                    if status.as_u16() >= 400 && status.as_u16() != PREPARED_STATUS =>
+                {
+                    Err(PhalaError::Api(errors::parse_error(status.as_u16(), body)).stored_code())
+                }
+                Ok(_) => Ok(()),
+                Err(err) => Err(err.stored_code()),
+            },
+        );
+        result
     }
 }
 

@@ -461,10 +461,18 @@ impl TxServiceClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.map_err(transport_error)?;
+        let response = request.send().await.map_err(record_transport_error)?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let text = response.text().await.map_err(transport_error)?;
+        let text = response.text().await.map_err(record_transport_error)?;
+        // A 404 answers a lookup ("no such transaction"); writes judge it themselves.
+        crate::metrics::record_call(
+            "safe_service",
+            match status.as_u16() {
+                s if s >= 400 && s != 404 => Err(s.to_string()),
+                _ => Ok(()),
+            },
+        );
         // Method and path only: never headers, which carry the API key.
         tracing::debug!(%method, path = url.path(), status = status.as_u16(), "safe tx service");
 
@@ -667,7 +675,14 @@ impl RateLimiter {
     }
 }
 
-fn transport_error(err: reqwest::Error) -> SafeServiceError {
+/// Also counted: the call got no answer.
+fn record_transport_error(err: reqwest::Error) -> SafeServiceError {
+    let code = if err.is_timeout() {
+        "timeout"
+    } else {
+        "transport"
+    };
+    crate::metrics::record_call("safe_service", Err(code.to_owned()));
     SafeServiceError::Transport {
         timed_out: err.is_timeout(),
         message: err.without_url().to_string(),

@@ -1,5 +1,6 @@
 //! Idempotency keys: a retried call with the same key gets the first answer.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 
@@ -21,19 +22,22 @@ pub enum IdempotencyOutcome {
 }
 
 impl Store {
-    /// The earlier outcome for `(principal, key)`, if any.
+    /// The earlier outcome for `(principal, key)`, if it was saved at or
+    /// after `expired_before`; an older key has expired and counts as new.
     pub async fn idempotent_response(
         &self,
         principal: &str,
         key: &str,
         request_hash: &[u8],
+        expired_before: DateTime<Utc>,
     ) -> Result<Option<IdempotencyOutcome>, sqlx::Error> {
         let row: Option<(Vec<u8>, i16, Value)> = sqlx::query_as(
             "SELECT request_hash, response_status, response_body FROM idempotency_keys
-             WHERE principal = $1 AND key = $2",
+             WHERE principal = $1 AND key = $2 AND created_at >= $3",
         )
         .bind(principal)
         .bind(key)
+        .bind(expired_before)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|(hash, status, body)| {
@@ -48,7 +52,8 @@ impl Store {
         }))
     }
 
-    /// Saves the response in the transaction that created what it describes.
+    /// Saves the response in the transaction that created what it describes,
+    /// replacing an expired use of the key (saved before `expired_before`).
     /// Returns `false` if a concurrent call saved the key first; the caller
     /// then rolls back and answers from [`Store::idempotent_response`].
     pub async fn save_idempotent_response(
@@ -57,16 +62,24 @@ impl Store {
         key: &str,
         request_hash: &[u8],
         response: &StoredResponse,
+        now: DateTime<Utc>,
+        expired_before: DateTime<Utc>,
     ) -> Result<bool, sqlx::Error> {
         let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (principal, key, request_hash, response_status, response_body)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            "INSERT INTO idempotency_keys AS k (principal, key, request_hash, response_status, response_body, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (principal, key) DO UPDATE SET
+                request_hash = EXCLUDED.request_hash, response_status = EXCLUDED.response_status,
+                response_body = EXCLUDED.response_body, created_at = EXCLUDED.created_at
+             WHERE k.created_at < $7",
         )
         .bind(principal)
         .bind(key)
         .bind(request_hash)
         .bind(response.status as i16)
         .bind(&response.body)
+        .bind(now)
+        .bind(expired_before)
         .execute(&mut **tx)
         .await?
         .rows_affected();

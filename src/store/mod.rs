@@ -1,12 +1,14 @@
 //! Postgres access. This module is the only place with SQL.
 
 mod follower;
+mod gauges;
 mod idempotency;
 mod job_leases;
 mod proposal_facts;
 mod proposals;
 mod quota;
 mod requests;
+mod retention;
 mod source_locks;
 mod tracking;
 
@@ -17,6 +19,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use follower::{Cursor, ProposalEnd, RequestMove};
+pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
 pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
@@ -28,6 +31,7 @@ pub use requests::{
     Changes, Claimed, EventRow, Lease, NewRequest, PreparedFields, ReplicaRequest, StoredError,
     WORKABLE,
 };
+pub use retention::Purged;
 pub use tracking::Tracked;
 
 use crate::config::DatabaseSettings;

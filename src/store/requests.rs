@@ -64,6 +64,9 @@ pub struct ReplicaRequest {
     pub outcome_unknown_since: Option<DateTime<Utc>>,
     /// The target node's device as intake resolved it; the prepare must agree.
     pub expected_device_id: Option<String>,
+    /// The `x-request-id` of the HTTP request that queued it, carried into
+    /// the worker's spans.
+    pub http_request_id: Option<String>,
 }
 
 /// `status` as read from the database (checked by a constraint there).
@@ -88,7 +91,7 @@ pub(super) const COLUMNS: &str = "id, status, source, node, requested_compose_ha
     device_id, compose_hash_allowed, device_id_allowed, prepared_at, commit_tx_hash, call_sent_at,
     replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
     last_error_suggestion, created_at, updated_at, proposal_id, safe, workspace_slug, instances_before,
-    outcome_unknown_since, expected_device_id";
+    outcome_unknown_since, expected_device_id, http_request_id";
 
 #[derive(Debug, Clone, FromRow)]
 pub struct EventRow {
@@ -119,6 +122,8 @@ pub struct NewRequest {
     pub chain_id: Option<i64>,
     pub workspace_slug: Option<String>,
     pub expected_device_id: Option<String>,
+    /// The `x-request-id` of the HTTP request that queued it.
+    pub http_request_id: Option<String>,
 }
 
 /// An error as kept on the request: Phala's code (or ours), what happened, what to do.
@@ -189,8 +194,9 @@ impl Store {
             sqlx::query(
                 "INSERT INTO replica_requests (id, status, source, node, requested_compose_hash, env_names, note,
                     encrypted_env, created_by, source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms,
-                    app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug, expected_device_id)
-                 VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17, $18, $19)",
+                    app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug, expected_device_id,
+                    http_request_id)
+                 VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17, $18, $19, $20)",
             )
             .bind(r.id)
             .bind(&r.source)
@@ -211,6 +217,7 @@ impl Store {
             .bind(now)
             .bind(&r.workspace_slug)
             .bind(&r.expected_device_id)
+            .bind(&r.http_request_id)
             .execute(&mut **tx)
             .await?;
             insert_event(
@@ -576,6 +583,23 @@ impl Store {
             q.bind(tx_hash.to_owned())
         })
         .await
+    }
+
+    /// When the request last entered `status` (for timeouts measured per status).
+    pub async fn entered_status_at(
+        &self,
+        id: Uuid,
+        status: Status,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        let row: (Option<DateTime<Utc>>,) = sqlx::query_as(
+            "SELECT max(created_at) FROM request_events
+             WHERE request_id = $1 AND to_status = $2 AND from_status IS DISTINCT FROM to_status",
+        )
+        .bind(id)
+        .bind(status.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.0)
     }
 
     /// How often the request has gone from `from` to `to`.

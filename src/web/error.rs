@@ -6,9 +6,71 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::http::header::RETRY_AFTER;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::telemetry::redact;
+
+/// Every error answer: `{"error": {"code", "message"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable, e.g. `invalid_field` or `quota_exceeded`.
+    pub code: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// On a server error: the id under which the server log has the cause
+    /// (also the `x-request-id` header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: impl Into<String>) -> Json<Self> {
+        Json(ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+                request_id: None,
+            },
+        })
+    }
+}
+
+/// Marks a server-error answer, whose body [`super::request_id::scope`]
+/// rewrites to name the request.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ServerError;
+
+fn internal_response() -> Response {
+    let mut response = (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorBody::new("internal", INTERNAL_MESSAGE),
+    )
+        .into_response();
+    response.extensions_mut().insert(ServerError);
+    response
+}
+
+/// A handler that panicked (tower-http's `CatchPanicLayer`) answers as any
+/// server error does, instead of dropping the connection. It runs inside the
+/// request's span, so the log line carries the request id.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = %redact(message), "a handler panicked");
+    internal_response()
+}
+
+/// What a server error shows: its cause is in the log, never in the answer.
+pub const INTERNAL_MESSAGE: &str = "internal error; see the server log";
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -66,24 +128,19 @@ impl IntoResponse for ApiError {
                 status,
                 code,
                 message,
-            } => (
-                status,
-                Json(json!({"error": {"code": code, "message": redact(&message)}})),
-            )
-                .into_response(),
+            } => (status, ErrorBody::new(code, redact(&message))).into_response(),
             ApiError::RateLimited {
                 message,
                 retry_after_secs,
             } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 [(RETRY_AFTER, retry_after_secs.to_string())],
-                Json(json!({"error": {"code": "quota_exceeded", "message": message}})),
+                ErrorBody::new("quota_exceeded", message),
             )
                 .into_response(),
             ApiError::Internal(err) => {
                 tracing::error!(error = %redact(&format!("{err:#}")), "internal error");
-                let body = json!({"error": {"code": "internal", "message": "internal error; see the server log"}});
-                (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+                internal_response()
             }
         }
     }

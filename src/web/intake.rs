@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -75,10 +75,11 @@ pub async fn submit(
     let canonical: Value = serde_json::from_slice(body).expect("parsed above");
     let request_hash = Sha256::digest(canonical.to_string().as_bytes()).to_vec();
 
+    let keys_expired_before = state.clock.now() - state.retention.idempotency_key_ttl();
     if let Some(key) = &idempotency_key
         && let Some(earlier) = state
             .store
-            .idempotent_response(&principal, key, &request_hash)
+            .idempotent_response(&principal, key, &request_hash, keys_expired_before)
             .await?
     {
         return replay(earlier);
@@ -108,17 +109,30 @@ pub async fn submit(
     let created = Store::requests_in(&mut tx, &ids).await?;
     let response = StoredResponse {
         status: StatusCode::ACCEPTED.as_u16(),
-        body: json!({ "replicas": created.iter().map(|r| views::replica(r, &views::Proposals::new())).collect::<Vec<_>>() }),
+        body: serde_json::to_value(views::ReplicaList {
+            replicas: created
+                .iter()
+                .map(|r| views::replica(r, &views::Proposals::new()))
+                .collect(),
+        })?,
     };
     if let Some(key) = &idempotency_key
-        && !Store::save_idempotent_response(&mut tx, &principal, key, &request_hash, &response)
-            .await?
+        && !Store::save_idempotent_response(
+            &mut tx,
+            &principal,
+            key,
+            &request_hash,
+            &response,
+            now,
+            keys_expired_before,
+        )
+        .await?
     {
         // A concurrent call with the same key won the race: answer as it did.
         tx.rollback().await?;
         let earlier = state
             .store
-            .idempotent_response(&principal, key, &request_hash)
+            .idempotent_response(&principal, key, &request_hash, keys_expired_before)
             .await?;
         return replay(earlier.ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?);
     }
@@ -242,6 +256,7 @@ async fn resolve(
         chain_id: source.cvm.chain_id().map(|c| c as i64),
         workspace_slug: source.cvm.workspace.as_ref().and_then(|w| w.slug.clone()),
         expected_device_id,
+        http_request_id: super::request_id::current(),
     };
     Ok((0..order.count)
         .map(|_| NewRequest {

@@ -4,19 +4,24 @@
 pub mod access;
 mod auth;
 pub mod error;
+pub mod health;
 pub mod intake;
+mod metrics;
+pub mod openapi;
 mod pages;
 mod replicas;
+mod request_id;
 pub mod signers;
 mod views;
 pub mod webhook;
 
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Request};
+use axum::http::Request;
 use axum::routing::{get, post};
+use axum::{Router, middleware};
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -43,9 +48,13 @@ pub struct AppState {
     pub access: Access,
     /// Checks an app's env key against its KMS root key on chain.
     pub env_keys: EnvKeyVerifier,
+    /// What `/readyz` checks besides the database.
+    pub readiness: health::Readiness,
+    /// How long idempotency keys last.
+    pub retention: crate::config::RetentionSettings,
 }
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use request_id::REQUEST_ID;
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -53,22 +62,87 @@ pub fn router(state: AppState) -> Router {
         .route("/replicas/{id}", get(replicas::show))
         .route("/replicas/{id}/cancel", post(replicas::cancel))
         .route("/proposals", get(signers::list))
-        .route("/proposals/{id}", get(signers::show));
+        .route("/proposals/{id}", get(signers::show))
+        .route("/openapi.json", get(openapi::openapi_json));
 
-    Router::new()
+    let routes = Router::new()
         .route("/", get(pages::index))
-        .route("/health", get(pages::health))
+        .route("/health", get(health::health))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::scrape))
         .nest("/api/v1", api)
         .route("/webhooks/ci", post(webhook::ci_webhook))
         .route("/static/style.css", get(pages::stylesheet))
-        .fallback(pages::not_found)
+        .fallback(pages::not_found);
+    with_layers(routes).with_state(state)
+}
+
+/// What every route gets: a request id and its span, a count, a timeout, a
+/// body limit, and a 500 instead of a dropped connection when a handler panics.
+fn with_layers<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
+    routes
         .layer(DefaultBodyLimit::max(intake::MAX_BODY_BYTES))
+        .layer(CatchPanicLayer::custom(error::panic_response))
+        .layer(middleware::from_fn(request_id::scope))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::GATEWAY_TIMEOUT, Duration::from_secs(90)))
+        .layer(middleware::from_fn(metrics::count_requests))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
             tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
         }))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn json_body(response: axum::response::Response) -> serde_json::Value {
+        let body = axum::body::to_bytes(response.into_body(), 10_000)
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_json_with_the_request_id() {
+        async fn buggy() -> &'static str {
+            panic!("handler bug")
+        }
+        let app = with_layers(Router::new().route("/boom", get(buggy)));
+        let request = Request::get("/boom")
+            .header(REQUEST_ID, "req-4711")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 500);
+        assert_eq!(response.headers()[REQUEST_ID], "req-4711");
+        assert_eq!(
+            json_body(response).await,
+            serde_json::json!({"error": {
+                "code": "internal",
+                "message": error::INTERNAL_MESSAGE,
+                "request_id": "req-4711",
+            }})
+        );
+    }
+
+    #[tokio::test]
+    async fn client_errors_carry_no_request_id_in_their_body() {
+        let app = with_layers(Router::<()>::new().fallback(pages::not_found));
+        let response = app
+            .oneshot(Request::get("/nope").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+        assert!(response.headers().contains_key(REQUEST_ID));
+        let body = json_body(response).await;
+        assert_eq!(body["error"]["code"], "not_found");
+        assert!(body["error"].get("request_id").is_none(), "{body}");
+    }
 }

@@ -1,13 +1,8 @@
 //! Server-rendered pages (askama) and small service endpoints.
 
 use askama::Template;
-use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
-use serde_json::json;
+use axum::response::{Html, IntoResponse};
 
-use super::AppState;
 use super::error::ApiError;
 
 #[derive(Template)]
@@ -22,21 +17,6 @@ pub async fn index() -> Result<Html<String>, ApiError> {
         version: env!("CARGO_PKG_VERSION"),
     };
     Ok(Html(page.render()?))
-}
-
-/// `GET /health`: up, and the database answers.
-pub async fn health(State(state): State<AppState>) -> Response {
-    match sqlx::query("SELECT 1").execute(state.store.pool()).await {
-        Ok(_) => Json(json!({"status": "ok"})).into_response(),
-        Err(err) => {
-            tracing::warn!(error = %err, "health check: database unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "database unreachable"})),
-            )
-                .into_response()
-        }
-    }
 }
 
 /// The stylesheet, built into the binary so it needs no files at run time.

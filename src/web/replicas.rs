@@ -6,21 +6,31 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::AppState;
 use super::auth::ApiCaller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::intake::{self, RawBody};
 use super::views;
-use crate::domain::{IllegalTransition, Status};
+use crate::domain::{IllegalTransition, OrderBody, Status};
 use crate::store::StoreError;
 
 const DEFAULT_LIST_LIMIT: i64 = 50;
 const MAX_LIST_LIMIT: i64 = 500;
 
 /// `POST /api/v1/replicas`
+#[utoipa::path(post, path = "/api/v1/replicas", tag = "replicas",
+    request_body = OrderBody,
+    params(("Idempotency-Key" = Option<String>, Header,
+            description = "the same key and body answer as the first time and create nothing")),
+    responses(
+        (status = 202, description = "queued: one request per replica", body = views::ReplicaList),
+        (status = "4XX", description = "bad input, a refused source, or over a quota; nothing was stored", body = ErrorBody),
+        (status = "5XX", description = "Phala or the chain is unavailable, or an internal error", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     ApiCaller(actor): ApiCaller,
@@ -32,11 +42,18 @@ pub async fn create(
 }
 
 /// `GET /api/v1/replicas/{id}`: the request with its events.
+#[utoipa::path(get, path = "/api/v1/replicas/{id}", tag = "replicas",
+    params(("id" = Uuid, Path, description = "the request's id")),
+    responses(
+        (status = 200, description = "the request and its event log", body = views::ReplicaDetail),
+        (status = "4XX", description = "not a UUID, no such request, or not authorised", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn show(
     State(state): State<AppState>,
     _caller: ApiCaller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::ReplicaDetail>, ApiError> {
     let id = parse_id(&id)?;
     let request = state
         .store
@@ -45,24 +62,37 @@ pub async fn show(
         .ok_or_else(|| not_found(id))?;
     let events = state.store.events(id).await?;
     let proposals = proposals_of(&state, std::slice::from_ref(&request)).await?;
-    let mut body = views::replica(&request, &proposals);
-    body["events"] = events.iter().map(views::event).collect();
-    Ok(Json(body))
+    Ok(Json(views::ReplicaDetail {
+        replica: views::replica(&request, &proposals),
+        events: events.iter().map(views::event).collect(),
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only requests in this status.
+    #[param(value_type = Option<Status>)]
     status: Option<String>,
+    /// At most this many, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
 }
 
 /// `GET /api/v1/replicas?status=…&limit=…`, newest first.
+#[utoipa::path(get, path = "/api/v1/replicas", tag = "replicas",
+    params(ListParams),
+    responses(
+        (status = 200, description = "newest first", body = views::ReplicaList),
+        (status = "4XX", description = "a bad status or limit, or not authorised", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     _caller: ApiCaller,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::ReplicaList>, ApiError> {
     let Query(params) = params
         .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
     let status = params
@@ -86,19 +116,27 @@ pub async fn list(
     }
     let requests = state.store.list_requests(status, limit).await?;
     let proposals = proposals_of(&state, &requests).await?;
-    let replicas: Vec<Value> = requests
+    let replicas = requests
         .iter()
         .map(|r| views::replica(r, &proposals))
         .collect();
-    Ok(Json(json!({ "replicas": replicas })))
+    Ok(Json(views::ReplicaList { replicas }))
 }
 
 /// `POST /api/v1/replicas/{id}/cancel`: allowed until the commit starts.
+#[utoipa::path(post, path = "/api/v1/replicas/{id}/cancel", tag = "replicas",
+    params(("id" = Uuid, Path, description = "the request's id")),
+    responses(
+        (status = 200, description = "cancelled", body = views::ReplicaView),
+        (status = 409, description = "too late: the request is committing or done", body = ErrorBody),
+        (status = "4XX", description = "not a UUID, no such request, or not authorised", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn cancel(
     State(state): State<AppState>,
     ApiCaller(actor): ApiCaller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::ReplicaView>, ApiError> {
     let id = parse_id(&id)?;
     match state
         .store

@@ -15,11 +15,12 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
 use super::auth::ApiCaller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::views::explorer_tx_link;
 use crate::store::{
     CvmFacts, ProposalFacts, ProposalRow, ReplicaRequest, Store, StoredRegistration, same_hex,
@@ -28,7 +29,7 @@ use crate::telemetry::redact;
 use crate::worker::safe_wallet_link;
 
 /// A proposal as the Safe's owners see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ProposalView {
     pub id: Uuid,
     pub chain_id: i64,
@@ -70,7 +71,7 @@ pub struct ProposalView {
 }
 
 /// One inner call of the Safe transaction.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CallView {
     /// `addDevice` or `addComposeHash`.
     pub function: &'static str,
@@ -93,7 +94,7 @@ pub struct CallView {
     pub unblocks: Vec<ServedRequest>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CvmView {
     pub name: Option<String>,
     pub vm_uuid: Option<String>,
@@ -101,7 +102,7 @@ pub struct CvmView {
     pub node: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct NodeView {
     pub id: Option<i64>,
     pub name: Option<String>,
@@ -109,7 +110,7 @@ pub struct NodeView {
 }
 
 /// A replica request a proposal serves, and who queued it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ServedRequest {
     pub id: Uuid,
     pub status: String,
@@ -121,14 +122,14 @@ pub struct ServedRequest {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ProposalError {
     pub code: String,
     pub message: Option<String>,
 }
 
 /// `GET /api/v1/proposals`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ProposalList {
     pub proposals: Vec<ProposalView>,
 }
@@ -494,14 +495,25 @@ const STATUSES: [&str; 7] = [
     "all",
 ];
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// `open` (the default), `executed`, `failed`, `replaced`, `superseded` or `all`.
     status: Option<String>,
+    /// At most this many, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
 }
 
 /// `GET /api/v1/proposals?status=open&limit=50`: open proposals by default, newest first.
+#[utoipa::path(get, path = "/api/v1/proposals", tag = "proposals",
+    params(ListParams),
+    responses(
+        (status = 200, description = "newest first", body = ProposalList),
+        (status = "4XX", description = "a bad status or limit, or not authorised", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     _caller: ApiCaller,
@@ -538,6 +550,13 @@ pub async fn list(
 }
 
 /// `GET /api/v1/proposals/{id}`: by the bridge's id or by the safeTxHash.
+#[utoipa::path(get, path = "/api/v1/proposals/{id}", tag = "proposals",
+    params(("id" = String, Path, description = "the proposal's id (a UUID) or its safeTxHash")),
+    responses(
+        (status = 200, description = "the proposal as the signers see it", body = ProposalView),
+        (status = "4XX", description = "a bad id, no such proposal, or not authorised", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn show(
     State(state): State<AppState>,
     _caller: ApiCaller,

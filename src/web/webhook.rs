@@ -100,6 +100,19 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
 /// `Idempotency-Key`, the signature serves as one, in its normalized form
 /// (lowercase hex, no prefix): a replayed delivery, however its signature is
 /// cased, gets the first answer and creates nothing.
+#[utoipa::path(post, path = "/webhooks/ci", tag = "webhook",
+    request_body = crate::domain::OrderBody,
+    params(
+        ("X-Bridge-Timestamp" = i64, Header, description = "unix seconds; more than 5 minutes off is refused"),
+        ("X-Bridge-Signature" = String, Header,
+         description = "`sha256=` and the hex HMAC-SHA256 of `timestamp.idempotency key.raw body` with the client's secret"),
+        ("Idempotency-Key" = Option<String>, Header, description = "signed with the body; without it the signature is the key"),
+    ),
+    responses(
+        (status = 202, description = "queued, as `POST /api/v1/replicas`", body = super::views::ReplicaList),
+        (status = "4XX", description = "a bad signature or timestamp, bad input, or over a quota", body = super::error::ErrorBody),
+        (status = "5XX", description = "Phala or the chain is unavailable, or an internal error", body = super::error::ErrorBody),
+    ))]
 pub async fn ci_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,

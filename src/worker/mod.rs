@@ -12,6 +12,7 @@ mod owner;
 mod prepare;
 mod propose;
 mod reconcile;
+mod retention;
 mod safe_flow;
 mod track;
 mod watch;
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
 use crate::clock::Clock;
-use crate::config::WorkerSettings;
+use crate::config::{RetentionSettings, WorkerSettings};
 use crate::domain::{Actor, Event, Status};
 use crate::phala::{PhalaClient, PhalaError};
 use crate::store::{Changes, Claimed, Lease, Store, StoreError, StoredError, WAKE_CHANNEL};
@@ -68,6 +69,17 @@ impl Outcome {
         }
     }
 
+    /// What happened, as the step-duration metric names it.
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Advance { .. } => "advance",
+            Outcome::Retry(_) => "retry",
+            Outcome::Fail(_) => "fail",
+            Outcome::Snooze(_) => "snooze",
+            Outcome::AwaitOutcome { .. } => "await_outcome",
+        }
+    }
+
     /// A Phala failure: retried if transient, final otherwise.
     fn from_phala(err: &PhalaError) -> Self {
         let stored = stored_phala_error(err);
@@ -95,6 +107,7 @@ pub struct Worker {
     settings: WorkerSettings,
     /// `None` when no Safe is configured: nothing is proposed.
     safe_flow: Option<SafeFlow>,
+    retention: RetentionSettings,
     /// The leases this process's steps hold right now, given back when a
     /// shutdown cannot wait for the steps to finish.
     held: Arc<std::sync::Mutex<HashMap<uuid::Uuid, Lease>>>,
@@ -108,12 +121,18 @@ impl Worker {
             clock,
             settings,
             safe_flow: None,
+            retention: RetentionSettings::default(),
             held: Arc::default(),
         }
     }
 
     pub fn with_safe_flow(mut self, flow: SafeFlow) -> Self {
         self.safe_flow = Some(flow);
+        self
+    }
+
+    pub fn with_retention(mut self, retention: RetentionSettings) -> Self {
+        self.retention = retention;
         self
     }
 
@@ -185,32 +204,66 @@ impl Worker {
 
     async fn step(&self, claimed: &Claimed) -> anyhow::Result<bool> {
         let request = &claimed.request;
+        // `request_id` is the HTTP request that queued it: one id finds intake and every step.
         let span = info_span!(
             "step",
             replica_id = %request.id,
+            request_id = request.http_request_id.as_deref().unwrap_or(""),
             state = %request.status(),
             attempt = request.attempts + 1,
         );
         async {
+            let started = std::time::Instant::now();
             let outcome = match request.status() {
                 Status::Queued => Ok(Outcome::advance(Event::StartPrepare)),
                 Status::Preparing => prepare::run(self, claimed).await,
                 Status::Committing => commit::run(self, claimed).await,
                 other => unreachable!("claimed a request in `{other}`, which is not workable"),
             };
+            let label = match &outcome {
+                Ok(outcome) => outcome.label(),
+                Err(_) => "error",
+            };
+            let committed_after_execution = match &outcome {
+                Ok(Outcome::Advance {
+                    event: Event::Committed,
+                    ..
+                }) if request.proposal_id.is_some() => self
+                    .store
+                    .entered_status_at(request.id, Status::Committing)
+                    .await
+                    .ok()
+                    .flatten(),
+                _ => None,
+            };
             let result = match outcome {
                 Ok(outcome) => self.apply(claimed, outcome).await,
                 Err(err) => Err(err),
             };
+            let lease_lost = matches!(
+                result
+                    .as_ref()
+                    .err()
+                    .and_then(|e| e.downcast_ref::<StoreError>()),
+                Some(StoreError::LeaseLost(_))
+            );
+            crate::metrics::record_step(
+                request.status().as_str(),
+                if lease_lost { "lease_lost" } else { label },
+                started.elapsed(),
+            );
+            if result.is_ok()
+                && let Some(entered) = committed_after_execution
+            {
+                let waited = (self.clock.now() - entered).to_std().unwrap_or_default();
+                metrics::histogram!(crate::metrics::EXECUTION_TO_COMMIT)
+                    .record(waited.as_secs_f64());
+            }
             match result {
                 Ok(()) => Ok(true),
                 // Another worker owns the row now; what this one did is void.
-                Err(err)
-                    if matches!(
-                        err.downcast_ref::<StoreError>(),
-                        Some(StoreError::LeaseLost(_))
-                    ) =>
-                {
+                Err(_) if lease_lost => {
+                    metrics::counter!(crate::metrics::LEASES_LOST).increment(1);
                     tracing::warn!("lease lost; leaving the request to its new holder");
                     Ok(true)
                 }
@@ -342,6 +395,7 @@ impl Worker {
         if self.safe_flow.is_some() {
             tasks.spawn(owner::run(self.clone(), wake.clone(), shutdown.clone()));
         }
+        tasks.spawn(self.clone().run_retention(shutdown.clone()));
         for index in 0..count {
             let worker = self.clone();
             let wake = wake.clone();

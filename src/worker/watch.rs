@@ -113,7 +113,10 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
     // An RPC that answers for another chain must not be believed.
     chain.check_chain_id().await?;
     let open = worker.store.open_proposals(chain_id).await?;
+    let lag = metrics::gauge!(crate::metrics::FOLLOWER_LAG, "chain_id" => chain_id.to_string());
     if open.is_empty() {
+        // Nothing to follow: the follower is as far as it needs to be.
+        lag.set(0.0);
         return Ok(false);
     }
     let (head, head_hash) = chain.head_block().await?;
@@ -171,6 +174,7 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
     // One log range per pass: a stale cursor catches up over several passes.
     let to = head.min(from.saturating_add(flow.log_range.max(1) - 1));
     let caught_up = to == head;
+    lag.set(head.saturating_sub(to) as f64);
 
     // What was seen from `from` on is read again from the chain as it is now.
     let forgotten = worker

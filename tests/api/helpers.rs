@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use approval_bridge::clock::Clock;
 use approval_bridge::config::{
-    DatabaseSettings, LogFormat, PhalaSettings, SafeSettings, Settings, TrustSettings,
-    WorkerSettings, parse_named_secrets,
+    DatabaseSettings, LogFormat, PhalaSettings, RetentionSettings, SafeSettings, Settings,
+    TrustSettings, WorkerSettings, parse_named_secrets,
 };
 use approval_bridge::startup::Application;
 use approval_bridge::store::Store;
@@ -94,6 +94,7 @@ pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
             ..SafeSettings::default()
         },
         trust: TrustSettings::default(),
+        retention: RetentionSettings::default(),
         log_format: LogFormat::Text,
     }
 }
