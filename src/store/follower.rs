@@ -2,18 +2,16 @@
 //! has seen, and the moves of requests when a proposal ends.
 
 use chrono::{DateTime, Utc};
-use sqlx::{FromRow, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::proposals::ProposalRow;
-use super::requests::{
-    COLUMNS as REQUEST_COLUMNS, Changes, ReplicaRequest, StoredError, advance_in,
-};
+use super::proposals::{ProposalRow, query_proposals};
+use super::requests::{Changes, ReplicaRequest, StoredError, advance_in, query_requests};
 use super::{Store, StoreError, clean};
 use crate::domain::{Actor, Event, Status};
 
 /// Where a chain's follower stands.
-#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     /// The last block done with: confirmed, and every log up to it seen.
     pub block_number: i64,
@@ -49,7 +47,7 @@ impl ProposalEnd {
 impl Store {
     /// Chains with proposals the service accepted and nobody executed yet.
     pub async fn chains_to_follow(&self) -> Result<Vec<i64>, sqlx::Error> {
-        sqlx::query_scalar(
+        sqlx::query_scalar!(
             "SELECT DISTINCT chain_id FROM proposals WHERE status = 'proposed' AND submitted_at IS NOT NULL ORDER BY 1",
         )
         .fetch_all(&self.pool)
@@ -57,23 +55,23 @@ impl Store {
     }
 
     pub async fn open_proposals(&self, chain_id: i64) -> Result<Vec<ProposalRow>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {} FROM proposals WHERE chain_id = $1 AND status = 'proposed' AND submitted_at IS NOT NULL
+        query_proposals!(
+            "SELECT ",
+            " FROM proposals WHERE chain_id = $1 AND status = 'proposed' AND submitted_at IS NOT NULL
              ORDER BY nonce",
-            super::proposals::COLUMNS
-        ))
-        .bind(chain_id)
+            chain_id,
+        )
         .fetch_all(&self.pool)
         .await
     }
 
     /// The apps the open proposals of a chain register on.
     pub async fn watched_apps(&self, chain_id: i64) -> Result<Vec<String>, sqlx::Error> {
-        sqlx::query_scalar(
+        sqlx::query_scalar!(
             "SELECT DISTINCT c.app_id FROM proposal_calls c JOIN proposals p ON p.id = c.proposal_id
              WHERE p.chain_id = $1 AND p.status = 'proposed'",
+            chain_id,
         )
-        .bind(chain_id)
         .fetch_all(&self.pool)
         .await
     }
@@ -81,10 +79,11 @@ impl Store {
     /// The last block the follower is done with, its hash, and whether app
     /// logs seen so far still wait to be acted on.
     pub async fn cursor(&self, chain_id: i64) -> Result<Option<Cursor>, sqlx::Error> {
-        sqlx::query_as(
+        sqlx::query_as!(
+            Cursor,
             "SELECT block_number, block_hash, apps_touched FROM chain_cursors WHERE chain_id = $1",
+            chain_id,
         )
-        .bind(chain_id)
         .fetch_optional(&self.pool)
         .await
     }
@@ -95,17 +94,17 @@ impl Store {
         cursor: &Cursor,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO chain_cursors (chain_id, block_number, block_hash, apps_touched, updated_at)
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (chain_id) DO UPDATE SET block_number = $2, block_hash = $3, apps_touched = $4,
                 updated_at = $5",
+            chain_id,
+            cursor.block_number,
+            cursor.block_hash,
+            cursor.apps_touched,
+            now,
         )
-        .bind(chain_id)
-        .bind(cursor.block_number)
-        .bind(&cursor.block_hash)
-        .bind(cursor.apps_touched)
-        .bind(now)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -113,10 +112,12 @@ impl Store {
 
     /// The app logs seen so far have been acted on.
     pub async fn clear_apps_touched(&self, chain_id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE chain_cursors SET apps_touched = false WHERE chain_id = $1")
-            .bind(chain_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query!(
+            "UPDATE chain_cursors SET apps_touched = false WHERE chain_id = $1",
+            chain_id
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -126,13 +127,13 @@ impl Store {
         chain_id: i64,
         block: i64,
     ) -> Result<u64, sqlx::Error> {
-        Ok(sqlx::query(
+        Ok(sqlx::query!(
             "UPDATE proposals SET execution_tx_hash = NULL, execution_block = NULL, execution_block_hash = NULL,
                 execution_success = NULL
              WHERE chain_id = $1 AND status = 'proposed' AND execution_block >= $2",
+            chain_id,
+            block,
         )
-        .bind(chain_id)
-        .bind(block)
         .execute(&self.pool)
         .await?
         .rows_affected())
@@ -147,16 +148,16 @@ impl Store {
         block_hash: &str,
         success: bool,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE proposals SET execution_tx_hash = $2, execution_block = $3, execution_block_hash = $4,
                 execution_success = $5
              WHERE id = $1 AND status = 'proposed'",
+            proposal_id,
+            tx_hash,
+            block,
+            block_hash,
+            success,
         )
-        .bind(proposal_id)
-        .bind(tx_hash)
-        .bind(block)
-        .bind(block_hash)
-        .bind(success)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -167,11 +168,12 @@ impl Store {
         &self,
         proposal_id: Uuid,
     ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {REQUEST_COLUMNS} FROM replica_requests
-             WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval') ORDER BY created_at"
-        ))
-        .bind(proposal_id)
+        query_requests!(
+            "SELECT ",
+            " FROM replica_requests
+             WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval') ORDER BY created_at",
+            proposal_id,
+        )
         .fetch_all(&self.pool)
         .await
     }
@@ -181,11 +183,12 @@ impl Store {
         &self,
         chain_id: i64,
     ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {REQUEST_COLUMNS} FROM replica_requests
-             WHERE chain_id = $1 AND status = 'awaiting_approval' ORDER BY created_at"
-        ))
-        .bind(chain_id)
+        query_requests!(
+            "SELECT ",
+            " FROM replica_requests
+             WHERE chain_id = $1 AND status = 'awaiting_approval' ORDER BY created_at",
+            chain_id,
+        )
         .fetch_all(&self.pool)
         .await
     }
@@ -206,16 +209,16 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         // The row lock orders this after (or before) a request joining.
-        let ended = sqlx::query(
+        let ended = sqlx::query!(
             "UPDATE proposals SET status = $2, updated_at = $3,
                 last_error_code = COALESCE($4, last_error_code), last_error_message = COALESCE($5, last_error_message)
              WHERE id = $1 AND status = 'proposed'",
+            proposal_id,
+            end.as_str(),
+            now,
+            error.map(|e| &e.code),
+            error.map(|e| clean(&e.message)),
         )
-        .bind(proposal_id)
-        .bind(end.as_str())
-        .bind(now)
-        .bind(error.map(|e| &e.code))
-        .bind(error.map(|e| clean(&e.message)))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -263,11 +266,11 @@ impl Store {
         message: &str,
     ) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let open: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM proposals WHERE id = $1 AND status = 'proposed' AND execution_tx_hash IS NULL
-             FOR UPDATE",
+        let open = sqlx::query_scalar!(
+            r#"SELECT 1 AS "open!" FROM proposals WHERE id = $1 AND status = 'proposed' AND execution_tx_hash IS NULL
+             FOR UPDATE"#,
+            proposal_id,
         )
-        .bind(proposal_id)
         .fetch_optional(&mut *tx)
         .await?;
         if open.is_none() {
@@ -291,12 +294,12 @@ impl Store {
             moved += 1;
         }
         if moved == waiting.len() {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE proposals SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'proposed'",
+                proposal_id,
+                ProposalEnd::Superseded.as_str(),
+                now,
             )
-            .bind(proposal_id)
-            .bind(ProposalEnd::Superseded.as_str())
-            .bind(now)
             .execute(&mut *tx)
             .await?;
             tracing::info!(%proposal_id, "proposal superseded: nothing left in it");
@@ -312,14 +315,14 @@ impl Store {
         proposal_id: Uuid,
         error: &StoredError,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4
              WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval')",
+            proposal_id,
+            error.code,
+            clean(&error.message),
+            error.suggestion,
         )
-        .bind(proposal_id)
-        .bind(&error.code)
-        .bind(clean(&error.message))
-        .bind(&error.suggestion)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -372,12 +375,13 @@ async fn waiting_on(
     tx: &mut Transaction<'_, Postgres>,
     proposal_id: Uuid,
 ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {REQUEST_COLUMNS} FROM replica_requests
+    query_requests!(
+        "SELECT ",
+        " FROM replica_requests
          WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval')
-         ORDER BY created_at FOR UPDATE"
-    ))
-    .bind(proposal_id)
+         ORDER BY created_at FOR UPDATE",
+        proposal_id,
+    )
     .fetch_all(&mut **tx)
     .await
 }
@@ -387,12 +391,12 @@ async fn proposals_lost_in(
     tx: &mut Transaction<'_, Postgres>,
     request_id: Uuid,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM request_events WHERE request_id = $1 AND from_status = $2 AND to_status = $3",
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM request_events WHERE request_id = $1 AND from_status = $2 AND to_status = $3"#,
+        request_id,
+        Status::AwaitingApproval.as_str(),
+        Status::AwaitingProposal.as_str(),
     )
-    .bind(request_id)
-    .bind(Status::AwaitingApproval.as_str())
-    .bind(Status::AwaitingProposal.as_str())
     .fetch_one(&mut **tx)
     .await
 }
@@ -403,12 +407,12 @@ async fn unlink(
     request_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE replica_requests SET proposal_id = NULL, next_attempt_at = $2, updated_at = $2
          WHERE id = $1 AND status = 'awaiting_proposal'",
+        request_id,
+        now,
     )
-    .bind(request_id)
-    .bind(now)
     .execute(&mut **tx)
     .await?;
     Ok(())

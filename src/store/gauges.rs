@@ -16,32 +16,32 @@ pub struct QueueGauges {
 
 impl Store {
     pub async fn queue_gauges(&self) -> Result<QueueGauges, sqlx::Error> {
-        let by_status: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT status, count(*) FROM replica_requests
+        let by_status = sqlx::query!(
+            r#"SELECT status, count(*) AS "count!" FROM replica_requests
              WHERE status NOT IN ('done', 'failed', 'cancelled')
-             GROUP BY status ORDER BY status",
+             GROUP BY status ORDER BY status"#,
         )
         .fetch_all(&self.pool)
         .await?;
-        let (open_proposals, expired_leases): (i64, i64) = sqlx::query_as(
-            // Leases run on the database's clock.
-            "SELECT (SELECT count(*) FROM proposals WHERE status = 'proposed'),
+        // Leases run on the database's clock.
+        let counts = sqlx::query!(
+            r#"SELECT (SELECT count(*) FROM proposals WHERE status = 'proposed') AS "open_proposals!",
                     (SELECT count(*) FROM replica_requests
-                     WHERE lease_id IS NOT NULL AND lease_expires_at <= now())",
+                     WHERE lease_id IS NOT NULL AND lease_expires_at <= now()) AS "expired_leases!""#,
         )
         .fetch_one(&self.pool)
         .await?;
         Ok(QueueGauges {
-            by_status,
-            open_proposals,
-            expired_leases,
+            by_status: by_status.into_iter().map(|r| (r.status, r.count)).collect(),
+            open_proposals: counts.open_proposals,
+            expired_leases: counts.expired_leases,
         })
     }
 
     /// The migrations this binary has that the database has not applied.
     pub async fn pending_migrations(&self) -> Result<Vec<i64>, sqlx::Error> {
         let applied: Vec<i64> =
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            sqlx::query_scalar!("SELECT version FROM _sqlx_migrations WHERE success")
                 .fetch_all(&self.pool)
                 .await?;
         Ok(MIGRATOR

@@ -31,20 +31,20 @@ impl Store {
         request_hash: &[u8],
         expired_before: DateTime<Utc>,
     ) -> Result<Option<IdempotencyOutcome>, sqlx::Error> {
-        let row: Option<(Vec<u8>, i16, Value)> = sqlx::query_as(
+        let row = sqlx::query!(
             "SELECT request_hash, response_status, response_body FROM idempotency_keys
              WHERE principal = $1 AND key = $2 AND created_at >= $3",
+            principal,
+            key,
+            expired_before,
         )
-        .bind(principal)
-        .bind(key)
-        .bind(expired_before)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(hash, status, body)| {
-            if hash == request_hash {
+        Ok(row.map(|row| {
+            if row.request_hash == request_hash {
                 IdempotencyOutcome::Replay(StoredResponse {
-                    status: status as u16,
-                    body,
+                    status: row.response_status as u16,
+                    body: row.response_body,
                 })
             } else {
                 IdempotencyOutcome::Mismatch
@@ -65,21 +65,21 @@ impl Store {
         now: DateTime<Utc>,
         expired_before: DateTime<Utc>,
     ) -> Result<bool, sqlx::Error> {
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO idempotency_keys AS k (principal, key, request_hash, response_status, response_body, created_at)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (principal, key) DO UPDATE SET
                 request_hash = EXCLUDED.request_hash, response_status = EXCLUDED.response_status,
                 response_body = EXCLUDED.response_body, created_at = EXCLUDED.created_at
              WHERE k.created_at < $7",
+            principal,
+            key,
+            request_hash,
+            response.status as i16,
+            response.body,
+            now,
+            expired_before,
         )
-        .bind(principal)
-        .bind(key)
-        .bind(request_hash)
-        .bind(response.status as i16)
-        .bind(&response.body)
-        .bind(now)
-        .bind(expired_before)
         .execute(&mut **tx)
         .await?
         .rows_affected();

@@ -37,7 +37,7 @@ impl Store {
         holder: Uuid,
         lease: Duration,
     ) -> Result<Acquired, sqlx::Error> {
-        let token: Option<i64> = sqlx::query_scalar(
+        let token = sqlx::query_scalar!(
             "INSERT INTO job_leases AS l (job, holder, token, expires_at, updated_at)
              VALUES ($1, $2, 1, now() + make_interval(secs => $3), now())
              ON CONFLICT (job) DO UPDATE SET
@@ -47,10 +47,10 @@ impl Store {
                 updated_at = now()
              WHERE l.expires_at <= now() OR l.holder = EXCLUDED.holder
              RETURNING token",
+            job,
+            holder,
+            lease.as_secs_f64(),
         )
-        .bind(job)
-        .bind(holder)
-        .bind(lease.as_secs_f64())
         .fetch_optional(&self.pool)
         .await?;
         if let Some(token) = token {
@@ -60,11 +60,11 @@ impl Store {
                 token,
             }));
         }
-        let seconds: f64 = sqlx::query_scalar(
-            "SELECT COALESCE(GREATEST(extract(epoch FROM expires_at - now())::float8, 0), 0)
-             FROM job_leases WHERE job = $1",
+        let seconds = sqlx::query_scalar!(
+            r#"SELECT COALESCE(GREATEST(extract(epoch FROM expires_at - now())::float8, 0), 0) AS "seconds!"
+             FROM job_leases WHERE job = $1"#,
+            job,
         )
-        .bind(job)
         .fetch_optional(&self.pool)
         .await?
         .unwrap_or(0.0);
@@ -79,14 +79,14 @@ impl Store {
         lease: &JobLease,
         duration: Duration,
     ) -> Result<bool, sqlx::Error> {
-        let renewed = sqlx::query(
+        let renewed = sqlx::query!(
             "UPDATE job_leases SET expires_at = now() + make_interval(secs => $4), updated_at = now()
              WHERE job = $1 AND holder = $2 AND token = $3",
+            lease.job,
+            lease.holder,
+            lease.token,
+            duration.as_secs_f64(),
         )
-        .bind(&lease.job)
-        .bind(lease.holder)
-        .bind(lease.token)
-        .bind(duration.as_secs_f64())
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -96,13 +96,13 @@ impl Store {
     /// Gives the job up at once, so that another process need not wait for
     /// the lease to run out.
     pub async fn release_job(&self, lease: &JobLease) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE job_leases SET expires_at = now(), updated_at = now()
              WHERE job = $1 AND holder = $2 AND token = $3",
+            lease.job,
+            lease.holder,
+            lease.token,
         )
-        .bind(&lease.job)
-        .bind(lease.holder)
-        .bind(lease.token)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -116,13 +116,13 @@ pub(super) async fn still_held(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     lease: &JobLease,
 ) -> Result<bool, sqlx::Error> {
-    let held: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM job_leases
-         WHERE job = $1 AND holder = $2 AND token = $3 AND expires_at > now() FOR SHARE",
+    let held = sqlx::query_scalar!(
+        r#"SELECT 1 AS "held!" FROM job_leases
+         WHERE job = $1 AND holder = $2 AND token = $3 AND expires_at > now() FOR SHARE"#,
+        lease.job,
+        lease.holder,
+        lease.token,
     )
-    .bind(&lease.job)
-    .bind(lease.holder)
-    .bind(lease.token)
     .fetch_optional(&mut **tx)
     .await?;
     Ok(held.is_some())

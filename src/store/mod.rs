@@ -92,4 +92,12 @@ impl Store {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// The database answers a query (the health check).
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query!("SELECT 1 AS one")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(())
+    }
 }

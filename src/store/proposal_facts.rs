@@ -10,8 +10,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::Store;
-use super::proposals::{COLUMNS, ProposalRow};
-use super::requests::{COLUMNS as REQUEST_COLUMNS, ReplicaRequest};
+use super::proposals::{ProposalRow, query_proposals};
+use super::requests::{ReplicaRequest, query_requests};
 
 /// What Phala said about a proposal's apps and nodes when it was planned.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,16 +78,16 @@ impl Store {
         now: DateTime<Utc>,
         facts: Option<&ProposalFacts>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO proposal_facts (proposal_id, facts, tried_at, learned_at)
-             VALUES ($1, $2, $3, CASE WHEN $2::jsonb IS NULL THEN NULL ELSE $3 END)
+             VALUES ($1, $2, $3, CASE WHEN $2::jsonb IS NULL THEN NULL ELSE $3::timestamptz END)
              ON CONFLICT (proposal_id) DO UPDATE SET tried_at = EXCLUDED.tried_at,
                 facts = COALESCE(EXCLUDED.facts, proposal_facts.facts),
                 learned_at = COALESCE(EXCLUDED.learned_at, proposal_facts.learned_at)",
+            proposal_id,
+            facts.map(Json) as _,
+            now,
         )
-        .bind(proposal_id)
-        .bind(facts.map(Json))
-        .bind(now)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -98,13 +98,16 @@ impl Store {
         &self,
         ids: &[Uuid],
     ) -> Result<HashMap<Uuid, ProposalFacts>, sqlx::Error> {
-        let rows: Vec<(Uuid, Json<ProposalFacts>)> = sqlx::query_as(
-            "SELECT proposal_id, facts FROM proposal_facts WHERE proposal_id = ANY($1) AND facts IS NOT NULL",
+        let rows = sqlx::query!(
+            r#"SELECT proposal_id, facts AS "facts!: Json<ProposalFacts>" FROM proposal_facts WHERE proposal_id = ANY($1) AND facts IS NOT NULL"#,
+            ids,
         )
-        .bind(ids)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|(id, Json(f))| (id, f)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.proposal_id, row.facts.0))
+            .collect())
     }
 
     /// Open proposals with no facts yet, not tried since `tried_before`.
@@ -112,14 +115,15 @@ impl Store {
         &self,
         tried_before: DateTime<Utc>,
     ) -> Result<Vec<ProposalRow>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM proposals p
+        query_proposals!(
+            "SELECT ",
+            " FROM proposals p
              WHERE status = 'proposed' AND NOT EXISTS (
                 SELECT 1 FROM proposal_facts f
                 WHERE f.proposal_id = p.id AND (f.facts IS NOT NULL OR f.tried_at >= $1))
-             ORDER BY created_at"
-        ))
-        .bind(tried_before)
+             ORDER BY created_at",
+            tried_before,
+        )
         .fetch_all(&self.pool)
         .await
     }
@@ -130,12 +134,13 @@ impl Store {
         status: Option<&str>,
         limit: i64,
     ) -> Result<Vec<ProposalRow>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM proposals WHERE ($1::text IS NULL OR status = $1)
-             ORDER BY created_at DESC, id DESC LIMIT $2"
-        ))
-        .bind(status)
-        .bind(limit)
+        query_proposals!(
+            "SELECT ",
+            " FROM proposals WHERE ($1::text IS NULL OR status = $1)
+             ORDER BY created_at DESC, id DESC LIMIT $2",
+            status,
+            limit,
+        )
         .fetch_all(&self.pool)
         .await
     }
@@ -145,11 +150,12 @@ impl Store {
         &self,
         proposal_ids: &[Uuid],
     ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {REQUEST_COLUMNS} FROM replica_requests WHERE proposal_id = ANY($1)
-             ORDER BY created_at, id"
-        ))
-        .bind(proposal_ids)
+        query_requests!(
+            "SELECT ",
+            " FROM replica_requests WHERE proposal_id = ANY($1)
+             ORDER BY created_at, id",
+            proposal_ids,
+        )
         .fetch_all(&self.pool)
         .await
     }

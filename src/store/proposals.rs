@@ -6,15 +6,14 @@
 //! the same transaction again, never to a second nonce.
 
 use chrono::{DateTime, Utc};
-use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::job_leases::{JobLease, still_held};
-use super::requests::{Changes, StoredError, advance_in};
+use super::requests::{Changes, StoredError, advance_in, query_requests};
 use super::{Store, StoreError, clean};
 use crate::domain::{Actor, Event, Status};
 
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct ProposalRow {
     pub id: Uuid,
     pub chain_id: i64,
@@ -49,37 +48,36 @@ pub struct ProposalRow {
     pub confirmed_by: Option<Vec<String>>,
 }
 
-pub(super) const COLUMNS: &str = "id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
+/// `sqlx::query_as!` of [`ProposalRow`]s: the SQL is `$before`, every
+/// column, then `$after`. The checked macros take only literals, so the one
+/// list of columns lives here.
+macro_rules! query_proposals {
+    ($before:literal, $after:literal $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            $crate::store::ProposalRow,
+            $before
+                + "id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
     status, proposer, gas_estimate, submitted_at, next_attempt_at, confirmations, threshold, checked_at,
     execution_tx_hash, execution_block, last_error_code, last_error_message, created_at, updated_at,
-    proposed_block, execution_block_hash, execution_success, owners, confirmed_by";
+    proposed_block, execution_block_hash, execution_success, owners, confirmed_by"
+                + $after
+            $(, $arg)*
+        )
+    };
+}
+pub(super) use query_proposals;
 
 /// A registration as stored: the app, `compose_hash` or `device`, and the 0x value.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StoredRegistration {
     pub app_id: String,
     pub kind: String,
     pub value: String,
 }
 
-/// A call of a proposal, as read.
-#[derive(FromRow)]
-struct ProposalCall {
-    proposal_id: Uuid,
-    #[sqlx(flatten)]
-    registration: StoredRegistration,
-}
-
-impl ProposalCall {
-    fn pair(self) -> (Uuid, StoredRegistration) {
-        (self.proposal_id, self.registration)
-    }
-}
-
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct RequestRegistration {
     pub request_id: Uuid,
-    #[sqlx(flatten)]
     pub registration: StoredRegistration,
 }
 
@@ -127,15 +125,15 @@ impl Store {
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<super::ReplicaRequest>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {} FROM replica_requests
+        query_requests!(
+            "SELECT ",
+            " FROM replica_requests
              WHERE status = 'awaiting_proposal' AND proposal_id IS NULL
                AND EXISTS (SELECT 1 FROM replica_requests
                            WHERE status = 'awaiting_proposal' AND proposal_id IS NULL AND next_attempt_at <= $1)
              ORDER BY created_at",
-            super::requests::COLUMNS
-        ))
-        .bind(now)
+            now,
+        )
         .fetch_all(&self.pool)
         .await
     }
@@ -147,12 +145,12 @@ impl Store {
         chain_id: i64,
         queued_by: DateTime<Utc>,
     ) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM replica_requests
-             WHERE chain_id = $1 AND status IN ('queued', 'preparing') AND created_at <= $2",
+        sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM replica_requests
+             WHERE chain_id = $1 AND status IN ('queued', 'preparing') AND created_at <= $2"#,
+            chain_id,
+            queued_by,
         )
-        .bind(chain_id)
-        .bind(queued_by)
         .fetch_one(&self.pool)
         .await
     }
@@ -161,13 +159,20 @@ impl Store {
         &self,
         request_ids: &[Uuid],
     ) -> Result<Vec<RequestRegistration>, sqlx::Error> {
-        sqlx::query_as(
+        let rows = sqlx::query!(
             "SELECT request_id, app_id, kind, value FROM request_registrations
              WHERE request_id = ANY($1) ORDER BY request_id, kind, value",
+            request_ids,
         )
-        .bind(request_ids)
         .fetch_all(&self.pool)
-        .await
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| RequestRegistration {
+                request_id: row.request_id,
+                registration: registration(row.app_id, row.kind, row.value),
+            })
+            .collect())
     }
 
     /// Registrations already in an open proposal on `chain_id`, with that proposal.
@@ -175,15 +180,18 @@ impl Store {
         &self,
         chain_id: i64,
     ) -> Result<Vec<(Uuid, StoredRegistration)>, sqlx::Error> {
-        let calls: Vec<ProposalCall> = sqlx::query_as(
+        let calls = sqlx::query!(
             "SELECT c.proposal_id, c.app_id, c.kind, c.value FROM proposal_calls c
              JOIN proposals p ON p.id = c.proposal_id
              WHERE p.chain_id = $1 AND p.status = 'proposed'",
+            chain_id,
         )
-        .bind(chain_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(calls.into_iter().map(ProposalCall::pair).collect())
+        Ok(calls
+            .into_iter()
+            .map(|c| (c.proposal_id, registration(c.app_id, c.kind, c.value)))
+            .collect())
     }
 
     /// The highest nonce of the Safe's open proposals.
@@ -206,17 +214,17 @@ impl Store {
         safe: &str,
         onchain: i64,
     ) -> Result<Option<i64>, sqlx::Error> {
-        sqlx::query_scalar(
+        sqlx::query_scalar!(
             "SELECT min(nonce) FROM proposals p
              WHERE chain_id = $1 AND safe = $2 AND nonce >= $3
                AND status IN ('failed', 'superseded') AND execution_tx_hash IS NULL
                AND NOT EXISTS (SELECT 1 FROM proposals o
                                WHERE o.chain_id = p.chain_id AND o.safe = p.safe AND o.nonce = p.nonce
                                  AND o.status = 'proposed')",
+            chain_id,
+            safe,
+            onchain,
         )
-        .bind(chain_id)
-        .bind(safe)
-        .bind(onchain)
         .fetch_one(&self.pool)
         .await
     }
@@ -237,20 +245,20 @@ impl Store {
             return Err(ProposalConflict::LeaseLost(lease.job.clone()));
         }
         // Held until commit: nonce allocation for one Safe is serialized.
-        sqlx::query(
+        sqlx::query!(
             "SELECT pg_advisory_xact_lock(hashtextextended('safe-nonce:' || $1 || ':' || $2, 0))",
+            p.chain_id.to_string(),
+            p.safe,
         )
-        .bind(p.chain_id.to_string())
-        .bind(&p.safe)
         .execute(&mut *tx)
         .await?;
-        let taken: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM proposals
-                            WHERE chain_id = $1 AND safe = $2 AND nonce = $3 AND status = 'proposed')",
+        let taken: bool = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM proposals
+                            WHERE chain_id = $1 AND safe = $2 AND nonce = $3 AND status = 'proposed') AS "taken!""#,
+            p.chain_id,
+            p.safe,
+            p.nonce,
         )
-        .bind(p.chain_id)
-        .bind(&p.safe)
-        .bind(p.nonce)
         .fetch_one(&mut *tx)
         .await?;
         if taken {
@@ -260,50 +268,50 @@ impl Store {
                 next: highest.unwrap_or(p.nonce) + 1,
             });
         }
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO proposals (id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data,
                 operation, status, proposer, gas_estimate, next_attempt_at, created_at, updated_at, proposed_block,
                 owners, threshold)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'proposed', $11, $12, $13, $13, $13, $14, $15, $16)",
+            p.id,
+            p.chain_id,
+            p.safe,
+            p.safe_version,
+            p.nonce,
+            p.safe_tx_hash,
+            p.to_address,
+            p.value,
+            p.data,
+            p.operation,
+            p.proposer,
+            p.gas_estimate,
+            now,
+            p.proposed_block,
+            &p.owners,
+            p.threshold,
         )
-        .bind(p.id)
-        .bind(p.chain_id)
-        .bind(&p.safe)
-        .bind(&p.safe_version)
-        .bind(p.nonce)
-        .bind(&p.safe_tx_hash)
-        .bind(&p.to_address)
-        .bind(&p.value)
-        .bind(&p.data)
-        .bind(p.operation)
-        .bind(&p.proposer)
-        .bind(p.gas_estimate)
-        .bind(now)
-        .bind(p.proposed_block)
-        .bind(&p.owners)
-        .bind(p.threshold)
         .execute(&mut *tx)
         .await?;
         for (position, call) in p.calls.iter().enumerate() {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO proposal_calls (proposal_id, position, app_id, kind, value) VALUES ($1, $2, $3, $4, $5)",
+                p.id,
+                position as i32,
+                call.app_id,
+                call.kind,
+                call.value,
             )
-            .bind(p.id)
-            .bind(position as i32)
-            .bind(&call.app_id)
-            .bind(&call.kind)
-            .bind(&call.value)
             .execute(&mut *tx)
             .await?;
         }
-        let linked = sqlx::query(
+        let linked = sqlx::query!(
             "UPDATE replica_requests SET proposal_id = $1, safe = $2, updated_at = $4
              WHERE id = ANY($3) AND status = 'awaiting_proposal' AND proposal_id IS NULL",
+            p.id,
+            p.safe,
+            &p.request_ids,
+            now,
         )
-        .bind(p.id)
-        .bind(&p.safe)
-        .bind(&p.request_ids)
-        .bind(now)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -326,25 +334,26 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let open: Option<(Option<DateTime<Utc>>, i64, String)> = sqlx::query_as(
+        let open = sqlx::query!(
             "SELECT submitted_at, nonce, safe_tx_hash FROM proposals
              WHERE id = $1 AND status = 'proposed' FOR SHARE",
+            proposal_id,
         )
-        .bind(proposal_id)
         .fetch_optional(&mut *tx)
         .await?;
         // Ended meanwhile: the request stays unlinked and is planned afresh.
-        let Some((submitted_at, nonce, hash)) = open else {
+        let Some(open) = open else {
             return Ok(());
         };
-        let linked = sqlx::query(
+        let (submitted_at, nonce, hash) = (open.submitted_at, open.nonce, open.safe_tx_hash);
+        let linked = sqlx::query!(
             "UPDATE replica_requests SET proposal_id = $2, safe = $3, updated_at = $4
              WHERE id = $1 AND status = 'awaiting_proposal' AND proposal_id IS NULL",
+            request_id,
+            proposal_id,
+            safe,
+            now,
         )
-        .bind(request_id)
-        .bind(proposal_id)
-        .bind(safe)
-        .bind(now)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -374,11 +383,12 @@ impl Store {
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<ProposalRow>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM proposals
-             WHERE status = 'proposed' AND submitted_at IS NULL AND next_attempt_at <= $1 ORDER BY created_at"
-        ))
-        .bind(now)
+        query_proposals!(
+            "SELECT ",
+            " FROM proposals
+             WHERE status = 'proposed' AND submitted_at IS NULL AND next_attempt_at <= $1 ORDER BY created_at",
+            now,
+        )
         .fetch_all(&self.pool)
         .await
     }
@@ -386,7 +396,7 @@ impl Store {
     /// When the planner next has something due: a request waiting for its
     /// batch or its chain, or a stored proposal to post.
     pub async fn next_plan_due_at(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        sqlx::query_scalar(
+        sqlx::query_scalar!(
             "SELECT min(due) FROM (
                 SELECT next_attempt_at AS due FROM replica_requests
                 WHERE status = 'awaiting_proposal' AND proposal_id IS NULL
@@ -407,25 +417,23 @@ impl Store {
         checked_before: DateTime<Utc>,
         ended_since: DateTime<Utc>,
     ) -> Result<Vec<ProposalRow>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM proposals
+        query_proposals!(
+            "SELECT ",
+            " FROM proposals
              WHERE submitted_at IS NOT NULL AND (
                 (status = 'proposed' AND (checked_at IS NULL OR checked_at < $1))
-                OR (status <> 'proposed' AND updated_at >= $2 AND (checked_at IS NULL OR checked_at < updated_at)))"
-        ))
-        .bind(checked_before)
-        .bind(ended_since)
+                OR (status <> 'proposed' AND updated_at >= $2 AND (checked_at IS NULL OR checked_at < updated_at)))",
+            checked_before,
+            ended_since,
+        )
         .fetch_all(&self.pool)
         .await
     }
 
     pub async fn proposals(&self, ids: &[Uuid]) -> Result<Vec<ProposalRow>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM proposals WHERE id = ANY($1)"
-        ))
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await
+        query_proposals!("SELECT ", " FROM proposals WHERE id = ANY($1)", ids)
+            .fetch_all(&self.pool)
+            .await
     }
 
     /// The calls of the given proposals, in order.
@@ -433,24 +441,28 @@ impl Store {
         &self,
         ids: &[Uuid],
     ) -> Result<Vec<(Uuid, StoredRegistration)>, sqlx::Error> {
-        let calls: Vec<ProposalCall> = sqlx::query_as(
+        let calls = sqlx::query!(
             "SELECT proposal_id, app_id, kind, value FROM proposal_calls WHERE proposal_id = ANY($1)
              ORDER BY proposal_id, position",
+            ids,
         )
-        .bind(ids)
         .fetch_all(&self.pool)
         .await?;
-        Ok(calls.into_iter().map(ProposalCall::pair).collect())
+        Ok(calls
+            .into_iter()
+            .map(|c| (c.proposal_id, registration(c.app_id, c.kind, c.value)))
+            .collect())
     }
 
     pub async fn proposal_by_hash(
         &self,
         safe_tx_hash: &str,
     ) -> Result<Option<ProposalRow>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM proposals WHERE safe_tx_hash = $1"
-        ))
-        .bind(safe_tx_hash)
+        query_proposals!(
+            "SELECT ",
+            " FROM proposals WHERE safe_tx_hash = $1",
+            safe_tx_hash
+        )
         .fetch_optional(&self.pool)
         .await
     }
@@ -466,23 +478,23 @@ impl Store {
         message: &str,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let open = sqlx::query(
+        let open = sqlx::query!(
             "UPDATE proposals SET submitted_at = COALESCE(submitted_at, $2), last_error_code = NULL,
                 last_error_message = NULL, updated_at = $2
              WHERE id = $1 AND status = 'proposed'",
+            id,
+            now,
         )
-        .bind(id)
-        .bind(now)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if open == 0 {
             return Ok(());
         }
-        let waiting: Vec<Uuid> = sqlx::query_scalar(
+        let waiting: Vec<Uuid> = sqlx::query_scalar!(
             "SELECT id FROM replica_requests WHERE proposal_id = $1 AND status = 'awaiting_proposal' FOR UPDATE",
+            id,
         )
-        .bind(id)
         .fetch_all(&mut *tx)
         .await?;
         for request in waiting {
@@ -512,15 +524,15 @@ impl Store {
         retry_at: DateTime<Utc>,
         error: &StoredError,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE proposals SET next_attempt_at = $3, last_error_code = $4, last_error_message = $5, updated_at = $2
              WHERE id = $1",
+            id,
+            now,
+            retry_at,
+            error.code,
+            clean(&error.message),
         )
-        .bind(id)
-        .bind(now)
-        .bind(retry_at)
-        .bind(&error.code)
-        .bind(clean(&error.message))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -535,29 +547,31 @@ impl Store {
         error: &StoredError,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let open = sqlx::query(
+        let open = sqlx::query!(
             "UPDATE proposals SET status = 'failed', last_error_code = $3, last_error_message = $4, updated_at = $2
              WHERE id = $1 AND status = 'proposed'",
+            id,
+            now,
+            error.code,
+            clean(&error.message),
         )
-        .bind(id)
-        .bind(now)
-        .bind(&error.code)
-        .bind(clean(&error.message))
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if open == 0 {
             return Ok(());
         }
-        let requests: Vec<(Uuid, String)> = sqlx::query_as(
+        let requests = sqlx::query!(
             "SELECT id, status FROM replica_requests WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval')
              FOR UPDATE",
+            id,
         )
-        .bind(id)
         .fetch_all(&mut *tx)
         .await?;
-        for (request, status) in requests {
-            let from: Status = status
+        for row in requests {
+            let request = row.id;
+            let from: Status = row
+                .status
                 .parse()
                 .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
             let changes = Changes {
@@ -591,17 +605,17 @@ impl Store {
         threshold: Option<i32>,
         owners: Option<&[String]>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE proposals SET confirmations = $3, confirmed_by = $4, threshold = COALESCE($5, threshold),
                 owners = COALESCE($6, owners), checked_at = $2
              WHERE id = $1",
+            id,
+            now,
+            confirmed_by.len() as i32,
+            confirmed_by,
+            threshold,
+            owners,
         )
-        .bind(id)
-        .bind(now)
-        .bind(confirmed_by.len() as i32)
-        .bind(confirmed_by)
-        .bind(threshold)
-        .bind(owners)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -616,16 +630,16 @@ impl Store {
         until: DateTime<Utc>,
         error: Option<&StoredError>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE replica_requests SET next_attempt_at = $2,
                 last_error_code = $3, last_error_message = $4, last_error_suggestion = $5
              WHERE id = ANY($1) AND status = 'awaiting_proposal' AND proposal_id IS NULL",
+            ids,
+            until,
+            error.map(|e| &e.code),
+            error.map(|e| clean(&e.message)),
+            error.and_then(|e| e.suggestion.as_ref()),
         )
-        .bind(ids)
-        .bind(until)
-        .bind(error.map(|e| &e.code))
-        .bind(error.map(|e| clean(&e.message)))
-        .bind(error.and_then(|e| e.suggestion.as_ref()))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -637,9 +651,20 @@ async fn highest_open_nonce<'e>(
     chain_id: i64,
     safe: &str,
 ) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar("SELECT max(nonce) FROM proposals WHERE chain_id = $1 AND safe = $2 AND status = 'proposed'")
-        .bind(chain_id)
-        .bind(safe)
-        .fetch_one(executor)
-        .await
+    sqlx::query_scalar!(
+        "SELECT max(nonce) FROM proposals WHERE chain_id = $1 AND safe = $2 AND status = 'proposed'",
+        chain_id,
+        safe,
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// A registration from its stored columns.
+fn registration(app_id: String, kind: String, value: String) -> StoredRegistration {
+    StoredRegistration {
+        app_id,
+        kind,
+        value,
+    }
 }

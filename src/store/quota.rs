@@ -34,18 +34,20 @@ impl Store {
         limit: u32,
         now: DateTime<Utc>,
     ) -> Result<QuotaCheck, sqlx::Error> {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('quota:' || $1, 0))")
-            .bind(principal)
-            .execute(&mut **tx)
-            .await?;
-        let since = now - QUOTA_WINDOW;
-        let used: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM replica_requests
-             WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3",
+        sqlx::query!(
+            "SELECT pg_advisory_xact_lock(hashtextextended('quota:' || $1, 0))",
+            principal
         )
-        .bind(principal)
-        .bind(onchain_kms)
-        .bind(since)
+        .execute(&mut **tx)
+        .await?;
+        let since = now - QUOTA_WINDOW;
+        let used: i64 = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM replica_requests
+             WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3"#,
+            principal,
+            onchain_kms,
+            since,
+        )
         .fetch_one(&mut **tx)
         .await?;
         let (wanted, limit) = (i64::from(wanted), i64::from(limit));
@@ -60,15 +62,15 @@ impl Store {
         }
         // The request that must leave the window first is the (used + wanted - limit)th oldest.
         let must_leave = used + wanted - limit;
-        let oldest: DateTime<Utc> = sqlx::query_scalar(
+        let oldest: DateTime<Utc> = sqlx::query_scalar!(
             "SELECT created_at FROM replica_requests
              WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3
              ORDER BY created_at OFFSET $4 LIMIT 1",
+            principal,
+            onchain_kms,
+            since,
+            must_leave - 1,
         )
-        .bind(principal)
-        .bind(onchain_kms)
-        .bind(since)
-        .bind(must_leave - 1)
         .fetch_one(&mut **tx)
         .await?;
         Ok(QuotaCheck::Exceeded {

@@ -6,7 +6,8 @@
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::{FromRow, Postgres, Transaction};
+use sqlx::postgres::{PgTypeInfo, PgValueRef};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::source_locks::{newest_token_of, release_source_lock};
@@ -19,10 +20,9 @@ pub const WORKABLE: [Status; 3] = [Status::Queued, Status::Preparing, Status::Co
 
 /// A request as stored. The commit token is deliberately absent: it is read
 /// only by the commit step, through [`Store::commit_token`].
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct ReplicaRequest {
     pub id: Uuid,
-    #[sqlx(try_from = "String")]
     pub status: StatusColumn,
     pub source: String,
     pub node: Option<String>,
@@ -73,10 +73,20 @@ pub struct ReplicaRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusColumn(pub Status);
 
-impl TryFrom<String> for StatusColumn {
-    type Error = crate::domain::UnknownStatus;
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        value.parse().map(StatusColumn)
+impl sqlx::Type<Postgres> for StatusColumn {
+    fn type_info() -> PgTypeInfo {
+        <str as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <str as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for StatusColumn {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<Postgres>>::decode(value)?;
+        Ok(StatusColumn(text.parse()?))
     }
 }
 
@@ -86,14 +96,29 @@ impl ReplicaRequest {
     }
 }
 
-pub(super) const COLUMNS: &str = "id, status, source, node, requested_compose_hash, env_names, note, encrypted_env, created_by,
-    source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms, app_id, chain_id, compose_hash,
+/// `sqlx::query_as!` of [`ReplicaRequest`]s: the SQL is `$before`, every
+/// column, then `$after`. The checked macros take only literals, so the one
+/// list of columns lives here.
+macro_rules! query_requests {
+    ($before:literal, $after:literal $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            $crate::store::ReplicaRequest,
+            $before
+                + r#"id, status AS "status: crate::store::requests::StatusColumn", source, node,
+    requested_compose_hash, env_names, note, encrypted_env, created_by, source_vm_uuid,
+    source_name, node_id, node_name, kms_type, onchain_kms, app_id, chain_id, compose_hash,
     device_id, compose_hash_allowed, device_id_allowed, prepared_at, commit_tx_hash, call_sent_at,
     replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
     last_error_suggestion, created_at, updated_at, proposal_id, safe, workspace_slug, instances_before,
-    outcome_unknown_since, expected_device_id, http_request_id";
+    outcome_unknown_since, expected_device_id, http_request_id"#
+                + $after
+            $(, $arg)*
+        )
+    };
+}
+pub(super) use query_requests;
 
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct EventRow {
     pub from_status: Option<String>,
     pub to_status: String,
@@ -191,33 +216,33 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         for r in requests {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO replica_requests (id, status, source, node, requested_compose_hash, env_names, note,
                     encrypted_env, created_by, source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms,
                     app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug, expected_device_id,
                     http_request_id)
                  VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17, $18, $19, $20)",
+                r.id,
+                r.source,
+                r.node,
+                r.requested_compose_hash,
+                &r.env_names,
+                r.note,
+                r.encrypted_env,
+                actor.label(),
+                r.source_vm_uuid,
+                r.source_name,
+                r.node_id,
+                r.node_name,
+                r.kms_type,
+                r.onchain_kms,
+                r.app_id,
+                r.chain_id,
+                now,
+                r.workspace_slug,
+                r.expected_device_id,
+                r.http_request_id,
             )
-            .bind(r.id)
-            .bind(&r.source)
-            .bind(&r.node)
-            .bind(&r.requested_compose_hash)
-            .bind(&r.env_names)
-            .bind(&r.note)
-            .bind(&r.encrypted_env)
-            .bind(actor.label())
-            .bind(&r.source_vm_uuid)
-            .bind(&r.source_name)
-            .bind(r.node_id)
-            .bind(&r.node_name)
-            .bind(&r.kms_type)
-            .bind(r.onchain_kms)
-            .bind(&r.app_id)
-            .bind(r.chain_id)
-            .bind(now)
-            .bind(&r.workspace_slug)
-            .bind(&r.expected_device_id)
-            .bind(&r.http_request_id)
             .execute(&mut **tx)
             .await?;
             insert_event(
@@ -239,21 +264,19 @@ impl Store {
         tx: &mut Transaction<'_, Postgres>,
         ids: &[Uuid],
     ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM replica_requests WHERE id = ANY($1) ORDER BY id"
-        ))
-        .bind(ids)
+        query_requests!(
+            "SELECT ",
+            " FROM replica_requests WHERE id = ANY($1) ORDER BY id",
+            ids
+        )
         .fetch_all(&mut **tx)
         .await
     }
 
     pub async fn get_request(&self, id: Uuid) -> Result<Option<ReplicaRequest>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM replica_requests WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
+        query_requests!("SELECT ", " FROM replica_requests WHERE id = $1", id)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     /// Newest first, optionally of one status.
@@ -262,23 +285,25 @@ impl Store {
         status: Option<Status>,
         limit: i64,
     ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM replica_requests
+        query_requests!(
+            "SELECT ",
+            " FROM replica_requests
              WHERE ($1::text IS NULL OR status = $1)
-             ORDER BY created_at DESC, id DESC LIMIT $2"
-        ))
-        .bind(status.map(Status::as_str))
-        .bind(limit)
+             ORDER BY created_at DESC, id DESC LIMIT $2",
+            status.map(Status::as_str),
+            limit,
+        )
         .fetch_all(&self.pool)
         .await
     }
 
     pub async fn events(&self, id: Uuid) -> Result<Vec<EventRow>, sqlx::Error> {
-        sqlx::query_as(
+        sqlx::query_as!(
+            EventRow,
             "SELECT from_status, to_status, actor, message, created_at FROM request_events
              WHERE request_id = $1 ORDER BY id",
+            id,
         )
-        .bind(id)
         .fetch_all(&self.pool)
         .await
     }
@@ -293,16 +318,18 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Option<ReplicaRequest>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let current: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let current = sqlx::query!(
             "SELECT status, call_sent_at FROM replica_requests WHERE id = $1 FOR UPDATE",
+            id,
         )
-        .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((current, call_sent_at)) = current else {
+        let Some(current) = current else {
             return Ok(None);
         };
+        let call_sent_at = current.call_sent_at;
         let from: Status = current
+            .status
             .parse()
             .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         let to = transition(from, Event::Cancel)?;
@@ -326,8 +353,8 @@ impl Store {
         lease_for: std::time::Duration,
     ) -> Result<Option<Claimed>, sqlx::Error> {
         let lease_id = Uuid::new_v4();
-        let statuses: Vec<&str> = WORKABLE.iter().map(|s| s.as_str()).collect();
-        let request: Option<ReplicaRequest> = sqlx::query_as(&format!(
+        let statuses = workable_statuses();
+        let request: Option<ReplicaRequest> = query_requests!(
             "UPDATE replica_requests SET lease_id = $1, lease_expires_at = now() + make_interval(secs => $2)
              WHERE id = (
                 SELECT id FROM replica_requests
@@ -335,12 +362,13 @@ impl Store {
                   AND (lease_expires_at IS NULL OR lease_expires_at <= now())
                 ORDER BY next_attempt_at, created_at
                 LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING {COLUMNS}"
-        ))
-        .bind(lease_id)
-        .bind(lease_for.as_secs_f64())
-        .bind(&statuses)
-        .bind(now)
+             RETURNING ",
+            "",
+            lease_id,
+            lease_for.as_secs_f64(),
+            &statuses,
+            now,
+        )
         .fetch_optional(&self.pool)
         .await?;
         Ok(request.map(|request| Claimed {
@@ -359,13 +387,13 @@ impl Store {
         lease: &Lease,
         lease_for: std::time::Duration,
     ) -> Result<bool, sqlx::Error> {
-        let renewed = sqlx::query(
+        let renewed = sqlx::query!(
             "UPDATE replica_requests SET lease_expires_at = now() + make_interval(secs => $3)
              WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+            lease.request_id,
+            lease.lease_id,
+            lease_for.as_secs_f64(),
         )
-        .bind(lease.request_id)
-        .bind(lease.lease_id)
-        .bind(lease_for.as_secs_f64())
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -375,12 +403,12 @@ impl Store {
     /// Gives a lease back without changing anything else (a worker shutting
     /// down before its step ran), so another worker may claim the row at once.
     pub async fn release_lease(&self, lease: &Lease) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE replica_requests SET lease_id = NULL, lease_expires_at = NULL
              WHERE id = $1 AND lease_id = $2",
+            lease.request_id,
+            lease.lease_id,
         )
-        .bind(lease.request_id)
-        .bind(lease.lease_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -431,58 +459,24 @@ impl Store {
             error.message,
             retry_at.format("%Y-%m-%d %H:%M:%S UTC")
         );
-        let hold = Hold {
-            set: "attempts = attempts + 1",
-            guard: "",
-            message: &message,
-        };
-        self.hold(lease, now, status, error, retry_at, hold).await
-    }
-
-    /// Keeps a leased request in `status` until `until` with `error` kept and
-    /// an event recorded, and releases the lease, in one transaction.
-    async fn hold(
-        &self,
-        lease: &Lease,
-        now: DateTime<Utc>,
-        status: Status,
-        error: &StoredError,
-        until: DateTime<Utc>,
-        hold: Hold<'_>,
-    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(&format!(
-            "UPDATE replica_requests SET {}, next_attempt_at = $4,
+        let updated = sqlx::query!(
+            "UPDATE replica_requests SET attempts = attempts + 1, next_attempt_at = $4,
                 last_error_code = $5, last_error_message = $6, last_error_suggestion = $7,
                 lease_id = NULL, lease_expires_at = NULL, updated_at = $3
-             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now() {}",
-            hold.set, hold.guard
-        ))
-        .bind(lease.request_id)
-        .bind(lease.lease_id)
-        .bind(now)
-        .bind(until)
-        .bind(&error.code)
-        .bind(clean(&error.message))
-        .bind(&error.suggestion)
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+            lease.request_id,
+            lease.lease_id,
+            now,
+            retry_at,
+            error.code,
+            clean(&error.message),
+            error.suggestion,
+        )
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if updated == 0 {
-            return Err(StoreError::LeaseLost(lease.request_id));
-        }
-        insert_event(
-            &mut tx,
-            lease.request_id,
-            Some(status),
-            status,
-            &Actor::Worker,
-            Some(hold.message),
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        held(tx, lease, updated, now, status, &message).await
     }
 
     /// Waits without spending an attempt: release the lease until `until`.
@@ -492,13 +486,18 @@ impl Store {
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.fenced_update(
-            lease,
+        let updated = sqlx::query!(
+            "UPDATE replica_requests SET next_attempt_at = $4, lease_id = NULL, lease_expires_at = NULL, updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+            lease.request_id,
+            lease.lease_id,
             now,
-            "next_attempt_at = $4, lease_id = NULL, lease_expires_at = NULL",
-            |q| q.bind(until),
+            until,
         )
-        .await
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        fenced(lease, updated)
     }
 
     /// Marks that a call whose success cannot be repeated (a direct replicate,
@@ -511,13 +510,19 @@ impl Store {
         now: DateTime<Utc>,
         instances: &[String],
     ) -> Result<(), StoreError> {
-        self.fenced_update(
-            lease,
+        let updated = sqlx::query!(
+            "UPDATE replica_requests SET call_sent_at = $3, instances_before = COALESCE(instances_before, $4),
+                updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+            lease.request_id,
+            lease.lease_id,
             now,
-            "call_sent_at = $3, instances_before = COALESCE(instances_before, $4)",
-            |q| q.bind(instances.to_vec()),
+            instances,
         )
-        .await
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        fenced(lease, updated)
     }
 
     /// Clears the marker once Phala answered with a refusal: nothing was created.
@@ -526,13 +531,18 @@ impl Store {
         lease: &Lease,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.fenced_update(
-            lease,
+        let updated = sqlx::query!(
+            "UPDATE replica_requests SET call_sent_at = NULL, instances_before = NULL, outcome_unknown_since = NULL,
+                updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+            lease.request_id,
+            lease.lease_id,
             now,
-            "call_sent_at = NULL, instances_before = NULL, outcome_unknown_since = NULL",
-            |q| q,
         )
-        .await
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        fenced(lease, updated)
     }
 
     /// The answer to the marked call never came: keep the marker (and the
@@ -546,12 +556,25 @@ impl Store {
         error: &StoredError,
         check_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let hold = Hold {
-            set: "outcome_unknown_since = COALESCE(outcome_unknown_since, $3)",
-            guard: "AND call_sent_at IS NOT NULL",
-            message: &error.message,
-        };
-        self.hold(lease, now, status, error, check_at, hold).await
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query!(
+            "UPDATE replica_requests SET outcome_unknown_since = COALESCE(outcome_unknown_since, $3),
+                next_attempt_at = $4,
+                last_error_code = $5, last_error_message = $6, last_error_suggestion = $7,
+                lease_id = NULL, lease_expires_at = NULL, updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now() AND call_sent_at IS NOT NULL",
+            lease.request_id,
+            lease.lease_id,
+            now,
+            check_at,
+            error.code,
+            clean(&error.message),
+            error.suggestion,
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        held(tx, lease, updated, now, status, &error.message).await
     }
 
     /// Which of `vm_uuids` (lowercase, no dashes) some other request already
@@ -561,15 +584,14 @@ impl Store {
         me: Uuid,
         vm_uuids: &[String],
     ) -> Result<Vec<String>, sqlx::Error> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT replica_vm_uuid FROM replica_requests
-             WHERE replace(lower(replica_vm_uuid), '-', '') = ANY($2) AND id <> $1",
+        sqlx::query_scalar!(
+            r#"SELECT replica_vm_uuid AS "replica_vm_uuid!" FROM replica_requests
+             WHERE replace(lower(replica_vm_uuid), '-', '') = ANY($2) AND id <> $1"#,
+            me,
+            vm_uuids,
         )
-        .bind(me)
-        .bind(vm_uuids)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|(v,)| v).collect())
+        .await
     }
 
     /// Sets the transaction hash the next commit sends.
@@ -579,10 +601,18 @@ impl Store {
         now: DateTime<Utc>,
         tx_hash: &str,
     ) -> Result<(), StoreError> {
-        self.fenced_update(lease, now, "commit_tx_hash = $4", |q| {
-            q.bind(tx_hash.to_owned())
-        })
-        .await
+        let updated = sqlx::query!(
+            "UPDATE replica_requests SET commit_tx_hash = $4, updated_at = $3
+             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+            lease.request_id,
+            lease.lease_id,
+            now,
+            tx_hash,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        fenced(lease, updated)
     }
 
     /// When the request last entered `status` (for timeouts measured per status).
@@ -591,15 +621,14 @@ impl Store {
         id: Uuid,
         status: Status,
     ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        let row: (Option<DateTime<Utc>>,) = sqlx::query_as(
+        sqlx::query_scalar!(
             "SELECT max(created_at) FROM request_events
              WHERE request_id = $1 AND to_status = $2 AND from_status IS DISTINCT FROM to_status",
+            id,
+            status.as_str(),
         )
-        .bind(id)
-        .bind(status.as_str())
         .fetch_one(&self.pool)
-        .await?;
-        Ok(row.0)
+        .await
     }
 
     /// How often the request has gone from `from` to `to`.
@@ -609,22 +638,20 @@ impl Store {
         from: Status,
         to: Status,
     ) -> Result<i64, sqlx::Error> {
-        let row: (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM request_events WHERE request_id = $1 AND from_status = $2 AND to_status = $3",
+        sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM request_events WHERE request_id = $1 AND from_status = $2 AND to_status = $3"#,
+            id,
+            from.as_str(),
+            to.as_str(),
         )
-        .bind(id)
-        .bind(from.as_str())
-        .bind(to.as_str())
         .fetch_one(&self.pool)
-        .await?;
-        Ok(row.0)
+        .await
     }
 
     /// The earliest time something becomes due (a workable request, a request
     /// waiting for its batch, a proposal to post), to sleep until then.
     pub async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        let statuses: Vec<&str> = WORKABLE.iter().map(|s| s.as_str()).collect();
-        let row: (Option<DateTime<Utc>>,) = sqlx::query_as(
+        sqlx::query_scalar!(
             "SELECT min(due) FROM (
                 SELECT GREATEST(next_attempt_at, COALESCE(lease_expires_at, next_attempt_at)) AS due
                 FROM replica_requests WHERE status = ANY($1)
@@ -634,50 +661,65 @@ impl Store {
                 UNION ALL
                 SELECT next_attempt_at FROM proposals WHERE status = 'proposed' AND submitted_at IS NULL
              ) due",
+            &workable_statuses(),
         )
-        .bind(&statuses)
         .fetch_one(&self.pool)
-        .await?;
-        Ok(row.0)
+        .await
     }
 
     /// The commit token, read only by the step that sends it.
     pub async fn commit_token(&self, lease: &Lease) -> Result<Option<SecretString>, StoreError> {
-        let token: Option<(Option<String>,)> = sqlx::query_as(
+        let token = sqlx::query_scalar!(
             "SELECT commit_token FROM replica_requests WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+            lease.request_id,
+            lease.lease_id,
         )
-        .bind(lease.request_id)
-        .bind(lease.lease_id)
         .fetch_optional(&self.pool)
         .await?;
         match token {
             None => Err(StoreError::LeaseLost(lease.request_id)),
-            Some((token,)) => Ok(token.map(SecretString::from)),
+            Some(token) => Ok(token.map(SecretString::from)),
         }
     }
+}
 
-    /// An update guarded by the lease. `$1` id, `$2` lease, `$3` now; `bind` adds `$4…`.
-    async fn fenced_update(
-        &self,
-        lease: &Lease,
-        now: DateTime<Utc>,
-        set: &str,
-        bind: impl for<'q> FnOnce(PgQuery<'q>) -> PgQuery<'q>,
-    ) -> Result<(), StoreError> {
-        let sql = format!(
-            "UPDATE replica_requests SET {set}, updated_at = $3
-             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()"
-        );
-        let query = sqlx::query(&sql)
-            .bind(lease.request_id)
-            .bind(lease.lease_id)
-            .bind(now);
-        let updated = bind(query).execute(&self.pool).await?.rows_affected();
-        if updated == 0 {
-            return Err(StoreError::LeaseLost(lease.request_id));
-        }
-        Ok(())
+/// The statuses of [`WORKABLE`], as the database keeps them.
+fn workable_statuses() -> Vec<String> {
+    WORKABLE.iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+/// The end of an update guarded by the lease: it must have changed the row.
+fn fenced(lease: &Lease, updated: u64) -> Result<(), StoreError> {
+    if updated == 0 {
+        return Err(StoreError::LeaseLost(lease.request_id));
     }
+    Ok(())
+}
+
+/// The end of a hold (a retry or an awaited outcome) whose guarded update
+/// changed `updated` rows: the request stays in `status` with an event
+/// saying why, all in the update's transaction.
+async fn held(
+    mut tx: Transaction<'_, Postgres>,
+    lease: &Lease,
+    updated: u64,
+    now: DateTime<Utc>,
+    status: Status,
+    message: &str,
+) -> Result<(), StoreError> {
+    fenced(lease, updated)?;
+    insert_event(
+        &mut tx,
+        lease.request_id,
+        Some(status),
+        status,
+        &Actor::Worker,
+        Some(message),
+        now,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The one path behind every worker or follower status change: computes the
@@ -699,15 +741,15 @@ pub(super) async fn advance_in(
     let to = transition(from, event)?;
     // Fenced: the status is still `from`, and the caller holds the lease (or
     // nobody does). Locks the row for the write below.
-    let fenced: Option<(Uuid,)> = sqlx::query_as(
+    let fenced = sqlx::query_scalar!(
         "SELECT id FROM replica_requests WHERE id = $1 AND status = $2 AND CASE
             WHEN $3::uuid IS NULL THEN lease_expires_at IS NULL OR lease_expires_at <= now()
             ELSE lease_id = $3 AND lease_expires_at > now() END
          FOR UPDATE",
+        request_id,
+        from.as_str(),
+        lease_id,
     )
-    .bind(request_id)
-    .bind(from.as_str())
-    .bind(lease_id)
     .fetch_optional(&mut **tx)
     .await?;
     if fenced.is_none() {
@@ -739,7 +781,7 @@ async fn write_transition(
 ) -> Result<(), sqlx::Error> {
     let Transition { to, effects } = transition;
     let prepared = changes.prepared.as_ref();
-    sqlx::query(
+    sqlx::query!(
         "UPDATE replica_requests SET
             status = $2,
             app_id = COALESCE($4, app_id),
@@ -766,26 +808,26 @@ async fn write_transition(
             lease_expires_at = NULL,
             updated_at = $3
          WHERE id = $1",
+        request_id,
+        to.as_str(),
+        now,
+        prepared.map(|p| &p.app_id),
+        prepared.and_then(|p| p.chain_id),
+        prepared.map(|p| &p.compose_hash),
+        prepared.and_then(|p| p.device_id.as_ref()),
+        prepared.map(|p| p.compose_hash_allowed),
+        prepared.map(|p| p.device_id_allowed),
+        effects.clear_commit_token,
+        prepared.map(|p| p.commit_token.expose_secret()),
+        changes.replica_vm_uuid,
+        changes.replica_status,
+        changes.error.as_ref().map(|e| &e.code),
+        changes.error.as_ref().map(|e| clean(&e.message)),
+        changes.error.as_ref().and_then(|e| e.suggestion.as_ref()),
+        effects.detach_proposal,
+        effects.clear_commit_tx_hash,
+        changes.commit_tx_hash,
     )
-    .bind(request_id)
-    .bind(to.as_str())
-    .bind(now)
-    .bind(prepared.map(|p| &p.app_id))
-    .bind(prepared.and_then(|p| p.chain_id))
-    .bind(prepared.map(|p| &p.compose_hash))
-    .bind(prepared.and_then(|p| p.device_id.as_ref()))
-    .bind(prepared.map(|p| p.compose_hash_allowed))
-    .bind(prepared.map(|p| p.device_id_allowed))
-    .bind(effects.clear_commit_token)
-    .bind(prepared.map(|p| p.commit_token.expose_secret()))
-    .bind(&changes.replica_vm_uuid)
-    .bind(&changes.replica_status)
-    .bind(changes.error.as_ref().map(|e| &e.code))
-    .bind(changes.error.as_ref().map(|e| clean(&e.message)))
-    .bind(changes.error.as_ref().and_then(|e| e.suggestion.as_ref()))
-    .bind(effects.detach_proposal)
-    .bind(effects.clear_commit_tx_hash)
-    .bind(&changes.commit_tx_hash)
     .execute(&mut **tx)
     .await?;
     if effects.release_source_lock && release_source_lock(tx, request_id, now).await? {
@@ -800,10 +842,12 @@ async fn record_registrations(
     request_id: Uuid,
     prepared: &PreparedFields,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM request_registrations WHERE request_id = $1")
-        .bind(request_id)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM request_registrations WHERE request_id = $1",
+        request_id
+    )
+    .execute(&mut **tx)
+    .await?;
     let mut missing = Vec::new();
     if !prepared.compose_hash_allowed {
         missing.push(("compose_hash", prepared.compose_hash.clone()));
@@ -812,26 +856,18 @@ async fn record_registrations(
         missing.push(("device", device.clone()));
     }
     for (kind, value) in missing {
-        sqlx::query("INSERT INTO request_registrations (request_id, app_id, kind, value) VALUES ($1, $2, $3, $4)")
-            .bind(request_id)
-            .bind(&prepared.app_id)
-            .bind(kind)
-            .bind(value)
-            .execute(&mut **tx)
+        sqlx::query!(
+            "INSERT INTO request_registrations (request_id, app_id, kind, value) VALUES ($1, $2, $3, $4)",
+            request_id,
+            prepared.app_id,
+            kind,
+            value,
+        )
+        .execute(&mut **tx)
             .await?;
     }
     Ok(())
 }
-
-/// What a [`Store::hold`] sets besides the error and the due time, the
-/// extra condition it needs, and the event's message.
-struct Hold<'a> {
-    set: &'static str,
-    guard: &'static str,
-    message: &'a str,
-}
-
-type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 async fn insert_event(
     tx: &mut Transaction<'_, Postgres>,
@@ -842,16 +878,16 @@ async fn insert_event(
     message: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO request_events (request_id, from_status, to_status, actor, message, created_at)
          VALUES ($1, $2, $3, $4, $5, $6)",
+        request_id,
+        from.map(Status::as_str),
+        to.as_str(),
+        actor.label(),
+        message.map(clean),
+        now,
     )
-    .bind(request_id)
-    .bind(from.map(Status::as_str))
-    .bind(to.as_str())
-    .bind(actor.label())
-    .bind(message.map(clean))
-    .bind(now)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -859,8 +895,7 @@ async fn insert_event(
 
 /// Delivered at commit, so a worker never wakes before the row is visible.
 async fn wake(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(WAKE_CHANNEL)
+    sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
         .execute(&mut **tx)
         .await?;
     Ok(())

@@ -22,12 +22,12 @@ impl Store {
     pub async fn purge_idempotency_keys(&self, cutoff: DateTime<Utc>) -> Result<u64, sqlx::Error> {
         let mut total = 0;
         loop {
-            let deleted = sqlx::query(
+            let deleted = sqlx::query!(
                 "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
                     SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))",
+                cutoff,
+                BATCH,
             )
-            .bind(cutoff)
-            .bind(BATCH)
             .execute(&self.pool)
             .await?
             .rows_affected();
@@ -46,57 +46,62 @@ impl Store {
         loop {
             let mut tx = self.pool.begin().await?;
             // The one writer allowed to delete from the append-only event log.
-            sqlx::query("SET LOCAL approval_bridge.retention = 'on'")
+            sqlx::query!("SET LOCAL approval_bridge.retention = 'on'")
                 .execute(&mut *tx)
                 .await?;
-            let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            let ids: Vec<uuid::Uuid> = sqlx::query_scalar!(
                 "SELECT id FROM replica_requests
                  WHERE status IN ('done', 'failed', 'cancelled') AND updated_at < $1
                  ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+                cutoff,
+                BATCH,
             )
-            .bind(cutoff)
-            .bind(BATCH)
             .fetch_all(&mut *tx)
             .await?;
             if ids.is_empty() {
                 tx.commit().await?;
                 break;
             }
-            purged.events += sqlx::query("DELETE FROM request_events WHERE request_id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            sqlx::query("DELETE FROM request_registrations WHERE request_id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?;
-            purged.requests += sqlx::query("DELETE FROM replica_requests WHERE id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            purged.events += sqlx::query!(
+                "DELETE FROM request_events WHERE request_id = ANY($1)",
+                &ids
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query!(
+                "DELETE FROM request_registrations WHERE request_id = ANY($1)",
+                &ids
+            )
+            .execute(&mut *tx)
+            .await?;
+            purged.requests +=
+                sqlx::query!("DELETE FROM replica_requests WHERE id = ANY($1)", &ids)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
             tx.commit().await?;
             if (ids.len() as i64) < BATCH {
                 break;
             }
         }
         let mut tx = self.pool.begin().await?;
-        let proposals: Vec<uuid::Uuid> = sqlx::query_scalar(
+        let proposals: Vec<uuid::Uuid> = sqlx::query_scalar!(
             "SELECT p.id FROM proposals p
              WHERE p.status <> 'proposed' AND p.updated_at < $1
                AND NOT EXISTS (SELECT 1 FROM replica_requests r WHERE r.proposal_id = p.id)
              FOR UPDATE SKIP LOCKED",
+            cutoff,
         )
-        .bind(cutoff)
         .fetch_all(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM proposal_calls WHERE proposal_id = ANY($1)")
-            .bind(&proposals)
-            .execute(&mut *tx)
-            .await?;
-        purged.proposals = sqlx::query("DELETE FROM proposals WHERE id = ANY($1)")
-            .bind(&proposals)
+        sqlx::query!(
+            "DELETE FROM proposal_calls WHERE proposal_id = ANY($1)",
+            &proposals
+        )
+        .execute(&mut *tx)
+        .await?;
+        purged.proposals = sqlx::query!("DELETE FROM proposals WHERE id = ANY($1)", &proposals)
             .execute(&mut *tx)
             .await?
             .rows_affected();

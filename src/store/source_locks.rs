@@ -25,16 +25,16 @@ impl Store {
         source_vm_uuid: &str,
         holder: Uuid,
     ) -> Result<bool, sqlx::Error> {
-        let acquired: Option<(Uuid,)> = sqlx::query_as(
+        let acquired = sqlx::query_scalar!(
             "INSERT INTO source_locks (source_vm_uuid, holder) VALUES ($1, $2)
              ON CONFLICT (source_vm_uuid) DO UPDATE SET holder = EXCLUDED.holder
                 WHERE source_locks.holder = EXCLUDED.holder OR NOT EXISTS (
                     SELECT 1 FROM replica_requests r
                     WHERE r.id = source_locks.holder AND r.status IN ('preparing', 'committing'))
              RETURNING holder",
+            source_vm_uuid,
+            holder,
         )
-        .bind(source_vm_uuid)
-        .bind(holder)
         .fetch_optional(&self.pool)
         .await?;
         Ok(acquired.is_some())

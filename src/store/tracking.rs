@@ -3,16 +3,14 @@
 //! [`Store::move_waiting`], like the follower's: no worker holds these rows.
 
 use chrono::{DateTime, Utc};
-use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::requests::{COLUMNS, ReplicaRequest, StoredError};
+use super::requests::{ReplicaRequest, StoredError};
 use super::{Store, clean};
 
 /// A provisioning request and when it entered `provisioning`.
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct Tracked {
-    #[sqlx(flatten)]
     pub request: ReplicaRequest,
     pub provisioning_since: Option<DateTime<Utc>>,
 }
@@ -20,16 +18,33 @@ pub struct Tracked {
 impl Store {
     /// Every request whose replica is being created, oldest first.
     pub async fn provisioning(&self) -> Result<Vec<Tracked>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT {COLUMNS}, (
+        let since: Vec<(Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT r.id, (
                 SELECT max(e.created_at) FROM request_events e
                 WHERE e.request_id = r.id AND e.to_status = 'provisioning'
-                  AND e.from_status IS DISTINCT FROM e.to_status) AS provisioning_since
-             FROM replica_requests r WHERE status = 'provisioning'
-             ORDER BY updated_at, id"
-        ))
+                  AND e.from_status IS DISTINCT FROM e.to_status)
+             FROM replica_requests r WHERE r.status = 'provisioning'
+             ORDER BY r.updated_at, r.id",
+        )
         .fetch_all(&self.pool)
-        .await
+        .await?;
+        if since.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = since.iter().map(|(id, _)| *id).collect();
+        let mut tx = self.pool.begin().await?;
+        let mut requests = Store::requests_in(&mut tx, &ids).await?;
+        tx.commit().await?;
+        Ok(since
+            .into_iter()
+            .filter_map(|(id, provisioning_since)| {
+                let at = requests.iter().position(|r| r.id == id)?;
+                Some(Tracked {
+                    request: requests.swap_remove(at),
+                    provisioning_since,
+                })
+            })
+            .collect())
     }
 
     /// The replica's status as the last poll saw it.

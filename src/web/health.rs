@@ -96,7 +96,7 @@ pub async fn healthz() -> Json<Health> {
         (status = 503, description = "the database does not answer", body = Health),
     ))]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    match sqlx::query("SELECT 1").execute(state.store.pool()).await {
+    match state.store.ping().await {
         Ok(_) => (
             StatusCode::OK,
             Json(Health {
@@ -131,10 +131,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Ready>) 
         ));
     }
     let database = bounded(async {
-        sqlx::query("SELECT 1")
-            .execute(state.store.pool())
+        state
+            .store
+            .ping()
             .await
-            .map(drop)
             .map_err(|err| format!("the database does not answer: {err}"))
     })
     .await;

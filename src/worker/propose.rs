@@ -671,7 +671,12 @@ async fn propose_group(
         Err(err @ ProposalConflict::LeaseLost(_)) => return Err(err.into()),
         Err(ProposalConflict::Database(err)) => return Err(err.into()),
     }
-    tracing::info!(safe_tx_hash = %safe_tx_hash, nonce, calls = new.calls.len(), requests = new.request_ids.len(), "proposal stored");
+    // The HTTP request ids that queued them: each finds the proposal that batches it.
+    let http_request_ids: Vec<&str> = proposing
+        .iter()
+        .filter_map(|r| r.http_request_id.as_deref())
+        .collect();
+    tracing::info!(safe_tx_hash = %safe_tx_hash, nonce, calls = new.calls.len(), requests = new.request_ids.len(), ?http_request_ids, "proposal stored");
     // Before the post, so the owners' first notification has the human terms.
     super::describe::learn(worker, new.id, &new.calls).await?;
     let stored = worker.store.proposals(&[new.id]).await?.remove(0);

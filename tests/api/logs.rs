@@ -29,7 +29,13 @@ async fn logs_to_a_file_have_no_colour_and_json_lines_carry_the_request_id_into_
     );
     drop(text);
 
-    let overrides = BTreeMap::from([("APPROVAL_BRIDGE_LOG_FORMAT".to_owned(), "json".to_owned())]);
+    let overrides = BTreeMap::from([
+        ("APPROVAL_BRIDGE_LOG_FORMAT".to_owned(), "json".to_owned()),
+        (
+            "APPROVAL_BRIDGE_BATCH_WINDOW_SECS".to_owned(),
+            "0".to_owned(),
+        ),
+    ]);
     let serve = world.serve_with(&fresh_database().await, &overrides).await;
     let queued = http
         .post(format!("{}api/v1/replicas", world.bridge_url))
@@ -41,7 +47,8 @@ async fn logs_to_a_file_have_no_colour_and_json_lines_carry_the_request_id_into_
         .unwrap();
     assert_eq!(queued.status(), 202);
 
-    // The worker prepares it on its own: wait for a step span with the id.
+    // The worker prepares it and the planner proposes `addDevice` on their
+    // own: wait for a step span with the id, and the proposal that names it.
     let deadline = Instant::now() + Duration::from_secs(60);
     let lines: Vec<Value> = loop {
         let log = serve.log();
