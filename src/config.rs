@@ -208,11 +208,21 @@ pub struct PhalaSettings {
     #[arg(long, env = "APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub phala_timeout_secs: u64,
+
+    /// How long intake reuses a resolved source and the node list, in
+    /// seconds (0: every order asks Phala; concurrent ones still share a call).
+    #[arg(long, env = "APPROVAL_BRIDGE_LOOKUP_CACHE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub lookup_cache_secs: u64,
 }
 
 impl PhalaSettings {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.phala_timeout_secs)
+    }
+
+    pub fn lookup_cache(&self) -> Duration {
+        Duration::from_secs(self.lookup_cache_secs)
     }
 }
 

@@ -9,7 +9,7 @@ use crate::chain::Chains;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::notify::Notifier;
-use crate::phala::{EnvKeyVerifier, PhalaClient};
+use crate::phala::{EnvKeyVerifier, Lookups, PhalaClient};
 use crate::store::{self, Store};
 use crate::web::{self, Access, ApiTokens, AppState, WebhookSecrets};
 use crate::worker::{SafeFlow, Worker};
@@ -56,6 +56,7 @@ impl Application {
         let state = AppState {
             store: store.clone(),
             phala: phala.clone(),
+            lookups: Lookups::new(phala.clone(), settings.phala.lookup_cache()),
             clock: clock.clone(),
             api_tokens: ApiTokens::new(&settings.api_tokens),
             webhook_secrets: WebhookSecrets::new(&settings.webhook_secrets),

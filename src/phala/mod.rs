@@ -5,6 +5,7 @@
 
 mod envcrypt;
 pub mod errors;
+mod lookups;
 mod resolve;
 mod types;
 pub mod verify;
@@ -18,9 +19,10 @@ use serde_json::Value;
 
 pub use envcrypt::{EnvCryptError, encrypt_env};
 pub use errors::{ApiError, PhalaError};
-pub use resolve::{EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource};
+pub use lookups::Lookups;
+pub use resolve::{EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource, pick_node};
 pub use types::{
-    AvailableNode, AvailableNodes, CvmInfo, CvmPage, EnvPubkey, KmsInfo, OnchainStatus,
+    AvailableNode, AvailableNodes, CvmInfo, CvmPage, CvmStatus, EnvPubkey, KmsInfo, OnchainStatus,
     PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,
 };
 pub use verify::{EnvKeyError, EnvKeyVerifier, ExpectedReplica, PrepareMismatch, check_prepared};
@@ -85,6 +87,18 @@ impl PhalaClient {
         );
         let page: CvmPage = self.expect_json(request).await?;
         Ok(page.items)
+    }
+
+    /// `POST /status/batch`: the status of many CVMs in one call, keyed by
+    /// the ids as sent. A CVM Phala does not know is left out of the map.
+    pub async fn status_batch(
+        &self,
+        vm_uuids: &[String],
+    ) -> Result<std::collections::HashMap<String, CvmStatus>, PhalaError> {
+        let request = self
+            .request(Method::POST, &["status", "batch"])
+            .json(&serde_json::json!({ "vm_uuids": vm_uuids }));
+        self.expect_json(request).await
     }
 
     /// `GET /teepods/available`.

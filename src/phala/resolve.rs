@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::errors::codes;
-use super::{CvmInfo, PhalaClient, PhalaError};
+use super::{AvailableNode, AvailableNodes, CvmInfo, PhalaClient, PhalaError};
 use crate::domain::{AppId, Bytes32, NodeRef};
 
 /// The source CVM, resolved to the `vm_uuid` every later call uses.
@@ -29,7 +29,7 @@ pub struct ResolvedNode {
 
 /// Why a source, node or env could not be resolved. All but `Phala` are the
 /// caller's to fix.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ResolveError {
     #[error("source `{0}` matches no CVM in this Phala workspace")]
     UnknownSource(String),
@@ -142,45 +142,7 @@ impl PhalaClient {
 
     /// Resolves a node id or name against `GET /teepods/available`.
     pub async fn resolve_node(&self, node: &NodeRef) -> Result<ResolvedNode, ResolveError> {
-        let available = self.available_nodes().await?;
-        let to_resolved = |n: &super::AvailableNode| ResolvedNode {
-            id: n.teepod_id,
-            name: n.name.clone(),
-            device_id: n.device_id.clone(),
-        };
-        match node {
-            NodeRef::Id(id) => available
-                .nodes
-                .iter()
-                .find(|n| n.teepod_id == *id)
-                .map(to_resolved)
-                .ok_or_else(|| {
-                    ResolveError::UnknownNode(format!(
-                        "node {id} is not among the nodes available to this workspace"
-                    ))
-                }),
-            NodeRef::Name(name) => {
-                let matches: Vec<_> = available
-                    .nodes
-                    .iter()
-                    .filter(|n| n.name.eq_ignore_ascii_case(name))
-                    .collect();
-                match matches.as_slice() {
-                    [] => Err(ResolveError::UnknownNode(format!(
-                        "no available node is named `{name}`"
-                    ))),
-                    [one] => Ok(to_resolved(one)),
-                    several => Err(ResolveError::AmbiguousNode {
-                        name: name.clone(),
-                        ids: several
-                            .iter()
-                            .map(|n| n.teepod_id.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    }),
-                }
-            }
-        }
+        pick_node(&self.available_nodes().await?, node)
     }
 
     /// Checks env names against the app's `allowed_envs`, then fetches the
@@ -232,6 +194,48 @@ impl PhalaClient {
                 public_key,
                 issuer: EnvKeyIssuer::Cloud,
             })
+        }
+    }
+}
+
+/// Finds a node id or name in the nodes available to the workspace.
+pub fn pick_node(available: &AvailableNodes, node: &NodeRef) -> Result<ResolvedNode, ResolveError> {
+    let to_resolved = |n: &AvailableNode| ResolvedNode {
+        id: n.teepod_id,
+        name: n.name.clone(),
+        device_id: n.device_id.clone(),
+    };
+    match node {
+        NodeRef::Id(id) => available
+            .nodes
+            .iter()
+            .find(|n| n.teepod_id == *id)
+            .map(to_resolved)
+            .ok_or_else(|| {
+                ResolveError::UnknownNode(format!(
+                    "node {id} is not among the nodes available to this workspace"
+                ))
+            }),
+        NodeRef::Name(name) => {
+            let matches: Vec<_> = available
+                .nodes
+                .iter()
+                .filter(|n| n.name.eq_ignore_ascii_case(name))
+                .collect();
+            match matches.as_slice() {
+                [] => Err(ResolveError::UnknownNode(format!(
+                    "no available node is named `{name}`"
+                ))),
+                [one] => Ok(to_resolved(one)),
+                several => Err(ResolveError::AmbiguousNode {
+                    name: name.clone(),
+                    ids: several
+                        .iter()
+                        .map(|n| n.teepod_id.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
+            }
         }
     }
 }

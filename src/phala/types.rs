@@ -163,6 +163,17 @@ pub struct ReplicaVm {
     pub app_id: Option<String>,
 }
 
+/// One value of `POST /status/batch` (the SDK's `CvmStatusSchema`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CvmStatus {
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub in_progress: Option<bool>,
+    #[serde(default)]
+    pub boot_error: Option<String>,
+}
+
 /// What `POST /cvms/{id}/replicas` with `X-Prepare-Only: true` gave back.
 #[derive(Debug)]
 pub enum PrepareOutcome {

@@ -12,6 +12,7 @@ mod request_filters;
 mod requests;
 mod retention;
 mod source_locks;
+mod tracking;
 mod web_sessions;
 
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub use requests::{
     WORKABLE,
 };
 pub use retention::Purged;
+pub use tracking::Tracked;
 pub use web_sessions::WebSession;
 
 use crate::config::DatabaseSettings;

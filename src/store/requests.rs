@@ -10,16 +10,13 @@ use sqlx::postgres::{PgTypeInfo, PgValueRef};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use super::source_locks::{newest_token_of, release_source_lock};
 use super::{Store, StoreError, WAKE_CHANNEL, clean};
 use crate::domain::{Actor, Event, Status, Transition, transition};
 
-/// Statuses a worker acts on by itself. The others wait for the Safe flow.
-pub const WORKABLE: [Status; 4] = [
-    Status::Queued,
-    Status::Preparing,
-    Status::Committing,
-    Status::Provisioning,
-];
+/// Statuses a worker acts on by itself. The others wait for the Safe flow,
+/// or, in `provisioning`, for the replica tracker.
+pub const WORKABLE: [Status; 3] = [Status::Queued, Status::Preparing, Status::Committing];
 
 /// A request as stored. The commit token is deliberately absent: it is read
 /// only by the commit step, through [`Store::commit_token`].
@@ -618,27 +615,6 @@ impl Store {
         fenced(lease, updated)
     }
 
-    /// Updates the replica's observed status while provisioning.
-    pub async fn set_replica_status(
-        &self,
-        lease: &Lease,
-        now: DateTime<Utc>,
-        status: &str,
-    ) -> Result<(), StoreError> {
-        let updated = sqlx::query!(
-            "UPDATE replica_requests SET replica_status = $4, updated_at = $3
-             WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
-            lease.request_id,
-            lease.lease_id,
-            now,
-            status,
-        )
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        fenced(lease, updated)
-    }
-
     /// When the request last entered `status` (for timeouts measured per status).
     pub async fn entered_status_at(
         &self,
@@ -782,10 +758,12 @@ pub(super) async fn advance_in(
     write_transition(tx, request_id, to, &changes, now).await?;
     if let Some(prepared) = &changes.prepared {
         record_registrations(tx, request_id, prepared).await?;
+        newest_token_of(tx, request_id).await?;
     }
     let message = message.or(changes.error.as_ref().map(|e| e.message.as_str()));
     insert_event(tx, request_id, Some(from), to.to, actor, message, now).await?;
-    if WORKABLE.contains(&to.to) {
+    // The tracker wakes too when a replica starts provisioning.
+    if WORKABLE.contains(&to.to) || to.to == Status::Provisioning {
         wake(tx).await?;
     }
     Ok(to.to)
@@ -854,10 +832,8 @@ async fn write_transition(
     .await?;
     // The team hears of it exactly when it is written.
     super::outbox::record(tx, request_id, to, now).await?;
-    if effects.release_source_lock {
-        sqlx::query!("DELETE FROM source_locks WHERE holder = $1", request_id)
-            .execute(&mut **tx)
-            .await?;
+    if effects.release_source_lock && release_source_lock(tx, request_id, now).await? {
+        wake(tx).await?;
     }
     Ok(())
 }

@@ -220,7 +220,7 @@ async fn resolve(
     order: &ReplicaOrder,
 ) -> Result<Vec<NewRequest>, ApiError> {
     let source = state
-        .phala
+        .lookups
         .resolve_source(&order.source, order.compose_hash.as_ref())
         .await
         .map_err(resolve_error)?;
@@ -228,7 +228,7 @@ async fn resolve(
     let node = match &order.node {
         Some(node) => Some(
             state
-                .phala
+                .lookups
                 .resolve_node(node)
                 .await
                 .map_err(resolve_error)?,

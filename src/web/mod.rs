@@ -36,7 +36,7 @@ pub use signin::PageAuth;
 pub use webhook::WebhookSecrets;
 
 use crate::clock::Clock;
-use crate::phala::{EnvKeyVerifier, PhalaClient};
+use crate::phala::{EnvKeyVerifier, Lookups, PhalaClient};
 use crate::store::Store;
 
 /// Everything a handler may use.
@@ -44,6 +44,8 @@ use crate::store::Store;
 pub struct AppState {
     pub store: Store,
     pub phala: PhalaClient,
+    /// Intake's source and node lookups, cached briefly.
+    pub lookups: Lookups,
     pub clock: Clock,
     pub api_tokens: ApiTokens,
     pub webhook_secrets: WebhookSecrets,

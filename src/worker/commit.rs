@@ -2,7 +2,16 @@
 //! everything. A commit creates the replica, so it is sent under the rules of
 //! [`super::reconcile`]: a commit whose answer was lost is looked for in
 //! Phala's instance list before anything is sent again.
+//!
+//! Replicas of one source commit one after another, each under the source
+//! lock. The token from planning is used while it is the source's newest;
+//! otherwise (a sibling prepared after it) the step prepares once more right
+//! before the commit, still under the lock, so no commit meets a token that
+//! a sibling's prepare superseded.
 
+use secrecy::SecretString;
+
+use super::prepare::{Prepared, call_prepare};
 use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
 use crate::domain::{Bytes32, Event, Status};
@@ -44,11 +53,19 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
             }
             Reconciled::LookAgainAt(at, error) => return Ok(Outcome::AwaitOutcome { at, error }),
             Reconciled::GiveUp(error) => return Ok(Outcome::Fail(error)),
-            // The lost call did not take effect: send it again, same token.
-            Reconciled::NotCreated => {}
+            // The lost call did not take effect: send it again, with the
+            // same token (spent, were it to have taken effect after all).
+            Reconciled::NotCreated => return commit(worker, claimed, Resend::SameToken).await,
         }
     }
-    commit(worker, claimed).await
+    commit(worker, claimed, Resend::No).await
+}
+
+/// Whether the commit repeats one whose answer was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    No,
+    SameToken,
 }
 
 fn committed(vm: ReplicaVm, what: &str) -> Outcome {
@@ -66,11 +83,8 @@ fn committed(vm: ReplicaVm, what: &str) -> Outcome {
     }
 }
 
-async fn commit(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+async fn commit(worker: &Worker, claimed: &Claimed, resend: Resend) -> anyhow::Result<Outcome> {
     let request = &claimed.request;
-    let Some(token) = worker.store.commit_token(&claimed.lease).await? else {
-        return reprepare(worker, claimed, "no commit token is stored").await;
-    };
     let Some(compose_hash) = request
         .compose_hash
         .as_deref()
@@ -82,17 +96,27 @@ async fn commit(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
             suggestion: Some("Queue the replica again.".into()),
         }));
     };
+    // The token, and what exists before the call (to recognise what the
+    // call made if its answer is lost), asked for side by side: siblings
+    // commit one after another, so each round trip saved here is saved per
+    // replica.
+    let (token, before) = tokio::join!(
+        token_for_commit(worker, claimed, &compose_hash, resend),
+        reconcile::instances_before_call(worker, request),
+    );
+    let token = match token? {
+        Ok(token) => token,
+        Err(outcome) => return Ok(outcome),
+    };
+    let before = match before {
+        Ok(before) => before,
+        Err(err) => return Ok(Outcome::from_phala(&err)),
+    };
     let tx_hash = request
         .commit_tx_hash
         .as_deref()
         .unwrap_or(ALREADY_REGISTERED);
 
-    // What exists before the call, to recognise what the call made if its
-    // answer is lost.
-    let before = match reconcile::instances_before_call(worker, request).await {
-        Ok(before) => before,
-        Err(err) => return Ok(Outcome::from_phala(&err)),
-    };
     worker
         .store
         .mark_call_sent(&claimed.lease, worker.clock.now(), &before)
@@ -121,6 +145,52 @@ async fn commit(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::from_phala(&err))
         }
+    }
+}
+
+/// The token to commit with: the stored one while it is the source's newest
+/// (or when resending a lost commit), else a fresh prepare's. The caller
+/// holds the source lock, so no sibling prepares in between.
+async fn token_for_commit(
+    worker: &Worker,
+    claimed: &Claimed,
+    compose_hash: &Bytes32,
+    resend: Resend,
+) -> anyhow::Result<Result<SecretString, Outcome>> {
+    let request = &claimed.request;
+    let stored = worker.store.commit_token(&claimed.lease).await?;
+    if let Some(token) = stored {
+        let newest = resend == Resend::SameToken
+            || worker
+                .store
+                .holds_newest_token(&request.source_vm_uuid, request.id)
+                .await?;
+        if newest {
+            return Ok(Ok(token));
+        }
+    }
+    match call_prepare(worker, claimed).await? {
+        Prepared::Token(prepared) if prepared.compose_hash == *compose_hash => {
+            worker
+                .store
+                .store_fresh_token(&claimed.lease, worker.clock.now(), &prepared.commit_token)
+                .await?;
+            Ok(Ok(prepared.commit_token))
+        }
+        // The source changed since planning: plan again.
+        Prepared::Token(prepared) => Ok(Err(Outcome::Advance {
+            event: Event::TokenExpired,
+            changes: Changes::default(),
+            message: Some(format!(
+                "preparing again: the source now runs compose hash {}, not {compose_hash}",
+                prepared.compose_hash
+            )),
+        })),
+        Prepared::Created(vm) => Ok(Err(committed(
+            vm,
+            "Phala ignored the prepare header and created replica",
+        ))),
+        Prepared::Stop(outcome) => Ok(Err(outcome)),
     }
 }
 

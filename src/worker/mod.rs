@@ -152,6 +152,12 @@ impl Worker {
         watch::run(self).await
     }
 
+    /// One pass of the replica tracker: one status call for every
+    /// provisioning replica. `true` when a request moved on.
+    pub async fn track_once(&self) -> anyhow::Result<bool> {
+        Ok(track::run(self).await?.moved)
+    }
+
     fn lease_duration(&self) -> Duration {
         Duration::from_secs(self.settings.lease_secs)
     }
@@ -212,7 +218,6 @@ impl Worker {
                 Status::Queued => Ok(Outcome::advance(Event::StartPrepare)),
                 Status::Preparing => prepare::run(self, claimed).await,
                 Status::Committing => commit::run(self, claimed).await,
-                Status::Provisioning => track::run(self, claimed).await,
                 other => unreachable!("claimed a request in `{other}`, which is not workable"),
             };
             let label = match &outcome {
@@ -269,7 +274,7 @@ impl Worker {
         .await
     }
 
-    /// Runs steps and Safe-flow passes until nothing is due. Tests drive the
+    /// Runs steps, Safe-flow and tracker passes until nothing is due. Tests drive the
     /// workers with this.
     pub async fn drain(&self) -> anyhow::Result<usize> {
         let mut steps = 0;
@@ -279,7 +284,8 @@ impl Worker {
             }
             let proposed = self.propose_once().await?;
             let watched = self.watch_once().await?;
-            if !proposed && !watched {
+            let tracked = self.track_once().await?;
+            if !proposed && !watched && !tracked {
                 return Ok(steps);
             }
         }

@@ -1,8 +1,9 @@
 //! One leased owner per Safe-flow task: the planner of each allowed Safe
-//! (and one for requests elsewhere) and the follower of each chain run on
-//! their own tasks, each as a job in `job_leases`. Every process runs every
-//! job's task; only the holder of a job's lease runs its passes. Request
-//! steps run on other tasks, so a backlog of them cannot starve these.
+//! (and one for requests elsewhere), the follower of each chain and the
+//! replica tracker run on their own tasks, each as a job in `job_leases`.
+//! Every process runs every job's task; only the holder of a job's lease
+//! runs its passes. Request steps run on other tasks, so a backlog of them
+//! cannot starve these.
 //!
 //! Why a lease table and not a session advisory lock: an advisory lock lives
 //! as long as one connection, so it needs a connection kept aside per job,
@@ -24,7 +25,7 @@ use tracing::{Instrument, info_span};
 
 use super::Worker;
 use super::propose::{self, PlanScope};
-use super::watch;
+use super::{track, watch};
 use crate::store::{Acquired, JobLease};
 
 /// A Safe-flow job.
@@ -32,6 +33,8 @@ use crate::store::{Acquired, JobLease};
 enum Job {
     Planner(PlanScope),
     Follower(i64),
+    /// The replica tracker: one status poll for every provisioning replica.
+    Tracker,
 }
 
 impl Job {
@@ -39,6 +42,7 @@ impl Job {
         match self {
             Job::Planner(scope) => scope.job(),
             Job::Follower(chain_id) => format!("follower:{chain_id}"),
+            Job::Tracker => "tracker".to_owned(),
         }
     }
 }
@@ -60,6 +64,7 @@ pub(super) async fn run(worker: Worker, wake: Arc<Notify>, shutdown: Cancellatio
     chains.sort_unstable();
     chains.dedup();
     jobs.extend(chains.into_iter().map(Job::Follower));
+    jobs.push(Job::Tracker);
 
     let mut tasks = JoinSet::new();
     for job in jobs {
@@ -163,6 +168,9 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
         .min(Duration::from_secs(worker.settings.poll_interval_secs));
     loop {
         let notified = wake.notified();
+        // The tracker polls every `track::EVERY` while replicas provision;
+        // idle, it waits for one to start (a notification) or the poll.
+        let mut tracker_idle = false;
         let (moved, wait) = match job {
             Job::Planner(scope) => {
                 let moved = propose::run_scope(worker, flow, scope, Some(held)).await;
@@ -176,6 +184,14 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
                 watch::run_chain(worker, *chain_id).await,
                 flow.poll_interval,
             ),
+            Job::Tracker => match track::run(worker).await {
+                Ok(pass) => {
+                    tracker_idle = !pass.tracking;
+                    let wait = if pass.tracking { track::EVERY } else { poll };
+                    (Ok(false), wait)
+                }
+                Err(err) => (Err(err), poll),
+            },
         };
         let wait = match moved {
             Ok(true) => Duration::ZERO,
@@ -185,8 +201,9 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
                 poll
             }
         };
-        // Planners also wake when a request changes; followers poll the chain.
-        let wake_on_notify = matches!(job, Job::Planner(_));
+        // Planners also wake when a request changes, and so does an idle
+        // tracker; followers poll the chain.
+        let wake_on_notify = matches!(job, Job::Planner(_)) || tracker_idle;
         tokio::select! {
             _ = notified, if wake_on_notify => {}
             _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}

@@ -36,7 +36,7 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
     }
 }
 
-fn spec(claimed: &Claimed) -> ReplicaSpec {
+pub(super) fn spec(claimed: &Claimed) -> ReplicaSpec {
     let request = &claimed.request;
     ReplicaSpec {
         node_id: request.node_id.map(|id| id as u32),
@@ -48,13 +48,33 @@ fn spec(claimed: &Claimed) -> ReplicaSpec {
     }
 }
 
-async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+/// What a prepare call gave, checked.
+pub(super) enum Prepared {
+    /// A commit token, for what intake resolved.
+    Token(PreparedReplica),
+    /// Phala ignored the prepare header and created the replica.
+    Created(ReplicaVm),
+    /// Refused, failed or mismatched: the step ends with this.
+    Stop(Outcome),
+}
+
+/// Asks Phala for a commit token; the caller holds the source lock. Every
+/// prepare supersedes the source's older tokens, so the source's newest
+/// token is marked unknown before the call is sent, and only the answered
+/// prepare's transition names its request the holder (see
+/// [`crate::store::Store::holds_newest_token`]): a prepare whose answer
+/// never came leaves every stored token of the source in doubt.
+pub(super) async fn call_prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Prepared> {
     let request = &claimed.request;
-    match worker
+    worker
+        .store
+        .prepare_outstanding(&request.source_vm_uuid)
+        .await?;
+    let answer = worker
         .phala
         .prepare_replica(&request.source_vm_uuid, &spec(claimed))
-        .await
-    {
+        .await;
+    Ok(match answer {
         Ok(PrepareOutcome::Prepared(prepared)) => {
             // Act only on an answer that names what intake resolved itself.
             let expected = ExpectedReplica::from_stored(
@@ -62,19 +82,26 @@ async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> 
                 request.expected_device_id.as_deref(),
                 request.requested_compose_hash.as_deref(),
             );
-            if let Err(mismatch) = check_prepared(&expected, &prepared) {
-                return Ok(Outcome::Fail(StoredError::new(
+            match check_prepared(&expected, &prepared) {
+                Ok(()) => Prepared::Token(prepared),
+                Err(mismatch) => Prepared::Stop(Outcome::Fail(StoredError::new(
                     PrepareMismatch::CODE,
                     &mismatch.to_string(),
                     Some(PrepareMismatch::SUGGESTION),
-                )));
+                ))),
             }
-            Ok(prepared_outcome(request.chain_id, prepared))
         }
-        // Phala ignored the prepare header and created the replica.
-        Ok(PrepareOutcome::Created(vm)) => Ok(created(vm)),
-        Err(err) => Ok(Outcome::from_phala(&err)),
-    }
+        Ok(PrepareOutcome::Created(vm)) => Prepared::Created(vm),
+        Err(err) => Prepared::Stop(Outcome::from_phala(&err)),
+    })
+}
+
+async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+    Ok(match call_prepare(worker, claimed).await? {
+        Prepared::Token(prepared) => prepared_outcome(claimed.request.chain_id, prepared),
+        Prepared::Created(vm) => created(vm),
+        Prepared::Stop(outcome) => outcome,
+    })
 }
 
 fn prepared_outcome(known_chain: Option<i64>, prepared: PreparedReplica) -> Outcome {
@@ -102,21 +129,30 @@ fn prepared_outcome(known_chain: Option<i64>, prepared: PreparedReplica) -> Outc
         )
     };
     let changes = Changes {
-        prepared: Some(PreparedFields {
-            app_id: prepared.app_id.to_string(),
-            chain_id: prepared.chain_id.map(|c| c as i64).or(known_chain),
-            compose_hash: prepared.compose_hash.to_string(),
-            device_id: prepared.device_id.map(|d| d.to_string()),
-            compose_hash_allowed: onchain.compose_hash_allowed,
-            device_id_allowed: onchain.device_id_allowed,
-            commit_token: prepared.commit_token,
-        }),
+        prepared: Some(prepared_fields(known_chain, prepared)),
         ..Changes::default()
     };
     Outcome::Advance {
         event,
         changes,
         message: Some(message),
+    }
+}
+
+/// What a prepare's answer stores on the request.
+pub(super) fn prepared_fields(
+    known_chain: Option<i64>,
+    prepared: PreparedReplica,
+) -> PreparedFields {
+    let onchain = prepared.onchain;
+    PreparedFields {
+        app_id: prepared.app_id.to_string(),
+        chain_id: prepared.chain_id.map(|c| c as i64).or(known_chain),
+        compose_hash: prepared.compose_hash.to_string(),
+        device_id: prepared.device_id.map(|d| d.to_string()),
+        compose_hash_allowed: onchain.compose_hash_allowed,
+        device_id_allowed: onchain.device_id_allowed,
+        commit_token: prepared.commit_token,
     }
 }
 

@@ -224,6 +224,7 @@ fn bare_hex(value: &str) -> String {
         .to_lowercase()
 }
 
-fn normalize(vm_uuid: &str) -> String {
+/// A `vm_uuid` as Phala may write it: with or without dashes, in any case.
+pub(super) fn normalize(vm_uuid: &str) -> String {
     vm_uuid.replace('-', "").to_lowercase()
 }

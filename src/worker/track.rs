@@ -1,84 +1,187 @@
-//! The tracking step: poll the new replica until it runs or fails.
+//! Tracking: every provisioning replica is polled with one
+//! `POST /status/batch` per pass, whatever their number, so a replica that
+//! runs is `done` within one pass (see [`EVERY`]) instead of waiting for a
+//! per-replica poll. The tracker is a leased job (see `owner`): one process
+//! polls at a time.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{Outcome, Worker};
-use crate::domain::{Event, Status};
-use crate::store::{Changes, Claimed, StoredError};
+use chrono::{DateTime, Utc};
 
-const POLL_EVERY: Duration = Duration::from_secs(5);
+use super::reconcile::normalize;
+use super::{Worker, stored_phala_error};
+use crate::domain::Event;
+use crate::phala::CvmStatus;
+use crate::store::{Changes, StoredError, Tracked};
+
+/// How often the tracker polls while a replica is provisioning: a replica
+/// that runs is seen within this time, at the cost of one call per pass.
+pub(super) const EVERY: Duration = Duration::from_millis(500);
 /// A replica that does not run within this time is reported failed.
 const GIVE_UP_AFTER: chrono::Duration = chrono::Duration::minutes(30);
 /// Statuses from which a CVM will not reach `running` by itself.
 const FAILED_STATUSES: [&str; 5] = ["error", "failed", "stopped", "terminated", "deleted"];
 
-pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
-    let request = &claimed.request;
-    let Some(vm_uuid) = request.replica_vm_uuid.as_deref() else {
-        return Ok(Outcome::Fail(StoredError {
-            code: "MISSING-REPLICA".into(),
-            message: "Phala accepted the replica but sent no vm_uuid to follow".into(),
-            suggestion: Some("Check the source's instances on the Phala dashboard.".into()),
-        }));
-    };
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Pass {
+    /// Some request moved on (done or failed).
+    pub moved: bool,
+    /// Some replica was provisioning: poll again after [`EVERY`].
+    pub tracking: bool,
+}
+
+/// One pass: a single status call for every provisioning replica.
+pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
+    let tracked = worker.store.provisioning().await?;
+    if tracked.is_empty() {
+        return Ok(Pass::default());
+    }
     let now = worker.clock.now();
-    let since = worker
-        .store
-        .entered_status_at(request.id, Status::Provisioning)
-        .await?
-        .unwrap_or(now);
-    let cvm = match worker.phala.get_cvm(vm_uuid).await {
-        Ok(cvm) => cvm,
-        // A replica can take a moment to appear, but not forever.
-        Err(err) if err.status() == Some(404) => {
-            let bound = worker.settings.replica_missing_timeout_secs;
-            if now - since > chrono::Duration::seconds(bound as i64) {
-                return Ok(Outcome::Fail(StoredError {
-                    code: "REPLICA-NOT-FOUND".into(),
-                    message: format!(
-                        "Phala accepted replica {vm_uuid}, but it has not been found for {bound} s"
-                    ),
-                    suggestion: Some(
-                        "Look at the source's instances on the Phala dashboard.".into(),
-                    ),
-                }));
-            }
-            return Ok(Outcome::Snooze(POLL_EVERY));
-        }
-        Err(err) => return Ok(Outcome::from_phala(&err)),
+    let vm_uuids: Vec<String> = tracked
+        .iter()
+        .filter_map(|t| t.request.replica_vm_uuid.clone())
+        .collect();
+    let answer = if vm_uuids.is_empty() {
+        Ok(HashMap::new())
+    } else {
+        worker.phala.status_batch(&vm_uuids).await
     };
-    let status = cvm.status.unwrap_or_default().to_lowercase();
-    if status == "running" && cvm.in_progress != Some(true) {
-        return Ok(Outcome::Advance {
-            event: Event::ReplicaRunning,
-            changes: Changes {
-                replica_status: Some(status),
-                ..Changes::default()
-            },
-            message: Some(format!("replica {vm_uuid} is running")),
+    let statuses: Option<HashMap<String, CvmStatus>> = match answer {
+        Ok(map) => Some(map.into_iter().map(|(k, v)| (normalize(&k), v)).collect()),
+        Err(err) => {
+            tracing::warn!(error = %err, replicas = vm_uuids.len(), "replica status poll failed; polling again");
+            let ids: Vec<uuid::Uuid> = tracked.iter().map(|t| t.request.id).collect();
+            let mut error = stored_phala_error(&err);
+            error.message = format!("cannot read the replica's status: {}", error.message);
+            worker.store.note_tracking_error(&ids, &error).await?;
+            None
+        }
+    };
+    let missing_bound =
+        chrono::Duration::seconds(worker.settings.replica_missing_timeout_secs as i64);
+    let mut pass = Pass {
+        moved: false,
+        tracking: true,
+    };
+    for t in &tracked {
+        let seen = t.request.replica_vm_uuid.as_deref().and_then(|vm| {
+            statuses
+                .as_ref()
+                .map(|all| all.get(&normalize(vm)).cloned())
         });
+        match verdict(t, seen, now, missing_bound) {
+            Verdict::Running(status) => {
+                let vm = t.request.replica_vm_uuid.as_deref().unwrap_or_default();
+                let changes = Changes {
+                    replica_status: Some(status),
+                    ..Changes::default()
+                };
+                pass.moved |= worker
+                    .store
+                    .move_waiting(
+                        &t.request,
+                        Event::ReplicaRunning,
+                        now,
+                        &format!("replica {vm} is running"),
+                        changes,
+                    )
+                    .await?;
+            }
+            Verdict::Failed(error) => {
+                tracing::warn!(replica_id = %t.request.id, code = %error.code, "replica failed");
+                let message = error.message.clone();
+                let changes = Changes {
+                    error: Some(error),
+                    ..Changes::default()
+                };
+                pass.moved |= worker
+                    .store
+                    .move_waiting(&t.request, Event::Fail, now, &message, changes)
+                    .await?;
+            }
+            Verdict::Waiting(Some(status))
+                if t.request.replica_status.as_deref() != Some(status.as_str()) =>
+            {
+                worker
+                    .store
+                    .note_replica_status(t.request.id, &status, now)
+                    .await?;
+            }
+            Verdict::Waiting(_) => {}
+        }
+    }
+    Ok(pass)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Running(String),
+    Failed(StoredError),
+    /// Still starting; the status seen, if any.
+    Waiting(Option<String>),
+}
+
+/// What one request's poll means. `seen`: `None` when the poll failed,
+/// `Some(None)` when Phala does not know the replica.
+fn verdict(
+    t: &Tracked,
+    seen: Option<Option<CvmStatus>>,
+    now: DateTime<Utc>,
+    missing_bound: chrono::Duration,
+) -> Verdict {
+    let request = &t.request;
+    let Some(vm_uuid) = request.replica_vm_uuid.as_deref() else {
+        return Verdict::Failed(StoredError::new(
+            "MISSING-REPLICA",
+            "Phala accepted the replica but sent no vm_uuid to follow",
+            Some("Check the source's instances on the Phala dashboard."),
+        ));
+    };
+    let since = t.provisioning_since.unwrap_or(now);
+    let in_progress = matches!(
+        &seen,
+        Some(Some(CvmStatus {
+            in_progress: Some(true),
+            ..
+        }))
+    );
+    let status = match seen {
+        Some(Some(answer)) => answer.status.unwrap_or_default().to_lowercase(),
+        // A replica can take a moment to appear, but not forever.
+        Some(None) if now - since > missing_bound => {
+            return Verdict::Failed(StoredError::new(
+                "REPLICA-NOT-FOUND",
+                &format!(
+                    "Phala accepted replica {vm_uuid}, but it has not been found for {} s",
+                    missing_bound.num_seconds()
+                ),
+                Some("Look at the source's instances on the Phala dashboard."),
+            ));
+        }
+        Some(None) | None => String::new(),
+    };
+    if status == "running" && !in_progress {
+        return Verdict::Running(status);
     }
     if FAILED_STATUSES.contains(&status.as_str()) {
-        return Ok(Outcome::Fail(StoredError {
-            code: "REPLICA-FAILED".into(),
-            message: format!("replica {vm_uuid} stopped in status `{status}`"),
-            suggestion: Some("Look at the replica's logs on the Phala dashboard.".into()),
-        }));
+        return Verdict::Failed(StoredError::new(
+            "REPLICA-FAILED",
+            &format!("replica {vm_uuid} stopped in status `{status}`"),
+            Some("Look at the replica's logs on the Phala dashboard."),
+        ));
     }
     if now - since > GIVE_UP_AFTER {
-        return Ok(Outcome::Fail(StoredError {
-            code: "REPLICA-TIMEOUT".into(),
-            message: format!(
+        let last = request.replica_status.as_deref().unwrap_or("unknown");
+        let status = if status.is_empty() { last } else { &status };
+        return Verdict::Failed(StoredError::new(
+            "REPLICA-TIMEOUT",
+            &format!(
                 "replica {vm_uuid} did not reach `running` within 30 minutes (last status `{status}`)"
             ),
-            suggestion: Some("Look at the replica on the Phala dashboard.".into()),
-        }));
+            Some("Look at the replica on the Phala dashboard."),
+        ));
     }
-    if request.replica_status.as_deref() != Some(status.as_str()) && !status.is_empty() {
-        worker
-            .store
-            .set_replica_status(&claimed.lease, now, &status)
-            .await?;
-    }
-    Ok(Outcome::Snooze(POLL_EVERY))
+    Verdict::Waiting((!status.is_empty()).then_some(status))
 }

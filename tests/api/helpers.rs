@@ -75,6 +75,7 @@ pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
             phala_api_key: PHALA_API_KEY.to_owned().into(),
             phala_api_version: "2026-01-21".into(),
             phala_timeout_secs: 2,
+            lookup_cache_secs: 0,
         },
         api_tokens: parse_named_secrets(&format!("ci-bot={API_TOKEN}")).unwrap(),
         webhook_secrets: parse_named_secrets(&format!(

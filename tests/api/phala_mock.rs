@@ -182,15 +182,19 @@ pub async fn mount_commit_ok(server: &MockServer, vm: &str) {
         .await;
 }
 
+/// `POST /status/batch` answering for the replica with `status`.
 pub async fn mount_replica_status(server: &MockServer, status: &str) {
-    Mock::given(method("GET"))
-        .and(path(api(&format!("/cvms/{REPLICA_VM}"))))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"vm_uuid": REPLICA_VM, "status": status})),
-        )
-        .mount(server)
-        .await;
+    replica_status_mock(status).mount(server).await;
+}
+
+/// `POST /status/batch` as the tracker polls it: the replica in `status`
+/// (`in_progress` until it runs).
+pub fn replica_status_mock(status: &str) -> Mock {
+    Mock::given(method("POST"))
+        .and(path(api("/status/batch")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+        REPLICA_VM: {"vm_uuid": REPLICA_VM, "status": status, "in_progress": status != "running"}
+    })))
 }
 
 /// The structured error envelope Phala sends, nested or at the top level.

@@ -153,6 +153,7 @@ fn client(base: &Url, api_key: &str) -> PhalaClient {
         phala_api_key: SecretString::from(api_key.to_owned()),
         phala_api_version: "2026-01-21".into(),
         phala_timeout_secs: 10,
+        lookup_cache_secs: 0,
     })
     .unwrap()
 }

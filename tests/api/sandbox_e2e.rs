@@ -412,3 +412,43 @@ async fn the_sandbox_refuses_a_port_in_use_too_few_nodes_and_an_unreachable_data
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_four_batched_replicas_of_one_source_commit_once_each_and_never_meet_a_466() {
+    let driver = Driver::start_with(4).await;
+    let mut ids = Vec::new();
+    for node in ["prod-3", "prod-4"] {
+        ids.extend(
+            driver
+                .queue(json!({"source": "web-prod", "node": node, "count": 12}))
+                .await,
+        );
+    }
+    let waiting = driver.wait_for(&ids, "awaiting_approval").await;
+    let (hash, calls) = one_proposal(&waiting);
+    assert_eq!(count(&calls, "addDevice"), 2, "{calls:?}");
+    let phala = &driver.sandbox.phala;
+    let web = phala.world().cvm("web-prod").unwrap().vm_uuid.to_string();
+    let planned = phala.prepare_calls(&web);
+    assert_eq!(planned, 24, "one prepare each to plan");
+
+    driver.approve(&hash).await;
+    driver.wait_for(&ids, "done").await;
+    assert_eq!(phala.replicas(&web).len(), 24);
+    assert_eq!(phala.commit_calls(&web), 24, "one commit each");
+    let refused: Vec<u16> = phala
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/commit-replica") && r.status != 200)
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        refused,
+        Vec::<u16>::new(),
+        "no commit met a superseded token"
+    );
+    // After the execution, at most one prepare each, right before its commit.
+    let after = phala.prepare_calls(&web) - planned;
+    assert!(after <= 24, "{after} prepares after the execution");
+    driver.sandbox.stop().await.unwrap();
+}

@@ -314,9 +314,7 @@ async fn a_sibling_never_prepares_while_a_commit_outcome_is_unknown() {
         commit_tokens(&commit_calls(&app).await)[..2],
         ["tok-1", "tok-1"]
     );
-    assert_eq!(truth.created(), 1);
-    app.clock.advance(chrono::Duration::seconds(2));
-    app.drain().await;
+    // The lock is handed on at once: the sibling prepares only now.
     assert_eq!(prepare_calls(&app).await, 2, "then the sibling prepares");
     assert_eq!(app.status_of(&sibling).await, "provisioning");
     assert_eq!(truth.created(), 2, "one replica per request");
@@ -473,19 +471,20 @@ async fn a_refused_create_is_a_plain_failure_and_frees_the_request() {
 async fn a_committed_replica_missing_for_too_long_fails_instead_of_being_polled_forever() {
     let app = spawn_app_with(|s| s.worker.replica_missing_timeout_secs = 60).await;
     onchain_world(&app, vec![Step::CreateOk]).await;
-    Mock::given(method("GET"))
-        .and(path(api(&format!("/cvms/{REPLICA_VM}"))))
-        .respond_with(ResponseTemplate::new(404).set_body_json(phala_error(
-            "ERR-03-001",
-            "not found",
-            true,
-        )))
+    // Phala's status poll leaves out a CVM it does not know.
+    Mock::given(method("POST"))
+        .and(path(api("/status/batch")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
         .mount(&app.phala)
         .await;
     let id = queue_onchain(&app).await;
     app.drain().await;
     assert_eq!(app.status_of(&id).await, "provisioning");
-    app.drain_all(30).await;
+    app.clock.advance(chrono::Duration::seconds(59));
+    app.drain().await;
+    assert_eq!(app.status_of(&id).await, "provisioning");
+    app.clock.advance(chrono::Duration::seconds(2));
+    app.drain().await;
     let request = app.get_replica(&id).await;
     assert_eq!(request["status"], "failed");
     assert_eq!(request["last_error"]["code"], "REPLICA-NOT-FOUND");

@@ -102,12 +102,7 @@ async fn everything_allowed_commits_with_already_registered_and_tracks_until_run
     )
     .await;
     mount_commit_ok(&app.phala, ONCHAIN_VM).await;
-    Mock::given(method("GET"))
-        .and(path(api(&format!("/cvms/{REPLICA_VM}"))))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"vm_uuid": REPLICA_VM, "status": "starting"})),
-        )
+    replica_status_mock("starting")
         .up_to_n_times(1)
         .mount(&app.phala)
         .await;
