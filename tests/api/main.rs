@@ -33,6 +33,7 @@ mod secrets;
 mod unknown_outcomes;
 mod watch_commit;
 mod watch_failures;
+mod watch_heads;
 mod watch_reorg;
 mod webhook;
 mod worker;
