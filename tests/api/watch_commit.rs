@@ -2,8 +2,6 @@
 //! owners execute, with confirmations, reorgs, restarts, replaced and
 //! expired proposals, and a bounded number of RPC calls per pass.
 
-use std::sync::atomic::Ordering;
-
 use alloy::primitives::{Bytes, U256};
 use alloy::providers::Provider;
 use approval_bridge::safe::{Call, Deployment, Operation, SafeTx, SafeVersion, build_safe_tx};
