@@ -606,7 +606,9 @@ fn parse_ws_urls(value: &str) -> Result<RpcUrls, String> {
         .iter()
         .find(|(_, url)| !matches!(url.scheme(), "ws" | "wss"))
     {
-        return Err(format!("the URL for chain {chain} is not a ws:// or wss:// URL"));
+        return Err(format!(
+            "the URL for chain {chain} is not a ws:// or wss:// URL"
+        ));
     }
     Ok(urls)
 }

@@ -37,6 +37,7 @@ pub(super) struct Heads {
     ws_head: watch::Sender<Option<u64>>,
     ws_url: Option<Url>,
     ws_started: AtomicBool,
+    chain_id: u64,
     /// The head the chain follower last finished a pass at.
     followed: Mutex<Option<u64>>,
 }
@@ -53,13 +54,14 @@ struct Seen {
 }
 
 impl Heads {
-    pub(super) fn new(ws_url: Option<Url>) -> Arc<Heads> {
+    pub(super) fn new(chain_id: u64, ws_url: Option<Url>) -> Arc<Heads> {
         Arc::new(Heads {
             chain_id_checked: AtomicBool::new(false),
             seen: Mutex::default(),
             ws_head: watch::Sender::new(None),
             ws_url,
             ws_started: AtomicBool::new(false),
+            chain_id,
             followed: Mutex::new(None),
         })
     }
@@ -162,13 +164,13 @@ impl Heads {
             self.ws_started.store(false, Ordering::SeqCst);
             return;
         };
-        runtime.spawn(subscribe(Arc::downgrade(self), url));
+        runtime.spawn(subscribe(Arc::downgrade(self), self.chain_id, url));
     }
 }
 
 /// Keeps a `newHeads` subscription open while any client of the chain
 /// lives, opening it again (with backoff) whenever it drops.
-async fn subscribe(heads: Weak<Heads>, url: Url) {
+async fn subscribe(heads: Weak<Heads>, chain_id: u64, url: Url) {
     let mut wait = RECONNECT_MIN;
     loop {
         let Some(strong) = heads.upgrade() else {
@@ -179,9 +181,21 @@ async fn subscribe(heads: Weak<Heads>, url: Url) {
         // alloy's own reconnects would hide a changed connection: none.
         let connect = WsConnect::new(url.as_str()).with_max_retries(0);
         match ProviderBuilder::new().connect_ws(connect).await {
+            // A WebSocket of another chain would report heads this chain
+            // has not reached: never believe one.
+            Ok(provider) if !provider.get_chain_id().await.is_ok_and(|id| id == chain_id) => {
+                tracing::error!(
+                    chain_id,
+                    host = url.host_str().unwrap_or("?"),
+                    "the WebSocket does not answer for this chain; polling"
+                );
+            }
             Ok(provider) => match provider.subscribe_blocks().await {
                 Ok(subscription) => {
-                    tracing::info!(host = url.host_str().unwrap_or("?"), "newHeads subscription open");
+                    tracing::info!(
+                        host = url.host_str().unwrap_or("?"),
+                        "newHeads subscription open"
+                    );
                     wait = RECONNECT_MIN;
                     let mut subscription = subscription;
                     loop {
@@ -197,7 +211,10 @@ async fn subscribe(heads: Weak<Heads>, url: Url) {
                         strong.record(header.number);
                         ws_head.send_replace(Some(header.number));
                     }
-                    tracing::warn!(host = url.host_str().unwrap_or("?"), "newHeads subscription closed; polling until it is back");
+                    tracing::warn!(
+                        host = url.host_str().unwrap_or("?"),
+                        "newHeads subscription closed; polling until it is back"
+                    );
                 }
                 Err(err) => tracing::warn!(error = %err, "cannot subscribe to newHeads; polling"),
             },
@@ -219,11 +236,15 @@ mod tests {
 
     #[test]
     fn polls_cluster_around_the_expected_block_and_back_off_when_it_stalls() {
-        let heads = Heads::new(None);
+        let heads = Heads::new(1, None);
         let longest = Duration::from_secs(2);
         let start = Instant::now();
         let at = |secs: u64| start + Duration::from_secs(secs);
-        assert_eq!(heads.next_poll_at(longest, at(0)), longest, "no block time yet");
+        assert_eq!(
+            heads.next_poll_at(longest, at(0)),
+            longest,
+            "no block time yet"
+        );
         assert!(heads.record_at(10, at(0)));
         assert!(heads.record_at(11, at(8)));
         // The next block is due at 16 s: wait until one step (1 s) before it.

@@ -125,7 +125,7 @@ impl ChainClient {
         ChainClient {
             chain_id,
             provider,
-            heads: heads::Heads::new(ws_url),
+            heads: heads::Heads::new(chain_id, ws_url),
         }
     }
 

@@ -189,9 +189,7 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
             },
             // Followers wait for the next block.
-            Job::Follower(chain_id) if idle => {
-                watch::wait_for_block(worker, *chain_id).await
-            }
+            Job::Follower(chain_id) if idle => watch::wait_for_block(worker, *chain_id).await,
             Job::Follower(_) => tokio::time::sleep(wait.max(Duration::from_millis(50))).await,
         }
     }

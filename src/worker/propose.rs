@@ -664,7 +664,10 @@ async fn propose_group(
     let gas = match chain.estimate_execution(safe, &tx).await {
         Ok(gas) => gas,
         Err(err) => {
-            tracing::warn!(error = format!("{err:#}"), "cannot estimate the whole Safe transaction; showing the sum of its calls");
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "cannot estimate the whole Safe transaction; showing the sum of its calls"
+            );
             batch.planned_gas()
         }
     };

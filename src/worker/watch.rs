@@ -173,7 +173,13 @@ async fn scan(
     let cursor_block = stored.as_ref().map(|c| c.block_number as u64);
     let likely_from = cursor_block.map_or(earliest, |b| (b + 1).max(earliest));
     let likely_to = range_end(likely_from.min(confirmed + 1).max(1));
-    let new_cursor = |to: u64| if to == head { head.saturating_sub(1) } else { to };
+    let new_cursor = |to: u64| {
+        if to == head {
+            head.saturating_sub(1)
+        } else {
+            to
+        }
+    };
     let ancestors: Vec<u64> = cursor_block
         .into_iter()
         .chain([new_cursor(likely_to)])
@@ -311,7 +317,9 @@ async fn scan(
     // `confirmed` matters only for a proposal that has no execution seen and
     // whose nonce the head shows used (replaced, or executed unseen): else
     // the state at the head decides alike, and costs no second call.
-    let nonce_used = open.iter().any(|p| {
+    // Read again: the scan may have recorded executions on them.
+    let current = worker.store.open_proposals(chain_id).await?;
+    let nonce_used = current.iter().any(|p| {
         p.execution_block.is_none()
             && p.safe.parse::<Address>().ok().is_some_and(|safe| {
                 at_head
@@ -326,8 +334,6 @@ async fn scan(
     };
     let now = worker.clock.now();
     let mut moved = false;
-    // Read again: the scan may have recorded executions on them.
-    let current = worker.store.open_proposals(chain_id).await?;
     let view = View {
         chain: &chain,
         states: &states,

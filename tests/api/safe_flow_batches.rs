@@ -52,8 +52,15 @@ async fn mount_many_nodes(phala: &wiremock::MockServer, dstack_app: Address) {
         .respond_with(move |request: &Request| {
             let body: Value = serde_json::from_slice(&request.body).unwrap();
             let node = body["node_id"].as_u64().unwrap() as u32;
-            let mut prepared =
-                prepared_body_for(&app, 31337, &format!("token-{node}"), node, true, false, true);
+            let mut prepared = prepared_body_for(
+                &app,
+                31337,
+                &format!("token-{node}"),
+                node,
+                true,
+                false,
+                true,
+            );
             for detail in prepared["detail"]["details"].as_array_mut().unwrap() {
                 if detail["field"] == "device_id" {
                     detail["value"] = json!(device(node));
@@ -89,8 +96,15 @@ async fn a_thousand_registrations_are_split_into_safe_transactions_that_each_fit
     .await
     .unwrap();
     let nonces: Vec<i64> = proposals.iter().map(|p| p.0).collect();
-    assert!(nonces.len() >= 2, "one block cannot take them all: {nonces:?}");
-    assert_eq!(nonces, (0..nonces.len() as i64).collect::<Vec<_>>(), "consecutive nonces");
+    assert!(
+        nonces.len() >= 2,
+        "one block cannot take them all: {nonces:?}"
+    );
+    assert_eq!(
+        nonces,
+        (0..nonces.len() as i64).collect::<Vec<_>>(),
+        "consecutive nonces"
+    );
     let (calls, requests): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(DISTINCT value) FROM proposal_calls),
                 (SELECT count(*) FROM replica_requests WHERE status = 'awaiting_approval' AND proposal_id IS NOT NULL)",
@@ -131,11 +145,17 @@ async fn a_thousand_registrations_are_split_into_safe_transactions_that_each_fit
         let used = receipt.gas_used;
         figures.push((nonce, estimate, used));
         let off = (estimate as f64 - used as f64).abs() / used as f64;
-        assert!(off <= 0.10, "nonce {nonce}: estimated {estimate}, used {used}");
+        assert!(
+            off <= 0.10,
+            "nonce {nonce}: estimated {estimate}, used {used}"
+        );
     }
     println!("(nonce, gas estimate, gas used) per Safe transaction: {figures:?}");
     for node in [1, NODES / 2, NODES] {
         let device: B256 = device(node).parse().unwrap();
-        assert!(world.allowed(world.app, None, Some(device)).await, "node {node}");
+        assert!(
+            world.allowed(world.app, None, Some(device)).await,
+            "node {node}"
+        );
     }
 }

@@ -394,7 +394,9 @@ async fn rpc_calls_per_new_block_stay_within_budget_whatever_the_open_proposals(
     for calls in &per_new_block {
         assert!(calls.len() <= 3, "over budget: {calls:?}");
         assert!(
-            !calls.iter().any(|m| m == "eth_chainId" || m == "eth_getBlockByNumber"),
+            !calls
+                .iter()
+                .any(|m| m == "eth_chainId" || m == "eth_getBlockByNumber"),
             "the chain id is read once, and known hashes are not fetched again: {calls:?}"
         );
     }
