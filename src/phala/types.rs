@@ -127,6 +127,8 @@ pub struct AvailableNode {
     pub name: String,
     #[serde(default)]
     pub device_id: Option<String>,
+    #[serde(default)]
+    pub region_identifier: Option<String>,
 }
 
 /// `GET /kms/{kms_type}/pubkey/{app_id}`.

@@ -3,6 +3,7 @@
 mod follower;
 mod idempotency;
 mod job_leases;
+mod proposal_facts;
 mod proposals;
 mod quota;
 mod requests;
@@ -17,6 +18,7 @@ use sqlx::postgres::PgPoolOptions;
 pub use follower::{Cursor, ProposalEnd, RequestMove};
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
+pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
 pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
 };

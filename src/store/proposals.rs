@@ -43,12 +43,16 @@ pub struct ProposalRow {
     pub proposed_block: Option<i64>,
     pub execution_block_hash: Option<String>,
     pub execution_success: Option<bool>,
+    /// The Safe's owners (lowercase), as last read.
+    pub owners: Option<Vec<String>>,
+    /// The owners (lowercase) whose confirmation the Transaction Service holds.
+    pub confirmed_by: Option<Vec<String>>,
 }
 
 pub(super) const COLUMNS: &str = "id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
     status, proposer, gas_estimate, submitted_at, next_attempt_at, confirmations, threshold, checked_at,
     execution_tx_hash, execution_block, last_error_code, last_error_message, created_at, updated_at,
-    proposed_block, execution_block_hash, execution_success";
+    proposed_block, execution_block_hash, execution_success, owners, confirmed_by";
 
 /// A registration as stored: the app, `compose_hash` or `device`, and the 0x value.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, FromRow)]
@@ -96,6 +100,9 @@ pub struct NewProposal {
     pub gas_estimate: Option<i64>,
     /// The chain head when it was planned: the follower scans from there.
     pub proposed_block: i64,
+    /// The Safe's owners (lowercase) and threshold when it was planned.
+    pub owners: Vec<String>,
+    pub threshold: i32,
     pub calls: Vec<StoredRegistration>,
     pub request_ids: Vec<Uuid>,
 }
@@ -255,8 +262,9 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO proposals (id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data,
-                operation, status, proposer, gas_estimate, next_attempt_at, created_at, updated_at, proposed_block)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'proposed', $11, $12, $13, $13, $13, $14)",
+                operation, status, proposer, gas_estimate, next_attempt_at, created_at, updated_at, proposed_block,
+                owners, threshold)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'proposed', $11, $12, $13, $13, $13, $14, $15, $16)",
         )
         .bind(p.id)
         .bind(p.chain_id)
@@ -272,6 +280,8 @@ impl Store {
         .bind(p.gas_estimate)
         .bind(now)
         .bind(p.proposed_block)
+        .bind(&p.owners)
+        .bind(p.threshold)
         .execute(&mut *tx)
         .await?;
         for (position, call) in p.calls.iter().enumerate() {
@@ -388,16 +398,23 @@ impl Store {
         .await
     }
 
-    /// Accepted proposals still open, last checked before `checked_before`.
+    /// Proposals whose confirmations are due for a read: accepted ones still
+    /// open and last read before `checked_before`, and ones that ended since
+    /// `ended_since` and were not read after they ended (their final tally:
+    /// the owners may confirm and execute between two reads).
     pub async fn proposals_to_check(
         &self,
         checked_before: DateTime<Utc>,
+        ended_since: DateTime<Utc>,
     ) -> Result<Vec<ProposalRow>, sqlx::Error> {
         sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM proposals
-             WHERE status = 'proposed' AND submitted_at IS NOT NULL AND (checked_at IS NULL OR checked_at < $1)"
+             WHERE submitted_at IS NOT NULL AND (
+                (status = 'proposed' AND (checked_at IS NULL OR checked_at < $1))
+                OR (status <> 'proposed' AND updated_at >= $2 AND (checked_at IS NULL OR checked_at < updated_at)))"
         ))
         .bind(checked_before)
+        .bind(ended_since)
         .fetch_all(&self.pool)
         .await
     }
@@ -564,20 +581,27 @@ impl Store {
         Ok(())
     }
 
+    /// Records the owners (lowercase) whose confirmation the Transaction
+    /// Service holds, with the threshold and owners when known.
     pub async fn set_confirmations(
         &self,
         id: Uuid,
         now: DateTime<Utc>,
-        confirmations: i32,
+        confirmed_by: &[String],
         threshold: Option<i32>,
+        owners: Option<&[String]>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "UPDATE proposals SET confirmations = $3, threshold = COALESCE($4, threshold), checked_at = $2 WHERE id = $1",
+            "UPDATE proposals SET confirmations = $3, confirmed_by = $4, threshold = COALESCE($5, threshold),
+                owners = COALESCE($6, owners), checked_at = $2
+             WHERE id = $1",
         )
         .bind(id)
         .bind(now)
-        .bind(confirmations)
+        .bind(confirmed_by.len() as i32)
+        .bind(confirmed_by)
         .bind(threshold)
+        .bind(owners)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -7,6 +7,7 @@ pub mod error;
 pub mod intake;
 mod pages;
 mod replicas;
+pub mod signers;
 mod views;
 pub mod webhook;
 
@@ -48,7 +49,9 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/replicas", post(replicas::create).get(replicas::list))
         .route("/replicas/{id}", get(replicas::show))
-        .route("/replicas/{id}/cancel", post(replicas::cancel));
+        .route("/replicas/{id}/cancel", post(replicas::cancel))
+        .route("/proposals", get(signers::list))
+        .route("/proposals/{id}", get(signers::show));
 
     Router::new()
         .route("/", get(pages::index))

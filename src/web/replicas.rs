@@ -127,28 +127,15 @@ pub async fn cancel(
     }
 }
 
-/// The proposals the given requests point to, with their calls.
+/// The proposals the given requests point to, as the signers see them.
 async fn proposals_of(
     state: &AppState,
     requests: &[crate::store::ReplicaRequest],
 ) -> Result<views::Proposals, ApiError> {
-    let ids: Vec<Uuid> = requests.iter().filter_map(|r| r.proposal_id).collect();
-    if ids.is_empty() {
-        return Ok(views::Proposals::new());
-    }
-    let mut proposals: views::Proposals = state
-        .store
-        .proposals(&ids)
-        .await?
-        .into_iter()
-        .map(|p| (p.id, (p, Vec::new())))
-        .collect();
-    for (id, call) in state.store.proposal_calls(&ids).await? {
-        if let Some((_, calls)) = proposals.get_mut(&id) {
-            calls.push(call);
-        }
-    }
-    Ok(proposals)
+    let mut ids: Vec<Uuid> = requests.iter().filter_map(|r| r.proposal_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(super::signers::views_by_id(&state.store, &ids).await?)
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

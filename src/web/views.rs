@@ -5,20 +5,19 @@ use serde_json::{Value, json};
 
 use std::collections::HashMap;
 
-use alloy::primitives::Address;
 use uuid::Uuid;
 
-use crate::store::{EventRow, ProposalRow, ReplicaRequest, StoredRegistration};
+use super::signers::ProposalView;
+use crate::store::{EventRow, ReplicaRequest};
 use crate::telemetry::redact;
-use crate::worker::safe_wallet_link;
 
 /// Stored text that may quote a client error (and so a URL with a key).
 fn clean(text: &Option<String>) -> Option<String> {
     text.as_deref().map(|t| redact(t).into_owned())
 }
 
-/// Proposals by id with their calls, for rendering the requests that point to them.
-pub type Proposals = HashMap<Uuid, (ProposalRow, Vec<StoredRegistration>)>;
+/// Proposals by id, as the signers see them, for the requests that point to them.
+pub type Proposals = HashMap<Uuid, ProposalView>;
 
 pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> Value {
     let last_error = r.last_error_code.as_ref().map(|code| {
@@ -51,7 +50,7 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> Value {
             "compose_hash_allowed": r.compose_hash_allowed,
             "device_id_allowed": r.device_id_allowed,
         },
-        "proposal": r.proposal_id.and_then(|id| proposals.get(&id)).map(|(p, calls)| proposal(p, calls)),
+        "proposal": r.proposal_id.and_then(|id| proposals.get(&id)),
         "replica": replica,
         "vm_uuid": r.replica_vm_uuid,
         "dashboard_link": dashboard_link(r),
@@ -63,32 +62,6 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> Value {
         "last_error": last_error,
         "created_at": r.created_at,
         "updated_at": r.updated_at,
-    })
-}
-
-/// A proposal as the owners see it, with the Safe{Wallet} link where signing happens.
-pub fn proposal(p: &ProposalRow, calls: &[StoredRegistration]) -> Value {
-    let safe: Option<Address> = p.safe.parse().ok();
-    json!({
-        "id": p.id,
-        "chain_id": p.chain_id,
-        "safe": safe.map(|s| s.to_checksum(None)).unwrap_or_else(|| p.safe.clone()),
-        "nonce": p.nonce,
-        "safe_tx_hash": p.safe_tx_hash,
-        "status": p.status,
-        "submitted": p.submitted_at.is_some(),
-        "confirmations": p.confirmations.unwrap_or(0),
-        "threshold": p.threshold,
-        "gas_estimate": p.gas_estimate,
-        "link": safe.and_then(|s| safe_wallet_link(p.chain_id as u64, s, &p.safe_tx_hash)),
-        "execution_tx_hash": p.execution_tx_hash,
-        "execution_tx_link": p.execution_tx_hash.as_ref().and_then(|tx| explorer_tx_link(p.chain_id as u64, tx)),
-        "calls": calls.iter().map(|c| json!({
-            "function": if c.kind == "compose_hash" { "addComposeHash" } else { "addDevice" },
-            "app": c.app_id,
-            "value": c.value,
-        })).collect::<Vec<_>>(),
-        "last_error": p.last_error_code.as_ref().map(|code| json!({"code": code, "message": clean(&p.last_error_message)})),
     })
 }
 

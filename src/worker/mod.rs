@@ -7,6 +7,7 @@
 
 mod backoff;
 mod commit;
+mod describe;
 mod owner;
 mod prepare;
 mod propose;

@@ -28,8 +28,11 @@ use crate::store::{
 
 /// How long requests wait after a chain or service problem before planning again.
 const CHAIN_RETRY: chrono::Duration = chrono::Duration::seconds(30);
-/// How often the confirmations of an open proposal are refreshed.
-const CHECK_EVERY: chrono::Duration = chrono::Duration::seconds(30);
+/// How often the confirmations of an open proposal are read: owners see
+/// each other's signatures within seconds.
+const CHECK_EVERY: chrono::Duration = chrono::Duration::seconds(3);
+/// A proposal that ended gets its last read of confirmations within this.
+const FINAL_READ_WITHIN: chrono::Duration = chrono::Duration::days(1);
 const ORIGIN: &str = r#"{"name":"approval-bridge","url":""}"#;
 
 /// What one planner owns. Each scope is planned by its own leased job.
@@ -95,7 +98,7 @@ impl PlanScope {
         )
     }
 
-    fn takes_proposal(&self, proposal: &ProposalRow) -> bool {
+    pub(super) fn takes_proposal(&self, proposal: &ProposalRow) -> bool {
         match self {
             PlanScope::Safe { chain_id, safe, .. } => {
                 proposal.chain_id == *chain_id && proposal.safe == lower(*safe)
@@ -118,8 +121,9 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
     Ok(moved)
 }
 
-/// One pass of one planner: post its stored proposals, plan new ones, and
-/// refresh the confirmations of its open ones. `fence`: the job's lease.
+/// One pass of one planner: post its stored proposals, plan new ones,
+/// refresh the confirmations of its proposals and describe the ones Phala
+/// has not described yet. `fence`: the job's lease.
 pub(super) async fn run_scope(
     worker: &Worker,
     flow: &SafeFlow,
@@ -129,6 +133,7 @@ pub(super) async fn run_scope(
     let mut moved = submit_stored(worker, flow, scope).await?;
     moved |= plan(worker, flow, scope, fence).await?;
     refresh_confirmations(worker, flow, scope).await?;
+    super::describe::fill_missing(worker, scope).await?;
     Ok(moved)
 }
 
@@ -705,6 +710,8 @@ async fn propose_group(
         operation: u8::from(tx.operation) as i16,
         proposer: lower(proposer.address()),
         gas_estimate: Some(gas as i64),
+        owners: safe.owners.iter().map(|o| lower(*o)).collect(),
+        threshold: safe.threshold as i32,
         calls: ordered
             .iter()
             .map(|(_, stored)| (*stored).clone())
@@ -722,6 +729,8 @@ async fn propose_group(
         Err(ProposalConflict::Database(err)) => return Err(err.into()),
     }
     tracing::info!(safe_tx_hash = %safe_tx_hash, nonce, calls = new.calls.len(), requests = new.request_ids.len(), "proposal stored");
+    // Before the post, so the owners' first notification has the human terms.
+    super::describe::learn(worker, new.id, &new.calls).await?;
     let stored = worker.store.proposals(&[new.id]).await?.remove(0);
     submit(worker, flow, &stored).await?;
     Ok(true)
@@ -934,40 +943,62 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
     }
 }
 
-/// Keeps the confirmations shown with each open proposal fresh.
+/// Keeps the confirmations shown with each proposal current: which owners
+/// confirmed, read from the Transaction Service every few seconds while it
+/// is open, and once more after it ended (owners may confirm and execute
+/// between two reads; the final tally must still show who signed).
 async fn refresh_confirmations(
     worker: &Worker,
     flow: &SafeFlow,
     scope: &PlanScope,
 ) -> anyhow::Result<()> {
     let now = worker.clock.now();
-    for proposal in worker.store.proposals_to_check(now - CHECK_EVERY).await? {
+    let due = worker
+        .store
+        .proposals_to_check(now - CHECK_EVERY, now - FINAL_READ_WITHIN)
+        .await?;
+    for proposal in due {
         if !scope.takes_proposal(&proposal) {
             continue;
         }
         let hash: B256 = proposal.safe_tx_hash.parse()?;
-        match flow
-            .service(proposal.chain_id as u64)?
-            .get_transaction(hash)
-            .await
-        {
+        let chain_id = proposal.chain_id as u64;
+        match flow.service(chain_id)?.get_transaction(hash).await {
             Ok(Some(tx)) => {
+                let confirmed: Vec<String> = tx.confirmations.iter().map(|o| lower(*o)).collect();
                 let threshold = tx.confirmations_required.map(|t| t as i32);
+                // Proposals stored before owners were kept learn them once.
+                let owners = match &proposal.owners {
+                    Some(_) => None,
+                    None => safe_owners(flow, &proposal).await,
+                };
                 worker
                     .store
-                    .set_confirmations(proposal.id, now, tx.confirmation_count() as i32, threshold)
+                    .set_confirmations(proposal.id, now, &confirmed, threshold, owners.as_deref())
                     .await?;
             }
+            // Not (or no longer) known to the service: the last tally stands.
             Ok(None) => {
+                let kept = proposal.confirmed_by.clone().unwrap_or_default();
                 worker
                     .store
-                    .set_confirmations(proposal.id, now, 0, None)
+                    .set_confirmations(proposal.id, now, &kept, None, None)
                     .await?
             }
             Err(err) => tracing::debug!(error = %err, "cannot refresh confirmations"),
         }
     }
     Ok(())
+}
+
+/// The Safe's owners (lowercase), read on chain.
+async fn safe_owners(flow: &SafeFlow, proposal: &ProposalRow) -> Option<Vec<String>> {
+    let chain = flow.chain(proposal.chain_id as u64)?;
+    let safe: Address = proposal.safe.parse().ok()?;
+    match chain.owner_kind(safe).await {
+        Ok(OwnerKind::Safe(info)) => Some(info.owners.iter().map(|o| lower(*o)).collect()),
+        _ => None,
+    }
 }
 
 fn parse_needs(

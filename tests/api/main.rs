@@ -31,6 +31,7 @@ mod sandbox_e2e;
 mod sandbox_page;
 mod sandbox_process;
 mod secrets;
+mod signers_view;
 mod unknown_outcomes;
 mod watch_commit;
 mod watch_failures;

@@ -1,0 +1,725 @@
+//! The signers' view of a proposal: what each inner call does in human terms
+//! (the app and its CVMs, the node and its region, the CVMs that run a
+//! configuration, the requests it unblocks and who queued them), which
+//! owners confirmed and which are still to sign, and where to sign.
+//!
+//! Everything comes from Postgres: the proposal, its calls, its requests,
+//! the confirmations the planner reads from the Transaction Service, and the
+//! facts Phala gave when it was planned. Showing a proposal never calls out.
+
+use std::collections::HashMap;
+
+use alloy::primitives::Address;
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::AppState;
+use super::auth::ApiCaller;
+use super::error::ApiError;
+use super::views::explorer_tx_link;
+use crate::store::{
+    CvmFacts, ProposalFacts, ProposalRow, ReplicaRequest, Store, StoredRegistration, same_hex,
+};
+use crate::telemetry::redact;
+use crate::worker::safe_wallet_link;
+
+/// A proposal as the Safe's owners see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProposalView {
+    pub id: Uuid,
+    pub chain_id: i64,
+    /// Checksummed.
+    pub safe: String,
+    pub nonce: i64,
+    pub safe_tx_hash: String,
+    /// `proposed` (open), `executed`, `failed`, `replaced` or `superseded`.
+    pub status: String,
+    /// The Transaction Service accepted it: the owners can see it in Safe{Wallet}.
+    pub submitted: bool,
+    /// How many owners confirmed.
+    pub confirmations: i32,
+    pub threshold: Option<i32>,
+    /// The owners who confirmed (checksummed).
+    pub confirmed_by: Vec<String>,
+    /// The Safe's owners (checksummed).
+    pub owners: Vec<String>,
+    /// While open and short of the threshold: the owners who have not
+    /// confirmed; any `signatures_needed` of them complete it.
+    pub owners_to_sign: Vec<String>,
+    /// Confirmations still missing (0 once the threshold is met).
+    pub signatures_needed: Option<i32>,
+    /// When the confirmations were last read from the Transaction Service.
+    pub confirmations_checked_at: Option<DateTime<Utc>>,
+    /// "1 of 2 confirmations; waiting for one of 0x…, 0x…", or how it ended.
+    pub summary: String,
+    /// Safe{Wallet}, where the owners sign.
+    pub link: Option<String>,
+    pub execution_tx_hash: Option<String>,
+    pub execution_tx_link: Option<String>,
+    pub gas_estimate: Option<i64>,
+    pub calls: Vec<CallView>,
+    /// Every request the proposal serves.
+    pub requests: Vec<ServedRequest>,
+    pub last_error: Option<ProposalError>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One inner call of the Safe transaction.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallView {
+    /// `addDevice` or `addComposeHash`.
+    pub function: &'static str,
+    /// The DstackApp contract (the app id).
+    pub app: String,
+    /// The device id or compose hash it allows.
+    pub value: String,
+    /// One sentence: what allowing this means.
+    pub description: String,
+    pub app_name: Option<String>,
+    /// The app's CVMs, as Phala listed them when the proposal was planned
+    /// (empty when Phala could not be asked).
+    pub app_cvms: Vec<CvmView>,
+    /// For `addDevice`: the node whose device it is.
+    pub node: Option<NodeView>,
+    /// For `addComposeHash`: the CVMs that run this configuration (`None`
+    /// when Phala could not be asked).
+    pub cvms_running_it: Option<Vec<CvmView>>,
+    /// The requests that wait for this call.
+    pub unblocks: Vec<ServedRequest>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CvmView {
+    pub name: Option<String>,
+    pub vm_uuid: Option<String>,
+    pub status: Option<String>,
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub id: Option<i64>,
+    pub name: Option<String>,
+    pub region: Option<String>,
+}
+
+/// A replica request a proposal serves, and who queued it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServedRequest {
+    pub id: Uuid,
+    pub status: String,
+    /// The source CVM's name (or what the caller gave).
+    pub source: String,
+    pub node: Option<String>,
+    pub created_by: String,
+    pub note: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProposalError {
+    pub code: String,
+    pub message: Option<String>,
+}
+
+/// `GET /api/v1/proposals`.
+#[derive(Debug, Serialize)]
+pub struct ProposalList {
+    pub proposals: Vec<ProposalView>,
+}
+
+/// The view of one proposal, by id.
+pub async fn proposal_view(state: &AppState, id: Uuid) -> anyhow::Result<Option<ProposalView>> {
+    let rows = state.store.proposals(&[id]).await?;
+    Ok(views_of(&state.store, rows).await?.pop())
+}
+
+/// The open proposals (proposed, not executed or ended yet), newest first.
+pub async fn open_proposals(state: &AppState) -> anyhow::Result<Vec<ProposalView>> {
+    let rows = state
+        .store
+        .list_proposals(Some("proposed"), MAX_LIST_LIMIT)
+        .await?;
+    views_of(&state.store, rows).await
+}
+
+/// The views of the given proposals by id (for the requests that point to them).
+pub async fn views_by_id(
+    store: &Store,
+    ids: &[Uuid],
+) -> anyhow::Result<HashMap<Uuid, ProposalView>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = store.proposals(ids).await?;
+    Ok(views_of(store, rows)
+        .await?
+        .into_iter()
+        .map(|v| (v.id, v))
+        .collect())
+}
+
+/// Builds the views of `rows`, in their order, with four batched reads.
+pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<Vec<ProposalView>> {
+    let ids: Vec<Uuid> = rows.iter().map(|p| p.id).collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut calls: HashMap<Uuid, Vec<StoredRegistration>> = HashMap::new();
+    for (id, call) in store.proposal_calls(&ids).await? {
+        calls.entry(id).or_default().push(call);
+    }
+    let mut facts = store.proposal_facts(&ids).await?;
+    let requests = store.requests_served_by(&ids).await?;
+    let request_ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
+    let mut needs: HashMap<Uuid, Vec<StoredRegistration>> = HashMap::new();
+    for row in store.registrations_of(&request_ids).await? {
+        needs
+            .entry(row.request_id)
+            .or_default()
+            .push(row.registration);
+    }
+    let mut served: HashMap<Uuid, Vec<&ReplicaRequest>> = HashMap::new();
+    for request in &requests {
+        if let Some(p) = request.proposal_id {
+            served.entry(p).or_default().push(request);
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .map(|p| {
+            let id = p.id;
+            build(
+                p,
+                calls.remove(&id).unwrap_or_default(),
+                facts.remove(&id),
+                served.remove(&id).unwrap_or_default(),
+                &needs,
+            )
+        })
+        .collect())
+}
+
+fn build(
+    p: ProposalRow,
+    calls: Vec<StoredRegistration>,
+    facts: Option<ProposalFacts>,
+    requests: Vec<&ReplicaRequest>,
+    needs: &HashMap<Uuid, Vec<StoredRegistration>>,
+) -> ProposalView {
+    let safe: Option<Address> = p.safe.parse().ok();
+    let owners: Vec<String> = p
+        .owners
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|o| checksum(o))
+        .collect();
+    let confirmed_by: Vec<String> = p
+        .confirmed_by
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|o| checksum(o))
+        .collect();
+    let confirmations = p.confirmations.unwrap_or(confirmed_by.len() as i32);
+    let signatures_needed = p.threshold.map(|t| (t - confirmations).max(0));
+    let open = p.status == "proposed";
+    let owners_to_sign: Vec<String> = if open && signatures_needed.unwrap_or(1) > 0 {
+        owners
+            .iter()
+            .filter(|o| !confirmed_by.contains(o))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let summary = summary(&p, confirmations, signatures_needed, &owners_to_sign);
+    let call_views = calls
+        .iter()
+        .map(|c| call_view(c, facts.as_ref(), &requests, needs))
+        .collect();
+    ProposalView {
+        id: p.id,
+        chain_id: p.chain_id,
+        safe: safe
+            .map(|s| s.to_checksum(None))
+            .unwrap_or_else(|| p.safe.clone()),
+        nonce: p.nonce,
+        link: safe.and_then(|s| safe_wallet_link(p.chain_id as u64, s, &p.safe_tx_hash)),
+        execution_tx_link: p
+            .execution_tx_hash
+            .as_ref()
+            .and_then(|tx| explorer_tx_link(p.chain_id as u64, tx)),
+        safe_tx_hash: p.safe_tx_hash,
+        submitted: p.submitted_at.is_some(),
+        confirmations,
+        threshold: p.threshold,
+        confirmed_by,
+        owners,
+        owners_to_sign,
+        signatures_needed,
+        confirmations_checked_at: p.checked_at,
+        summary,
+        execution_tx_hash: p.execution_tx_hash,
+        gas_estimate: p.gas_estimate,
+        calls: call_views,
+        requests: requests.iter().map(|r| served(r)).collect(),
+        last_error: p.last_error_code.map(|code| ProposalError {
+            code,
+            message: p.last_error_message.map(|m| redact(&m).into_owned()),
+        }),
+        created_at: p.created_at,
+        updated_at: p.updated_at,
+        status: p.status,
+    }
+}
+
+fn summary(p: &ProposalRow, confirmations: i32, needed: Option<i32>, to_sign: &[String]) -> String {
+    let of = match p.threshold {
+        Some(t) => format!("{confirmations} of {t} confirmations"),
+        None => format!("{confirmations} confirmations"),
+    };
+    match p.status.as_str() {
+        "proposed" if p.submitted_at.is_none() => {
+            "stored; not yet accepted by the Safe Transaction Service".to_owned()
+        }
+        "proposed" if p.execution_tx_hash.is_some() => {
+            format!("{of}; executed, waiting for the block confirmations")
+        }
+        "proposed" => match needed {
+            Some(0) => format!("{of}; ready to execute"),
+            Some(n) if !to_sign.is_empty() => {
+                let who = if n == 1 && to_sign.len() == 1 {
+                    to_sign[0].clone()
+                } else if n == 1 {
+                    format!("one of {}", to_sign.join(", "))
+                } else {
+                    format!("{n} of {}", to_sign.join(", "))
+                };
+                format!("{of}; waiting for {who}")
+            }
+            _ => format!("{of}; waiting for the owners"),
+        },
+        "executed" => format!("executed with {of}"),
+        other => format!("{other} ({of})"),
+    }
+}
+
+fn call_view(
+    call: &StoredRegistration,
+    facts: Option<&ProposalFacts>,
+    requests: &[&ReplicaRequest],
+    needs: &HashMap<Uuid, Vec<StoredRegistration>>,
+) -> CallView {
+    let app_facts = facts.and_then(|f| f.app(&call.app_id));
+    let unblocks: Vec<&ReplicaRequest> = requests
+        .iter()
+        .copied()
+        .filter(|r| needs.get(&r.id).is_some_and(|n| n.contains(call)))
+        .collect();
+    let of_app: Vec<&ReplicaRequest> = requests
+        .iter()
+        .copied()
+        .filter(|r| {
+            r.app_id
+                .as_deref()
+                .is_some_and(|a| same_hex(a, &call.app_id))
+        })
+        .collect();
+    let app_name = of_app
+        .iter()
+        .find_map(|r| r.source_name.clone())
+        .or_else(|| app_facts.and_then(|a| a.cvms.iter().find_map(|c| c.name.clone())));
+    let app_cvms: Vec<CvmView> = app_facts
+        .map(|a| a.cvms.iter().map(cvm_view).collect())
+        .unwrap_or_default();
+    let app_label = match &app_name {
+        Some(name) => format!("app {name} ({})", call.app_id),
+        None => format!("app {}", call.app_id),
+    };
+    let serves = match app_cvms
+        .iter()
+        .filter_map(|c| c.name.as_deref())
+        .collect::<Vec<_>>()
+    {
+        names if names.is_empty() => String::new(),
+        names => format!(", which serves {}", names.join(", ")),
+    };
+    let (function, node, cvms_running_it, description) = if call.kind == "device" {
+        let node = node_view(call, facts, requests);
+        let where_ = match &node {
+            Some(NodeView {
+                name: Some(name),
+                region,
+                ..
+            }) => match region {
+                Some(region) => format!("node {name} (region {region})"),
+                None => format!("node {name}"),
+            },
+            _ => format!("the node with device {}", call.value),
+        };
+        let description = format!("Allow {where_} to run {app_label}{serves}");
+        ("addDevice", node, None, description)
+    } else {
+        let running: Option<Vec<CvmView>> = app_facts.map(|a| {
+            a.cvms
+                .iter()
+                .filter(|c| {
+                    c.compose_hash
+                        .as_deref()
+                        .is_some_and(|h| same_hex(h, &call.value))
+                })
+                .map(cvm_view)
+                .collect()
+        });
+        let which = match running.as_deref() {
+            Some([]) => ", which no CVM of the app runs today".to_owned(),
+            Some(cvms) => {
+                let names: Vec<&str> = cvms.iter().filter_map(|c| c.name.as_deref()).collect();
+                format!(", the configuration {} runs", names.join(", "))
+            }
+            None => String::new(),
+        };
+        let description = format!(
+            "Allow {app_label}{serves} to run configuration {}{which}",
+            call.value
+        );
+        ("addComposeHash", None, running, description)
+    };
+    let description = match unblocks.len() {
+        0 => description,
+        n => {
+            let who: Vec<String> = unblocks
+                .iter()
+                .map(|r| {
+                    let node = r.node_name.as_deref().or(r.node.as_deref());
+                    format!(
+                        "{}{} queued by {}",
+                        r.source_name.as_deref().unwrap_or(&r.source),
+                        node.map(|n| format!(" on {n}")).unwrap_or_default(),
+                        r.created_by
+                    )
+                })
+                .collect();
+            let requests = if n == 1 { "request" } else { "requests" };
+            format!("{description}; unblocks {n} {requests}: {}", who.join("; "))
+        }
+    };
+    CallView {
+        function,
+        app: call.app_id.clone(),
+        value: call.value.clone(),
+        description,
+        app_name,
+        app_cvms,
+        node,
+        cvms_running_it,
+        unblocks: unblocks.iter().map(|r| served(r)).collect(),
+    }
+}
+
+/// The node of an `addDevice`: Phala's node list when the proposal was
+/// planned, else what the requests for that device recorded at intake.
+fn node_view(
+    call: &StoredRegistration,
+    facts: Option<&ProposalFacts>,
+    requests: &[&ReplicaRequest],
+) -> Option<NodeView> {
+    if let Some(node) = facts.and_then(|f| f.node_with_device(&call.value)) {
+        return Some(NodeView {
+            id: Some(node.id.into()),
+            name: Some(node.name.clone()),
+            region: node.region.clone(),
+        });
+    }
+    requests
+        .iter()
+        .find(|r| {
+            r.device_id
+                .as_deref()
+                .is_some_and(|d| same_hex(d, &call.value))
+                && r.node_name.is_some()
+        })
+        .map(|r| NodeView {
+            id: r.node_id.map(i64::from),
+            name: r.node_name.clone(),
+            region: None,
+        })
+}
+
+fn cvm_view(c: &CvmFacts) -> CvmView {
+    CvmView {
+        name: c.name.clone(),
+        vm_uuid: c.vm_uuid.clone(),
+        status: c.status.clone(),
+        node: c.node.clone(),
+    }
+}
+
+fn served(r: &ReplicaRequest) -> ServedRequest {
+    ServedRequest {
+        id: r.id,
+        status: r.status().to_string(),
+        source: r.source_name.clone().unwrap_or_else(|| r.source.clone()),
+        node: r.node_name.clone().or_else(|| r.node.clone()),
+        created_by: r.created_by.clone(),
+        note: r.note.clone(),
+        created_at: r.created_at,
+    }
+}
+
+fn checksum(address: &str) -> String {
+    address
+        .parse::<Address>()
+        .map(|a| a.to_checksum(None))
+        .unwrap_or_else(|_| address.to_owned())
+}
+
+const DEFAULT_LIST_LIMIT: i64 = 50;
+const MAX_LIST_LIMIT: i64 = 500;
+/// The proposal statuses, plus `open` (= `proposed`) and `all`.
+const STATUSES: [&str; 7] = [
+    "open",
+    "proposed",
+    "executed",
+    "failed",
+    "replaced",
+    "superseded",
+    "all",
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `GET /api/v1/proposals?status=open&limit=50`: open proposals by default, newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    _caller: ApiCaller,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<ProposalList>, ApiError> {
+    let Query(params) = params
+        .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
+    let status = params.status.as_deref().unwrap_or("open");
+    let status = match status {
+        "open" => Some("proposed"),
+        "all" => None,
+        s if STATUSES.contains(&s) => Some(s),
+        s => {
+            return Err(ApiError::bad_request(
+                "invalid_status",
+                format!(
+                    "unknown proposal status `{s}`; one of {}",
+                    STATUSES.join(", ")
+                ),
+            ));
+        }
+    };
+    let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
+        ));
+    }
+    let rows = state.store.list_proposals(status, limit).await?;
+    Ok(Json(ProposalList {
+        proposals: views_of(&state.store, rows).await?,
+    }))
+}
+
+/// `GET /api/v1/proposals/{id}`: by the bridge's id or by the safeTxHash.
+pub async fn show(
+    State(state): State<AppState>,
+    _caller: ApiCaller,
+    Path(id): Path<String>,
+) -> Result<Json<ProposalView>, ApiError> {
+    let row = if let Ok(uuid) = Uuid::parse_str(&id) {
+        state.store.proposals(&[uuid]).await?.pop()
+    } else if id.len() == 66 && id.starts_with("0x") && hex::decode(&id[2..]).is_ok() {
+        state.store.proposal_by_hash(&id.to_lowercase()).await?
+    } else {
+        return Err(ApiError::bad_request(
+            "invalid_id",
+            format!(
+                "`{id}` is neither a proposal id (a UUID) nor a safeTxHash (0x and 64 hex digits)"
+            ),
+        ));
+    };
+    let row = row.ok_or_else(|| ApiError::not_found(format!("no proposal has id {id}")))?;
+    let view = views_of(&state.store, vec![row])
+        .await?
+        .pop()
+        .expect("one row gives one view");
+    Ok(Json(view))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(
+        status: &str,
+        threshold: Option<i32>,
+        confirmed: &[&str],
+        owners: &[&str],
+    ) -> ProposalRow {
+        let now = Utc::now();
+        ProposalRow {
+            id: Uuid::nil(),
+            chain_id: 8453,
+            safe: "0x1f9090aae28b8a3dceadf281b0f12828e676c326".into(),
+            safe_version: "1.4.1".into(),
+            nonce: 4,
+            safe_tx_hash: format!("0x{}", "ab".repeat(32)),
+            to_address: "0x5fbdb2315678afecb367f032d93f642f64180aa3".into(),
+            value: "0".into(),
+            data: "0x".into(),
+            operation: 0,
+            status: status.into(),
+            proposer: "0x0000000000000000000000000000000000000009".into(),
+            gas_estimate: None,
+            submitted_at: Some(now),
+            next_attempt_at: now,
+            confirmations: Some(confirmed.len() as i32),
+            threshold,
+            checked_at: Some(now),
+            execution_tx_hash: None,
+            execution_block: None,
+            last_error_code: None,
+            last_error_message: None,
+            created_at: now,
+            updated_at: now,
+            proposed_block: None,
+            execution_block_hash: None,
+            execution_success: None,
+            owners: Some(owners.iter().map(|s| s.to_string()).collect()),
+            confirmed_by: Some(confirmed.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    const A: &str = "0x0000000000000000000000000000000000000001";
+    const B: &str = "0x0000000000000000000000000000000000000002";
+    const C: &str = "0x0000000000000000000000000000000000000003";
+
+    #[test]
+    fn an_open_proposal_names_the_owners_still_to_sign() {
+        let view = build(
+            row("proposed", Some(2), &[A], &[A, B, C]),
+            vec![],
+            None,
+            vec![],
+            &HashMap::new(),
+        );
+        assert_eq!(view.confirmations, 1);
+        assert_eq!(view.signatures_needed, Some(1));
+        assert_eq!(view.owners_to_sign, vec![checksum(B), checksum(C)]);
+        assert_eq!(
+            view.summary,
+            format!(
+                "1 of 2 confirmations; waiting for one of {}, {}",
+                checksum(B),
+                checksum(C)
+            )
+        );
+        assert!(view.link.is_some(), "Base has a Safe{{Wallet}} link");
+    }
+
+    #[test]
+    fn nobody_is_still_to_sign_once_the_threshold_is_met_or_it_ended() {
+        let ready = build(
+            row("proposed", Some(2), &[A, B], &[A, B, C]),
+            vec![],
+            None,
+            vec![],
+            &HashMap::new(),
+        );
+        assert!(ready.owners_to_sign.is_empty());
+        assert_eq!(ready.signatures_needed, Some(0));
+        assert_eq!(ready.summary, "2 of 2 confirmations; ready to execute");
+        let executed = build(
+            row("executed", Some(2), &[A, C], &[A, B, C]),
+            vec![],
+            None,
+            vec![],
+            &HashMap::new(),
+        );
+        assert!(executed.owners_to_sign.is_empty());
+        assert_eq!(executed.confirmed_by, vec![checksum(A), checksum(C)]);
+        assert_eq!(executed.summary, "executed with 2 of 2 confirmations");
+    }
+
+    #[test]
+    fn calls_read_in_human_terms_from_the_facts_phala_gave() {
+        let device = StoredRegistration {
+            app_id: "0x5fbdb2315678afecb367f032d93f642f64180aa3".into(),
+            kind: "device".into(),
+            value: format!("0x{}", "11".repeat(32)),
+        };
+        let compose = StoredRegistration {
+            kind: "compose_hash".into(),
+            value: format!("0x{}", "22".repeat(32)),
+            ..device.clone()
+        };
+        let facts = ProposalFacts {
+            apps: vec![crate::store::AppFacts {
+                app_id: "5fbdb2315678afecb367f032d93f642f64180aa3".into(),
+                cvms: vec![CvmFacts {
+                    name: Some("api-canary".into()),
+                    compose_hash: Some("22".repeat(32)),
+                    ..CvmFacts::default()
+                }],
+            }],
+            nodes: vec![crate::store::NodeFacts {
+                id: 7,
+                name: "prod-3".into(),
+                region: Some("eu-1".into()),
+                device_id: Some("11".repeat(32)),
+            }],
+        };
+        let view = build(
+            row("proposed", Some(2), &[], &[A, B, C]),
+            vec![device, compose],
+            Some(facts),
+            vec![],
+            &HashMap::new(),
+        );
+        let add_device = &view.calls[0];
+        assert_eq!(add_device.function, "addDevice");
+        assert_eq!(
+            add_device.node.as_ref().unwrap().region.as_deref(),
+            Some("eu-1")
+        );
+        assert!(
+            add_device
+                .description
+                .starts_with("Allow node prod-3 (region eu-1) to run app api-canary"),
+            "{}",
+            add_device.description
+        );
+        let add_hash = &view.calls[1];
+        assert_eq!(add_hash.function, "addComposeHash");
+        assert_eq!(
+            add_hash.cvms_running_it.as_ref().unwrap()[0]
+                .name
+                .as_deref(),
+            Some("api-canary")
+        );
+        assert!(
+            add_hash
+                .description
+                .ends_with("the configuration api-canary runs"),
+            "{}",
+            add_hash.description
+        );
+    }
+}
