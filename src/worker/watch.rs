@@ -335,7 +335,7 @@ async fn scan(
     let now = worker.clock.now();
     let mut moved = false;
     let view = View {
-        chain: &chain,
+        chain,
         states: &states,
         at_head: &at_head,
         confirmed,
