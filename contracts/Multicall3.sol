@@ -29,4 +29,10 @@ contract Multicall3 {
             returnData[i] = Result(success, ret);
         }
     }
+
+    /// The hash of one of the 256 blocks below the current one (0 otherwise),
+    /// as the canonical contract answers.
+    function getBlockHash(uint256 blockNumber) external view returns (bytes32 blockHash) {
+        blockHash = blockhash(blockNumber);
+    }
 }

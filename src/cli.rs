@@ -36,6 +36,10 @@ pub enum Command {
     /// and Safe Transaction Service simulators, and the bridge.
     #[cfg(feature = "sandbox")]
     Sandbox(SandboxArgs),
+    /// Measure the performance figures against the sandbox's world, with this
+    /// binary's `serve`; print a table and write JSON.
+    #[cfg(feature = "sandbox")]
+    Bench(crate::bench::BenchArgs),
 }
 
 #[cfg(feature = "sandbox")]

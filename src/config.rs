@@ -309,6 +309,12 @@ pub struct SafeSettings {
           default_value = "", hide_default_value = true, hide_env_values = true)]
     pub rpc_urls: RpcUrls,
 
+    /// WebSocket URL per chain (`chain_id=wss://…`): the chain follower
+    /// subscribes to `newHeads` there, and polls when it is down.
+    #[arg(long, env = "APPROVAL_BRIDGE_WS_URLS", value_parser = parse_ws_urls,
+          default_value = "", hide_default_value = true, hide_env_values = true)]
+    pub ws_urls: RpcUrls,
+
     /// JSON-RPC URL for any chain not in APPROVAL_BRIDGE_RPC_URLS.
     #[arg(long, env = "ETH_RPC_URL", hide_env_values = true)]
     pub eth_rpc_url: Option<Url>,
@@ -441,6 +447,7 @@ impl Default for SafeSettings {
     fn default() -> Self {
         SafeSettings {
             rpc_urls: RpcUrls::default(),
+            ws_urls: RpcUrls::default(),
             eth_rpc_url: None,
             safes: AllowedSafes::default(),
             proposer_key: None,
@@ -728,6 +735,20 @@ fn parse_rpc_urls(value: &str) -> Result<RpcUrls, String> {
         out.push((chain, url));
     }
     Ok(RpcUrls(out))
+}
+
+fn parse_ws_urls(value: &str) -> Result<RpcUrls, String> {
+    let urls = parse_rpc_urls(value)?;
+    if let Some((chain, _)) = urls
+        .0
+        .iter()
+        .find(|(_, url)| !matches!(url.scheme(), "ws" | "wss"))
+    {
+        return Err(format!(
+            "the URL for chain {chain} is not a ws:// or wss:// URL"
+        ));
+    }
+    Ok(urls)
 }
 
 fn parse_safes(value: &str) -> Result<AllowedSafes, String> {

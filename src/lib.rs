@@ -3,6 +3,10 @@
 //! Data flows one way: `web` → `store` → `worker` → clients (`phala`).
 //! `domain` holds the pure rules and imports nothing of the outside world.
 
+/// `approval-bridge bench`: the performance figures against the sandbox's
+/// world; compiled only with the `sandbox` feature.
+#[cfg(feature = "sandbox")]
+pub mod bench;
 pub mod chain;
 pub mod cli;
 pub mod clock;

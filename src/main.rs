@@ -47,6 +47,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => sandbox(args).await,
+        #[cfg(feature = "sandbox")]
+        Command::Bench(args) => {
+            telemetry::init_stderr(LogFormat::Text);
+            approval_bridge::bench::run(args).await
+        }
     }
 }
 

@@ -93,6 +93,7 @@ pub fn register_safe_settings(safe: &SafeSettings) {
         .rpc_urls
         .0
         .iter()
+        .chain(safe.ws_urls.0.iter())
         .chain(safe.safe_service_urls.0.iter());
     for (_, url) in urls {
         register_url(url);

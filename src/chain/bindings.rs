@@ -33,5 +33,6 @@ alloy::sol! {
             bytes returnData;
         }
         function aggregate3(Call3[] calldata calls) external payable returns (Result[] memory returnData);
+        function getBlockHash(uint256 blockNumber) external view returns (bytes32 blockHash);
     }
 }

@@ -3,16 +3,19 @@
 //! own hash for cross-checking.
 
 mod bindings;
+mod heads;
 mod revert;
 mod transport;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use alloy::eips::{BlockId, BlockNumberOrTag};
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::{Filter, Log, TransactionRequest};
-use alloy::sol_types::SolCall;
+use alloy::sol_types::{SolCall, SolValue};
 use anyhow::Context;
 use reqwest::Url;
 
@@ -103,16 +106,27 @@ pub struct SafeInfo {
 pub struct ChainClient {
     chain_id: u64,
     provider: DynProvider,
+    heads: Arc<heads::Heads>,
 }
 
 impl ChainClient {
     /// Every call times out and transient failures are retried (see
     /// [`transport`]), so no call waits without bound.
     pub fn new(chain_id: u64, rpc_url: Url) -> Self {
+        Self::with_ws(chain_id, rpc_url, None)
+    }
+
+    /// A client that also learns of new blocks from a `newHeads`
+    /// subscription at `ws_url` (calls still go to `rpc_url`).
+    pub fn with_ws(chain_id: u64, rpc_url: Url, ws_url: Option<Url>) -> Self {
         let provider = ProviderBuilder::new()
             .connect_client(transport::rpc_client(rpc_url))
             .erased();
-        ChainClient { chain_id, provider }
+        ChainClient {
+            chain_id,
+            provider,
+            heads: heads::Heads::new(chain_id, ws_url),
+        }
     }
 
     pub fn chain_id(&self) -> u64 {
@@ -136,6 +150,64 @@ impl ChainClient {
             self.chain_id
         );
         Ok(())
+    }
+
+    /// [`ChainClient::check_chain_id`] once per connection: again only after
+    /// [`ChainClient::connection_changed`] (or a WebSocket reconnect).
+    pub async fn check_chain_id_once(&self) -> anyhow::Result<()> {
+        if self.heads.chain_id_checked() {
+            return Ok(());
+        }
+        self.check_chain_id().await?;
+        self.heads.set_chain_id_checked(true);
+        Ok(())
+    }
+
+    /// A call failed: the next answer may come from another provider, so
+    /// its chain id is checked again and nothing seen before is trusted.
+    pub fn connection_changed(&self) {
+        self.heads.set_chain_id_checked(false);
+        self.heads.set_followed(None);
+    }
+
+    /// The head at which the chain follower last finished a pass: with no
+    /// block since, a pass has nothing new to read.
+    pub fn followed_head(&self) -> Option<u64> {
+        self.heads.followed()
+    }
+
+    /// Nothing to follow: the next pass reads the chain afresh.
+    pub fn unfollow(&self) {
+        self.heads.set_followed(None);
+    }
+
+    pub fn set_followed_head(&self, head: u64) {
+        self.heads.set_followed(Some(head));
+    }
+
+    /// The latest block number: the subscription's while it is live (no
+    /// call), else one `eth_blockNumber`. Either way it feeds the block-time
+    /// estimate that times the polls.
+    pub async fn latest_block(&self) -> anyhow::Result<u64> {
+        if let Some(head) = self.heads.subscribed_head() {
+            return Ok(head);
+        }
+        let head = self.head().await?;
+        self.heads.record(head);
+        Ok(head)
+    }
+
+    /// Waits for a block above `after`: until the subscription delivers one,
+    /// or, without a live subscription, until the next poll is due (at most
+    /// `longest`, or a block time when that is longer).
+    pub async fn wait_for_block(&self, after: u64, longest: Duration) {
+        let poll = self.heads.next_poll_in(longest);
+        if self.heads.subscribed_head().is_some() {
+            // Also wakes when the subscription drops, to poll instead.
+            self.heads.wait_above(after, longest.max(poll)).await;
+        } else {
+            tokio::time::sleep(poll).await;
+        }
     }
 
     /// Reads every app's ownership and the given registrations in ONE
@@ -362,6 +434,33 @@ impl ChainClient {
         safes: &[Address],
         block: u64,
     ) -> anyhow::Result<HashMap<Address, (u64, String)>> {
+        Ok(self.safe_states_and_hashes(safes, block, &[]).await?.0)
+    }
+
+    /// [`ChainClient::safe_states`] at `block`, and in the same call the
+    /// hashes of `ancestors` of that block, as the EVM's BLOCKHASH sees them
+    /// (only the 256 blocks below `block` have one; the others are left out).
+    /// One call instead of one `eth_getBlockByNumber` per hash.
+    pub async fn safe_states_and_hashes(
+        &self,
+        safes: &[Address],
+        block: u64,
+        ancestors: &[u64],
+    ) -> anyhow::Result<(HashMap<Address, (u64, String)>, HashMap<u64, B256>)> {
+        let ancestors: Vec<u64> = ancestors
+            .iter()
+            .copied()
+            .filter(|a| *a < block && block - a <= 256)
+            .collect();
+        let hash_calls = ancestors.iter().map(|a| IMulticall3::Call3 {
+            target: MULTICALL3,
+            allowFailure: true,
+            callData: IMulticall3::getBlockHashCall {
+                blockNumber: U256::from(*a),
+            }
+            .abi_encode()
+            .into(),
+        });
         let calls = safes
             .iter()
             .flat_map(|safe| {
@@ -375,10 +474,22 @@ impl ChainClient {
                     callData: data.into(),
                 })
             })
+            .chain(hash_calls)
             .collect();
         let results = self.aggregate_at(calls, Some(block)).await?;
+        let (states, hashes) = results.split_at(safes.len() * 2);
+        let hashes = ancestors
+            .iter()
+            .zip(hashes)
+            .filter_map(|(number, result)| {
+                let hash = IMulticall3::getBlockHashCall::abi_decode_returns(&result.returnData)
+                    .ok()
+                    .filter(|h| result.success && !h.is_zero())?;
+                Some((*number, hash))
+            })
+            .collect();
         let mut out = HashMap::new();
-        for (safe, pair) in safes.iter().zip(results.chunks(2)) {
+        for (safe, pair) in safes.iter().zip(states.chunks(2)) {
             let Some(nonce) = pair[0]
                 .success
                 .then(|| ISafe::nonceCall::abi_decode_returns(&pair[0].returnData).ok())
@@ -394,7 +505,7 @@ impl ChainClient {
                 .unwrap_or_default();
             out.insert(*safe, (nonce, version));
         }
-        Ok(out)
+        Ok((out, hashes))
     }
 
     /// Tells an EOA from a contract, and a Safe from other contracts, and
@@ -492,6 +603,77 @@ impl ChainClient {
             .map_err(|err| Simulation::Rpc(err.to_string()))
     }
 
+    /// The gas limit of the latest block.
+    pub async fn block_gas_limit(&self) -> anyhow::Result<u64> {
+        let block = self
+            .provider
+            .get_block_by_number(BlockNumberOrTag::Latest)
+            .await
+            .context("eth_getBlockByNumber(latest) failed")?
+            .with_context(|| format!("chain {} has no latest block", self.chain_id))?;
+        Ok(block.header.gas_limit)
+    }
+
+    /// Estimates the gas of executing `tx` on `safe`, whole: `execTransaction`
+    /// as the owners would send it, signature checks and all, at the
+    /// transaction's nonce. No owner signs here: the estimate runs with the
+    /// Safe's storage overridden so that the lowest `threshold` owners have
+    /// approved the hash (Safe's "approved hash" signatures, `v = 1`), and
+    /// is sent from the first of them.
+    pub async fn estimate_execution(&self, safe: &SafeInfo, tx: &SafeTx) -> anyhow::Result<u64> {
+        let mut signers = safe.owners.clone();
+        signers.sort();
+        signers.truncate(safe.threshold.max(1) as usize);
+        anyhow::ensure!(!signers.is_empty(), "Safe {} has no owners", safe.address);
+        let hash = tx.hash(safe.address, self.chain_id, safe.version);
+        let mut signatures = Vec::with_capacity(65 * signers.len());
+        let mut slots = alloy::primitives::map::B256HashMap::default();
+        for owner in &signers {
+            signatures.extend_from_slice(owner.into_word().as_slice());
+            signatures.extend_from_slice(&[0u8; 32]);
+            signatures.push(1);
+            // approvedHashes[owner][hash] = 1: the mapping is at slot 8 of
+            // every Safe from 1.3.0 on (singleton, modules, owners,
+            // ownerCount, threshold, nonce, domain separator, signedMessages).
+            let inner = alloy::primitives::keccak256((*owner, U256::from(8)).abi_encode());
+            let slot = alloy::primitives::keccak256((hash, inner).abi_encode());
+            slots.insert(slot, B256::from(U256::from(1)));
+        }
+        // The nonce (slot 5): a proposal queued behind others estimates as
+        // if they had executed.
+        slots.insert(B256::from(U256::from(5)), B256::from(U256::from(tx.nonce)));
+        let call = ISafe::execTransactionCall {
+            to: tx.to,
+            value: tx.value,
+            data: tx.data.clone(),
+            operation: tx.operation.into(),
+            safeTxGas: tx.safe_tx_gas,
+            baseGas: tx.base_gas,
+            gasPrice: tx.gas_price,
+            gasToken: tx.gas_token,
+            refundReceiver: tx.refund_receiver,
+            signatures: signatures.into(),
+        };
+        let request = TransactionRequest::default()
+            .from(signers[0])
+            .to(safe.address)
+            .input(call.abi_encode().into());
+        let overrides = alloy::rpc::types::state::StateOverridesBuilder::default()
+            .append(
+                safe.address,
+                alloy::rpc::types::state::AccountOverride {
+                    state_diff: Some(slots),
+                    ..Default::default()
+                },
+            )
+            .build();
+        self.provider
+            .estimate_gas(request)
+            .overrides(overrides)
+            .await
+            .context("eth_estimateGas of execTransaction failed")
+    }
+
     /// The Safe's own `getTransactionHash` for `tx`, to cross-check ours.
     pub async fn safe_tx_hash(&self, safe: Address, tx: &SafeTx) -> anyhow::Result<B256> {
         let call = ISafe::getTransactionHashCall {
@@ -582,23 +764,52 @@ pub enum Simulation {
 pub struct Chains {
     clients: HashMap<u64, ChainClient>,
     fallback: Option<Url>,
+    /// Clients of chains reached through `fallback`, made on first use and
+    /// kept, so that what they learn (chain id checked, block time) lasts.
+    fallback_clients: Arc<Mutex<HashMap<u64, ChainClient>>>,
+    ws_urls: Vec<(u64, Url)>,
 }
 
 impl Chains {
     /// `rpc_urls` per chain id, and `fallback` (`ETH_RPC_URL`) for any other chain.
     pub fn new(rpc_urls: &[(u64, Url)], fallback: Option<Url>) -> Self {
+        Self::with_ws(rpc_urls, fallback, &[])
+    }
+
+    /// The same, with a WebSocket URL for the `newHeads` of some chains.
+    pub fn with_ws(rpc_urls: &[(u64, Url)], fallback: Option<Url>, ws_urls: &[(u64, Url)]) -> Self {
+        let ws = |id: u64| ws_url(ws_urls, id);
         let clients = rpc_urls
             .iter()
-            .map(|(id, url)| (*id, ChainClient::new(*id, url.clone())))
+            .map(|(id, url)| (*id, ChainClient::with_ws(*id, url.clone(), ws(*id))))
             .collect();
-        Chains { clients, fallback }
+        Chains {
+            clients,
+            fallback,
+            fallback_clients: Arc::default(),
+            ws_urls: ws_urls.to_vec(),
+        }
     }
 
     pub fn get(&self, chain_id: u64) -> Option<ChainClient> {
-        self.clients.get(&chain_id).cloned().or_else(|| {
-            self.fallback
-                .clone()
-                .map(|url| ChainClient::new(chain_id, url))
-        })
+        if let Some(client) = self.clients.get(&chain_id) {
+            return Some(client.clone());
+        }
+        let url = self.fallback.clone()?;
+        let mut made = self.fallback_clients.lock().expect("chains mutex");
+        Some(
+            made.entry(chain_id)
+                .or_insert_with(|| {
+                    ChainClient::with_ws(chain_id, url, ws_url(&self.ws_urls, chain_id))
+                })
+                .clone(),
+        )
     }
+}
+
+fn ws_url(ws_urls: &[(u64, Url)], chain_id: u64) -> Option<Url> {
+    ws_urls
+        .iter()
+        .find(|(chain, _)| *chain == chain_id)
+        .map(|(_, url)| url.clone())
 }

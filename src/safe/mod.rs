@@ -8,6 +8,7 @@
 //! - [`service`]: the Transaction Service behind a small trait, with a reqwest
 //!   client.
 
+pub mod gas;
 pub mod service;
 pub mod tx;
 
@@ -53,6 +54,18 @@ mod bindings {
                 address refundReceiver,
                 uint256 _nonce
             ) external view returns (bytes32);
+            function execTransaction(
+                address to,
+                uint256 value,
+                bytes calldata data,
+                uint8 operation,
+                uint256 safeTxGas,
+                uint256 baseGas,
+                uint256 gasPrice,
+                address gasToken,
+                address refundReceiver,
+                bytes memory signatures
+            ) external payable returns (bool success);
         }
     }
 }

@@ -295,6 +295,11 @@ impl LocalChain {
         self.anvil.endpoint_url()
     }
 
+    /// The same anvil over WebSocket, for `newHeads`.
+    pub fn ws_url(&self) -> Url {
+        self.anvil.ws_endpoint_url()
+    }
+
     pub fn chain_id(&self) -> u64 {
         CHAIN_ID
     }

@@ -260,6 +260,10 @@ impl Sandbox {
             format!("{chain_id}={}", chain.rpc_url()),
         );
         env.set(
+            "APPROVAL_BRIDGE_WS_URLS",
+            format!("{chain_id}={}", chain.ws_url()),
+        );
+        env.set(
             "APPROVAL_BRIDGE_SAFES",
             format!("{chain_id}:{}", safe.to_checksum(None)),
         );

@@ -157,7 +157,7 @@ async fn keep(worker: &Worker, held: &JobLease, lease: Duration) {
 }
 
 /// The job's passes, back to back while they move things, else at the
-/// planner's next due time or the chain poll interval.
+/// planner's next due time or poll interval, or the follower's next block.
 async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
     let flow = worker
         .safe_flow
@@ -180,10 +180,7 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
                 };
                 (moved, due.min(poll))
             }
-            Job::Follower(chain_id) => (
-                watch::run_chain(worker, *chain_id).await,
-                flow.poll_interval,
-            ),
+            Job::Follower(chain_id) => (watch::run_chain(worker, *chain_id).await, poll),
             Job::Tracker => match track::run(worker).await {
                 Ok(pass) => {
                     tracker_idle = !pass.tracking;
@@ -193,20 +190,24 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
                 Err(err) => (Err(err), poll),
             },
         };
-        let wait = match moved {
-            Ok(true) => Duration::ZERO,
-            Ok(false) => wait,
+        let (wait, idle) = match moved {
+            Ok(true) => (Duration::ZERO, false),
+            Ok(false) => (wait, true),
             Err(err) => {
                 tracing::error!(job = %held.job, error = format!("{err:#}"), "Safe-flow pass failed");
-                poll
+                (poll, false)
             }
         };
-        // Planners also wake when a request changes, and so does an idle
-        // tracker; followers poll the chain.
-        let wake_on_notify = matches!(job, Job::Planner(_)) || tracker_idle;
-        tokio::select! {
-            _ = notified, if wake_on_notify => {}
-            _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
+        match job {
+            // Planners also wake when a request changes, and so does an idle
+            // tracker.
+            Job::Planner(_) | Job::Tracker => tokio::select! {
+                _ = notified, if matches!(job, Job::Planner(_)) || tracker_idle => {}
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
+            },
+            // Followers wait for the next block.
+            Job::Follower(chain_id) if idle => watch::wait_for_block(worker, *chain_id).await,
+            Job::Follower(_) => tokio::time::sleep(wait.max(Duration::from_millis(50))).await,
         }
     }
 }

@@ -18,7 +18,9 @@ use super::Worker;
 use super::safe_flow::{SafeFlow, safe_wallet_link};
 use crate::chain::{AppState, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
 use crate::domain::Event;
-use crate::safe::{Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, build_safe_tx};
+use crate::safe::{
+    Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, build_safe_tx, gas,
+};
 use crate::store::{
     Changes, JobLease, NewProposal, ProposalConflict, ProposalRow, ReplicaRequest, StoreError,
     StoredError, StoredRegistration,
@@ -477,8 +479,22 @@ async fn propose_group(
         .into_iter()
         .map(|(id, reg)| (reg, id))
         .collect();
+    // One transaction takes what fits in a share of a block, in queue
+    // order; the rest waits for the next pass, and so the next nonce.
+    let block_gas_limit = match chain.block_gas_limit().await {
+        Ok(limit) => limit,
+        Err(err) => {
+            let requests: Vec<ReplicaRequest> = members.into_iter().map(|m| m.request).collect();
+            let err = StoredError::new("CHAIN-UNAVAILABLE", &format!("{err:#}"), None);
+            defer(worker, &requests, now + CHAIN_RETRY, Some(&err)).await?;
+            return Ok(moved);
+        }
+    };
+    let mut batch = gas::Batch::new(gas::batch_cap(block_gas_limit));
+    let mut estimates: HashMap<(Address, Registration), u64> = HashMap::new();
     let mut calls: BTreeMap<(Address, Registration), StoredRegistration> = BTreeMap::new();
     let mut proposing = Vec::new();
+    let mut left_for_next = 0usize;
     for member in members {
         let new: Vec<_> = member
             .missing
@@ -494,6 +510,65 @@ async fn propose_group(
             moved = true;
             continue;
         }
+        if left_for_next > 0 {
+            left_for_next += 1;
+            continue;
+        }
+        // Simulate each new inner call from the Safe; a revert refuses the proposal.
+        let mut sized = Vec::with_capacity(new.len());
+        for (registration, _) in &new {
+            let key = (member.app, *registration);
+            let estimate = match estimates.get(&key) {
+                Some(estimate) => *estimate,
+                None => {
+                    let call = match registration {
+                        Registration::ComposeHash(h) => Call::add_compose_hash(member.app, *h),
+                        Registration::Device(d) => Call::add_device(member.app, *d),
+                    };
+                    match chain.simulate(safe.address, member.app, call.data).await {
+                        Ok(used) => used,
+                        Err(Simulation::Reverted(reason)) => {
+                            let what = match registration {
+                                Registration::ComposeHash(h) => format!("addComposeHash({h})"),
+                                Registration::Device(d) => format!("addDevice({d})"),
+                            };
+                            let err = StoredError::new(
+                                "SIMULATION-REVERTED",
+                                &format!(
+                                    "{what} on app {} reverts when Safe {} calls it: {reason}",
+                                    member.app.to_checksum(None),
+                                    safe.address.to_checksum(None)
+                                ),
+                                Some(
+                                    "Nothing was proposed. Check that the Safe owns the app and the values are right, then queue again.",
+                                ),
+                            );
+                            proposing.push(member.request);
+                            for request in &proposing {
+                                fail(worker, request, err.clone()).await?;
+                            }
+                            return Ok(true);
+                        }
+                        Err(Simulation::Rpc(message)) => {
+                            let err = StoredError::new(
+                                "CHAIN-UNAVAILABLE",
+                                &format!("cannot simulate the proposal: {message}"),
+                                None,
+                            );
+                            proposing.push(member.request);
+                            defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+                            return Ok(moved);
+                        }
+                    }
+                }
+            };
+            estimates.insert(key, estimate);
+            sized.push((key, gas::inner_gas(estimate)));
+        }
+        if !batch.try_add(&sized) {
+            left_for_next = 1;
+            continue;
+        }
         for (registration, stored) in new {
             calls.insert((member.app, *registration), stored.clone());
         }
@@ -501,6 +576,15 @@ async fn propose_group(
     }
     if calls.is_empty() {
         return Ok(moved);
+    }
+    if left_for_next > 0 {
+        tracing::info!(
+            chain_id,
+            left_for_next,
+            block_gas_limit,
+            "batch full: the remaining requests go into the next Safe transaction"
+        );
+        moved = true;
     }
 
     // Devices first, then compose hashes, as Phala's CLI registers them.
@@ -514,44 +598,6 @@ async fn propose_group(
             Registration::Device(d) => Call::add_device(*app, *d),
         })
         .collect();
-
-    // Simulate every inner call from the Safe; a revert refuses the proposal.
-    let mut gas = 0u64;
-    for (((app, registration), _), call) in ordered.iter().zip(&safe_calls) {
-        match chain.simulate(safe.address, *app, call.data.clone()).await {
-            Ok(used) => gas += used,
-            Err(Simulation::Reverted(reason)) => {
-                let what = match registration {
-                    Registration::ComposeHash(h) => format!("addComposeHash({h})"),
-                    Registration::Device(d) => format!("addDevice({d})"),
-                };
-                let err = StoredError::new(
-                    "SIMULATION-REVERTED",
-                    &format!(
-                        "{what} on app {} reverts when Safe {} calls it: {reason}",
-                        app.to_checksum(None),
-                        safe.address.to_checksum(None)
-                    ),
-                    Some(
-                        "Nothing was proposed. Check that the Safe owns the app and the values are right, then queue again.",
-                    ),
-                );
-                for request in &proposing {
-                    fail(worker, request, err.clone()).await?;
-                }
-                return Ok(true);
-            }
-            Err(Simulation::Rpc(message)) => {
-                let err = StoredError::new(
-                    "CHAIN-UNAVAILABLE",
-                    &format!("cannot simulate the proposal: {message}"),
-                    None,
-                );
-                defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
-                return Ok(moved);
-            }
-        }
-    }
 
     // The nonce: a dead one of ours first (it blocks the queue until some
     // transaction uses it), else past the chain's, the service's pending
@@ -619,6 +665,17 @@ async fn propose_group(
     let tx = build_safe_tx(&safe_calls, safe.version, deployment, nonce)?;
     let safe_tx_hash = tx.hash(safe.address, chain_id, safe.version);
     let onchain_hash = chain.safe_tx_hash(safe.address, &tx).await?;
+    // What the signers see: the whole transaction, estimated as one.
+    let gas = match chain.estimate_execution(safe, &tx).await {
+        Ok(gas) => gas,
+        Err(err) => {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "cannot estimate the whole Safe transaction; showing the sum of its calls"
+            );
+            batch.planned_gas()
+        }
+    };
     if onchain_hash != safe_tx_hash {
         tracing::error!(%safe_tx_hash, %onchain_hash, safe = %safe.address, "our safeTxHash differs from the Safe's getTransactionHash; not proposing");
         let err = StoredError::new(

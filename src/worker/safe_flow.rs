@@ -70,7 +70,11 @@ impl SafeFlow {
             );
         }
         Ok(SafeFlow {
-            chains: Chains::new(&settings.rpc_urls.0, settings.eth_rpc_url.clone()),
+            chains: Chains::with_ws(
+                &settings.rpc_urls.0,
+                settings.eth_rpc_url.clone(),
+                &settings.ws_urls.0,
+            ),
             safes: settings.safes.clone(),
             batch_window: Duration::from_secs(settings.batch_window_secs),
             confirmations: settings.confirmations.clone(),

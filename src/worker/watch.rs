@@ -77,6 +77,22 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
     Ok(moved)
 }
 
+/// Waits for the follower's next pass: until a new block is known (the
+/// `newHeads` subscription) or likely (polls timed by the block time); the
+/// poll interval while there is nothing to follow.
+pub(super) async fn wait_for_block(worker: &Worker, chain_id: i64) {
+    let Some(flow) = worker.safe_flow.as_ref() else {
+        return;
+    };
+    match flow.chain(chain_id as u64) {
+        Some(chain) => match chain.followed_head() {
+            Some(head) => chain.wait_for_block(head, flow.poll_interval).await,
+            None => tokio::time::sleep(flow.poll_interval).await,
+        },
+        None => tokio::time::sleep(flow.poll_interval).await,
+    }
+}
+
 /// One pass over one chain: the follower job of that chain runs this.
 pub(super) async fn run_chain(worker: &Worker, chain_id: i64) -> anyhow::Result<bool> {
     let Some(flow) = worker.safe_flow.as_ref() else {
@@ -110,16 +126,36 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
     let chain = flow
         .chain(chain_id as u64)
         .ok_or_else(|| anyhow::anyhow!("no RPC URL is configured for chain {chain_id}"))?;
-    // An RPC that answers for another chain must not be believed.
-    chain.check_chain_id().await?;
     let open = worker.store.open_proposals(chain_id).await?;
-    let lag = metrics::gauge!(crate::metrics::FOLLOWER_LAG, "chain_id" => chain_id.to_string());
     if open.is_empty() {
+        let lag = metrics::gauge!(crate::metrics::FOLLOWER_LAG, "chain_id" => chain_id.to_string());
         // Nothing to follow: the follower is as far as it needs to be.
         lag.set(0.0);
+        chain.unfollow();
         return Ok(false);
     }
-    let (head, head_hash) = chain.head_block().await?;
+    let passed = scan(worker, flow, &chain, chain_id, &open).await;
+    if passed.is_err() {
+        // Maybe another provider answers next time: trust nothing seen so far.
+        chain.connection_changed();
+    }
+    passed
+}
+
+async fn scan(
+    worker: &Worker,
+    flow: &SafeFlow,
+    chain: &ChainClient,
+    chain_id: i64,
+    open: &[ProposalRow],
+) -> anyhow::Result<bool> {
+    // An RPC that answers for another chain must not be believed.
+    chain.check_chain_id_once().await?;
+    let head = chain.latest_block().await?;
+    if chain.followed_head() == Some(head) {
+        // No block since the last pass: only the clock can have moved.
+        return expire_overdue(worker, flow, open).await;
+    }
     let confirmed = head.saturating_sub(flow.confirmations.of(chain_id as u64));
 
     // Where to scan from: past the stored cursor, unless a reorg took its
@@ -132,10 +168,42 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
         .max(1) as u64;
     let stored = worker.store.cursor(chain_id).await?;
     let mut apps_touched = stored.as_ref().is_some_and(|c| c.apps_touched);
+    let safes: BTreeSet<Address> = open.iter().filter_map(|p| p.safe.parse().ok()).collect();
+    let safe_list: Vec<Address> = safes.iter().copied().collect();
+    // The block after this pass, if the cursor stands: the hashes of it and
+    // of the cursor come with the Safes' state at the head, in one call.
+    let range_end = |from: u64| head.min(from.saturating_add(flow.log_range.max(1) - 1));
+    let cursor_block = stored.as_ref().map(|c| c.block_number as u64);
+    let likely_from = cursor_block.map_or(earliest, |b| (b + 1).max(earliest));
+    let likely_to = range_end(likely_from.min(confirmed + 1).max(1));
+    let new_cursor = |to: u64| {
+        if to == head {
+            head.saturating_sub(1)
+        } else {
+            to
+        }
+    };
+    let ancestors: Vec<u64> = cursor_block
+        .into_iter()
+        .chain([new_cursor(likely_to)])
+        .collect();
+    let (at_head, hashes) = chain
+        .safe_states_and_hashes(&safe_list, head, &ancestors)
+        .await?;
+    let hash_of = |number: u64| {
+        let known = hashes.get(&number).copied();
+        async move {
+            match known {
+                Some(hash) => Ok(hash),
+                // Deeper than BLOCKHASH reaches (a follower far behind): ask.
+                None => chain.block_hash(number).await,
+            }
+        }
+    };
     let from = match &stored {
         Some(cursor) if (cursor.block_number as u64) <= head => {
             let block = cursor.block_number as u64;
-            let now_hash = chain.block_hash(block).await?;
+            let now_hash = hash_of(block).await?;
             if now_hash.to_string() == cursor.block_hash {
                 // Nothing before the oldest open proposal concerns it.
                 (block + 1).max(earliest)
@@ -172,9 +240,10 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
     .min(confirmed + 1)
     .max(1);
     // One log range per pass: a stale cursor catches up over several passes.
-    let to = head.min(from.saturating_add(flow.log_range.max(1) - 1));
+    let to = range_end(from);
     let caught_up = to == head;
-    lag.set(head.saturating_sub(to) as f64);
+    metrics::gauge!(crate::metrics::FOLLOWER_LAG, "chain_id" => chain_id.to_string())
+        .set(head.saturating_sub(to) as f64);
 
     // What was seen from `from` on is read again from the chain as it is now.
     let forgotten = worker
@@ -189,7 +258,6 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
             "unconfirmed executions are read again"
         );
     }
-    let safes: BTreeSet<Address> = open.iter().filter_map(|p| p.safe.parse().ok()).collect();
     let apps: BTreeSet<Address> = worker
         .store
         .watched_apps(chain_id)
@@ -212,7 +280,7 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
                 unsettled.insert(log.address());
             }
         }
-        let anomalies = record_executions(worker, &open, &safes, &logs).await?;
+        let anomalies = record_executions(worker, open, &safes, &logs).await?;
         // An odd log proves nothing about any proposal: report it on the
         // Safe's requests and move past it, so one log cannot stall the chain.
         for (safe, problem) in anomalies {
@@ -232,14 +300,12 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
             }
         }
     }
-    let cursor_hash = if caught_up {
-        head_hash
-    } else {
-        chain.block_hash(to).await?
-    };
+    // The head's own hash is not known (BLOCKHASH stops below it): the
+    // cursor stays one block short of it, which the next pass reads again anyway.
+    let cursor_block = new_cursor(to);
     let cursor = Cursor {
-        block_number: to as i64,
-        block_hash: cursor_hash.to_string(),
+        block_number: cursor_block as i64,
+        block_hash: hash_of(cursor_block).await?.to_string(),
         apps_touched,
     };
     worker
@@ -252,16 +318,29 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
     }
 
     // Decide on each open proposal with the chain as of `confirmed`; doubt
-    // the Safe's version as soon as the head shows it.
-    let safe_list: Vec<Address> = safes.iter().copied().collect();
-    let states = chain.safe_states(&safe_list, confirmed).await?;
-    let at_head = chain.safe_states(&safe_list, head).await?;
-    let now = worker.clock.now();
-    let mut moved = false;
+    // the Safe's version as soon as the head shows it. The nonce at
+    // `confirmed` matters only for a proposal that has no execution seen and
+    // whose nonce the head shows used (replaced, or executed unseen): else
+    // the state at the head decides alike, and costs no second call.
     // Read again: the scan may have recorded executions on them.
     let current = worker.store.open_proposals(chain_id).await?;
+    let nonce_used = current.iter().any(|p| {
+        p.execution_block.is_none()
+            && p.safe.parse::<Address>().ok().is_some_and(|safe| {
+                at_head
+                    .get(&safe)
+                    .is_some_and(|(nonce, _)| *nonce > p.nonce as u64)
+            })
+    });
+    let states = if nonce_used {
+        chain.safe_states(&safe_list, confirmed).await?
+    } else {
+        at_head.clone()
+    };
+    let now = worker.clock.now();
+    let mut moved = false;
     let view = View {
-        chain: &chain,
+        chain,
         states: &states,
         at_head: &at_head,
         confirmed,
@@ -283,6 +362,22 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
             .collect();
         moved |= release_allowed_meanwhile(worker, &view, chain_id, &doubtful).await?;
         worker.store.clear_apps_touched(chain_id).await?;
+    }
+    chain.set_followed_head(head);
+    Ok(moved)
+}
+
+/// With no new block, only proposals nobody executed in time can end; what
+/// the chain said at the last pass still holds.
+async fn expire_overdue(
+    worker: &Worker,
+    flow: &SafeFlow,
+    open: &[ProposalRow],
+) -> anyhow::Result<bool> {
+    let now = worker.clock.now();
+    let mut moved = false;
+    for proposal in open.iter().filter(|p| p.execution_block.is_none()) {
+        moved |= expire_if_overdue(worker, flow, proposal, now).await?;
     }
     Ok(moved)
 }
@@ -429,42 +524,50 @@ async fn decide(
             lost(worker, flow, proposal, ProposalEnd::Replaced, err, now).await
         }
         (Some(_), _) => Ok(false),
-        (None, _) => {
-            let submitted = proposal.submitted_at.unwrap_or(proposal.created_at);
-            let timeout = chrono::Duration::seconds(flow.proposal_timeout.as_secs() as i64);
-            if now - submitted <= timeout {
-                // Not executed yet (or an execution reverted without an event,
-                // GS013): the proposal is still executable, keep waiting.
-                return Ok(false);
-            }
-            let err = StoredError::new(
-                "PROPOSAL-EXPIRED",
-                &format!(
-                    "nobody executed Safe proposal {} within {} days",
-                    proposal.safe_tx_hash,
-                    timeout.num_days().max(1)
-                ),
-                Some("Ask the Safe owners, then queue the replica again."),
-            );
-            let ended = worker
-                .store
-                .end_proposal(proposal.id, ProposalEnd::Failed, now, Some(&err), |_, _| {
-                    RequestMove {
-                        event: Event::Fail,
-                        message: err.message.clone(),
-                        changes: Changes {
-                            error: Some(err.clone()),
-                            ..Changes::default()
-                        },
-                    }
-                })
-                .await?;
-            if ended {
-                tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, "proposal expired; its nonce is free for the next batch");
-            }
-            Ok(ended)
-        }
+        (None, _) => expire_if_overdue(worker, flow, proposal, now).await,
     }
+}
+
+/// Fails the requests of a proposal nobody executed within the timeout.
+async fn expire_if_overdue(
+    worker: &Worker,
+    flow: &SafeFlow,
+    proposal: &ProposalRow,
+    now: DateTime<Utc>,
+) -> anyhow::Result<bool> {
+    let submitted = proposal.submitted_at.unwrap_or(proposal.created_at);
+    let timeout = chrono::Duration::seconds(flow.proposal_timeout.as_secs() as i64);
+    if now - submitted <= timeout {
+        // Not executed yet (or an execution reverted without an event,
+        // GS013): the proposal is still executable, keep waiting.
+        return Ok(false);
+    }
+    let err = StoredError::new(
+        "PROPOSAL-EXPIRED",
+        &format!(
+            "nobody executed Safe proposal {} within {} days",
+            proposal.safe_tx_hash,
+            timeout.num_days().max(1)
+        ),
+        Some("Ask the Safe owners, then queue the replica again."),
+    );
+    let ended = worker
+        .store
+        .end_proposal(proposal.id, ProposalEnd::Failed, now, Some(&err), |_, _| {
+            RequestMove {
+                event: Event::Fail,
+                message: err.message.clone(),
+                changes: Changes {
+                    error: Some(err.clone()),
+                    ..Changes::default()
+                },
+            }
+        })
+        .await?;
+    if ended {
+        tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, "proposal expired; its nonce is free for the next batch");
+    }
+    Ok(ended)
 }
 
 /// A confirmed `ExecutionSuccess`: re-read the registrations at the

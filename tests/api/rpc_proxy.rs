@@ -1,9 +1,10 @@
 //! A JSON-RPC proxy in front of anvil, to see and shape what the bridge
 //! asks the chain: it counts calls, can refuse wide `eth_getLogs` ranges as
-//! hosted providers do, and can answer `eth_chainId` for another chain.
+//! hosted providers do, can answer `eth_chainId` for another chain, and can
+//! fail every call (an outage).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::response::IntoResponse;
@@ -12,31 +13,36 @@ use serde_json::{Value, json};
 
 pub struct RpcProxy {
     pub url: Url,
-    /// JSON-RPC calls seen (a batch counts each call).
-    pub calls: Arc<AtomicUsize>,
     /// While not 0, the chain id `eth_chainId` answers.
     pub wrong_chain: Arc<AtomicU64>,
+    /// While set, every call gets an HTTP 502.
+    pub outage: Arc<AtomicBool>,
+    /// The methods called, in order (a batch counts each call).
+    pub methods: Arc<Mutex<Vec<String>>>,
 }
 
 #[derive(Clone)]
 struct Shared {
     upstream: Url,
     http: reqwest::Client,
-    calls: Arc<AtomicUsize>,
     wrong_chain: Arc<AtomicU64>,
+    outage: Arc<AtomicBool>,
+    methods: Arc<Mutex<Vec<String>>>,
     max_log_range: Option<u64>,
 }
 
 impl RpcProxy {
     /// Proxies to `upstream`; with `max_log_range`, wider `eth_getLogs` calls are refused.
     pub async fn start(upstream: Url, max_log_range: Option<u64>) -> RpcProxy {
-        let calls = Arc::new(AtomicUsize::new(0));
         let wrong_chain = Arc::new(AtomicU64::new(0));
+        let outage = Arc::new(AtomicBool::new(false));
+        let methods = Arc::new(Mutex::new(Vec::new()));
         let shared = Shared {
             upstream,
             http: reqwest::Client::new(),
-            calls: calls.clone(),
             wrong_chain: wrong_chain.clone(),
+            outage: outage.clone(),
+            methods: methods.clone(),
             max_log_range,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -49,18 +55,26 @@ impl RpcProxy {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         RpcProxy {
             url,
-            calls,
             wrong_chain,
+            outage,
+            methods,
         }
     }
 }
 
 async fn forward(State(proxy): State<Shared>, body: axum::body::Bytes) -> axum::response::Response {
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    proxy.calls.fetch_add(
-        request.as_array().map(Vec::len).unwrap_or(1),
-        Ordering::SeqCst,
-    );
+    {
+        let mut methods = proxy.methods.lock().unwrap();
+        let one = |call: &Value| call["method"].as_str().unwrap_or("?").to_owned();
+        match request.as_array() {
+            Some(batch) => methods.extend(batch.iter().map(one)),
+            None => methods.push(one(&request)),
+        }
+    }
+    if proxy.outage.load(Ordering::SeqCst) {
+        return (axum::http::StatusCode::BAD_GATEWAY, "upstream down").into_response();
+    }
 
     let wrong = proxy.wrong_chain.load(Ordering::SeqCst);
     if wrong != 0 && request["method"] == "eth_chainId" {

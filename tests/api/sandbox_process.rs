@@ -240,6 +240,7 @@ async fn serve_runs_against_a_world_only_sandbox_and_restarts_while_the_world_st
     for name in [
         "APPROVAL_BRIDGE_PHALA_API_URL",
         "APPROVAL_BRIDGE_RPC_URLS",
+        "APPROVAL_BRIDGE_WS_URLS",
         "APPROVAL_BRIDGE_SAFES",
         "APPROVAL_BRIDGE_SAFE_SERVICE_URLS",
         "APPROVAL_BRIDGE_PROPOSER_KEY",

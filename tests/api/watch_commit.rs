@@ -2,8 +2,6 @@
 //! owners execute, with confirmations, reorgs, restarts, replaced and
 //! expired proposals, and a bounded number of RPC calls per pass.
 
-use std::sync::atomic::Ordering;
-
 use alloy::primitives::{Bytes, U256};
 use alloy::providers::Provider;
 use approval_bridge::safe::{Call, Deployment, Operation, SafeTx, SafeVersion, build_safe_tx};
@@ -355,15 +353,16 @@ async fn registrations_allowed_by_other_means_release_the_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rpc_calls_per_pass_do_not_grow_with_open_proposals() {
+async fn rpc_calls_per_new_block_stay_within_budget_whatever_the_open_proposals() {
     let world = SafeWorld::start().await;
     let RpcProxy {
-        url: proxy, calls, ..
+        url: proxy,
+        methods,
+        ..
     } = RpcProxy::start(world.chain.rpc_url(), None).await;
     let app = world.spawn_bridge_with_rpc(proxy).await;
     mount_source_on(&app, world.app, false).await;
-
-    let mut per_pass = Vec::new();
+    let mut per_new_block = Vec::new();
     for node in 1..=3u32 {
         // One more open proposal each round (a new device each time).
         app.queue(&json!({"source": ONCHAIN_NAME, "node": node}))
@@ -375,17 +374,39 @@ async fn rpc_calls_per_pass_do_not_grow_with_open_proposals() {
                 .await
                 .unwrap();
         assert_eq!(open, node as i64);
-        mine(&world, 1).await; // a new block to process
-        let before = calls.load(Ordering::SeqCst);
-        app.worker.watch_once().await.unwrap();
-        per_pass.push(calls.load(Ordering::SeqCst) - before);
+        for _ in 0..2 {
+            mine(&world, 1).await; // a new block to process
+            let before = methods.lock().unwrap().len();
+            app.worker.watch_once().await.unwrap();
+            per_new_block.push(methods.lock().unwrap()[before..].to_vec());
+
+            // The same head again: one eth_blockNumber, nothing else.
+            let before = methods.lock().unwrap().len();
+            app.worker.watch_once().await.unwrap();
+            assert_eq!(
+                methods.lock().unwrap()[before..].to_vec(),
+                ["eth_blockNumber"],
+                "a poll that finds no new block"
+            );
+        }
     }
-    println!("RPC calls per follower pass with 1..=3 open proposals: {per_pass:?}");
-    assert!(
-        per_pass.iter().all(|n| *n == per_pass[0]),
-        "calls per pass grew: {per_pass:?}"
-    );
-    assert!(per_pass[0] <= 7, "{per_pass:?}");
+    println!("RPC calls per new block with 1..=3 open proposals: {per_new_block:?}");
+    for calls in &per_new_block {
+        assert!(calls.len() <= 3, "over budget: {calls:?}");
+        assert!(
+            !calls
+                .iter()
+                .any(|m| m == "eth_chainId" || m == "eth_getBlockByNumber"),
+            "the chain id is read once, and known hashes are not fetched again: {calls:?}"
+        );
+    }
+    let chain_ids = methods
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| *m == "eth_chainId")
+        .count();
+    assert_eq!(chain_ids, 2, "start-up and the follower's first pass");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -371,6 +371,7 @@ async fn an_rpc_that_answers_for_another_chain_is_not_believed() {
     let RpcProxy {
         url: rpc,
         wrong_chain,
+        outage,
         ..
     } = RpcProxy::start(world.chain.rpc_url(), None).await;
     let app = world.spawn_bridge_with_rpc(rpc).await;
@@ -378,8 +379,13 @@ async fn an_rpc_that_answers_for_another_chain_is_not_believed() {
     let ids = proposed(&world, &app, &[1]).await;
     let (call, hash) = proposal_call(&app, &ids[0]).await;
 
-    // From now on the RPC configured for 31337 says it is Base (8453).
+    // The provider goes down and comes back answering for Base (8453): the
+    // chain id is read again after a failure, as after any new connection.
+    outage.store(true, Ordering::SeqCst);
     wrong_chain.store(8453, Ordering::SeqCst);
+    mine(&world, 1).await;
+    app.worker.watch_once().await.unwrap();
+    outage.store(false, Ordering::SeqCst);
     app.drain_all(5).await;
     let request = app.get_replica(&ids[0]).await;
     assert_eq!(request["status"], "awaiting_approval");
@@ -445,6 +451,8 @@ async fn a_safe_that_reports_another_version_is_not_committed_on() {
     let ids = proposed(&world, &app, &[1]).await;
     let (call, hash) = proposal_call(&app, &ids[0]).await;
     let safe_code = report_another_version(&world).await;
+    // Code changes land in a block; the follower reads the chain again at a new one.
+    mine(&world, 1).await;
 
     app.drain_all(5).await;
     assert_version_changed(&app.get_replica(&ids[0]).await);
@@ -462,6 +470,7 @@ async fn a_safe_that_reports_another_version_is_not_committed_on() {
 
     // The Safe reports 1.4.1 again: the execution it saw counts.
     set_code(&world, world.safe, &safe_code).await;
+    mine(&world, 1).await;
     app.drain_all(10).await;
     assert_eq!(app.status_of(&ids[0]).await, "done");
     let sent = commits(&app).await;

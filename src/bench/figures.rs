@@ -1,0 +1,213 @@
+//! The rows of the performance table: what was measured, the baseline the
+//! issue recorded before this work, the target, and whether it is met.
+
+use serde_json::{Value, json};
+
+use super::BenchArgs;
+
+#[derive(Debug, Clone)]
+pub struct Figure {
+    pub name: &'static str,
+    pub measured: String,
+    pub baseline: &'static str,
+    pub target: &'static str,
+    /// `None`: not decided by this run (see `measured`).
+    pub met: Option<bool>,
+    pub values: Value,
+}
+
+#[derive(Debug, Default)]
+pub struct Table {
+    rows: Vec<Figure>,
+}
+
+impl Table {
+    pub fn push(&mut self, figure: Figure) {
+        eprintln!("bench: {}: {}", figure.name, figure.measured);
+        self.rows.push(figure);
+    }
+
+    /// A Markdown table, as the README shows it.
+    pub fn render(&self) -> String {
+        let mut out =
+            String::from("| figure | measured | target | met | before |\n|---|---|---|---|---|\n");
+        for row in &self.rows {
+            let met = match row.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "n/a",
+            };
+            out.push_str(&format!(
+                "| {} | {} | {} | {met} | {} |\n",
+                row.name, row.measured, row.target, row.baseline
+            ));
+        }
+        out
+    }
+
+    pub fn json(&self, args: &BenchArgs) -> Value {
+        json!({
+            "settings": {
+                "nodes": args.nodes, "rounds": args.rounds, "burst": args.burst,
+                "open_proposals": args.open_proposals, "block_time_secs": 1, "confirmations": 2,
+            },
+            "figures": self.rows.iter().map(|r| json!({
+                "figure": r.name, "measured": r.measured, "target": r.target,
+                "met": r.met, "before": r.baseline, "values": r.values,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The `q` quantile (0..=1) of `values`, nearest rank.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+impl Figure {
+    pub fn commit_delay(delays: &[f64]) -> Figure {
+        let (p50, p99) = (quantile(delays, 0.5), quantile(delays, 0.99));
+        Figure {
+            name: "commit call after the confirmation block (p50 / p99, block times)",
+            measured: format!("{p50:.2} / {p99:.2} (n = {})", delays.len()),
+            baseline: "0.52 / 1.00",
+            target: "p50 ≤ 0.25, p99 ≤ 0.5",
+            met: Some(p50 <= 0.25 && p99 <= 0.5),
+            values: json!({"p50": p50, "p99": p99, "samples": delays}),
+        }
+    }
+
+    pub fn execution_to_done(to_done: &[f64], after_running: &[f64]) -> Figure {
+        let done = quantile(to_done, 0.5);
+        let after = quantile(after_running, 0.5);
+        Figure {
+            name: "execution block → `done`, one replica (p50)",
+            measured: format!("{done:.1} s; done {after:.1} s after the replica runs"),
+            baseline: "7.5 s; 5.0 s provisioning poll",
+            target: "done ≤ 1 s after the replica runs",
+            met: Some(after <= 1.0),
+            values: json!({"to_done_secs": to_done, "after_running_secs": after_running}),
+        }
+    }
+
+    pub fn rpc_per_block(per_open: &[(u32, (f64, f64))]) -> Figure {
+        let worst = per_open
+            .iter()
+            .map(|(_, (calls, _))| *calls)
+            .fold(0.0, f64::max);
+        let measured = per_open
+            .iter()
+            .map(|(open, (calls, polls))| {
+                format!("{calls:.2} with {open} open ({polls:.2} eth_blockNumber)")
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Figure {
+            name: "JSON-RPC calls per new block (1 s blocks, newHeads)",
+            measured,
+            baseline: "2.25–3.0 with 1 s blocks; 6 per pass even with no new block",
+            target: "≤ 3 per new block; 1 per poll with no new block",
+            met: Some(worst <= 3.0),
+            values: json!(per_open.iter().map(|(open, (calls, polls))| json!({
+                "open_proposals": open, "calls_per_block": calls, "block_number_per_block": polls,
+            })).collect::<Vec<_>>()),
+        }
+    }
+
+    pub fn intake(intake_rate: f64, insert_rate: f64, latencies: &mut [f64]) -> Figure {
+        let ratio = intake_rate / insert_rate;
+        let p99 = quantile(latencies, 0.99) * 1000.0;
+        Figure {
+            name: "intake POST /api/v1/replicas, 50 clients, ratio to a bare INSERT",
+            measured: format!(
+                "{ratio:.2} ({intake_rate:.0}/s vs {insert_rate:.0}/s), p99 {p99:.0} ms"
+            ),
+            baseline: "0.37 (1,500/s vs 4,000/s)",
+            target: "≥ 0.5",
+            met: Some(ratio >= 0.5),
+            values: json!({"ratio": ratio, "intake_per_sec": intake_rate,
+                           "insert_per_sec": insert_rate, "p99_ms": p99}),
+        }
+    }
+
+    pub fn batch(
+        prepares: usize,
+        refused: usize,
+        transactions: usize,
+        calls: usize,
+        first_to_last: f64,
+        execution_to_last: f64,
+    ) -> Figure {
+        Figure {
+            name: "24 batched replicas of one source (7 nodes)",
+            measured: format!(
+                "{prepares} prepares, {refused} × 466, {transactions} Safe tx with {calls} inner calls; last done {first_to_last:.1} s after the first ({execution_to_last:.1} s after execution)"
+            ),
+            baseline: "21–22 re-prepares; last done 13–15 s after execution",
+            target: "no 466; last ≤ 2 s after the first",
+            met: Some(refused == 0 && first_to_last <= 2.0),
+            values: json!({"prepares": prepares, "refused_466": refused,
+                           "safe_transactions": transactions, "inner_calls": calls,
+                           "first_to_last_done_secs": first_to_last,
+                           "execution_to_last_done_secs": execution_to_last}),
+        }
+    }
+
+    pub fn under_load(delay: f64) -> Figure {
+        Figure {
+            name: "commit delay with an intake burst queued (block times)",
+            measured: format!("{delay:.2}"),
+            baseline: "27.5 with 4,000 queued (0.82 without)",
+            target: "unchanged by load",
+            met: Some(delay <= 1.0),
+            values: json!({"block_times": delay}),
+        }
+    }
+
+    pub fn gas(pairs: &[(u64, u64)]) -> Figure {
+        let worst = pairs
+            .iter()
+            .map(|(estimate, used)| (*estimate as f64 - *used as f64).abs() / *used as f64)
+            .fold(0.0, f64::max);
+        let shown = pairs
+            .last()
+            .map(|(estimate, used)| format!("{estimate} shown vs {used} used; "))
+            .unwrap_or_default();
+        Figure {
+            name: "gas estimate shown to signers",
+            measured: format!(
+                "{shown}worst of {} off by {:.1}%",
+                pairs.len(),
+                worst * 100.0
+            ),
+            baseline: "330,683 shown vs 262,294 used",
+            target: "within 10% of the gas used",
+            met: Some(!pairs.is_empty() && worst <= 0.10),
+            values: json!(
+                pairs
+                    .iter()
+                    .map(|(e, u)| json!({"estimate": e, "used": u}))
+                    .collect::<Vec<_>>()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let values = [0.4, 0.1, 0.3, 0.2];
+        assert_eq!(quantile(&values, 0.5), 0.2);
+        assert_eq!(quantile(&values, 0.99), 0.4);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+}
