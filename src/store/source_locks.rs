@@ -43,11 +43,11 @@ impl Store {
     /// A prepare for the source is about to be sent: until its answer is
     /// stored, no token of the source is known to be the newest.
     pub async fn prepare_outstanding(&self, source_vm_uuid: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO source_tokens (source_vm_uuid, holder) VALUES ($1, NULL)
              ON CONFLICT (source_vm_uuid) DO UPDATE SET holder = NULL",
+            source_vm_uuid,
         )
-        .bind(source_vm_uuid)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -60,11 +60,12 @@ impl Store {
         source_vm_uuid: &str,
         request: Uuid,
     ) -> Result<bool, sqlx::Error> {
-        let holder: Option<Option<Uuid>> =
-            sqlx::query_scalar("SELECT holder FROM source_tokens WHERE source_vm_uuid = $1")
-                .bind(source_vm_uuid)
-                .fetch_optional(&self.pool)
-                .await?;
+        let holder: Option<Option<Uuid>> = sqlx::query_scalar!(
+            "SELECT holder FROM source_tokens WHERE source_vm_uuid = $1",
+            source_vm_uuid,
+        )
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(holder.flatten() == Some(request))
     }
 
@@ -78,14 +79,14 @@ impl Store {
         token: &SecretString,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
+        let updated = sqlx::query!(
             "UPDATE replica_requests SET commit_token = $3, prepared_at = $4, updated_at = $4
              WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
+            lease.request_id,
+            lease.lease_id,
+            token.expose_secret(),
+            now,
         )
-        .bind(lease.request_id)
-        .bind(lease.lease_id)
-        .bind(token.expose_secret())
-        .bind(now)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -104,12 +105,12 @@ pub(super) async fn newest_token_of(
     tx: &mut Transaction<'_, Postgres>,
     request: Uuid,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO source_tokens (source_vm_uuid, holder)
          SELECT source_vm_uuid, id FROM replica_requests WHERE id = $1
          ON CONFLICT (source_vm_uuid) DO UPDATE SET holder = EXCLUDED.holder",
+        request,
     )
-    .bind(request)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -124,17 +125,18 @@ pub(super) async fn release_source_lock(
     holder: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool, sqlx::Error> {
-    let released: Option<String> =
-        sqlx::query_scalar("DELETE FROM source_locks WHERE holder = $1 RETURNING source_vm_uuid")
-            .bind(holder)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let released: Option<String> = sqlx::query_scalar!(
+        "DELETE FROM source_locks WHERE holder = $1 RETURNING source_vm_uuid",
+        holder,
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
     let Some(source) = released else {
         return Ok(false);
     };
     // Only a request that merely waits: no backoff spent (attempts = 0), no
     // unanswered call, and no worker on it right now.
-    let woken = sqlx::query(
+    let woken = sqlx::query!(
         "UPDATE replica_requests SET next_attempt_at = $3
          WHERE id = (
             SELECT id FROM replica_requests
@@ -143,10 +145,10 @@ pub(super) async fn release_source_lock(
               AND (lease_expires_at IS NULL OR lease_expires_at <= now())
             ORDER BY next_attempt_at, created_at
             LIMIT 1 FOR UPDATE SKIP LOCKED)",
+        source,
+        holder,
+        now,
     )
-    .bind(&source)
-    .bind(holder)
-    .bind(now)
     .execute(&mut **tx)
     .await?
     .rows_affected();

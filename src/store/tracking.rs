@@ -18,16 +18,19 @@ pub struct Tracked {
 impl Store {
     /// Every request whose replica is being created, oldest first.
     pub async fn provisioning(&self) -> Result<Vec<Tracked>, sqlx::Error> {
-        let since: Vec<(Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT r.id, (
+        let since: Vec<(Uuid, Option<DateTime<Utc>>)> = sqlx::query!(
+            r#"SELECT r.id, (
                 SELECT max(e.created_at) FROM request_events e
                 WHERE e.request_id = r.id AND e.to_status = 'provisioning'
-                  AND e.from_status IS DISTINCT FROM e.to_status)
+                  AND e.from_status IS DISTINCT FROM e.to_status) AS "since?"
              FROM replica_requests r WHERE r.status = 'provisioning'
-             ORDER BY r.updated_at, r.id",
+             ORDER BY r.updated_at, r.id"#,
         )
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|row| (row.id, row.since))
+        .collect();
         if since.is_empty() {
             return Ok(Vec::new());
         }
@@ -54,13 +57,13 @@ impl Store {
         status: &str,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE replica_requests SET replica_status = $2, updated_at = $3
              WHERE id = $1 AND status = 'provisioning'",
+            id,
+            status,
+            now,
         )
-        .bind(id)
-        .bind(status)
-        .bind(now)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -73,14 +76,14 @@ impl Store {
         ids: &[Uuid],
         error: &StoredError,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4
              WHERE id = ANY($1) AND status = 'provisioning'",
+            ids,
+            error.code,
+            clean(&error.message),
+            error.suggestion,
         )
-        .bind(ids)
-        .bind(&error.code)
-        .bind(clean(&error.message))
-        .bind(&error.suggestion)
         .execute(&self.pool)
         .await?;
         Ok(())
