@@ -245,8 +245,26 @@ fn describe_safe(info: &SafeInfo) -> String {
 /// HOOK for the notification targets (webhooks, chat) that tell the Safe's
 /// owners about a new proposal: they are not part of the settings yet. Once
 /// they are, this sends each a test request and gives one row per target.
-async fn check_notification_targets(_settings: &Settings) -> Vec<Row> {
-    Vec::new()
+/// Each notification target answers HTTP at all: any status counts, since a
+/// webhook may refuse a request that carries no message. Named, never shown:
+/// the URL is a secret.
+async fn check_notification_targets(settings: &Settings) -> Vec<Row> {
+    use secrecy::ExposeSecret;
+    let http = reqwest::Client::new();
+    let mut rows = Vec::new();
+    for (name, url) in &settings.notify.notify_urls.0 {
+        let answer = bounded(async {
+            let response = http
+                .head(url.expose_secret())
+                .send()
+                .await
+                .map_err(|err| redact(&err.without_url().to_string()).into_owned())?;
+            Ok(format!("answers (HTTP {})", response.status().as_u16()))
+        })
+        .await;
+        rows.push(Row::new("notification target", name, answer));
+    }
+    rows
 }
 
 async fn bounded<T>(check: impl Future<Output = Result<T, String>>) -> Result<T, String> {

@@ -1028,6 +1028,9 @@ mod tests {
             .with_writer(move || writer.clone())
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
+        // Other tests' threads may have cached this module's callsites as
+        // disabled before this subscriber existed.
+        tracing::callsite::rebuild_interest_cache();
 
         let key = "sk-test-7f3a9c";
         let server = MockServer::start().await;

@@ -112,10 +112,20 @@ async fn doctor_fails_on_an_rpc_for_another_chain_and_an_unmigrated_database() {
         .to_owned();
     // The world's RPC, configured for one more chain it does not serve.
     let rpc_urls = format!("{chain_id}={rpc},5={rpc}");
+    // Two notification targets: the sandbox's front door answers, nothing
+    // listens on port 1.
+    let notify_urls = format!(
+        "up={}/hook,down=http://127.0.0.1:1/hook-secret-path",
+        world.env["APPROVAL_BRIDGE_SANDBOX_URL"].trim_end_matches('/')
+    );
     let (code, table, stderr) = doctor(
         &world,
         &database_url,
-        &[("APPROVAL_BRIDGE_RPC_URLS", &rpc_urls)],
+        &[
+            ("APPROVAL_BRIDGE_RPC_URLS", &rpc_urls),
+            ("APPROVAL_BRIDGE_NOTIFY_URLS", &notify_urls),
+            ("APPROVAL_BRIDGE_NOTIFY_SECRET", "a-long-notify-secret"),
+        ],
     );
     assert_eq!(code, 1, "{table}\n{stderr}");
     assert!(row(&table, "migrations").starts_with("FAIL"), "{table}");
@@ -130,5 +140,14 @@ async fn doctor_fails_on_an_rpc_for_another_chain_and_an_unmigrated_database() {
         )),
         "{table}"
     );
+    let target = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.contains("notification target") && l.contains(&format!(" {name} ")))
+            .unwrap_or_else(|| panic!("no notification target `{name}` in:\n{table}"))
+    };
+    assert!(target("up").starts_with("ok"), "{table}");
+    assert!(target("down").starts_with("FAIL"), "{table}");
+    assert!(!table.contains("hook-secret-path"), "{table}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
