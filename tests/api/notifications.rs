@@ -142,6 +142,9 @@ async fn a_target_receives_signed_messages_for_approval_done_and_failed() {
         .await;
     let waiting = front.wait_for(&id, "awaiting_approval").await;
     front.wait_for(&refused, "failed").await;
+    // A message is rendered when it is sent: let the approval request go out
+    // before anyone signs, so it names every owner as still to sign.
+    wait_received(&target, 2).await;
     approve(&front, &waiting).await;
     front.wait_for(&id, "done").await;
 

@@ -285,7 +285,15 @@ async fn a_person_signs_in_queues_and_follows_a_replica_to_done_in_the_browser()
     env_name.clear().await.unwrap();
     browser.screenshot("queue-form").await;
     browser.click("#queue button[type=submit]").await;
-    let url = browser.client.current_url().await.unwrap();
+    // The form posts, then redirects to the new request's page.
+    let mut url = browser.client.current_url().await.unwrap();
+    for _ in 0..300 {
+        if !url.path().ends_with("/replicas/new") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        url = browser.client.current_url().await.unwrap();
+    }
     let id = url.path().trim_start_matches("/replicas/").to_owned();
     assert_eq!(id.len(), 36, "{url}");
 
