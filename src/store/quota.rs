@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
 
 use super::Store;
 
@@ -22,15 +23,18 @@ pub enum QuotaCheck {
 }
 
 impl Store {
-    /// Counts the caller's requests of one kind of KMS in the hour before
-    /// `now`, to insert `wanted` more within `limit`. Call it inside the
-    /// transaction that inserts: it holds the caller's lock until that
-    /// transaction ends, so two processes never both spend the last slot.
+    /// Checks that `mine`, the caller's requests just inserted, fit in
+    /// `limit` beside its other requests of one kind of KMS in the hour
+    /// before `now`. Call it in the transaction that inserted `mine`, as its
+    /// last statement before the commit: it takes the caller's lock, held
+    /// until that transaction ends, so two processes never both spend the
+    /// last slot, and taking it last keeps the caller's concurrent requests
+    /// from waiting on each other's inserts.
     pub async fn check_quota(
         tx: &mut Transaction<'_, Postgres>,
         principal: &str,
         onchain_kms: bool,
-        wanted: u32,
+        mine: &[Uuid],
         limit: u32,
         now: DateTime<Utc>,
     ) -> Result<QuotaCheck, sqlx::Error> {
@@ -40,17 +44,21 @@ impl Store {
         )
         .execute(&mut **tx)
         .await?;
+        // A statement of its own, after the lock: its snapshot sees what the
+        // lock's previous holder committed.
         let since = now - QUOTA_WINDOW;
         let used: i64 = sqlx::query_scalar!(
             r#"SELECT count(*) AS "count!" FROM replica_requests
-             WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3"#,
+             WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3 AND id <> ALL($4)"#,
             principal,
             onchain_kms,
             since,
+            mine,
         )
         .fetch_one(&mut **tx)
         .await?;
-        let (wanted, limit) = (i64::from(wanted), i64::from(limit));
+        let wanted = mine.len() as i64;
+        let limit = i64::from(limit);
         if used + wanted <= limit {
             return Ok(QuotaCheck::Within);
         }
@@ -64,12 +72,13 @@ impl Store {
         let must_leave = used + wanted - limit;
         let oldest: DateTime<Utc> = sqlx::query_scalar!(
             "SELECT created_at FROM replica_requests
-             WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3
+             WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3 AND id <> ALL($5)
              ORDER BY created_at OFFSET $4 LIMIT 1",
             principal,
             onchain_kms,
             since,
             must_leave - 1,
+            mine,
         )
         .fetch_one(&mut **tx)
         .await?;

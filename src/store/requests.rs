@@ -18,6 +18,16 @@ use crate::domain::{Actor, Event, Status, Transition, transition};
 /// or, in `provisioning`, for the replica tracker.
 pub const WORKABLE: [Status; 3] = [Status::Queued, Status::Preparing, Status::Committing];
 
+/// Which due requests a worker task claims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Any workable request, the most overdue first.
+    All,
+    /// Only commits. A replica whose Safe transaction has executed waits
+    /// for nothing else: not even a burst of queued requests ahead of it.
+    Commits,
+}
+
 /// A request as stored. The commit token is deliberately absent: it is read
 /// only by the commit step, through [`Store::commit_token`].
 #[derive(Debug, Clone)]
@@ -208,7 +218,8 @@ pub struct Claimed {
 
 impl Store {
     /// Inserts the requests of one order with their first event, inside the
-    /// caller's transaction, and wakes the workers when it commits.
+    /// caller's transaction. The caller wakes the workers once it commits
+    /// ([`Store::wake_workers`]).
     pub async fn insert_requests(
         tx: &mut Transaction<'_, Postgres>,
         requests: &[NewRequest],
@@ -256,7 +267,17 @@ impl Store {
             )
             .await?;
         }
-        wake(tx).await
+        Ok(())
+    }
+
+    /// Wakes the workers of every process, as a transaction of its own.
+    /// Intake calls it after committing, so that its own transaction does
+    /// not take the lock under which Postgres queues notifications.
+    pub async fn wake_workers(&self) -> Result<(), sqlx::Error> {
+        sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The given requests, read inside the transaction that created them.
@@ -344,33 +365,58 @@ impl Store {
         Ok(self.get_request(id).await?)
     }
 
-    /// Claims the most overdue workable request: a short transaction that
+    /// Claims the most overdue request of `lane`: a short transaction that
     /// skips rows other workers hold. The lease runs on the database's clock,
     /// so workers on machines whose clocks disagree still fence each other.
     pub async fn claim_due(
         &self,
         now: DateTime<Utc>,
         lease_for: std::time::Duration,
+        lane: Lane,
     ) -> Result<Option<Claimed>, sqlx::Error> {
         let lease_id = Uuid::new_v4();
-        let statuses = workable_statuses();
-        let request: Option<ReplicaRequest> = query_requests!(
-            "UPDATE replica_requests SET lease_id = $1, lease_expires_at = now() + make_interval(secs => $2)
-             WHERE id = (
-                SELECT id FROM replica_requests
-                WHERE status = ANY($3) AND next_attempt_at <= $4
-                  AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-                ORDER BY next_attempt_at, created_at
-                LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING ",
-            "",
-            lease_id,
-            lease_for.as_secs_f64(),
-            &statuses,
-            now,
-        )
-        .fetch_optional(&self.pool)
-        .await?;
+        let lease_secs = lease_for.as_secs_f64();
+        // Two texts, not one with a status parameter: the commit lane's
+        // literal status lets the planner go straight to the few committing rows.
+        let request: Option<ReplicaRequest> = match lane {
+            Lane::All => {
+                query_requests!(
+                    "UPDATE replica_requests SET lease_id = $1, lease_expires_at = now() + make_interval(secs => $2)
+                     WHERE id = (
+                        SELECT id FROM replica_requests
+                        WHERE status = ANY($3) AND next_attempt_at <= $4
+                          AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                        ORDER BY next_attempt_at, created_at
+                        LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     RETURNING ",
+                    "",
+                    lease_id,
+                    lease_secs,
+                    &workable_statuses(),
+                    now,
+                )
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            Lane::Commits => {
+                query_requests!(
+                    "UPDATE replica_requests SET lease_id = $1, lease_expires_at = now() + make_interval(secs => $2)
+                     WHERE id = (
+                        SELECT id FROM replica_requests
+                        WHERE status = 'committing' AND next_attempt_at <= $3
+                          AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                        ORDER BY next_attempt_at, created_at
+                        LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     RETURNING ",
+                    "",
+                    lease_id,
+                    lease_secs,
+                    now,
+                )
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
         Ok(request.map(|request| Claimed {
             lease: Lease {
                 request_id: request.id,
@@ -648,23 +694,36 @@ impl Store {
         .await
     }
 
-    /// The earliest time something becomes due (a workable request, a request
-    /// waiting for its batch, a proposal to post), to sleep until then.
-    pub async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        sqlx::query_scalar!(
-            "SELECT min(due) FROM (
-                SELECT GREATEST(next_attempt_at, COALESCE(lease_expires_at, next_attempt_at)) AS due
-                FROM replica_requests WHERE status = ANY($1)
-                UNION ALL
-                SELECT next_attempt_at FROM replica_requests
-                WHERE status = 'awaiting_proposal' AND proposal_id IS NULL
-                UNION ALL
-                SELECT next_attempt_at FROM proposals WHERE status = 'proposed' AND submitted_at IS NULL
-             ) due",
-            &workable_statuses(),
-        )
-        .fetch_one(&self.pool)
-        .await
+    /// The earliest time something of `lane` becomes due, to sleep until
+    /// then. For [`Lane::All`] that is a workable request, a request waiting
+    /// for its batch or a proposal to post.
+    pub async fn next_due_at(&self, lane: Lane) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        match lane {
+            Lane::All => {
+                sqlx::query_scalar!(
+                    "SELECT min(due) FROM (
+                        SELECT GREATEST(next_attempt_at, COALESCE(lease_expires_at, next_attempt_at)) AS due
+                        FROM replica_requests WHERE status = ANY($1)
+                        UNION ALL
+                        SELECT next_attempt_at FROM replica_requests
+                        WHERE status = 'awaiting_proposal' AND proposal_id IS NULL
+                        UNION ALL
+                        SELECT next_attempt_at FROM proposals WHERE status = 'proposed' AND submitted_at IS NULL
+                     ) due",
+                    &workable_statuses(),
+                )
+                .fetch_one(&self.pool)
+                .await
+            }
+            Lane::Commits => {
+                sqlx::query_scalar!(
+                    "SELECT min(GREATEST(next_attempt_at, COALESCE(lease_expires_at, next_attempt_at)))
+                     FROM replica_requests WHERE status = 'committing'"
+                )
+                .fetch_one(&self.pool)
+                .await
+            }
+        }
     }
 
     /// The commit token, read only by the step that sends it.

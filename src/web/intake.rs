@@ -102,9 +102,23 @@ pub async fn queue(
     let now = state.clock.now();
     let onchain_kms = rows[0].onchain_kms;
     let limit = state.access.quota(&principal, onchain_kms);
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let mut tx = state.store.pool().begin().await?;
+    Store::insert_requests(&mut tx, &rows, &actor, now).await?;
+    let created = Store::requests_in(&mut tx, &ids).await?;
+    let response = StoredResponse {
+        status: StatusCode::ACCEPTED.as_u16(),
+        body: serde_json::to_value(views::ReplicaList {
+            replicas: created
+                .iter()
+                .map(|r| views::replica(r, &views::Proposals::new()))
+                .collect(),
+        })?,
+    };
+    // Last before the commit: the quota's lock queues this caller's
+    // concurrent requests behind each other until this one commits.
     if let QuotaCheck::Exceeded { used, retry_after } =
-        Store::check_quota(&mut tx, &principal, onchain_kms, order.count, limit, now).await?
+        Store::check_quota(&mut tx, &principal, onchain_kms, &ids, limit, now).await?
     {
         tx.rollback().await?;
         return Err(quota_exceeded(
@@ -116,18 +130,6 @@ pub async fn queue(
             retry_after,
         ));
     }
-    Store::insert_requests(&mut tx, &rows, &actor, now).await?;
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let created = Store::requests_in(&mut tx, &ids).await?;
-    let response = StoredResponse {
-        status: StatusCode::ACCEPTED.as_u16(),
-        body: serde_json::to_value(views::ReplicaList {
-            replicas: created
-                .iter()
-                .map(|r| views::replica(r, &views::Proposals::new()))
-                .collect(),
-        })?,
-    };
     if let Some(key) = &idempotency_key
         && !Store::save_idempotent_response(
             &mut tx,
@@ -149,6 +151,10 @@ pub async fn queue(
         return replay(earlier.ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?);
     }
     tx.commit().await?;
+    if let Err(err) = state.store.wake_workers().await {
+        // Stored all the same: the workers' polling finds the rows.
+        tracing::warn!(error = %err, "cannot wake the workers; they find the new requests by polling");
+    }
     tracing::info!(actor = %principal, count = rows.len(), source = %order.source, "replicas queued");
     Ok(response)
 }

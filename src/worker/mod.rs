@@ -31,7 +31,7 @@ use crate::clock::Clock;
 use crate::config::{RetentionSettings, WorkerSettings};
 use crate::domain::{Actor, Event, Status};
 use crate::phala::{PhalaClient, PhalaError};
-use crate::store::{Changes, Claimed, Lease, Store, StoreError, StoredError, WAKE_CHANNEL};
+use crate::store::{Changes, Claimed, Lane, Lease, Store, StoreError, StoredError, WAKE_CHANNEL};
 
 pub use safe_flow::{SafeFlow, safe_wallet_link, short_chain_name};
 
@@ -164,8 +164,17 @@ impl Worker {
 
     /// Claims one due request and runs its step. `false` when nothing was due.
     pub async fn run_once(&self) -> anyhow::Result<bool> {
+        self.run_once_in(Lane::All).await
+    }
+
+    /// [`Self::run_once`], for a request of `lane` only.
+    pub async fn run_once_in(&self, lane: Lane) -> anyhow::Result<bool> {
         let now = self.clock.now();
-        let Some(claimed) = self.store.claim_due(now, self.lease_duration()).await? else {
+        let Some(claimed) = self
+            .store
+            .claim_due(now, self.lease_duration(), lane)
+            .await?
+        else {
             return Ok(false);
         };
         let lease = claimed.lease;
@@ -381,8 +390,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs `count` worker tasks until `shutdown`. One LISTEN connection wakes
-    /// them; polling at the configured interval covers lost notifications.
+    /// Runs `count` worker tasks, and one more that only commits, until
+    /// `shutdown`. One LISTEN connection wakes them; polling at the configured
+    /// interval covers lost notifications.
     pub async fn run(self, count: usize, shutdown: CancellationToken) -> anyhow::Result<()> {
         let wake = Arc::new(Notify::new());
         let mut listener = PgListener::connect_with(self.store.pool())
@@ -396,11 +406,14 @@ impl Worker {
             tasks.spawn(owner::run(self.clone(), wake.clone(), shutdown.clone()));
         }
         tasks.spawn(self.clone().run_retention(shutdown.clone()));
-        for index in 0..count {
+        // The commit lane: once a Safe transaction executes, its commits
+        // start at once, however many requests the other workers have queued.
+        let lanes = std::iter::once(Lane::Commits).chain(std::iter::repeat_n(Lane::All, count));
+        for (index, lane) in lanes.enumerate() {
             let worker = self.clone();
             let wake = wake.clone();
             let shutdown = shutdown.clone();
-            tasks.spawn(async move { worker.work_loop(index, wake, shutdown).await });
+            tasks.spawn(async move { worker.work_loop(index, lane, wake, shutdown).await });
         }
 
         loop {
@@ -441,20 +454,27 @@ impl Worker {
         Ok(())
     }
 
-    async fn work_loop(&self, index: usize, wake: Arc<Notify>, shutdown: CancellationToken) {
+    async fn work_loop(
+        &self,
+        index: usize,
+        lane: Lane,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
         let poll = Duration::from_secs(self.settings.poll_interval_secs);
         while !shutdown.is_cancelled() {
             let notified = wake.notified();
-            match self.run_once().await {
+            match self.run_once_in(lane).await {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(err) => tracing::error!(
                     worker = index,
+                    lane = ?lane,
                     error = format!("{err:#}"),
                     "worker step failed"
                 ),
             }
-            let wait = match self.store.next_due_at().await {
+            let wait = match self.store.next_due_at(lane).await {
                 Ok(Some(due)) => (due - self.clock.now())
                     .to_std()
                     .unwrap_or_default()

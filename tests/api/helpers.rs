@@ -10,7 +10,7 @@ use approval_bridge::config::{
     Settings, TrustSettings, WebSettings, WorkerSettings, parse_named_secrets,
 };
 use approval_bridge::startup::Application;
-use approval_bridge::store::Store;
+use approval_bridge::store::{Lane, Store};
 use approval_bridge::web::webhook;
 use approval_bridge::worker::Worker;
 use reqwest::Response;
@@ -276,7 +276,7 @@ impl TestApp {
     pub async fn drain_all(&self, rounds: usize) {
         for _ in 0..rounds {
             self.drain().await;
-            match self.store.next_due_at().await.unwrap() {
+            match self.store.next_due_at(Lane::All).await.unwrap() {
                 Some(due) => {
                     let wait = due - self.clock.now();
                     if wait > chrono::Duration::zero() {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use approval_bridge::store::Lane;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -530,7 +531,7 @@ async fn a_step_longer_than_its_lease_keeps_it_by_heartbeat() {
     tokio::time::sleep(Duration::from_millis(3300)).await;
     let rival = app
         .store
-        .claim_due(app.clock.now(), Duration::from_secs(3))
+        .claim_due(app.clock.now(), Duration::from_secs(3), Lane::All)
         .await
         .unwrap();
     assert!(rival.is_none(), "the lease was renewed while the step ran");

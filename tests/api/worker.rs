@@ -7,7 +7,7 @@ use std::time::Duration;
 use approval_bridge::clock::Clock;
 use approval_bridge::config::WorkerSettings;
 use approval_bridge::phala::PhalaClient;
-use approval_bridge::store::Store;
+use approval_bridge::store::{Lane, Store};
 use approval_bridge::worker::Worker;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
@@ -634,13 +634,13 @@ async fn a_worker_whose_lease_expired_cannot_write() {
     let lease = Duration::from_secs(60);
     let first = app
         .store
-        .claim_due(app.clock.now(), lease)
+        .claim_due(app.clock.now(), lease, Lane::All)
         .await
         .unwrap()
         .expect("due");
     assert!(
         app.store
-            .claim_due(app.clock.now(), lease)
+            .claim_due(app.clock.now(), lease, Lane::All)
             .await
             .unwrap()
             .is_none(),
@@ -650,7 +650,7 @@ async fn a_worker_whose_lease_expired_cannot_write() {
     app.clock.advance(chrono::Duration::seconds(61));
     assert!(
         app.store
-            .claim_due(app.clock.now(), lease)
+            .claim_due(app.clock.now(), lease, Lane::All)
             .await
             .unwrap()
             .is_none(),
@@ -659,7 +659,7 @@ async fn a_worker_whose_lease_expired_cannot_write() {
     expire_leases(&app).await;
     let second = app
         .store
-        .claim_due(app.clock.now(), lease)
+        .claim_due(app.clock.now(), lease, Lane::All)
         .await
         .unwrap()
         .expect("expired lease is taken over");
@@ -824,4 +824,76 @@ async fn a_notification_wakes_a_sleeping_worker() {
         "the worker did not wake up; status {}",
         app.status_of(&id).await
     );
+}
+
+#[tokio::test]
+async fn the_commit_lane_commits_at_once_behind_a_backlog_of_overdue_requests() {
+    let app = spawn_app().await;
+    mount_onchain_source(&app.phala, &[]).await;
+    mount_nodes(&app.phala, &[(3, "prod-3")]).await;
+    mount_prepare(
+        &app.phala,
+        ONCHAIN_VM,
+        prepared_body("tok-1", 3, true, true, true),
+    )
+    .await;
+    Mock::given(method("GET"))
+        .and(path(api(&format!("/apps/{}/cvms", app_id()))))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        .mount(&app.phala)
+        .await;
+    mount_commit_ok(&app.phala, ONCHAIN_VM).await;
+    let id = app
+        .queue(&json!({"source": ONCHAIN_NAME, "node": "prod-3"}))
+        .await
+        .remove(0);
+    app.steps(2).await;
+    assert_eq!(app.status_of(&id).await, "committing");
+    // A backlog queued after it, but overdue long before it.
+    let backlog = app
+        .queue(&json!({"source": ONCHAIN_NAME, "count": 5}))
+        .await;
+    sqlx::query(
+        "UPDATE replica_requests SET next_attempt_at = next_attempt_at - interval '1 hour'
+         WHERE status = 'queued'",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    // Any worker takes the most overdue request first: the backlog's.
+    let lease = Duration::from_secs(60);
+    let first = app
+        .store
+        .claim_due(app.clock.now(), lease, Lane::All)
+        .await
+        .unwrap()
+        .expect("due");
+    assert_ne!(first.request.id.to_string(), id);
+    app.store.release_lease(&first.lease).await.unwrap();
+
+    // The commit lane alone, with no other worker: the commit goes out at
+    // once and the backlog is left to the others.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = app.worker.clone();
+    let token = stop.clone();
+    let lanes = tokio::spawn(async move { worker.run(0, token).await.unwrap() });
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = app.status_of(&id).await;
+        if status == "provisioning" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    lanes.await.unwrap();
+    assert_eq!(status, "provisioning", "the commit lane committed");
+    for queued in &backlog {
+        assert_eq!(app.status_of(queued).await, "queued");
+    }
+    let commits = app
+        .phala_requests("POST", &api(&format!("/cvms/{ONCHAIN_VM}/commit-replica")))
+        .await;
+    assert_eq!(commits.len(), 1);
 }
