@@ -29,7 +29,7 @@ use reqwest::Url;
 
 use super::{Artifact, anvil_binary, compile_contracts, npm_json, project_artifact, safe_artifact};
 use crate::chain::ChainClient;
-use crate::safe::{Call, Deployment, SafeTx, SafeVersion, build_safe_tx, sign_safe_tx_hash};
+use crate::safe::{Call, Deployment, ISafe, SafeTx, SafeVersion, build_safe_tx, sign_safe_tx_hash};
 
 /// Canonical Safe v1.4.1 addresses (CREATE2 from the singleton factory, salt 0).
 pub mod v1_4_1 {
@@ -54,11 +54,12 @@ pub const CHAIN_ID: u64 = 31337;
 pub const DEV_ACCOUNTS: usize = 10;
 
 sol! {
-    /// The Safe (1.4.1) functions and events the sandbox uses.
-    // The generated `execTransaction` method mirrors the ABI.
+    /// The Safe (1.4.1) functions and events the sandbox uses beyond the
+    /// bridge's own [`ISafe`], which has the reads and `execTransaction`.
+    // The generated `setup` method mirrors the ABI.
     #[allow(clippy::too_many_arguments)]
     #[sol(rpc)]
-    interface ISafe {
+    interface ISafeMore {
         function setup(
             address[] calldata _owners,
             uint256 _threshold,
@@ -69,23 +70,7 @@ sol! {
             uint256 payment,
             address paymentReceiver
         ) external;
-        function getOwners() external view returns (address[] memory);
-        function getThreshold() external view returns (uint256);
-        function nonce() external view returns (uint256);
-        function VERSION() external view returns (string memory);
         function swapOwner(address prevOwner, address oldOwner, address newOwner) external;
-        function execTransaction(
-            address to,
-            uint256 value,
-            bytes calldata data,
-            uint8 operation,
-            uint256 safeTxGas,
-            uint256 baseGas,
-            uint256 gasPrice,
-            address gasToken,
-            address refundReceiver,
-            bytes memory signatures
-        ) external payable returns (bool success);
 
         event ExecutionSuccess(bytes32 indexed txHash, uint256 payment);
         event ExecutionFailure(bytes32 indexed txHash, uint256 payment);
@@ -351,7 +336,7 @@ impl LocalChain {
         threshold: u64,
         salt_nonce: u64,
     ) -> anyhow::Result<Address> {
-        let initializer = ISafe::setupCall {
+        let initializer = ISafeMore::setupCall {
             _owners: owners.to_vec(),
             _threshold: U256::from(threshold),
             to: Address::ZERO,
@@ -569,7 +554,7 @@ impl LocalChain {
         let succeeded = receipt.logs().iter().any(|log| {
             log.address() == safe
                 && log
-                    .log_decode::<ISafe::ExecutionSuccess>()
+                    .log_decode::<ISafeMore::ExecutionSuccess>()
                     .is_ok_and(|event| event.inner.data.txHash == hash)
         });
         ensure!(

@@ -26,6 +26,7 @@ use super::replicas::{cancel_as, parse_id, proposals_of};
 use super::signers::{ProposalView, open_proposals};
 use super::signin::{self, CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
 use super::ui_models::{DetailView, RowView};
+use super::views;
 use crate::domain::Status;
 use crate::store::RequestFilter;
 
@@ -289,7 +290,7 @@ async fn rows(state: &AppState, query: &ListQuery) -> Result<Vec<RowView>, PageE
     let proposals = proposals_of(state, &requests).await?;
     Ok(requests
         .iter()
-        .map(|r| RowView::new(r, &proposals))
+        .map(|r| RowView::new(&views::replica(r, &proposals)))
         .collect())
 }
 
@@ -355,7 +356,10 @@ async fn detail_view(state: &AppState, id: &str) -> Result<DetailView, PageError
         .ok_or_else(|| ApiError::not_found(format!("no replica request has id {id}")))?;
     let events = state.store.events(id).await?;
     let proposals = proposals_of(state, std::slice::from_ref(&request)).await?;
-    Ok(DetailView::new(&request, &proposals, &events))
+    Ok(DetailView::new(views::ReplicaDetail {
+        replica: views::replica(&request, &proposals),
+        events: events.iter().map(views::event).collect(),
+    }))
 }
 
 /// `GET /replicas/{id}`: status, timeline, error, proposal, cancel.

@@ -1,24 +1,15 @@
-//! What the team page shows of a request, built from the API's own JSON
-//! (`views::replica`, `views::event`), so the page and the API never differ.
+//! What the team page shows of a request, built from the API's own typed
+//! views ([`ReplicaView`], [`ReplicaDetail`]), so the page and the API never
+//! differ.
 
-use serde_json::Value;
+use chrono::{DateTime, Utc};
 
 use super::signers::ProposalView;
-use super::views;
-use crate::store::{EventRow, ReplicaRequest};
+use super::views::{ReplicaDetail, ReplicaView};
 
-fn text(value: &Value, key: &str) -> Option<String> {
-    match &value[key] {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
-}
-
-fn short(at: Option<String>) -> String {
-    // RFC 3339 to "2026-11-30 10:27:02".
-    at.map(|t| t.replace('T', " ").chars().take(19).collect())
-        .unwrap_or_default()
+fn short(at: DateTime<Utc>) -> String {
+    // As the API's RFC 3339 cut to "2026-11-30 10:27:02".
+    at.format("%Y-%m-%d %H:%M:%S").to_string()
 }
 
 /// One line of the replicas list.
@@ -37,49 +28,40 @@ pub struct RowView {
 }
 
 impl RowView {
-    pub fn new(r: &ReplicaRequest, proposals: &views::Proposals) -> RowView {
-        let json = serde_json::to_value(views::replica(r, proposals)).unwrap_or_default();
-        let mut row = RowView::from_json(&json);
-        if let Some(p) = r.proposal_id.and_then(|id| proposals.get(&id)) {
-            row.approval = p.summary.clone();
-        }
-        row
-    }
-
-    fn from_json(json: &Value) -> RowView {
-        let id = text(json, "id").unwrap_or_default();
+    pub fn new(view: &ReplicaView) -> RowView {
+        let id = view.id.to_string();
         RowView {
-            short_id: id
-                .chars()
-                .rev()
-                .take(8)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect(),
+            short_id: id[id.len().saturating_sub(8)..].to_owned(),
             id,
-            status: text(json, "status").unwrap_or_default(),
-            error_code: text(&json["last_error"], "code"),
-            source: text(json, "source_name")
-                .or_else(|| text(json, "source"))
-                .unwrap_or_default(),
-            node: text(json, "node_name")
-                .or_else(|| text(json, "node"))
+            status: view.status.to_string(),
+            error_code: view.last_error.as_ref().map(|e| e.code.clone()),
+            source: view
+                .source_name
+                .clone()
+                .unwrap_or_else(|| view.source.clone()),
+            node: view
+                .node_name
+                .clone()
+                .or_else(|| view.node.clone())
                 .unwrap_or_else(|| "auto".to_owned()),
-            app: text(json, "app_id").unwrap_or_else(|| "-".to_owned()),
-            approval: approval(json["onchain_kms"].as_bool()),
-            created_by: text(json, "created_by").unwrap_or_default(),
-            created_at: short(text(json, "created_at")),
+            app: view.app_id.clone().unwrap_or_else(|| "-".to_owned()),
+            approval: match &view.proposal {
+                Some(p) => p.summary.clone(),
+                None => approval(view.onchain_kms),
+            },
+            created_by: view.created_by.clone(),
+            created_at: short(view.created_at),
         }
     }
 }
 
 /// What a request without a proposal waits for (a proposal's own summary
 /// replaces it: see [`RowView::new`]).
-fn approval(onchain_kms: Option<bool>) -> String {
-    match onchain_kms {
-        Some(false) => "none needed (Cloud KMS)".to_owned(),
-        _ => "-".to_owned(),
+fn approval(onchain_kms: bool) -> String {
+    if onchain_kms {
+        "-".to_owned()
+    } else {
+        "none needed (Cloud KMS)".to_owned()
     }
 }
 
@@ -114,44 +96,56 @@ pub struct DetailView {
 }
 
 impl DetailView {
-    pub fn new(r: &ReplicaRequest, proposals: &views::Proposals, events: &[EventRow]) -> Self {
-        let json = serde_json::to_value(views::replica(r, proposals)).unwrap_or_default();
-        let error = &json["last_error"];
+    pub fn new(detail: ReplicaDetail) -> Self {
+        let ReplicaDetail {
+            replica: view,
+            events,
+        } = detail;
         DetailView {
-            row: RowView::new(r, proposals),
-            compose_hash: text(&json, "compose_hash"),
-            env_names: json["env_names"]
-                .as_array()
-                .map(|names| {
-                    names
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default(),
-            note: text(&json, "note"),
-            vm_uuid: text(&json, "vm_uuid"),
-            dashboard_link: text(&json, "dashboard_link"),
-            error: text(error, "code").map(|code| ErrorView {
-                code,
-                message: text(error, "message").unwrap_or_default(),
-                suggestion: text(error, "suggestion"),
+            row: RowView::new(&view),
+            compose_hash: view.compose_hash,
+            env_names: view.env_names.join(", "),
+            note: view.note,
+            vm_uuid: view.vm_uuid,
+            dashboard_link: view.dashboard_link,
+            error: view.last_error.map(|e| ErrorView {
+                code: e.code,
+                message: e.message.unwrap_or_default(),
+                suggestion: e.suggestion,
             }),
-            proposal: r.proposal_id.and_then(|id| proposals.get(&id)).cloned(),
+            proposal: view.proposal,
             events: events
-                .iter()
-                .map(|e| {
-                    let json = serde_json::to_value(views::event(e)).unwrap_or_default();
-                    EventView {
-                        at: short(text(&json, "at")),
-                        from: text(&json, "from"),
-                        to: text(&json, "to").unwrap_or_default(),
-                        actor: text(&json, "actor").unwrap_or_default(),
-                        message: text(&json, "message"),
-                    }
+                .into_iter()
+                .map(|e| EventView {
+                    at: short(e.at),
+                    from: e.from,
+                    to: e.to,
+                    actor: e.actor,
+                    message: e.message,
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn short_time_is_the_api_time_cut_to_the_second() {
+        let at = Utc.timestamp_micros(1_796_034_422_123_456).unwrap();
+        let api = serde_json::to_value(at).unwrap();
+        let api: String = api
+            .as_str()
+            .unwrap()
+            .replace('T', " ")
+            .chars()
+            .take(19)
+            .collect();
+        assert_eq!(short(at), api);
+        assert_eq!(short(at), "2026-11-30 10:27:02");
     }
 }

@@ -8,10 +8,10 @@ use std::time::Instant;
 use alloy::primitives::{Address, B256, U256, b256};
 use alloy::providers::Provider;
 use alloy::sol_types::{SolCall, SolEvent};
-use approval_bridge::safe::{Call, Operation, encode_multi_send};
+use approval_bridge::safe::{Call, ISafe, Operation, encode_multi_send};
 use approval_bridge::sandbox::LocalChain;
 use approval_bridge::sandbox::chain::{
-    IDstackApp, IMultiSend, IMulticall3, ISafe, MULTICALL3, SAFE_SINGLETON_FACTORY, v1_4_1,
+    IDstackApp, IMultiSend, IMulticall3, MULTICALL3, SAFE_SINGLETON_FACTORY, v1_4_1,
 };
 
 const COMPOSE_HASH: B256 =

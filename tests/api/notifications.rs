@@ -60,6 +60,17 @@ async fn failing_target(status: u16, failures: u64) -> MockServer {
     target
 }
 
+/// A target that answers 200 only after `delay`.
+async fn hanging_target(delay: Duration) -> MockServer {
+    let target = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200).set_delay(delay))
+        .mount(&target)
+        .await;
+    target
+}
+
 /// What the target received, in order.
 async fn received(target: &MockServer) -> Vec<wiremock::Request> {
     target.received_requests().await.unwrap_or_default()
@@ -255,12 +266,7 @@ async fn a_failing_target_is_retried_with_the_same_delivery_and_the_flow_reaches
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_hangs_does_not_hold_up_the_flow() {
-    let target = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/hook"))
-        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(120)))
-        .mount(&target)
-        .await;
+    let target = hanging_target(Duration::from_secs(120)).await;
     let (front, shutdown) = start(&target, &[("APPROVAL_BRIDGE_NOTIFY_TIMEOUT_SECS", "60")]).await;
 
     let id = front
@@ -308,29 +314,46 @@ fn a_target_that_is_not_http_or_has_no_secret_stops_start_up_in_one_line() {
     assert!(!line.contains("token-123"), "{line}");
 }
 
-/// Driven by hand on a manual clock: a failure writes one notification, and
-/// its delivery keeps its id and message across a crash-free retry.
-#[tokio::test]
-async fn a_failure_notifies_once_and_its_retry_keeps_the_delivery_id() {
-    use crate::phala_mock::*;
-    let target = failing_target(500, 1).await;
+/// A bridge on a manual clock that notifies `target` (`tune` sets more of
+/// its notify settings), and the notify settings it runs with.
+async fn notifying_app(
+    target: &MockServer,
+    tune: impl FnOnce(&mut approval_bridge::config::NotifySettings),
+) -> (
+    crate::helpers::TestApp,
+    approval_bridge::config::NotifySettings,
+) {
     let mut notify = approval_bridge::config::NotifySettings::default();
     let app = crate::helpers::spawn_app_with(|settings| {
         settings.notify.notify_urls =
             parse_named_secrets(&format!("team={}/hook", target.uri())).unwrap();
         settings.notify.notify_secret = Some(SECRET.to_owned().into());
+        tune(&mut settings.notify);
         notify = settings.notify.clone();
     })
     .await;
-    let notifier = approval_bridge::notify::Notifier::from_settings(
+    (app, notify)
+}
+
+/// A notifier process of `app`, driven by hand.
+fn notifier(
+    app: &crate::helpers::TestApp,
+    notify: &approval_bridge::config::NotifySettings,
+) -> approval_bridge::notify::Notifier {
+    approval_bridge::notify::Notifier::from_settings(
         app.store.clone(),
         app.clock.clone(),
-        &notify,
+        notify,
         &approval_bridge::config::WorkerSettings::default(),
     )
     .unwrap()
-    .expect("a target is configured");
+    .expect("a target is configured")
+}
 
+/// The on-chain source, whose replica Phala refuses for lack of capacity:
+/// a request for it fails.
+async fn mount_no_capacity(app: &crate::helpers::TestApp) {
+    use crate::phala_mock::*;
     mount_onchain_source(&app.phala, &[]).await;
     Mock::given(method("POST"))
         .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
@@ -341,6 +364,18 @@ async fn a_failure_notifies_once_and_its_retry_keeps_the_delivery_id() {
         )))
         .mount(&app.phala)
         .await;
+}
+
+/// Driven by hand on a manual clock: a failure writes one notification, and
+/// its delivery keeps its id and message across a crash-free retry.
+#[tokio::test]
+async fn a_failure_notifies_once_and_its_retry_keeps_the_delivery_id() {
+    use crate::phala_mock::*;
+    let target = failing_target(500, 1).await;
+    let (app, notify) = notifying_app(&target, |_| {}).await;
+    let notifier = notifier(&app, &notify);
+
+    mount_no_capacity(&app).await;
     let failing = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
     let cancelled = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
     assert_eq!(app.cancel(&cancelled).await.status(), 200);
@@ -384,47 +419,18 @@ async fn a_failure_notifies_once_and_its_retry_keeps_the_delivery_id() {
 #[tokio::test]
 async fn a_delivery_cut_off_by_a_crash_is_sent_again_with_the_same_id_once() {
     use crate::phala_mock::*;
-    let target = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/hook"))
-        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
-        .mount(&target)
-        .await;
-    let mut notify = approval_bridge::config::NotifySettings::default();
-    let app = crate::helpers::spawn_app_with(|settings| {
-        settings.notify.notify_urls =
-            parse_named_secrets(&format!("team={}/hook", target.uri())).unwrap();
-        settings.notify.notify_secret = Some(SECRET.to_owned().into());
+    let target = hanging_target(Duration::from_secs(30)).await;
+    let (app, notify) = notifying_app(&target, |notify| {
         // A lease of 2 × 1 s + 5 s.
-        settings.notify.notify_timeout_secs = 1;
-        notify = settings.notify.clone();
+        notify.notify_timeout_secs = 1;
     })
     .await;
-    let notifier = || {
-        approval_bridge::notify::Notifier::from_settings(
-            app.store.clone(),
-            app.clock.clone(),
-            &notify,
-            &approval_bridge::config::WorkerSettings::default(),
-        )
-        .unwrap()
-        .expect("a target is configured")
-    };
-    mount_onchain_source(&app.phala, &[]).await;
-    Mock::given(method("POST"))
-        .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
-        .respond_with(ResponseTemplate::new(400).set_body_json(phala_error(
-            "ERR-02-005",
-            "no capacity",
-            false,
-        )))
-        .mount(&app.phala)
-        .await;
+    mount_no_capacity(&app).await;
     app.queue(&json!({"source": ONCHAIN_NAME})).await;
     app.drain_all(10).await;
 
     // The first process posts, then dies before the answer comes.
-    let first = notifier();
+    let first = notifier(&app, &notify);
     let attempt = tokio::spawn(async move { first.drain().await });
     let cut_off = wait_received(&target, 1).await.remove(0);
     attempt.abort();
@@ -437,7 +443,7 @@ async fn a_delivery_cut_off_by_a_crash_is_sent_again_with_the_same_id_once() {
         .respond_with(ResponseTemplate::new(200))
         .mount(&target)
         .await;
-    let second = notifier();
+    let second = notifier(&app, &notify);
     assert_eq!(second.drain().await.unwrap(), 0, "the lease still holds");
     let mut sent = 0;
     for _ in 0..60 {

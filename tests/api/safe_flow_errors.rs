@@ -14,10 +14,10 @@ use approval_bridge::chain::IDstackApp;
 use approval_bridge::config::{AllowedSafes, Settings};
 use approval_bridge::safe::service::BoxFuture;
 use approval_bridge::safe::{
-    Call, DelegateRegistration, Delegation, Operation, Proposal, SafeService, SafeServiceError,
-    SafeTx, SafeVersion, ServiceTx, TxServiceClient, TxServiceOptions,
+    Call, DelegateRegistration, Delegation, ISafe, Operation, Proposal, SafeService,
+    SafeServiceError, SafeTx, SafeVersion, ServiceTx, TxServiceClient, TxServiceOptions,
 };
-use approval_bridge::sandbox::chain::{ISafe, MULTICALL3};
+use approval_bridge::sandbox::chain::{ISafeMore, MULTICALL3};
 use approval_bridge::startup::Application;
 use serde_json::{Value, json};
 
@@ -601,7 +601,7 @@ async fn a_rejection_by_the_service_fails_the_requests_with_its_body_verbatim() 
     let swap = Call {
         to: world.safe,
         value: U256::ZERO,
-        data: ISafe::swapOwnerCall {
+        data: ISafeMore::swapOwnerCall {
             prevOwner: if at == 0 {
                 SENTINEL_OWNERS
             } else {

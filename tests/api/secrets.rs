@@ -187,6 +187,33 @@ impl Serve {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// `GET {path}` of the API as the CI bot.
+    async fn get(&self, http: &reqwest::Client, path: &str) -> reqwest::Response {
+        http.get(format!("{}{path}", self.url))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Queues `body` as the CI bot; the first request's id.
+    async fn queue(&self, http: &reqwest::Client, body: Value) -> String {
+        let queued: Value = http
+            .post(format!("{}/api/v1/replicas", self.url))
+            .bearer_auth(API_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        queued["replicas"][0]["id"]
+            .as_str()
+            .expect("queued")
+            .to_owned()
+    }
 }
 
 impl Drop for Serve {
@@ -205,12 +232,9 @@ async fn wait_for(
 ) -> Value {
     let mut last = Value::Null;
     for _ in 0..240 {
-        last = http
-            .get(format!("{}/api/v1/replicas/{id}", serve.url))
-            .bearer_auth(API_TOKEN)
-            .send()
+        last = serve
+            .get(http, &format!("/api/v1/replicas/{id}"))
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -277,20 +301,12 @@ async fn no_secret_reaches_the_log_the_database_or_the_api() {
     .await;
     let http = reqwest::Client::new();
 
-    let queued: Value = http
-        .post(format!("{}/api/v1/replicas", serve.url))
-        .bearer_auth(API_TOKEN)
-        .json(&json!({"source": ONCHAIN_NAME, "node": 2, "env": {"DB_PASSWORD": ENV_VALUE}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = queued["replicas"][0]["id"]
-        .as_str()
-        .expect("queued")
-        .to_owned();
+    let id = serve
+        .queue(
+            &http,
+            json!({"source": ONCHAIN_NAME, "node": 2, "env": {"DB_PASSWORD": ENV_VALUE}}),
+        )
+        .await;
     let body = r#"{"source": "web-prod", "node": 1}"#;
     let now = chrono::Utc::now().timestamp();
     let hooked = http
@@ -309,29 +325,16 @@ async fn no_secret_reaches_the_log_the_database_or_the_api() {
 
     // The RPC goes away: what the bridge stores and logs now quotes its URL.
     rpc.begin();
-    let queued: Value = http
-        .post(format!("{}/api/v1/replicas", serve.url))
-        .bearer_auth(API_TOKEN)
-        .json(&json!({"source": ONCHAIN_NAME, "node": 3}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let failing = queued["replicas"][0]["id"]
-        .as_str()
-        .expect("queued")
-        .to_owned();
+    let failing = serve
+        .queue(&http, json!({"source": ONCHAIN_NAME, "node": 3}))
+        .await;
     let outage = wait_for(&http, &serve, &failing, |r| r["last_error"].is_object()).await;
 
     let mut answers = vec![proposed.to_string(), outage.to_string()];
     answers.push(
-        http.get(format!("{}/api/v1/replicas", serve.url))
-            .bearer_auth(API_TOKEN)
-            .send()
+        serve
+            .get(&http, "/api/v1/replicas")
             .await
-            .unwrap()
             .text()
             .await
             .unwrap(),

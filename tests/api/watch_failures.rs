@@ -15,6 +15,8 @@ use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::Provider;
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::sol_types::{SolCall, SolEvent};
+use approval_bridge::safe::ISafe;
+use approval_bridge::sandbox::chain::ISafeMore;
 use approval_bridge::sandbox::{project_artifact, project_root};
 use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
@@ -31,28 +33,6 @@ alloy::sol! {
     interface IEventEmitter {
         function executionFailure(bytes32 txHash, uint256 payment) external;
         function bareLog(bytes32 topic0) external;
-    }
-
-    /// The Safe 1.4.1 surface these tests call directly.
-    #[allow(clippy::too_many_arguments)]
-    #[sol(rpc)]
-    interface ISafeUnderTest {
-        function nonce() external view returns (uint256);
-        function VERSION() external view returns (string memory);
-        function execTransaction(
-            address to,
-            uint256 value,
-            bytes calldata data,
-            uint8 operation,
-            uint256 safeTxGas,
-            uint256 baseGas,
-            uint256 gasPrice,
-            address gasToken,
-            address refundReceiver,
-            bytes memory signatures
-        ) external payable returns (bool success);
-
-        event ExecutionSuccess(bytes32 indexed txHash, uint256 payment);
     }
 }
 
@@ -90,7 +70,7 @@ async fn set_code(world: &SafeWorld, address: Address, code: &Bytes) {
 }
 
 async fn safe_nonce(world: &SafeWorld) -> u64 {
-    let nonce = ISafeUnderTest::new(world.safe, world.chain.provider())
+    let nonce = ISafe::new(world.safe, world.chain.provider())
         .nonce()
         .call()
         .await
@@ -145,7 +125,7 @@ async fn exec_transaction_data(world: &SafeWorld, app: &TestApp, id: &str) -> Ve
         signatures
             .extend_from_slice(&approval_bridge::safe::sign_safe_tx_hash(owner, hash).unwrap());
     }
-    ISafeUnderTest::execTransactionCall {
+    ISafe::execTransactionCall {
         to: call.to,
         value: call.value,
         data: call.data,
@@ -427,7 +407,7 @@ async fn report_another_version(world: &SafeWorld) -> Bytes {
         &runtime_code(world, "SafeProxyWithOtherVersion").await,
     )
     .await;
-    let safe = ISafeUnderTest::new(world.safe, world.chain.provider());
+    let safe = ISafe::new(world.safe, world.chain.provider());
     assert_eq!(safe.VERSION().call().await.unwrap(), "1.3.0");
     assert_eq!(safe_nonce(world).await, 0, "the Safe still works");
     safe_code
@@ -505,7 +485,7 @@ async fn emit_execution_without_tx_hash(world: &SafeWorld) {
     let receipt = emit_as_safe(
         world,
         IEventEmitter::bareLogCall {
-            topic0: ISafeUnderTest::ExecutionSuccess::SIGNATURE_HASH,
+            topic0: ISafeMore::ExecutionSuccess::SIGNATURE_HASH,
         }
         .abi_encode(),
     )

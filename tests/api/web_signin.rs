@@ -91,12 +91,46 @@ impl Page {
 
     async fn sign_in(&self, message: &str, key: &PrivateKeySigner) -> reqwest::Response {
         let signature = key.sign_message_sync(message.as_bytes()).unwrap();
+        self.send_signed(message, &signature).await
+    }
+
+    /// `POST /login` with `message` and `signature`, whoever signed what.
+    async fn send_signed(
+        &self,
+        message: &str,
+        signature: &alloy::primitives::Signature,
+    ) -> reqwest::Response {
         self.post_json(
             "/login",
             json!({"message": message, "signature": format!("0x{}", hex::encode(signature.as_bytes()))}),
             "",
         )
         .await
+    }
+
+    /// Signs `key` in with a fresh message; its session cookie.
+    async fn session_for(&self, key: &PrivateKeySigner) -> String {
+        let message = self.message(key).await;
+        session_cookie(&self.sign_in(&message, key).await)
+    }
+
+    /// A page form posted by the browser holding `cookies`, with the CSRF
+    /// cookie (the form carries its token, or not, in `form`).
+    async fn post_form(
+        &self,
+        path: &str,
+        cookies: &str,
+        form: &[(&str, &str)],
+    ) -> reqwest::Response {
+        self.app
+            .http
+            .post(format!("{}{path}", self.app.address))
+            .header("cookie", format!("ab_csrf={CSRF}; {cookies}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(form))
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn sessions(&self) -> i64 {
@@ -197,29 +231,17 @@ async fn an_operator_signs_in_with_ethereum_and_an_owner_reads_only() {
             .contains("only operators may queue")
     );
     let queue = page
-        .app
-        .http
-        .post(format!("{}/replicas", page.app.address))
-        .header("cookie", format!("ab_csrf={CSRF}; {owner_cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&[("csrf", CSRF), ("source", "web-prod")]))
-        .send()
-        .await
-        .unwrap();
+        .post_form(
+            "/replicas",
+            &owner_cookie,
+            &[("csrf", CSRF), ("source", "web-prod")],
+        )
+        .await;
     assert_eq!(queue.status(), 403);
     assert_eq!(page.app.request_count().await, 0);
 
     // Signing out ends the session: the same cookie no longer signs in.
-    let out = page
-        .app
-        .http
-        .post(format!("{}/logout", page.app.address))
-        .header("cookie", format!("ab_csrf={CSRF}; {cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&[("csrf", CSRF)]))
-        .send()
-        .await
-        .unwrap();
+    let out = page.post_form("/logout", &cookie, &[("csrf", CSRF)]).await;
     assert_eq!(out.url().path(), "/login", "redirected to sign in");
     assert_eq!(page.get_page("/replicas", &cookie).await.status(), 401);
 }
@@ -247,14 +269,7 @@ async fn forged_replayed_stale_and_foreign_messages_create_no_session() {
     // A message altered after signing.
     let signature = page.operator.sign_message_sync(message.as_bytes()).unwrap();
     let altered = message.replace("Sign in to approval-bridge.", "Sign in to approval-bridge!");
-    let answer = page
-        .post_json(
-            "/login",
-            json!({"message": altered, "signature": format!("0x{}", hex::encode(signature.as_bytes()))}),
-            "",
-        )
-        .await;
-    refusal(answer, 401).await;
+    refusal(page.send_signed(&altered, &signature).await, 401).await;
 
     // Replayed: the first use signs in, the second is refused.
     let message = page.message(&page.operator).await;
@@ -360,22 +375,12 @@ async fn a_trusted_proxy_signs_in_its_user() {
 #[tokio::test]
 async fn a_page_form_without_its_csrf_token_is_refused_and_changes_nothing() {
     let page = page_app(false).await;
-    let message = page.message(&page.operator).await;
-    let cookie = session_cookie(&page.sign_in(&message, &page.operator).await);
+    let cookie = page.session_for(&page.operator).await;
     for form in [
         vec![("source", "web-prod")],
         vec![("source", "web-prod"), ("csrf", "0000")],
     ] {
-        let answer = page
-            .app
-            .http
-            .post(format!("{}/replicas", page.app.address))
-            .header("cookie", format!("ab_csrf={CSRF}; {cookie}"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(form_body(&form))
-            .send()
-            .await
-            .unwrap();
+        let answer = page.post_form("/replicas", &cookie, &form).await;
         assert_eq!(answer.status(), 403);
         assert!(answer.text().await.unwrap().contains("CSRF token"));
     }
@@ -394,24 +399,20 @@ async fn the_page_queues_through_intake_as_the_person_and_within_their_scope() {
     })
     .await;
     crate::safe_flow::mount_source_on(&page.app, page.world.app, true).await;
-    let message = page.message(&page.operator).await;
-    let cookie = session_cookie(&page.sign_in(&message, &page.operator).await);
+    let cookie = page.session_for(&page.operator).await;
     let answer = page
-        .app
-        .http
-        .post(format!("{}/replicas", page.app.address))
-        .header("cookie", format!("ab_csrf={CSRF}; {cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&[
-            ("csrf", CSRF),
-            ("source", crate::phala_mock::ONCHAIN_NAME),
-            ("node", "node-b"),
-            ("count", "1"),
-            ("note", "from the page"),
-        ]))
-        .send()
-        .await
-        .unwrap();
+        .post_form(
+            "/replicas",
+            &cookie,
+            &[
+                ("csrf", CSRF),
+                ("source", crate::phala_mock::ONCHAIN_NAME),
+                ("node", "node-b"),
+                ("count", "1"),
+                ("note", "from the page"),
+            ],
+        )
+        .await;
     assert_eq!(answer.status(), 403);
     let html = answer.text().await.unwrap();
     let operator = format!("web:{}", page.operator.address().to_checksum(None));
@@ -426,17 +427,7 @@ async fn the_page_queues_through_intake_as_the_person_and_within_their_scope() {
 async fn env_from_the_page_reaches_the_bridges_allowed_envs_check() {
     let page = page_app(false).await;
     crate::safe_flow::mount_source_on(&page.app, page.world.app, true).await;
-    let message = page.message(&page.operator).await;
-    let cookie = session_cookie(&page.sign_in(&message, &page.operator).await);
-    let post = |form: Vec<(&'static str, &'static str)>| {
-        page.app
-            .http
-            .post(format!("{}/replicas", page.app.address))
-            .header("cookie", format!("ab_csrf={CSRF}; {cookie}"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(form_body(&form))
-            .send()
-    };
+    let cookie = page.session_for(&page.operator).await;
     // From the .env text and from a name/value row: both are checked.
     for form in [
         vec![
@@ -451,7 +442,7 @@ async fn env_from_the_page_reaches_the_bridges_allowed_envs_check() {
             ("env_value", "x"),
         ],
     ] {
-        let answer = post(form).await.unwrap();
+        let answer = page.post_form("/replicas", &cookie, &form).await;
         assert_eq!(answer.status(), 422);
         let html = answer.text().await.unwrap();
         assert!(
@@ -460,13 +451,17 @@ async fn env_from_the_page_reaches_the_bridges_allowed_envs_check() {
         );
     }
     // A .env text that does not parse is refused by the page itself.
-    let answer = post(vec![
-        ("csrf", CSRF),
-        ("source", "web-prod"),
-        ("env", "NOT A LINE"),
-    ])
-    .await
-    .unwrap();
+    let answer = page
+        .post_form(
+            "/replicas",
+            &cookie,
+            &[
+                ("csrf", CSRF),
+                ("source", "web-prod"),
+                ("env", "NOT A LINE"),
+            ],
+        )
+        .await;
     assert_eq!(answer.status(), 422);
     assert!(
         answer

@@ -95,32 +95,14 @@ pub(super) mod events {
     }
 }
 
-mod more {
-    // The generated `execTransaction` builder takes every argument.
-    #![allow(clippy::too_many_arguments)]
-
-    alloy::sol! {
-        /// Safe functions beyond the bridge's own `ISafe`.
-        #[sol(rpc)]
-        interface ISafeMore {
-            function getModulesPaginated(address start, uint256 pageSize)
-                external view returns (address[] memory array, address next);
-            function execTransaction(
-                address to,
-                uint256 value,
-                bytes calldata data,
-                uint8 operation,
-                uint256 safeTxGas,
-                uint256 baseGas,
-                uint256 gasPrice,
-                address gasToken,
-                address payable refundReceiver,
-                bytes memory signatures
-            ) external payable returns (bool success);
-        }
+alloy::sol! {
+    /// Safe functions beyond the bridge's own `ISafe`.
+    #[sol(rpc)]
+    interface ISafeMore {
+        function getModulesPaginated(address start, uint256 pageSize)
+            external view returns (address[] memory array, address next);
     }
 }
-use more::ISafeMore;
 
 /// A chain read that failed: the node is unreachable (503, as the real
 /// service) or the Safe cannot be read (422).
@@ -250,7 +232,7 @@ impl Shared {
         );
         let signatures = execution.signatures.clone().or_else(|| {
             (tx.to() == Some(safe))
-                .then(|| ISafeMore::execTransactionCall::abi_decode(tx.input()).ok())
+                .then(|| ISafe::execTransactionCall::abi_decode(tx.input()).ok())
                 .flatten()
                 .map(|call| call.signatures)
         });
