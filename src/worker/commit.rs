@@ -24,9 +24,6 @@ pub const ALREADY_REGISTERED: &str = "already-registered";
 /// Fresh prepares after expired tokens before the request gives up.
 const MAX_REPREPARES: i64 = 3;
 
-/// How long to wait when another request of the source is preparing.
-const SOURCE_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     // No prepare of the same source may run between this request's token and
     // its commit: it would supersede the token. The lock stays with the
@@ -37,7 +34,7 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
         .try_lock_source(&request.source_vm_uuid, request.id)
         .await?
     {
-        return Ok(Outcome::Snooze(SOURCE_BUSY_WAIT));
+        return Ok(Outcome::Snooze(super::SOURCE_BUSY_WAIT));
     }
     if request.call_sent_at.is_some() {
         match reconcile::reconcile(worker, claimed, "commit").await? {

@@ -35,6 +35,12 @@ use crate::store::{Changes, Claimed, Lane, Lease, Store, StoreError, StoredError
 
 pub use safe_flow::{SafeFlow, safe_wallet_link, short_chain_name};
 
+/// How long a request waits while another request of its source holds the
+/// source's lock. The holder's release wakes the next waiter at once (see
+/// `store::source_locks`): this only bounds a wake that found no waiter to
+/// take, and keeps a long queue of one source from churning through claims.
+const SOURCE_BUSY_WAIT: Duration = Duration::from_secs(5);
+
 /// What a step decided. [`Worker::apply`] writes it.
 // One value per step, moved once: its size does not matter.
 #[allow(clippy::large_enum_variant)]

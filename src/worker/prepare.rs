@@ -2,8 +2,6 @@
 //! registrations the DstackApp still needs. Sources without on-chain KMS take
 //! the simple workflow and are replicated directly.
 
-use std::time::Duration;
-
 use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
 use crate::domain::{Bytes32, Event};
@@ -12,9 +10,6 @@ use crate::phala::{
     check_prepared,
 };
 use crate::store::{Changes, Claimed, PreparedFields, StoredError};
-
-/// How long to wait when another request holds the source's prepare lock.
-const SOURCE_BUSY_WAIT: Duration = Duration::from_secs(1);
 
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     let request = &claimed.request;
@@ -27,7 +22,7 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
         .try_lock_source(&request.source_vm_uuid, request.id)
         .await?
     {
-        return Ok(Outcome::Snooze(SOURCE_BUSY_WAIT));
+        return Ok(Outcome::Snooze(super::SOURCE_BUSY_WAIT));
     }
     if request.onchain_kms {
         prepare(worker, claimed).await
