@@ -35,4 +35,9 @@ contract Multicall3 {
     function getBlockHash(uint256 blockNumber) external view returns (bytes32 blockHash) {
         blockHash = blockhash(blockNumber);
     }
+
+    /// The number of the block the call runs in, as the canonical contract answers.
+    function getBlockNumber() external view returns (uint256 blockNumber) {
+        blockNumber = block.number;
+    }
 }

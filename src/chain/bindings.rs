@@ -34,5 +34,6 @@ alloy::sol! {
         }
         function aggregate3(Call3[] calldata calls) external payable returns (Result[] memory returnData);
         function getBlockHash(uint256 blockNumber) external view returns (bytes32 blockHash);
+        function getBlockNumber() external view returns (uint256 blockNumber);
     }
 }

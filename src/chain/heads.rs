@@ -19,8 +19,9 @@ use tokio::time::Instant;
 /// Polls that find no new block, after the expected one, before the spacing
 /// between polls starts to double (a stalled chain costs ever fewer calls).
 const EMPTY_POLLS_BUDGET: u32 = 6;
-/// Polls start this fraction of a block time before the next block is due,
-/// and are spaced by it.
+/// Polls are spaced this fraction of a block time apart, and the first comes
+/// half a space before the next block is due: about every other block is
+/// found by the first poll, and a block is seen at most a space late.
 const POLL_FRACTION: u32 = 8;
 const MIN_POLL: Duration = Duration::from_millis(50);
 /// Waits between attempts to open the WebSocket again.
@@ -51,6 +52,9 @@ struct Seen {
     block_time: Option<Duration>,
     /// Polls since the last new block that found none.
     empty_polls: u32,
+    /// The last time between blocks that was far from `block_time`: a
+    /// second one like it means the chain's pace changed.
+    outlier: Option<Duration>,
 }
 
 impl Heads {
@@ -102,9 +106,22 @@ impl Heads {
             }
             Some((last, at)) => {
                 let per_block = now.duration_since(at) / (number - last) as u32;
-                // A slow-moving average: one late poll does not skew it.
                 seen.block_time = Some(match seen.block_time {
-                    Some(average) => (average * 3 + per_block) / 4,
+                    // A slow-moving average: one late poll does not skew it.
+                    Some(average) if near(per_block, average) => {
+                        seen.outlier = None;
+                        (average * 3 + per_block) / 4
+                    }
+                    // Twice in a row far off, and alike: a new pace (a chain
+                    // whose blocks came every second now comes every 12 s),
+                    // taken at once. A single stall is not.
+                    Some(average) => match seen.outlier.replace(per_block) {
+                        Some(previous) if near(previous, per_block) => {
+                            seen.outlier = None;
+                            per_block
+                        }
+                        _ => average,
+                    },
                     None => per_block,
                 });
                 seen.head = Some((number, now));
@@ -118,8 +135,8 @@ impl Heads {
         }
     }
 
-    /// How long to wait before polling again: until shortly before the next
-    /// block is due, then a fraction of a block time apart; after
+    /// How long to wait before polling again: until half a step before the
+    /// next block is due, then a step (a fraction of a block time) apart; after
     /// [`EMPTY_POLLS_BUDGET`] empty polls, twice as long each time, up to
     /// `longest` or a block time, whichever is longer.
     pub(super) fn next_poll_in(&self, longest: Duration) -> Duration {
@@ -132,7 +149,7 @@ impl Heads {
             return longest;
         };
         let step = (block_time / POLL_FRACTION).max(MIN_POLL);
-        let due = at + block_time.saturating_sub(step);
+        let due = at + block_time.saturating_sub(step / 2);
         if now < due && seen.empty_polls == 0 {
             return due - now;
         }
@@ -230,6 +247,11 @@ async fn subscribe(heads: Weak<Heads>, chain_id: u64, url: Url) {
     }
 }
 
+/// Within a factor of two of each other.
+fn near(a: Duration, b: Duration) -> bool {
+    a < b * 2 && b < a * 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,8 +269,11 @@ mod tests {
         );
         assert!(heads.record_at(10, at(0)));
         assert!(heads.record_at(11, at(8)));
-        // The next block is due at 16 s: wait until one step (1 s) before it.
-        assert_eq!(heads.next_poll_at(longest, at(8)), Duration::from_secs(7));
+        // The next block is due at 16 s: wait until half a step (0.5 s) before it.
+        assert_eq!(
+            heads.next_poll_at(longest, at(8)),
+            Duration::from_millis(7500)
+        );
         for _ in 0..EMPTY_POLLS_BUDGET {
             assert!(!heads.record_at(11, at(15)));
             assert_eq!(heads.next_poll_at(longest, at(15)), Duration::from_secs(1));
@@ -268,5 +293,35 @@ mod tests {
         // A new block resets the budget: the next poll is most of a block away.
         assert!(heads.record_at(12, at(24)));
         assert!(heads.next_poll_at(longest, at(24)) > Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_single_stall_leaves_the_block_time_but_a_new_pace_is_learnt_at_once() {
+        let heads = Heads::new(1, None);
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        let block_time = || heads.seen.lock().unwrap().block_time.unwrap();
+        for n in 0..=4 {
+            heads.record_at(n, at(n * 1000));
+        }
+        assert_eq!(block_time(), Duration::from_secs(1));
+        // One block 30 s late, then the old pace again.
+        heads.record_at(5, at(34_000));
+        assert_eq!(block_time(), Duration::from_secs(1), "one stall");
+        heads.record_at(6, at(35_000));
+        assert_eq!(block_time(), Duration::from_secs(1));
+        // Blocks every 12 s from now on: the second such gap sets the pace.
+        heads.record_at(7, at(47_000));
+        assert_eq!(block_time(), Duration::from_secs(1));
+        heads.record_at(8, at(59_500));
+        assert_eq!(block_time(), Duration::from_millis(12_500));
+        heads.record_at(9, at(71_500));
+        assert!(block_time() > Duration::from_secs(12));
+        // Polls then start half a step (0.75 s) before the next block.
+        let wait = heads.next_poll_at(Duration::from_secs(2), at(71_500));
+        assert!(
+            wait > Duration::from_secs(10) && wait < Duration::from_secs(12),
+            "{wait:?}"
+        );
     }
 }

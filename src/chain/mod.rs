@@ -101,6 +101,17 @@ pub struct SafeInfo {
     pub nonce: u64,
 }
 
+/// Each Safe's `nonce()` and `VERSION()` at one block.
+pub type SafeStates = HashMap<Address, (u64, String)>;
+
+/// What one Multicall3 call read at a block.
+struct HeadRead {
+    /// The block's number: asked for when the call ran at `latest`.
+    number: Option<u64>,
+    states: SafeStates,
+    hashes: HashMap<u64, B256>,
+}
+
 /// A client for one chain.
 #[derive(Clone, Debug)]
 pub struct ChainClient {
@@ -185,16 +196,10 @@ impl ChainClient {
         self.heads.set_followed(Some(head));
     }
 
-    /// The latest block number: the subscription's while it is live (no
-    /// call), else one `eth_blockNumber`. Either way it feeds the block-time
-    /// estimate that times the polls.
-    pub async fn latest_block(&self) -> anyhow::Result<u64> {
-        if let Some(head) = self.heads.subscribed_head() {
-            return Ok(head);
-        }
-        let head = self.head().await?;
-        self.heads.record(head);
-        Ok(head)
+    /// The latest block number while the `newHeads` subscription is live
+    /// (no call); `None` without one: then [`ChainClient::poll_head`] asks.
+    pub fn subscribed_head(&self) -> Option<u64> {
+        self.heads.subscribed_head()
     }
 
     /// Waits for a block above `after`: until the subscription delivers one,
@@ -429,11 +434,7 @@ impl ChainClient {
     /// `nonce()` and `VERSION()` of each Safe at `block`, in one Multicall3
     /// call. A Safe that does not answer `nonce()` there (not created yet at
     /// that block) is left out.
-    pub async fn safe_states(
-        &self,
-        safes: &[Address],
-        block: u64,
-    ) -> anyhow::Result<HashMap<Address, (u64, String)>> {
+    pub async fn safe_states(&self, safes: &[Address], block: u64) -> anyhow::Result<SafeStates> {
         Ok(self.safe_states_and_hashes(safes, block, &[]).await?.0)
     }
 
@@ -446,37 +447,83 @@ impl ChainClient {
         safes: &[Address],
         block: u64,
         ancestors: &[u64],
-    ) -> anyhow::Result<(HashMap<Address, (u64, String)>, HashMap<u64, B256>)> {
+    ) -> anyhow::Result<(SafeStates, HashMap<u64, B256>)> {
         let ancestors: Vec<u64> = ancestors
             .iter()
             .copied()
             .filter(|a| *a < block && block - a <= 256)
             .collect();
-        let hash_calls = ancestors.iter().map(|a| IMulticall3::Call3 {
+        let read = self.read_head(safes, Some(block), &ancestors).await?;
+        Ok((read.states, read.hashes))
+    }
+
+    /// A poll that is also the head's state: the latest block's number, and
+    /// in the same `eth_call` the Safes' state there and the hashes of
+    /// `ancestors` (those the head has one for). Feeds the block-time
+    /// estimate that times the polls, as [`ChainClient::latest_block`] does.
+    pub async fn poll_head(
+        &self,
+        safes: &[Address],
+        ancestors: &[u64],
+    ) -> anyhow::Result<(u64, SafeStates, HashMap<u64, B256>)> {
+        let read = self.read_head(safes, None, ancestors).await?;
+        let head = read.number.context("Multicall3 getBlockNumber() failed")?;
+        self.heads.record(head);
+        Ok((head, read.states, read.hashes))
+    }
+
+    /// One Multicall3 call at `block` (the latest when `None`, then with its
+    /// number first): each Safe's `nonce()` and `VERSION()`, and the hashes
+    /// of `ancestors`.
+    async fn read_head(
+        &self,
+        safes: &[Address],
+        block: Option<u64>,
+        ancestors: &[u64],
+    ) -> anyhow::Result<HeadRead> {
+        let own = |data: Vec<u8>| IMulticall3::Call3 {
             target: MULTICALL3,
             allowFailure: true,
-            callData: IMulticall3::getBlockHashCall {
+            callData: data.into(),
+        };
+        let number_call = block
+            .is_none()
+            .then(|| own(IMulticall3::getBlockNumberCall {}.abi_encode()));
+        let hash_calls = ancestors.iter().map(|a| {
+            own(IMulticall3::getBlockHashCall {
                 blockNumber: U256::from(*a),
             }
-            .abi_encode()
-            .into(),
+            .abi_encode())
         });
-        let calls = safes
-            .iter()
-            .flat_map(|safe| {
-                [
-                    ISafe::nonceCall {}.abi_encode(),
-                    ISafe::VERSIONCall {}.abi_encode(),
-                ]
-                .map(|data| IMulticall3::Call3 {
-                    target: *safe,
-                    allowFailure: true,
-                    callData: data.into(),
-                })
+        let safe_calls = safes.iter().flat_map(|safe| {
+            [
+                ISafe::nonceCall {}.abi_encode(),
+                ISafe::VERSIONCall {}.abi_encode(),
+            ]
+            .map(|data| IMulticall3::Call3 {
+                target: *safe,
+                allowFailure: true,
+                callData: data.into(),
             })
+        });
+        let calls = number_call
+            .into_iter()
+            .chain(safe_calls)
             .chain(hash_calls)
             .collect();
-        let results = self.aggregate_at(calls, Some(block)).await?;
+        let mut results = self.aggregate_at(calls, block).await?;
+        let number = if block.is_none() {
+            let result = results.remove(0);
+            result
+                .success
+                .then(|| {
+                    IMulticall3::getBlockNumberCall::abi_decode_returns(&result.returnData).ok()
+                })
+                .flatten()
+                .and_then(|n| u64::try_from(n).ok())
+        } else {
+            block
+        };
         let (states, hashes) = results.split_at(safes.len() * 2);
         let hashes = ancestors
             .iter()
@@ -505,7 +552,11 @@ impl ChainClient {
                 .unwrap_or_default();
             out.insert(*safe, (nonce, version));
         }
-        Ok((out, hashes))
+        Ok(HeadRead {
+            number,
+            states: out,
+            hashes,
+        })
     }
 
     /// Tells an EOA from a contract, and a Safe from other contracts, and

@@ -151,45 +151,51 @@ async fn scan(
 ) -> anyhow::Result<bool> {
     // An RPC that answers for another chain must not be believed.
     chain.check_chain_id_once().await?;
-    let head = chain.latest_block().await?;
-    if chain.followed_head() == Some(head) {
+    let followed = chain.followed_head();
+    let subscribed = chain.subscribed_head();
+    if followed.is_some() && followed == subscribed {
         // No block since the last pass: only the clock can have moved.
         return expire_overdue(worker, flow, open).await;
     }
-    let confirmed = head.saturating_sub(flow.confirmations.of(chain_id as u64));
-
-    // Where to scan from: past the stored cursor, unless a reorg took its
-    // block away; never past the unconfirmed blocks, which are read again.
-    let earliest = open
-        .iter()
-        .filter_map(|p| p.proposed_block)
-        .min()
-        .unwrap_or(head as i64)
-        .max(1) as u64;
     let stored = worker.store.cursor(chain_id).await?;
-    let mut apps_touched = stored.as_ref().is_some_and(|c| c.apps_touched);
     let safes: BTreeSet<Address> = open.iter().filter_map(|p| p.safe.parse().ok()).collect();
     let safe_list: Vec<Address> = safes.iter().copied().collect();
-    // The block after this pass, if the cursor stands: the hashes of it and
-    // of the cursor come with the Safes' state at the head, in one call.
-    let range_end = |from: u64| head.min(from.saturating_add(flow.log_range.max(1) - 1));
+    let earliest_open = open.iter().filter_map(|p| p.proposed_block).min();
     let cursor_block = stored.as_ref().map(|c| c.block_number as u64);
-    let likely_from = cursor_block.map_or(earliest, |b| (b + 1).max(earliest));
-    let likely_to = range_end(likely_from.min(confirmed + 1).max(1));
-    let new_cursor = |to: u64| {
-        if to == head {
-            head.saturating_sub(1)
-        } else {
-            to
+    let range = Range {
+        earliest_open,
+        cursor_block,
+        confirmations: flow.confirmations.of(chain_id as u64),
+        log_range: flow.log_range.max(1),
+    };
+    // The Safes' state at the head comes with the hashes of the cursor's
+    // block and of the cursor this pass likely leaves, in one call.
+    let (head, at_head, hashes) = match subscribed {
+        Some(head) => {
+            let (states, hashes) = chain
+                .safe_states_and_hashes(&safe_list, head, &range.ancestors(head))
+                .await?;
+            (head, states, hashes)
+        }
+        // Polling: that one call is the poll too, at the latest block; the
+        // likely head is the next one.
+        None => {
+            let likely = followed.map_or(cursor_block.unwrap_or(0) + 1, |f| f + 1);
+            chain
+                .poll_head(&safe_list, &range.ancestors(likely))
+                .await?
         }
     };
-    let ancestors: Vec<u64> = cursor_block
-        .into_iter()
-        .chain([new_cursor(likely_to)])
-        .collect();
-    let (at_head, hashes) = chain
-        .safe_states_and_hashes(&safe_list, head, &ancestors)
-        .await?;
+    if followed == Some(head) {
+        return expire_overdue(worker, flow, open).await;
+    }
+    let confirmed = range.confirmed(head);
+    // Where to scan from: past the stored cursor, unless a reorg took its
+    // block away; never past the unconfirmed blocks, which are read again.
+    let earliest = range.earliest(head);
+    let mut apps_touched = stored.as_ref().is_some_and(|c| c.apps_touched);
+    let range_end = |from: u64| range.end(head, from);
+    let new_cursor = |to: u64| Range::new_cursor(head, to);
     let hash_of = |number: u64| {
         let known = hashes.get(&number).copied();
         async move {
@@ -300,8 +306,6 @@ async fn scan(
             }
         }
     }
-    // The head's own hash is not known (BLOCKHASH stops below it): the
-    // cursor stays one block short of it, which the next pass reads again anyway.
     let cursor_block = new_cursor(to);
     let cursor = Cursor {
         block_number: cursor_block as i64,
@@ -365,6 +369,60 @@ async fn scan(
     }
     chain.set_followed_head(head);
     Ok(moved)
+}
+
+/// Where a pass reads logs, as a function of the head it finds.
+struct Range {
+    /// The block the oldest open proposal was posted at.
+    earliest_open: Option<i64>,
+    /// The stored cursor's block.
+    cursor_block: Option<u64>,
+    confirmations: u64,
+    /// The most blocks one `eth_getLogs` asks for (at least 1).
+    log_range: u64,
+}
+
+impl Range {
+    fn confirmed(&self, head: u64) -> u64 {
+        head.saturating_sub(self.confirmations)
+    }
+
+    /// Nothing before the oldest open proposal concerns the follower.
+    fn earliest(&self, head: u64) -> u64 {
+        self.earliest_open.unwrap_or(head as i64).max(1) as u64
+    }
+
+    /// The end of one pass's log range from `from`.
+    fn end(&self, head: u64, from: u64) -> u64 {
+        head.min(from.saturating_add(self.log_range - 1))
+    }
+
+    /// The cursor a pass that read up to `to` leaves. The head's own hash is
+    /// not known (BLOCKHASH stops below it): the cursor stays one block
+    /// short of it, which the next pass reads again anyway.
+    fn new_cursor(head: u64, to: u64) -> u64 {
+        if to == head {
+            head.saturating_sub(1)
+        } else {
+            to
+        }
+    }
+
+    /// The blocks whose hashes a pass at `head` likely needs, if the cursor
+    /// stands: the cursor's, and the one the pass leaves. Only those the
+    /// EVM's BLOCKHASH has at `head` (the 256 below it).
+    fn ancestors(&self, head: u64) -> Vec<u64> {
+        let earliest = self.earliest(head);
+        let likely_from = self
+            .cursor_block
+            .map_or(earliest, |b| (b + 1).max(earliest));
+        let likely_to = self.end(head, likely_from.min(self.confirmed(head) + 1).max(1));
+        self.cursor_block
+            .into_iter()
+            .chain([Self::new_cursor(head, likely_to)])
+            .filter(|a| *a < head && head - a <= 256)
+            .collect()
+    }
 }
 
 /// With no new block, only proposals nobody executed in time can end; what
