@@ -11,7 +11,7 @@ use crate::config::Settings;
 use crate::notify::Notifier;
 use crate::phala::{EnvKeyVerifier, Lookups, PhalaClient};
 use crate::store::{self, Store};
-use crate::web::{self, Access, ApiTokens, AppState, WebhookSecrets};
+use crate::web::{self, Access, ApiTokens, AppState, OrderWriter, WebhookSecrets};
 use crate::worker::{SafeFlow, Worker};
 
 pub struct Application {
@@ -68,6 +68,12 @@ impl Application {
             page_auth: web::PageAuth::new(&settings),
             readiness: web::health::Readiness::new(&settings.safe, shutdown.clone()),
             retention: settings.retention.clone(),
+            orders: OrderWriter::new(
+                store.clone(),
+                clock.clone(),
+                settings.retention.idempotency_key_ttl(),
+                web::intake::answer,
+            ),
         };
         let safe_flow = SafeFlow::from_settings(&settings.safe)?;
         safe_flow.check_proposer().await?;

@@ -31,31 +31,12 @@ impl Store {
         request_hash: &[u8],
         expired_before: DateTime<Utc>,
     ) -> Result<Option<IdempotencyOutcome>, sqlx::Error> {
-        let row = sqlx::query!(
-            "SELECT request_hash, response_status, response_body FROM idempotency_keys
-             WHERE principal = $1 AND key = $2 AND created_at >= $3",
-            principal,
-            key,
-            expired_before,
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|row| {
-            if row.request_hash == request_hash {
-                IdempotencyOutcome::Replay(StoredResponse {
-                    status: row.response_status as u16,
-                    body: row.response_body,
-                })
-            } else {
-                IdempotencyOutcome::Mismatch
-            }
-        }))
+        answer_under_key(&self.pool, principal, key, request_hash, expired_before).await
     }
 
     /// Saves the response in the transaction that created what it describes,
     /// replacing an expired use of the key (saved before `expired_before`).
-    /// Returns `false` if a concurrent call saved the key first; the caller
-    /// then rolls back and answers from [`Store::idempotent_response`].
+    /// Returns `false` if the key was saved already and has not expired.
     pub async fn save_idempotent_response(
         tx: &mut Transaction<'_, Postgres>,
         principal: &str,
@@ -85,4 +66,33 @@ impl Store {
         .rows_affected();
         Ok(inserted == 1)
     }
+}
+
+/// [`Store::idempotent_response`], on the pool or inside a transaction.
+pub(super) async fn answer_under_key<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    principal: &str,
+    key: &str,
+    request_hash: &[u8],
+    expired_before: DateTime<Utc>,
+) -> Result<Option<IdempotencyOutcome>, sqlx::Error> {
+    let row = sqlx::query!(
+        "SELECT request_hash, response_status, response_body FROM idempotency_keys
+         WHERE principal = $1 AND key = $2 AND created_at >= $3",
+        principal,
+        key,
+        expired_before,
+    )
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map(|row| {
+        if row.request_hash == request_hash {
+            IdempotencyOutcome::Replay(StoredResponse {
+                status: row.response_status as u16,
+                body: row.response_body,
+            })
+        } else {
+            IdempotencyOutcome::Mismatch
+        }
+    }))
 }

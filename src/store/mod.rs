@@ -4,10 +4,10 @@ mod follower;
 mod gauges;
 mod idempotency;
 mod job_leases;
+mod orders;
 mod outbox;
 mod proposal_facts;
 mod proposals;
-mod quota;
 mod request_filters;
 mod requests;
 mod retention;
@@ -25,12 +25,12 @@ pub use follower::{Cursor, ProposalEnd, RequestMove};
 pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
+pub use orders::{IdempotencyKey, Order, QUOTA_WINDOW, Stored};
 pub use outbox::{DueDelivery, PendingNotification};
 pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
 pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
 };
-pub use quota::{QUOTA_WINDOW, QuotaCheck};
 pub use request_filters::RequestFilter;
 pub use requests::{
     Changes, Claimed, EventRow, Lane, Lease, NewRequest, PreparedFields, ReplicaRequest,

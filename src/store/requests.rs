@@ -217,69 +217,6 @@ pub struct Claimed {
 }
 
 impl Store {
-    /// Inserts the requests of one order with their first event, inside the
-    /// caller's transaction. The caller wakes the workers once it commits
-    /// ([`Store::wake_workers`]).
-    pub async fn insert_requests(
-        tx: &mut Transaction<'_, Postgres>,
-        requests: &[NewRequest],
-        actor: &Actor,
-        now: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error> {
-        for r in requests {
-            sqlx::query!(
-                "INSERT INTO replica_requests (id, status, source, node, requested_compose_hash, env_names, note,
-                    encrypted_env, created_by, source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms,
-                    app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug, expected_device_id,
-                    http_request_id)
-                 VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17, $18, $19, $20)",
-                r.id,
-                r.source,
-                r.node,
-                r.requested_compose_hash,
-                &r.env_names,
-                r.note,
-                r.encrypted_env,
-                actor.label(),
-                r.source_vm_uuid,
-                r.source_name,
-                r.node_id,
-                r.node_name,
-                r.kms_type,
-                r.onchain_kms,
-                r.app_id,
-                r.chain_id,
-                now,
-                r.workspace_slug,
-                r.expected_device_id,
-                r.http_request_id,
-            )
-            .execute(&mut **tx)
-            .await?;
-            insert_event(
-                tx,
-                r.id,
-                None,
-                Status::Queued,
-                actor,
-                r.note.as_deref(),
-                now,
-            )
-            .await?;
-        }
-        Ok(())
-    }
-
-    /// Wakes the workers of every process, as a transaction of its own.
-    /// Intake calls it after committing, so that its own transaction does
-    /// not take the lock under which Postgres queues notifications.
-    pub async fn wake_workers(&self) -> Result<(), sqlx::Error> {
-        sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// The given requests, read inside the transaction that created them.
     pub async fn requests_in(
         tx: &mut Transaction<'_, Postgres>,

@@ -17,7 +17,9 @@ use super::error::ApiError;
 use super::views;
 use crate::domain::{Actor, Bytes32, InvalidOrder, NodeRef, ReplicaOrder};
 use crate::phala::{EnvKeyError, PhalaError, ResolveError, ResolvedSource, encrypt_env};
-use crate::store::{IdempotencyOutcome, NewRequest, QuotaCheck, Store, StoredResponse};
+use crate::store::{
+    IdempotencyKey, IdempotencyOutcome, NewRequest, Order, ReplicaRequest, Stored, StoredResponse,
+};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -98,15 +100,38 @@ pub async fn queue(
     }
 
     let rows = resolve(state, &principal, &order).await?;
-
-    let now = state.clock.now();
     let onchain_kms = rows[0].onchain_kms;
     let limit = state.access.quota(&principal, onchain_kms);
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let mut tx = state.store.pool().begin().await?;
-    Store::insert_requests(&mut tx, &rows, &actor, now).await?;
-    let created = Store::requests_in(&mut tx, &ids).await?;
-    let response = StoredResponse {
+    let count = rows.len();
+    let stored = state
+        .orders
+        .store(Order {
+            actor,
+            requests: rows,
+            limit,
+            idempotency: idempotency_key.map(|key| IdempotencyKey { key, request_hash }),
+        })
+        .await?;
+    match stored {
+        Stored::Created(response) => {
+            tracing::info!(actor = %principal, count, source = %order.source, "replicas queued");
+            Ok(response)
+        }
+        Stored::Earlier(earlier) => replay(earlier),
+        Stored::OverQuota { used, retry_after } => Err(quota_exceeded(
+            &principal,
+            onchain_kms,
+            order.count,
+            limit,
+            used,
+            retry_after,
+        )),
+    }
+}
+
+/// An order's answer: its stored requests, as the API shows them.
+pub fn answer(created: &[ReplicaRequest]) -> anyhow::Result<StoredResponse> {
+    Ok(StoredResponse {
         status: StatusCode::ACCEPTED.as_u16(),
         body: serde_json::to_value(views::ReplicaList {
             replicas: created
@@ -114,49 +139,7 @@ pub async fn queue(
                 .map(|r| views::replica(r, &views::Proposals::new()))
                 .collect(),
         })?,
-    };
-    // Last before the commit: the quota's lock queues this caller's
-    // concurrent requests behind each other until this one commits.
-    if let QuotaCheck::Exceeded { used, retry_after } =
-        Store::check_quota(&mut tx, &principal, onchain_kms, &ids, limit, now).await?
-    {
-        tx.rollback().await?;
-        return Err(quota_exceeded(
-            &principal,
-            onchain_kms,
-            order.count,
-            limit,
-            used,
-            retry_after,
-        ));
-    }
-    if let Some(key) = &idempotency_key
-        && !Store::save_idempotent_response(
-            &mut tx,
-            &principal,
-            key,
-            &request_hash,
-            &response,
-            now,
-            keys_expired_before,
-        )
-        .await?
-    {
-        // A concurrent call with the same key won the race: answer as it did.
-        tx.rollback().await?;
-        let earlier = state
-            .store
-            .idempotent_response(&principal, key, &request_hash, keys_expired_before)
-            .await?;
-        return replay(earlier.ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?);
-    }
-    tx.commit().await?;
-    if let Err(err) = state.store.wake_workers().await {
-        // Stored all the same: the workers' polling finds the rows.
-        tracing::warn!(error = %err, "cannot wake the workers; they find the new requests by polling");
-    }
-    tracing::info!(actor = %principal, count = rows.len(), source = %order.source, "replicas queued");
-    Ok(response)
+    })
 }
 
 fn replay(earlier: IdempotencyOutcome) -> Result<StoredResponse, ApiError> {

@@ -8,6 +8,7 @@ pub mod health;
 pub mod intake;
 mod metrics;
 pub mod openapi;
+mod order_writer;
 mod pages;
 mod replicas;
 mod request_id;
@@ -32,6 +33,7 @@ use tower_http::trace::TraceLayer;
 
 pub use access::Access;
 pub use auth::ApiTokens;
+pub use order_writer::OrderWriter;
 pub use signin::PageAuth;
 pub use webhook::WebhookSecrets;
 
@@ -59,6 +61,8 @@ pub struct AppState {
     pub readiness: health::Readiness,
     /// How long idempotency keys last.
     pub retention: crate::config::RetentionSettings,
+    /// Stores intake's orders, in batches under load.
+    pub orders: OrderWriter,
 }
 
 use request_id::REQUEST_ID;

@@ -4,7 +4,9 @@
 use approval_bridge::config::{Quota, Quotas, Scopes, SourcePattern};
 use serde_json::{Value, json};
 
-use crate::helpers::{API_TOKEN, TestApp, WEBHOOK_SECRET, error_of, spawn_app_on, spawn_app_with};
+use crate::helpers::{
+    API_TOKEN, TestApp, WEBHOOK_SECRET, error_of, spawn_app, spawn_app_on, spawn_app_with,
+};
 use crate::phala_mock::*;
 
 async fn rows(app: &TestApp) -> (i64, i64) {
@@ -204,4 +206,110 @@ async fn processes_sharing_a_database_share_the_quota() {
     let refused = answers.iter().filter(|s| **s == 429).count();
     assert_eq!((accepted, refused), (4, 6), "{answers:?}");
     assert_eq!(first.request_count().await, 4);
+}
+
+/// Orders that arrive together are stored in one transaction, each checked
+/// in its turn as if it had come alone: the caller's quota counts the
+/// orders before it, and a key used twice answers as it did the first time.
+#[tokio::test]
+async fn a_batch_of_orders_is_checked_order_by_order() {
+    use approval_bridge::domain::Actor;
+    use approval_bridge::store::{IdempotencyKey, IdempotencyOutcome, NewRequest, Order, Stored};
+
+    let app = spawn_app().await;
+    let base = NewRequest {
+        id: uuid::Uuid::nil(),
+        source: ONCHAIN_NAME.into(),
+        node: None,
+        requested_compose_hash: None,
+        env_names: Vec::new(),
+        note: Some("batched".into()),
+        encrypted_env: None,
+        source_vm_uuid: ONCHAIN_VM.into(),
+        source_name: Some(ONCHAIN_NAME.into()),
+        node_id: None,
+        node_name: None,
+        kms_type: Some("base".into()),
+        onchain_kms: true,
+        app_id: Some(app_id()),
+        chain_id: Some(8453),
+        workspace_slug: None,
+        expected_device_id: None,
+        http_request_id: None,
+    };
+    let order = |caller: &str, count: usize, key: Option<&str>, body: &str| Order {
+        actor: Actor::ApiClient(caller.into()),
+        requests: (0..count)
+            .map(|_| NewRequest {
+                id: uuid::Uuid::now_v7(),
+                ..base.clone()
+            })
+            .collect(),
+        limit: 3,
+        idempotency: key.map(|key| IdempotencyKey {
+            key: key.into(),
+            request_hash: body.as_bytes().to_vec(),
+        }),
+    };
+    let orders = [
+        order("ci", 2, None, "a"),
+        order("ci", 2, None, "b"),       // 2 + 2 > 3
+        order("ops", 2, Some("k"), "c"), // another caller's quota
+        order("ops", 2, Some("k"), "c"), // the same key and body
+        order("ops", 1, Some("k"), "d"), // the same key, another body
+        order("ci", 1, None, "e"),       // 2 + 1 = 3
+    ];
+    let now = app.clock.now();
+    let outcomes = app
+        .store
+        .store_orders(
+            &orders,
+            now,
+            now - chrono::Duration::days(7),
+            &approval_bridge::web::intake::answer,
+        )
+        .await
+        .unwrap();
+
+    let created = |outcome: &Stored| match outcome {
+        Stored::Created(answer) => answer.clone(),
+        other => panic!("not stored: {other:?}"),
+    };
+    let ids = |answer: &approval_bridge::store::StoredResponse| -> Vec<String> {
+        answer.body["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first = created(&outcomes[0]);
+    assert_eq!(
+        ids(&first),
+        orders[0]
+            .requests
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect::<Vec<_>>(),
+        "each answer names its own order's requests"
+    );
+    assert!(
+        matches!(outcomes[1], Stored::OverQuota { used: 2, .. }),
+        "{:?}",
+        outcomes[1]
+    );
+    let keyed = created(&outcomes[2]);
+    assert_eq!(ids(&keyed).len(), 2);
+    assert_eq!(
+        outcomes[3],
+        Stored::Earlier(IdempotencyOutcome::Replay(keyed))
+    );
+    assert_eq!(outcomes[4], Stored::Earlier(IdempotencyOutcome::Mismatch));
+    assert_eq!(ids(&created(&outcomes[5])).len(), 1);
+    assert_eq!(app.request_count().await, 2 + 2 + 1);
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(keys, 1);
 }

@@ -1,0 +1,299 @@
+//! Storing orders: the requests of orders that arrived together, in one
+//! transaction, each order checked against its caller's quota and
+//! idempotency key as if it had come alone.
+//!
+//! The fixed cost of an order's transaction (its BEGIN and COMMIT, the
+//! callers' locks, the count of their hour, the read-back, the NOTIFY) is
+//! paid once per batch: under a burst, intake costs Postgres little more
+//! than the rows it writes.
+//!
+//! Quotas are counted here, in Postgres, so that every process agrees.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::idempotency::answer_under_key;
+use super::{
+    IdempotencyOutcome, NewRequest, ReplicaRequest, Store, StoredResponse, WAKE_CHANNEL, clean,
+};
+use crate::domain::Actor;
+
+/// The window a caller's hourly quota counts.
+pub const QUOTA_WINDOW: chrono::Duration = chrono::Duration::hours(1);
+
+enum QuotaCheck {
+    Within,
+    /// Inserting would go over: `used` requests are in the window, and enough
+    /// of them leave it after `retry_after`.
+    Exceeded {
+        used: i64,
+        retry_after: chrono::Duration,
+    },
+}
+
+/// One order to store: requests that differ only in their id.
+#[derive(Debug, Clone)]
+pub struct Order {
+    pub actor: Actor,
+    pub requests: Vec<NewRequest>,
+    /// The caller's quota for the order's kind of KMS, per hour.
+    pub limit: u32,
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+/// An `Idempotency-Key` and the hash of the body it came with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub request_hash: Vec<u8>,
+}
+
+/// What became of one order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// Stored; the answer, as the caller's `render` made it.
+    Created(StoredResponse),
+    /// Its key was used before: answer as then, or refuse a different body.
+    Earlier(IdempotencyOutcome),
+    /// Over the caller's quota: nothing stored.
+    OverQuota {
+        used: i64,
+        retry_after: chrono::Duration,
+    },
+}
+
+impl Order {
+    fn caller(&self) -> String {
+        self.actor.label()
+    }
+
+    fn onchain_kms(&self) -> bool {
+        self.requests.first().is_some_and(|r| r.onchain_kms)
+    }
+}
+
+impl Store {
+    /// Stores `orders` in one transaction, in their order, and wakes the
+    /// workers when it commits. `render` makes an order's answer from its
+    /// stored requests (saved under its idempotency key too). Each caller's
+    /// lock is held from the count of its hour to the commit, so two
+    /// processes never both spend the last slot or both use one key.
+    pub async fn store_orders(
+        &self,
+        orders: &[Order],
+        now: DateTime<Utc>,
+        keys_expired_before: DateTime<Utc>,
+        render: &(dyn Fn(&[ReplicaRequest]) -> anyhow::Result<StoredResponse> + Sync),
+    ) -> anyhow::Result<Vec<Stored>> {
+        let mut callers: Vec<String> = orders.iter().map(Order::caller).collect();
+        callers.sort();
+        callers.dedup();
+        let mut tx = self.pool.begin().await?;
+        lock_callers(&mut tx, &callers).await?;
+        let since = now - QUOTA_WINDOW;
+        let mut used = used_by(&mut tx, &callers, since).await?;
+
+        let mut outcomes = Vec::with_capacity(orders.len());
+        let mut created: Vec<Uuid> = Vec::new();
+        for order in orders {
+            let caller = order.caller();
+            if let Some(key) = &order.idempotency
+                && let Some(earlier) = answer_under_key(
+                    &mut *tx,
+                    &caller,
+                    &key.key,
+                    &key.request_hash,
+                    keys_expired_before,
+                )
+                .await?
+            {
+                outcomes.push(Some(Stored::Earlier(earlier)));
+                continue;
+            }
+            let kind = (caller.clone(), order.onchain_kms());
+            let in_window = used.get(&kind).copied().unwrap_or(0);
+            let check = quota_check(&mut tx, &kind, in_window, order, since, now).await?;
+            if let QuotaCheck::Exceeded { used, retry_after } = check {
+                outcomes.push(Some(Stored::OverQuota { used, retry_after }));
+                continue;
+            }
+            used.insert(kind, in_window + order.requests.len() as i64);
+            insert_order(&mut tx, order, now).await?;
+            let ids: Vec<Uuid> = order.requests.iter().map(|r| r.id).collect();
+            if let Some(key) = &order.idempotency {
+                // Saved now, so that a later order of the batch with the same key finds it.
+                let response = render(&Store::requests_in(&mut tx, &ids).await?)?;
+                // Under the caller's lock no other process can have saved it since.
+                Store::save_idempotent_response(
+                    &mut tx,
+                    &caller,
+                    &key.key,
+                    &key.request_hash,
+                    &response,
+                    now,
+                    keys_expired_before,
+                )
+                .await?;
+                outcomes.push(Some(Stored::Created(response)));
+            } else {
+                outcomes.push(None);
+            }
+            created.extend(ids);
+        }
+
+        // The answers of the orders without a key, from one read.
+        let rows = Store::requests_in(&mut tx, &created).await?;
+        let by_id: HashMap<Uuid, &ReplicaRequest> = rows.iter().map(|r| (r.id, r)).collect();
+        let mut answers = Vec::with_capacity(orders.len());
+        for (order, outcome) in orders.iter().zip(outcomes) {
+            answers.push(match outcome {
+                Some(outcome) => outcome,
+                None => {
+                    let mine: Vec<ReplicaRequest> = order
+                        .requests
+                        .iter()
+                        .filter_map(|r| by_id.get(&r.id).map(|row| (*row).clone()))
+                        .collect();
+                    Stored::Created(render(&mine)?)
+                }
+            });
+        }
+        if !created.is_empty() {
+            sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(answers)
+    }
+}
+
+/// Takes each caller's quota lock, in one order for every process.
+async fn lock_callers(
+    tx: &mut Transaction<'_, Postgres>,
+    callers: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('quota:' || caller, 0))
+         FROM (SELECT caller FROM unnest($1::text[]) AS c(caller) ORDER BY caller) AS sorted",
+        callers,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Each caller's requests of each kind of KMS since `since`. A statement of
+/// its own, after the locks: its snapshot sees what their previous holders
+/// committed.
+async fn used_by(
+    tx: &mut Transaction<'_, Postgres>,
+    callers: &[String],
+    since: DateTime<Utc>,
+) -> Result<HashMap<(String, bool), i64>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT created_by, onchain_kms, count(*) AS "used!" FROM replica_requests
+         WHERE created_by = ANY($1) AND created_at > $2
+         GROUP BY created_by, onchain_kms"#,
+        callers,
+        since,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.created_by, r.onchain_kms), r.used))
+        .collect())
+}
+
+/// Whether `order` fits beside the `used` requests of its caller's hour.
+/// When it does not, enough of them leave the window after `retry_after`
+/// (never, if it asks for more than the whole quota: then the window's length).
+async fn quota_check(
+    tx: &mut Transaction<'_, Postgres>,
+    (caller, onchain_kms): &(String, bool),
+    used: i64,
+    order: &Order,
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<QuotaCheck, sqlx::Error> {
+    let (wanted, limit) = (order.requests.len() as i64, i64::from(order.limit));
+    if used + wanted <= limit {
+        return Ok(QuotaCheck::Within);
+    }
+    if wanted > limit {
+        return Ok(QuotaCheck::Exceeded {
+            used,
+            retry_after: QUOTA_WINDOW,
+        });
+    }
+    // The request that must leave the window first is the (used + wanted - limit)th oldest.
+    let must_leave = used + wanted - limit;
+    let oldest: DateTime<Utc> = sqlx::query_scalar!(
+        "SELECT created_at FROM replica_requests
+         WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3
+         ORDER BY created_at OFFSET $4 LIMIT 1",
+        caller,
+        onchain_kms,
+        since,
+        must_leave - 1,
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(QuotaCheck::Exceeded {
+        used,
+        retry_after: oldest + QUOTA_WINDOW - now,
+    })
+}
+
+/// The order's requests, each with its first event, in one statement.
+async fn insert_order(
+    tx: &mut Transaction<'_, Postgres>,
+    order: &Order,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let Some(r) = order.requests.first() else {
+        return Ok(());
+    };
+    let ids: Vec<Uuid> = order.requests.iter().map(|r| r.id).collect();
+    sqlx::query!(
+        "WITH created AS (
+            INSERT INTO replica_requests (id, status, source, node, requested_compose_hash, env_names, note,
+                encrypted_env, created_by, source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms,
+                app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug, expected_device_id,
+                http_request_id)
+            SELECT id, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17,
+                $18, $19, $20
+            FROM unnest($1::uuid[]) AS ids(id)
+            RETURNING id)
+         INSERT INTO request_events (request_id, from_status, to_status, actor, message, created_at)
+         SELECT id, NULL, 'queued', $8, $21, $17 FROM created",
+        &ids,
+        r.source,
+        r.node,
+        r.requested_compose_hash,
+        &r.env_names,
+        r.note,
+        r.encrypted_env,
+        order.actor.label(),
+        r.source_vm_uuid,
+        r.source_name,
+        r.node_id,
+        r.node_name,
+        r.kms_type,
+        r.onchain_kms,
+        r.app_id,
+        r.chain_id,
+        now,
+        r.workspace_slug,
+        r.expected_device_id,
+        r.http_request_id,
+        r.note.as_deref().map(clean),
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
