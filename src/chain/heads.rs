@@ -105,12 +105,19 @@ impl Heads {
                 false
             }
             Some((last, at)) => {
-                let per_block = now.duration_since(at) / (number - last) as u32;
+                let blocks = number - last;
+                let per_block = now.duration_since(at) / blocks as u32;
                 seen.block_time = Some(match seen.block_time {
                     // A slow-moving average: one late poll does not skew it.
                     Some(average) if near(per_block, average) => {
                         seen.outlier = None;
                         (average * 3 + per_block) / 4
+                    }
+                    // Several blocks where one was expected: the chain
+                    // itself counted them, so a faster pace is taken at once.
+                    Some(average) if blocks > 1 && per_block * 2 < average => {
+                        seen.outlier = None;
+                        per_block
                     }
                     // Twice in a row far off, and alike: a new pace (a chain
                     // whose blocks came every second now comes every 12 s),
@@ -296,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn a_single_stall_leaves_the_block_time_but_a_new_pace_is_learnt_at_once() {
+    fn a_single_stall_leaves_the_block_time_but_a_new_pace_is_learnt_soon() {
         let heads = Heads::new(1, None);
         let start = Instant::now();
         let at = |millis: u64| start + Duration::from_millis(millis);
@@ -323,5 +330,10 @@ mod tests {
             wait > Duration::from_secs(10) && wait < Duration::from_secs(12),
             "{wait:?}"
         );
+        // Back to 1 s blocks: the first poll finds 11 at once.
+        heads.record_at(20, at(82_500));
+        assert_eq!(block_time(), Duration::from_secs(1));
+        let wait = heads.next_poll_at(Duration::from_secs(2), at(82_500));
+        assert_eq!(wait, Duration::from_micros(937_500));
     }
 }
