@@ -90,6 +90,9 @@ pub struct SandboxArgs {
     /// Nodes with free CVM slots, `prod-1` to `prod-N`, besides the full `prod-full`.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=200))]
     pub nodes: u32,
+    /// Free CVM slots on each of those nodes.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub slots: u32,
 }
 
 impl Cli {

@@ -76,6 +76,7 @@ async fn sandbox(args: approval_bridge::cli::SandboxArgs) -> anyhow::Result<()> 
         world_only: args.world_only,
         bridge_port: args.bridge_port,
         nodes: args.nodes,
+        slots: args.slots,
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;

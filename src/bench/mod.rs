@@ -24,7 +24,7 @@ use reqwest::Url;
 use serde_json::{Value, json};
 
 use crate::sandbox::{Sandbox, SandboxOptions};
-use figures::{Figure, Table};
+use figures::{Figure, Pace, Table};
 
 /// The settings of one run.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Nodes with free slots in the world (`prod-1` to `prod-N`).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(40..=1000))]
     pub nodes: u32,
+    /// Free CVM slots on each node: room for the whole intake burst on one.
+    #[arg(long, default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(32..=100_000))]
+    pub slots: u32,
     /// Single-replica rounds: each is queued, proposed, signed, executed and
     /// committed, and gives one sample of the commit delay.
     #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=30))]
@@ -39,6 +42,13 @@ pub struct BenchArgs {
     /// Intake requests sent by 50 clients (and bare INSERTs to compare).
     #[arg(long, default_value_t = 2_000)]
     pub burst: u32,
+    /// Single-replica rounds with `serve` polling, at 1 s blocks.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=30))]
+    pub polling_rounds: u32,
+    /// Single-replica rounds with `serve` polling, at 12 s blocks (each
+    /// takes about 40 s).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub slow_rounds: u32,
     /// Open proposals while the RPC calls per block are counted.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub open_proposals: u32,
@@ -56,12 +66,21 @@ const SOURCE: &str = "web-prod";
 const CONFIRMATIONS: u64 = 2;
 /// The simulator's boot time of a replica: when it starts running after its commit.
 const BOOT: Duration = Duration::from_secs(3);
+/// Concurrent intake clients.
+const CLIENTS: u32 = 50;
+/// How much slower Phala answers while the intake's p99 is compared.
+const SLOW_PHALA: Duration = Duration::from_millis(500);
+/// Intake POSTs at each Phala speed.
+const SLOW_BURST: u32 = 400;
+/// How long `serve` reuses a Phala lookup (its default, set explicitly).
+const LOOKUP_CACHE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sandbox = Sandbox::start(SandboxOptions {
         port: 0,
         world_only: true,
         nodes: args.nodes,
+        slots: args.slots,
         batch_window_secs: 1,
         confirmations: CONFIRMATIONS,
         boot_delay: BOOT,
@@ -71,7 +90,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let heads = Heads::follow(sandbox.chain.ws_url()).await?;
     let proxy = rpc_count::RpcCounter::start(sandbox.chain.rpc_url()).await?;
     let database_url = fresh_database(&args.postgres_url).await?;
-    let mut serve = Serve::start(&sandbox, &proxy.url, &database_url).await?;
+    let mut serve = Serve::start(&sandbox, &proxy.url, &database_url, Follow::WebSocket).await?;
     let bench = Bench {
         http: reqwest::Client::new(),
         bridge: serve.url.clone(),
@@ -82,7 +101,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         database_url: database_url.clone(),
     };
     let mut table = Table::default();
-    let outcome = bench.measure(&args, &mut table).await;
+    let mut outcome = bench.measure(&args, &mut table).await.map(Some);
+    if let Ok(Some(next_node)) = outcome {
+        // 1 and 3 without the WebSocket: `serve` again, on the same database.
+        serve.stop().await;
+        outcome = match Serve::start(&sandbox, &proxy.url, &database_url, Follow::Polling).await {
+            Ok(polling) => {
+                serve = polling;
+                bench
+                    .polling(&args, next_node, &mut table)
+                    .await
+                    .map(|()| None)
+            }
+            Err(err) => Err(err),
+        };
+    }
     serve.stop().await;
     let stopped = sandbox.stop().await;
     outcome?;
@@ -118,7 +151,8 @@ struct Trip {
 }
 
 impl Bench<'_> {
-    async fn measure(&self, args: &BenchArgs, table: &mut Table) -> anyhow::Result<()> {
+    /// Every figure with `newHeads`; the first node it left unused.
+    async fn measure(&self, args: &BenchArgs, table: &mut Table) -> anyhow::Result<u32> {
         let block = Duration::from_secs(self.sandbox.options.block_time.max(1));
         let mut nodes = 3..=args.nodes; // prod-1 and prod-2 already run the sources
 
@@ -141,7 +175,7 @@ impl Bench<'_> {
                 gas.push((estimate, trip.gas_used));
             }
         }
-        table.push(Figure::commit_delay(&commit_delays));
+        table.push(Figure::commit_delay(Pace::NewHeads, &commit_delays));
         table.push(Figure::execution_to_done(&to_done, &after_running));
 
         // 5: 24 replicas of one source over 7 new nodes, one Safe transaction.
@@ -161,13 +195,24 @@ impl Bench<'_> {
         eprintln!("bench: intake burst of {}", args.burst);
         table.push(self.intake(args.burst).await?);
         let loaded = self.executed_and_done(&id, &hash).await?;
-        table.push(Figure::under_load(self.commit_delay(&loaded, block)?));
+        let unloaded = figures::quantile(&commit_delays, 0.5);
+        table.push(Figure::under_load(
+            self.commit_delay(&loaded, block)?,
+            unloaded,
+        ));
+
+        // 4, second half: the intake's p99 with a slow Phala.
+        eprintln!(
+            "bench: intake with Phala {} ms slower",
+            SLOW_PHALA.as_millis()
+        );
+        table.push(self.intake_with_slow_phala().await?);
 
         // 3: RPC calls per new block with open proposals (left unexecuted: last).
         eprintln!("bench: RPC calls per block");
         let mut per_block = Vec::new();
         for open in [1, args.open_proposals] {
-            while self.open_proposals().await? < open as usize {
+            while self.open_proposals().await?.len() < open as usize {
                 let node = nodes.next().context("not enough nodes: raise --nodes")?;
                 let id = self.queue(node).await?;
                 self.wait_status(&id, "awaiting_approval", Duration::from_secs(60))
@@ -175,7 +220,92 @@ impl Bench<'_> {
             }
             per_block.push((open, self.rpc_per_block(Duration::from_secs(10)).await?));
         }
-        table.push(Figure::rpc_per_block(&per_block));
+        table.push(Figure::rpc_per_block(Pace::NewHeads, &per_block));
+        Ok(nodes.next().unwrap_or(args.nodes + 1))
+    }
+
+    /// Figures 1 and 3 for a `serve` without the WebSocket, at 1 s blocks
+    /// and then at 12 s blocks, on nodes from `first_node` on. The calls are
+    /// counted while the proposals [`Self::measure`] left open are open;
+    /// then they are executed, so that the single rounds' own proposals can
+    /// be (a Safe executes its nonces in order).
+    async fn polling(
+        &self,
+        args: &BenchArgs,
+        first_node: u32,
+        table: &mut Table,
+    ) -> anyhow::Result<()> {
+        let mut nodes = first_node..=args.nodes;
+        let open = self.open_proposals().await?;
+        let count = open.len() as u32;
+        eprintln!("bench: polling, 1 s blocks: RPC calls");
+        // Let the follower learn the block time first.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let fast = self.rpc_per_block(Duration::from_secs(15)).await?;
+        eprintln!("bench: polling, 12 s blocks: RPC calls");
+        self.set_block_time(12).await?;
+        // Three blocks to learn the new pace, five to count.
+        tokio::time::sleep(Duration::from_secs(36)).await;
+        let slow = self.rpc_per_block(Duration::from_secs(60)).await;
+        self.set_block_time(1).await?;
+        let slow = slow?;
+
+        eprintln!("bench: polling, 1 s blocks: single rounds");
+        for (_, hash) in &open {
+            self.sign_and_execute(hash).await?;
+        }
+        let delays = self
+            .commit_rounds(&mut nodes, args.polling_rounds, Duration::from_secs(1))
+            .await?;
+        table.push(Figure::commit_delay(Pace::Polling, &delays));
+        table.push(Figure::rpc_per_block(Pace::Polling, &[(count, fast)]));
+
+        eprintln!("bench: polling, 12 s blocks: single rounds");
+        self.set_block_time(12).await?;
+        tokio::time::sleep(Duration::from_secs(24)).await;
+        let delays = self
+            .commit_rounds(&mut nodes, args.slow_rounds, Duration::from_secs(12))
+            .await;
+        self.set_block_time(1).await?;
+        table.push(Figure::commit_delay(Pace::PollingSlowBlocks, &delays?));
+        table.push(Figure::rpc_per_block(
+            Pace::PollingSlowBlocks,
+            &[(count, slow)],
+        ));
+        Ok(())
+    }
+
+    /// `rounds` single replicas, one after another: each one's commit delay
+    /// in blocks of `block`.
+    async fn commit_rounds(
+        &self,
+        nodes: &mut impl Iterator<Item = u32>,
+        rounds: u32,
+        block: Duration,
+    ) -> anyhow::Result<Vec<f64>> {
+        let mut delays = Vec::new();
+        for _ in 0..rounds {
+            let node = nodes.next().context("not enough nodes: raise --nodes")?;
+            let trip = self.single_round(node).await?;
+            delays.push(self.commit_delay(&trip, block)?);
+        }
+        Ok(delays)
+    }
+
+    /// Mines a block every `secs` seconds from now on (anvil's interval mining).
+    async fn set_block_time(&self, secs: u64) -> anyhow::Result<()> {
+        let answer: Value = self
+            .http
+            .post(self.sandbox.chain.rpc_url())
+            .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "evm_setIntervalMining", "params": [secs]}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::ensure!(
+            answer.get("error").is_none(),
+            "evm_setIntervalMining: {answer}"
+        );
         Ok(())
     }
 
@@ -310,47 +440,9 @@ impl Bench<'_> {
     /// `burst` intake POSTs by 50 clients, against as many bare INSERTs of
     /// one stored row by 50 connections.
     async fn intake(&self, burst: u32) -> anyhow::Result<Figure> {
-        const CLIENTS: u32 = 50;
         // Allowed already on its app: committed without a proposal.
         let body = json!({"source": "api-prod", "node": "prod-1", "note": "bench"});
-        let started = Instant::now();
-        let latencies = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = tokio::task::JoinSet::new();
-        for client in 0..CLIENTS {
-            let (http, url, body, latencies) = (
-                self.http.clone(),
-                self.bridge.join("api/v1/replicas")?,
-                body.clone(),
-                latencies.clone(),
-            );
-            let share = burst / CLIENTS + u32::from(client < burst % CLIENTS);
-            tasks.spawn(async move {
-                for _ in 0..share {
-                    let sent = Instant::now();
-                    let answer = http
-                        .post(url.clone())
-                        .bearer_auth(TOKEN)
-                        .json(&body)
-                        .send()
-                        .await?;
-                    anyhow::ensure!(
-                        answer.status() == 202,
-                        "intake answered {}",
-                        answer.status()
-                    );
-                    latencies
-                        .lock()
-                        .expect("latencies")
-                        .push(sent.elapsed().as_secs_f64());
-                }
-                anyhow::Ok(())
-            });
-        }
-        while let Some(joined) = tasks.join_next().await {
-            joined??;
-        }
-        let intake_rate = burst as f64 / started.elapsed().as_secs_f64();
-        let mut latencies = latencies.lock().expect("latencies").clone();
+        let (intake_rate, mut latencies) = self.post_burst(&body, burst).await?;
 
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(CLIENTS)
@@ -389,6 +481,79 @@ impl Bench<'_> {
         Ok(Figure::intake(intake_rate, insert_rate, &mut latencies))
     }
 
+    /// The intake's p99 over [`SLOW_BURST`] POSTs with Phala answering at
+    /// once, then [`SLOW_PHALA`] later, with every lookup fresh: the cached
+    /// ones are waited out, and one order at Phala's normal speed fetches
+    /// them again just before. None of the POSTs should wait for Phala.
+    async fn intake_with_slow_phala(&self) -> anyhow::Result<Figure> {
+        let compose_hash = self
+            .sandbox
+            .phala
+            .world()
+            .cvm("api-prod")
+            .context("the world has api-prod")?
+            .compose_hash();
+        let body = json!({"source": "api-prod", "node": "prod-1",
+                          "compose_hash": compose_hash, "note": "bench"});
+        tokio::time::sleep(LOOKUP_CACHE + Duration::from_secs(1)).await;
+        self.post_burst(&body, 1).await?;
+        let (_, mut fast) = self.post_burst(&body, SLOW_BURST).await?;
+        self.sandbox.phala.set_latency(SLOW_PHALA);
+        let slow = self.post_burst(&body, SLOW_BURST).await;
+        self.sandbox.phala.set_latency(Duration::ZERO);
+        let (_, mut slow) = slow?;
+        Ok(Figure::intake_latency(
+            &mut fast,
+            &mut slow,
+            SLOW_PHALA.as_secs_f64() * 1000.0,
+        ))
+    }
+
+    /// `count` POSTs of `body` by [`CLIENTS`] clients: the rate, and each
+    /// answer's latency in seconds.
+    async fn post_burst(&self, body: &Value, count: u32) -> anyhow::Result<(f64, Vec<f64>)> {
+        let started = Instant::now();
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for client in 0..CLIENTS {
+            let (http, url, body, latencies) = (
+                self.http.clone(),
+                self.bridge.join("api/v1/replicas")?,
+                body.clone(),
+                latencies.clone(),
+            );
+            let share = count / CLIENTS + u32::from(client < count % CLIENTS);
+            tasks.spawn(async move {
+                for _ in 0..share {
+                    let sent = Instant::now();
+                    let answer = http
+                        .post(url.clone())
+                        .bearer_auth(TOKEN)
+                        .json(&body)
+                        .send()
+                        .await?;
+                    anyhow::ensure!(
+                        answer.status() == 202,
+                        "intake answered {}: {}",
+                        answer.status(),
+                        answer.text().await.unwrap_or_default()
+                    );
+                    latencies
+                        .lock()
+                        .expect("latencies")
+                        .push(sent.elapsed().as_secs_f64());
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined??;
+        }
+        let rate = f64::from(count) / started.elapsed().as_secs_f64();
+        let latencies = latencies.lock().expect("latencies").clone();
+        Ok((rate, latencies))
+    }
+
     /// JSON-RPC calls of `serve` per new block over `window`.
     async fn rpc_per_block(&self, window: Duration) -> anyhow::Result<(f64, f64)> {
         let (calls, polls) = self.proxy.counts();
@@ -402,7 +567,8 @@ impl Bench<'_> {
         ))
     }
 
-    async fn open_proposals(&self) -> anyhow::Result<usize> {
+    /// The open proposals' nonces and hashes, in nonce order.
+    async fn open_proposals(&self) -> anyhow::Result<Vec<(u64, String)>> {
         let url = self
             .bridge
             .join("api/v1/replicas?status=awaiting_approval&limit=100")?;
@@ -414,15 +580,21 @@ impl Bench<'_> {
             .await?
             .json()
             .await?;
-        let mut hashes: Vec<&str> = list["replicas"]
+        let mut open: Vec<(u64, String)> = list["replicas"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|r| r["proposal"]["safe_tx_hash"].as_str())
+            .filter_map(|r| {
+                let proposal = &r["proposal"];
+                Some((
+                    proposal["nonce"].as_u64()?,
+                    proposal["safe_tx_hash"].as_str()?.to_owned(),
+                ))
+            })
             .collect();
-        hashes.sort_unstable();
-        hashes.dedup();
-        Ok(hashes.len())
+        open.sort_unstable();
+        open.dedup();
+        Ok(open)
     }
 
     async fn queue(&self, node: u32) -> anyhow::Result<String> {
@@ -604,6 +776,15 @@ async fn fresh_database(postgres_url: &str) -> anyhow::Result<String> {
     Ok(url.to_string())
 }
 
+/// How `serve` learns of new blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    /// anvil's `newHeads`, as the sandbox configures it.
+    WebSocket,
+    /// Polling over HTTP only.
+    Polling,
+}
+
 /// `serve` of this very binary, as a child process.
 struct Serve {
     child: tokio::process::Child,
@@ -611,7 +792,12 @@ struct Serve {
 }
 
 impl Serve {
-    async fn start(sandbox: &Sandbox, rpc: &Url, database_url: &str) -> anyhow::Result<Serve> {
+    async fn start(
+        sandbox: &Sandbox,
+        rpc: &Url,
+        database_url: &str,
+        follow: Follow,
+    ) -> anyhow::Result<Serve> {
         let exe = std::env::current_exe().context("finding this binary")?;
         let mut command = tokio::process::Command::new(exe);
         command
@@ -619,7 +805,8 @@ impl Serve {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         for (name, value) in sandbox.env.vars() {
-            if name != crate::sandbox::serve_env::SANDBOX_URL {
+            let polling_only = follow == Follow::Polling && name == "APPROVAL_BRIDGE_WS_URLS";
+            if name != crate::sandbox::serve_env::SANDBOX_URL && !polling_only {
                 command.env(name, value);
             }
         }
@@ -629,6 +816,10 @@ impl Serve {
                 format!("{}={rpc}", sandbox.chain.chain_id()),
             )
             .env("DATABASE_URL", database_url)
+            .env(
+                "APPROVAL_BRIDGE_LOOKUP_CACHE_SECS",
+                LOOKUP_CACHE.as_secs().to_string(),
+            )
             .env("RUST_LOG", "warn")
             .kill_on_drop(true);
         let child = command.spawn().context("starting serve")?;

@@ -61,6 +61,7 @@
 //! env keys, the chain reads and the HTTP handlers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aes_gcm::aead::{Aead, KeyInit};
@@ -258,6 +259,8 @@ struct Shared {
     /// `http://127.0.0.1:port/api/v1`
     base: Url,
     state: Mutex<SimState>,
+    /// Added before every answer, in milliseconds: a slow Phala for the bench.
+    latency_ms: AtomicU64,
 }
 
 struct ServerTask(tokio::task::JoinHandle<()>);
@@ -308,6 +311,7 @@ impl PhalaSim {
             world,
             base: base.clone(),
             state: Mutex::new(state),
+            latency_ms: AtomicU64::new(0),
         });
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
@@ -320,6 +324,12 @@ impl PhalaSim {
             _server: Arc::new(ServerTask(task)),
         };
         Ok((base, sim))
+    }
+
+    /// Holds every answer back by `latency` from now on.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        self.shared.latency_ms.store(ms, Ordering::Relaxed);
     }
 
     pub fn base_url(&self) -> &Url {
@@ -603,7 +613,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Keeps every request (without the API key) and the status it got.
+/// Keeps every request (without the API key) and the status it got, and
+/// holds the answer back by the configured latency.
 async fn record(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, 1 << 20)
@@ -626,6 +637,10 @@ async fn record(State(shared): State<Arc<Shared>>, request: Request, next: Next)
         body: String::from_utf8_lossy(&body).into_owned(),
         status: 0,
     };
+    let latency = shared.latency_ms.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(latency)).await;
+    }
     let response = next.run(Request::from_parts(parts, Body::from(body))).await;
     entry.status = response.status().as_u16();
     shared.lock().requests.push(entry);

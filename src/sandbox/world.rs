@@ -61,6 +61,8 @@ pub struct SandboxOptions {
     /// Nodes with free slots, `prod-1` to `prod-N` (at least 2: the
     /// sources run on prod-1 and prod-2); `prod-full` comes after them.
     pub nodes: u32,
+    /// Free CVM slots on each of those nodes.
+    pub slots: u32,
 }
 
 impl Default for SandboxOptions {
@@ -77,6 +79,7 @@ impl Default for SandboxOptions {
             world_only: false,
             bridge_port: None,
             nodes: standard::NODES,
+            slots: standard::SLOTS,
         }
     }
 }
@@ -191,7 +194,7 @@ impl Sandbox {
             .await?;
         let apps = SandboxApps { web, api, eoa };
 
-        let mut world = PhalaWorld::with_nodes(chain.chain_id(), options.nodes)
+        let mut world = PhalaWorld::with_nodes(chain.chain_id(), options.nodes, options.slots)
             .with_standard_cvms(web, api)
             .with_cvm(SimCvm::onchain(EOA_CVM, eoa, 1));
         world.boot_delay = chrono::Duration::from_std(options.boot_delay)?;

@@ -154,14 +154,14 @@ pub mod standard {
 impl PhalaWorld {
     /// The default nodes (see [`standard::NODES`]) and no CVMs.
     pub fn new(chain_id: u64) -> PhalaWorld {
-        PhalaWorld::with_nodes(chain_id, standard::NODES)
+        PhalaWorld::with_nodes(chain_id, standard::NODES, standard::SLOTS)
     }
 
-    /// `prod-1` to `prod-{nodes}` (ids 1 to `nodes`) with
-    /// [`standard::SLOTS`] free slots each, then `prod-full` with none; no CVMs.
-    pub fn with_nodes(chain_id: u64, nodes: u32) -> PhalaWorld {
+    /// `prod-1` to `prod-{nodes}` (ids 1 to `nodes`) with `slots` free
+    /// slots each, then `prod-full` with none; no CVMs.
+    pub fn with_nodes(chain_id: u64, nodes: u32, slots: u32) -> PhalaWorld {
         let nodes = (1..=nodes)
-            .map(|id| SimNode::new(id, &standard::node_name(id), standard::SLOTS))
+            .map(|id| SimNode::new(id, &standard::node_name(id), slots))
             .chain(std::iter::once(SimNode::new(
                 nodes + 1,
                 standard::FULL_NODE,
@@ -346,7 +346,8 @@ mod tests {
 
     #[test]
     fn a_world_of_many_nodes_has_distinct_devices_and_slots_on_each() {
-        let world = PhalaWorld::with_nodes(1, 12).with_standard_cvms(Address::ZERO, Address::ZERO);
+        let world = PhalaWorld::with_nodes(1, 12, standard::SLOTS)
+            .with_standard_cvms(Address::ZERO, Address::ZERO);
         world.check().unwrap();
         assert_eq!(world.nodes.len(), 13);
         assert_eq!(world.node("prod-12").unwrap().id, 12);
