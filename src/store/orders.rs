@@ -98,6 +98,8 @@ impl Store {
 
         let mut outcomes = Vec::with_capacity(orders.len());
         let mut created: Vec<Uuid> = Vec::new();
+        // The requests of the orders without a key, inserted together at the end.
+        let mut deferred: Vec<(&NewRequest, String)> = Vec::new();
         for order in orders {
             let caller = order.caller();
             if let Some(key) = &order.idempotency
@@ -121,9 +123,10 @@ impl Store {
                 continue;
             }
             used.insert(kind, in_window + order.requests.len() as i64);
-            insert_order(&mut tx, order, now).await?;
+            let rows = order.requests.iter().map(|r| (r, caller.clone()));
             let ids: Vec<Uuid> = order.requests.iter().map(|r| r.id).collect();
             if let Some(key) = &order.idempotency {
+                insert_requests(&mut tx, &rows.collect::<Vec<_>>(), now).await?;
                 // Saved now, so that a later order of the batch with the same key finds it.
                 let response = render(&Store::requests_in(&mut tx, &ids).await?)?;
                 // Under the caller's lock no other process can have saved it since.
@@ -139,10 +142,12 @@ impl Store {
                 .await?;
                 outcomes.push(Some(Stored::Created(response)));
             } else {
+                deferred.extend(rows);
                 outcomes.push(None);
             }
             created.extend(ids);
         }
+        insert_requests(&mut tx, &deferred, now).await?;
 
         // The answers of the orders without a key, from one read.
         let rows = Store::requests_in(&mut tx, &created).await?;
@@ -231,8 +236,9 @@ async fn quota_check(
         });
     }
     // The request that must leave the window first is the (used + wanted - limit)th oldest.
+    // Orders of this batch not inserted yet are the newest (created `now`).
     let must_leave = used + wanted - limit;
-    let oldest: DateTime<Utc> = sqlx::query_scalar!(
+    let oldest: Option<DateTime<Utc>> = sqlx::query_scalar!(
         "SELECT created_at FROM replica_requests
          WHERE created_by = $1 AND onchain_kms = $2 AND created_at > $3
          ORDER BY created_at OFFSET $4 LIMIT 1",
@@ -241,57 +247,75 @@ async fn quota_check(
         since,
         must_leave - 1,
     )
-    .fetch_one(&mut **tx)
+    .fetch_optional(&mut **tx)
     .await?;
     Ok(QuotaCheck::Exceeded {
         used,
-        retry_after: oldest + QUOTA_WINDOW - now,
+        retry_after: oldest.unwrap_or(now) + QUOTA_WINDOW - now,
     })
 }
 
-/// The order's requests, each with its first event, in one statement.
-async fn insert_order(
+/// Requests, each with its first event (`queued`, by the caller it is
+/// paired with), in one statement whatever their number.
+async fn insert_requests(
     tx: &mut Transaction<'_, Postgres>,
-    order: &Order,
+    rows: &[(&NewRequest, String)],
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    let Some(r) = order.requests.first() else {
+    if rows.is_empty() {
         return Ok(());
+    }
+    let column = |f: fn(&NewRequest) -> Option<String>| -> Vec<Option<String>> {
+        rows.iter().map(|(r, _)| f(r)).collect()
     };
-    let ids: Vec<Uuid> = order.requests.iter().map(|r| r.id).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|(r, _)| r.id).collect();
+    let callers: Vec<String> = rows.iter().map(|(_, caller)| caller.clone()).collect();
+    let env_names: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(r, _)| serde_json::json!(r.env_names))
+        .collect();
+    let messages = column(|r| r.note.as_deref().map(clean));
     sqlx::query!(
         "WITH created AS (
             INSERT INTO replica_requests (id, status, source, node, requested_compose_hash, env_names, note,
                 encrypted_env, created_by, source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms,
                 app_id, chain_id, next_attempt_at, created_at, updated_at, workspace_slug, expected_device_id,
                 http_request_id)
-            SELECT id, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17, $17,
-                $18, $19, $20
-            FROM unnest($1::uuid[]) AS ids(id)
-            RETURNING id)
+            SELECT r.id, 'queued', r.source, r.node, r.requested_compose_hash,
+                ARRAY(SELECT jsonb_array_elements_text(r.env_names)), r.note, r.encrypted_env, r.created_by,
+                r.source_vm_uuid, r.source_name, r.node_id, r.node_name, r.kms_type, r.onchain_kms, r.app_id,
+                r.chain_id, $20, $20, $20, r.workspace_slug, r.expected_device_id, r.http_request_id
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
+                    $8::text[], $9::text[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::bool[],
+                    $15::text[], $16::int8[], $17::text[], $18::text[], $19::text[])
+                AS r(id, source, node, requested_compose_hash, env_names, note, encrypted_env, created_by,
+                    source_vm_uuid, source_name, node_id, node_name, kms_type, onchain_kms, app_id, chain_id,
+                    workspace_slug, expected_device_id, http_request_id)
+            RETURNING id, created_by)
          INSERT INTO request_events (request_id, from_status, to_status, actor, message, created_at)
-         SELECT id, NULL, 'queued', $8, $21, $17 FROM created",
+         SELECT c.id, NULL, 'queued', c.created_by, m.message, $20
+         FROM created c JOIN unnest($1::uuid[], $21::text[]) AS m(id, message) ON m.id = c.id",
         &ids,
-        r.source,
-        r.node,
-        r.requested_compose_hash,
-        &r.env_names,
-        r.note,
-        r.encrypted_env,
-        order.actor.label(),
-        r.source_vm_uuid,
-        r.source_name,
-        r.node_id,
-        r.node_name,
-        r.kms_type,
-        r.onchain_kms,
-        r.app_id,
-        r.chain_id,
+        &rows.iter().map(|(r, _)| r.source.clone()).collect::<Vec<_>>(),
+        &column(|r| r.node.clone()) as &[Option<String>],
+        &column(|r| r.requested_compose_hash.clone()) as &[Option<String>],
+        &env_names,
+        &column(|r| r.note.clone()) as &[Option<String>],
+        &column(|r| r.encrypted_env.clone()) as &[Option<String>],
+        &callers,
+        &rows.iter().map(|(r, _)| r.source_vm_uuid.clone()).collect::<Vec<_>>(),
+        &column(|r| r.source_name.clone()) as &[Option<String>],
+        &rows.iter().map(|(r, _)| r.node_id).collect::<Vec<_>>() as &[Option<i32>],
+        &column(|r| r.node_name.clone()) as &[Option<String>],
+        &column(|r| r.kms_type.clone()) as &[Option<String>],
+        &rows.iter().map(|(r, _)| r.onchain_kms).collect::<Vec<_>>(),
+        &column(|r| r.app_id.clone()) as &[Option<String>],
+        &rows.iter().map(|(r, _)| r.chain_id).collect::<Vec<_>>() as &[Option<i64>],
+        &column(|r| r.workspace_slug.clone()) as &[Option<String>],
+        &column(|r| r.expected_device_id.clone()) as &[Option<String>],
+        &column(|r| r.http_request_id.clone()) as &[Option<String>],
         now,
-        r.workspace_slug,
-        r.expected_device_id,
-        r.http_request_id,
-        r.note.as_deref().map(clean),
+        &messages as &[Option<String>],
     )
     .execute(&mut **tx)
     .await?;
