@@ -438,37 +438,52 @@ impl Bench<'_> {
     }
 
     /// `burst` intake POSTs by 50 clients, against as many bare INSERTs of
-    /// one stored row by 50 connections.
+    /// one stored request by 50 connections, each with an id of its own,
+    /// into a table with the same columns and indexes. Both sides start
+    /// warm: each client has sent a POST, each connection is open.
     async fn intake(&self, burst: u32) -> anyhow::Result<Figure> {
         // Allowed already on its app: committed without a proposal.
         let body = json!({"source": "api-prod", "node": "prod-1", "note": "bench"});
+        self.post_burst(&body, CLIENTS).await?;
         let (intake_rate, mut latencies) = self.post_burst(&body, burst).await?;
 
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(CLIENTS)
             .connect(&self.database_url)
             .await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS bench_rows (LIKE replica_requests INCLUDING DEFAULTS)",
+        let mut warm = Vec::new();
+        for _ in 0..CLIENTS {
+            warm.push(pool.acquire().await?);
+        }
+        drop(warm);
+        sqlx::query("CREATE TABLE IF NOT EXISTS bench_rows (LIKE replica_requests INCLUDING ALL)")
+            .execute(&pool)
+            .await?;
+        let columns: String = sqlx::query_scalar(
+            "SELECT string_agg(column_name, ', ' ORDER BY ordinal_position)
+             FROM information_schema.columns
+             WHERE table_name = 'replica_requests' AND column_name <> 'id'",
         )
-        .execute(&pool)
+        .fetch_one(&pool)
         .await?;
+        let insert = format!(
+            "INSERT INTO bench_rows (id, {columns}) SELECT $2, {columns} FROM replica_requests WHERE id = $1"
+        );
         let row: uuid::Uuid = sqlx::query_scalar("SELECT id FROM replica_requests LIMIT 1")
             .fetch_one(&pool)
             .await?;
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for client in 0..CLIENTS {
-            let pool = pool.clone();
+            let (pool, insert) = (pool.clone(), insert.clone());
             let share = burst / CLIENTS + u32::from(client < burst % CLIENTS);
             tasks.spawn(async move {
                 for _ in 0..share {
-                    sqlx::query(
-                        "INSERT INTO bench_rows SELECT * FROM replica_requests WHERE id = $1",
-                    )
-                    .bind(row)
-                    .execute(&pool)
-                    .await?;
+                    sqlx::query(&insert)
+                        .bind(row)
+                        .bind(uuid::Uuid::now_v7())
+                        .execute(&pool)
+                        .await?;
                 }
                 anyhow::Ok(())
             });
@@ -765,6 +780,18 @@ async fn fresh_database(postgres_url: &str) -> anyhow::Result<String> {
     let mut admin = sqlx::PgConnection::connect(postgres_url)
         .await
         .context("connecting to Postgres (--postgres-url)")?;
+    // A run still going (its `serve` included) would reconnect to the new
+    // database and work on this run's requests against its own world.
+    let users: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'approval_bridge_bench'",
+    )
+    .fetch_one(&mut admin)
+    .await?;
+    if users > 0 {
+        bail!(
+            "the database approval_bridge_bench is in use ({users} connections): is another bench, or its serve, still running?"
+        );
+    }
     sqlx::query("DROP DATABASE IF EXISTS approval_bridge_bench WITH (FORCE)")
         .execute(&mut admin)
         .await?;
