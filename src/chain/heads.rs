@@ -19,9 +19,11 @@ use tokio::time::Instant;
 /// Polls that find no new block, after the expected one, before the spacing
 /// between polls starts to double (a stalled chain costs ever fewer calls).
 const EMPTY_POLLS_BUDGET: u32 = 6;
-/// Polls are spaced this fraction of a block time apart, and the first comes
-/// half a space before the next block is due: about every other block is
-/// found by the first poll, and a block is seen at most a space late.
+/// Polls are spaced this fraction of a block time (a step) apart. The first
+/// comes half a step before the next block is due, earlier each time it
+/// finds the block at once (we may be late), back to half a step once it
+/// finds none: about every other block is found by the first poll, and a
+/// follower that fell out of step is back in step within a few blocks.
 const POLL_FRACTION: u32 = 8;
 const MIN_POLL: Duration = Duration::from_millis(50);
 /// Waits between attempts to open the WebSocket again.
@@ -55,6 +57,8 @@ struct Seen {
     /// The last time between blocks that was far from `block_time`: a
     /// second one like it means the chain's pace changed.
     outlier: Option<Duration>,
+    /// How long before the next block is due the first poll comes.
+    early: Option<Duration>,
 }
 
 impl Heads {
@@ -132,6 +136,13 @@ impl Heads {
                     None => per_block,
                 });
                 seen.head = Some((number, now));
+                // Found at once, so the block may have come well before this
+                // poll: look earlier next time, twice as early each time.
+                let half_step = step_of(seen.block_time.unwrap_or(per_block)) / 2;
+                seen.early = Some(match (seen.empty_polls, seen.early) {
+                    (0, Some(early)) => (early * 2).min(per_block / 4).max(half_step),
+                    _ => half_step,
+                });
                 seen.empty_polls = 0;
                 true
             }
@@ -142,8 +153,8 @@ impl Heads {
         }
     }
 
-    /// How long to wait before polling again: until half a step before the
-    /// next block is due, then a step (a fraction of a block time) apart; after
+    /// How long to wait before polling again: until a little before the next
+    /// block is due (see [`POLL_FRACTION`]), then a step apart; after
     /// [`EMPTY_POLLS_BUDGET`] empty polls, twice as long each time, up to
     /// `longest` or a block time, whichever is longer.
     pub(super) fn next_poll_in(&self, longest: Duration) -> Duration {
@@ -155,8 +166,9 @@ impl Heads {
         let (Some((_, at)), Some(block_time)) = (seen.head, seen.block_time) else {
             return longest;
         };
-        let step = (block_time / POLL_FRACTION).max(MIN_POLL);
-        let due = at + block_time.saturating_sub(step / 2);
+        let step = step_of(block_time);
+        let early = seen.early.unwrap_or(step / 2);
+        let due = at + block_time.saturating_sub(early);
         if now < due && seen.empty_polls == 0 {
             return due - now;
         }
@@ -254,6 +266,11 @@ async fn subscribe(heads: Weak<Heads>, chain_id: u64, url: Url) {
     }
 }
 
+/// The time between polls while a block is due.
+fn step_of(block_time: Duration) -> Duration {
+    (block_time / POLL_FRACTION).max(MIN_POLL)
+}
+
 /// Within a factor of two of each other.
 fn near(a: Duration, b: Duration) -> bool {
     a < b * 2 && b < a * 2
@@ -333,7 +350,22 @@ mod tests {
         // Back to 1 s blocks: the first poll finds 11 at once.
         heads.record_at(20, at(82_500));
         assert_eq!(block_time(), Duration::from_secs(1));
+        // That poll found eleven blocks at once: we are late, and the next
+        // first poll comes a quarter block early.
         let wait = heads.next_poll_at(Duration::from_secs(2), at(82_500));
-        assert_eq!(wait, Duration::from_micros(937_500));
+        assert_eq!(wait, Duration::from_millis(750));
+        // Found at once again: a quarter block is the most; one that finds
+        // nothing first brings it back to half a step (62.5 ms).
+        heads.record_at(21, at(83_500));
+        assert_eq!(
+            heads.next_poll_at(Duration::from_secs(2), at(83_500)),
+            Duration::from_millis(750)
+        );
+        assert!(!heads.record_at(21, at(84_250)));
+        heads.record_at(22, at(84_500));
+        assert_eq!(
+            heads.next_poll_at(Duration::from_secs(2), at(84_500)),
+            Duration::from_micros(937_500)
+        );
     }
 }
