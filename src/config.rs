@@ -228,7 +228,8 @@ impl PhalaSettings {
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerSettings {
-    /// Concurrent worker tasks in this process (0 runs none: HTTP only).
+    /// Concurrent worker tasks in this process, besides the one that only
+    /// commits (0 runs none, that one included: HTTP only).
     #[arg(long, env = "APPROVAL_BRIDGE_WORKERS", default_value_t = 4)]
     pub workers: usize,
 
