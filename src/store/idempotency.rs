@@ -36,7 +36,8 @@ impl Store {
 
     /// Saves the response in the transaction that created what it describes,
     /// replacing an expired use of the key (saved before `expired_before`).
-    /// Returns `false` if the key was saved already and has not expired.
+    /// Call it under the caller's lock, after the same transaction found no
+    /// live use of the key.
     pub async fn save_idempotent_response(
         tx: &mut Transaction<'_, Postgres>,
         principal: &str,
@@ -45,8 +46,8 @@ impl Store {
         response: &StoredResponse,
         now: DateTime<Utc>,
         expired_before: DateTime<Utc>,
-    ) -> Result<bool, sqlx::Error> {
-        let inserted = sqlx::query!(
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query!(
             "INSERT INTO idempotency_keys AS k (principal, key, request_hash, response_status, response_body, created_at)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (principal, key) DO UPDATE SET
@@ -62,9 +63,8 @@ impl Store {
             expired_before,
         )
         .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        Ok(inserted == 1)
+        .await?;
+        Ok(())
     }
 }
 

@@ -16,9 +16,8 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::idempotency::answer_under_key;
-use super::{
-    IdempotencyOutcome, NewRequest, ReplicaRequest, Store, StoredResponse, WAKE_CHANNEL, clean,
-};
+use super::requests::wake;
+use super::{IdempotencyOutcome, NewRequest, ReplicaRequest, Store, StoredResponse, clean};
 use crate::domain::Actor;
 
 /// The window a caller's hourly quota counts.
@@ -167,9 +166,7 @@ impl Store {
             });
         }
         if !created.is_empty() {
-            sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
-                .execute(&mut *tx)
-                .await?;
+            wake(&mut tx).await?;
         }
         tx.commit().await?;
         Ok(answers)

@@ -892,7 +892,7 @@ async fn insert_event(
 }
 
 /// Delivered at commit, so a worker never wakes before the row is visible.
-async fn wake(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+pub(super) async fn wake(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
     sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
         .execute(&mut **tx)
         .await?;
