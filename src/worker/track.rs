@@ -18,8 +18,6 @@ use crate::store::{Changes, StoredError, Tracked};
 /// How often the tracker polls while a replica is provisioning: a replica
 /// that runs is seen within this time, at the cost of one call per pass.
 pub(super) const EVERY: Duration = Duration::from_millis(500);
-/// A replica that does not run within this time is reported failed.
-const GIVE_UP_AFTER: chrono::Duration = chrono::Duration::minutes(30);
 /// Statuses from which a CVM will not reach `running` by itself.
 const FAILED_STATUSES: [&str; 5] = ["error", "failed", "stopped", "terminated", "deleted"];
 
@@ -59,8 +57,10 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
             None
         }
     };
-    let missing_bound =
-        chrono::Duration::seconds(worker.settings.replica_missing_timeout_secs as i64);
+    let bounds = Bounds {
+        missing: chrono::Duration::seconds(worker.settings.replica_missing_timeout_secs as i64),
+        boot: chrono::Duration::seconds(worker.settings.replica_boot_timeout_secs as i64),
+    };
     let mut pass = Pass {
         moved: false,
         tracking: true,
@@ -71,7 +71,7 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
                 .as_ref()
                 .map(|all| all.get(&normalize(vm)).cloned())
         });
-        match verdict(t, seen, now, missing_bound) {
+        match verdict(t, seen, now, &bounds) {
             Verdict::Running(status) => {
                 let vm = t.request.replica_vm_uuid.as_deref().unwrap_or_default();
                 let changes = Changes {
@@ -101,6 +101,15 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
                     .move_waiting(&t.request, Event::Fail, now, &message, changes)
                     .await?;
             }
+            Verdict::SlowBoot(warning) => {
+                if t.request.last_error_code.as_deref() != Some(warning.code.as_str()) {
+                    tracing::warn!(replica_id = %t.request.id, "replica slow to boot");
+                    worker
+                        .store
+                        .note_tracking_error(&[t.request.id], &warning)
+                        .await?;
+                }
+            }
             Verdict::Waiting(Some(status))
                 if t.request.replica_status.as_deref() != Some(status.as_str()) =>
             {
@@ -119,17 +128,29 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
 enum Verdict {
     Running(String),
     Failed(StoredError),
+    /// Booting for longer than half its bound: said on the request, once.
+    SlowBoot(StoredError),
     /// Still starting; the status seen, if any.
     Waiting(Option<String>),
 }
 
+/// How long a replica may take: to be known to Phala at all, and to boot.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    missing: chrono::Duration,
+    boot: chrono::Duration,
+}
+
 /// What one request's poll means. `seen`: `None` when the poll failed,
-/// `Some(None)` when Phala does not know the replica.
+/// `Some(None)` when Phala does not know the replica. Only an answer from
+/// Phala fails a request: a replica the tracker could not ask about may
+/// well be running, so a failed poll only waits (its error is noted on the
+/// request), however long Phala stays unreachable.
 fn verdict(
     t: &Tracked,
     seen: Option<Option<CvmStatus>>,
     now: DateTime<Utc>,
-    missing_bound: chrono::Duration,
+    bounds: &Bounds,
 ) -> Verdict {
     let request = &t.request;
     let Some(vm_uuid) = request.replica_vm_uuid.as_deref() else {
@@ -140,28 +161,24 @@ fn verdict(
         ));
     };
     let since = t.provisioning_since.unwrap_or(now);
-    let in_progress = matches!(
-        &seen,
-        Some(Some(CvmStatus {
-            in_progress: Some(true),
-            ..
-        }))
-    );
-    let status = match seen {
-        Some(Some(answer)) => answer.status.unwrap_or_default().to_lowercase(),
+    let answer = match seen {
+        None => return Verdict::Waiting(None),
         // A replica can take a moment to appear, but not forever.
-        Some(None) if now - since > missing_bound => {
+        Some(None) if now - since > bounds.missing => {
             return Verdict::Failed(StoredError::new(
                 "REPLICA-NOT-FOUND",
                 &format!(
                     "Phala accepted replica {vm_uuid}, but it has not been found for {} s",
-                    missing_bound.num_seconds()
+                    bounds.missing.num_seconds()
                 ),
                 Some("Look at the source's instances on the Phala dashboard."),
             ));
         }
-        Some(None) | None => String::new(),
+        Some(None) => return Verdict::Waiting(None),
+        Some(Some(answer)) => answer,
     };
+    let in_progress = answer.in_progress == Some(true);
+    let status = answer.status.unwrap_or_default().to_lowercase();
     if status == "running" && !in_progress {
         return Verdict::Running(status);
     }
@@ -172,15 +189,31 @@ fn verdict(
             Some("Look at the replica's logs on the Phala dashboard."),
         ));
     }
-    if now - since > GIVE_UP_AFTER {
-        let last = request.replica_status.as_deref().unwrap_or("unknown");
-        let status = if status.is_empty() { last } else { &status };
+    let booting = now - since;
+    let shown = if status.is_empty() {
+        request.replica_status.as_deref().unwrap_or("unknown")
+    } else {
+        &status
+    };
+    if booting > bounds.boot {
         return Verdict::Failed(StoredError::new(
             "REPLICA-TIMEOUT",
             &format!(
-                "replica {vm_uuid} did not reach `running` within 30 minutes (last status `{status}`)"
+                "replica {vm_uuid} did not reach `running` within {} minutes (Phala says `{shown}`)",
+                bounds.boot.num_minutes()
             ),
             Some("Look at the replica on the Phala dashboard."),
+        ));
+    }
+    if booting > bounds.boot / 2 {
+        return Verdict::SlowBoot(StoredError::new(
+            "REPLICA-SLOW-BOOT",
+            &format!(
+                "replica {vm_uuid} has been booting for {} minutes (Phala says `{shown}`); the request fails if it does not run within {} minutes",
+                booting.num_minutes(),
+                bounds.boot.num_minutes()
+            ),
+            Some("Look at the replica's boot progress on the Phala dashboard."),
         ));
     }
     Verdict::Waiting((!status.is_empty()).then_some(status))

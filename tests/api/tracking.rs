@@ -190,3 +190,78 @@ async fn a_replica_that_stops_fails_with_its_status() {
         assert_eq!(request["last_error"]["code"], "REPLICA-FAILED");
     }
 }
+
+#[tokio::test]
+async fn a_replica_phala_cannot_be_asked_about_is_never_failed_for_it() {
+    let app = spawn_app().await;
+    let ids = three_provisioning(&app).await;
+    Mock::given(method("POST"))
+        .and(path(api("/status/batch")))
+        .respond_with(ResponseTemplate::new(502).set_body_string("<html>bad gateway</html>"))
+        .up_to_n_times(3)
+        .mount(&app.phala)
+        .await;
+    // Phala stays unreachable past the boot bound.
+    for _ in 0..3 {
+        app.clock.advance(chrono::Duration::minutes(20));
+        assert!(!app.worker.track_once().await.unwrap());
+    }
+    for id in &ids {
+        let request = app.get_replica(id).await;
+        assert_eq!(request["status"], "provisioning", "{request}");
+        assert!(
+            request["last_error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot read the replica's status")
+        );
+    }
+    // Once Phala answers, a running replica is done, an hour late or not.
+    Mock::given(method("POST"))
+        .and(path(api("/status/batch")))
+        .respond_with(AllIn("running"))
+        .mount(&app.phala)
+        .await;
+    assert!(app.worker.track_once().await.unwrap());
+    for id in &ids {
+        assert_eq!(app.status_of(id).await, "done");
+    }
+}
+
+#[tokio::test]
+async fn a_slow_boot_warns_before_it_fails() {
+    let app = spawn_app().await;
+    let ids = three_provisioning(&app).await;
+    Mock::given(method("POST"))
+        .and(path(api("/status/batch")))
+        .respond_with(AllIn("starting"))
+        .mount(&app.phala)
+        .await;
+    app.clock.advance(chrono::Duration::minutes(16));
+    assert!(!app.worker.track_once().await.unwrap());
+    let request = app.get_replica(&ids[0]).await;
+    assert_eq!(request["status"], "provisioning");
+    assert_eq!(
+        request["last_error"]["code"], "REPLICA-SLOW-BOOT",
+        "{request}"
+    );
+    assert!(
+        request["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fails if it does not run within 30 minutes")
+    );
+
+    app.clock.advance(chrono::Duration::minutes(15));
+    assert!(app.worker.track_once().await.unwrap());
+    let request = app.get_replica(&ids[0]).await;
+    assert_eq!(request["status"], "failed");
+    assert_eq!(request["last_error"]["code"], "REPLICA-TIMEOUT");
+    assert!(
+        request["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Phala says `starting`"),
+        "{request}"
+    );
+}
