@@ -78,16 +78,28 @@ impl PhalaClient {
         self.get_json(&["apps", app_id, "cvms"]).await
     }
 
-    /// `GET /cvms/paginated`: the workspace's CVMs, first page of 100.
+    /// `GET /cvms/paginated`: the workspace's CVMs, every page of 100 (at
+    /// most [`Self::MAX_PAGES`] of them).
     pub async fn list_cvms(&self) -> Result<Vec<CvmInfo>, PhalaError> {
-        let request = self.request_with_query(
-            Method::GET,
-            &["cvms", "paginated"],
-            &[("page", "1"), ("page_size", "100")],
-        );
-        let page: CvmPage = self.expect_json(request).await?;
-        Ok(page.items)
+        let mut cvms = Vec::new();
+        for number in 1..=Self::MAX_PAGES {
+            let request = self.request_with_query(
+                Method::GET,
+                &["cvms", "paginated"],
+                &[("page", &number.to_string()), ("page_size", "100")],
+            );
+            let page: CvmPage = self.expect_json(request).await?;
+            let last = page.items.is_empty() || page.pages.is_none_or(|pages| number >= pages);
+            cvms.extend(page.items);
+            if last {
+                break;
+            }
+        }
+        Ok(cvms)
     }
+
+    /// A bound on the pages one listing reads: 10,000 CVMs.
+    const MAX_PAGES: u32 = 100;
 
     /// `POST /status/batch`: the status of many CVMs in one call, keyed by
     /// the ids as sent. A CVM Phala does not know is left out of the map.

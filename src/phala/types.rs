@@ -139,6 +139,9 @@ pub struct AvailableNode {
 pub struct CvmPage {
     #[serde(default)]
     pub items: Vec<CvmInfo>,
+    /// How many pages there are (`pages`).
+    #[serde(default)]
+    pub pages: Option<u32>,
 }
 
 /// `GET /kms/{kms_type}/pubkey/{app_id}`.

@@ -670,23 +670,37 @@ async fn get_cvm(
     })
 }
 
-/// `GET /cvms/paginated`: every CVM of the workspace on one page, with its
-/// manifest (2026-01-21 shape only: the page's queue form reads it).
+/// `page` and `page_size` of a paginated list (from 1; at most 100 a page).
+#[derive(Debug, serde::Deserialize)]
+struct PageQuery {
+    page: Option<usize>,
+    page_size: Option<usize>,
+}
+
+/// `GET /cvms/paginated`: the workspace's CVMs, oldest first, one page of
+/// them, with its manifest (2026-01-21 shape only: the page's queue form
+/// reads it).
 async fn list_cvms(
     State(shared): State<Arc<Shared>>,
+    Query(query): Query<PageQuery>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, SimError> {
     shared.authorize(&headers)?;
+    let page = query.page.unwrap_or(1).max(1);
+    let page_size = query.page_size.unwrap_or(100).clamp(1, 100);
     let now = shared.now();
     let state = shared.lock();
+    let total = state.cvms.len();
     let items: Vec<_> = state
         .cvms
         .iter()
+        .skip((page - 1) * page_size)
+        .take(page_size)
         .map(|c| shared.cvm_info(c, now, true))
         .collect();
-    let total = items.len();
     Ok(axum::Json(json!({
-        "items": items, "total": total, "page": 1, "page_size": 100, "pages": 1,
+        "items": items, "total": total, "page": page, "page_size": page_size,
+        "pages": total.div_ceil(page_size).max(1),
     })))
 }
 

@@ -845,3 +845,61 @@ async fn app_cvms(f: &Fixture, version: &str) -> Vec<Value> {
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
+
+#[tokio::test]
+async fn the_workspace_list_is_paginated_and_the_client_reads_every_page() {
+    let f = Fixture::start().await;
+    let everything = f.client.list_cvms().await.unwrap();
+    assert!(everything.len() >= 3, "{}", everything.len());
+    let mut paged = Vec::new();
+    for page in 1..=everything.len().div_ceil(2) {
+        let answer: Value = f
+            .raw(
+                reqwest::Method::GET,
+                &format!("/cvms/paginated?page={page}&page_size=2"),
+                Some(f.sim.api_key()),
+            )
+            .await
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["pages"], everything.len().div_ceil(2));
+        assert_eq!(answer["total"], everything.len());
+        paged.extend(
+            answer["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["vm_uuid"].as_str().unwrap().to_owned()),
+        );
+    }
+    let all: Vec<String> = everything
+        .iter()
+        .map(|c| c.vm_uuid.clone().unwrap())
+        .collect();
+    assert_eq!(paged, all);
+
+    // A workspace of more than one page: the client reads them all.
+    let phala = wiremock::MockServer::start().await;
+    for page in 1..=3u32 {
+        let items: Vec<Value> = (0..if page < 3 { 100 } else { 7 })
+            .map(|n| json!({"name": format!("cvm-{page}-{n}"), "vm_uuid": format!("{page:04}{n:028}")}))
+            .collect();
+        wiremock::Mock::given(wiremock::matchers::method("GET"))
+            .and(wiremock::matchers::path("/api/v1/cvms/paginated"))
+            .and(wiremock::matchers::query_param("page", page.to_string()))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(
+                json!({"items": items, "total": 207, "page": page, "page_size": 100, "pages": 3}),
+            ))
+            .expect(1)
+            .mount(&phala)
+            .await;
+    }
+    let base: Url = format!("{}/api/v1", phala.uri()).parse().unwrap();
+    let listed = client(&base, "key").list_cvms().await.unwrap();
+    assert_eq!(listed.len(), 207);
+    assert_eq!(listed[206].name.as_deref(), Some("cvm-3-6"));
+}
