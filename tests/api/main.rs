@@ -5,6 +5,7 @@ mod access;
 mod chain_rpc;
 mod chain_world;
 mod cli;
+mod confirmed_depth;
 mod conformance;
 mod delegate_cli;
 mod doctor;
