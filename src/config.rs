@@ -245,9 +245,12 @@ pub struct WorkerSettings {
           value_parser = clap::value_parser!(u64).range(5..=3600))]
     pub lease_secs: u64,
 
-    /// After a create or commit got no answer: how long a replica may take to
-    /// appear in Phala's instance list before the call is sent again, in seconds.
-    #[arg(long, env = "APPROVAL_BRIDGE_RECONCILE_SETTLE_SECS", default_value_t = 20,
+    /// After a create or commit got no answer: how long, from the failure, a
+    /// replica may take to appear in Phala's instance list before the call is
+    /// sent again, in seconds. It must cover a call that Phala completes late
+    /// plus the list's lag: for a direct create (Cloud KMS), which has no
+    /// one-time token, it is the only guard against a second replica.
+    #[arg(long, env = "APPROVAL_BRIDGE_RECONCILE_SETTLE_SECS", default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub reconcile_settle_secs: u64,
 
@@ -262,6 +265,13 @@ pub struct WorkerSettings {
     #[arg(long, env = "APPROVAL_BRIDGE_REPLICA_MISSING_TIMEOUT_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub replica_missing_timeout_secs: u64,
+
+    /// How long a committed replica may boot before the request fails, in
+    /// seconds; past half of it the request carries a warning. Only an answer
+    /// from Phala fails a request: while Phala cannot be asked, it waits.
+    #[arg(long, env = "APPROVAL_BRIDGE_REPLICA_BOOT_TIMEOUT_SECS", default_value_t = 1800,
+          value_parser = clap::value_parser!(u64).range(60..=86_400))]
+    pub replica_boot_timeout_secs: u64,
 
     /// How long `serve` waits for running steps after SIGTERM before it gives
     /// their leases back and exits, in seconds.
@@ -291,9 +301,10 @@ impl Default for WorkerSettings {
             workers: 4,
             max_attempts: 8,
             lease_secs: 120,
-            reconcile_settle_secs: 20,
+            reconcile_settle_secs: 120,
             unknown_outcome_timeout_secs: 3600,
             replica_missing_timeout_secs: 600,
+            replica_boot_timeout_secs: 1800,
             shutdown_grace_secs: 20,
             poll_interval_secs: 5,
             backoff_base_secs: 2,

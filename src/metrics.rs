@@ -33,6 +33,7 @@ pub const RETENTION_DELETED: &str = "approval_bridge_retention_deleted_total";
 pub const QUEUE_DEPTH: &str = "approval_bridge_queue_depth";
 pub const OPEN_PROPOSALS: &str = "approval_bridge_open_proposals";
 pub const EXPIRED_LEASES: &str = "approval_bridge_expired_leases";
+pub const EXTRA_REPLICAS: &str = "approval_bridge_requests_with_extra_replicas";
 
 /// Histogram buckets, in seconds: steps take milliseconds to a Phala timeout;
 /// an execution waits for a commit from seconds to hours of retries.
@@ -99,6 +100,10 @@ fn describe() {
     describe_counter!(RETENTION_DELETED, "rows deleted by the retention job");
     describe_gauge!(QUEUE_DEPTH, "requests by status that are not finished");
     describe_gauge!(OPEN_PROPOSALS, "Safe proposals waiting for execution");
+    describe_gauge!(
+        EXTRA_REPLICAS,
+        "requests for which Phala lists more than one new CVM (see the request's extra_replicas)"
+    );
     describe_gauge!(
         EXPIRED_LEASES,
         "requests whose lease expired and that no worker took back yet"

@@ -341,6 +341,9 @@ pub struct EventPayload {
     pub safe_tx_hash: Option<String>,
     pub link: Option<String>,
     pub owners_to_sign: Vec<String>,
+    /// Other CVMs this request's calls may have created besides its replica.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_replicas: Vec<String>,
 }
 
 /// The message of one notification, in the signers' human terms.
@@ -441,6 +444,20 @@ pub fn message(event: &str, r: &ReplicaRequest, proposal: Option<ProposalView>) 
             text
         }
     };
+    // Never let a second CVM for one request pass unnoticed.
+    let text = if r.extra_replicas.is_empty() {
+        text
+    } else {
+        let extra = r.extra_replicas.join(", ");
+        blocks.push(Block::Section {
+            text: Text::mrkdwn(format!(
+                "*Warning: more than one CVM* may have been created for this request. Besides its replica, Phala lists `{extra}`: look at them on the Phala dashboard and remove the one you do not want."
+            )),
+        });
+        format!(
+            "{text}. Warning: more than one CVM may have been created for this request (also {extra})"
+        )
+    };
     blocks.push(Block::Context {
         elements: vec![Text::mrkdwn(format!("request {}", r.id))],
     });
@@ -456,6 +473,7 @@ pub fn message(event: &str, r: &ReplicaRequest, proposal: Option<ProposalView>) 
                 node,
                 created_by: r.created_by.clone(),
                 vm_uuid: r.replica_vm_uuid.clone(),
+                extra_replicas: r.extra_replicas.clone(),
                 error_code: r.last_error_code.clone(),
                 proposal_id: proposal.as_ref().map(|p| p.id),
                 safe: proposal.as_ref().map(|p| p.safe.clone()),

@@ -104,6 +104,7 @@ pub mod codes {
     pub const HASH_INVALID_OR_EXPIRED: &str = "ERR-01-006";
     pub const TX_VERIFICATION_FAILED: &str = "ERR-01-007";
     pub const HASH_NOT_ALLOWED: &str = "ERR-01-008";
+    pub const INSUFFICIENT_SLOTS: &str = "ERR-02-005";
     pub const MULTIPLE_CVMS_MATCH: &str = "ERR-03-010";
     pub const TOKEN_RATE_LIMIT: &str = "ERR-05-002";
 }

@@ -12,6 +12,8 @@ pub struct QueueGauges {
     pub open_proposals: i64,
     /// Requests whose worker lease expired and that no worker took back yet.
     pub expired_leases: i64,
+    /// Requests for which Phala lists more than one new CVM.
+    pub with_extra_replicas: i64,
 }
 
 impl Store {
@@ -27,7 +29,9 @@ impl Store {
         let counts = sqlx::query!(
             r#"SELECT (SELECT count(*) FROM proposals WHERE status = 'proposed') AS "open_proposals!",
                     (SELECT count(*) FROM replica_requests
-                     WHERE lease_id IS NOT NULL AND lease_expires_at <= now()) AS "expired_leases!""#,
+                     WHERE lease_id IS NOT NULL AND lease_expires_at <= now()) AS "expired_leases!",
+                    (SELECT count(*) FROM replica_requests
+                     WHERE extra_replicas <> '{}') AS "with_extra_replicas!""#,
         )
         .fetch_one(&self.pool)
         .await?;
@@ -35,6 +39,7 @@ impl Store {
             by_status: by_status.into_iter().map(|r| (r.status, r.count)).collect(),
             open_proposals: counts.open_proposals,
             expired_leases: counts.expired_leases,
+            with_extra_replicas: counts.with_extra_replicas,
         })
     }
 

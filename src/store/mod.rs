@@ -33,8 +33,8 @@ pub use proposals::{
 };
 pub use request_filters::RequestFilter;
 pub use requests::{
-    Changes, Claimed, EventRow, Lane, Lease, NewRequest, PreparedFields, ReplicaRequest,
-    StoredError, WORKABLE,
+    AwaitedOutcome, Changes, Claimed, EventRow, Lane, Lease, NewRequest, PreparedFields,
+    ReplicaRequest, StoredError, WORKABLE,
 };
 pub use retention::Purged;
 pub use tracking::Tracked;

@@ -72,6 +72,14 @@ pub struct ReplicaRequest {
     pub instances_before: Option<Vec<String>>,
     /// Since when the outcome of that call has been unknown.
     pub outcome_unknown_since: Option<DateTime<Utc>>,
+    /// Until when a replica made by the last unanswered call may still be
+    /// missing from Phala's instance list: nothing is sent again before.
+    pub settles_at: Option<DateTime<Utc>>,
+    /// When Phala refused a resend in a way the first call having taken effect
+    /// explains: from then on the request only looks for its replica.
+    pub first_call_took_effect_at: Option<DateTime<Utc>>,
+    /// Other CVMs this request's calls may have created besides its replica.
+    pub extra_replicas: Vec<String>,
     /// The target node's device as intake resolved it; the prepare must agree.
     pub expected_device_id: Option<String>,
     /// The `x-request-id` of the HTTP request that queued it, carried into
@@ -120,7 +128,8 @@ macro_rules! query_requests {
     device_id, compose_hash_allowed, device_id_allowed, prepared_at, commit_tx_hash, call_sent_at,
     replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
     last_error_suggestion, created_at, updated_at, proposal_id, safe, workspace_slug, instances_before,
-    outcome_unknown_since, expected_device_id, http_request_id"#
+    outcome_unknown_since, expected_device_id, http_request_id, settles_at, first_call_took_effect_at,
+    extra_replicas"#
                 + $after
             $(, $arg)*
         )
@@ -201,6 +210,23 @@ pub struct Changes {
     pub error: Option<StoredError>,
     /// The transaction hash the commit sends (the Safe execution's).
     pub commit_tx_hash: Option<String>,
+    /// CVMs besides the replica that the request's calls may have created.
+    pub extra_replicas: Vec<String>,
+}
+
+/// How a request waits for the outcome of a create or commit whose answer
+/// never came (see `worker::reconcile`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwaitedOutcome {
+    /// When to look at Phala's instance list again.
+    pub check_at: DateTime<Utc>,
+    pub error: StoredError,
+    /// Set when the call has just gone unanswered: until then its replica may
+    /// still be missing from the list, so nothing is sent again.
+    pub settles_at: Option<DateTime<Utc>>,
+    /// Phala refused a resend in a way that the first call having taken
+    /// effect explains: only look from now on.
+    pub first_call_took_effect: bool,
 }
 
 /// Proof that a worker holds a request. Writes that carry it are fenced.
@@ -495,7 +521,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let updated = sqlx::query!(
             "UPDATE replica_requests SET call_sent_at = $3, instances_before = COALESCE(instances_before, $4),
-                updated_at = $3
+                settles_at = NULL, updated_at = $3
              WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
             lease.request_id,
             lease.lease_id,
@@ -516,7 +542,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let updated = sqlx::query!(
             "UPDATE replica_requests SET call_sent_at = NULL, instances_before = NULL, outcome_unknown_since = NULL,
-                updated_at = $3
+                settles_at = NULL, first_call_took_effect_at = NULL, updated_at = $3
              WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now()",
             lease.request_id,
             lease.lease_id,
@@ -528,7 +554,7 @@ impl Store {
         fenced(lease, updated)
     }
 
-    /// The answer to the marked call never came: keep the marker (and the
+    /// The outcome of the marked call is unknown: keep the marker (and the
     /// source lock), record why, and look for the replica at `check_at`. No
     /// attempt is spent: an unknown outcome has its own bound.
     pub async fn await_outcome(
@@ -536,14 +562,22 @@ impl Store {
         lease: &Lease,
         now: DateTime<Utc>,
         status: Status,
-        error: &StoredError,
-        check_at: DateTime<Utc>,
+        wait: &AwaitedOutcome,
     ) -> Result<(), StoreError> {
+        let AwaitedOutcome {
+            check_at,
+            error,
+            settles_at,
+            first_call_took_effect,
+        } = wait;
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query!(
             "UPDATE replica_requests SET outcome_unknown_since = COALESCE(outcome_unknown_since, $3),
                 next_attempt_at = $4,
                 last_error_code = $5, last_error_message = $6, last_error_suggestion = $7,
+                settles_at = COALESCE($8, settles_at),
+                first_call_took_effect_at = CASE WHEN $9 THEN COALESCE(first_call_took_effect_at, $3)
+                    ELSE first_call_took_effect_at END,
                 lease_id = NULL, lease_expires_at = NULL, updated_at = $3
              WHERE id = $1 AND lease_id = $2 AND lease_expires_at > now() AND call_sent_at IS NOT NULL",
             lease.request_id,
@@ -553,6 +587,8 @@ impl Store {
             error.code,
             clean(&error.message),
             error.suggestion,
+            *settles_at,
+            first_call_took_effect,
         )
         .execute(&mut *tx)
         .await?
@@ -572,6 +608,28 @@ impl Store {
              WHERE replace(lower(replica_vm_uuid), '-', '') = ANY($2) AND id <> $1"#,
             me,
             vm_uuids,
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// The requests of `app_id` (with or without `0x`) on `node_id` whose
+    /// create or commit has no known outcome and no replica yet, the earliest
+    /// sent first: they compete for the same new instances.
+    pub async fn unanswered_calls_on(
+        &self,
+        app_id: &str,
+        node_id: Option<i32>,
+    ) -> Result<Vec<Uuid>, sqlx::Error> {
+        sqlx::query_scalar!(
+            "SELECT id FROM replica_requests
+             WHERE lower(replace(app_id, '0x', '')) = lower(replace($1, '0x', ''))
+               AND node_id IS NOT DISTINCT FROM $2
+               AND call_sent_at IS NOT NULL AND replica_vm_uuid IS NULL
+               AND status IN ('preparing', 'committing')
+             ORDER BY call_sent_at, id",
+            app_id,
+            node_id,
         )
         .fetch_all(&self.pool)
         .await
@@ -793,6 +851,9 @@ async fn write_transition(
             call_sent_at = NULL,
             instances_before = NULL,
             outcome_unknown_since = NULL,
+            settles_at = NULL,
+            first_call_took_effect_at = NULL,
+            extra_replicas = extra_replicas || $20,
             proposal_id = CASE WHEN $17 THEN NULL ELSE proposal_id END,
             commit_tx_hash = CASE WHEN $18 THEN NULL ELSE COALESCE($19, commit_tx_hash) END,
             last_error_code = $14,
@@ -823,6 +884,7 @@ async fn write_transition(
         effects.detach_proposal,
         effects.clear_commit_tx_hash,
         changes.commit_tx_hash,
+        &changes.extra_replicas,
     )
     .execute(&mut **tx)
     .await?;
@@ -834,7 +896,11 @@ async fn write_transition(
     Ok(())
 }
 
-/// Keeps the registrations a prepare found missing, replacing earlier ones.
+/// Keeps what the prepared replica needs allowed on the DstackApp (its
+/// compose hash and, when known, its device), replacing earlier ones. All of
+/// them, whatever Phala's `onchain_status` said: the planner and the follower
+/// check each against the chain, and commit only once all are allowed at
+/// confirmed depth.
 async fn record_registrations(
     tx: &mut Transaction<'_, Postgres>,
     request_id: Uuid,
@@ -846,14 +912,11 @@ async fn record_registrations(
     )
     .execute(&mut **tx)
     .await?;
-    let mut missing = Vec::new();
-    if !prepared.compose_hash_allowed {
-        missing.push(("compose_hash", prepared.compose_hash.clone()));
+    let mut needed = vec![("compose_hash", prepared.compose_hash.clone())];
+    if let Some(device) = &prepared.device_id {
+        needed.push(("device", device.clone()));
     }
-    if let (false, Some(device)) = (prepared.device_id_allowed, &prepared.device_id) {
-        missing.push(("device", device.clone()));
-    }
-    for (kind, value) in missing {
+    for (kind, value) in needed {
         sqlx::query!(
             "INSERT INTO request_registrations (request_id, app_id, kind, value) VALUES ($1, $2, $3, $4)",
             request_id,

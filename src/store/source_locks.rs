@@ -40,16 +40,31 @@ impl Store {
         Ok(acquired.is_some())
     }
 
-    /// A prepare for the source is about to be sent: until its answer is
-    /// stored, no token of the source is known to be the newest.
-    pub async fn prepare_outstanding(&self, source_vm_uuid: &str) -> Result<(), sqlx::Error> {
-        sqlx::query!(
-            "INSERT INTO source_tokens (source_vm_uuid, holder) VALUES ($1, NULL)
+    /// A prepare for the source is about to be sent by the holder of
+    /// `lease`: until its answer is stored, no token of the source is known
+    /// to be the newest. Fenced: a worker whose lease is gone (it was paused
+    /// past it) learns so here, before it sends anything.
+    pub async fn prepare_outstanding(
+        &self,
+        lease: &Lease,
+        source_vm_uuid: &str,
+    ) -> Result<(), StoreError> {
+        let updated = sqlx::query!(
+            "INSERT INTO source_tokens (source_vm_uuid, holder)
+             SELECT $1, NULL WHERE EXISTS (
+                 SELECT 1 FROM replica_requests
+                 WHERE id = $2 AND lease_id = $3 AND lease_expires_at > now())
              ON CONFLICT (source_vm_uuid) DO UPDATE SET holder = NULL",
             source_vm_uuid,
+            lease.request_id,
+            lease.lease_id,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::LeaseLost(lease.request_id));
+        }
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::domain::Status;
-use crate::metrics::{EXPIRED_LEASES, HTTP_REQUESTS, OPEN_PROPOSALS, QUEUE_DEPTH};
+use crate::metrics::{EXPIRED_LEASES, EXTRA_REPLICAS, HTTP_REQUESTS, OPEN_PROPOSALS, QUEUE_DEPTH};
 
 /// The Prometheus text format, version 0.0.4.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -32,6 +32,7 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
             }
             metrics::gauge!(OPEN_PROPOSALS).set(gauges.open_proposals as f64);
             metrics::gauge!(EXPIRED_LEASES).set(gauges.expired_leases as f64);
+            metrics::gauge!(EXTRA_REPLICAS).set(gauges.with_extra_replicas as f64);
         }
         Err(err) => tracing::warn!(error = %err, "metrics: cannot read the queue figures"),
     }

@@ -698,3 +698,59 @@ pub async fn proposals_partial(
         None,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::web::ui_models::RowView;
+
+    fn detail(extra_replicas: Vec<String>) -> DetailView {
+        DetailView {
+            row: RowView {
+                id: "0190a1b2-0000-7000-8000-000000000001".into(),
+                short_id: "00000001".into(),
+                status: "provisioning".into(),
+                error_code: None,
+                source: "web-prod".into(),
+                node: "prod-2".into(),
+                app: "2e2e".into(),
+                approval: "-".into(),
+                created_by: "ops".into(),
+                created_at: "2026-12-07 12:00:00".into(),
+            },
+            compose_hash: None,
+            env_names: String::new(),
+            note: None,
+            vm_uuid: Some("replica-1".into()),
+            extra_replicas,
+            dashboard_link: None,
+            error: None,
+            proposal: None,
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_detail_warns_of_a_second_cvm_for_one_request() {
+        let page = LivePartial {
+            d: detail(vec!["replica-2".into(), "replica-3".into()]),
+        }
+        .render()
+        .unwrap();
+        assert!(
+            page.contains("More than one CVM for this request"),
+            "{page}"
+        );
+        assert!(
+            page.contains("<code>replica-2</code>, <code>replica-3</code>"),
+            "{page}"
+        );
+
+        let page = LivePartial {
+            d: detail(Vec::new()),
+        }
+        .render()
+        .unwrap();
+        assert!(!page.contains("More than one CVM"), "{page}");
+    }
+}

@@ -89,6 +89,8 @@ pub struct DetailView {
     pub env_names: String,
     pub note: Option<String>,
     pub vm_uuid: Option<String>,
+    /// Other CVMs the request's calls may have created: shown as a warning.
+    pub extra_replicas: Vec<String>,
     pub dashboard_link: Option<String>,
     pub error: Option<ErrorView>,
     pub proposal: Option<ProposalView>,
@@ -107,6 +109,7 @@ impl DetailView {
             env_names: view.env_names.join(", "),
             note: view.note,
             vm_uuid: view.vm_uuid,
+            extra_replicas: view.extra_replicas,
             dashboard_link: view.dashboard_link,
             error: view.last_error.map(|e| ErrorView {
                 code: e.code,

@@ -46,6 +46,10 @@ pub struct ReplicaView {
     pub proposal: Option<ProposalView>,
     pub replica: Option<ReplicaVmView>,
     pub vm_uuid: Option<String>,
+    /// Other CVMs that this request's calls may have created besides its
+    /// replica (Phala lists more than one new instance for it). Empty
+    /// normally; otherwise someone should look and remove the unwanted one.
+    pub extra_replicas: Vec<String>,
     /// The replica on the Phala dashboard.
     pub dashboard_link: Option<String>,
     /// Names of the env overrides (their values are never shown).
@@ -136,6 +140,7 @@ pub fn replica(r: &ReplicaRequest, proposals: &Proposals) -> ReplicaView {
             status: r.replica_status.clone(),
         }),
         vm_uuid: r.replica_vm_uuid.clone(),
+        extra_replicas: r.extra_replicas.clone(),
         dashboard_link: dashboard_link(r),
         env_names: r.env_names.clone(),
         note: r.note.clone(),

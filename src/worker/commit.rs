@@ -17,10 +17,12 @@ use super::{Outcome, Worker};
 use crate::domain::{Bytes32, Event, Status};
 use crate::phala::ReplicaVm;
 use crate::phala::errors::codes;
-use crate::store::{Changes, Claimed, StoredError};
+use crate::store::{Changes, Claimed, ReplicaRequest, StoredError};
 
 /// Sent instead of a transaction hash: Phala then checks the contract state only.
 pub const ALREADY_REGISTERED: &str = "already-registered";
+/// How long Phala keeps a commit token (its documented 14-day lifetime).
+const TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(14);
 /// Fresh prepares after expired tokens before the request gives up.
 const MAX_REPREPARES: i64 = 3;
 
@@ -38,17 +40,25 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
     }
     if request.call_sent_at.is_some() {
         match reconcile::reconcile(worker, claimed, "commit").await? {
-            Reconciled::Found { vm_uuid, status } => {
-                return Ok(committed(
+            Reconciled::Found {
+                vm_uuid,
+                status,
+                extra,
+            } => {
+                let mut outcome = committed(
                     ReplicaVm {
                         vm_uuid: Some(vm_uuid),
                         status,
                         ..ReplicaVm::default()
                     },
                     "the commit whose answer was lost created replica",
-                ));
+                );
+                if let Outcome::Advance { changes, .. } = &mut outcome {
+                    changes.extra_replicas = extra;
+                }
+                return Ok(outcome);
             }
-            Reconciled::LookAgainAt(at, error) => return Ok(Outcome::AwaitOutcome { at, error }),
+            Reconciled::LookAgain(wait) => return Ok(Outcome::AwaitOutcome(wait)),
             Reconciled::GiveUp(error) => return Ok(Outcome::Fail(error)),
             // The lost call did not take effect: send it again, with the
             // same token (spent, were it to have taken effect after all).
@@ -125,6 +135,12 @@ async fn commit(worker: &Worker, claimed: &Claimed, resend: Resend) -> anyhow::R
     match answer {
         Ok(vm) => Ok(committed(vm, "committed; replica")),
         Err(err) if err.outcome_unknown() => Ok(reconcile::outcome_unknown("commit", worker, &err)),
+        Err(err)
+            if resend == Resend::SameToken
+                && first_commit_explains(worker, request, err.code()).await? =>
+        {
+            Ok(reconcile::first_call_took_effect("commit", worker, &err))
+        }
         // Phala refused: nothing was created.
         Err(err) => {
             let now = worker.clock.now();
@@ -142,6 +158,33 @@ async fn commit(worker: &Worker, claimed: &Claimed, resend: Resend) -> anyhow::R
             }
             Ok(Outcome::from_phala(&err))
         }
+    }
+}
+
+/// Whether a refusal of the resent commit is explained by the first one,
+/// whose answer was lost, having created the replica: its token is spent, or
+/// it took the node's last slot. A fresh token would then make a second
+/// replica, so a refused token is prepared again only when it is known to be
+/// dead anyway: older than Phala keeps tokens, or superseded by a newer
+/// prepare of the source that this bridge made.
+async fn first_commit_explains(
+    worker: &Worker,
+    request: &ReplicaRequest,
+    code: Option<&str>,
+) -> anyhow::Result<bool> {
+    match code {
+        Some(codes::INSUFFICIENT_SLOTS) => Ok(true),
+        Some(codes::HASH_INVALID_OR_EXPIRED) => {
+            let expired = request
+                .prepared_at
+                .is_some_and(|at| worker.clock.now() - at > TOKEN_LIFETIME);
+            Ok(!expired
+                && worker
+                    .store
+                    .holds_newest_token(&request.source_vm_uuid, request.id)
+                    .await?)
+        }
+        _ => Ok(false),
     }
 }
 

@@ -31,7 +31,9 @@ use crate::clock::Clock;
 use crate::config::{RetentionSettings, WorkerSettings};
 use crate::domain::{Actor, Event, Status};
 use crate::phala::{PhalaClient, PhalaError};
-use crate::store::{Changes, Claimed, Lane, Lease, Store, StoreError, StoredError, WAKE_CHANNEL};
+use crate::store::{
+    AwaitedOutcome, Changes, Claimed, Lane, Lease, Store, StoreError, StoredError, WAKE_CHANNEL,
+};
 
 pub use safe_flow::{SafeFlow, safe_wallet_link, short_chain_name};
 
@@ -59,11 +61,8 @@ pub enum Outcome {
     /// Wait without spending an attempt.
     Snooze(Duration),
     /// A create or commit got no answer: keep its marker and the source lock,
-    /// and look for the replica at `at` (see [`reconcile`]).
-    AwaitOutcome {
-        at: chrono::DateTime<chrono::Utc>,
-        error: StoredError,
-    },
+    /// and look for the replica later (see [`reconcile`]).
+    AwaitOutcome(AwaitedOutcome),
 }
 
 impl Outcome {
@@ -82,7 +81,7 @@ impl Outcome {
             Outcome::Retry(_) => "retry",
             Outcome::Fail(_) => "fail",
             Outcome::Snooze(_) => "snooze",
-            Outcome::AwaitOutcome { .. } => "await_outcome",
+            Outcome::AwaitOutcome(_) => "await_outcome",
         }
     }
 
@@ -235,6 +234,13 @@ impl Worker {
                 Status::Committing => commit::run(self, claimed).await,
                 other => unreachable!("claimed a request in `{other}`, which is not workable"),
             };
+            let outcome = match outcome {
+                Ok(outcome) => {
+                    self.refuse_a_replica_owned_elsewhere(request, outcome)
+                        .await
+                }
+                Err(err) => Err(err),
+            };
             let label = match &outcome {
                 Ok(outcome) => outcome.label(),
                 Err(_) => "error",
@@ -289,6 +295,39 @@ impl Worker {
         .await
     }
 
+    /// One CVM is one request's replica. A step that would record a replica
+    /// another request already owns (Phala answered with an id it gave
+    /// before) fails its request with a clear error instead of wedging on
+    /// the database's uniqueness check.
+    async fn refuse_a_replica_owned_elsewhere(
+        &self,
+        request: &crate::store::ReplicaRequest,
+        outcome: Outcome,
+    ) -> anyhow::Result<Outcome> {
+        let Outcome::Advance { changes, .. } = &outcome else {
+            return Ok(outcome);
+        };
+        let Some(vm_uuid) = changes.replica_vm_uuid.as_deref() else {
+            return Ok(outcome);
+        };
+        let owners = self
+            .store
+            .replicas_owned_by_others(request.id, &[reconcile::normalize(vm_uuid)])
+            .await?;
+        if owners.is_empty() {
+            return Ok(outcome);
+        }
+        Ok(Outcome::Fail(StoredError::new(
+            "REPLICA-ID-REUSED",
+            &format!(
+                "Phala answered with replica {vm_uuid}, which another request of this bridge already owns"
+            ),
+            Some(
+                "Look at the source's instances on the Phala dashboard: this request's replica may exist under another id.",
+            ),
+        )))
+    }
+
     /// Runs steps, Safe-flow and tracker passes until nothing is due. Tests drive the
     /// workers with this.
     pub async fn drain(&self) -> anyhow::Result<usize> {
@@ -336,11 +375,9 @@ impl Worker {
                     .snooze(lease, now, now + chrono::Duration::from_std(wait)?)
                     .await?;
             }
-            Outcome::AwaitOutcome { at, error } => {
-                tracing::warn!(code = %error.code, check_at = %at, "call outcome unknown; reconciling");
-                self.store
-                    .await_outcome(lease, now, status, &error, at)
-                    .await?;
+            Outcome::AwaitOutcome(wait) => {
+                tracing::warn!(code = %wait.error.code, check_at = %wait.check_at, "call outcome unknown; reconciling");
+                self.store.await_outcome(lease, now, status, &wait).await?;
             }
             Outcome::Fail(error) => {
                 tracing::warn!(code = %error.code, message = %error.message, "request failed");

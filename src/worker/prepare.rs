@@ -63,7 +63,7 @@ pub(super) async fn call_prepare(worker: &Worker, claimed: &Claimed) -> anyhow::
     let request = &claimed.request;
     worker
         .store
-        .prepare_outstanding(&request.source_vm_uuid)
+        .prepare_outstanding(&claimed.lease, &request.source_vm_uuid)
         .await?;
     let answer = worker
         .phala
@@ -93,19 +93,41 @@ pub(super) async fn call_prepare(worker: &Worker, claimed: &Claimed) -> anyhow::
 
 async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     Ok(match call_prepare(worker, claimed).await? {
-        Prepared::Token(prepared) => prepared_outcome(claimed.request.chain_id, prepared),
+        Prepared::Token(prepared) => {
+            // Where the bridge can read the app's chain, Phala's word that
+            // everything is allowed only sends the request to the planner,
+            // which commits it once the chain allows it at confirmed depth.
+            let chain = claimed
+                .request
+                .chain_id
+                .or(prepared.chain_id.map(|c| c as i64));
+            let reads_chain = match (&worker.safe_flow, chain) {
+                (Some(flow), Some(chain_id)) => flow.chain(chain_id as u64).is_some(),
+                _ => false,
+            };
+            prepared_outcome(claimed.request.chain_id, prepared, !reads_chain)
+        }
         Prepared::Created(vm) => created(vm),
         Prepared::Stop(outcome) => outcome,
     })
 }
 
-fn prepared_outcome(known_chain: Option<i64>, prepared: PreparedReplica) -> Outcome {
+fn prepared_outcome(
+    known_chain: Option<i64>,
+    prepared: PreparedReplica,
+    trust_phala: bool,
+) -> Outcome {
     let onchain = prepared.onchain;
     let allowed = onchain.is_allowed || (onchain.compose_hash_allowed && onchain.device_id_allowed);
-    let (event, message) = if allowed {
+    let (event, message) = if allowed && trust_phala {
         (
             Event::RegistrationsAllowed,
             "prepared; everything is already allowed on chain".to_owned(),
+        )
+    } else if allowed {
+        (
+            Event::RegistrationsMissing,
+            "prepared; Phala says everything is allowed on chain: committing once the chain shows it at confirmed depth".to_owned(),
         )
     } else {
         let missing: Vec<&str> = [
@@ -174,14 +196,22 @@ async fn replicate_directly(worker: &Worker, claimed: &Claimed) -> anyhow::Resul
     let request = &claimed.request;
     if request.call_sent_at.is_some() {
         match reconcile::reconcile(worker, claimed, "replicate").await? {
-            Reconciled::Found { vm_uuid, status } => {
-                return Ok(created(ReplicaVm {
+            Reconciled::Found {
+                vm_uuid,
+                status,
+                extra,
+            } => {
+                let mut outcome = created(ReplicaVm {
                     vm_uuid: Some(vm_uuid),
                     status,
                     ..ReplicaVm::default()
-                }));
+                });
+                if let Outcome::Advance { changes, .. } = &mut outcome {
+                    changes.extra_replicas = extra;
+                }
+                return Ok(outcome);
             }
-            Reconciled::LookAgainAt(at, error) => return Ok(Outcome::AwaitOutcome { at, error }),
+            Reconciled::LookAgain(wait) => return Ok(Outcome::AwaitOutcome(wait)),
             Reconciled::GiveUp(error) => return Ok(Outcome::Fail(error)),
             Reconciled::NotCreated => {}
         }
@@ -202,6 +232,14 @@ async fn replicate_directly(worker: &Worker, claimed: &Claimed) -> anyhow::Resul
         Ok(vm) => Ok(created(vm)),
         Err(err) if err.outcome_unknown() => {
             Ok(reconcile::outcome_unknown("replicate", worker, &err))
+        }
+        // A resent create refused for want of room: the first create, whose
+        // answer was lost, most likely took the node's last slot.
+        Err(err)
+            if request.call_sent_at.is_some()
+                && err.code() == Some(crate::phala::errors::codes::INSUFFICIENT_SLOTS) =>
+        {
+            Ok(reconcile::first_call_took_effect("replicate", worker, &err))
         }
         Err(err) => {
             // Phala refused: nothing was created.

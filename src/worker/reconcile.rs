@@ -3,15 +3,24 @@
 //! Before such a call the step records the app's instances and sets a marker.
 //! A refusal from Phala clears the marker. An answer that never came (a
 //! timeout, a reset, a 5xx of any shape) leaves it set, and the source lock
-//! stays with the request. The next run of the step then asks Phala's
-//! instance list what happened instead of guessing:
+//! stays with the request. Phala is eventually consistent: a call can take
+//! effect after its gateway answered, and a new CVM can be missing from the
+//! instance list for a while. So the step looks until it knows:
+//! - it looks at the instance list soon after the failure, then again with
+//!   growing waits (see [`next_look`]);
 //! - a new instance of the app on the requested node and compose hash, that no
-//!   other request owns: that call created it, and the request moves on;
-//! - nothing yet, within the settle time: look again later;
-//! - nothing after the settle time: the call did not take effect, so it is
-//!   sent again (the same commit token);
-//! - the list cannot be read: keep asking, up to a bound, then fail with a
-//!   clear error.
+//!   other request owns: that call created it, and the request moves on. Any
+//!   further such instance is reported as an extra replica, never adopted
+//!   silently;
+//! - nothing yet, or an instance too sparsely listed to tell, or a list that
+//!   cannot be read (a 404 included): look again;
+//! - nothing once the settle window, counted from the failure, has passed:
+//!   the call did not take effect, so it is sent again (the same commit
+//!   token; a direct create has no token, so its window is its only guard);
+//! - a resend that Phala refuses as if the first call had taken effect (a
+//!   spent token, a full node) is never followed by a fresh prepare or
+//!   create: the request only looks, up to the unknown-outcome bound, then
+//!   fails with "created but not visible".
 
 use std::time::Duration;
 
@@ -19,46 +28,78 @@ use chrono::{DateTime, Utc};
 
 use super::{Outcome, Worker};
 use crate::phala::{CvmInfo, PhalaError};
-use crate::store::{Claimed, ReplicaRequest, StoredError};
+use crate::store::{AwaitedOutcome, Claimed, ReplicaRequest, StoredError};
 
-/// How often to ask again while Phala's instance list cannot be read.
-const UNREADABLE_RETRY: Duration = Duration::from_secs(10);
+/// The first look after a call went unanswered: a CVM that was made is
+/// often listed within seconds.
+const FIRST_LOOK: Duration = Duration::from_secs(2);
+/// The longest wait between two looks.
+const LONGEST_WAIT: Duration = Duration::from_secs(30);
 
 /// What the instance list says about the unanswered call.
 #[derive(Debug)]
 pub(super) enum Reconciled {
-    /// The call created this replica.
+    /// The call created this replica. `extra`: further new instances that only
+    /// this request's calls can explain.
     Found {
         vm_uuid: String,
         status: Option<String>,
+        extra: Vec<String>,
     },
-    /// Nothing yet; look again at this time.
-    LookAgainAt(DateTime<Utc>, StoredError),
-    /// Nothing appeared within the settle time: the call did not take effect.
+    /// Not known yet: wait and look again.
+    LookAgain(AwaitedOutcome),
+    /// Nothing appeared within the settle window: the call did not take effect.
     NotCreated,
     /// The outcome stayed unknown for too long.
     GiveUp(StoredError),
 }
 
-/// The answer never came: keep the marker and look for the replica once the
-/// settle time has passed.
+/// The answer never came: keep the marker and look for the replica, first
+/// soon, and send nothing again before the settle window has passed.
 pub(super) fn outcome_unknown(call: &str, worker: &Worker, err: &PhalaError) -> Outcome {
-    let at = worker.clock.now()
-        + chrono::Duration::seconds(worker.settings.reconcile_settle_secs as i64);
-    Outcome::AwaitOutcome {
-        at,
-        error: StoredError {
-            code: format!("{}-OUTCOME-PENDING", call.to_uppercase()),
-            message: format!(
-                "the {call} call got no usable answer ({}); looking for the replica before sending anything again",
-                err
+    let now = worker.clock.now();
+    Outcome::AwaitOutcome(AwaitedOutcome {
+        check_at: now + FIRST_LOOK,
+        error: pending(
+            call,
+            format!(
+                "the {call} call got no usable answer ({err}); looking for the replica before sending anything again"
             ),
-            suggestion: Some(
-                "Nothing to do: the bridge checks Phala's instance list and goes on by itself."
-                    .into(),
+        ),
+        settles_at: Some(now + secs(worker.settings.reconcile_settle_secs)),
+        first_call_took_effect: false,
+    })
+}
+
+/// A resend was refused in a way that the first call having taken effect
+/// explains: look for its replica, never send or prepare again.
+pub(super) fn first_call_took_effect(call: &str, worker: &Worker, err: &PhalaError) -> Outcome {
+    let now = worker.clock.now();
+    Outcome::AwaitOutcome(AwaitedOutcome {
+        check_at: now + FIRST_LOOK,
+        error: pending(
+            call,
+            format!(
+                "Phala refused the resent {call} ({err}): the first {call}, whose answer was lost, most likely created the replica; looking for it in Phala's instance list"
             ),
-        },
+        ),
+        settles_at: None,
+        first_call_took_effect: true,
+    })
+}
+
+fn pending(call: &str, message: String) -> StoredError {
+    StoredError {
+        code: format!("{}-OUTCOME-PENDING", call.to_uppercase()),
+        message,
+        suggestion: Some(
+            "Nothing to do: the bridge checks Phala's instance list and goes on by itself.".into(),
+        ),
     }
+}
+
+fn secs(secs: u64) -> chrono::Duration {
+    chrono::Duration::seconds(secs as i64)
 }
 
 /// The app's instances before the call, to compare with after an unanswered
@@ -80,9 +121,26 @@ pub(super) async fn instances_before_call(
             .iter()
             .filter_map(|c| c.vm_uuid.as_deref().map(normalize))
             .collect()),
-        // An app with no instance listed yet (the simulator and Phala answer 404).
+        // An app with no instance listed yet (the simulator and Phala answer
+        // 404): nothing existed that could be mistaken for the new replica.
         Err(err) if err.status() == Some(404) => Ok(Vec::new()),
         Err(err) => Err(err),
+    }
+}
+
+/// When to look next: soon after the call, then less often, but never after
+/// the settle window ends.
+fn next_look(
+    now: DateTime<Utc>,
+    sent_at: DateTime<Utc>,
+    settles_at: Option<DateTime<Utc>>,
+) -> DateTime<Utc> {
+    let elapsed = (now - sent_at).to_std().unwrap_or_default();
+    let wait = (elapsed / 2).clamp(FIRST_LOOK, LONGEST_WAIT);
+    let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+    match settles_at {
+        Some(settles) if now < settles => at.min(settles),
+        _ => at,
     }
 }
 
@@ -93,11 +151,22 @@ pub(super) async fn reconcile(
     call: &str,
 ) -> anyhow::Result<Reconciled> {
     let request = &claimed.request;
+    let settings = &worker.settings;
     let now = worker.clock.now();
     let sent_at = request.call_sent_at.unwrap_or(now);
     let unknown_since = request.outcome_unknown_since.unwrap_or(sent_at);
-    let settings = &worker.settings;
-    let bound = chrono::Duration::seconds(settings.unknown_outcome_timeout_secs as i64);
+    let settles_at = request
+        .settles_at
+        .unwrap_or(sent_at + secs(settings.reconcile_settle_secs));
+    let past_bound = now - unknown_since > secs(settings.unknown_outcome_timeout_secs);
+    let look_again = |message: String| {
+        Reconciled::LookAgain(AwaitedOutcome {
+            check_at: next_look(now, sent_at, Some(settles_at)),
+            error: pending(call, message),
+            settles_at: None,
+            first_call_took_effect: false,
+        })
+    };
 
     let listed = match app_path(request) {
         Some(app) => worker.phala.app_cvms(&app).await,
@@ -105,111 +174,189 @@ pub(super) async fn reconcile(
             "the request has no app id to list instances of".into(),
         )),
     };
+    // A 404 is no proof that nothing was made: the list may lag behind.
     let cvms = match listed {
         Ok(cvms) => cvms,
-        Err(err) if err.status() == Some(404) => Vec::new(),
-        Err(err) => {
-            if now - unknown_since > bound {
-                return Ok(Reconciled::GiveUp(StoredError {
-                    code: format!("{}-OUTCOME-UNKNOWN", call.to_uppercase()),
-                    message: format!(
-                        "the {call} call got no answer, and Phala's instance list could not be read for {} s since: {err}",
-                        settings.unknown_outcome_timeout_secs
-                    ),
-                    suggestion: Some(
-                        "Check the source's instances on the Phala dashboard; queue again only if no replica was created."
-                            .into(),
-                    ),
-                }));
-            }
-            let error = StoredError {
-                code: format!("{}-OUTCOME-PENDING", call.to_uppercase()),
+        Err(err) if past_bound => {
+            return Ok(Reconciled::GiveUp(StoredError {
+                code: format!("{}-OUTCOME-UNKNOWN", call.to_uppercase()),
                 message: format!(
-                    "the {call} call got no answer; Phala's instance list cannot be read yet: {err}"
+                    "the {call} call got no answer, and Phala's instance list could not be read for {} s since: {err}",
+                    settings.unknown_outcome_timeout_secs
                 ),
                 suggestion: Some(
-                    "The bridge keeps looking for the replica before it sends anything again."
+                    "Check the source's instances on the Phala dashboard; queue again only if no replica was created."
                         .into(),
                 ),
-            };
-            return Ok(Reconciled::LookAgainAt(
-                now + chrono::Duration::from_std(UNREADABLE_RETRY)?,
-                error,
-            ));
+            }));
+        }
+        Err(err) => {
+            return Ok(look_again(format!(
+                "the {call} call got no answer; Phala's instance list cannot be read yet: {err}"
+            )));
         }
     };
 
-    let candidates: Vec<&CvmInfo> = cvms
+    let seen = NewInstances::of(request, &cvms);
+    let uuids: Vec<String> = seen
+        .matching
         .iter()
-        .filter(|cvm| created_by_this_request(request, cvm))
-        .collect();
-    let uuids: Vec<String> = candidates
-        .iter()
+        .chain(&seen.unsure)
         .filter_map(|c| c.vm_uuid.as_deref().map(normalize))
         .collect();
-    let owned = worker
+    let owned: Vec<String> = worker
         .store
         .replicas_owned_by_others(request.id, &uuids)
-        .await?;
-    if let Some(cvm) = candidates.into_iter().find(|c| {
-        c.vm_uuid
-            .as_deref()
-            .is_some_and(|v| !owned.iter().any(|o| normalize(o) == normalize(v)))
-    }) {
-        return Ok(Reconciled::Found {
-            vm_uuid: cvm.vm_uuid.clone().unwrap_or_default(),
-            status: cvm.status.clone(),
-        });
+        .await?
+        .iter()
+        .map(|o| normalize(o))
+        .collect();
+    let free = |cvms: &[&CvmInfo]| -> Vec<(String, Option<String>)> {
+        cvms.iter()
+            .filter_map(|c| Some((c.vm_uuid.clone()?, c.status.clone())))
+            .filter(|(vm, _)| !owned.contains(&normalize(vm)))
+            .collect()
+    };
+    let matching = free(&seen.matching);
+    let unsure = free(&seen.unsure);
+
+    if !matching.is_empty() {
+        // Requests whose calls on the same app and node went unanswered
+        // compete for the same new instances: the earliest call takes the
+        // oldest listed, and only a lone request can call the rest extras.
+        let contenders = match request.app_id.as_deref() {
+            Some(app) => {
+                worker
+                    .store
+                    .unanswered_calls_on(app, request.node_id)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        let rank = contenders
+            .iter()
+            .position(|id| *id == request.id)
+            .unwrap_or(0);
+        if contenders.len() <= 1 {
+            let mut found = matching.into_iter();
+            let (vm_uuid, status) = found.next().expect("not empty");
+            return Ok(Reconciled::Found {
+                vm_uuid,
+                status,
+                extra: found.map(|(vm, _)| vm).collect(),
+            });
+        }
+        if let Some((vm_uuid, status)) = matching.into_iter().nth(rank) {
+            return Ok(Reconciled::Found {
+                vm_uuid,
+                status,
+                extra: Vec::new(),
+            });
+        }
     }
 
-    let settle_until = sent_at + chrono::Duration::seconds(settings.reconcile_settle_secs as i64);
-    if now < settle_until {
-        return Ok(Reconciled::LookAgainAt(
-            settle_until,
-            StoredError {
-                code: format!("{}-OUTCOME-PENDING", call.to_uppercase()),
+    if request.first_call_took_effect_at.is_some() {
+        if past_bound {
+            return Ok(Reconciled::GiveUp(StoredError {
+                code: format!("{}-CREATED-NOT-VISIBLE", call.to_uppercase()),
                 message: format!(
-                    "the {call} call got no answer; looking for the replica in Phala's instance list"
+                    "Phala refused the resent {call} as if the first had taken effect, but its replica has not appeared in Phala's instance list for {} s",
+                    settings.unknown_outcome_timeout_secs
                 ),
                 suggestion: Some(
-                    "Nothing is sent again until the instance list shows whether it was created."
+                    "The replica most likely exists: look at the source's instances on the Phala dashboard before queueing it again."
                         .into(),
                 ),
-            },
-        ));
+            }));
+        }
+        return Ok(look_again(format!(
+            "the first {call} most likely created the replica; waiting for Phala's instance list to show it"
+        )));
+    }
+    if !unsure.is_empty() {
+        if past_bound {
+            return Ok(Reconciled::GiveUp(StoredError {
+                code: format!("{}-OUTCOME-UNKNOWN", call.to_uppercase()),
+                message: format!(
+                    "the {call} call got no answer, and Phala's instance list shows a new instance ({}) without the node or compose hash to tell whether it is this replica",
+                    unsure[0].0
+                ),
+                suggestion: Some(
+                    "Look at the instance on the Phala dashboard; queue again only if it is not this replica."
+                        .into(),
+                ),
+            }));
+        }
+        return Ok(look_again(format!(
+            "the {call} call got no answer; Phala lists a new instance ({}) without its node or compose hash yet",
+            unsure[0].0
+        )));
+    }
+    if now < settles_at {
+        return Ok(look_again(format!(
+            "the {call} call got no answer; nothing is sent again until Phala's instance list shows whether it was created"
+        )));
     }
     Ok(Reconciled::NotCreated)
 }
 
-/// A listed instance that the request's unanswered call may have created: new
-/// since the call, not the source itself, on the requested node (if one was
-/// asked for) and with the request's compose hash (if known).
-fn created_by_this_request(request: &ReplicaRequest, cvm: &CvmInfo) -> bool {
+/// The instances listed since the call: those that match the request, and
+/// those listed too sparsely (no node, no compose hash) to tell.
+struct NewInstances<'a> {
+    matching: Vec<&'a CvmInfo>,
+    unsure: Vec<&'a CvmInfo>,
+}
+
+impl<'a> NewInstances<'a> {
+    fn of(request: &ReplicaRequest, cvms: &'a [CvmInfo]) -> Self {
+        let mut seen = NewInstances {
+            matching: Vec::new(),
+            unsure: Vec::new(),
+        };
+        for cvm in cvms {
+            match fits(request, cvm) {
+                Some(true) => seen.matching.push(cvm),
+                None => seen.unsure.push(cvm),
+                Some(false) => {}
+            }
+        }
+        seen
+    }
+}
+
+/// Whether a listed instance may be the one the request's unanswered call
+/// created: new since the call, not the source itself, on the requested
+/// node and with the request's compose hash. `None`: the list leaves out
+/// what would tell.
+fn fits(request: &ReplicaRequest, cvm: &CvmInfo) -> Option<bool> {
     let Some(vm_uuid) = cvm.vm_uuid.as_deref().map(normalize) else {
-        return false;
+        return Some(false);
     };
     let before = request.instances_before.as_deref().unwrap_or_default();
-    if before.iter().any(|b| normalize(b) == vm_uuid) {
-        return false;
-    }
-    if vm_uuid == normalize(&request.source_vm_uuid) {
-        return false;
-    }
-    if let Some(node) = request.node_id
-        && cvm.node_id() != Some(i64::from(node))
+    if before.iter().any(|b| normalize(b) == vm_uuid)
+        || vm_uuid == normalize(&request.source_vm_uuid)
     {
-        return false;
+        return Some(false);
     }
+    let node = match (request.node_id, cvm.node_id()) {
+        (Some(wanted), Some(has)) => Some(i64::from(wanted) == has),
+        (Some(_), None) => None,
+        (None, _) => Some(true),
+    };
     let wanted = request
         .compose_hash
         .as_deref()
         .or(request.requested_compose_hash.as_deref());
-    if let (Some(wanted), Some(has)) = (wanted, cvm.compose_hash.as_deref())
-        && bare_hex(wanted) != bare_hex(has)
-    {
-        return false;
+    let hash = match (wanted, cvm.compose_hash.as_deref()) {
+        (Some(wanted), Some(has)) => Some(bare_hex(wanted) == bare_hex(has)),
+        (Some(_), None) => None,
+        (None, _) => Some(true),
+    };
+    match (node, hash) {
+        (Some(false), _) | (_, Some(false)) => Some(false),
+        (Some(true), Some(true)) => Some(true),
+        _ => None,
     }
-    true
 }
 
 fn app_path(request: &ReplicaRequest) -> Option<String> {
@@ -227,4 +374,28 @@ fn bare_hex(value: &str) -> String {
 /// A `vm_uuid` as Phala may write it: with or without dashes, in any case.
 pub(super) fn normalize(vm_uuid: &str) -> String {
     vm_uuid.replace('-', "").to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    #[test]
+    fn looks_soon_after_the_call_then_less_often() {
+        let sent = at(0);
+        assert_eq!(next_look(at(1), sent, None), at(3));
+        assert_eq!(next_look(at(20), sent, None), at(30));
+        assert_eq!(next_look(at(600), sent, None), at(630));
+    }
+
+    #[test]
+    fn never_looks_after_the_settle_window_ends() {
+        assert_eq!(next_look(at(100), at(0), Some(at(110))), at(110));
+        // Past the window, the waits grow again.
+        assert_eq!(next_look(at(120), at(0), Some(at(110))), at(150));
+    }
 }

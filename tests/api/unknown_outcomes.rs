@@ -3,7 +3,7 @@
 //! second replica.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use approval_bridge::store::Lane;
@@ -16,18 +16,34 @@ use crate::phala_mock::*;
 
 const NODE: u32 = 3;
 
-/// What Phala has really done, whatever its answers said.
+/// What Phala has really done, whatever its answers said, and how its
+/// eventually consistent instance list shows it.
 #[derive(Clone, Default)]
 struct PhalaTruth {
     created: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
+    /// The list lags: it does not show the replica yet.
+    unlisted: Arc<AtomicBool>,
+    /// The list answers 404, as for an app it does not know (yet).
+    list_404: Arc<AtomicBool>,
+    /// The list shows the replica without its node or compose hash.
+    sparse: Arc<AtomicBool>,
+    /// The list shows a second new instance on the node ([`EXTRA_VM`]).
+    extra: Arc<AtomicBool>,
 }
 
 impl PhalaTruth {
     fn created(&self) -> usize {
         self.created.load(Ordering::SeqCst)
     }
+
+    fn set(flag: &AtomicBool, on: bool) {
+        flag.store(on, Ordering::SeqCst);
+    }
 }
+
+/// Another CVM on the replica's node and compose hash, that nobody asked for.
+const EXTRA_VM: &str = "9e2b1c3d-0000-4000-8000-00000000e0e0";
 
 /// `GET /apps/{app}/cvms`: the source, plus the replica once one was created.
 struct InstanceList {
@@ -38,9 +54,28 @@ struct InstanceList {
 
 impl Respond for InstanceList {
     fn respond(&self, _: &Request) -> ResponseTemplate {
+        let truth = &self.truth;
+        if truth.list_404.load(Ordering::SeqCst) {
+            return ResponseTemplate::new(404).set_body_json(phala_error(
+                "ERR-03-001",
+                "No CVM of this app in this workspace",
+                true,
+            ));
+        }
         let mut cvms = vec![instance(&self.app, self.source, 1)];
-        if self.truth.created() > 0 {
-            cvms.push(instance(&self.app, REPLICA_VM, NODE));
+        if !truth.unlisted.load(Ordering::SeqCst) {
+            for n in 0..truth.created() {
+                let mut replica = instance(&self.app, &nth_replica(n), NODE);
+                if truth.sparse.load(Ordering::SeqCst) {
+                    let fields = replica.as_object_mut().unwrap();
+                    fields.remove("node_info");
+                    fields.remove("compose_hash");
+                }
+                cvms.push(replica);
+            }
+        }
+        if truth.extra.load(Ordering::SeqCst) {
+            cvms.push(instance(&self.app, EXTRA_VM, NODE));
         }
         ResponseTemplate::new(200).set_body_json(Value::Array(cvms))
     }
@@ -50,6 +85,14 @@ fn instance(app: &str, vm: &str, node: u32) -> Value {
     json!({"id": format!("h-{vm}"), "name": "web-prod", "status": "starting", "app_id": app,
            "vm_uuid": vm, "compose_hash": compose_hash(),
            "node_info": {"object_type": "node", "id": node, "name": format!("prod-{node}")}})
+}
+
+/// The id of the n-th CVM Phala created (from 0): the first is [`REPLICA_VM`].
+fn nth_replica(n: usize) -> String {
+    match n {
+        0 => REPLICA_VM.to_owned(),
+        n => format!("5e1f0000-0000-4000-8000-{n:012x}"),
+    }
 }
 
 /// A create or commit: the n-th call (from 0) does what `script[n]` says.
@@ -70,6 +113,8 @@ enum Step {
     Timeout,
     /// Creates the replica and answers.
     CreateOk,
+    /// Creates a replica, but answers with the id of the first one.
+    CreateAnsweringTheFirstId,
     /// The token is spent or superseded.
     TokenInvalid,
 }
@@ -78,7 +123,12 @@ impl Respond for Scripted {
     fn respond(&self, _: &Request) -> ResponseTemplate {
         let n = self.truth.calls.fetch_add(1, Ordering::SeqCst);
         let step = self.script.get(n).cloned().unwrap_or(Step::TokenInvalid);
-        let create = || self.truth.created.fetch_add(1, Ordering::SeqCst);
+        let create = || nth_replica(self.truth.created.fetch_add(1, Ordering::SeqCst));
+        let made = |vm: String| {
+            let mut answer = replica_vm("starting");
+            answer["vm_uuid"] = json!(vm);
+            answer
+        };
         let html = |status| {
             ResponseTemplate::new(status)
                 .set_body_raw("<html><body>Bad Gateway</body></html>", "text/html")
@@ -88,19 +138,17 @@ impl Respond for Scripted {
                 create();
                 html(502)
             }
-            Step::CreateThenTimeout => {
-                create();
-                ResponseTemplate::new(200)
-                    .set_body_json(replica_vm("starting"))
-                    .set_delay(Duration::from_secs(3))
-            }
+            Step::CreateThenTimeout => ResponseTemplate::new(200)
+                .set_body_json(made(create()))
+                .set_delay(Duration::from_secs(3)),
             Step::GatewayTimeout => html(504),
             Step::Timeout => ResponseTemplate::new(200)
                 .set_body_json(replica_vm("starting"))
                 .set_delay(Duration::from_secs(3)),
-            Step::CreateOk => {
+            Step::CreateOk => ResponseTemplate::new(200).set_body_json(made(create())),
+            Step::CreateAnsweringTheFirstId => {
                 create();
-                ResponseTemplate::new(200).set_body_json(replica_vm("starting"))
+                ResponseTemplate::new(200).set_body_json(made(nth_replica(0)))
             }
             Step::TokenInvalid => ResponseTemplate::new(466).set_body_json(phala_error(
                 "ERR-01-006",
@@ -198,8 +246,11 @@ async fn source_locks(app: &TestApp) -> i64 {
         .unwrap()
 }
 
+/// Past the settle window, counted from the failure.
 fn settle(app: &TestApp) {
-    app.clock.advance(chrono::Duration::seconds(21));
+    let window = approval_bridge::config::WorkerSettings::default().reconcile_settle_secs;
+    app.clock
+        .advance(chrono::Duration::seconds(window as i64 + 1));
 }
 
 #[tokio::test]
@@ -258,26 +309,181 @@ async fn a_commit_that_never_reached_phala_is_sent_again_with_the_same_token_aft
 }
 
 #[tokio::test]
-async fn a_spent_token_with_nothing_created_prepares_again_and_makes_one_replica() {
+async fn a_late_commit_behind_a_lagging_list_is_found_not_made_again() {
+    // The first commit reaches Phala, which creates the replica but answers
+    // with a gateway error, and its list does not show the replica for a
+    // long while: past the settle window. The resend of the same token is
+    // refused as spent; a fresh prepare would make a second replica.
     let app = spawn_app().await;
-    let truth = onchain_world(
-        &app,
-        vec![Step::GatewayTimeout, Step::TokenInvalid, Step::CreateOk],
-    )
-    .await;
+    let truth = onchain_world(&app, vec![Step::CreateThenBadGateway]).await;
+    PhalaTruth::set(&truth.unlisted, true);
     let id = queue_onchain(&app).await;
     app.drain().await;
     settle(&app);
     app.drain_all(10).await;
 
     let request = app.get_replica(&id).await;
-    assert_eq!(request["status"], "provisioning", "{request}");
-    assert_eq!(
-        commit_tokens(&commit_calls(&app).await),
-        ["tok-1", "tok-1", "tok-2"]
+    assert_eq!(request["status"], "committing", "{request}");
+    assert_eq!(request["last_error"]["code"], "COMMIT-OUTCOME-PENDING");
+    assert!(
+        request["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("most likely created the replica"),
+        "{request}"
     );
-    assert_eq!(prepare_calls(&app).await, 2);
+    assert_eq!(commit_tokens(&commit_calls(&app).await), ["tok-1", "tok-1"]);
+    assert_eq!(prepare_calls(&app).await, 1, "no fresh token");
+
+    // The list catches up: the replica is found, and it is the only one.
+    app.clock.advance(chrono::Duration::seconds(40));
+    app.drain().await;
+    assert_eq!(prepare_calls(&app).await, 1);
+    PhalaTruth::set(&truth.unlisted, false);
+    app.clock.advance(chrono::Duration::seconds(40));
+    app.drain().await;
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "provisioning", "{request}");
+    assert_eq!(request["vm_uuid"], REPLICA_VM);
+    assert_eq!(request["extra_replicas"], json!([]));
+    assert_eq!(commit_calls(&app).await.len(), 2);
+    assert_eq!(prepare_calls(&app).await, 1);
     assert_eq!(truth.created(), 1);
+}
+
+#[tokio::test]
+async fn a_spent_token_whose_replica_never_shows_fails_as_created_but_not_visible() {
+    let app = spawn_app_with(|s| s.worker.unknown_outcome_timeout_secs = 600).await;
+    let truth = onchain_world(&app, vec![Step::GatewayTimeout, Step::TokenInvalid]).await;
+    let id = queue_onchain(&app).await;
+    app.drain().await;
+    settle(&app);
+    app.drain_all(10).await;
+    assert_eq!(app.status_of(&id).await, "committing");
+
+    app.clock.advance(chrono::Duration::seconds(600));
+    app.drain_all(10).await;
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(request["last_error"]["code"], "COMMIT-CREATED-NOT-VISIBLE");
+    assert!(
+        request["last_error"]["suggestion"]
+            .as_str()
+            .unwrap()
+            .contains("before queueing it again")
+    );
+    assert_eq!(commit_calls(&app).await.len(), 2);
+    assert_eq!(prepare_calls(&app).await, 1, "never a fresh token");
+    assert_eq!(truth.created(), 0);
+    assert_eq!(source_locks(&app).await, 0);
+}
+
+#[tokio::test]
+async fn a_404_from_the_instance_list_is_no_proof_that_nothing_was_made() {
+    let app = spawn_app().await;
+    let truth = onchain_world(&app, vec![Step::CreateThenBadGateway]).await;
+    let id = queue_onchain(&app).await;
+    app.drain().await;
+    PhalaTruth::set(&truth.list_404, true);
+    settle(&app);
+    app.drain().await;
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "committing");
+    assert!(
+        request["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be read yet"),
+        "{request}"
+    );
+    assert_eq!(commit_calls(&app).await.len(), 1, "nothing sent again");
+
+    PhalaTruth::set(&truth.list_404, false);
+    app.clock.advance(chrono::Duration::seconds(31));
+    app.drain().await;
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "provisioning", "{request}");
+    assert_eq!(commit_calls(&app).await.len(), 1);
+    assert_eq!(truth.created(), 1);
+}
+
+#[tokio::test]
+async fn a_new_instance_listed_without_node_or_hash_is_waited_for_not_ignored() {
+    let app = spawn_app().await;
+    let truth = onchain_world(&app, vec![Step::CreateThenBadGateway]).await;
+    PhalaTruth::set(&truth.sparse, true);
+    let id = queue_onchain(&app).await;
+    app.drain().await;
+    settle(&app);
+    app.drain().await;
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "committing");
+    assert!(
+        request["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("without its node or compose hash"),
+        "{request}"
+    );
+    assert_eq!(commit_calls(&app).await.len(), 1, "nothing sent again");
+
+    PhalaTruth::set(&truth.sparse, false);
+    app.clock.advance(chrono::Duration::seconds(31));
+    app.drain().await;
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "provisioning", "{request}");
+    assert_eq!(request["vm_uuid"], REPLICA_VM);
+    assert_eq!(truth.created(), 1);
+}
+
+#[tokio::test]
+async fn two_new_instances_for_one_request_are_reported_not_adopted_silently() {
+    let app = spawn_app().await;
+    let truth = onchain_world(&app, vec![Step::CreateThenBadGateway]).await;
+    let id = queue_onchain(&app).await;
+    app.drain().await;
+    // Besides the replica, a second CVM appears on the node after the commit.
+    PhalaTruth::set(&truth.extra, true);
+    app.clock.advance(chrono::Duration::seconds(3));
+    app.drain().await;
+
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "provisioning", "{request}");
+    assert_eq!(request["vm_uuid"], REPLICA_VM, "the oldest listed");
+    assert_eq!(request["extra_replicas"], json!([EXTRA_VM]));
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("approval_bridge_requests_with_extra_replicas 1"),
+        "{metrics}"
+    );
+    assert_eq!(commit_calls(&app).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_replica_id_phala_already_gave_another_request_fails_with_a_clear_error() {
+    let app = spawn_app().await;
+    let truth = onchain_world(&app, vec![Step::CreateOk, Step::CreateAnsweringTheFirstId]).await;
+    let first = queue_onchain(&app).await;
+    app.drain().await;
+    assert_eq!(app.get_replica(&first).await["vm_uuid"], REPLICA_VM);
+
+    // Phala answers the next commit with the same replica id.
+    let second = queue_onchain(&app).await;
+    app.drain().await;
+    let request = app.get_replica(&second).await;
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(request["last_error"]["code"], "REPLICA-ID-REUSED");
+    assert_eq!(request["vm_uuid"], Value::Null);
+    assert_eq!(app.get_replica(&first).await["vm_uuid"], REPLICA_VM);
+    assert_eq!(truth.created(), 2);
 }
 
 #[tokio::test]
@@ -323,7 +529,7 @@ async fn a_sibling_never_prepares_while_a_commit_outcome_is_unknown() {
 
 #[tokio::test]
 async fn an_unreadable_instance_list_keeps_looking_then_fails_after_its_bound() {
-    let app = spawn_app_with(|s| s.worker.unknown_outcome_timeout_secs = 120).await;
+    let app = spawn_app_with(|s| s.worker.unknown_outcome_timeout_secs = 300).await;
     let truth = PhalaTruth::default();
     mount_onchain_source(&app.phala, &[]).await;
     mount_nodes(&app.phala, &[(NODE, "prod-3")]).await;
@@ -371,7 +577,7 @@ async fn an_unreadable_instance_list_keeps_looking_then_fails_after_its_bound() 
             .contains("instance list cannot be read")
     );
 
-    app.clock.advance(chrono::Duration::seconds(120));
+    app.clock.advance(chrono::Duration::seconds(180));
     app.drain_all(5).await;
     let request = app.get_replica(&id).await;
     assert_eq!(request["status"], "failed");
@@ -558,4 +764,42 @@ async fn a_lease_no_longer_than_one_phala_call_is_refused_at_start_up() {
         line.contains("APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS"),
         "{line}"
     );
+}
+
+#[tokio::test]
+async fn a_worker_that_lost_its_lease_sends_no_prepare() {
+    let app = spawn_app().await;
+    onchain_world(&app, vec![]).await;
+    let id = queue_onchain(&app).await;
+    app.steps(1).await; // queued → preparing
+    let claimed = app
+        .store
+        .claim_due(app.clock.now(), Duration::from_secs(60), Lane::All)
+        .await
+        .unwrap()
+        .expect("the prepare is due");
+    // The holder stalls (a SIGSTOP, a long pause) past its lease.
+    sqlx::query(
+        "UPDATE replica_requests SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(claimed.lease.request_id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let err = app
+        .store
+        .prepare_outstanding(&claimed.lease, ONCHAIN_VM)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, approval_bridge::store::StoreError::LeaseLost(_)),
+        "{err}"
+    );
+    let marked: i64 = sqlx::query_scalar("SELECT count(*) FROM source_tokens")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(marked, 0, "nothing written for a lost lease");
+    assert_eq!(prepare_calls(&app).await, 0);
+    assert_eq!(app.status_of(&id).await, "preparing");
 }
