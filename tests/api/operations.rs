@@ -505,6 +505,7 @@ async fn api_answers_are_typed_and_unchanged_in_shape() {
             "device_id",
             "env_names",
             "events",
+            "extra_replicas",
             "id",
             "kms_type",
             "last_error",

@@ -174,10 +174,32 @@ pub fn replica_vm(status: &str) -> Value {
            "created_at": "2026-11-29T12:00:00Z", "source_cvm_id": 12, "teepod_name": "prod-3"})
 }
 
+/// The id of the n-th CVM a mocked Phala creates (from 0): the first is
+/// [`REPLICA_VM`], each later one an id of its own, as Phala gives.
+pub fn nth_replica_vm(n: usize) -> String {
+    match n {
+        0 => REPLICA_VM.to_owned(),
+        n => format!("5e1f0000-0000-4000-8000-{n:012x}"),
+    }
+}
+
+/// Each commit creates a CVM of its own: [`nth_replica_vm`] in order.
+#[derive(Default)]
+pub struct NewReplicaEachCall(std::sync::atomic::AtomicUsize);
+
+impl wiremock::Respond for NewReplicaEachCall {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut vm = replica_vm("starting");
+        vm["vm_uuid"] = json!(nth_replica_vm(n));
+        ResponseTemplate::new(200).set_body_json(vm)
+    }
+}
+
 pub async fn mount_commit_ok(server: &MockServer, vm: &str) {
     Mock::given(method("POST"))
         .and(path(api(&format!("/cvms/{vm}/commit-replica"))))
-        .respond_with(ResponseTemplate::new(200).set_body_json(replica_vm("starting")))
+        .respond_with(NewReplicaEachCall::default())
         .mount(server)
         .await;
 }
@@ -187,14 +209,34 @@ pub async fn mount_replica_status(server: &MockServer, status: &str) {
     replica_status_mock(status).mount(server).await;
 }
 
-/// `POST /status/batch` as the tracker polls it: the replica in `status`
-/// (`in_progress` until it runs).
+/// `POST /status/batch` as the tracker polls it: every replica asked about
+/// in `status` (`in_progress` until it runs).
 pub fn replica_status_mock(status: &str) -> Mock {
     Mock::given(method("POST"))
         .and(path(api("/status/batch")))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-        REPLICA_VM: {"vm_uuid": REPLICA_VM, "status": status, "in_progress": status != "running"}
-    })))
+        .respond_with(EveryAskedIn(status.to_owned()))
+}
+
+/// Answers a status poll with every CVM asked about in one status.
+pub struct EveryAskedIn(pub String);
+
+impl wiremock::Respond for EveryAskedIn {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let asked: Value = request.body_json().unwrap_or(Value::Null);
+        let status = &self.0;
+        let answer: serde_json::Map<String, Value> = asked["vm_uuids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|id| {
+                let state =
+                    json!({"vm_uuid": id, "status": status, "in_progress": status != "running"});
+                (id.to_owned(), state)
+            })
+            .collect();
+        ResponseTemplate::new(200).set_body_json(answer)
+    }
 }
 
 /// The structured error envelope Phala sends, nested or at the top level.

@@ -271,6 +271,16 @@ async fn a_single_missing_registration_is_a_direct_call() {
     let world = SafeWorld::start().await;
     let app = world.spawn_bridge().await;
     // The compose hash is allowed already; only the device is missing.
+    let allow_hash = [Call::add_compose_hash(world.app, b256(&compose_hash()))];
+    let allow_hash = approval_bridge::safe::build_safe_tx(
+        &allow_hash,
+        approval_bridge::safe::SafeVersion::V1_4_1,
+        approval_bridge::safe::Deployment::Canonical,
+        0,
+    )
+    .unwrap();
+    crate::watch_commit::execute(&world, allow_hash).await;
+    crate::watch_commit::mine(&world, 3).await;
     mount_source_on(&app, world.app, true).await;
     let id = app
         .queue(&json!({"source": ONCHAIN_NAME, "node": 3}))

@@ -65,7 +65,7 @@ impl Respond for InstanceList {
         let mut cvms = vec![instance(&self.app, self.source, 1)];
         if !truth.unlisted.load(Ordering::SeqCst) {
             for n in 0..truth.created() {
-                let mut replica = instance(&self.app, &nth_replica(n), NODE);
+                let mut replica = instance(&self.app, &nth_replica_vm(n), NODE);
                 if truth.sparse.load(Ordering::SeqCst) {
                     let fields = replica.as_object_mut().unwrap();
                     fields.remove("node_info");
@@ -85,14 +85,6 @@ fn instance(app: &str, vm: &str, node: u32) -> Value {
     json!({"id": format!("h-{vm}"), "name": "web-prod", "status": "starting", "app_id": app,
            "vm_uuid": vm, "compose_hash": compose_hash(),
            "node_info": {"object_type": "node", "id": node, "name": format!("prod-{node}")}})
-}
-
-/// The id of the n-th CVM Phala created (from 0): the first is [`REPLICA_VM`].
-fn nth_replica(n: usize) -> String {
-    match n {
-        0 => REPLICA_VM.to_owned(),
-        n => format!("5e1f0000-0000-4000-8000-{n:012x}"),
-    }
 }
 
 /// A create or commit: the n-th call (from 0) does what `script[n]` says.
@@ -123,7 +115,7 @@ impl Respond for Scripted {
     fn respond(&self, _: &Request) -> ResponseTemplate {
         let n = self.truth.calls.fetch_add(1, Ordering::SeqCst);
         let step = self.script.get(n).cloned().unwrap_or(Step::TokenInvalid);
-        let create = || nth_replica(self.truth.created.fetch_add(1, Ordering::SeqCst));
+        let create = || nth_replica_vm(self.truth.created.fetch_add(1, Ordering::SeqCst));
         let made = |vm: String| {
             let mut answer = replica_vm("starting");
             answer["vm_uuid"] = json!(vm);
@@ -148,7 +140,7 @@ impl Respond for Scripted {
             Step::CreateOk => ResponseTemplate::new(200).set_body_json(made(create())),
             Step::CreateAnsweringTheFirstId => {
                 create();
-                ResponseTemplate::new(200).set_body_json(made(nth_replica(0)))
+                ResponseTemplate::new(200).set_body_json(made(nth_replica_vm(0)))
             }
             Step::TokenInvalid => ResponseTemplate::new(466).set_body_json(phala_error(
                 "ERR-01-006",

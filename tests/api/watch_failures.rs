@@ -635,6 +635,8 @@ async fn a_token_refused_after_execution_is_prepared_again_and_committed_with_th
         [
             "committing",
             "preparing",
+            // The fresh prepare's "allowed" is checked on chain first.
+            "awaiting_proposal",
             "committing",
             "provisioning",
             "done"
