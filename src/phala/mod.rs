@@ -20,7 +20,9 @@ use serde_json::Value;
 pub use envcrypt::{EnvCryptError, encrypt_env};
 pub use errors::{ApiError, PhalaError};
 pub use lookups::Lookups;
-pub use resolve::{EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource, pick_node};
+pub use resolve::{
+    EnvKey, EnvKeyIssuer, ResolveError, ResolvedNode, ResolvedSource, node_with_device, pick_node,
+};
 pub use types::{
     AvailableNode, AvailableNodes, CvmInfo, CvmPage, CvmStatus, EnvPubkey, KmsInfo, OnchainStatus,
     PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,

@@ -199,6 +199,24 @@ impl PhalaClient {
 }
 
 /// Finds a node id or name in the nodes available to the workspace.
+/// The listed node whose device is `device`, if any.
+pub fn node_with_device(available: &AvailableNodes, device: &Bytes32) -> Option<ResolvedNode> {
+    available
+        .nodes
+        .iter()
+        .find(|n| {
+            n.device_id
+                .as_deref()
+                .and_then(|d| d.parse::<Bytes32>().ok())
+                .is_some_and(|d| d == *device)
+        })
+        .map(|n| ResolvedNode {
+            id: n.teepod_id,
+            name: n.name.clone(),
+            device_id: n.device_id.clone(),
+        })
+}
+
 pub fn pick_node(available: &AvailableNodes, node: &NodeRef) -> Result<ResolvedNode, ResolveError> {
     let to_resolved = |n: &AvailableNode| ResolvedNode {
         id: n.teepod_id,

@@ -25,8 +25,11 @@ pub struct ExpectedReplica {
     /// The target node's device from `GET /teepods/available`; `None` when
     /// no node was asked for (Phala schedules) or the node listed none.
     pub device_id: Option<Bytes32>,
-    /// The compose hash the caller asked for, if any.
+    /// The compose hash the caller asked for, or the source's own as intake
+    /// found it when the caller pinned none.
     pub compose_hash: Option<Bytes32>,
+    /// The chain intake resolved from the source CVM.
+    pub chain_id: Option<u64>,
 }
 
 impl ExpectedReplica {
@@ -35,11 +38,13 @@ impl ExpectedReplica {
         app_id: Option<&str>,
         device_id: Option<&str>,
         compose_hash: Option<&str>,
+        chain_id: Option<i64>,
     ) -> ExpectedReplica {
         ExpectedReplica {
             app_id: app_id.and_then(|a| a.parse().ok()),
             device_id: device_id.and_then(|d| d.parse().ok()),
             compose_hash: compose_hash.and_then(|h| h.parse().ok()),
+            chain_id: chain_id.and_then(|c| u64::try_from(c).ok()),
         }
     }
 }
@@ -63,6 +68,15 @@ pub enum PrepareMismatch {
     },
     #[error("Phala's prepare answer names compose hash {got}, but {expected} was requested")]
     ComposeHash { expected: Bytes32, got: Bytes32 },
+    #[error(
+        "Phala's prepare answer names chain {got}, but the source's app is on chain {expected}"
+    )]
+    Chain { expected: u64, got: u64 },
+    #[error(
+        "Phala's prepare answer names device {}, which is the device of no node this workspace lists",
+        got.map(|d| d.to_string()).unwrap_or_else(|| "none".to_owned())
+    )]
+    UnlistedDevice { got: Option<Bytes32> },
 }
 
 impl PrepareMismatch {
@@ -105,6 +119,12 @@ pub fn check_prepared(
             expected: hash,
             got: prepared.compose_hash,
         });
+    }
+    // A 465 without a chain leaves intake's; one with another chain is refused.
+    if let (Some(expected), Some(got)) = (expected.chain_id, prepared.chain_id)
+        && expected != got
+    {
+        return Err(PrepareMismatch::Chain { expected, got });
     }
     Ok(())
 }
@@ -331,6 +351,7 @@ mod tests {
             app_id: Some(app(1)),
             device_id: Some(b32(2)),
             compose_hash: Some(b32(3)),
+            chain_id: Some(8453),
         };
         assert_eq!(
             check_prepared(&expected, &prepared(app(1), Some(b32(2)), b32(3))),
@@ -353,6 +374,7 @@ mod tests {
             app_id: Some(app(1)),
             device_id: Some(b32(2)),
             compose_hash: Some(b32(3)),
+            chain_id: Some(8453),
         };
         let cases = [
             (
@@ -383,6 +405,16 @@ mod tests {
                     got: b32(9),
                 },
             ),
+            (
+                PreparedReplica {
+                    chain_id: Some(1),
+                    ..prepared(app(1), Some(b32(2)), b32(3))
+                },
+                PrepareMismatch::Chain {
+                    expected: 8453,
+                    got: 1,
+                },
+            ),
         ];
         for (answer, mismatch) in cases {
             assert_eq!(check_prepared(&expected, &answer), Err(mismatch));
@@ -405,6 +437,7 @@ mod tests {
         let expected = ExpectedReplica::from_stored(
             Some(&format!("0x{}", "01".repeat(20))),
             Some(&"02".repeat(32)),
+            None,
             None,
         );
         assert_eq!(expected.app_id, Some(app(1)));

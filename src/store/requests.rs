@@ -198,6 +198,8 @@ pub struct PreparedFields {
     pub compose_hash_allowed: bool,
     pub device_id_allowed: bool,
     pub commit_token: SecretString,
+    /// The node Phala chose for an order that left it to Phala ("Auto").
+    pub placed_on: Option<crate::phala::ResolvedNode>,
 }
 
 /// Columns a transition sets besides the status.
@@ -835,6 +837,7 @@ async fn write_transition(
 ) -> Result<(), sqlx::Error> {
     let Transition { to, effects } = transition;
     let prepared = changes.prepared.as_ref();
+    let placed_on = prepared.and_then(|p| p.placed_on.as_ref());
     sqlx::query!(
         "UPDATE replica_requests SET
             status = $2,
@@ -854,6 +857,9 @@ async fn write_transition(
             settles_at = NULL,
             first_call_took_effect_at = NULL,
             extra_replicas = extra_replicas || $20,
+            node_id = COALESCE($21, node_id),
+            node_name = COALESCE($22, node_name),
+            expected_device_id = COALESCE($23, expected_device_id),
             proposal_id = CASE WHEN $17 THEN NULL ELSE proposal_id END,
             commit_tx_hash = CASE WHEN $18 THEN NULL ELSE COALESCE($19, commit_tx_hash) END,
             last_error_code = $14,
@@ -885,6 +891,9 @@ async fn write_transition(
         effects.clear_commit_tx_hash,
         changes.commit_tx_hash,
         &changes.extra_replicas,
+        placed_on.map(|n| n.id as i32),
+        placed_on.map(|n| &n.name),
+        placed_on.and_then(|n| n.device_id.as_ref()),
     )
     .execute(&mut **tx)
     .await?;

@@ -243,7 +243,7 @@ async fn resolve(
         id: Uuid::nil(),
         source: order.source.clone(),
         node: node_label,
-        requested_compose_hash: order.compose_hash.map(|h| h.to_string()),
+        requested_compose_hash: pinned_compose_hash(order, &source),
         env_names: order.env.keys().cloned().collect(),
         note: order.note.clone(),
         encrypted_env,
@@ -265,6 +265,24 @@ async fn resolve(
             ..row.clone()
         })
         .collect())
+}
+
+/// The compose hash the prepare asks for and its answer must name: the
+/// caller's, or else the source's own as intake reads it now. Otherwise
+/// Phala's answer (or whoever updates the source during the batch window)
+/// would choose what the Safe's owners are asked to allow.
+fn pinned_compose_hash(order: &ReplicaOrder, source: &ResolvedSource) -> Option<String> {
+    let own = || {
+        source
+            .cvm
+            .compose_hash
+            .as_deref()
+            .and_then(|h| h.parse::<Bytes32>().ok())
+    };
+    order
+        .compose_hash
+        .or_else(|| source.cvm.is_onchain_kms().then(own).flatten())
+        .map(|h| h.to_string())
 }
 
 /// Encrypts the env for the app's key once the key is verified (see

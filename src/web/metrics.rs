@@ -40,9 +40,11 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
 }
 
 /// Counts every answer by method, route (the pattern, never the raw path,
-/// so ids do not make new series) and status.
+/// so ids do not make new series) and status. Every label has a bounded set
+/// of values: anyone may send any method, and each new value would be a
+/// series kept for the life of the process.
 pub async fn count_requests(request: Request, next: Next) -> Response {
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -57,4 +59,36 @@ pub async fn count_requests(request: Request, next: Next) -> Response {
     )
     .increment(1);
     response
+}
+
+/// The method as a label: the standard ones by name, any other as `other`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::PATCH, "PATCH"),
+        (Method::DELETE, "DELETE"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(known, _)| known == method)
+        .map_or("other", |(_, label)| label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_method_outside_the_standard_ones_is_one_label() {
+        assert_eq!(method_label(&axum::http::Method::GET), "GET");
+        let junk = axum::http::Method::from_bytes(b"X-JUNK-1234").unwrap();
+        assert_eq!(method_label(&junk), "other");
+    }
 }

@@ -210,7 +210,7 @@ async fn token_for_commit(
         }
     }
     match call_prepare(worker, claimed).await? {
-        Prepared::Token(prepared) if prepared.compose_hash == *compose_hash => {
+        Prepared::Token(prepared, _) if prepared.compose_hash == *compose_hash => {
             worker
                 .store
                 .store_fresh_token(&claimed.lease, worker.clock.now(), &prepared.commit_token)
@@ -218,7 +218,7 @@ async fn token_for_commit(
             Ok(Ok(prepared.commit_token))
         }
         // The source changed since planning: plan again.
-        Prepared::Token(prepared) => Ok(Err(Outcome::Advance {
+        Prepared::Token(prepared, _) => Ok(Err(Outcome::Advance {
             event: Event::TokenExpired,
             changes: Changes::default(),
             message: Some(format!(

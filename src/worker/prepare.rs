@@ -7,7 +7,7 @@ use super::{Outcome, Worker};
 use crate::domain::{Bytes32, Event};
 use crate::phala::{
     ExpectedReplica, PrepareMismatch, PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,
-    check_prepared,
+    ResolvedNode, check_prepared, node_with_device,
 };
 use crate::store::{Changes, Claimed, PreparedFields, StoredError};
 
@@ -45,8 +45,9 @@ pub(super) fn spec(claimed: &Claimed) -> ReplicaSpec {
 
 /// What a prepare call gave, checked.
 pub(super) enum Prepared {
-    /// A commit token, for what intake resolved.
-    Token(PreparedReplica),
+    /// A commit token, for what intake resolved; with the node Phala chose
+    /// when the order left it to Phala ("Auto").
+    Token(PreparedReplica, Option<ResolvedNode>),
     /// Phala ignored the prepare header and created the replica.
     Created(ReplicaVm),
     /// Refused, failed or mismatched: the step ends with this.
@@ -76,14 +77,34 @@ pub(super) async fn call_prepare(worker: &Worker, claimed: &Claimed) -> anyhow::
                 request.app_id.as_deref(),
                 request.expected_device_id.as_deref(),
                 request.requested_compose_hash.as_deref(),
+                request.chain_id,
             );
-            match check_prepared(&expected, &prepared) {
-                Ok(()) => Prepared::Token(prepared),
-                Err(mismatch) => Prepared::Stop(Outcome::Fail(StoredError::new(
+            let mismatch = |mismatch: PrepareMismatch| {
+                Prepared::Stop(Outcome::Fail(StoredError::new(
                     PrepareMismatch::CODE,
                     &mismatch.to_string(),
                     Some(PrepareMismatch::SUGGESTION),
-                ))),
+                )))
+            };
+            if let Err(err) = check_prepared(&expected, &prepared) {
+                return Ok(mismatch(err));
+            }
+            // "Auto": Phala chose the node; its device must be one of a node
+            // the workspace lists, and that node is recorded.
+            if request.node_id.is_some() {
+                return Ok(Prepared::Token(prepared, None));
+            }
+            match worker.phala.available_nodes().await {
+                Ok(available) => match prepared
+                    .device_id
+                    .and_then(|device| node_with_device(&available, &device))
+                {
+                    Some(node) => Prepared::Token(prepared, Some(node)),
+                    None => mismatch(PrepareMismatch::UnlistedDevice {
+                        got: prepared.device_id,
+                    }),
+                },
+                Err(err) => Prepared::Stop(Outcome::from_phala(&err)),
             }
         }
         Ok(PrepareOutcome::Created(vm)) => Prepared::Created(vm),
@@ -93,7 +114,7 @@ pub(super) async fn call_prepare(worker: &Worker, claimed: &Claimed) -> anyhow::
 
 async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     Ok(match call_prepare(worker, claimed).await? {
-        Prepared::Token(prepared) => {
+        Prepared::Token(prepared, placed_on) => {
             // Where the bridge can read the app's chain, Phala's word that
             // everything is allowed only sends the request to the planner,
             // which commits it once the chain allows it at confirmed depth.
@@ -105,7 +126,7 @@ async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> 
                 (Some(flow), Some(chain_id)) => flow.chain(chain_id as u64).is_some(),
                 _ => false,
             };
-            prepared_outcome(claimed.request.chain_id, prepared, !reads_chain)
+            prepared_outcome(claimed.request.chain_id, prepared, placed_on, !reads_chain)
         }
         Prepared::Created(vm) => created(vm),
         Prepared::Stop(outcome) => outcome,
@@ -115,6 +136,7 @@ async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> 
 fn prepared_outcome(
     known_chain: Option<i64>,
     prepared: PreparedReplica,
+    placed_on: Option<ResolvedNode>,
     trust_phala: bool,
 ) -> Outcome {
     let onchain = prepared.onchain;
@@ -146,7 +168,10 @@ fn prepared_outcome(
         )
     };
     let changes = Changes {
-        prepared: Some(prepared_fields(known_chain, prepared)),
+        prepared: Some(PreparedFields {
+            placed_on,
+            ..prepared_fields(known_chain, prepared)
+        }),
         ..Changes::default()
     };
     Outcome::Advance {
@@ -164,12 +189,15 @@ pub(super) fn prepared_fields(
     let onchain = prepared.onchain;
     PreparedFields {
         app_id: prepared.app_id.to_string(),
-        chain_id: prepared.chain_id.map(|c| c as i64).or(known_chain),
+        // Intake's chain stands: the 465's may only fill a gap (and a
+        // different one was refused by `check_prepared`).
+        chain_id: known_chain.or(prepared.chain_id.map(|c| c as i64)),
         compose_hash: prepared.compose_hash.to_string(),
         device_id: prepared.device_id.map(|d| d.to_string()),
         compose_hash_allowed: onchain.compose_hash_allowed,
         device_id_allowed: onchain.device_id_allowed,
         commit_token: prepared.commit_token,
+        placed_on: None,
     }
 }
 

@@ -37,6 +37,8 @@ mod sandbox_e2e;
 mod sandbox_page;
 mod sandbox_process;
 mod secrets;
+mod security_metrics;
+mod security_prepare;
 mod signers_view;
 mod tracking;
 mod unknown_outcomes;
