@@ -71,6 +71,9 @@ fn suite_settings() -> BTreeMap<String, String> {
 struct Run {
     /// The requests of the run: (source, node).
     order: Vec<(&'static str, &'static str)>,
+    /// Before the world started: the suite's run time is printed, for CI's
+    /// budget (never asserted).
+    started: Instant,
     world: WorldProcess,
     database_url: String,
     db: PgPool,
@@ -84,6 +87,7 @@ impl Run {
     }
 
     async fn start_with(order: Vec<(&'static str, &'static str)>) -> Run {
+        let started = Instant::now();
         let world = WorldProcess::start(&[
             "--batch-window-secs",
             "2",
@@ -98,6 +102,7 @@ impl Run {
         env.extend(suite_settings());
         Run {
             order,
+            started,
             world,
             database_url,
             db,
@@ -471,6 +476,7 @@ impl Run {
             batched,
             problems,
             suspects,
+            elapsed: self.started.elapsed(),
         }
     }
 }
@@ -514,12 +520,14 @@ struct Figures {
     problems: Vec<String>,
     /// The sources (normalized `vm_uuid`) of the requests in those problems.
     suspects: BTreeSet<String>,
+    /// From the world's start to the final check.
+    elapsed: Duration,
 }
 
 impl Figures {
     fn line(&self) -> String {
         format!(
-            "{} requests, {} done, {} replicas ({:.2} per request), {} proposals ({} executed; requests rode on {})",
+            "{} requests, {} done, {} replicas ({:.2} per request), {} proposals ({} executed; requests rode on {}); {:.0} s",
             self.requests,
             self.done,
             self.replicas,
@@ -527,6 +535,7 @@ impl Figures {
             self.proposals,
             self.executed,
             self.batched,
+            self.elapsed.as_secs_f64(),
         )
     }
 
