@@ -6,10 +6,13 @@
 //! - crash: SIGKILL `serve` at 30+ random moments across the flow;
 //! - faults: 30% of the calls to Phala, the Safe service and the RPC fail in
 //!   every way a network and a gateway can fail;
-//! - two instances: two `serve` processes share the database; one dies.
+//! - two instances: two `serve` processes share the database; one dies;
+//! - late: an eventually consistent Phala: creates and commits that land
+//!   seconds after the gateway's 502, and lists that show a new CVM late.
 //!
-//! Each prints its figures (kills, faults, requests, replicas per request,
-//! proposals per batch) for the closing notes.
+//! Each ends with every request `done` and exactly one replica per request
+//! at the simulator, and prints its figures (kills, faults, requests,
+//! replicas per request, proposals per batch) for the closing notes.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -21,7 +24,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::fault_proxy::{ALL_FAULTS, FaultPlan, FaultProxy, FaultStats};
+use crate::fault_proxy::{
+    ALL_FAULTS, Fault, FaultPlan, FaultProxy, FaultStats, Journaled, LatePlan,
+};
 use crate::helpers::fresh_database;
 use crate::sandbox_process::{ServeProcess, TOKEN, WorldProcess};
 
@@ -64,6 +69,11 @@ fn suite_settings() -> BTreeMap<String, String> {
 }
 
 struct Run {
+    /// The requests of the run: (source, node).
+    order: Vec<(&'static str, &'static str)>,
+    /// Before the world started: the suite's run time is printed, for CI's
+    /// budget (never asserted).
+    started: Instant,
     world: WorldProcess,
     database_url: String,
     db: PgPool,
@@ -73,6 +83,11 @@ struct Run {
 
 impl Run {
     async fn start() -> Run {
+        Run::start_with(ORDER.to_vec()).await
+    }
+
+    async fn start_with(order: Vec<(&'static str, &'static str)>) -> Run {
+        let started = Instant::now();
         let world = WorldProcess::start(&[
             "--batch-window-secs",
             "2",
@@ -86,6 +101,8 @@ impl Run {
         let mut env = world.env.clone();
         env.extend(suite_settings());
         Run {
+            order,
+            started,
             world,
             database_url,
             db,
@@ -138,7 +155,7 @@ impl Run {
     /// idempotency key so a retry after a lost answer creates nothing.
     async fn queue(&self, bridge: &str) -> Vec<String> {
         let mut ids = Vec::new();
-        for (index, (source, node)) in ORDER.iter().enumerate() {
+        for (index, (source, node)) in self.order.iter().enumerate() {
             let mut answer = None;
             for _ in 0..50 {
                 let sent = self
@@ -180,7 +197,7 @@ impl Run {
             .iter()
             .filter_map(|s| statuses.get(*s))
             .sum();
-        finished == ORDER.len() as i64
+        finished == self.order.len() as i64
     }
 
     /// Acts as the Safe's owners: two sign and one executes every proposal
@@ -250,28 +267,34 @@ impl Run {
     }
 
     /// Checks what the world holds against what the bridge recorded, and
-    /// returns the figures.
+    /// returns the figures with every departure from "each request `done`,
+    /// with exactly one replica at Phala, and no other replica".
     async fn verify(&self) -> Figures {
         let requests: Vec<RequestRow> = sqlx::query_as(
-            "SELECT id::text, status, replica_vm_uuid, last_error_code, last_error_message,
-                        last_error_suggestion
-                 FROM replica_requests",
+            "SELECT id::text, status, source, node_id, replica_vm_uuid, last_error_code,
+                    last_error_message, last_error_suggestion
+               FROM replica_requests ORDER BY created_at, id",
         )
         .fetch_all(&self.db)
         .await
         .unwrap();
-        assert_eq!(requests.len(), ORDER.len(), "no request lost or added");
-        for (id, status, _, code, message, suggestion) in &requests {
-            if status != "done" {
-                assert_eq!(status, "failed", "{id} ended {status}");
-                assert!(
-                    code.is_some() && message.is_some() && suggestion.is_some(),
-                    "a failure carries a clear error: {id} {code:?} {message:?}"
-                );
-            }
+        let mut problems = Vec::new();
+        if requests.len() != self.order.len() {
+            problems.push(format!(
+                "{} requests stored, {} queued",
+                requests.len(),
+                self.order.len()
+            ));
+        }
+        for r in requests.iter().filter(|r| r.status != "done") {
+            problems.push(format!(
+                "request {} ({} on node {:?}) ended {} (replica {:?}): {:?} {:?} {:?}",
+                r.id, r.source, r.node_id, r.status, r.replica, r.code, r.message, r.suggestion
+            ));
         }
 
-        // Every replica at the simulator belongs to exactly one request.
+        // Every replica at the simulator, read there directly (no proxy, no
+        // lag): every CVM of every app of the world but the world's own.
         let world: Value = self
             .http
             .get(format!("{}sandbox/world", self.world.url))
@@ -299,7 +322,7 @@ impl Run {
                     .to_lowercase()
             })
             .collect();
-        let mut replicas = Vec::new();
+        let mut replicas: Vec<PhalaReplica> = Vec::new();
         for app in apps {
             let listed = self
                 .http
@@ -318,31 +341,95 @@ impl Run {
                 continue;
             }
             let listed: Vec<Value> = listed.json().await.unwrap();
-            replicas.extend(
-                listed
-                    .iter()
-                    .map(|c| normalize(c["vm_uuid"].as_str().unwrap()))
-                    .filter(|v| !sources.contains(v)),
-            );
+            replicas.extend(listed.iter().filter_map(|c| {
+                let vm_uuid = normalize(c["vm_uuid"].as_str().unwrap());
+                if sources.contains(&vm_uuid) {
+                    return None;
+                }
+                // The simulator names a replica `{source}-replica-{id}`.
+                let name = c["name"].as_str().unwrap_or_default();
+                let source = name.rsplit_once("-replica-").map_or(name, |(s, _)| s);
+                Some(PhalaReplica {
+                    vm_uuid,
+                    source: source.to_owned(),
+                    node_id: c["node_info"]["id"].as_i64(),
+                    status: c["status"].as_str().unwrap_or_default().to_owned(),
+                })
+            }));
         }
-        let owned: Vec<String> = requests
+
+        // Each request owns its own replica, and Phala holds exactly those.
+        let mut owners: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for r in &requests {
+            if let Some(replica) = &r.replica {
+                owners.entry(normalize(replica)).or_default().push(&r.id);
+            }
+        }
+        for (replica, ids) in owners.iter().filter(|(_, ids)| ids.len() > 1) {
+            problems.push(format!("requests {ids:?} share replica {replica}"));
+        }
+        let at_phala: HashSet<&str> = replicas.iter().map(|r| r.vm_uuid.as_str()).collect();
+        for r in requests.iter().filter(|r| r.status == "done") {
+            match &r.replica {
+                Some(replica) if at_phala.contains(normalize(replica).as_str()) => {}
+                other => problems.push(format!(
+                    "request {} ({} on node {:?}) is done, but Phala has no replica {other:?}",
+                    r.id, r.source, r.node_id
+                )),
+            }
+        }
+        // A replica no request owns: counted against the requests of its
+        // source and node, which is where an extra call came from.
+        /// A source's name and a node id: the requests and the replicas there.
+        type Groups<'a> =
+            BTreeMap<(String, Option<i64>), (Vec<&'a RequestRow>, Vec<&'a PhalaReplica>)>;
+        let mut groups = Groups::new();
+        for r in &requests {
+            groups
+                .entry((r.source.clone(), r.node_id.map(i64::from)))
+                .or_default()
+                .0
+                .push(r);
+        }
+        for replica in &replicas {
+            groups
+                .entry((replica.source.clone(), replica.node_id))
+                .or_default()
+                .1
+                .push(replica);
+        }
+        let mut suspects: BTreeSet<&str> = requests
             .iter()
-            .filter_map(|r| r.2.as_deref().map(normalize))
+            .filter(|r| r.status != "done")
+            .map(|r| r.source.as_str())
             .collect();
-        let distinct: HashSet<&String> = owned.iter().collect();
-        assert_eq!(distinct.len(), owned.len(), "two requests share a replica");
-        let created: HashSet<&String> = replicas.iter().collect();
-        assert_eq!(created.len(), replicas.len());
-        assert_eq!(
-            created, distinct,
-            "the replicas Phala created are exactly those the requests own"
-        );
-        let done = requests.iter().filter(|r| r.1 == "done").count();
-        assert_eq!(
-            replicas.len(),
-            done,
-            "one replica per finished request, none for a failed one"
-        );
+        for ((source, node), (group, made)) in &groups {
+            let unowned: Vec<String> = made
+                .iter()
+                .filter(|m| !owners.contains_key(&m.vm_uuid))
+                .map(|m| format!("{} ({})", m.vm_uuid, m.status))
+                .collect();
+            if made.len() != group.len() || !unowned.is_empty() {
+                suspects.insert(source);
+                let states: Vec<String> = group
+                    .iter()
+                    .map(|r| format!("{} {}", r.id, r.status))
+                    .collect();
+                problems.push(format!(
+                    "{source} on node {node:?}: {} requests ({states:?}), {} replicas at Phala, owned by no request: {unowned:?}",
+                    group.len(),
+                    made.len()
+                ));
+            }
+        }
+
+        let suspects = world["cvms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| suspects.contains(c["name"].as_str().unwrap_or_default()))
+            .map(|c| normalize(c["vm_uuid"].as_str().unwrap()))
+            .collect();
 
         // No nonce holds two proposals for the same registration, and no
         // registration was executed twice.
@@ -354,7 +441,9 @@ impl Run {
         .fetch_all(&self.db)
         .await
         .unwrap();
-        assert!(doubled.is_empty(), "a nonce proposed twice: {doubled:?}");
+        if !doubled.is_empty() {
+            problems.push(format!("a nonce proposed twice: {doubled:?}"));
+        }
         let executed_twice: Vec<(String, String, String, i64)> = sqlx::query_as(
             "SELECT c.app_id, c.kind, c.value, count(*) FROM proposals p
              JOIN proposal_calls c ON c.proposal_id = p.id WHERE p.status = 'executed'
@@ -363,10 +452,9 @@ impl Run {
         .fetch_all(&self.db)
         .await
         .unwrap();
-        assert!(
-            executed_twice.is_empty(),
-            "executed twice: {executed_twice:?}"
-        );
+        if !executed_twice.is_empty() {
+            problems.push(format!("executed twice: {executed_twice:?}"));
+        }
         let (proposals, executed): (i64, i64) = sqlx::query_as(
             "SELECT count(*), count(*) FILTER (WHERE status = 'executed') FROM proposals",
         )
@@ -381,24 +469,43 @@ impl Run {
         .unwrap();
         Figures {
             requests: requests.len(),
-            done,
+            done: requests.iter().filter(|r| r.status == "done").count(),
             replicas: replicas.len(),
             proposals,
             executed,
             batched,
+            problems,
+            suspects,
+            elapsed: self.started.elapsed(),
         }
     }
 }
 
-/// id, status, replica, and the last error's code, message and suggestion.
-type RequestRow = (
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+#[derive(Debug, sqlx::FromRow)]
+struct RequestRow {
+    id: String,
+    status: String,
+    source: String,
+    node_id: Option<i32>,
+    #[sqlx(rename = "replica_vm_uuid")]
+    replica: Option<String>,
+    #[sqlx(rename = "last_error_code")]
+    code: Option<String>,
+    #[sqlx(rename = "last_error_message")]
+    message: Option<String>,
+    #[sqlx(rename = "last_error_suggestion")]
+    suggestion: Option<String>,
+}
+
+/// A replica as the simulator lists it.
+#[derive(Debug)]
+struct PhalaReplica {
+    vm_uuid: String,
+    /// The source CVM's name.
+    source: String,
+    node_id: Option<i64>,
+    status: String,
+}
 
 #[derive(Debug)]
 struct Figures {
@@ -409,20 +516,51 @@ struct Figures {
     executed: i64,
     /// Proposals that the finished requests point to.
     batched: i64,
+    /// Each way the run missed "exactly once", one line each.
+    problems: Vec<String>,
+    /// The sources (normalized `vm_uuid`) of the requests in those problems.
+    suspects: BTreeSet<String>,
+    /// From the world's start to the final check.
+    elapsed: Duration,
 }
 
 impl Figures {
     fn line(&self) -> String {
         format!(
-            "{} requests, {} done, {} replicas ({:.2} per done request), {} proposals ({} executed; requests rode on {})",
+            "{} requests, {} done, {} replicas ({:.2} per request), {} proposals ({} executed; requests rode on {}); {:.0} s",
             self.requests,
             self.done,
             self.replicas,
-            self.replicas as f64 / self.done.max(1) as f64,
+            self.replicas as f64 / self.requests.max(1) as f64,
             self.proposals,
             self.executed,
             self.batched,
+            self.elapsed.as_secs_f64(),
         )
+    }
+
+    /// The journal's calls on the sources in the problems, one per line.
+    fn calls_on_suspects(&self, journal: &[Journaled]) -> String {
+        journal
+            .iter()
+            .filter(|j| {
+                let path = normalize(&j.path);
+                self.suspects.iter().any(|s| path.contains(s.as_str()))
+            })
+            .map(|j| format!("  {j}\n"))
+            .collect()
+    }
+
+    /// Every request `done` with exactly one replica, and no other replica.
+    fn assert_exactly_once(&self) {
+        assert!(
+            self.problems.is_empty()
+                && self.done == self.requests
+                && self.replicas == self.requests,
+            "not exactly once ({}):\n{}",
+            self.line(),
+            self.problems.join("\n")
+        );
     }
 }
 
@@ -490,11 +628,11 @@ async fn crash_suite_serve_killed_at_random_moments_makes_each_replica_exactly_o
         faults_line("phala latency", &phala.stats()),
         faults_line("safe service latency", &safe.stats()),
     );
-    assert_eq!(figures.done, ORDER.len(), "every request ends done");
+    figures.assert_exactly_once();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_suite_every_request_finishes_through_injected_faults() {
+async fn fault_suite_every_request_ends_done_with_one_replica_through_injected_faults() {
     let seed: u64 = std::env::var("FAULT_SUITE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -529,6 +667,12 @@ async fn fault_suite_every_request_finishes_through_injected_faults() {
     drop(serve);
 
     let figures = run.verify().await;
+    if !figures.problems.is_empty() {
+        eprintln!(
+            "fault suite: the Phala calls on the sources in question:\n{}",
+            figures.calls_on_suspects(&phala.stats().journal)
+        );
+    }
     eprintln!(
         "fault suite (seed {seed}): {}; {executions} Safe executions; {}; {}; {}",
         figures.line(),
@@ -538,6 +682,7 @@ async fn fault_suite_every_request_finishes_through_injected_faults() {
     );
     let injected = phala.stats().injected() + safe.stats().injected() + rpc.stats().injected();
     assert!(injected > 0, "faults were injected");
+    figures.assert_exactly_once();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,5 +724,80 @@ async fn two_instances_share_the_work_and_one_finishes_it_when_the_other_dies() 
         "two instances: one SIGKILLed after the first proposal; {}; {executions} Safe executions",
         figures.line()
     );
-    assert_eq!(figures.done, ORDER.len());
+    figures.assert_exactly_once();
+}
+
+/// Phala as the issue saw it from outside: a create or commit answered with
+/// a gateway's 502 at once reaches Phala seconds later, and a new CVM shows
+/// in the instance lists and the status batch only some seconds after it
+/// was made.
+///
+/// The ranges are shorter than the issue's (1–30 s late, 5–40 s lag) to fit
+/// CI, and keep one rule of the world: a late create lands and is listed
+/// within the bridge's settle time (its default, 20 s). A create carries no
+/// token, so past that time no client could tell a lost create from a late
+/// one. A commit carries one: Phala refuses its second use with 466, so a
+/// late commit may land and be listed well after the settle time, and the
+/// bridge must still make one replica. Late commits land 10–19 s after the
+/// 502, and most are listed only after the settle time: the window where
+/// the bridge, seeing nothing listed, sends the commit again after its
+/// token was spent (a late resend lands after that, on a spent token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_suite_creates_and_commits_landing_late_behind_lagging_lists_make_each_replica_exactly_once()
+ {
+    let seed: u64 = std::env::var("LATE_SUITE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    // The order twice: more commits, more of them late.
+    let mut run = Run::start_with([ORDER, ORDER].concat()).await;
+    run.env
+        .insert("APPROVAL_BRIDGE_RECONCILE_SETTLE_SECS".into(), "20".into());
+    let plan = FaultPlan {
+        late: Some(LatePlan {
+            rate: 0.5,
+            create_delay: Duration::from_secs(1)..Duration::from_secs(4),
+            commit_delay: Duration::from_secs(10)..Duration::from_secs(19),
+        }),
+        list_lag: Some(Duration::from_secs(3)..Duration::from_secs(14)),
+        ..FaultPlan::latency(LATENCY, seed)
+    };
+    let phala = run.proxy("APPROVAL_BRIDGE_PHALA_API_URL", plan).await;
+    let serve = run.serve().await;
+    run.queue(&run.bridge()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let signer = run.sign_and_execute(stop.clone());
+    run.wait_finished(Duration::from_secs(480)).await;
+    stop.store(true, Ordering::SeqCst);
+    let executions = signer.await.unwrap();
+    // What Phala holds is final only once every late call has landed.
+    phala.late_calls_landed().await;
+    drop(serve);
+
+    let figures = run.verify().await;
+    let stats = phala.stats();
+    if !figures.problems.is_empty() {
+        eprintln!(
+            "late suite: the calls on the sources in question (times since the proxy started):\n{}",
+            figures.calls_on_suspects(&stats.journal)
+        );
+    }
+    eprintln!(
+        "late suite (seed {seed}): {}; {executions} Safe executions; {} late completions injected (landed, by Phala's status: {:?}); {} lagged list answers ({} new CVMs left out); {}",
+        figures.line(),
+        stats
+            .faults
+            .get(&Fault::LateCompletion)
+            .copied()
+            .unwrap_or(0),
+        stats.late_landed,
+        stats.lagged_lists,
+        stats.hidden,
+        faults_line("phala", &stats),
+    );
+    assert!(
+        stats.faults.contains_key(&Fault::LateCompletion) && stats.lagged_lists > 0,
+        "late completions and lagged lists were injected"
+    );
+    figures.assert_exactly_once();
 }

@@ -2,20 +2,25 @@
 //! calls (Phala Cloud, the Safe Transaction Service, the JSON-RPC node), as a
 //! real network and real gateways do: answers that arrive slowly, errors after
 //! the upstream already acted, gateway pages instead of JSON, timeouts,
-//! resets and rate limits.
+//! resets and rate limits. And as an eventually consistent API does: a create
+//! or commit that the gateway gave up on but that reaches Phala seconds later
+//! ([`LatePlan`]), and instance lists that show a new CVM only some seconds
+//! after it was created (`FaultPlan::list_lag`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::Url;
+use serde_json::Value;
 
 /// A fault, and whether the upstream saw the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,6 +39,9 @@ pub enum Fault {
     RateLimited,
     /// Forwarded; answered, but late (within the client's timeout).
     Slow,
+    /// A create or commit: a gateway's HTML 502 at once, and the very same
+    /// request reaches the upstream later ([`LatePlan`]).
+    LateCompletion,
 }
 
 pub const ALL_FAULTS: [Fault; 7] = [
@@ -58,7 +66,28 @@ pub struct FaultPlan {
     pub hold: Duration,
     /// Extra delay of a `Slow` answer.
     pub slow: Duration,
+    /// Creates and commits that complete after the client got its error.
+    pub late: Option<LatePlan>,
+    /// How long a CVM that a create or commit made stays out of the instance
+    /// lists (`GET /apps/{app}/cvms`, `GET /cvms/paginated`) and the status
+    /// batch, drawn per CVM. `None`: listed at once.
+    pub list_lag: Option<Range<Duration>>,
     pub seed: u64,
+}
+
+/// Late completion: Phala's gateway times out, Phala goes on. A share of the
+/// creates (`POST /cvms/{id}/replicas` without `X-Prepare-Only: true`) and
+/// commits (`POST /cvms/{id}/commit-replica`) get an HTML 502 at once, and the
+/// request exactly as the client sent it (method, path, query, headers, body,
+/// so the commit token too) is forwarded after a delay; its answer is dropped.
+/// Seen at Phala from outside: a call lands 1–30 s after the gateway gave
+/// up, and a new CVM is listed 5–40 s after it was made.
+#[derive(Debug, Clone)]
+pub struct LatePlan {
+    /// Share of the creates and commits that complete late, 0.0–1.0.
+    pub rate: f64,
+    pub create_delay: Range<Duration>,
+    pub commit_delay: Range<Duration>,
 }
 
 impl FaultPlan {
@@ -70,6 +99,8 @@ impl FaultPlan {
             latency,
             hold: Duration::from_secs(5),
             slow: Duration::from_millis(800),
+            late: None,
+            list_lag: None,
             seed,
         }
     }
@@ -80,6 +111,51 @@ impl FaultPlan {
 pub struct FaultStats {
     pub calls: usize,
     pub faults: BTreeMap<Fault, usize>,
+    /// Late creates and commits that reached the upstream, by the status it
+    /// answered (2xx: the CVM was made late; 466: the token was spent or
+    /// superseded by then; 0: the upstream could not be reached).
+    pub late_landed: BTreeMap<u16, usize>,
+    /// Late creates and commits still waiting to be forwarded.
+    pub late_pending: usize,
+    /// List and status-batch answers that left out at least one new CVM.
+    pub lagged_lists: usize,
+    /// CVMs left out, summed over those answers.
+    pub hidden: usize,
+    /// Every prepare, create and commit, and every late landing, in order.
+    pub journal: Vec<Journaled>,
+}
+
+/// One prepare, create or commit as the proxy saw it, or the late landing
+/// of one: what a reader needs to tell which call made which CVM.
+#[derive(Debug, Clone)]
+pub struct Journaled {
+    /// Since the proxy started.
+    pub at: Duration,
+    pub path: String,
+    /// A commit's token, or the one a prepare's 465 issued.
+    pub token: Option<String>,
+    /// What the client heard: a status, `timeout` or `reset`; `late landing`
+    /// for a late call reaching the upstream (nobody hears its answer).
+    pub client: String,
+    /// What the upstream answered; `None` when the call did not reach it.
+    pub upstream: Option<u16>,
+    /// The CVM its answer names.
+    pub created: Option<String>,
+}
+
+impl std::fmt::Display for Journaled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>7.2} s POST {} token {:?}: client {}, upstream {:?}, CVM {:?}",
+            self.at.as_secs_f64(),
+            self.path,
+            self.token,
+            self.client,
+            self.upstream,
+            self.created
+        )
+    }
 }
 
 impl FaultStats {
@@ -91,7 +167,8 @@ impl FaultStats {
 pub struct FaultProxy {
     pub url: Url,
     stats: Arc<Mutex<FaultStats>>,
-    enabled: Arc<std::sync::atomic::AtomicBool>,
+    enabled: Arc<AtomicBool>,
+    pending: Arc<AtomicUsize>,
 }
 
 #[derive(Clone)]
@@ -101,7 +178,12 @@ struct Shared {
     plan: Arc<FaultPlan>,
     rng: Arc<Mutex<StdRng>>,
     stats: Arc<Mutex<FaultStats>>,
-    enabled: Arc<std::sync::atomic::AtomicBool>,
+    enabled: Arc<AtomicBool>,
+    /// Late calls not yet forwarded.
+    pending: Arc<AtomicUsize>,
+    /// When each new CVM (normalized `vm_uuid`) shows in the lists.
+    visible_at: Arc<Mutex<HashMap<String, Instant>>>,
+    started: Instant,
 }
 
 impl FaultProxy {
@@ -109,7 +191,8 @@ impl FaultProxy {
     /// the path of each call is kept).
     pub async fn start(upstream: Url, plan: FaultPlan) -> FaultProxy {
         let stats = Arc::new(Mutex::new(FaultStats::default()));
-        let enabled = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let enabled = Arc::new(AtomicBool::new(true));
+        let pending = Arc::new(AtomicUsize::new(0));
         let shared = Shared {
             upstream,
             http: reqwest::Client::new(),
@@ -117,6 +200,9 @@ impl FaultProxy {
             plan: Arc::new(plan),
             stats: stats.clone(),
             enabled: enabled.clone(),
+            pending: pending.clone(),
+            visible_at: Arc::default(),
+            started: Instant::now(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap())
@@ -128,22 +214,106 @@ impl FaultProxy {
             url,
             stats,
             enabled,
+            pending,
         }
     }
 
     pub fn stats(&self) -> FaultStats {
-        self.stats.lock().unwrap().clone()
+        let mut stats = self.stats.lock().unwrap().clone();
+        stats.late_pending = self.pending.load(Ordering::SeqCst);
+        stats
     }
 
-    /// Turns faults and latency off (or back on), e.g. for the final check.
+    /// Turns faults, latency and list lag off (or back on), e.g. for the
+    /// final check. Late calls already under way still land.
     pub fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.enabled.store(on, Ordering::SeqCst);
+    }
+
+    /// Waits until every late create and commit has reached the upstream
+    /// (each does within the plan's longest delay), so that what the
+    /// upstream holds afterwards is final.
+    pub async fn late_calls_landed(&self) {
+        while self.pending.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// One call as the client sent it, kept whole so it can be sent again later.
+#[derive(Clone)]
+struct Call {
+    method: Method,
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// The Phala calls the proxy treats apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A create: `POST /cvms/{id}/replicas` without `X-Prepare-Only: true`.
+    Create,
+    /// A prepare: the same with the header. Phala ignores the header for
+    /// Cloud-KMS sources and creates, so its answer may name a new CVM too.
+    Prepare,
+    Commit,
+    /// `GET /apps/{app}/cvms`: an array of CVMs.
+    AppCvms,
+    /// `GET /cvms/paginated`: `{items, total, ...}`.
+    Paginated,
+    /// `POST /status/batch`: a map from the ids as sent to their status.
+    StatusBatch,
+    Other,
+}
+
+impl Kind {
+    fn of(call: &Call) -> Kind {
+        let segments: Vec<&str> = call.path.trim_end_matches('/').split('/').collect();
+        let tail = |n: usize| {
+            segments
+                .get(segments.len().saturating_sub(n)..)
+                .unwrap_or_default()
+        };
+        let post = call.method == Method::POST;
+        let get = call.method == Method::GET;
+        match tail(3) {
+            ["cvms", _, "replicas"] if post => {
+                let prepare = call
+                    .headers
+                    .get("x-prepare-only")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+                if prepare { Kind::Prepare } else { Kind::Create }
+            }
+            ["cvms", _, "commit-replica"] if post => Kind::Commit,
+            ["apps", _, "cvms"] if get => Kind::AppCvms,
+            [_, "cvms", "paginated"] if get => Kind::Paginated,
+            [_, "status", "batch"] if post => Kind::StatusBatch,
+            _ => Kind::Other,
+        }
+    }
+
+    fn makes_cvms(self) -> bool {
+        matches!(self, Kind::Create | Kind::Prepare | Kind::Commit)
     }
 }
 
 async fn forward(State(proxy): State<Shared>, request: Request) -> Response {
-    let enabled = proxy.enabled.load(std::sync::atomic::Ordering::SeqCst);
-    let (fault, latency) = {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 16 * 1024 * 1024).await else {
+        return (StatusCode::BAD_REQUEST, "unreadable body").into_response();
+    };
+    let call = Call {
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts.headers,
+        body,
+    };
+    let kind = Kind::of(&call);
+    let enabled = proxy.enabled.load(Ordering::SeqCst);
+    let (fault, latency, late) = {
         let mut rng = proxy.rng.lock().unwrap();
         let plan = &proxy.plan;
         let latency = if enabled && plan.latency.end > plan.latency.start {
@@ -151,9 +321,26 @@ async fn forward(State(proxy): State<Shared>, request: Request) -> Response {
         } else {
             Duration::ZERO
         };
-        let fault = (enabled && !plan.faults.is_empty() && rng.gen_bool(plan.rate))
-            .then(|| plan.faults[rng.gen_range(0..plan.faults.len())]);
-        (fault, latency)
+        // Drawn only when a late plan applies, so the other suites' draws
+        // (and their seeds) stay as they were.
+        let late = match (&plan.late, kind) {
+            (Some(late), Kind::Create | Kind::Commit) if enabled && rng.gen_bool(late.rate) => {
+                let delay = if kind == Kind::Create {
+                    &late.create_delay
+                } else {
+                    &late.commit_delay
+                };
+                Some(draw(&mut rng, delay))
+            }
+            _ => None,
+        };
+        let fault = if late.is_some() {
+            Some(Fault::LateCompletion)
+        } else {
+            (enabled && !plan.faults.is_empty() && rng.gen_bool(plan.rate))
+                .then(|| plan.faults[rng.gen_range(0..plan.faults.len())])
+        };
+        (fault, latency, late)
     };
     {
         let mut stats = proxy.stats.lock().unwrap();
@@ -162,15 +349,44 @@ async fn forward(State(proxy): State<Shared>, request: Request) -> Response {
             *stats.faults.entry(fault).or_default() += 1;
         }
     }
+    if let Some(delay) = late {
+        // Counted before the client hears anything, so a caller that waits
+        // for the late calls never misses one.
+        proxy.pending.fetch_add(1, Ordering::SeqCst);
+        let late_proxy = proxy.clone();
+        let late_call = call.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let landed = send_upstream(&late_proxy, &late_call).await;
+            late_proxy.journal(kind, &late_call, "late landing", landed.as_ref().ok());
+            {
+                let mut stats = late_proxy.stats.lock().unwrap();
+                let status = landed.as_ref().map_or(0, |u| u.0.as_u16());
+                *stats.late_landed.entry(status).or_default() += 1;
+            }
+            if let Ok(upstream) = &landed {
+                late_proxy.note_new_cvm(kind, upstream);
+            }
+            late_proxy.pending.fetch_sub(1, Ordering::SeqCst);
+        });
+        proxy.journal(kind, &call, "502 (late)", None);
+        tokio::time::sleep(latency).await;
+        return bad_gateway();
+    }
     tokio::time::sleep(latency).await;
 
     match fault {
-        Some(Fault::BadGatewayHtml) => return bad_gateway(),
+        Some(Fault::BadGatewayHtml) => {
+            proxy.journal(kind, &call, "502", None);
+            return bad_gateway();
+        }
         Some(Fault::Timeout) => {
+            proxy.journal(kind, &call, "timeout", None);
             tokio::time::sleep(proxy.plan.hold).await;
             return bad_gateway();
         }
         Some(Fault::RateLimited) => {
+            proxy.journal(kind, &call, "429", None);
             return (
                 StatusCode::TOO_MANY_REQUESTS,
                 [("Retry-After", "1")],
@@ -180,10 +396,19 @@ async fn forward(State(proxy): State<Shared>, request: Request) -> Response {
         }
         _ => {}
     }
-    let upstream = match send_upstream(&proxy, request).await {
+    let upstream = match send_upstream(&proxy, &call).await {
         Ok(upstream) => upstream,
         Err(err) => return (StatusCode::BAD_GATEWAY, err.to_string()).into_response(),
     };
+    // The CVM exists whatever the client hears next.
+    proxy.note_new_cvm(kind, &upstream);
+    let heard = match fault {
+        Some(Fault::ErrorAfterSuccess) => "502".to_owned(),
+        Some(Fault::TimeoutAfterSuccess) => "timeout".to_owned(),
+        Some(Fault::ResetAfterSuccess) => "reset".to_owned(),
+        _ => upstream.0.as_u16().to_string(),
+    };
+    proxy.journal(kind, &call, &heard, Some(&upstream));
     match fault {
         Some(Fault::ErrorAfterSuccess) => bad_gateway(),
         Some(Fault::TimeoutAfterSuccess) => {
@@ -209,22 +434,151 @@ async fn forward(State(proxy): State<Shared>, request: Request) -> Response {
         }
         Some(Fault::Slow) => {
             tokio::time::sleep(proxy.plan.slow).await;
-            rebuild(upstream)
+            rebuild(proxy.lag_lists(kind, upstream, enabled))
         }
-        _ => rebuild(upstream),
+        _ => rebuild(proxy.lag_lists(kind, upstream, enabled)),
+    }
+}
+
+fn draw(rng: &mut StdRng, range: &Range<Duration>) -> Duration {
+    if range.end > range.start {
+        rng.gen_range(range.clone())
+    } else {
+        range.start
+    }
+}
+
+/// A `vm_uuid` as Phala may write it: with or without dashes, in any case.
+fn normalize(vm_uuid: &str) -> String {
+    vm_uuid.replace('-', "").to_lowercase()
+}
+
+impl Shared {
+    /// Notes a prepare, create or commit in the journal.
+    fn journal(&self, kind: Kind, call: &Call, client: &str, upstream: Option<&Upstream>) {
+        if !kind.makes_cvms() {
+            return;
+        }
+        let answer = upstream.and_then(|u| serde_json::from_slice::<Value>(&u.2).ok());
+        // A commit names its token in the body (or the query); a prepare's
+        // 465 issues one in its details.
+        let token = serde_json::from_slice::<Value>(&call.body)
+            .ok()
+            .and_then(|b| b["token"].as_str().map(str::to_owned))
+            .or_else(|| {
+                answer.as_ref().and_then(|a| {
+                    a["detail"]["details"]
+                        .as_array()?
+                        .iter()
+                        .find(|d| d["field"] == "commit_token")?["value"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+            });
+        let created = answer
+            .as_ref()
+            .filter(|_| upstream.is_some_and(|u| u.0.is_success()))
+            .and_then(|a| a["vm_uuid"].as_str().map(str::to_owned));
+        let entry = Journaled {
+            at: self.started.elapsed(),
+            path: call.path.clone(),
+            token,
+            client: client.to_owned(),
+            upstream: upstream.map(|u| u.0.as_u16()),
+            created,
+        };
+        self.stats.lock().unwrap().journal.push(entry);
+    }
+
+    /// A create or commit that made a CVM: from now on the lists leave it
+    /// out for a while.
+    fn note_new_cvm(&self, kind: Kind, (status, _, body): &Upstream) {
+        let Some(lag) = &self.plan.list_lag else {
+            return;
+        };
+        if !kind.makes_cvms() || !status.is_success() {
+            return;
+        }
+        let Some(vm_uuid) = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["vm_uuid"].as_str().map(normalize))
+        else {
+            return;
+        };
+        let lag = draw(&mut self.rng.lock().unwrap(), lag);
+        self.visible_at
+            .lock()
+            .unwrap()
+            .entry(vm_uuid)
+            .or_insert_with(|| Instant::now() + lag);
+    }
+
+    fn hidden_now(&self, vm_uuid: &str) -> bool {
+        self.visible_at
+            .lock()
+            .unwrap()
+            .get(&normalize(vm_uuid))
+            .is_some_and(|at| Instant::now() < *at)
+    }
+
+    /// Leaves the CVMs not yet listed out of a list or status-batch answer.
+    fn lag_lists(&self, kind: Kind, upstream: Upstream, enabled: bool) -> Upstream {
+        let (status, headers, body) = upstream;
+        if !enabled || self.plan.list_lag.is_none() || !status.is_success() {
+            return (status, headers, body);
+        }
+        let Ok(mut json) = serde_json::from_slice::<Value>(&body) else {
+            return (status, headers, body);
+        };
+        let listed = |cvm: &Value| !cvm["vm_uuid"].as_str().is_some_and(|v| self.hidden_now(v));
+        let hidden = match (kind, &mut json) {
+            (Kind::AppCvms, Value::Array(cvms)) => {
+                let before = cvms.len();
+                cvms.retain(listed);
+                before - cvms.len()
+            }
+            (Kind::Paginated, Value::Object(page)) => {
+                let Some(Value::Array(items)) = page.get_mut("items") else {
+                    return (status, headers, body);
+                };
+                let before = items.len();
+                items.retain(listed);
+                let hidden = before - items.len();
+                if let Some(total) = page.get("total").and_then(Value::as_u64) {
+                    page.insert("total".into(), (total - hidden as u64).into());
+                }
+                hidden
+            }
+            (Kind::StatusBatch, Value::Object(map)) => {
+                let before = map.len();
+                map.retain(|id, _| !self.hidden_now(id));
+                before - map.len()
+            }
+            _ => 0,
+        };
+        if hidden == 0 {
+            return (status, headers, body);
+        }
+        {
+            let mut stats = self.stats.lock().unwrap();
+            stats.lagged_lists += 1;
+            stats.hidden += hidden;
+        }
+        (status, headers, Bytes::from(json.to_string()))
     }
 }
 
 type Upstream = (StatusCode, Vec<(String, String)>, Bytes);
 
-async fn send_upstream(proxy: &Shared, request: Request) -> anyhow::Result<Upstream> {
-    let (parts, body) = request.into_parts();
+async fn send_upstream(proxy: &Shared, call: &Call) -> anyhow::Result<Upstream> {
     let mut url = proxy.upstream.clone();
-    url.set_path(parts.uri.path());
-    url.set_query(parts.uri.query());
-    let body = axum::body::to_bytes(body, 16 * 1024 * 1024).await?;
-    let mut outgoing = proxy.http.request(parts.method.clone(), url).body(body);
-    for (name, value) in &parts.headers {
+    url.set_path(&call.path);
+    url.set_query(call.query.as_deref());
+    let mut outgoing = proxy
+        .http
+        .request(call.method.clone(), url)
+        .body(call.body.clone());
+    for (name, value) in &call.headers {
         if name != "host" && name != "content-length" {
             outgoing = outgoing.header(name, value);
         }
@@ -326,5 +680,191 @@ mod tests {
         let (answer, seen) = through(Fault::Slow).await;
         assert_eq!(answer.unwrap(), (200, "{\"ok\": true}".to_owned()));
         assert_eq!(seen, 1);
+    }
+
+    #[tokio::test]
+    async fn a_late_commit_answers_502_at_once_and_reaches_the_upstream_unchanged_later() {
+        let upstream = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string("{\"vm_uuid\": \"v\"}"))
+            .mount(&upstream)
+            .await;
+        let plan = FaultPlan {
+            late: Some(LatePlan {
+                rate: 1.0,
+                create_delay: Duration::from_secs(3)..Duration::from_secs(4),
+                commit_delay: Duration::from_secs(3)..Duration::from_secs(4),
+            }),
+            ..FaultPlan::latency(Duration::ZERO..Duration::ZERO, 1)
+        };
+        let proxy = FaultProxy::start(upstream.uri().parse().unwrap(), plan).await;
+        let client = reqwest::Client::new();
+        let body = "{\"token\": \"tok-1\", \"compose_hash\": \"ab\"}";
+        let answer = client
+            .post(
+                proxy
+                    .url
+                    .join("/api/v1/cvms/x/commit-replica?token=tok-1")
+                    .unwrap(),
+            )
+            .header("X-API-Key", "key")
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 502);
+        assert!(answer.text().await.unwrap().contains("<html>"));
+        assert_eq!(proxy.stats().late_pending, 1);
+        // A prepare is never late: it makes no CVM.
+        let prepare = client
+            .post(proxy.url.join("/api/v1/cvms/x/replicas").unwrap())
+            .header("X-Prepare-Only", "true")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(prepare.status(), 200);
+
+        proxy.late_calls_landed().await;
+        let seen = upstream.received_requests().await.unwrap();
+        let commits: Vec<_> = seen
+            .iter()
+            .filter(|r| r.url.path().ends_with("/commit-replica"))
+            .collect();
+        assert_eq!(commits.len(), 1, "forwarded once");
+        let commit = commits[0];
+        assert_eq!(
+            commit.body,
+            body.as_bytes(),
+            "the same body, token included"
+        );
+        assert_eq!(commit.url.query(), Some("token=tok-1"));
+        assert_eq!(commit.headers.get("x-api-key").unwrap(), "key");
+        assert_eq!(
+            commit.headers.get("content-type").unwrap(),
+            "application/json"
+        );
+        let stats = proxy.stats();
+        assert_eq!(stats.faults.get(&Fault::LateCompletion), Some(&1));
+        assert_eq!(stats.late_landed.get(&200), Some(&1));
+        assert_eq!(stats.late_pending, 0);
+        // The journal tells the 502 the client heard from the late landing.
+        let commits: Vec<_> = stats
+            .journal
+            .iter()
+            .filter(|j| j.path.ends_with("/commit-replica"))
+            .map(|j| {
+                (
+                    j.client.as_str(),
+                    j.upstream,
+                    j.token.as_deref(),
+                    j.created.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            commits,
+            [
+                ("502 (late)", None, Some("tok-1"), None),
+                ("late landing", Some(200), Some("tok-1"), Some("v")),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_cvm_stays_out_of_the_lists_until_its_lag_has_passed() {
+        let upstream = MockServer::start().await;
+        let new = "0d0a6e1c-7c1b-4c57-9d7e-2d1f0e5b9a01";
+        let old = "11111111-2222-3333-4444-555555555555";
+        Mock::given(method("POST"))
+            .and(wiremock::matchers::path("/api/v1/cvms/src/replicas"))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(serde_json::json!({"vm_uuid": new})),
+            )
+            .mount(&upstream)
+            .await;
+        Mock::given(method("GET"))
+            .and(wiremock::matchers::path("/api/v1/apps/ab/cvms"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!([{"vm_uuid": old}, {"vm_uuid": new}])),
+            )
+            .mount(&upstream)
+            .await;
+        Mock::given(method("GET"))
+            .and(wiremock::matchers::path("/api/v1/cvms/paginated"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "items": [{"vm_uuid": old}, {"vm_uuid": new}], "total": 2, "page": 1
+            })))
+            .mount(&upstream)
+            .await;
+        Mock::given(method("POST"))
+            .and(wiremock::matchers::path("/api/v1/status/batch"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                new.replace('-', ""): {"status": "starting"}, old: {"status": "running"}
+            })))
+            .mount(&upstream)
+            .await;
+        let plan = FaultPlan {
+            list_lag: Some(Duration::from_secs(3)..Duration::from_secs(4)),
+            ..FaultPlan::latency(Duration::ZERO..Duration::ZERO, 1)
+        };
+        let proxy = FaultProxy::start(upstream.uri().parse().unwrap(), plan).await;
+        let client = reqwest::Client::new();
+        let get = |path: &'static str| {
+            let client = client.clone();
+            let url = proxy.url.join(path).unwrap();
+            async move {
+                let answer = client.get(url).send().await.unwrap();
+                answer.json::<Value>().await.unwrap()
+            }
+        };
+        let batch = || async {
+            let answer = client
+                .post(proxy.url.join("/api/v1/status/batch").unwrap())
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            answer.json::<Value>().await.unwrap()
+        };
+        // Listed before it exists at the upstream's: nothing to hide yet.
+        assert_eq!(
+            get("/api/v1/apps/ab/cvms").await.as_array().unwrap().len(),
+            2
+        );
+
+        let created = client
+            .post(proxy.url.join("/api/v1/cvms/src/replicas").unwrap())
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 200, "the create's own answer names it");
+        assert_eq!(
+            get("/api/v1/apps/ab/cvms").await,
+            serde_json::json!([{"vm_uuid": old}])
+        );
+        let page = get("/api/v1/cvms/paginated").await;
+        assert_eq!(
+            (page["items"].as_array().unwrap().len(), &page["total"]),
+            (1, &Value::from(1))
+        );
+        assert_eq!(batch().await.as_object().unwrap().len(), 1);
+        let stats = proxy.stats();
+        assert_eq!((stats.lagged_lists, stats.hidden), (3, 3));
+
+        // Listed once its lag has passed.
+        let mut listed = 0;
+        for _ in 0..100 {
+            listed = get("/api/v1/apps/ab/cvms").await.as_array().unwrap().len();
+            if listed == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(listed, 2);
+        assert_eq!(batch().await.as_object().unwrap().len(), 2);
     }
 }

@@ -9,9 +9,11 @@ use std::time::Duration;
 use alloy::primitives::{Bytes, U256};
 use approval_bridge::safe::{Operation, SafeTx};
 use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use crate::helpers::TestApp;
+use crate::pg_waits::{until_waiting_for_a_row, until_waiting_for_advisory_lock};
 use crate::phala_mock::*;
 use crate::safe_doubles::{OnPropose, ServiceDouble};
 use crate::safe_flow::{SafeWorld, mount_source_on};
@@ -109,8 +111,8 @@ async fn a_crash_while_ending_a_replaced_proposal_leaves_it_open_for_the_next_pa
 
 /// A request that joins a stored proposal while the proposal's submission
 /// is being recorded ends up awaiting approval with the others. The join's
-/// commit is slowed down by a deferred trigger, so the submission runs in
-/// the middle of it.
+/// commit is held by a deferred trigger until the submission has started,
+/// so the submission runs in the middle of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
     let world = SafeWorld::start().await;
@@ -144,15 +146,27 @@ async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
     app.steps(2).await;
     assert_eq!(app.status_of(&second).await, "awaiting_proposal");
 
+    // The join's commit waits, in a deferred trigger, for an advisory lock
+    // the test holds: the join's own locks stay held until the test lets go.
+    const GATE: i64 = 0x5afe_f10e;
+    let mut gate = PgConnection::connect(&app.database_url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(GATE)
+        .execute(&mut gate)
+        .await
+        .unwrap();
     for statement in [
-        "CREATE FUNCTION test_slow_commit() RETURNS trigger AS $$
-         BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$ LANGUAGE plpgsql",
-        "CREATE CONSTRAINT TRIGGER test_slow_link AFTER UPDATE ON replica_requests
+        format!(
+            "CREATE FUNCTION test_held_commit() RETURNS trigger AS $$
+             BEGIN PERFORM pg_advisory_xact_lock({GATE}); RETURN NULL; END $$ LANGUAGE plpgsql"
+        ),
+        "CREATE CONSTRAINT TRIGGER test_held_link AFTER UPDATE ON replica_requests
          DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
          WHEN (OLD.proposal_id IS NULL AND NEW.proposal_id IS NOT NULL)
-         EXECUTE FUNCTION test_slow_commit()",
+         EXECUTE FUNCTION test_held_commit()"
+            .to_owned(),
     ] {
-        sqlx::query(statement).execute(&app.db).await.unwrap();
+        sqlx::query(&statement).execute(&app.db).await.unwrap();
     }
     let now = app.clock.now();
     let second_id: Uuid = second.parse().unwrap();
@@ -165,12 +179,29 @@ async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    app.store
-        .mark_submitted(proposal, now, "proposed to the Safe")
+    // The join is committing, with its locks held.
+    until_waiting_for_advisory_lock(&app.database_url, GATE).await;
+    let submit = {
+        let store = app.store.clone();
+        tokio::spawn(async move {
+            store
+                .mark_submitted(proposal, now, "proposed to the Safe")
+                .await
+        })
+    };
+    // The submission runs in the middle of the join's commit: it waits for
+    // the rows the join holds (unless it needs none of them).
+    tokio::select! {
+        _ = until_waiting_for_a_row(&app.database_url) => {}
+        _ = async { while !submit.is_finished() { tokio::time::sleep(Duration::from_millis(5)).await } } => {}
+    }
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(GATE)
+        .execute(&mut gate)
         .await
         .unwrap();
     join.await.unwrap().unwrap();
+    submit.await.unwrap().unwrap();
 
     for id in [&first, &second] {
         let request: Value = app.get_replica(id).await;

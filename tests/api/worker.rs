@@ -14,6 +14,7 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::{PHALA_API_KEY, TestApp, spawn_app, spawn_app_with, test_settings};
+use crate::pg_waits::until_workers_idle_and_listening;
 use crate::phala_mock::*;
 
 async fn commit_token_in_db(app: &crate::helpers::TestApp, id: &str) -> Option<String> {
@@ -811,8 +812,8 @@ async fn a_notification_wakes_a_sleeping_worker() {
         prepared_body("t", 1, false, false, true),
     )
     .await;
-    // Let the worker reach its idle wait.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The worker has found nothing to do and waits, listening.
+    until_workers_idle_and_listening(&app.database_url).await;
     let id = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
     for _ in 0..100 {
         if app.status_of(&id).await == "awaiting_proposal" {
