@@ -734,7 +734,8 @@ async fn two_instances_share_the_work_and_one_finishes_it_when_the_other_dies() 
 ///
 /// The ranges are shorter than the (1–30 s late, 5–40 s lag) to fit
 /// CI, and keep one rule of the world: a late create lands and is listed
-/// within the bridge's settle time (its default, 20 s). A create carries no
+/// within the bridge's settle time (20 s here, shorter than the default
+/// 120 s, so that resends happen while lists still lag). A create carries no
 /// token, so past that time no client could tell a lost create from a late
 /// one. A commit carries one: Phala refuses its second use with 466, so a
 /// late commit may land and be listed well after the settle time, and the
