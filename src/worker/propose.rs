@@ -951,7 +951,9 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
 /// Keeps the confirmations shown with each proposal current: which owners
 /// confirmed, read from the Transaction Service every few seconds while it
 /// is open, and once more after it ended (owners may confirm and execute
-/// between two reads; the final tally must still show who signed).
+/// between two reads; the final tally must still show who signed). One list
+/// call per Safe covers all of its due proposals, so a pass costs the same
+/// with one open proposal as with a hundred.
 async fn refresh_confirmations(
     worker: &Worker,
     flow: &SafeFlow,
@@ -962,35 +964,63 @@ async fn refresh_confirmations(
         .store
         .proposals_to_check(now - CHECK_EVERY, now - FINAL_READ_WITHIN)
         .await?;
-    for proposal in due {
-        if !scope.takes_proposal(&proposal) {
-            continue;
-        }
-        let hash: B256 = proposal.safe_tx_hash.parse()?;
-        let chain_id = proposal.chain_id as u64;
-        match flow.service(chain_id)?.get_transaction(hash).await {
-            Ok(Some(tx)) => {
-                let confirmed: Vec<String> = tx.confirmations.iter().map(|o| lower(*o)).collect();
-                let threshold = tx.confirmations_required.map(|t| t as i32);
-                // Proposals stored before owners were kept learn them once.
-                let owners = match &proposal.owners {
-                    Some(_) => None,
-                    None => safe_owners(flow, &proposal).await,
-                };
-                worker
-                    .store
-                    .set_confirmations(proposal.id, now, &confirmed, threshold, owners.as_deref())
-                    .await?;
+    let mut by_safe: BTreeMap<(i64, String), Vec<ProposalRow>> = BTreeMap::new();
+    for proposal in due.into_iter().filter(|p| scope.takes_proposal(p)) {
+        by_safe
+            .entry((proposal.chain_id, proposal.safe.clone()))
+            .or_default()
+            .push(proposal);
+    }
+    for ((chain_id, safe), proposals) in by_safe {
+        let safe: Address = safe.parse()?;
+        let lowest = proposals.iter().map(|p| p.nonce).min().unwrap_or(0) as u64;
+        let highest = proposals.iter().map(|p| p.nonce).max().unwrap_or(0) as u64;
+        let listed = match flow
+            .service(chain_id as u64)?
+            .list_transactions(safe, lowest..=highest)
+            .await
+        {
+            Ok(listed) => listed,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot refresh confirmations");
+                continue;
             }
-            // Not (or no longer) known to the service: the last tally stands.
-            Ok(None) => {
-                let kept = proposal.confirmed_by.clone().unwrap_or_default();
-                worker
-                    .store
-                    .set_confirmations(proposal.id, now, &kept, None, None)
-                    .await?
+        };
+        let by_hash: HashMap<String, _> = listed
+            .into_iter()
+            .map(|tx| (tx.safe_tx_hash.to_string(), tx))
+            .collect();
+        for proposal in proposals {
+            match by_hash.get(&proposal.safe_tx_hash) {
+                Some(tx) => {
+                    let confirmed: Vec<String> =
+                        tx.confirmations.iter().map(|o| lower(*o)).collect();
+                    let threshold = tx.confirmations_required.map(|t| t as i32);
+                    // Proposals stored before owners were kept learn them once.
+                    let owners = match &proposal.owners {
+                        Some(_) => None,
+                        None => safe_owners(flow, &proposal).await,
+                    };
+                    worker
+                        .store
+                        .set_confirmations(
+                            proposal.id,
+                            now,
+                            &confirmed,
+                            threshold,
+                            owners.as_deref(),
+                        )
+                        .await?;
+                }
+                // Not (or no longer) known to the service: the last tally stands.
+                None => {
+                    let kept = proposal.confirmed_by.clone().unwrap_or_default();
+                    worker
+                        .store
+                        .set_confirmations(proposal.id, now, &kept, None, None)
+                        .await?
+                }
             }
-            Err(err) => tracing::debug!(error = %err, "cannot refresh confirmations"),
         }
     }
     Ok(())

@@ -28,6 +28,7 @@ mod safe_doubles;
 mod safe_flow;
 mod safe_flow_atomic;
 mod safe_flow_batches;
+mod safe_flow_confirmations;
 mod safe_flow_errors;
 mod safe_flow_owner;
 mod safe_flow_repost;

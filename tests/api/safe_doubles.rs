@@ -134,6 +134,19 @@ impl SafeService for ServiceDouble {
         }))
     }
 
+    fn list_transactions(
+        &self,
+        safe: Address,
+        nonces: std::ops::RangeInclusive<u64>,
+    ) -> BoxFuture<'_, Result<Vec<ServiceTx>, SafeServiceError>> {
+        Box::pin(self.counted(async move {
+            match self.on_propose {
+                OnPropose::Refuse(status) | OnPropose::RefuseAll(status) => Err(refusal(status)),
+                _ => self.inner.list_transactions(safe, nonces).await,
+            }
+        }))
+    }
+
     fn register_delegate<'a>(
         &'a self,
         registration: &'a DelegateRegistration,
