@@ -248,11 +248,11 @@ async fn plan_chain(
     let read = async {
         let head = chain.head().await?;
         let confirmed = head.saturating_sub(flow.confirmations.of(chain_id as u64));
-        let latest = chain.read_apps(&wanted).await?;
+        let latest = chain.read_apps_each(&wanted).await?;
         let settled = chain.allowed_at(&wanted, confirmed).await?;
         anyhow::Ok((latest, settled))
     };
-    let (states, settled) = match read.await {
+    let ((states, silent), settled) = match read.await {
         Ok(states) => states,
         Err(err) => {
             tracing::warn!(
@@ -270,6 +270,34 @@ async fn plan_chain(
             return Ok(moved);
         }
     };
+
+    // An app that does not answer owner() holds back its own requests only,
+    // with the reason on them; the rest of the chain is planned.
+    let (parsed, unreadable): (Vec<Member>, Vec<Member>) = parsed
+        .into_iter()
+        .partition(|m| states.contains_key(&m.app));
+    for app in &silent {
+        let requests: Vec<ReplicaRequest> = unreadable
+            .iter()
+            .filter(|m| m.app == *app)
+            .map(|m| m.request.clone())
+            .collect();
+        if requests.is_empty() || !scope.takes_orphans() {
+            continue;
+        }
+        let err = StoredError::new(
+            "APP-UNREADABLE",
+            &format!(
+                "app {} did not answer owner() on chain {chain_id}: it is not a DstackApp there, or it reverts",
+                app.to_checksum(None)
+            ),
+            Some(
+                "Check the app id Phala reports for the source; the bridge reads the app again shortly.",
+            ),
+        );
+        tracing::warn!(chain_id, %app, requests = requests.len(), "an app does not answer owner(); its requests wait");
+        defer(worker, &requests, now + CHAIN_RETRY, Some(&err)).await?;
+    }
 
     // Sort the requests into Safe groups; settle the ones that need nothing.
     let mut owners: HashMap<Address, OwnerKind> = HashMap::new();

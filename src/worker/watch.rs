@@ -546,6 +546,11 @@ async fn decide(
         );
         tracing::error!(safe_tx_hash = %proposal.safe_tx_hash, message = %err.message, "Safe version changed");
         worker.store.note_on_requests(proposal.id, &err).await?;
+        // Nothing is committed on this evidence, but time-based expiry needs
+        // none: a proposal nobody executed still ends on time.
+        if proposal.execution_block.is_none() {
+            return expire_if_overdue(worker, flow, proposal, now).await;
+        }
         return Ok(false);
     }
 
