@@ -32,6 +32,7 @@ mod safe_flow_confirmations;
 mod safe_flow_errors;
 mod safe_flow_owner;
 mod safe_flow_repost;
+mod safe_flow_requeue;
 mod safe_flow_stalls;
 mod safe_service;
 mod sandbox_e2e;
