@@ -241,6 +241,24 @@ impl ChainClient {
         Ok(states)
     }
 
+    /// [`ChainClient::read_apps`] app by app: the states of the apps that
+    /// answered `owner()`, and the apps that did not (not a DstackApp on
+    /// this chain, or one that reverts), so one odd app holds back only the
+    /// requests on it.
+    pub async fn read_apps_each(
+        &self,
+        wanted: &[(Address, Vec<Registration>)],
+    ) -> anyhow::Result<(HashMap<Address, AppState>, Vec<Address>)> {
+        let (mut states, owners_read) = self.read_app_states(wanted, None).await?;
+        let silent: Vec<Address> = owners_read
+            .into_iter()
+            .filter(|(_, read)| !read)
+            .map(|(app, _)| app)
+            .collect();
+        states.retain(|app, _| !silent.contains(app));
+        Ok((states, silent))
+    }
+
     /// What is allowed as of `block`: like [`ChainClient::read_apps_at`],
     /// except that an app that does not answer there (not deployed yet at
     /// that block, say) allows nothing.

@@ -50,6 +50,15 @@ pub trait SafeService: Send + Sync {
         nonce_gte: u64,
     ) -> BoxFuture<'_, Result<Option<u64>, SafeServiceError>>;
 
+    /// The Safe's (trusted) proposals with a nonce in `nonces`, executed or
+    /// not, every page of them: one list call per page (200 a page) instead
+    /// of a call per proposal.
+    fn list_transactions(
+        &self,
+        safe: Address,
+        nonces: std::ops::RangeInclusive<u64>,
+    ) -> BoxFuture<'_, Result<Vec<ServiceTx>, SafeServiceError>>;
+
     /// Registers a delegate: a non-owner key allowed to propose for the
     /// delegator's Safes.
     fn register_delegate<'a>(
@@ -557,6 +566,47 @@ impl TxServiceClient {
         Ok(highest)
     }
 
+    pub async fn list_transactions(
+        &self,
+        safe: Address,
+        nonces: std::ops::RangeInclusive<u64>,
+    ) -> Result<Vec<ServiceTx>, SafeServiceError> {
+        let safe = safe.to_checksum(None);
+        let mut out = Vec::new();
+        // Paged by offset rather than by the `next` link, whose host is the
+        // service's own idea of its address (not always the gateway's).
+        for number in 0..MAX_LIST_PAGES {
+            let mut url = self.url(&["api", "v2", "safes", &safe, "multisig-transactions"]);
+            url.query_pairs_mut()
+                .append_pair("nonce__gte", &nonces.start().to_string())
+                .append_pair("nonce__lte", &nonces.end().to_string())
+                .append_pair("ordering", "nonce")
+                .append_pair("limit", &LIST_PAGE.to_string())
+                .append_pair("offset", &(number * LIST_PAGE).to_string());
+            let (status, body) = self.send(Method::GET, url, None).await?;
+            if status == StatusCode::NOT_FOUND {
+                return Err(SafeServiceError::Http {
+                    status: status.as_u16(),
+                    body,
+                });
+            }
+            let page: WireTxPage = decode(&body)?;
+            let listed = page.results.len();
+            for wire in page.results {
+                out.push(wire.into_service_tx()?);
+            }
+            if listed < LIST_PAGE || out.len() >= page.count {
+                return Ok(out);
+            }
+        }
+        Err(SafeServiceError::InvalidResponse(format!(
+            "more than {} proposals listed for nonces {}..={}",
+            MAX_LIST_PAGES * LIST_PAGE,
+            nonces.start(),
+            nonces.end()
+        )))
+    }
+
     pub async fn register_delegate(
         &self,
         registration: &DelegateRegistration,
@@ -627,6 +677,14 @@ impl SafeService for TxServiceClient {
         nonce_gte: u64,
     ) -> BoxFuture<'_, Result<Option<u64>, SafeServiceError>> {
         Box::pin(TxServiceClient::list_pending(self, safe, nonce_gte))
+    }
+
+    fn list_transactions(
+        &self,
+        safe: Address,
+        nonces: std::ops::RangeInclusive<u64>,
+    ) -> BoxFuture<'_, Result<Vec<ServiceTx>, SafeServiceError>> {
+        Box::pin(TxServiceClient::list_transactions(self, safe, nonces))
     }
 
     fn register_delegate<'a>(
@@ -724,6 +782,19 @@ fn parse_u64(value: &Value) -> Result<u64, SafeServiceError> {
 struct WirePage {
     #[serde(default)]
     results: Vec<WireListed>,
+}
+
+/// The most a list page holds: the service's `DefaultPagination.max_limit`.
+const LIST_PAGE: usize = 200;
+/// A bound on one listing, so a runaway service cannot keep the planner.
+const MAX_LIST_PAGES: usize = 10;
+
+#[derive(Deserialize)]
+struct WireTxPage {
+    #[serde(default)]
+    count: usize,
+    #[serde(default)]
+    results: Vec<WireTx>,
 }
 
 #[derive(Deserialize)]
@@ -1108,6 +1179,44 @@ mod tests {
         let service: Arc<dyn SafeService> = Arc::new(client);
         assert_eq!(service.list_pending(SAFE, 4).await.unwrap(), Some(6));
         assert_eq!(service.list_pending(SAFE, 9).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn list_transactions_asks_for_a_nonce_range_and_reads_every_page() {
+        let server = MockServer::start().await;
+        let listed = |n: u64| {
+            json!({
+                "safe": SAFE.to_checksum(None),
+                "safeTxHash": B256::left_padding_from(&n.to_be_bytes()).to_string(),
+                "nonce": n.to_string(),
+                "confirmations": [],
+                "confirmationsRequired": 2,
+                "isExecuted": false,
+                "trusted": true,
+            })
+        };
+        // 201 rows: a full first page, then one more.
+        let page = |offset: &str, rows: std::ops::Range<u64>| {
+            Mock::given(method("GET"))
+                .and(path(SAFE_PATH))
+                .and(query_param("nonce__gte", "3"))
+                .and(query_param("nonce__lte", "5"))
+                .and(query_param("ordering", "nonce"))
+                .and(query_param("limit", "200"))
+                .and(query_param("offset", offset))
+                .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                    "count": 201, "next": null, "previous": null,
+                    "results": rows.map(listed).collect::<Vec<_>>(),
+                })))
+                .expect(1)
+        };
+        page("0", 0..200).mount(&server).await;
+        page("200", 200..201).mount(&server).await;
+        let client = client(&server, None, 1000.0);
+        let all = client.list_transactions(SAFE, 3..=5).await.unwrap();
+        assert_eq!(all.len(), 201);
+        assert_eq!(all[200].nonce, 200);
+        assert_eq!(all[0].confirmations_required, Some(2));
     }
 
     #[tokio::test]

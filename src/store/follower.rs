@@ -25,8 +25,11 @@ pub struct Cursor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProposalEnd {
     Executed,
-    /// Executed with `ExecutionFailure`, or never executed in time.
+    /// Executed with `ExecutionFailure`: its nonce is used.
     Failed,
+    /// Nobody executed it in time. It fails, yet the owners may still
+    /// execute it: the follower keeps watching for that.
+    Expired,
     /// Its nonce was used by another transaction.
     Replaced,
     /// Everything it would register got allowed some other way.
@@ -37,7 +40,7 @@ impl ProposalEnd {
     fn as_str(self) -> &'static str {
         match self {
             ProposalEnd::Executed => "executed",
-            ProposalEnd::Failed => "failed",
+            ProposalEnd::Failed | ProposalEnd::Expired => "failed",
             ProposalEnd::Replaced => "replaced",
             ProposalEnd::Superseded => "superseded",
         }
@@ -45,10 +48,12 @@ impl ProposalEnd {
 }
 
 impl Store {
-    /// Chains with proposals the service accepted and nobody executed yet.
+    /// Chains with proposals the service accepted and nobody executed yet,
+    /// or ended ones the owners may still execute.
     pub async fn chains_to_follow(&self) -> Result<Vec<i64>, sqlx::Error> {
         sqlx::query_scalar!(
-            "SELECT DISTINCT chain_id FROM proposals WHERE status = 'proposed' AND submitted_at IS NOT NULL ORDER BY 1",
+            "SELECT DISTINCT chain_id FROM proposals
+             WHERE (status = 'proposed' AND submitted_at IS NOT NULL) OR watch_after_end ORDER BY 1",
         )
         .fetch_all(&self.pool)
         .await
@@ -63,6 +68,75 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await
+    }
+
+    /// Proposals of a chain that ended without executing and that the owners
+    /// may still execute (see [`ProposalRow::watch_after_end`]).
+    pub async fn proposals_watched_after_end(
+        &self,
+        chain_id: i64,
+    ) -> Result<Vec<ProposalRow>, sqlx::Error> {
+        query_proposals!(
+            "SELECT ",
+            " FROM proposals WHERE chain_id = $1 AND watch_after_end ORDER BY nonce",
+            chain_id,
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// The follower is done with an ended proposal: its nonce went to another
+    /// transaction, or it executed with `ExecutionFailure`.
+    pub async fn stop_watching(&self, proposal_id: Uuid) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            "UPDATE proposals SET watch_after_end = false WHERE id = $1",
+            proposal_id
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The owners executed a proposal after it ended: it is recorded as
+    /// executed, and each request that failed with it gets `report` as its
+    /// error (it stays failed: a failed request is final, and its caller may
+    /// have queued it again already), in one transaction. Returns how many
+    /// requests were told.
+    pub async fn executed_after_end(
+        &self,
+        proposal_id: Uuid,
+        now: DateTime<Utc>,
+        report: &StoredError,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ended = sqlx::query!(
+            "UPDATE proposals SET status = $2, watch_after_end = false, updated_at = $3
+             WHERE id = $1 AND watch_after_end AND status <> 'proposed'",
+            proposal_id,
+            ProposalEnd::Executed.as_str(),
+            now,
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if ended == 0 {
+            return Ok(0);
+        }
+        let told = sqlx::query!(
+            "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4,
+                updated_at = $5
+             WHERE proposal_id = $1 AND status = 'failed'",
+            proposal_id,
+            report.code,
+            clean(&report.message),
+            report.suggestion,
+            now,
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(told)
     }
 
     /// The apps the open proposals of a chain register on.
@@ -130,7 +204,7 @@ impl Store {
         Ok(sqlx::query!(
             "UPDATE proposals SET execution_tx_hash = NULL, execution_block = NULL, execution_block_hash = NULL,
                 execution_success = NULL
-             WHERE chain_id = $1 AND status = 'proposed' AND execution_block >= $2",
+             WHERE chain_id = $1 AND (status = 'proposed' OR watch_after_end) AND execution_block >= $2",
             chain_id,
             block,
         )
@@ -151,7 +225,7 @@ impl Store {
         sqlx::query!(
             "UPDATE proposals SET execution_tx_hash = $2, execution_block = $3, execution_block_hash = $4,
                 execution_success = $5
-             WHERE id = $1 AND status = 'proposed'",
+             WHERE id = $1 AND (status = 'proposed' OR watch_after_end)",
             proposal_id,
             tx_hash,
             block,
@@ -211,13 +285,15 @@ impl Store {
         // The row lock orders this after (or before) a request joining.
         let ended = sqlx::query!(
             "UPDATE proposals SET status = $2, updated_at = $3,
-                last_error_code = COALESCE($4, last_error_code), last_error_message = COALESCE($5, last_error_message)
+                last_error_code = COALESCE($4, last_error_code), last_error_message = COALESCE($5, last_error_message),
+                watch_after_end = $6
              WHERE id = $1 AND status = 'proposed'",
             proposal_id,
             end.as_str(),
             now,
             error.map(|e| &e.code),
             error.map(|e| clean(&e.message)),
+            end == ProposalEnd::Expired,
         )
         .execute(&mut *tx)
         .await?

@@ -29,7 +29,8 @@ pub use orders::{IdempotencyKey, Order, QUOTA_WINDOW, Stored};
 pub use outbox::{DueDelivery, PendingNotification};
 pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
 pub use proposals::{
-    NewProposal, ProposalConflict, ProposalRow, RequestRegistration, StoredRegistration,
+    NewProposal, ProposalConflict, ProposalRow, ProposalStored, RequestRegistration,
+    StoredRegistration,
 };
 pub use request_filters::RequestFilter;
 pub use requests::{

@@ -46,6 +46,12 @@ pub struct ProposalRow {
     pub owners: Option<Vec<String>>,
     /// The owners (lowercase) whose confirmation the Transaction Service holds.
     pub confirmed_by: Option<Vec<String>>,
+    /// When it was stored, or opened again for a batch with the same calls
+    /// at its nonce: the bound on posting it runs from here.
+    pub opened_at: DateTime<Utc>,
+    /// Ended without executing, yet the owners may still execute it: the
+    /// follower watches for that until the Safe uses its nonce.
+    pub watch_after_end: bool,
 }
 
 /// `sqlx::query_as!` of [`ProposalRow`]s: the SQL is `$before`, every
@@ -59,7 +65,7 @@ macro_rules! query_proposals {
                 + "id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
     status, proposer, gas_estimate, submitted_at, next_attempt_at, confirmations, threshold, checked_at,
     execution_tx_hash, execution_block, last_error_code, last_error_message, created_at, updated_at,
-    proposed_block, execution_block_hash, execution_success, owners, confirmed_by"
+    proposed_block, execution_block_hash, execution_success, owners, confirmed_by, opened_at, watch_after_end"
                 + $after
             $(, $arg)*
         )
@@ -105,7 +111,24 @@ pub struct NewProposal {
     pub request_ids: Vec<Uuid>,
 }
 
-/// Why a proposal could not be stored; both mean "plan again".
+/// Where [`Store::insert_proposal`] put the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProposalStored {
+    /// In the new proposal.
+    New(Uuid),
+    /// In a stored proposal with the same safeTxHash, opened again.
+    Reopened(Uuid),
+}
+
+impl ProposalStored {
+    pub fn id(self) -> Uuid {
+        match self {
+            ProposalStored::New(id) | ProposalStored::Reopened(id) => id,
+        }
+    }
+}
+
+/// Why a proposal could not be stored; all but `HashTaken` mean "plan again".
 #[derive(Debug, thiserror::Error)]
 pub enum ProposalConflict {
     #[error("nonce {wanted} is taken; the next free nonce is {next}")]
@@ -114,6 +137,10 @@ pub enum ProposalConflict {
     RequestsTaken,
     #[error("the planner's lease on {0} ended")]
     LeaseLost(String),
+    /// The same transaction is stored already and cannot be opened again
+    /// (it executed, or its nonce was used).
+    #[error("the same Safe transaction is stored already as a proposal that is {status}")]
+    HashTaken { status: String },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -232,12 +259,19 @@ impl Store {
     /// Stores a proposal and links its requests, under a per-Safe lock so two
     /// planners never take the same nonce: no open proposal of the Safe may
     /// hold `p.nonce`. With `fence`, the planner's job lease must still hold.
+    ///
+    /// The same calls at the same nonce hash alike. A stored proposal with
+    /// that hash which ended without executing (it expired, or the service
+    /// refused it, or the bridge gave up posting it) is still valid at the
+    /// service, owners' confirmations and all: it is opened again, to be
+    /// posted (or found at the service) once more, instead of stored twice.
+    /// Returns the id of the proposal the requests are linked to.
     pub async fn insert_proposal(
         &self,
         p: &NewProposal,
         now: DateTime<Utc>,
         fence: Option<&JobLease>,
-    ) -> Result<(), ProposalConflict> {
+    ) -> Result<ProposalStored, ProposalConflict> {
         let mut tx = self.pool.begin().await?;
         if let Some(lease) = fence
             && !still_held(&mut tx, lease).await?
@@ -268,46 +302,82 @@ impl Store {
                 next: highest.unwrap_or(p.nonce) + 1,
             });
         }
-        sqlx::query!(
-            "INSERT INTO proposals (id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data,
-                operation, status, proposer, gas_estimate, next_attempt_at, created_at, updated_at, proposed_block,
-                owners, threshold)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'proposed', $11, $12, $13, $13, $13, $14, $15, $16)",
-            p.id,
-            p.chain_id,
-            p.safe,
-            p.safe_version,
-            p.nonce,
+        let same = sqlx::query!(
+            "SELECT id, status, execution_tx_hash FROM proposals WHERE safe_tx_hash = $1 FOR UPDATE",
             p.safe_tx_hash,
-            p.to_address,
-            p.value,
-            p.data,
-            p.operation,
-            p.proposer,
-            p.gas_estimate,
-            now,
-            p.proposed_block,
-            &p.owners,
-            p.threshold,
         )
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        for (position, call) in p.calls.iter().enumerate() {
-            sqlx::query!(
-                "INSERT INTO proposal_calls (proposal_id, position, app_id, kind, value) VALUES ($1, $2, $3, $4, $5)",
+        let stored = match same {
+            None => {
+                sqlx::query!(
+                "INSERT INTO proposals (id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data,
+                    operation, status, proposer, gas_estimate, next_attempt_at, created_at, updated_at, opened_at,
+                    proposed_block, owners, threshold)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'proposed', $11, $12, $13, $13, $13, $13, $14, $15, $16)",
                 p.id,
-                position as i32,
-                call.app_id,
-                call.kind,
-                call.value,
+                p.chain_id,
+                p.safe,
+                p.safe_version,
+                p.nonce,
+                p.safe_tx_hash,
+                p.to_address,
+                p.value,
+                p.data,
+                p.operation,
+                p.proposer,
+                p.gas_estimate,
+                now,
+                p.proposed_block,
+                &p.owners,
+                p.threshold,
             )
             .execute(&mut *tx)
             .await?;
-        }
+                for (position, call) in p.calls.iter().enumerate() {
+                    sqlx::query!(
+                    "INSERT INTO proposal_calls (proposal_id, position, app_id, kind, value) VALUES ($1, $2, $3, $4, $5)",
+                    p.id,
+                    position as i32,
+                    call.app_id,
+                    call.kind,
+                    call.value,
+                )
+                .execute(&mut *tx)
+                .await?;
+                }
+                ProposalStored::New(p.id)
+            }
+            Some(old)
+                if matches!(old.status.as_str(), "failed" | "superseded")
+                    && old.execution_tx_hash.is_none() =>
+            {
+                // Posted again from scratch: `submitted_at` is set anew once the
+                // service has it, and the follower scans from today's head.
+                sqlx::query!(
+                    "UPDATE proposals SET status = 'proposed', submitted_at = NULL, next_attempt_at = $2,
+                        opened_at = $2, updated_at = $2, proposed_block = $3, gas_estimate = $4, owners = $5,
+                        threshold = $6, last_error_code = NULL, last_error_message = NULL,
+                        watch_after_end = false, execution_block = NULL, execution_block_hash = NULL,
+                        execution_success = NULL
+                     WHERE id = $1",
+                    old.id,
+                    now,
+                    p.proposed_block,
+                    p.gas_estimate,
+                    &p.owners,
+                    p.threshold,
+                )
+                .execute(&mut *tx)
+                .await?;
+                ProposalStored::Reopened(old.id)
+            }
+            Some(old) => return Err(ProposalConflict::HashTaken { status: old.status }),
+        };
         let linked = sqlx::query!(
             "UPDATE replica_requests SET proposal_id = $1, safe = $2, updated_at = $4
              WHERE id = ANY($3) AND status = 'awaiting_proposal' AND proposal_id IS NULL",
-            p.id,
+            stored.id(),
             p.safe,
             &p.request_ids,
             now,
@@ -319,7 +389,7 @@ impl Store {
             return Err(ProposalConflict::RequestsTaken);
         }
         tx.commit().await?;
-        Ok(())
+        Ok(stored)
     }
 
     /// Links a waiting request to an open proposal that already carries what
@@ -538,22 +608,28 @@ impl Store {
         Ok(())
     }
 
-    /// The service refused the proposal: it fails, and so do its requests,
-    /// each keeping the service's answer verbatim, in one transaction.
+    /// The service refused the proposal, or the bridge gave up posting it:
+    /// it fails, and so do its requests, each keeping the service's answer
+    /// verbatim, in one transaction. `watch_after_end`: the service may hold
+    /// it all the same (an answer was lost), so the follower watches for the
+    /// owners executing it.
     pub async fn reject_proposal(
         &self,
         id: Uuid,
         now: DateTime<Utc>,
         error: &StoredError,
+        watch_after_end: bool,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let open = sqlx::query!(
-            "UPDATE proposals SET status = 'failed', last_error_code = $3, last_error_message = $4, updated_at = $2
+            "UPDATE proposals SET status = 'failed', last_error_code = $3, last_error_message = $4, updated_at = $2,
+                watch_after_end = $5
              WHERE id = $1 AND status = 'proposed'",
             id,
             now,
             error.code,
             clean(&error.message),
+            watch_after_end,
         )
         .execute(&mut *tx)
         .await?

@@ -616,6 +616,8 @@ mod tests {
             execution_success: None,
             owners: Some(owners.iter().map(|s| s.to_string()).collect()),
             confirmed_by: Some(confirmed.iter().map(|s| s.to_string()).collect()),
+            opened_at: now,
+            watch_after_end: false,
         }
     }
 

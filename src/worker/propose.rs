@@ -22,8 +22,8 @@ use crate::safe::{
     Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, build_safe_tx, gas,
 };
 use crate::store::{
-    Changes, JobLease, NewProposal, ProposalConflict, ProposalRow, ReplicaRequest, StoreError,
-    StoredError, StoredRegistration,
+    Changes, JobLease, NewProposal, ProposalConflict, ProposalRow, ProposalStored, ReplicaRequest,
+    StoreError, StoredError, StoredRegistration,
 };
 
 /// How long requests wait after a chain or service problem before planning again.
@@ -248,11 +248,11 @@ async fn plan_chain(
     let read = async {
         let head = chain.head().await?;
         let confirmed = head.saturating_sub(flow.confirmations.of(chain_id as u64));
-        let latest = chain.read_apps(&wanted).await?;
+        let latest = chain.read_apps_each(&wanted).await?;
         let settled = chain.allowed_at(&wanted, confirmed).await?;
         anyhow::Ok((latest, settled))
     };
-    let (states, settled) = match read.await {
+    let ((states, silent), settled) = match read.await {
         Ok(states) => states,
         Err(err) => {
             tracing::warn!(
@@ -270,6 +270,34 @@ async fn plan_chain(
             return Ok(moved);
         }
     };
+
+    // An app that does not answer owner() holds back its own requests only,
+    // with the reason on them; the rest of the chain is planned.
+    let (parsed, unreadable): (Vec<Member>, Vec<Member>) = parsed
+        .into_iter()
+        .partition(|m| states.contains_key(&m.app));
+    for app in &silent {
+        let requests: Vec<ReplicaRequest> = unreadable
+            .iter()
+            .filter(|m| m.app == *app)
+            .map(|m| m.request.clone())
+            .collect();
+        if requests.is_empty() || !scope.takes_orphans() {
+            continue;
+        }
+        let err = StoredError::new(
+            "APP-UNREADABLE",
+            &format!(
+                "app {} did not answer owner() on chain {chain_id}: it is not a DstackApp there, or it reverts",
+                app.to_checksum(None)
+            ),
+            Some(
+                "Check the app id Phala reports for the source; the bridge reads the app again shortly.",
+            ),
+        );
+        tracing::warn!(chain_id, %app, requests = requests.len(), "an app does not answer owner(); its requests wait");
+        defer(worker, &requests, now + CHAIN_RETRY, Some(&err)).await?;
+    }
 
     // Sort the requests into Safe groups; settle the ones that need nothing.
     let mut owners: HashMap<Address, OwnerKind> = HashMap::new();
@@ -718,15 +746,38 @@ async fn propose_group(
             .collect(),
         request_ids: proposing.iter().map(|r| r.id).collect(),
     };
-    match worker.store.insert_proposal(&new, now, fence).await {
-        Ok(()) => {}
+    let stored = match worker.store.insert_proposal(&new, now, fence).await {
+        Ok(stored) => stored,
         // Another worker planned these requests or took the nonce: plan
         // again next pass (not at once, so a conflict cannot spin a drain).
         Err(ProposalConflict::NonceTaken { .. } | ProposalConflict::RequestsTaken) => {
             return Ok(moved);
         }
+        // Cannot happen while the nonce is past the chain's; say so rather
+        // than wait in silence.
+        Err(ProposalConflict::HashTaken { status }) => {
+            let err = StoredError::new(
+                "PROPOSAL-CONFLICT",
+                &format!(
+                    "the Safe transaction {safe_tx_hash} (nonce {nonce}) is stored already as a proposal that is {status}"
+                ),
+                Some("The bridge plans again shortly; report this if it persists."),
+            );
+            tracing::error!(%safe_tx_hash, nonce, %status, "the planned transaction is stored already");
+            defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+            return Ok(moved);
+        }
         Err(err @ ProposalConflict::LeaseLost(_)) => return Err(err.into()),
         Err(ProposalConflict::Database(err)) => return Err(err.into()),
+    };
+    if let ProposalStored::Reopened(id) = stored {
+        // The same calls at the same nonce: the proposal that expired (or
+        // was refused) is still valid at the service, with any confirmations
+        // the owners gave it. Look it up there, and post it if it is not.
+        tracing::info!(%safe_tx_hash, nonce, requests = proposing.len(), "a stored proposal with the same calls and nonce is opened again");
+        let stored = worker.store.proposals(&[id]).await?.remove(0);
+        post_stored(worker, flow, &stored).await?;
+        return Ok(true);
     }
     // The HTTP request ids that queued them: each finds the proposal that batches it.
     let http_request_ids: Vec<&str> = proposing
@@ -756,28 +807,77 @@ async fn submit_stored(
         if !scope.takes_proposal(&proposal) {
             continue;
         }
-        moved |= match already_out(flow, &proposal).await {
-            Ok(Some(message)) => {
-                tracing::info!(safe_tx_hash = %proposal.safe_tx_hash, message = %message, "stored proposal is out already; following the chain");
-                worker
-                    .store
-                    .mark_submitted(proposal.id, worker.clock.now(), &message)
-                    .await?;
-                true
-            }
-            Ok(None) => submit(worker, flow, &proposal).await?,
-            Err(err) => {
-                let now = worker.clock.now();
-                tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, message = %err.message, "cannot look up the stored proposal; retrying later");
-                worker
-                    .store
-                    .proposal_retry_later(proposal.id, now, now + CHAIN_RETRY, &err)
-                    .await?;
-                false
-            }
-        };
+        moved |= post_stored(worker, flow, &proposal).await?;
     }
     Ok(moved)
+}
+
+/// Looks a stored proposal up, then posts it if it is not out yet.
+async fn post_stored(
+    worker: &Worker,
+    flow: &SafeFlow,
+    proposal: &ProposalRow,
+) -> anyhow::Result<bool> {
+    Ok(match already_out(flow, proposal).await {
+        Ok(Some(message)) => {
+            tracing::info!(safe_tx_hash = %proposal.safe_tx_hash, message = %message, "stored proposal is out already; following the chain");
+            worker
+                .store
+                .mark_submitted(proposal.id, worker.clock.now(), &message)
+                .await?;
+            true
+        }
+        Ok(None) => submit(worker, flow, proposal).await?,
+        Err(err) => {
+            let now = worker.clock.now();
+            if give_up_if_overdue(worker, flow, proposal, &err, false).await? {
+                return Ok(true);
+            }
+            tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, message = %err.message, "cannot look up the stored proposal; retrying later");
+            worker
+                .store
+                .proposal_retry_later(proposal.id, now, now + CHAIN_RETRY, &err)
+                .await?;
+            false
+        }
+    })
+}
+
+/// An unsent proposal holds its nonce: every later batch takes the next
+/// one, which the owners cannot execute before it. So a proposal the
+/// service has not accepted within the bound ends, whatever kept it out (a
+/// refusal, an outage, rate limits, timeouts), failing its requests with the
+/// last answer and freeing its nonce for the next batch. An answer may have
+/// been lost on the way back, so the service may hold it after all: the
+/// follower watches for the owners executing it. `refused`: the last answer
+/// was a refusal, not an outage. `true` when it ended.
+async fn give_up_if_overdue(
+    worker: &Worker,
+    flow: &SafeFlow,
+    proposal: &ProposalRow,
+    last: &StoredError,
+    refused: bool,
+) -> anyhow::Result<bool> {
+    let now = worker.clock.now();
+    let waited = now - proposal.opened_at;
+    if waited < chrono::Duration::from_std(flow.propose_give_up)? {
+        return Ok(false);
+    }
+    let minutes = waited.num_minutes();
+    let what = if refused { "refused" } else { "did not accept" };
+    let err = StoredError {
+        message: format!(
+            "the Safe Transaction Service {what} the proposal for {minutes} minutes; last answer: {}",
+            last.message
+        ),
+        ..last.clone()
+    };
+    tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, "giving up on an unsent proposal; its nonce is free for the next batch");
+    worker
+        .store
+        .reject_proposal(proposal.id, now, &err, true)
+        .await?;
+    Ok(true)
 }
 
 /// `Some(why)` when a stored proposal must not be posted again: the service
@@ -902,27 +1002,19 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
                     "The Safe Transaction Service refused the proposal; its message names the rule.",
                 ),
             );
-            worker.store.reject_proposal(stored.id, now, &err).await?;
-            Ok(true)
-        }
-        // A refusal that outlasts the bound will not pass by itself.
-        Err(err)
-            if !err.is_transient()
-                && now - stored.created_at >= chrono::Duration::from_std(flow.propose_give_up)? =>
-        {
-            let minutes = (now - stored.created_at).num_minutes();
-            let err = StoredError::new(
-                &err.stored_code(),
-                &format!(
-                    "the Safe Transaction Service refused the proposal for {minutes} minutes; last answer: {err}"
-                ),
-                Some(err.suggestion()),
-            );
-            tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, code = %err.code, "giving up on a refused proposal");
-            worker.store.reject_proposal(stored.id, now, &err).await?;
+            worker
+                .store
+                .reject_proposal(stored.id, now, &err, false)
+                .await?;
             Ok(true)
         }
         Err(err) => {
+            let stored_err =
+                StoredError::new(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
+            // Refusals and outages alike are bounded: see `give_up_if_overdue`.
+            if give_up_if_overdue(worker, flow, stored, &stored_err, !err.is_transient()).await? {
+                return Ok(true);
+            }
             // Rate limits, outages and configuration trouble pass with time or a restart.
             let wait = match &err {
                 SafeServiceError::RateLimited {
@@ -932,8 +1024,6 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
                 _ => Duration::from_secs(300),
             };
             tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, error = %err, retry_in = ?wait, "proposal not accepted yet");
-            let stored_err =
-                StoredError::new(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
             worker
                 .store
                 .proposal_retry_later(
@@ -951,7 +1041,9 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
 /// Keeps the confirmations shown with each proposal current: which owners
 /// confirmed, read from the Transaction Service every few seconds while it
 /// is open, and once more after it ended (owners may confirm and execute
-/// between two reads; the final tally must still show who signed).
+/// between two reads; the final tally must still show who signed). One list
+/// call per Safe covers all of its due proposals, so a pass costs the same
+/// with one open proposal as with a hundred.
 async fn refresh_confirmations(
     worker: &Worker,
     flow: &SafeFlow,
@@ -962,35 +1054,63 @@ async fn refresh_confirmations(
         .store
         .proposals_to_check(now - CHECK_EVERY, now - FINAL_READ_WITHIN)
         .await?;
-    for proposal in due {
-        if !scope.takes_proposal(&proposal) {
-            continue;
-        }
-        let hash: B256 = proposal.safe_tx_hash.parse()?;
-        let chain_id = proposal.chain_id as u64;
-        match flow.service(chain_id)?.get_transaction(hash).await {
-            Ok(Some(tx)) => {
-                let confirmed: Vec<String> = tx.confirmations.iter().map(|o| lower(*o)).collect();
-                let threshold = tx.confirmations_required.map(|t| t as i32);
-                // Proposals stored before owners were kept learn them once.
-                let owners = match &proposal.owners {
-                    Some(_) => None,
-                    None => safe_owners(flow, &proposal).await,
-                };
-                worker
-                    .store
-                    .set_confirmations(proposal.id, now, &confirmed, threshold, owners.as_deref())
-                    .await?;
+    let mut by_safe: BTreeMap<(i64, String), Vec<ProposalRow>> = BTreeMap::new();
+    for proposal in due.into_iter().filter(|p| scope.takes_proposal(p)) {
+        by_safe
+            .entry((proposal.chain_id, proposal.safe.clone()))
+            .or_default()
+            .push(proposal);
+    }
+    for ((chain_id, safe), proposals) in by_safe {
+        let safe: Address = safe.parse()?;
+        let lowest = proposals.iter().map(|p| p.nonce).min().unwrap_or(0) as u64;
+        let highest = proposals.iter().map(|p| p.nonce).max().unwrap_or(0) as u64;
+        let listed = match flow
+            .service(chain_id as u64)?
+            .list_transactions(safe, lowest..=highest)
+            .await
+        {
+            Ok(listed) => listed,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot refresh confirmations");
+                continue;
             }
-            // Not (or no longer) known to the service: the last tally stands.
-            Ok(None) => {
-                let kept = proposal.confirmed_by.clone().unwrap_or_default();
-                worker
-                    .store
-                    .set_confirmations(proposal.id, now, &kept, None, None)
-                    .await?
+        };
+        let by_hash: HashMap<String, _> = listed
+            .into_iter()
+            .map(|tx| (tx.safe_tx_hash.to_string(), tx))
+            .collect();
+        for proposal in proposals {
+            match by_hash.get(&proposal.safe_tx_hash) {
+                Some(tx) => {
+                    let confirmed: Vec<String> =
+                        tx.confirmations.iter().map(|o| lower(*o)).collect();
+                    let threshold = tx.confirmations_required.map(|t| t as i32);
+                    // Proposals stored before owners were kept learn them once.
+                    let owners = match &proposal.owners {
+                        Some(_) => None,
+                        None => safe_owners(flow, &proposal).await,
+                    };
+                    worker
+                        .store
+                        .set_confirmations(
+                            proposal.id,
+                            now,
+                            &confirmed,
+                            threshold,
+                            owners.as_deref(),
+                        )
+                        .await?;
+                }
+                // Not (or no longer) known to the service: the last tally stands.
+                None => {
+                    let kept = proposal.confirmed_by.clone().unwrap_or_default();
+                    worker
+                        .store
+                        .set_confirmations(proposal.id, now, &kept, None, None)
+                        .await?
+                }
             }
-            Err(err) => tracing::debug!(error = %err, "cannot refresh confirmations"),
         }
     }
     Ok(())

@@ -127,14 +127,15 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
         .chain(chain_id as u64)
         .ok_or_else(|| anyhow::anyhow!("no RPC URL is configured for chain {chain_id}"))?;
     let open = worker.store.open_proposals(chain_id).await?;
-    if open.is_empty() {
+    let ended = worker.store.proposals_watched_after_end(chain_id).await?;
+    if open.is_empty() && ended.is_empty() {
         let lag = metrics::gauge!(crate::metrics::FOLLOWER_LAG, "chain_id" => chain_id.to_string());
         // Nothing to follow: the follower is as far as it needs to be.
         lag.set(0.0);
         chain.unfollow();
         return Ok(false);
     }
-    let passed = scan(worker, flow, &chain, chain_id, &open).await;
+    let passed = scan(worker, flow, &chain, chain_id, &open, &ended).await;
     if passed.is_err() {
         // Maybe another provider answers next time: trust nothing seen so far.
         chain.connection_changed();
@@ -148,6 +149,7 @@ async fn scan(
     chain: &ChainClient,
     chain_id: i64,
     open: &[ProposalRow],
+    ended: &[ProposalRow],
 ) -> anyhow::Result<bool> {
     // An RPC that answers for another chain must not be believed.
     chain.check_chain_id_once().await?;
@@ -158,9 +160,12 @@ async fn scan(
         return expire_overdue(worker, flow, open).await;
     }
     let stored = worker.store.cursor(chain_id).await?;
-    let safes: BTreeSet<Address> = open.iter().filter_map(|p| p.safe.parse().ok()).collect();
+    // Ended proposals the owners may still execute are watched as the open
+    // ones are: their executions are in the same logs of the same Safes.
+    let watched: Vec<ProposalRow> = open.iter().chain(ended).cloned().collect();
+    let safes: BTreeSet<Address> = watched.iter().filter_map(|p| p.safe.parse().ok()).collect();
     let safe_list: Vec<Address> = safes.iter().copied().collect();
-    let earliest_open = open.iter().filter_map(|p| p.proposed_block).min();
+    let earliest_open = watched.iter().filter_map(|p| p.proposed_block).min();
     let cursor_block = stored.as_ref().map(|c| c.block_number as u64);
     let range = Range {
         earliest_open,
@@ -286,7 +291,7 @@ async fn scan(
                 unsettled.insert(log.address());
             }
         }
-        let anomalies = record_executions(worker, open, &safes, &logs).await?;
+        let anomalies = record_executions(worker, &watched, &safes, &logs).await?;
         // An odd log proves nothing about any proposal: report it on the
         // Safe's requests and move past it, so one log cannot stall the chain.
         for (safe, problem) in anomalies {
@@ -328,7 +333,8 @@ async fn scan(
     // the state at the head decides alike, and costs no second call.
     // Read again: the scan may have recorded executions on them.
     let current = worker.store.open_proposals(chain_id).await?;
-    let nonce_used = current.iter().any(|p| {
+    let current_ended = worker.store.proposals_watched_after_end(chain_id).await?;
+    let nonce_used = current.iter().chain(&current_ended).any(|p| {
         p.execution_block.is_none()
             && p.safe.parse::<Address>().ok().is_some_and(|safe| {
                 at_head
@@ -352,6 +358,9 @@ async fn scan(
     };
     for proposal in &current {
         moved |= decide(worker, flow, &view, proposal, now).await?;
+    }
+    for proposal in &current_ended {
+        moved |= settle_ended(worker, &view, proposal, now).await?;
     }
     if apps_touched {
         // A Safe that changed its VERSION() is doubtful evidence: its requests wait.
@@ -546,6 +555,11 @@ async fn decide(
         );
         tracing::error!(safe_tx_hash = %proposal.safe_tx_hash, message = %err.message, "Safe version changed");
         worker.store.note_on_requests(proposal.id, &err).await?;
+        // Nothing is committed on this evidence, but time-based expiry needs
+        // none: a proposal nobody executed still ends on time.
+        if proposal.execution_block.is_none() {
+            return expire_if_overdue(worker, flow, proposal, now).await;
+        }
         return Ok(false);
     }
 
@@ -593,7 +607,7 @@ async fn expire_if_overdue(
     proposal: &ProposalRow,
     now: DateTime<Utc>,
 ) -> anyhow::Result<bool> {
-    let submitted = proposal.submitted_at.unwrap_or(proposal.created_at);
+    let submitted = proposal.submitted_at.unwrap_or(proposal.opened_at);
     let timeout = chrono::Duration::seconds(flow.proposal_timeout.as_secs() as i64);
     if now - submitted <= timeout {
         // Not executed yet (or an execution reverted without an event,
@@ -611,21 +625,75 @@ async fn expire_if_overdue(
     );
     let ended = worker
         .store
-        .end_proposal(proposal.id, ProposalEnd::Failed, now, Some(&err), |_, _| {
-            RequestMove {
+        .end_proposal(
+            proposal.id,
+            ProposalEnd::Expired,
+            now,
+            Some(&err),
+            |_, _| RequestMove {
                 event: Event::Fail,
                 message: err.message.clone(),
                 changes: Changes {
                     error: Some(err.clone()),
                     ..Changes::default()
                 },
-            }
-        })
+            },
+        )
         .await?;
     if ended {
         tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, "proposal expired; its nonce is free for the next batch");
     }
     Ok(ended)
+}
+
+/// An ended proposal the owners may still execute. Executed (at confirmed
+/// depth): it is recorded so, and the requests that failed with it are told
+/// that what they needed is on chain now; a request that waits for the same
+/// registrations finds them allowed when it is planned, and commits. Its
+/// nonce used by another transaction, or executed with `ExecutionFailure`:
+/// nothing more can come of it.
+async fn settle_ended(
+    worker: &Worker,
+    view: &View<'_>,
+    proposal: &ProposalRow,
+    now: DateTime<Utc>,
+) -> anyhow::Result<bool> {
+    let safe: Address = proposal.safe.parse()?;
+    let state = view.states.get(&safe);
+    match (proposal.execution_block, proposal.execution_success) {
+        (Some(block), Some(success)) => {
+            if block as u64 > view.confirmed || state.is_none() {
+                return Ok(false);
+            }
+            if !success {
+                worker.store.stop_watching(proposal.id).await?;
+                return Ok(true);
+            }
+            let tx = proposal.execution_tx_hash.as_deref().unwrap_or("?");
+            let report = StoredError::new(
+                "PROPOSAL-EXECUTED-LATE",
+                &format!(
+                    "the Safe owners executed proposal {} in {tx} after the bridge had given up on it: \
+                     what this request needed is allowed on chain now",
+                    proposal.safe_tx_hash
+                ),
+                Some(
+                    "Queue the replica again: it commits without a new proposal (unless it was queued again already).",
+                ),
+            );
+            let told = worker
+                .store
+                .executed_after_end(proposal.id, now, &report)
+                .await?;
+            tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, execution = tx, requests = told, "an ended proposal was executed after all");
+            Ok(true)
+        }
+        _ if state.is_some_and(|(nonce, _)| *nonce > proposal.nonce as u64) => {
+            worker.store.stop_watching(proposal.id).await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// A confirmed `ExecutionSuccess`: re-read the registrations at the

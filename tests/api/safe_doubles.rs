@@ -24,6 +24,13 @@ pub enum OnPropose {
     AnswerLostOnce,
     /// Answers the first one 503 without passing it on, then forwards.
     UnavailableOnce,
+    /// Answers every one 503 without passing it on.
+    UnavailableAlways,
+    /// Passes every one on and answers as if the connection timed out;
+    /// every lookup and list times out as well.
+    AnswersLost,
+    /// Refuses the first one with a 422 without passing it on, then forwards.
+    RejectedOnce,
     /// Refuses every one, and every lookup of one, with this HTTP status
     /// (401, 403, 404...).
     Refuse(u16),
@@ -92,18 +99,20 @@ impl SafeService for ServiceDouble {
                 OnPropose::Forward => self.inner.propose(safe, proposal).await,
                 OnPropose::AnswerLostOnce if first => {
                     self.inner.propose(safe, proposal).await?;
-                    Err(SafeServiceError::Transport {
-                        message: "operation timed out".into(),
-                        timed_out: true,
-                    })
+                    Err(timed_out())
                 }
-                OnPropose::UnavailableOnce if first => Err(SafeServiceError::Unavailable {
-                    status: 503,
-                    body: r#"{"exception":"Problem connecting to Ethereum network"}"#.into(),
+                OnPropose::UnavailableOnce if first => Err(unavailable()),
+                OnPropose::UnavailableAlways => Err(unavailable()),
+                OnPropose::AnswersLost => {
+                    self.inner.propose(safe, proposal).await?;
+                    Err(timed_out())
+                }
+                OnPropose::RejectedOnce if first => Err(SafeServiceError::Rejected {
+                    body: r#"{"nonFieldErrors":["Sender is not an owner or delegate"]}"#.into(),
                 }),
-                OnPropose::AnswerLostOnce | OnPropose::UnavailableOnce => {
-                    self.inner.propose(safe, proposal).await
-                }
+                OnPropose::AnswerLostOnce
+                | OnPropose::UnavailableOnce
+                | OnPropose::RejectedOnce => self.inner.propose(safe, proposal).await,
                 OnPropose::Refuse(status) | OnPropose::RefuseAll(status) => Err(refusal(status)),
             }
         }))
@@ -116,6 +125,7 @@ impl SafeService for ServiceDouble {
         Box::pin(self.counted(async move {
             match self.on_propose {
                 OnPropose::Refuse(status) | OnPropose::RefuseAll(status) => Err(refusal(status)),
+                OnPropose::AnswersLost => Err(timed_out()),
                 _ => self.inner.get_transaction(safe_tx_hash).await,
             }
         }))
@@ -134,6 +144,20 @@ impl SafeService for ServiceDouble {
         }))
     }
 
+    fn list_transactions(
+        &self,
+        safe: Address,
+        nonces: std::ops::RangeInclusive<u64>,
+    ) -> BoxFuture<'_, Result<Vec<ServiceTx>, SafeServiceError>> {
+        Box::pin(self.counted(async move {
+            match self.on_propose {
+                OnPropose::Refuse(status) | OnPropose::RefuseAll(status) => Err(refusal(status)),
+                OnPropose::AnswersLost => Err(timed_out()),
+                _ => self.inner.list_transactions(safe, nonces).await,
+            }
+        }))
+    }
+
     fn register_delegate<'a>(
         &'a self,
         registration: &'a DelegateRegistration,
@@ -146,6 +170,20 @@ impl SafeService for ServiceDouble {
         delegate: Address,
     ) -> BoxFuture<'_, Result<Vec<Delegation>, SafeServiceError>> {
         Box::pin(self.counted(self.inner.delegates(delegate)))
+    }
+}
+
+fn unavailable() -> SafeServiceError {
+    SafeServiceError::Unavailable {
+        status: 503,
+        body: r#"{"exception":"Problem connecting to Ethereum network"}"#.into(),
+    }
+}
+
+fn timed_out() -> SafeServiceError {
+    SafeServiceError::Transport {
+        message: "operation timed out".into(),
+        timed_out: true,
     }
 }
 

@@ -466,6 +466,14 @@ impl SafeService for FirstProposeUnavailable {
         SafeService::list_pending(&self.inner, safe, nonce_gte)
     }
 
+    fn list_transactions(
+        &self,
+        safe: Address,
+        nonces: std::ops::RangeInclusive<u64>,
+    ) -> BoxFuture<'_, Result<Vec<ServiceTx>, SafeServiceError>> {
+        SafeService::list_transactions(&self.inner, safe, nonces)
+    }
+
     fn register_delegate<'a>(
         &'a self,
         registration: &'a DelegateRegistration,

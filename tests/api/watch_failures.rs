@@ -659,3 +659,29 @@ async fn a_token_refused_after_execution_is_prepared_again_and_committed_with_th
         ]
     );
 }
+
+/// A Safe that reports another version holds its proposals' commits back,
+/// not their expiry: with a new block at every pass (a live chain), the
+/// overdue proposal still ends on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_safe_that_reports_another_version_still_lets_its_proposals_expire() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    let ids = proposed(&world, &app, &[1]).await;
+    let (_, hash) = proposal_call(&app, &ids[0]).await;
+    report_another_version(&world).await;
+    mine(&world, 1).await;
+    app.drain_all(5).await;
+    assert_version_changed(&app.get_replica(&ids[0]).await);
+
+    app.clock
+        .advance(chrono::Duration::days(7) + chrono::Duration::seconds(1));
+    mine(&world, 1).await;
+    app.worker.watch_once().await.unwrap();
+    let request = app.get_replica(&ids[0]).await;
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(last_error(&request).0, "PROPOSAL-EXPIRED", "{request}");
+    assert_eq!(proposal_row(&app, &hash).await.0, "failed");
+    assert!(commits(&app).await.is_empty());
+}

@@ -1,0 +1,220 @@
+//! Queueing a replica again after its proposal ended, and proposals the
+//! service never accepted: the same calls at the same nonce reuse the stored
+//! proposal (same safeTxHash), an unsent proposal ends after the bound and
+//! frees its nonce, and an ended proposal the owners execute after all is
+//! noticed by the follower.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+use crate::phala_mock::*;
+use crate::safe_doubles::{OnPropose, ServiceDouble};
+use crate::safe_flow::{SafeWorld, mount_source_on};
+use crate::watch_commit::{commits, execute, mine, mount_commit_and_run, proposal_call, proposed};
+
+/// The bridge of `world` with the Transaction Service behind `on_propose`.
+async fn bridge_with(world: &SafeWorld, on_propose: OnPropose) -> TestApp {
+    let app = world.spawn_bridge().await;
+    let double = Arc::new(ServiceDouble::new(world, on_propose, Duration::ZERO));
+    app.worker.safe_flow().unwrap().set_service(31337, double);
+    mount_source_on(&app, world.app, false).await;
+    mount_commit_and_run(&app).await;
+    app
+}
+
+async fn queue_node(app: &TestApp, node: u32) -> String {
+    app.queue(&json!({"source": ONCHAIN_NAME, "node": node}))
+        .await
+        .remove(0)
+}
+
+async fn proposals(app: &TestApp) -> Vec<(String, String, i64)> {
+    sqlx::query_as("SELECT safe_tx_hash, status, nonce FROM proposals ORDER BY created_at")
+        .fetch_all(&app.db)
+        .await
+        .unwrap()
+}
+
+fn error_code(request: &Value) -> &str {
+    request["last_error"]["code"].as_str().unwrap_or_default()
+}
+
+/// Queues node 1 again once its first request failed with `code`: the new
+/// request reuses the stored proposal, and is done once the owners execute it.
+async fn queued_again_reuses_the_proposal(world: &SafeWorld, app: &TestApp, hash: &str) {
+    let again = queue_node(app, 1).await;
+    app.drain_all(10).await;
+    let request = app.get_replica(&again).await;
+    assert_eq!(request["status"], "awaiting_approval", "{request}");
+    assert_eq!(request["proposal"]["safe_tx_hash"], hash, "{request}");
+    assert_eq!(request["proposal"]["nonce"], 0, "{request}");
+    assert_eq!(request["proposal"]["status"], "proposed", "{request}");
+    assert_eq!(proposals(app).await.len(), 1, "stored once");
+    assert_eq!(world.service.stored_transactions(), 1);
+
+    let (call, _) = proposal_call(app, &again).await;
+    let execution = execute(world, call).await;
+    mine(world, 3).await;
+    app.drain_all(10).await;
+    let request = app.get_replica(&again).await;
+    assert_eq!(request["status"], "done", "{request}");
+    assert_eq!(request["proposal"]["execution_tx_hash"], execution.as_str());
+    assert_eq!(commits(app).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_replica_queued_again_after_its_proposal_expired_reuses_it_and_is_done() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    let first = proposed(&world, &app, &[1]).await.remove(0);
+    let (_, hash) = proposal_call(&app, &first).await;
+    app.clock
+        .advance(chrono::Duration::days(7) + chrono::Duration::seconds(1));
+    app.drain_all(3).await;
+    let request = app.get_replica(&first).await;
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(error_code(&request), "PROPOSAL-EXPIRED", "{request}");
+
+    // Its advice: queue the replica again. Same calls, same (freed) nonce,
+    // so the same safeTxHash as the stored proposal.
+    queued_again_reuses_the_proposal(&world, &app, &hash).await;
+    assert_eq!(
+        world.service.proposal_posts(hash.parse().unwrap()),
+        1,
+        "the service had it already: not posted again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_replica_queued_again_after_a_refusal_reuses_the_proposal_and_is_done() {
+    let world = SafeWorld::start().await;
+    let app = bridge_with(&world, OnPropose::RejectedOnce).await;
+    let first = queue_node(&app, 1).await;
+    app.drain_all(10).await;
+    let request = app.get_replica(&first).await;
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(error_code(&request), "SAFE-REJECTED", "{request}");
+    let hash = request["proposal"]["safe_tx_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    queued_again_reuses_the_proposal(&world, &app, &hash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_the_service_never_accepts_ends_after_the_bound_and_frees_its_nonce() {
+    let world = SafeWorld::start().await;
+    let app = bridge_with(&world, OnPropose::UnavailableAlways).await;
+    let first = queue_node(&app, 1).await;
+    app.drain().await;
+    // Tried again every 10 s while the service answers 503.
+    for _ in 0..5 {
+        app.clock.advance(chrono::Duration::seconds(11));
+        app.drain().await;
+        assert_eq!(app.status_of(&first).await, "awaiting_proposal");
+    }
+    app.clock.advance(chrono::Duration::minutes(60));
+    app.drain().await;
+    let request = app.get_replica(&first).await;
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(error_code(&request), "SAFE-HTTP-503", "{request}");
+    let message = request["last_error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("did not accept the proposal for 60 minutes"),
+        "{message}"
+    );
+    assert_eq!(request["proposal"]["status"], "failed", "{request}");
+
+    // The service is back: the next batch takes nonce 0, which the owners
+    // can execute, rather than 1 behind a proposal nobody can see.
+    let double = Arc::new(ServiceDouble::new(
+        &world,
+        OnPropose::Forward,
+        Duration::ZERO,
+    ));
+    app.worker.safe_flow().unwrap().set_service(31337, double);
+    let next = queue_node(&app, 2).await;
+    app.drain_all(10).await;
+    let request = app.get_replica(&next).await;
+    assert_eq!(request["status"], "awaiting_approval", "{request}");
+    assert_eq!(request["proposal"]["nonce"], 0, "{request}");
+    let (call, _) = proposal_call(&app, &next).await;
+    execute(&world, call).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+    assert_eq!(app.status_of(&next).await, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsent_proposal_the_owners_execute_after_the_bridge_gave_up_is_noticed() {
+    let world = SafeWorld::start().await;
+    // Every post reaches the service, and no answer comes back.
+    let app = bridge_with(&world, OnPropose::AnswersLost).await;
+    let first = queue_node(&app, 1).await;
+    app.drain().await;
+    app.clock.advance(chrono::Duration::minutes(61));
+    app.drain().await;
+    let request = app.get_replica(&first).await;
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(error_code(&request), "SAFE-TIMEOUT", "{request}");
+    let hash = request["proposal"]["safe_tx_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(world.service.stored_transactions(), 1, "the service has it");
+
+    // The owners find it in Safe{Wallet} and execute it.
+    let (call, _) = proposal_call(&app, &first).await;
+    let execution = execute(&world, call).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+    let request = app.get_replica(&first).await;
+    assert_eq!(request["proposal"]["status"], "executed", "{request}");
+    assert_eq!(request["proposal"]["execution_tx_hash"], execution.as_str());
+    // A failed request is final (its caller may have queued it again
+    // already): it is told what happened and what to do.
+    assert_eq!(request["status"], "failed", "{request}");
+    assert_eq!(error_code(&request), "PROPOSAL-EXECUTED-LATE", "{request}");
+    let message = request["last_error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&hash) && message.contains(&execution),
+        "{message}"
+    );
+
+    // Queued again, it finds everything allowed and commits, without a proposal.
+    let again = queue_node(&app, 1).await;
+    app.drain_all(10).await;
+    let request = app.get_replica(&again).await;
+    assert_eq!(request["status"], "done", "{request}");
+    assert!(request["proposal"].is_null(), "{request}");
+    assert_eq!(proposals(&app).await.len(), 1);
+    assert_eq!(commits(&app).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_proposal_the_owners_execute_later_is_noticed() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    let first = proposed(&world, &app, &[1]).await.remove(0);
+    let (call, hash) = proposal_call(&app, &first).await;
+    app.clock
+        .advance(chrono::Duration::days(7) + chrono::Duration::seconds(1));
+    app.drain_all(3).await;
+    assert_eq!(app.status_of(&first).await, "failed");
+
+    // Still in Safe{Wallet}: the owners execute it a day late.
+    let execution = execute(&world, call).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+    let request = app.get_replica(&first).await;
+    assert_eq!(request["proposal"]["status"], "executed", "{request}");
+    assert_eq!(request["proposal"]["safe_tx_hash"], hash.as_str());
+    assert_eq!(request["proposal"]["execution_tx_hash"], execution.as_str());
+    assert_eq!(error_code(&request), "PROPOSAL-EXECUTED-LATE", "{request}");
+}
