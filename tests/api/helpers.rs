@@ -66,9 +66,7 @@ pub fn sandbox_database() -> String {
 
 pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
     Settings {
-        database: DatabaseSettings {
-            database_url: database_url.to_owned().into(),
-        },
+        database: DatabaseSettings::new(database_url),
         listen: "127.0.0.1:0".parse().unwrap(),
         phala: PhalaSettings {
             phala_api_url: phala_url.parse().unwrap(),

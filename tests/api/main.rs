@@ -6,6 +6,7 @@ mod chain_rpc;
 mod chain_world;
 mod cli;
 mod conformance;
+mod db_bounds;
 mod delegate_cli;
 mod doctor;
 mod env_keys;

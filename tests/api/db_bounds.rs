@@ -1,0 +1,110 @@
+//! The database is bounded: no statement, lock wait or idle transaction
+//! outlives its setting, and intake answers the database's trouble clearly
+//! and in time.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::helpers::*;
+use crate::phala_mock::*;
+
+/// Far below the HTTP timeout (90 s): an answer within it is "prompt".
+const PROMPT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn an_order_whose_quota_lock_is_held_elsewhere_answers_503_promptly_and_stores_nothing() {
+    let app = spawn_app_with(|s| s.database.db_lock_timeout_secs = 1).await;
+    mount_onchain_source(&app.phala, &[]).await;
+    // Another transaction, stuck with the caller's quota lock.
+    let mut holder = PgConnection::connect(&app.database_url).await.unwrap();
+    let mut stuck = holder.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('quota:' || $1, 0))")
+        .bind("api:ci-bot")
+        .execute(&mut *stuck)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let response = app.post_replicas(&json!({"source": ONCHAIN_NAME})).await;
+    let (code, message) = error_of(response, 503).await;
+    assert!(started.elapsed() < PROMPT, "{:?}", started.elapsed());
+    assert_eq!(code, "database_busy");
+    assert!(message.contains("quota lock"), "{message}");
+    assert!(message.contains("nothing was stored"), "{message}");
+    assert_eq!(app.request_count().await, 0);
+
+    // Once the lock is free, the same order is stored.
+    stuck.rollback().await.unwrap();
+    assert_eq!(app.queue(&json!({"source": ONCHAIN_NAME})).await.len(), 1);
+}
+
+#[tokio::test]
+async fn every_pooled_connection_is_bounded_and_a_long_statement_is_cut() {
+    let app = spawn_app_with(|s| {
+        s.database.db_statement_timeout_secs = 1;
+        s.database.db_idle_in_transaction_timeout_secs = 7;
+        s.database.db_keepalive_secs = 9;
+    })
+    .await;
+    let started = Instant::now();
+    let err = sqlx::query("SELECT pg_sleep(60)")
+        .execute(&app.db)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < PROMPT, "{:?}", started.elapsed());
+    let code = err.as_database_error().and_then(|e| e.code());
+    assert_eq!(code.as_deref(), Some("57014"), "{err}"); // query_canceled
+
+    let mut conn = app.db.acquire().await.unwrap();
+    for (setting, value) in [
+        ("statement_timeout", "1s"),
+        ("lock_timeout", "5s"),
+        ("idle_in_transaction_session_timeout", "7s"),
+        ("tcp_keepalives_idle", "9"),
+        ("tcp_keepalives_interval", "3"),
+        ("tcp_keepalives_count", "3"),
+    ] {
+        let shown: String = sqlx::query_scalar(&format!("SHOW {setting}"))
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(shown, value, "{setting}");
+    }
+}
+
+#[tokio::test]
+async fn an_idle_transaction_is_ended_and_its_lock_released() {
+    let app = spawn_app_with(|s| s.database.db_idle_in_transaction_timeout_secs = 1).await;
+    mount_onchain_source(&app.phala, &[]).await;
+    // A pooled connection whose holder forgot its transaction, with the quota lock.
+    let mut forgotten = app.db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('quota:' || $1, 0))")
+        .bind("api:ci-bot")
+        .execute(&mut *forgotten)
+        .await
+        .unwrap();
+    // The server ends that session by itself; then the lock is free.
+    let direct = PgPool::connect(&app.database_url).await.unwrap();
+    let ended = async {
+        loop {
+            let idle: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND state = 'idle in transaction'",
+            )
+            .fetch_one(&direct)
+            .await
+            .unwrap();
+            if idle == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(PROMPT, ended)
+        .await
+        .expect("the idle transaction is ended");
+    assert_eq!(app.queue(&json!({"source": ONCHAIN_NAME})).await.len(), 1);
+    drop(forgotten);
+}
