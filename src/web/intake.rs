@@ -19,8 +19,8 @@ use super::views;
 use crate::domain::{Actor, Bytes32, InvalidOrder, NodeRef, ReplicaOrder};
 use crate::phala::{EnvKeyError, PhalaError, ResolveError, ResolvedSource, encrypt_env};
 use crate::store::{
-    IdempotencyKey, IdempotencyOutcome, NewRequest, Order, ReplicaRequest, Stored, StoredResponse,
-    Trouble,
+    IdempotencyKey, IdempotencyOutcome, LostCommit, NewRequest, Order, ReplicaRequest, Stored,
+    StoredResponse, Trouble,
 };
 
 /// Largest accepted request body.
@@ -170,6 +170,21 @@ fn write_error(err: WriteError) -> ApiError {
         WriteError::Database { trouble, message } => {
             tracing::warn!(error = %message, "an order was not stored");
             database_trouble(trouble)
+        }
+        WriteError::LostCommit(lost @ LostCommit::NotStored) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!("{lost}; retry later"),
+        ),
+        WriteError::LostCommit(lost @ LostCommit::Unknown(_)) => {
+            tracing::warn!(error = %lost, "an order's outcome is unknown");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "order_outcome_unknown",
+                "the connection to the database broke while the order was committed, and \
+                 whether it was stored is not known yet; send it again with the same \
+                 Idempotency-Key, or look for its requests before queuing it again",
+            )
         }
         WriteError::Other(message) => ApiError::Internal(anyhow::anyhow!(message)),
     }

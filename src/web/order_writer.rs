@@ -7,15 +7,15 @@
 //! refused) whole even if the caller that sent it goes away meanwhile.
 //!
 //! A failure is a [`WriteError`]: the database's trouble (a lock or
-//! statement timeout, no connection) is named, so intake can answer it
-//! clearly; anything else is a bug.
+//! statement timeout, no connection, a COMMIT whose answer was lost) is
+//! named, so intake can answer it clearly; anything else is a bug.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
-use crate::store::{Order, ReplicaRequest, Store, Stored, StoredResponse, Trouble};
+use crate::store::{LostCommit, Order, ReplicaRequest, Store, Stored, StoredResponse, Trouble};
 
 /// The most orders one transaction stores.
 const MAX_BATCH: usize = 64;
@@ -58,6 +58,9 @@ pub enum WriteError {
     /// nothing of the order was stored.
     #[error("{message}")]
     Database { trouble: Trouble, message: String },
+    /// The connection broke as the order was committed.
+    #[error(transparent)]
+    LostCommit(#[from] LostCommit),
     /// Anything else: a bug, or a failure nobody planned for.
     #[error("{0}")]
     Other(String),
@@ -65,6 +68,9 @@ pub enum WriteError {
 
 impl WriteError {
     fn from_anyhow(err: &anyhow::Error) -> Self {
+        if let Some(lost) = err.chain().find_map(|e| e.downcast_ref::<LostCommit>()) {
+            return WriteError::LostCommit(lost.clone());
+        }
         let message = format!("{err:#}");
         match Trouble::of(err) {
             Some(trouble) => WriteError::Database { trouble, message },
@@ -146,7 +152,8 @@ impl OrderWriter {
         };
         // One order's trouble must not fail the others: each again, alone. A
         // quota lock held elsewhere is one caller's trouble; a timed-out
-        // statement or no connection would be each order's too.
+        // statement or no connection would be each order's too, and a lost
+        // COMMIT's outcome is the whole batch's.
         let alone = orders.len() > 1
             && matches!(
                 err,

@@ -1,17 +1,38 @@
 //! The database is bounded: no statement, lock wait or idle transaction
-//! outlives its setting, and intake answers the database's trouble clearly
-//! and in time.
+//! outlives its setting, intake answers the database's trouble clearly and
+//! in time, and an order whose COMMIT answer was lost is answered by what
+//! was stored.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool};
+use wiremock::MockServer;
 
 use crate::helpers::*;
+use crate::pg_proxy::{PgFault, PgProxy};
 use crate::phala_mock::*;
 
 /// Far below the HTTP timeout (90 s): an answer within it is "prompt".
 const PROMPT: Duration = Duration::from_secs(30);
+
+fn ids_of(json: &Value) -> Vec<uuid::Uuid> {
+    json["replicas"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no replicas in {json}"))
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+async fn stored(db: &PgPool, ids: &[uuid::Uuid]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM replica_requests WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
 
 #[tokio::test]
 async fn an_order_whose_quota_lock_is_held_elsewhere_answers_503_promptly_and_stores_nothing() {
@@ -107,4 +128,63 @@ async fn an_idle_transaction_is_ended_and_its_lock_released() {
         .expect("the idle transaction is ended");
     assert_eq!(app.queue(&json!({"source": ONCHAIN_NAME})).await.len(), 1);
     drop(forgotten);
+}
+
+/// The app, on a fresh database reached through a [`PgProxy`].
+async fn app_behind_proxy() -> (TestApp, PgProxy, PgPool) {
+    let database_url = fresh_database().await;
+    let proxy = PgProxy::start(&database_url).await;
+    let app = spawn_app_on(
+        proxy.url.clone(),
+        Arc::new(MockServer::start().await),
+        |_| {},
+    )
+    .await;
+    mount_onchain_source(&app.phala, &[]).await;
+    let direct = PgPool::connect(&database_url).await.unwrap();
+    (app, proxy, direct)
+}
+
+#[tokio::test]
+async fn an_order_whose_commit_answer_was_lost_is_answered_202_as_stored() {
+    let (app, proxy, direct) = app_behind_proxy().await;
+    proxy.arm(PgFault::CommitAnswerLost);
+
+    let response = app
+        .post_replicas(&json!({"source": ONCHAIN_NAME, "count": 2}))
+        .await;
+    assert_eq!(proxy.tripped(), 1, "the COMMIT's answer was lost");
+    let status = response.status();
+    let json: Value = response.json().await.unwrap();
+    assert_eq!(status, 202, "{json}");
+    let ids = ids_of(&json);
+    assert_eq!(ids.len(), 2);
+    assert_eq!(stored(&direct, &ids).await, 2);
+    assert_eq!(app.request_count().await, 2, "stored once");
+}
+
+#[tokio::test]
+async fn an_order_whose_commit_never_arrived_answers_503_and_stores_nothing() {
+    let (app, proxy, direct) = app_behind_proxy().await;
+    proxy.arm(PgFault::CommitLost);
+
+    let response = app
+        .post_replicas_with(json!({"source": ONCHAIN_NAME}).to_string(), Some("k-1"))
+        .await;
+    assert_eq!(proxy.tripped(), 1);
+    let (code, message) = error_of(response, 503).await;
+    assert_eq!(code, "database_unavailable");
+    assert!(message.contains("not stored"), "{message}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM replica_requests")
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+
+    // Sent again, it is stored: the key was not used.
+    let response = app
+        .post_replicas_with(json!({"source": ONCHAIN_NAME}).to_string(), Some("k-1"))
+        .await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(app.request_count().await, 1);
 }

@@ -18,6 +18,7 @@ mod kms_mock;
 mod logs;
 mod notifications;
 mod operations;
+mod pg_proxy;
 mod phala_mock;
 mod phala_sim;
 mod prepare_checks;
