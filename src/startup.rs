@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chains;
-use crate::clock::Clock;
+use crate::clock::{self, Clock};
 use crate::config::Settings;
 use crate::notify::Notifier;
 use crate::phala::{EnvKeyVerifier, Lookups, PhalaClient};
@@ -39,6 +39,11 @@ impl Application {
         let pool = store::connect(&settings.database).await?;
         store::migrate(&pool).await?;
         let store = Store::new(pool);
+        // Every time is the database's, from the first one on.
+        clock
+            .sync(store.database_now())
+            .await
+            .context("cannot read the database's clock")?;
         let phala = PhalaClient::new(&settings.phala)?;
         if settings.api_tokens.is_empty() {
             tracing::warn!(
@@ -127,6 +132,11 @@ impl Application {
         let shutdown = self.shutdown.clone();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         tracing::info!(address = %self.listener.local_addr()?, workers = self.workers, "approval-bridge is serving");
+        tokio::spawn(sync_clock(
+            self.state.clock.clone(),
+            self.state.store.clone(),
+            shutdown.clone(),
+        ));
 
         let workers = (self.workers > 0)
             .then(|| tokio::spawn(self.worker.run(self.workers, shutdown.clone())));
@@ -149,6 +159,20 @@ impl Application {
             notifier.await.context("the notifier panicked")?;
         }
         served
+    }
+}
+
+/// Learns the database's time again every [`clock::SYNC_EVERY`]; a failed
+/// read keeps the offset learnt last.
+async fn sync_clock(clock: Clock, store: Store, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(clock::SYNC_EVERY) => {}
+        }
+        if let Err(err) = clock.sync(store.database_now()).await {
+            tracing::warn!(error = %err, "cannot read the database's clock; keeping the last offset");
+        }
     }
 }
 

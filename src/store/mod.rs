@@ -159,6 +159,13 @@ impl Store {
         &self.pool
     }
 
+    /// The database's clock, which every process shares (see [`crate::clock`]).
+    pub async fn database_now(&self) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
+        sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+            .fetch_one(&self.pool)
+            .await
+    }
+
     /// The database answers a query (the health check).
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query!("SELECT 1 AS one")

@@ -1,14 +1,17 @@
-//! The database is bounded: no statement, lock wait or idle transaction
-//! outlives its setting, intake answers the database's trouble clearly and
-//! in time, and an order whose COMMIT answer was lost is answered by what
-//! was stored.
+//! The database is bounded, and it is the clock: no statement, lock wait or
+//! idle transaction outlives its setting, intake answers the database's
+//! trouble clearly and in time, an order whose COMMIT answer was lost is
+//! answered by what was stored, and a process whose clock is off computes
+//! every time in the database's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use approval_bridge::clock::Clock;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool};
-use wiremock::MockServer;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 use crate::pg_proxy::{PgFault, PgProxy};
@@ -187,4 +190,65 @@ async fn an_order_whose_commit_never_arrived_answers_503_and_stores_nothing() {
         .await;
     assert_eq!(response.status(), 202);
     assert_eq!(app.request_count().await, 1);
+}
+
+async fn database_now(db: &PgPool) -> chrono::DateTime<chrono::Utc> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_process_whose_clock_is_an_hour_off_computes_due_times_in_database_time() {
+    for skew in [chrono::Duration::hours(1), chrono::Duration::hours(-1)] {
+        let app = spawn_app_with_clock(
+            fresh_database().await,
+            Arc::new(MockServer::start().await),
+            Clock::skewed_system(skew),
+            |_| {},
+        )
+        .await;
+        mount_onchain_source(&app.phala, &[]).await;
+        Mock::given(method("POST"))
+            .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
+            .respond_with(ResponseTemplate::new(503).set_body_string("upstream busy"))
+            .mount(&app.phala)
+            .await;
+        let near = |at: chrono::DateTime<chrono::Utc>, db: chrono::DateTime<chrono::Utc>| {
+            (at - db).abs() < chrono::Duration::seconds(10)
+        };
+        assert!(near(app.clock.now(), database_now(&app.db).await), "{skew}");
+
+        let id: uuid::Uuid = app.queue(&json!({"source": ONCHAIN_NAME})).await[0]
+            .parse()
+            .unwrap();
+        let created: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT created_at FROM replica_requests WHERE id = $1")
+                .bind(id)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        assert!(
+            near(created, database_now(&app.db).await),
+            "{skew}: {created}"
+        );
+
+        // queued → preparing, then a prepare that fails: retried after the backoff.
+        app.steps(2).await;
+        let (attempts, due_in): (i32, f64) = sqlx::query_as(
+            "SELECT attempts, extract(epoch FROM next_attempt_at - now())::float8
+             FROM replica_requests WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        assert_eq!(attempts, 1);
+        // The backoff is 2 s with jitter, on the database's clock.
+        assert!(
+            (-10.0..60.0).contains(&due_in),
+            "{skew}: due in {due_in} s of the database's time"
+        );
+    }
 }
