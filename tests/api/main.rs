@@ -39,6 +39,7 @@ mod sandbox_page;
 mod sandbox_process;
 mod secrets;
 mod signers_view;
+mod supervision;
 mod tracking;
 mod unknown_outcomes;
 mod watch_commit;

@@ -1,8 +1,8 @@
 //! A TCP proxy in front of Postgres that breaks a connection as a network
 //! does: after it forwarded a COMMIT (the server commits, its answer never
-//! comes back), or before a COMMIT reaches the server. It reads the
-//! frontend's messages to find them; everything else passes through
-//! untouched.
+//! comes back), before a COMMIT reaches the server, or when the connection
+//! asks to LISTEN. It reads the frontend's messages to find them; everything
+//! else passes through untouched.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,8 @@ pub enum PgFault {
     CommitAnswerLost,
     /// The next COMMIT is not forwarded; the connection is closed. Once.
     CommitLost,
+    /// Every connection that sends LISTEN is closed instead.
+    ListenBroken,
 }
 
 pub struct PgProxy {
@@ -84,6 +86,7 @@ fn verdict(fault: &Mutex<Option<PgFault>>, kind: u8, body: &[u8]) -> Verdict {
     let text = String::from_utf8_lossy(text).trim().to_ascii_uppercase();
     let mut fault = fault.lock().unwrap();
     match *fault {
+        Some(PgFault::ListenBroken) if text.starts_with("LISTEN") => Verdict::Drop,
         Some(PgFault::CommitAnswerLost) if text.starts_with("COMMIT") => {
             *fault = None;
             Verdict::ForwardThenDrop
