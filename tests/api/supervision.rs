@@ -24,7 +24,7 @@ async fn serve_whose_workers_cannot_listen_is_not_ready_and_exits_non_zero() {
     let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("serve-{}.log", uuid::Uuid::new_v4().simple()));
     let stderr = std::fs::File::create(&log).unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_approval-bridge"))
+    let serve = Command::new(env!("CARGO_BIN_EXE_approval-bridge"))
         .arg("serve")
         .env_clear()
         .env("DATABASE_URL", &proxy.url)
@@ -42,6 +42,8 @@ async fn serve_whose_workers_cannot_listen_is_not_ready_and_exits_non_zero() {
         .stderr(stderr)
         .spawn()
         .unwrap();
+    let mut serve = Killed(serve);
+    let serve = &mut serve.0;
     let log = move || std::fs::read_to_string(&log).unwrap_or_default();
 
     let http = reqwest::Client::builder()
@@ -99,4 +101,14 @@ async fn serve_whose_workers_cannot_listen_is_not_ready_and_exits_non_zero() {
         last.contains("worker pool stopped") && last.contains("LISTEN"),
         "{last}"
     );
+}
+
+/// Kills the child when the test ends, also by a failed assertion.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
