@@ -22,12 +22,74 @@ pub struct DatabaseSettings {
     /// Postgres connection URL.
     #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
     pub database_url: SecretString,
+
+    /// Longest statement on the bridge's connections, in seconds
+    /// (Postgres `statement_timeout`).
+    #[arg(long, env = "APPROVAL_BRIDGE_DB_STATEMENT_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub db_statement_timeout_secs: u64,
+
+    /// Longest wait for a lock (a row, or a caller's quota lock), in seconds
+    /// (Postgres `lock_timeout`).
+    #[arg(long, env = "APPROVAL_BRIDGE_DB_LOCK_TIMEOUT_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub db_lock_timeout_secs: u64,
+
+    /// Longest a transaction may sit idle before Postgres ends its session,
+    /// in seconds (Postgres `idle_in_transaction_session_timeout`).
+    #[arg(long, env = "APPROVAL_BRIDGE_DB_IDLE_IN_TRANSACTION_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub db_idle_in_transaction_timeout_secs: u64,
+
+    /// After this many idle seconds Postgres probes a connection with TCP
+    /// keepalives, and drops it after three unanswered probes a third of it
+    /// apart (Postgres `tcp_keepalives_*`).
+    #[arg(long, env = "APPROVAL_BRIDGE_DB_KEEPALIVE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub db_keepalive_secs: u64,
 }
 
 impl DatabaseSettings {
+    /// The URL with the default bounds, as `serve` has them without flags.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        DatabaseSettings {
+            database_url: SecretString::from(database_url.into()),
+            db_statement_timeout_secs: 30,
+            db_lock_timeout_secs: 5,
+            db_idle_in_transaction_timeout_secs: 60,
+            db_keepalive_secs: 30,
+        }
+    }
+
+    /// The URL's options, with the bounds every pooled connection gets: no
+    /// statement, lock wait or idle transaction outlives them, and the server
+    /// drops (and unlocks) a connection whose client has vanished.
     pub fn connect_options(&self) -> PgConnectOptions {
+        let ms = |secs: u64| (secs * 1000).to_string();
+        let keepalive = self.db_keepalive_secs;
         PgConnectOptions::from_str(self.database_url.expose_secret())
             .expect("validated when the settings were parsed")
+            .options([
+                ("statement_timeout", ms(self.db_statement_timeout_secs)),
+                ("lock_timeout", ms(self.db_lock_timeout_secs)),
+                (
+                    "idle_in_transaction_session_timeout",
+                    ms(self.db_idle_in_transaction_timeout_secs),
+                ),
+                ("tcp_keepalives_idle", keepalive.to_string()),
+                ("tcp_keepalives_interval", (keepalive / 3).to_string()),
+                ("tcp_keepalives_count", "3".to_owned()),
+                // Unacknowledged data (a write to a vanished client) fails as soon.
+                ("tcp_user_timeout", ms(keepalive * 2)),
+            ])
+    }
+
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_secs(self.db_lock_timeout_secs)
+    }
+
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_secs(self.db_statement_timeout_secs)
     }
 }
 

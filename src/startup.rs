@@ -1,12 +1,16 @@
 //! Building and running the service: `Application::build(settings)`, then
 //! `port()`, then `run_until_stopped()`. Tests run the real app on port 0.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chains;
-use crate::clock::Clock;
+use crate::clock::{self, Clock};
 use crate::config::Settings;
 use crate::notify::Notifier;
 use crate::phala::{EnvKeyVerifier, Lookups, PhalaClient};
@@ -20,6 +24,8 @@ pub struct Application {
     worker: Worker,
     notifier: Option<Notifier>,
     workers: usize,
+    /// How long a process whose background task stopped stays up, not ready.
+    grace: Duration,
     shutdown: CancellationToken,
 }
 
@@ -39,6 +45,11 @@ impl Application {
         let pool = store::connect(&settings.database).await?;
         store::migrate(&pool).await?;
         let store = Store::new(pool);
+        // Every time is the database's, from the first one on.
+        clock
+            .sync(store.database_now())
+            .await
+            .context("cannot read the database's clock")?;
         let phala = PhalaClient::new(&settings.phala)?;
         if settings.api_tokens.is_empty() {
             tracing::warn!(
@@ -92,6 +103,7 @@ impl Application {
             worker,
             notifier,
             workers: settings.worker.workers,
+            grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
             shutdown,
         })
     }
@@ -123,32 +135,108 @@ impl Application {
     }
 
     /// Serves HTTP and runs the workers until Ctrl-C, SIGTERM or the shutdown token.
+    ///
+    /// Should a background task (the worker pool with the Safe flow's jobs,
+    /// the notifier) stop while the process is not shutting down, `/readyz`
+    /// fails from then on, HTTP stays up for the shutdown grace period (so
+    /// probes and load balancers see it go), and this returns an error: the
+    /// process exits non-zero and its supervisor starts it again.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         tracing::info!(address = %self.listener.local_addr()?, workers = self.workers, "approval-bridge is serving");
+        tokio::spawn(sync_clock(
+            self.state.clock.clone(),
+            self.state.store.clone(),
+            shutdown.clone(),
+        ));
 
-        let workers = (self.workers > 0)
-            .then(|| tokio::spawn(self.worker.run(self.workers, shutdown.clone())));
+        let mut background = JoinSet::new();
+        let mut names = HashMap::new();
+        if self.workers > 0 {
+            let task = background.spawn(self.worker.run(self.workers, shutdown.clone()));
+            names.insert(task.id(), "the worker pool");
+        }
         // Delivered on tasks of their own: a slow target never holds up a step.
-        let notifier = self
-            .notifier
-            .filter(|_| self.workers > 0)
-            .map(|notifier| tokio::spawn(notifier.run(shutdown.clone())));
+        if let Some(notifier) = self.notifier.filter(|_| self.workers > 0) {
+            let stop = shutdown.clone();
+            let task = background.spawn(async move {
+                notifier.run(stop).await;
+                Ok(())
+            });
+            names.insert(task.id(), "the notifier");
+        }
+        let readiness = self.state.readiness.clone();
+        let grace = self.grace;
         let router = web::router(self.state);
         // The peer's address tells a trusted SSO proxy from anyone else.
         let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let server = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let served = server.await.context("the HTTP server failed");
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future();
+        let mut server = std::pin::pin!(server);
+
+        let mut failure = None;
+        let mut stopped = Ok(());
+        let served = loop {
+            tokio::select! {
+                served = &mut server => break served,
+                Some(ended) = background.join_next_with_id(), if failure.is_none() => {
+                    // A task that ends on a shutdown is no failure: its result counts below.
+                    if shutdown.is_cancelled() {
+                        stopped = stopped.and(match ended {
+                            Ok((_, result)) => result,
+                            Err(err) => Err(anyhow::anyhow!(crate::worker::panic_message(err))),
+                        });
+                        continue;
+                    }
+                    let (id, why) = match ended {
+                        Ok((id, Ok(()))) => (id, "it returned".to_owned()),
+                        Ok((id, Err(err))) => (id, format!("{err:#}")),
+                        Err(err) => (err.id(), crate::worker::panic_message(err)),
+                    };
+                    let name = names.get(&id).copied().unwrap_or("a background task");
+                    let why = format!("{name} stopped: {why}");
+                    tracing::error!(reason = %why, grace = ?grace, "a background task stopped; not ready, and exiting after the grace period");
+                    readiness.task_stopped(why.clone());
+                    failure = Some(why);
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(grace) => shutdown.cancel(),
+                        }
+                    });
+                }
+            }
+        };
+        let served = served.context("the HTTP server failed");
         shutdown.cancel();
-        if let Some(workers) = workers {
-            workers.await.context("the worker pool panicked")??;
+        while let Some(ended) = background.join_next().await {
+            let result = ended
+                .context("a background task panicked")
+                .and_then(|result| result);
+            stopped = stopped.and(result);
         }
-        if let Some(notifier) = notifier {
-            notifier.await.context("the notifier panicked")?;
+        if let Some(why) = failure {
+            anyhow::bail!("{why}");
         }
-        served
+        served?;
+        stopped
+    }
+}
+
+/// Learns the database's time again every [`clock::SYNC_EVERY`]; a failed
+/// read keeps the offset learnt last.
+async fn sync_clock(clock: Clock, store: Store, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(clock::SYNC_EVERY) => {}
+        }
+        if let Err(err) = clock.sync(store.database_now()).await {
+            tracing::warn!(error = %err, "cannot read the database's clock; keeping the last offset");
+        }
     }
 }
 

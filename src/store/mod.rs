@@ -18,14 +18,14 @@ mod web_sessions;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
 
 pub use follower::{Cursor, ProposalEnd, RequestMove};
 pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
-pub use orders::{IdempotencyKey, Order, QUOTA_WINDOW, Stored};
+pub use orders::{IdempotencyKey, LostCommit, Order, QUOTA_WINDOW, Stored};
 pub use outbox::{DueDelivery, PendingNotification};
 pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
 pub use proposals::{
@@ -54,6 +54,9 @@ pub const WAKE_CHANNEL: &str = "approval_bridge_wake";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The pool. Every connection carries the bounds of [`DatabaseSettings`]
+/// (statement, lock and idle-transaction timeouts, TCP keepalives), so one
+/// stuck transaction cannot stall intake or the workers for longer.
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(16)
@@ -63,11 +66,22 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .context("cannot connect to Postgres (check DATABASE_URL and that the server is running)")
 }
 
+/// Applies the migrations on a connection of their own, without the pool's
+/// statement and lock timeouts: a migration may rewrite a large table, and
+/// waits its turn behind another process's migration.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR
-        .run(pool)
+    let unbounded = (*pool.connect_options())
+        .clone()
+        .options([("statement_timeout", "0"), ("lock_timeout", "0")]);
+    let mut conn = PgConnection::connect_with(&unbounded)
         .await
-        .context("cannot apply the database migrations")
+        .context("cannot connect to Postgres to apply the migrations")?;
+    let applied = MIGRATOR
+        .run(&mut conn)
+        .await
+        .context("cannot apply the database migrations");
+    let _ = conn.close().await;
+    applied
 }
 
 /// Expected store failures; anything else is an `anyhow` error with context.
@@ -86,6 +100,52 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
 }
 
+/// A database failure that is no bug: a bound of the connection ran out, or
+/// the database could not be reached. What the statement would have written
+/// was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    /// `lock_timeout`: another transaction held a lock the statement needed.
+    LockTimeout,
+    /// `statement_timeout`: the statement ran past its time.
+    StatementTimeout,
+    /// No connection could be had, or it broke.
+    Unavailable,
+}
+
+impl Trouble {
+    /// The trouble anywhere in `err`'s chain, if it is one.
+    pub fn of(err: &anyhow::Error) -> Option<Trouble> {
+        err.chain().find_map(|cause| {
+            let sqlx = cause.downcast_ref::<sqlx::Error>().or_else(|| {
+                match cause.downcast_ref::<StoreError>() {
+                    Some(StoreError::Database(err)) => Some(err),
+                    _ => None,
+                }
+            })?;
+            Trouble::of_sqlx(sqlx)
+        })
+    }
+
+    pub fn of_sqlx(err: &sqlx::Error) -> Option<Trouble> {
+        match err {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("55P03") => Some(Trouble::LockTimeout),
+                Some("57014") => Some(Trouble::StatementTimeout),
+                // Shut down, starting up, too many connections, or the session
+                // ended by `idle_in_transaction_session_timeout`.
+                Some("57P01" | "57P02" | "57P03" | "53300" | "25P03") => Some(Trouble::Unavailable),
+                _ => None,
+            },
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::WorkerCrashed => Some(Trouble::Unavailable),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
@@ -98,6 +158,13 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The database's clock, which every process shares (see [`crate::clock`]).
+    pub async fn database_now(&self) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
+        sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+            .fetch_one(&self.pool)
+            .await
     }
 
     /// The database answers a query (the health check).

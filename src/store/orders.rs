@@ -168,9 +168,67 @@ impl Store {
         if !created.is_empty() {
             wake(&mut tx).await?;
         }
-        tx.commit().await?;
-        Ok(answers)
+        match tx.commit().await {
+            Ok(()) => Ok(answers),
+            // No answer to the COMMIT: it may have been applied. The answers
+            // above are the batch's as committed, if it was.
+            Err(err) if answer_lost(&err) && !created.is_empty() => {
+                tracing::warn!(error = %err, orders = orders.len(), "the COMMIT of a batch of orders got no answer; looking for its requests");
+                match self.committed(&callers, &created).await {
+                    Ok(true) => Ok(answers),
+                    Ok(false) => Err(LostCommit::NotStored.into()),
+                    Err(look) => Err(LostCommit::Unknown(format!("{look:#}")).into()),
+                }
+            }
+            Err(err) => Err(err.into()),
+        }
     }
+
+    /// Whether the requests `ids` of a batch whose COMMIT got no answer are
+    /// stored, looked up on another connection. The callers' quota locks are
+    /// taken first: the batch's transaction holds them until it commits or
+    /// aborts, so the answer is final, not a look while it is still under way.
+    async fn committed(&self, callers: &[String], ids: &[Uuid]) -> anyhow::Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        lock_callers(&mut tx, callers).await?;
+        let found = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "found!" FROM replica_requests WHERE id = ANY($1)"#,
+            ids,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        // One transaction wrote them all: all or none.
+        match found {
+            0 => Ok(false),
+            n if n as usize == ids.len() => Ok(true),
+            n => anyhow::bail!("{n} of the batch's {} requests are stored", ids.len()),
+        }
+    }
+}
+
+/// The connection broke, or the server's answer made no sense: the statement
+/// may or may not have been applied. An error the server sent is an answer.
+fn answer_lost(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed
+    )
+}
+
+/// The COMMIT of a batch of orders got no answer (the connection broke).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LostCommit {
+    /// A look on another connection found none of its requests.
+    #[error(
+        "the connection to the database broke while the order was committed, and it was not stored"
+    )]
+    NotStored,
+    /// The look failed too.
+    #[error(
+        "the connection to the database broke while the order was committed, and whether it was stored is not known yet: {0}"
+    )]
+    Unknown(String),
 }
 
 /// Takes each caller's quota lock, in one order for every process.

@@ -1,7 +1,9 @@
 //! Probes for orchestrators: `/healthz` (the process answers) and `/readyz`
-//! (it can do its work: the database answers with the current schema, and
-//! every configured chain's RPC answers for the chain it is configured for).
+//! (it can do its work: the database answers with the current schema, every
+//! configured chain's RPC answers for the chain it is configured for, and
+//! none of its background tasks stopped).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -25,6 +27,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Readiness {
     chains: Vec<ChainClient>,
     shutdown: CancellationToken,
+    /// Why a background task (workers, planners, followers, tracker,
+    /// notifier) stopped while the process was not shutting down.
+    stopped: Arc<Mutex<Option<String>>>,
 }
 
 impl Readiness {
@@ -39,7 +44,22 @@ impl Readiness {
                 .filter_map(|id| all.get(id))
                 .collect(),
             shutdown,
+            stopped: Arc::default(),
         }
+    }
+
+    /// A background task stopped: the process no longer does its work, so it
+    /// is not ready from now on (the process then exits; see `startup`).
+    pub fn task_stopped(&self, why: impl Into<String>) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        stopped.get_or_insert_with(|| why.into());
+    }
+
+    fn stopped(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -58,7 +78,7 @@ pub struct Ready {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Check {
-    /// `database`, `migrations`, `chain:<id>` or `shutdown`.
+    /// `database`, `migrations`, `chain:<id>`, `tasks` or `shutdown`.
     pub name: String,
     pub ok: bool,
     /// Why it failed.
@@ -124,6 +144,9 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
     let readiness = &state.readiness;
     let mut checks = Vec::new();
+    if let Some(why) = readiness.stopped() {
+        checks.push(Check::new("tasks", Err(why)));
+    }
     if readiness.shutdown.is_cancelled() {
         checks.push(Check::new(
             "shutdown",

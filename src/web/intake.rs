@@ -14,11 +14,13 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::ApiError;
+use super::order_writer::WriteError;
 use super::views;
 use crate::domain::{Actor, Bytes32, InvalidOrder, NodeRef, ReplicaOrder};
 use crate::phala::{EnvKeyError, PhalaError, ResolveError, ResolvedSource, encrypt_env};
 use crate::store::{
-    IdempotencyKey, IdempotencyOutcome, NewRequest, Order, ReplicaRequest, Stored, StoredResponse,
+    IdempotencyKey, IdempotencyOutcome, LostCommit, NewRequest, Order, ReplicaRequest, Stored,
+    StoredResponse, Trouble,
 };
 
 /// Largest accepted request body.
@@ -94,7 +96,11 @@ pub async fn queue(
         && let Some(earlier) = state
             .store
             .idempotent_response(&principal, key, &request_hash, keys_expired_before)
-            .await?
+            .await
+            .map_err(|err| match Trouble::of_sqlx(&err) {
+                Some(trouble) => database_trouble(trouble),
+                None => err.into(),
+            })?
     {
         return replay(earlier);
     }
@@ -111,7 +117,8 @@ pub async fn queue(
             limit,
             idempotency: idempotency_key.map(|key| IdempotencyKey { key, request_hash }),
         })
-        .await?;
+        .await
+        .map_err(write_error)?;
     match stored {
         Stored::Created(response) => {
             tracing::info!(actor = %principal, count, source = %order.source, "replicas queued");
@@ -155,6 +162,52 @@ fn replay(earlier: IdempotencyOutcome) -> Result<StoredResponse, ApiError> {
 fn stored_response(response: StoredResponse) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::ACCEPTED);
     (status, Json(response.body)).into_response()
+}
+
+/// The database's trouble is named (503: retry later); anything else is ours.
+fn write_error(err: WriteError) -> ApiError {
+    match err {
+        WriteError::Database { trouble, message } => {
+            tracing::warn!(error = %message, "an order was not stored");
+            database_trouble(trouble)
+        }
+        WriteError::LostCommit(lost @ LostCommit::NotStored) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!("{lost}; retry later"),
+        ),
+        WriteError::LostCommit(lost @ LostCommit::Unknown(_)) => {
+            tracing::warn!(error = %lost, "an order's outcome is unknown");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "order_outcome_unknown",
+                "the connection to the database broke while the order was committed, and \
+                 whether it was stored is not known yet; send it again with the same \
+                 Idempotency-Key, or look for its requests before queuing it again",
+            )
+        }
+        WriteError::Other(message) => ApiError::Internal(anyhow::anyhow!(message)),
+    }
+}
+
+fn database_trouble(trouble: Trouble) -> ApiError {
+    let (code, cause) = match trouble {
+        Trouble::LockTimeout => (
+            "database_busy",
+            "another transaction held a lock this order needs (its caller's quota lock) \
+             past the database's lock timeout",
+        ),
+        Trouble::StatementTimeout => (
+            "database_timeout",
+            "a database statement ran past the database's statement timeout",
+        ),
+        Trouble::Unavailable => ("database_unavailable", "the database cannot be reached"),
+    };
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        code,
+        format!("{cause}; nothing was stored; retry later"),
+    )
 }
 
 fn invalid_order(err: InvalidOrder) -> ApiError {

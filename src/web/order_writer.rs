@@ -5,13 +5,17 @@
 //!
 //! Batches are written by a task of their own, so an order is stored (or
 //! refused) whole even if the caller that sent it goes away meanwhile.
+//!
+//! A failure is a [`WriteError`]: the database's trouble (a lock or
+//! statement timeout, no connection, a COMMIT whose answer was lost) is
+//! named, so intake can answer it clearly; anything else is a bug.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
-use crate::store::{Order, ReplicaRequest, Store, Stored, StoredResponse};
+use crate::store::{LostCommit, Order, ReplicaRequest, Store, Stored, StoredResponse, Trouble};
 
 /// The most orders one transaction stores.
 const MAX_BATCH: usize = 64;
@@ -44,7 +48,42 @@ struct Queue {
 
 struct Waiting {
     order: Order,
-    answer: oneshot::Sender<anyhow::Result<Stored>>,
+    answer: oneshot::Sender<Result<Stored, WriteError>>,
+}
+
+/// Why an order was not stored, or may not have been.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The database did not do it in time, or could not be reached:
+    /// nothing of the order was stored.
+    #[error("{message}")]
+    Database { trouble: Trouble, message: String },
+    /// The connection broke as the order was committed.
+    #[error(transparent)]
+    LostCommit(#[from] LostCommit),
+    /// Anything else: a bug, or a failure nobody planned for.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl WriteError {
+    fn from_anyhow(err: &anyhow::Error) -> Self {
+        if let Some(lost) = err.chain().find_map(|e| e.downcast_ref::<LostCommit>()) {
+            return WriteError::LostCommit(lost.clone());
+        }
+        let message = format!("{err:#}");
+        match Trouble::of(err) {
+            Some(trouble) => WriteError::Database { trouble, message },
+            None => WriteError::Other(message),
+        }
+    }
+
+    fn trouble(&self) -> Option<Trouble> {
+        match self {
+            WriteError::Database { trouble, .. } => Some(*trouble),
+            _ => None,
+        }
+    }
 }
 
 impl OrderWriter {
@@ -59,7 +98,7 @@ impl OrderWriter {
     }
 
     /// Stores `order` with the orders that arrive alongside it.
-    pub async fn store(&self, order: Order) -> anyhow::Result<Stored> {
+    pub async fn store(&self, order: Order) -> Result<Stored, WriteError> {
         let (answer, answered) = oneshot::channel();
         let start = {
             let mut queue = self.queue();
@@ -69,9 +108,9 @@ impl OrderWriter {
         if start {
             tokio::spawn(self.clone().write_batches());
         }
-        answered
-            .await
-            .map_err(|_| anyhow::anyhow!("the order writer stopped before answering"))?
+        answered.await.map_err(|_| {
+            WriteError::Other("the order writer stopped before answering".to_owned())
+        })?
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -102,29 +141,61 @@ impl OrderWriter {
     async fn write(&self, batch: Vec<Waiting>) {
         let (orders, answers): (Vec<Order>, Vec<_>) =
             batch.into_iter().map(|w| (w.order, w.answer)).unzip();
-        match self.store_orders(&orders).await {
+        let err = match self.store_orders(&orders).await {
             Ok(outcomes) => {
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
                     let _ = answer.send(Ok(outcome));
                 }
+                return;
             }
-            // One order's trouble must not fail the others: each again, alone.
-            Err(err) if orders.len() > 1 => {
-                tracing::warn!(
-                    error = format!("{err:#}"),
-                    orders = orders.len(),
-                    "a batch of orders failed; storing each alone"
-                );
-                for (order, answer) in orders.into_iter().zip(answers) {
-                    let outcome = self.store_orders(std::slice::from_ref(&order)).await;
-                    let _ = answer.send(outcome.map(|mut o| o.remove(0)));
-                }
+            Err(err) => WriteError::from_anyhow(&err),
+        };
+        // One order's trouble must not fail the others: each again, alone. A
+        // quota lock held elsewhere is one caller's trouble; a timed-out
+        // statement or no connection would be each order's too, and a lost
+        // COMMIT's outcome is the whole batch's.
+        let alone = orders.len() > 1
+            && matches!(
+                err,
+                WriteError::Other(_)
+                    | WriteError::Database {
+                        trouble: Trouble::LockTimeout,
+                        ..
+                    }
+            );
+        if !alone {
+            for answer in answers {
+                let _ = answer.send(Err(err.clone()));
             }
-            Err(err) => {
-                for answer in answers {
-                    let _ = answer.send(Err(anyhow::anyhow!("{err:#}")));
-                }
+            return;
+        }
+        tracing::warn!(
+            error = %err,
+            orders = orders.len(),
+            "a batch of orders failed; storing each alone"
+        );
+        // A caller whose quota lock could not be had fails at once from then
+        // on: the lock wait is paid once per caller, not once per order.
+        let mut busy: Vec<String> = Vec::new();
+        for (order, answer) in orders.into_iter().zip(answers) {
+            let caller = order.actor.label();
+            let outcome = if busy.contains(&caller) {
+                Err(WriteError::Database {
+                    trouble: Trouble::LockTimeout,
+                    message: format!("`{caller}`'s quota lock could not be had"),
+                })
+            } else {
+                self.store_orders(std::slice::from_ref(&order))
+                    .await
+                    .map(|mut o| o.remove(0))
+                    .map_err(|err| WriteError::from_anyhow(&err))
+            };
+            if let Err(err) = &outcome
+                && err.trouble() == Some(Trouble::LockTimeout)
+            {
+                busy.push(caller);
             }
+            let _ = answer.send(outcome);
         }
     }
 

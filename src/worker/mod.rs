@@ -96,6 +96,20 @@ impl Outcome {
     }
 }
 
+/// What a task that panicked said.
+pub(crate) fn panic_message(err: tokio::task::JoinError) -> String {
+    if err.is_cancelled() {
+        return "it was cancelled".to_owned();
+    }
+    let panic = err.into_panic();
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    format!("it panicked: {message}")
+}
+
 pub fn stored_phala_error(err: &PhalaError) -> StoredError {
     StoredError {
         code: err.stored_code(),
@@ -436,32 +450,72 @@ impl Worker {
     /// Runs `count` worker tasks, and one more that only commits, until
     /// `shutdown`. One LISTEN connection wakes them; polling at the configured
     /// interval covers lost notifications.
+    ///
+    /// Returns an error when the LISTEN connection cannot be had, or when one
+    /// of its tasks (a worker, the Safe flow's jobs, the retention job) ends
+    /// while `shutdown` is not cancelled: the others are then stopped as on a
+    /// shutdown, and the caller makes the process exit, so a supervisor
+    /// restarts it instead of it answering with nothing behind it.
     pub async fn run(self, count: usize, shutdown: CancellationToken) -> anyhow::Result<()> {
         let wake = Arc::new(Notify::new());
         let mut listener = PgListener::connect_with(self.store.pool())
             .await
             .context("cannot open the LISTEN connection")?;
-        listener.listen(WAKE_CHANNEL).await?;
+        listener
+            .listen(WAKE_CHANNEL)
+            .await
+            .context("cannot LISTEN on the wake-up channel")?;
 
+        // Stops the tasks on a shutdown, or once one of them has ended.
+        let stop = shutdown.child_token();
         let mut tasks = tokio::task::JoinSet::new();
+        let mut names = HashMap::new();
         // The Safe flow's planners and followers, each on its own leased task.
         if self.safe_flow.is_some() {
-            tasks.spawn(owner::run(self.clone(), wake.clone(), shutdown.clone()));
+            let task = tasks.spawn(owner::run(self.clone(), wake.clone(), stop.clone()));
+            names.insert(task.id(), "the Safe flow".to_owned());
         }
-        tasks.spawn(self.clone().run_retention(shutdown.clone()));
+        let retention = self.clone();
+        let task = tasks.spawn({
+            let stop = stop.clone();
+            async move {
+                retention.run_retention(stop).await;
+                Ok(())
+            }
+        });
+        names.insert(task.id(), "the retention job".to_owned());
         // The commit lane: once a Safe transaction executes, its commits
         // start at once, however many requests the other workers have queued.
         let lanes = std::iter::once(Lane::Commits).chain(std::iter::repeat_n(Lane::All, count));
         for (index, lane) in lanes.enumerate() {
             let worker = self.clone();
             let wake = wake.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move { worker.work_loop(index, lane, wake, shutdown).await });
+            let stop = stop.clone();
+            let task = tasks.spawn(async move {
+                worker.work_loop(index, lane, wake, stop).await;
+                Ok(())
+            });
+            names.insert(task.id(), format!("worker {index} ({lane:?})"));
         }
 
-        loop {
+        let stopped = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                biased;
+                _ = stop.cancelled() => break None,
+                Some(ended) = tasks.join_next_with_id() => {
+                    if stop.is_cancelled() {
+                        break None;
+                    }
+                    let (id, why) = match ended {
+                        Ok((id, Ok(()))) => (id, "it returned".to_owned()),
+                        Ok((id, Err(err))) => (id, format!("{err:#}")),
+                        Err(err) => (err.id(), panic_message(err)),
+                    };
+                    let name = names.get(&id).map_or("a worker task", String::as_str);
+                    let why = format!("{name} stopped: {why}");
+                    tracing::error!(reason = %why, "a background task stopped; stopping the others");
+                    break Some(why);
+                }
                 notification = listener.try_recv() => match notification {
                     Ok(_) => wake.notify_waiters(),
                     // The connection dropped; sqlx reconnects on the next call. Wake
@@ -473,7 +527,8 @@ impl Worker {
                     }
                 },
             }
-        }
+        };
+        stop.cancel();
         // Steps under way finish (each call has a timeout); past the grace
         // period they are dropped and their leases given back. Dropping a step
         // is safe at any point: a create or commit is marked before it is sent.
@@ -494,7 +549,10 @@ impl Worker {
                 }
             }
         }
-        Ok(())
+        match stopped {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
+        }
     }
 
     async fn work_loop(

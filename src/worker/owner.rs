@@ -14,6 +14,7 @@
 //! checks in its own transaction, and a takeover within one lease when the
 //! holder dies.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,10 +49,16 @@ impl Job {
 }
 
 /// Runs every Safe-flow job's task until `shutdown`; on shutdown each holder
-/// gives its lease up, so another process takes over at once.
-pub(super) async fn run(worker: Worker, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// gives its lease up, so another process takes over at once. A job's task
+/// that ends before (a panic) ends this with an error naming it: a job
+/// nobody runs must not go unnoticed (see [`Worker::run`]).
+pub(super) async fn run(
+    worker: Worker,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let Some(flow) = worker.safe_flow.as_ref() else {
-        return;
+        return Ok(());
     };
     let mut jobs: Vec<Job> = PlanScope::all(flow).into_iter().map(Job::Planner).collect();
     // Chains of the allowed Safes, and any chain with proposals still open
@@ -67,11 +74,26 @@ pub(super) async fn run(worker: Worker, wake: Arc<Notify>, shutdown: Cancellatio
     jobs.push(Job::Tracker);
 
     let mut tasks = JoinSet::new();
+    let mut names = HashMap::new();
     for job in jobs {
-        let span = info_span!("safe_flow_job", job = %job.name());
-        tasks.spawn(run_job(worker.clone(), job, wake.clone(), shutdown.clone()).instrument(span));
+        let name = job.name();
+        let span = info_span!("safe_flow_job", job = %name);
+        let task = tasks
+            .spawn(run_job(worker.clone(), job, wake.clone(), shutdown.clone()).instrument(span));
+        names.insert(task.id(), name);
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(ended) = tasks.join_next_with_id().await {
+        if shutdown.is_cancelled() {
+            continue;
+        }
+        let (id, why) = match ended {
+            Ok((id, ())) => (id, "it returned".to_owned()),
+            Err(err) => (err.id(), super::panic_message(err)),
+        };
+        let name = names.get(&id).map_or("?", String::as_str);
+        anyhow::bail!("the Safe-flow job {name} stopped: {why}");
+    }
+    Ok(())
 }
 
 /// Takes the job whenever it is free, and runs its passes while it holds it.

@@ -66,9 +66,7 @@ pub fn sandbox_database() -> String {
 
 pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
     Settings {
-        database: DatabaseSettings {
-            database_url: database_url.to_owned().into(),
-        },
+        database: DatabaseSettings::new(database_url),
         listen: "127.0.0.1:0".parse().unwrap(),
         phala: PhalaSettings {
             phala_api_url: phala_url.parse().unwrap(),
@@ -119,9 +117,24 @@ pub async fn spawn_app_on(
     phala: Arc<MockServer>,
     adjust: impl FnOnce(&mut Settings),
 ) -> TestApp {
+    spawn_app_with_clock(
+        database_url,
+        phala,
+        Clock::manual(chrono::Utc::now()),
+        adjust,
+    )
+    .await
+}
+
+/// [`spawn_app_on`] with a clock of the test's choice.
+pub async fn spawn_app_with_clock(
+    database_url: String,
+    phala: Arc<MockServer>,
+    clock: Clock,
+    adjust: impl FnOnce(&mut Settings),
+) -> TestApp {
     let mut settings = test_settings(&database_url, &format!("{}/api/v1", phala.uri()));
     adjust(&mut settings);
-    let clock = Clock::manual(chrono::Utc::now());
     let app = Application::build_with_clock(settings, clock.clone())
         .await
         .expect("build app");
