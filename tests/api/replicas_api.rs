@@ -48,6 +48,8 @@ async fn queuing_creates_one_queued_request_per_replica() {
 async fn sources_resolve_by_uuid_app_id_and_name() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     // The app id form goes to `/cvms/app_<hex>`, a dashed UUID loses its dashes.
     Mock::given(method("GET"))
         .and(path(api(&format!("/cvms/app_{}", app_id()))))
@@ -265,6 +267,8 @@ async fn phala_outage_during_intake_is_a_503_and_stores_nothing() {
 async fn idempotency_key_replays_the_first_answer_and_refuses_a_different_body() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     let body = r#"{"source": "web-prod", "count": 2}"#;
     let first = app.post_replicas_with(body, Some("run-42")).await;
     assert_eq!(first.status(), 202);
@@ -300,6 +304,8 @@ async fn idempotency_key_replays_the_first_answer_and_refuses_a_different_body()
 async fn concurrent_retries_with_one_key_create_one_order() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..6 {
         let request = app
@@ -329,6 +335,8 @@ async fn concurrent_retries_with_one_key_create_one_order() {
 async fn list_is_newest_first_and_filters_by_status() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.extend(app.queue(&json!({"source": ONCHAIN_NAME})).await);
@@ -379,6 +387,8 @@ async fn list_is_newest_first_and_filters_by_status() {
 async fn cancel_works_before_committing_only() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     mount_prepare(
         &app.phala,
         ONCHAIN_VM,

@@ -89,11 +89,8 @@ async fn an_unpinned_order_is_pinned_to_the_source_hash_and_a_rewritten_465_is_r
         .phala_requests("POST", &api(&format!("/cvms/{ONCHAIN_VM}/replicas")))
         .await;
     let body: Value = prepares[0].body_json().unwrap();
-    assert_eq!(
-        body["compose_hash"],
-        format!("0x{}", compose_hash()),
-        "{body}"
-    );
+    let asked = body["compose_hash"].as_str().unwrap_or_default();
+    assert_eq!(asked.trim_start_matches("0x"), compose_hash(), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

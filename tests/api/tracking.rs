@@ -52,6 +52,8 @@ impl Respond for AllIn {
 /// commit at once and start provisioning.
 async fn three_provisioning(app: &TestApp) -> Vec<String> {
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     mount_prepare(
         &app.phala,
         ONCHAIN_VM,

@@ -87,14 +87,20 @@ async fn missing_registrations_leave_the_request_awaiting_a_proposal() {
         prepare.headers.get("X-Phala-Version").unwrap(),
         "2026-01-21"
     );
-    // Only the keys that have values.
-    assert_eq!(prepare.body_json::<Value>().unwrap(), json!({"node_id": 3}));
+    // Only the keys that have values; the order pinned no compose hash, so
+    // intake pinned the source's own.
+    assert_eq!(
+        prepare.body_json::<Value>().unwrap(),
+        json!({"node_id": 3, "compose_hash": compose_hash()})
+    );
 }
 
 #[tokio::test]
 async fn everything_allowed_commits_with_already_registered_and_tracks_until_running() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     // The 465 envelope at the top level this time.
     mount_prepare(
         &app.phala,
@@ -208,6 +214,8 @@ async fn env_for_an_onchain_app_is_encrypted_to_its_kms_key() {
     let app = spawn_app_with(kms.configure()).await;
     let kms_secret = kms.env_secret.clone();
     mount_onchain_source(&app.phala, &["DB_URL", "TOKEN"]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     kms.mount_env_key(&app.phala, &kms.signer).await;
     mount_prepare(
         &app.phala,
@@ -275,6 +283,8 @@ fn decrypt(secret: &x25519_dalek::StaticSecret, encrypted_hex: &str) -> String {
 async fn transient_errors_back_off_then_succeed() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     Mock::given(method("POST"))
         .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
         .respond_with(ResponseTemplate::new(503).set_body_string("upstream busy"))
@@ -324,6 +334,8 @@ async fn transient_errors_back_off_then_succeed() {
 async fn timeouts_and_rate_limits_are_retried() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     Mock::given(method("POST"))
         .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
         .respond_with(ResponseTemplate::new(465).set_delay(Duration::from_secs(3)))
@@ -358,6 +370,8 @@ async fn timeouts_and_rate_limits_are_retried() {
 async fn attempts_run_out_and_the_request_fails_keeping_the_last_error() {
     let app = spawn_app().await; // max_attempts = 3
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     Mock::given(method("POST"))
         .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
         .respond_with(ResponseTemplate::new(500).set_body_json(json!({"detail": "boom"})))
@@ -404,6 +418,8 @@ async fn every_documented_phala_error_fails_the_request_with_a_message_and_sugge
     for (index, (code, status, meaning)) in cases.into_iter().enumerate() {
         app.phala.reset().await;
         mount_onchain_source(&app.phala, &[]).await;
+        // The nodes an "Auto" order may land on.
+        mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
         Mock::given(method("POST"))
             .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))
             .respond_with(ResponseTemplate::new(status).set_body_json(phala_error(
@@ -439,6 +455,8 @@ async fn every_documented_phala_error_fails_the_request_with_a_message_and_sugge
 async fn an_expired_token_at_commit_is_prepared_again_then_committed() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     mount_prepare(
         &app.phala,
         ONCHAIN_VM,
@@ -484,6 +502,8 @@ async fn an_expired_token_at_commit_is_prepared_again_then_committed() {
 async fn a_failed_transaction_verification_is_retried_with_already_registered() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     mount_prepare(
         &app.phala,
         ONCHAIN_VM,
@@ -526,6 +546,8 @@ async fn a_failed_transaction_verification_is_retried_with_already_registered() 
 async fn a_hash_not_allowed_at_commit_fails_with_advice() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     mount_prepare(
         &app.phala,
         ONCHAIN_VM,
@@ -558,6 +580,8 @@ async fn a_hash_not_allowed_at_commit_fails_with_advice() {
 async fn a_prepare_answer_with_a_malformed_compose_hash_fails_the_request() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     let mut body = prepared_body("tok", 1, false, false, true);
     body["detail"]["details"][0]["value"] = json!("abcd");
     mount_prepare(&app.phala, ONCHAIN_VM, body).await;
@@ -579,6 +603,8 @@ async fn a_prepare_answer_with_a_malformed_compose_hash_fails_the_request() {
 async fn prepares_of_one_source_never_overlap_and_waiting_spends_no_attempt() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     mount_prepare(
         &app.phala,
         ONCHAIN_VM,
@@ -631,6 +657,8 @@ async fn prepares_of_one_source_never_overlap_and_waiting_spends_no_attempt() {
 async fn a_worker_whose_lease_expired_cannot_write() {
     let app = spawn_app().await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     let id = app.queue(&json!({"source": ONCHAIN_NAME})).await.remove(0);
     let lease = Duration::from_secs(60);
     let first = app
@@ -716,6 +744,8 @@ async fn expire_leases(app: &TestApp) {
 async fn two_workers_racing_never_run_the_same_step_twice() {
     let app = spawn_app().await;
     const SOURCES: usize = 12;
+    // The node an "Auto" order's prepare lands on must be listed.
+    mount_nodes(&app.phala, &[(1, "prod-1")]).await;
     let mut ids = Vec::new();
     for n in 0..SOURCES {
         let vm = format!("{:032x}", n + 1);
@@ -806,6 +836,8 @@ async fn a_notification_wakes_a_sleeping_worker() {
     })
     .await;
     mount_onchain_source(&app.phala, &[]).await;
+    // The nodes an "Auto" order may land on.
+    mount_nodes(&app.phala, &[(1, "prod-1"), (2, "prod-2"), (3, "prod-3")]).await;
     mount_prepare(
         &app.phala,
         ONCHAIN_VM,
