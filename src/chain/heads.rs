@@ -65,6 +65,9 @@ struct Seen {
     /// Blocks found by the first poll in a row, since the last probe a step
     /// earlier (see [`PROBE_EVERY`]).
     at_once: u32,
+    /// The head is the first one seen: its time is when it was seen, maybe
+    /// long after it came, so the time to the next block measures nothing.
+    first: bool,
 }
 
 impl Heads {
@@ -120,6 +123,14 @@ impl Heads {
                 seen.empty_polls += 1;
                 false
             }
+            Some(_) if seen.first && seen.block_time.is_none() => {
+                // A block time from a partial interval (1 s for 12 s blocks)
+                // costs dozens of polls until two alike intervals correct it.
+                seen.first = false;
+                seen.head = Some((number, now));
+                seen.empty_polls = 0;
+                true
+            }
             Some((last, at)) => {
                 let blocks = number - last;
                 let per_block = now.duration_since(at) / blocks as u32;
@@ -159,6 +170,7 @@ impl Heads {
             }
             None => {
                 seen.head = Some((number, now));
+                seen.first = true;
                 true
             }
         }
@@ -306,7 +318,11 @@ mod tests {
             longest,
             "no block time yet"
         );
-        assert!(heads.record_at(10, at(0)));
+        assert!(heads.record_at(9, at(0)));
+        assert!(
+            heads.record_at(10, at(0)),
+            "not a block time: 9 was seen late"
+        );
         assert!(heads.record_at(11, at(8)));
         // The next block is due at 16 s: one block time after the last find.
         assert_eq!(heads.next_poll_at(longest, at(8)), Duration::from_secs(8));
@@ -353,16 +369,16 @@ mod tests {
         assert_eq!(block_time(), Duration::from_millis(12_500));
         heads.record_at(9, at(71_500));
         assert!(block_time() > Duration::from_secs(12));
-        // Every block so far was found at once: this next first poll is the
-        // probe, a step early (a step is an eighth of a block time).
+        // The next first poll comes a block time after the last find.
         let wait = heads.next_poll_at(Duration::from_secs(2), at(71_500));
-        assert_eq!(wait, block_time() - block_time() / 8);
-        // Back to 1 s blocks: the first poll finds 11 at once, and the next
-        // comes a block time later.
+        assert_eq!(wait, block_time());
+        // Back to 1 s blocks: the first poll finds 11 at once. It is the
+        // fourth block in a row found at once, so the next first poll is the
+        // probe, a step (an eighth of a block time) early.
         heads.record_at(20, at(82_500));
         assert_eq!(block_time(), Duration::from_secs(1));
         let wait = heads.next_poll_at(Duration::from_secs(2), at(82_500));
-        assert_eq!(wait, Duration::from_secs(1));
+        assert_eq!(wait, Duration::from_millis(875));
     }
 
     #[test]
@@ -373,9 +389,10 @@ mod tests {
         let at = |millis: u64| start + Duration::from_millis(millis);
         // 8 s blocks: a step is 1 s.
         heads.record_at(0, at(0));
-        assert!(heads.record_at(1, at(8_000)));
+        heads.record_at(1, at(0));
+        assert!(heads.record_at(2, at(8_000)));
         let mut now = 8_000;
-        for n in 2..=PROBE_EVERY as u64 {
+        for n in 3..=PROBE_EVERY as u64 + 1 {
             assert_eq!(
                 heads.next_poll_at(longest, at(now)),
                 Duration::from_secs(8),
@@ -388,10 +405,10 @@ mod tests {
         assert_eq!(heads.next_poll_at(longest, at(now)), Duration::from_secs(7));
         now += 7_000;
         // Not there yet: polls a step apart until it is.
-        assert!(!heads.record_at(PROBE_EVERY as u64, at(now)));
+        assert!(!heads.record_at(PROBE_EVERY as u64 + 1, at(now)));
         assert_eq!(heads.next_poll_at(longest, at(now)), Duration::from_secs(1));
         now += 1_000;
-        assert!(heads.record_at(PROBE_EVERY as u64 + 1, at(now)));
+        assert!(heads.record_at(PROBE_EVERY as u64 + 2, at(now)));
         // In step again, and no probe for the next few blocks.
         assert_eq!(heads.next_poll_at(longest, at(now)), Duration::from_secs(8));
     }
