@@ -218,7 +218,7 @@ impl Bench<'_> {
                 self.wait_status(&id, "awaiting_approval", Duration::from_secs(60))
                     .await?;
             }
-            per_block.push((open, self.rpc_per_block(Duration::from_secs(10)).await?));
+            per_block.push((open, self.rpc_per_block(10, Duration::from_secs(1)).await?));
         }
         table.push(Figure::rpc_per_block(Pace::NewHeads, &per_block));
         Ok(nodes.next().unwrap_or(args.nodes + 1))
@@ -241,12 +241,12 @@ impl Bench<'_> {
         eprintln!("bench: polling, 1 s blocks: RPC calls");
         // Let the follower learn the block time first.
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let fast = self.rpc_per_block(Duration::from_secs(15)).await?;
+        let fast = self.rpc_per_block(15, Duration::from_secs(1)).await?;
         eprintln!("bench: polling, 12 s blocks: RPC calls");
         self.set_block_time(12).await?;
         // Three blocks to learn the new pace, five to count.
         tokio::time::sleep(Duration::from_secs(36)).await;
-        let slow = self.rpc_per_block(Duration::from_secs(60)).await;
+        let slow = self.rpc_per_block(8, Duration::from_secs(12)).await;
         self.set_block_time(1).await?;
         let slow = slow?;
 
@@ -569,17 +569,40 @@ impl Bench<'_> {
         Ok((rate, latencies))
     }
 
-    /// JSON-RPC calls of `serve` per new block over `window`.
-    async fn rpc_per_block(&self, window: Duration) -> anyhow::Result<(f64, f64)> {
+    /// Every JSON-RPC call of `serve` (follower, planner, anything else)
+    /// per new block, over `blocks` whole blocks of `block` time: counted
+    /// from half a block after one block's arrival to half a block after
+    /// the arrival of the `blocks`-th next, so that each block's calls
+    /// (its polls, its logs, whatever a pass reads) fall in the count
+    /// exactly once, as an outside count over many blocks sees them.
+    async fn rpc_per_block(&self, blocks: u64, block: Duration) -> anyhow::Result<(f64, f64)> {
+        let first = self.next_block(self.heads.latest(), block).await?;
+        tokio::time::sleep(block / 2).await;
         let (calls, polls) = self.proxy.counts();
-        let from = self.heads.latest();
-        tokio::time::sleep(window).await;
+        let last = self.next_block(first + blocks - 1, block).await?;
+        tokio::time::sleep(block / 2).await;
         let (calls_after, polls_after) = self.proxy.counts();
-        let blocks = self.heads.latest().saturating_sub(from).max(1) as f64;
+        let blocks = last.saturating_sub(first).max(1) as f64;
         Ok((
             (calls_after - calls) as f64 / blocks,
             (polls_after - polls) as f64 / blocks,
         ))
+    }
+
+    /// Waits for a block above `after` (at most ten block times); its number.
+    async fn next_block(&self, after: u64, block: Duration) -> anyhow::Result<u64> {
+        let started = Instant::now();
+        loop {
+            let latest = self.heads.latest();
+            if latest > after {
+                return Ok(latest);
+            }
+            anyhow::ensure!(
+                started.elapsed() < block * 10,
+                "no block above {after} within ten block times"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The open proposals' nonces and hashes, in nonce order.

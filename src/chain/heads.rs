@@ -20,11 +20,16 @@ use tokio::time::Instant;
 /// between polls starts to double (a stalled chain costs ever fewer calls).
 const EMPTY_POLLS_BUDGET: u32 = 6;
 /// Polls are spaced this fraction of a block time (a step) apart. The first
-/// comes half a step before the next block is due, earlier each time it
-/// finds the block at once (we may be late), back to half a step once it
-/// finds none: about every other block is found by the first poll, and a
-/// follower that fell out of step is back in step within a few blocks.
+/// comes one block time after the poll that found the last block was sent:
+/// that poll came at most a step after the block, so the next block is
+/// there by then and most blocks cost one poll, found at most a step late.
+/// A poll that finds none is followed by others a step apart, and the one
+/// that finds the block sets the pace again.
 const POLL_FRACTION: u32 = 8;
+/// After this many blocks found at once in a row, the next first poll comes
+/// a step earlier: a chain that runs early is caught up with (we may be up
+/// to a step late), for one extra poll every few blocks at most.
+const PROBE_EVERY: u32 = 4;
 const MIN_POLL: Duration = Duration::from_millis(50);
 /// Waits between attempts to open the WebSocket again.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
@@ -57,8 +62,12 @@ struct Seen {
     /// The last time between blocks that was far from `block_time`: a
     /// second one like it means the chain's pace changed.
     outlier: Option<Duration>,
-    /// How long before the next block is due the first poll comes.
-    early: Option<Duration>,
+    /// Blocks found by the first poll in a row, since the last probe a step
+    /// earlier (see [`PROBE_EVERY`]).
+    at_once: u32,
+    /// The head is the first one seen: its time is when it was seen, maybe
+    /// long after it came, so the time to the next block measures nothing.
+    first: bool,
 }
 
 impl Heads {
@@ -96,9 +105,15 @@ impl Heads {
         *self.ws_head.borrow()
     }
 
-    /// Records a head from a poll or the subscription; `true` when it is new.
+    /// Records a head from the subscription; `true` when it is new.
     pub(super) fn record(&self, number: u64) -> bool {
         self.record_at(number, Instant::now())
+    }
+
+    /// Records a head a poll sent at `sent` found: the block was there when
+    /// the poll was sent, so its answer's latency does not delay the pace.
+    pub(super) fn record_polled(&self, number: u64, sent: Instant) -> bool {
+        self.record_at(number, sent)
     }
 
     fn record_at(&self, number: u64, now: Instant) -> bool {
@@ -107,6 +122,14 @@ impl Heads {
             Some((last, _)) if number <= last => {
                 seen.empty_polls += 1;
                 false
+            }
+            Some(_) if seen.first && seen.block_time.is_none() => {
+                // A block time from a partial interval (1 s for 12 s blocks)
+                // costs dozens of polls until two alike intervals correct it.
+                seen.first = false;
+                seen.head = Some((number, now));
+                seen.empty_polls = 0;
+                true
             }
             Some((last, at)) => {
                 let blocks = number - last;
@@ -136,25 +159,25 @@ impl Heads {
                     None => per_block,
                 });
                 seen.head = Some((number, now));
-                // Found at once, so the block may have come well before this
-                // poll: look earlier next time, twice as early each time.
-                let half_step = step_of(seen.block_time.unwrap_or(per_block)) / 2;
-                seen.early = Some(match (seen.empty_polls, seen.early) {
-                    (0, Some(early)) => (early * 2).min(per_block / 4).max(half_step),
-                    _ => half_step,
-                });
+                // Found by the first poll: count towards the next probe; the
+                // probe itself, or a poll that found none first, starts over.
+                seen.at_once = match seen.empty_polls {
+                    0 if seen.at_once < PROBE_EVERY => seen.at_once + 1,
+                    _ => 0,
+                };
                 seen.empty_polls = 0;
                 true
             }
             None => {
                 seen.head = Some((number, now));
+                seen.first = true;
                 true
             }
         }
     }
 
-    /// How long to wait before polling again: until a little before the next
-    /// block is due (see [`POLL_FRACTION`]), then a step apart; after
+    /// How long to wait before polling again: until the next block is due
+    /// (see [`POLL_FRACTION`] and [`PROBE_EVERY`]), then a step apart; after
     /// [`EMPTY_POLLS_BUDGET`] empty polls, twice as long each time, up to
     /// `longest` or a block time, whichever is longer.
     pub(super) fn next_poll_in(&self, longest: Duration) -> Duration {
@@ -167,7 +190,11 @@ impl Heads {
             return longest;
         };
         let step = step_of(block_time);
-        let early = seen.early.unwrap_or(step / 2);
+        let early = if seen.at_once >= PROBE_EVERY {
+            step
+        } else {
+            Duration::ZERO
+        };
         let due = at + block_time.saturating_sub(early);
         if now < due && seen.empty_polls == 0 {
             return due - now;
@@ -291,13 +318,14 @@ mod tests {
             longest,
             "no block time yet"
         );
-        assert!(heads.record_at(10, at(0)));
-        assert!(heads.record_at(11, at(8)));
-        // The next block is due at 16 s: wait until half a step (0.5 s) before it.
-        assert_eq!(
-            heads.next_poll_at(longest, at(8)),
-            Duration::from_millis(7500)
+        assert!(heads.record_at(9, at(0)));
+        assert!(
+            heads.record_at(10, at(0)),
+            "not a block time: 9 was seen late"
         );
+        assert!(heads.record_at(11, at(8)));
+        // The next block is due at 16 s: one block time after the last find.
+        assert_eq!(heads.next_poll_at(longest, at(8)), Duration::from_secs(8));
         for _ in 0..EMPTY_POLLS_BUDGET {
             assert!(!heads.record_at(11, at(15)));
             assert_eq!(heads.next_poll_at(longest, at(15)), Duration::from_secs(1));
@@ -341,31 +369,47 @@ mod tests {
         assert_eq!(block_time(), Duration::from_millis(12_500));
         heads.record_at(9, at(71_500));
         assert!(block_time() > Duration::from_secs(12));
-        // Polls then start half a step (0.75 s) before the next block.
+        // The next first poll comes a block time after the last find.
         let wait = heads.next_poll_at(Duration::from_secs(2), at(71_500));
-        assert!(
-            wait > Duration::from_secs(10) && wait < Duration::from_secs(12),
-            "{wait:?}"
-        );
-        // Back to 1 s blocks: the first poll finds 11 at once.
+        assert_eq!(wait, block_time());
+        // Back to 1 s blocks: the first poll finds 11 at once. It is the
+        // fourth block in a row found at once, so the next first poll is the
+        // probe, a step (an eighth of a block time) early.
         heads.record_at(20, at(82_500));
         assert_eq!(block_time(), Duration::from_secs(1));
-        // That poll found eleven blocks at once: we are late, and the next
-        // first poll comes a quarter block early.
         let wait = heads.next_poll_at(Duration::from_secs(2), at(82_500));
-        assert_eq!(wait, Duration::from_millis(750));
-        // Found at once again: a quarter block is the most; one that finds
-        // nothing first brings it back to half a step (62.5 ms).
-        heads.record_at(21, at(83_500));
-        assert_eq!(
-            heads.next_poll_at(Duration::from_secs(2), at(83_500)),
-            Duration::from_millis(750)
-        );
-        assert!(!heads.record_at(21, at(84_250)));
-        heads.record_at(22, at(84_500));
-        assert_eq!(
-            heads.next_poll_at(Duration::from_secs(2), at(84_500)),
-            Duration::from_micros(937_500)
-        );
+        assert_eq!(wait, Duration::from_millis(875));
+    }
+
+    #[test]
+    fn most_blocks_cost_one_poll_and_a_probe_a_step_early_comes_every_few_blocks() {
+        let heads = Heads::new(1, None);
+        let longest = Duration::from_secs(2);
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        // 8 s blocks: a step is 1 s.
+        heads.record_at(0, at(0));
+        heads.record_at(1, at(0));
+        assert!(heads.record_at(2, at(8_000)));
+        let mut now = 8_000;
+        for n in 3..=PROBE_EVERY as u64 + 1 {
+            assert_eq!(
+                heads.next_poll_at(longest, at(now)),
+                Duration::from_secs(8),
+                "block {n}: one block time after the last find"
+            );
+            now += 8_000;
+            assert!(heads.record_at(n, at(now)), "found by the first poll");
+        }
+        // Found at once every time: the next first poll is the probe, a step early.
+        assert_eq!(heads.next_poll_at(longest, at(now)), Duration::from_secs(7));
+        now += 7_000;
+        // Not there yet: polls a step apart until it is.
+        assert!(!heads.record_at(PROBE_EVERY as u64 + 1, at(now)));
+        assert_eq!(heads.next_poll_at(longest, at(now)), Duration::from_secs(1));
+        now += 1_000;
+        assert!(heads.record_at(PROBE_EVERY as u64 + 2, at(now)));
+        // In step again, and no probe for the next few blocks.
+        assert_eq!(heads.next_poll_at(longest, at(now)), Duration::from_secs(8));
     }
 }

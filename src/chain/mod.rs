@@ -484,9 +484,10 @@ impl ChainClient {
         safes: &[Address],
         ancestors: &[u64],
     ) -> anyhow::Result<(u64, SafeStates, HashMap<u64, B256>)> {
+        let sent = tokio::time::Instant::now();
         let read = self.read_head(safes, None, ancestors).await?;
         let head = read.number.context("Multicall3 getBlockNumber() failed")?;
-        self.heads.record(head);
+        self.heads.record_polled(head, sent);
         Ok((head, read.states, read.hashes))
     }
 

@@ -27,6 +27,7 @@ mod prepare_checks;
 mod properties;
 mod readme;
 mod replicas_api;
+mod rpc_budget;
 mod rpc_proxy;
 mod safe_doubles;
 mod safe_flow;
