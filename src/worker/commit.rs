@@ -45,18 +45,15 @@ pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Ou
                 status,
                 extra,
             } => {
-                let mut outcome = committed(
+                return Ok(committed(
                     ReplicaVm {
                         vm_uuid: Some(vm_uuid),
                         status,
                         ..ReplicaVm::default()
                     },
                     "the commit whose answer was lost created replica",
-                );
-                if let Outcome::Advance { changes, .. } = &mut outcome {
-                    changes.extra_replicas = extra;
-                }
-                return Ok(outcome);
+                )
+                .with_extra_replicas(extra));
             }
             Reconciled::LookAgain(wait) => return Ok(Outcome::AwaitOutcome(wait)),
             Reconciled::GiveUp(error) => return Ok(Outcome::Fail(error)),

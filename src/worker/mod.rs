@@ -74,6 +74,15 @@ impl Outcome {
         }
     }
 
+    /// The same advance, also recording CVMs that only this request's calls
+    /// can explain besides its replica (see [`reconcile`]).
+    fn with_extra_replicas(mut self, extra: Vec<String>) -> Self {
+        if let Outcome::Advance { changes, .. } = &mut self {
+            changes.extra_replicas = extra;
+        }
+        self
+    }
+
     /// What happened, as the step-duration metric names it.
     fn label(&self) -> &'static str {
         match self {

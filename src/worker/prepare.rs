@@ -5,6 +5,7 @@
 use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
 use crate::domain::{Bytes32, Event};
+use crate::phala::errors::codes;
 use crate::phala::{
     ExpectedReplica, PrepareMismatch, PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,
     ResolvedNode, check_prepared, node_with_device,
@@ -229,15 +230,12 @@ async fn replicate_directly(worker: &Worker, claimed: &Claimed) -> anyhow::Resul
                 status,
                 extra,
             } => {
-                let mut outcome = created(ReplicaVm {
+                return Ok(created(ReplicaVm {
                     vm_uuid: Some(vm_uuid),
                     status,
                     ..ReplicaVm::default()
-                });
-                if let Outcome::Advance { changes, .. } = &mut outcome {
-                    changes.extra_replicas = extra;
-                }
-                return Ok(outcome);
+                })
+                .with_extra_replicas(extra));
             }
             Reconciled::LookAgain(wait) => return Ok(Outcome::AwaitOutcome(wait)),
             Reconciled::GiveUp(error) => return Ok(Outcome::Fail(error)),
@@ -264,8 +262,7 @@ async fn replicate_directly(worker: &Worker, claimed: &Claimed) -> anyhow::Resul
         // A resent create refused for want of room: the first create, whose
         // answer was lost, most likely took the node's last slot.
         Err(err)
-            if request.call_sent_at.is_some()
-                && err.code() == Some(crate::phala::errors::codes::INSUFFICIENT_SLOTS) =>
+            if request.call_sent_at.is_some() && err.code() == Some(codes::INSUFFICIENT_SLOTS) =>
         {
             Ok(reconcile::first_call_took_effect("replicate", worker, &err))
         }

@@ -263,6 +263,18 @@ impl TestApp {
         request.send().await.unwrap()
     }
 
+    /// `GET /metrics`, as a scraper reads it.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn request_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM replica_requests")
             .fetch_one(&self.db)

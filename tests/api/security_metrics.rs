@@ -14,15 +14,7 @@ async fn junk_methods_add_no_metric_series() {
             .await
             .unwrap();
     }
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(!metrics.contains("JUNK"), "a junk method became a label");
     let other: Vec<&str> = metrics
         .lines()

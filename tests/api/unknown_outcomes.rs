@@ -370,13 +370,18 @@ async fn a_spent_token_whose_replica_never_shows_fails_as_created_but_not_visibl
     assert_eq!(source_locks(&app).await, 0);
 }
 
-#[tokio::test]
-async fn a_404_from_the_instance_list_is_no_proof_that_nothing_was_made() {
+/// The commit went through, but the instance list proves nothing while
+/// `doubt` is on: past the settle window nothing is sent again, the request
+/// says why (`says`), and once the list shows the replica it is found.
+async fn a_list_that_proves_nothing_holds_the_resend(
+    doubt: fn(&PhalaTruth) -> &AtomicBool,
+    says: &str,
+) {
     let app = spawn_app().await;
     let truth = onchain_world(&app, vec![Step::CreateThenBadGateway]).await;
     let id = queue_onchain(&app).await;
     app.drain().await;
-    PhalaTruth::set(&truth.list_404, true);
+    PhalaTruth::set(doubt(&truth), true);
     settle(&app);
     app.drain().await;
     let request = app.get_replica(&id).await;
@@ -385,47 +390,30 @@ async fn a_404_from_the_instance_list_is_no_proof_that_nothing_was_made() {
         request["last_error"]["message"]
             .as_str()
             .unwrap()
-            .contains("cannot be read yet"),
+            .contains(says),
         "{request}"
     );
     assert_eq!(commit_calls(&app).await.len(), 1, "nothing sent again");
 
-    PhalaTruth::set(&truth.list_404, false);
-    app.clock.advance(chrono::Duration::seconds(31));
-    app.drain().await;
-    let request = app.get_replica(&id).await;
-    assert_eq!(request["status"], "provisioning", "{request}");
-    assert_eq!(commit_calls(&app).await.len(), 1);
-    assert_eq!(truth.created(), 1);
-}
-
-#[tokio::test]
-async fn a_new_instance_listed_without_node_or_hash_is_waited_for_not_ignored() {
-    let app = spawn_app().await;
-    let truth = onchain_world(&app, vec![Step::CreateThenBadGateway]).await;
-    PhalaTruth::set(&truth.sparse, true);
-    let id = queue_onchain(&app).await;
-    app.drain().await;
-    settle(&app);
-    app.drain().await;
-    let request = app.get_replica(&id).await;
-    assert_eq!(request["status"], "committing");
-    assert!(
-        request["last_error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("without its node or compose hash"),
-        "{request}"
-    );
-    assert_eq!(commit_calls(&app).await.len(), 1, "nothing sent again");
-
-    PhalaTruth::set(&truth.sparse, false);
+    PhalaTruth::set(doubt(&truth), false);
     app.clock.advance(chrono::Duration::seconds(31));
     app.drain().await;
     let request = app.get_replica(&id).await;
     assert_eq!(request["status"], "provisioning", "{request}");
     assert_eq!(request["vm_uuid"], REPLICA_VM);
+    assert_eq!(commit_calls(&app).await.len(), 1);
     assert_eq!(truth.created(), 1);
+}
+
+#[tokio::test]
+async fn a_404_from_the_instance_list_is_no_proof_that_nothing_was_made() {
+    a_list_that_proves_nothing_holds_the_resend(|t| &t.list_404, "cannot be read yet").await;
+}
+
+#[tokio::test]
+async fn a_new_instance_listed_without_node_or_hash_is_waited_for_not_ignored() {
+    a_list_that_proves_nothing_holds_the_resend(|t| &t.sparse, "without its node or compose hash")
+        .await;
 }
 
 #[tokio::test]
@@ -443,15 +431,7 @@ async fn two_new_instances_for_one_request_are_reported_not_adopted_silently() {
     assert_eq!(request["status"], "provisioning", "{request}");
     assert_eq!(request["vm_uuid"], REPLICA_VM, "the oldest listed");
     assert_eq!(request["extra_replicas"], json!([EXTRA_VM]));
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("approval_bridge_requests_with_extra_replicas 1"),
         "{metrics}"
