@@ -803,15 +803,20 @@ async fn late_suite_creates_and_commits_landing_late_behind_lagging_lists_make_e
     figures.assert_exactly_once();
 }
 
-/// Fencing, end to end: a `serve` that holds the Safe-flow jobs (planner,
-/// follower, tracker) is caught in the middle of its calls and paused
-/// (SIGSTOP) past its leases; a second instance takes every job over and
-/// moves the flow on; then the first wakes up (SIGCONT) with the answers
-/// it was waiting for. Whatever it goes on to write as a job holder is
-/// refused: no row of `chain_cursors` or `proposals` changes at its hand
-/// after it wakes (a trigger records which connection wrote what), and the
-/// run still ends with every request done with exactly one replica, one
+/// A holder paused past its leases, end to end: a `serve` that holds the
+/// Safe-flow jobs (planner, follower, tracker) is caught in the middle of
+/// its calls (the follower at its log read, whose cursor write comes next)
+/// and paused (SIGSTOP); a second instance takes every job over and moves
+/// the flow on; then the first wakes up (SIGCONT) with the answers it was
+/// waiting for. No row of `chain_cursors` or `proposals` changes at its
+/// hand after it wakes (a trigger records which connection wrote what), and
+/// the run still ends with every request done with exactly one replica, one
 /// proposal per nonce and one execution per registration.
+///
+/// On waking, the heartbeat and the interrupted pass race: the heartbeat
+/// usually learns of the loss first and drops the pass, and the fence
+/// refuses the write of a pass that gets there first. The fence itself is
+/// proven write by write in `fencing.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serve_paused_past_its_job_leases_writes_nothing_once_it_wakes() {
     let mut run = Run::start().await;
@@ -874,18 +879,21 @@ async fn a_serve_paused_past_its_job_leases_writes_nothing_once_it_wakes() {
         .await
         .unwrap();
 
-    // Catch the first in the middle of a call, and pause it there.
-    for gate in &gates {
-        gate.close();
-    }
+    // Catch the first in the middle of its calls, and pause it there: the
+    // follower at its log read (its cursor write comes next), the others
+    // wherever they call Phala or the Safe service.
+    let [rpc, phala, safe] = &gates;
+    rpc.close_to(Some("eth_getLogs"));
+    phala.close();
+    safe.close();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while gates.iter().map(|g| g.held()).sum::<usize>() == 0 {
-        assert!(Instant::now() < deadline, "the first instance made no call");
+    while rpc.held() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first instance's follower read no logs"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Long enough for the follower (1 s blocks) and the tracker to be
-    // caught as well, short of the leases (4 s, renewed in the database).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     first.pause();
     let held = gates.iter().map(|g| g.held()).sum::<usize>();
     let cursor_at_pause: i64 = sqlx::query_scalar("SELECT max(block_number) FROM chain_cursors")

@@ -172,10 +172,12 @@ pub struct FaultProxy {
     gate: Arc<Gate>,
 }
 
-/// Closed, the proxy holds every call it receives until it opens again.
+/// Closed, the proxy holds every call it receives (or only those whose body
+/// holds `only`) until it opens again.
 #[derive(Default)]
 struct Gate {
     closed: AtomicBool,
+    only: Mutex<Option<String>>,
     /// Calls waiting at the closed gate.
     held: AtomicUsize,
     opened: tokio::sync::Notify,
@@ -247,6 +249,13 @@ impl FaultProxy {
     /// Holds every call from now on until [`FaultProxy::open`]: a client
     /// caught at the gate waits for an answer.
     pub fn close(&self) {
+        self.close_to(None);
+    }
+
+    /// [`FaultProxy::close`] to the calls whose body holds `only` (a JSON-RPC
+    /// method, say); the others pass.
+    pub fn close_to(&self, only: Option<&str>) {
+        *self.gate.only.lock().unwrap() = only.map(str::to_owned);
         self.gate.closed.store(true, Ordering::SeqCst);
     }
 
@@ -331,7 +340,16 @@ impl Kind {
 }
 
 async fn forward(State(proxy): State<Shared>, request: Request) -> Response {
-    if proxy.gate.closed.load(Ordering::SeqCst) {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 16 * 1024 * 1024).await else {
+        return (StatusCode::BAD_REQUEST, "unreadable body").into_response();
+    };
+    let caught = proxy.gate.closed.load(Ordering::SeqCst)
+        && match proxy.gate.only.lock().unwrap().as_deref() {
+            Some(only) => String::from_utf8_lossy(&body).contains(only),
+            None => true,
+        };
+    if caught {
         proxy.gate.held.fetch_add(1, Ordering::SeqCst);
         loop {
             let opened = proxy.gate.opened.notified();
@@ -342,10 +360,6 @@ async fn forward(State(proxy): State<Shared>, request: Request) -> Response {
         }
         proxy.gate.held.fetch_sub(1, Ordering::SeqCst);
     }
-    let (parts, body) = request.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, 16 * 1024 * 1024).await else {
-        return (StatusCode::BAD_REQUEST, "unreadable body").into_response();
-    };
     let call = Call {
         method: parts.method,
         path: parts.uri.path().to_owned(),
