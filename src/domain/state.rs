@@ -2,6 +2,19 @@
 //!
 //! Every status change in the service goes through [`next`], so an illegal
 //! transition is an error at the one place that decides, never a silent no-op.
+//!
+//! `done`, `failed` and `cancelled` are final, with one deliberate exception:
+//! a request that failed because its proposal expired, or because the bridge
+//! gave up posting it, is planned again if the Safe owners execute that
+//! proposal after all ([`Event::ExecutedLate`]). Its registrations are on
+//! chain then, and a request must not stay `failed` while they are. It is
+//! safe: such a request failed while it awaited the proposal or the owners,
+//! so it never sent a commit with its token (a commit is only sent from
+//! `committing`, and a request leaves `committing` for `awaiting_proposal`
+//! only after a refused commit, which made nothing); the planner sends it on
+//! to commit at confirmed depth, with a fresh prepare (failing cleared its
+//! token). The follower does not revive it when a newer request for the same
+//! replica is under way or done: that one makes the replica.
 
 use std::fmt;
 use std::str::FromStr;
@@ -107,10 +120,13 @@ pub enum Event {
     Fail,
     /// Someone cancelled the request.
     Cancel,
+    /// The owners executed, after all, the proposal whose expiry (or whose
+    /// giving up) failed the request: plan it again (see the module's note).
+    ExecutedLate,
 }
 
 impl Event {
-    pub const ALL: [Event; 11] = [
+    pub const ALL: [Event; 12] = [
         Event::StartPrepare,
         Event::RegistrationsMissing,
         Event::RegistrationsAllowed,
@@ -122,6 +138,7 @@ impl Event {
         Event::ReplicaRunning,
         Event::Fail,
         Event::Cancel,
+        Event::ExecutedLate,
     ];
 }
 
@@ -195,6 +212,8 @@ pub fn next(from: Status, event: Event) -> Result<Status, IllegalTransition> {
         (S::Queued | S::Preparing | S::AwaitingProposal | S::AwaitingApproval, E::Cancel) => {
             S::Cancelled
         }
+        // The one way out of a final status: see the module's note.
+        (S::Failed, E::ExecutedLate) => S::AwaitingProposal,
         _ => return Err(IllegalTransition { from, event }),
     };
     Ok(to)
@@ -229,6 +248,7 @@ mod tests {
         (S::Committing, E::Fail, S::Failed),
         (S::Provisioning, E::ReplicaRunning, S::Done),
         (S::Provisioning, E::Fail, S::Failed),
+        (S::Failed, E::ExecutedLate, S::AwaitingProposal),
     ];
 
     #[test]
@@ -249,13 +269,21 @@ mod tests {
     }
 
     #[test]
-    fn terminal_states_accept_no_event() {
+    fn terminal_states_accept_no_event_but_a_late_execution_of_a_failed_one() {
         for from in [S::Done, S::Failed, S::Cancelled] {
             assert!(from.is_terminal());
             for event in Event::ALL {
+                if (from, event) == (S::Failed, E::ExecutedLate) {
+                    continue;
+                }
                 assert!(next(from, event).is_err(), "{from} + {event:?}");
             }
         }
+        // Revived, it is planned afresh: no proposal, no token, no lock.
+        let t = transition(S::Failed, E::ExecutedLate).unwrap();
+        assert_eq!(t.to, S::AwaitingProposal);
+        assert!(t.effects.detach_proposal && t.effects.release_source_lock);
+        assert!(!t.effects.clear_commit_token, "failing cleared it already");
     }
 
     #[test]

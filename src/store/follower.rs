@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use super::job_leases::{JobLease, fence_tx};
 use super::proposals::{ProposalRow, query_proposals};
 use super::requests::{Changes, ReplicaRequest, StoredError, advance_in, query_requests};
 use super::{Store, StoreError, clean};
@@ -87,56 +88,57 @@ impl Store {
 
     /// The follower is done with an ended proposal: its nonce went to another
     /// transaction, or it executed with `ExecutionFailure`.
-    pub async fn stop_watching(&self, proposal_id: Uuid) -> Result<(), sqlx::Error> {
-        sqlx::query!(
-            "UPDATE proposals SET watch_after_end = false WHERE id = $1",
-            proposal_id
+    pub async fn stop_watching(
+        &self,
+        proposal_id: Uuid,
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
+            "UPDATE proposals SET watch_after_end = false WHERE id = $1
+               AND ($2::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $2 AND holder = $3 AND token = $4 AND expires_at > now() FOR SHARE))",
+            proposal_id,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 
     /// The owners executed a proposal after it ended: it is recorded as
-    /// executed, and each request that failed with it gets `report` as its
-    /// error (it stays failed: a failed request is final, and its caller may
-    /// have queued it again already), in one transaction. Returns how many
-    /// requests were told.
+    /// executed, and the requests it had failed are settled as
+    /// [`settle_failed`] says, in one transaction.
     pub async fn executed_after_end(
         &self,
         proposal_id: Uuid,
         now: DateTime<Utc>,
-        report: &StoredError,
-    ) -> Result<u64, StoreError> {
+        fence: Option<&JobLease>,
+    ) -> Result<LateExecution, StoreError> {
         let mut tx = self.pool.begin().await?;
+        fence_tx(&mut tx, fence).await?;
         let ended = sqlx::query!(
             "UPDATE proposals SET status = $2, watch_after_end = false, updated_at = $3
-             WHERE id = $1 AND watch_after_end AND status <> 'proposed'",
+             WHERE id = $1 AND watch_after_end AND status <> 'proposed'
+             RETURNING safe_tx_hash, execution_tx_hash",
             proposal_id,
             ProposalEnd::Executed.as_str(),
             now,
         )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if ended == 0 {
-            return Ok(0);
-        }
-        let told = sqlx::query!(
-            "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4,
-                updated_at = $5
-             WHERE proposal_id = $1 AND status = 'failed'",
-            proposal_id,
-            report.code,
-            clean(&report.message),
-            report.suggestion,
-            now,
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(ended) = ended else {
+            return Ok(LateExecution::default());
+        };
+        let execution = ended.execution_tx_hash.as_deref().unwrap_or("?");
+        let settled =
+            settle_failed(&mut tx, proposal_id, &ended.safe_tx_hash, execution, now).await?;
         tx.commit().await?;
-        Ok(told)
+        Ok(settled)
     }
 
     /// The apps the open proposals of a chain register on.
@@ -167,10 +169,14 @@ impl Store {
         chain_id: i64,
         cursor: &Cursor,
         now: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "INSERT INTO chain_cursors (chain_id, block_number, block_hash, apps_touched, updated_at)
-             VALUES ($1, $2, $3, $4, $5)
+             SELECT $1::bigint, $2::bigint, $3::text, $4::bool, $5::timestamptz
+             WHERE ($6::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                WHERE job = $6 AND holder = $7 AND token = $8 AND expires_at > now() FOR SHARE))
              ON CONFLICT (chain_id) DO UPDATE SET block_number = $2, block_hash = $3, apps_touched = $4,
                 updated_at = $5",
             chain_id,
@@ -178,20 +184,37 @@ impl Store {
             cursor.block_hash,
             cursor.apps_touched,
             now,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 
     /// The app logs seen so far have been acted on.
-    pub async fn clear_apps_touched(&self, chain_id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query!(
-            "UPDATE chain_cursors SET apps_touched = false WHERE chain_id = $1",
-            chain_id
+    pub async fn clear_apps_touched(
+        &self,
+        chain_id: i64,
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
+            "UPDATE chain_cursors SET apps_touched = false WHERE chain_id = $1
+               AND ($2::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $2 AND holder = $3 AND token = $4 AND expires_at > now() FOR SHARE))",
+            chain_id,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 
@@ -200,17 +223,25 @@ impl Store {
         &self,
         chain_id: i64,
         block: i64,
-    ) -> Result<u64, sqlx::Error> {
-        Ok(sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<u64, StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "UPDATE proposals SET execution_tx_hash = NULL, execution_block = NULL, execution_block_hash = NULL,
                 execution_success = NULL
-             WHERE chain_id = $1 AND (status = 'proposed' OR watch_after_end) AND execution_block >= $2",
+             WHERE chain_id = $1 AND (status = 'proposed' OR watch_after_end) AND execution_block >= $2
+               AND ($3::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $3 AND holder = $4 AND token = $5 AND expires_at > now() FOR SHARE))",
             chain_id,
             block,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
         .await?
-        .rows_affected())
+        .rows_affected();
+        self.fenced(fence, rows).await
     }
 
     /// An execution seen in the logs, not final until confirmed.
@@ -221,19 +252,28 @@ impl Store {
         block: i64,
         block_hash: &str,
         success: bool,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "UPDATE proposals SET execution_tx_hash = $2, execution_block = $3, execution_block_hash = $4,
                 execution_success = $5
-             WHERE id = $1 AND (status = 'proposed' OR watch_after_end)",
+             WHERE id = $1 AND (status = 'proposed' OR watch_after_end)
+               AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $6 AND holder = $7 AND token = $8 AND expires_at > now() FOR SHARE))",
             proposal_id,
             tx_hash,
             block,
             block_hash,
             success,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 
@@ -279,15 +319,18 @@ impl Store {
         end: ProposalEnd,
         now: DateTime<Utc>,
         error: Option<&StoredError>,
+        fence: Option<&JobLease>,
         mut move_of: impl FnMut(&ReplicaRequest, i64) -> RequestMove,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
+        fence_tx(&mut tx, fence).await?;
         // The row lock orders this after (or before) a request joining.
         let ended = sqlx::query!(
             "UPDATE proposals SET status = $2, updated_at = $3,
                 last_error_code = COALESCE($4, last_error_code), last_error_message = COALESCE($5, last_error_message),
                 watch_after_end = $6
-             WHERE id = $1 AND status = 'proposed'",
+             WHERE id = $1 AND status = 'proposed'
+             RETURNING safe_tx_hash, execution_tx_hash",
             proposal_id,
             end.as_str(),
             now,
@@ -295,11 +338,16 @@ impl Store {
             error.map(|e| clean(&e.message)),
             end == ProposalEnd::Expired,
         )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if ended == 0 {
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(ended) = ended else {
             return Ok(false);
+        };
+        // Opened again after it had failed requests (they were queued again),
+        // and executed now: those are settled as after a late execution.
+        if end == ProposalEnd::Executed {
+            let execution = ended.execution_tx_hash.as_deref().unwrap_or("?");
+            settle_failed(&mut tx, proposal_id, &ended.safe_tx_hash, execution, now).await?;
         }
         for request in waiting_on(&mut tx, proposal_id).await? {
             let lost_before = proposals_lost_in(&mut tx, request.id).await?;
@@ -340,8 +388,10 @@ impl Store {
         request_ids: &[Uuid],
         now: DateTime<Utc>,
         message: &str,
+        fence: Option<&JobLease>,
     ) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await?;
+        fence_tx(&mut tx, fence).await?;
         let open = sqlx::query_scalar!(
             r#"SELECT 1 AS "open!" FROM proposals WHERE id = $1 AND status = 'proposed' AND execution_tx_hash IS NULL
              FOR UPDATE"#,
@@ -390,22 +440,31 @@ impl Store {
         &self,
         proposal_id: Uuid,
         error: &StoredError,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4
-             WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval')",
+             WHERE proposal_id = $1 AND status IN ('awaiting_proposal', 'awaiting_approval')
+               AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $5 AND holder = $6 AND token = $7 AND expires_at > now() FOR SHARE))",
             proposal_id,
             error.code,
             clean(&error.message),
             error.suggestion,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 
     /// Moves a waiting request on by `event` (no worker holds it). `Ok(false)`
-    /// when it changed meanwhile.
+    /// when it changed meanwhile. `fence`: the lease of the job that moves it.
     pub async fn move_waiting(
         &self,
         request: &ReplicaRequest,
@@ -413,8 +472,10 @@ impl Store {
         now: DateTime<Utc>,
         message: &str,
         changes: Changes,
+        fence: Option<&JobLease>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
+        fence_tx(&mut tx, fence).await?;
         match advance_in(
             &mut tx,
             request.id,
@@ -436,6 +497,100 @@ impl Store {
             Err(err) => Err(err),
         }
     }
+}
+
+/// What a late execution did to the requests its proposal had failed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LateExecution {
+    /// Planned again.
+    pub revived: u64,
+    /// Left failed: a newer request makes the same replica.
+    pub superseded: u64,
+}
+
+/// The requests that `proposal_id` failed (it expired, or the bridge gave up
+/// posting it), now that `execution` put their registrations on chain. Each
+/// is planned again ([`Event::ExecutedLate`]; the planner commits it at
+/// confirmed depth), unless a newer request for the same replica (the same
+/// source, node and compose hash) is under way or done: then it stays
+/// failed with `PROPOSAL-EXECUTED-LATE` naming that request, which makes the
+/// replica. A newer request stands in for one failed request only.
+async fn settle_failed(
+    tx: &mut Transaction<'_, Postgres>,
+    proposal_id: Uuid,
+    safe_tx_hash: &str,
+    execution: &str,
+    now: DateTime<Utc>,
+) -> Result<LateExecution, StoreError> {
+    let failed = sqlx::query_scalar!(
+        "SELECT id FROM replica_requests WHERE proposal_id = $1 AND status = 'failed'
+         ORDER BY created_at, id FOR UPDATE",
+        proposal_id,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut settled = LateExecution::default();
+    let mut taken: Vec<Uuid> = Vec::new();
+    for id in failed {
+        let newer = sqlx::query_scalar!(
+            "SELECT n.id FROM replica_requests n JOIN replica_requests o ON o.id = $1
+             WHERE n.id <> o.id AND NOT n.id = ANY($2) AND (n.created_at, n.id) > (o.created_at, o.id)
+               AND n.status NOT IN ('failed', 'cancelled')
+               AND n.source_vm_uuid = o.source_vm_uuid
+               AND (n.node_id IS NULL OR o.node_id IS NULL OR n.node_id = o.node_id)
+               AND (COALESCE(n.compose_hash, n.requested_compose_hash) IS NULL
+                    OR lower(COALESCE(n.compose_hash, n.requested_compose_hash))
+                       IS NOT DISTINCT FROM lower(COALESCE(o.compose_hash, o.requested_compose_hash)))
+             ORDER BY n.created_at, n.id LIMIT 1",
+            id,
+            &taken,
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(newer) = newer {
+            taken.push(newer);
+            let report = StoredError::new(
+                "PROPOSAL-EXECUTED-LATE",
+                &format!(
+                    "the Safe owners executed proposal {safe_tx_hash} in {execution} after the bridge had given up on it; \
+                     request {newer} queued the same replica again and makes it"
+                ),
+                Some(&format!("Follow request {newer}.")),
+            );
+            sqlx::query!(
+                "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4,
+                    updated_at = $5
+                 WHERE id = $1 AND status = 'failed'",
+                id,
+                report.code,
+                clean(&report.message),
+                report.suggestion,
+                now,
+            )
+            .execute(&mut **tx)
+            .await?;
+            settled.superseded += 1;
+            continue;
+        }
+        let message = format!(
+            "the Safe owners executed proposal {safe_tx_hash} in {execution} after the bridge had given up on it: \
+             what this request needs is on chain, so it is planned again and commits at confirmed depth"
+        );
+        advance_in(
+            tx,
+            id,
+            None,
+            now,
+            Status::Failed,
+            Event::ExecutedLate,
+            &Actor::Worker,
+            Some(&message),
+            Changes::default(),
+        )
+        .await?;
+        settled.revived += 1;
+    }
+    Ok(settled)
 }
 
 /// How one request leaves a proposal that ends.

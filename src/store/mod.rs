@@ -21,7 +21,7 @@ use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
-pub use follower::{Cursor, ProposalEnd, RequestMove};
+pub use follower::{Cursor, LateExecution, ProposalEnd, RequestMove};
 pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
@@ -90,6 +90,10 @@ pub enum StoreError {
     /// The lease expired or another worker took the row: this worker must stop.
     #[error("the lease on request {0} was lost")]
     LeaseLost(uuid::Uuid),
+    /// A Safe-flow job's lease (see `job_leases`) ended, or another process
+    /// took the job: the write changed nothing, and the pass must stop.
+    #[error("the lease on the Safe-flow job {0} was lost; the write was refused")]
+    JobLost(String),
     #[error(transparent)]
     Illegal(#[from] crate::domain::IllegalTransition),
     /// A create or commit for the request is on its way to Phala, or its
@@ -111,6 +115,20 @@ pub enum Trouble {
     StatementTimeout,
     /// No connection could be had, or it broke.
     Unavailable,
+}
+
+impl StoreError {
+    /// The lost job, if `err` is (or was caused by) a write refused by its fence.
+    pub fn job_lost(err: &anyhow::Error) -> Option<&str> {
+        err.chain()
+            .find_map(|cause| match cause.downcast_ref::<StoreError>() {
+                Some(StoreError::JobLost(job)) => Some(job.as_str()),
+                _ => match cause.downcast_ref::<proposals::ProposalConflict>() {
+                    Some(proposals::ProposalConflict::LeaseLost(job)) => Some(job.as_str()),
+                    _ => None,
+                },
+            })
+    }
 }
 
 impl Trouble {

@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::job_leases::{JobLease, still_held};
+use super::job_leases::{JobLease, fence_tx, still_held};
 use super::requests::{Changes, StoredError, advance_in, query_requests};
 use super::{Store, StoreError, clean};
 use crate::domain::{Actor, Event, Status};
@@ -402,8 +402,10 @@ impl Store {
         proposal_id: Uuid,
         safe: &str,
         now: DateTime<Utc>,
+        fence: Option<&JobLease>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        fence_tx(&mut tx, fence).await?;
         let open = sqlx::query!(
             "SELECT submitted_at, nonce, safe_tx_hash FROM proposals
              WHERE id = $1 AND status = 'proposed' FOR SHARE",
@@ -546,8 +548,10 @@ impl Store {
         id: Uuid,
         now: DateTime<Utc>,
         message: &str,
+        fence: Option<&JobLease>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        fence_tx(&mut tx, fence).await?;
         let open = sqlx::query!(
             "UPDATE proposals SET submitted_at = COALESCE(submitted_at, $2), last_error_code = NULL,
                 last_error_message = NULL, updated_at = $2
@@ -593,18 +597,26 @@ impl Store {
         now: DateTime<Utc>,
         retry_at: DateTime<Utc>,
         error: &StoredError,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "UPDATE proposals SET next_attempt_at = $3, last_error_code = $4, last_error_message = $5, updated_at = $2
-             WHERE id = $1",
+             WHERE id = $1 AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                WHERE job = $6 AND holder = $7 AND token = $8 AND expires_at > now() FOR SHARE))",
             id,
             now,
             retry_at,
             error.code,
             clean(&error.message),
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 
@@ -619,8 +631,10 @@ impl Store {
         now: DateTime<Utc>,
         error: &StoredError,
         watch_after_end: bool,
+        fence: Option<&JobLease>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        fence_tx(&mut tx, fence).await?;
         let open = sqlx::query!(
             "UPDATE proposals SET status = 'failed', last_error_code = $3, last_error_message = $4, updated_at = $2,
                 watch_after_end = $5
@@ -680,20 +694,28 @@ impl Store {
         confirmed_by: &[String],
         threshold: Option<i32>,
         owners: Option<&[String]>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "UPDATE proposals SET confirmations = $3, confirmed_by = $4, threshold = COALESCE($5, threshold),
                 owners = COALESCE($6, owners), checked_at = $2
-             WHERE id = $1",
+             WHERE id = $1 AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                WHERE job = $7 AND holder = $8 AND token = $9 AND expires_at > now() FOR SHARE))",
             id,
             now,
             confirmed_by.len() as i32,
             confirmed_by,
             threshold,
             owners,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 
@@ -705,19 +727,28 @@ impl Store {
         ids: &[Uuid],
         until: DateTime<Utc>,
         error: Option<&StoredError>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "UPDATE replica_requests SET next_attempt_at = $2,
                 last_error_code = $3, last_error_message = $4, last_error_suggestion = $5
-             WHERE id = ANY($1) AND status = 'awaiting_proposal' AND proposal_id IS NULL",
+             WHERE id = ANY($1) AND status = 'awaiting_proposal' AND proposal_id IS NULL
+               AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $6 AND holder = $7 AND token = $8 AND expires_at > now() FOR SHARE))",
             ids,
             until,
             error.map(|e| &e.code),
             error.map(|e| clean(&e.message)),
             error.and_then(|e| e.suggestion.as_ref()),
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 }

@@ -1,12 +1,14 @@
 //! What the replica tracker reads and writes: every provisioning request in
 //! one query, and what each status poll saw. Moves go through
 //! [`Store::move_waiting`], like the follower's: no worker holds these rows.
+//! Every write is fenced by the tracker's job lease (see `job_leases`).
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::job_leases::JobLease;
 use super::requests::{ReplicaRequest, StoredError};
-use super::{Store, clean};
+use super::{Store, StoreError, clean};
 
 /// A provisioning request and when it entered `provisioning`.
 #[derive(Debug, Clone)]
@@ -56,16 +58,25 @@ impl Store {
         id: Uuid,
         status: &str,
         now: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "UPDATE replica_requests SET replica_status = $2, updated_at = $3
-             WHERE id = $1 AND status = 'provisioning'",
+             WHERE id = $1 AND status = 'provisioning'
+               AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $4 AND holder = $5 AND token = $6 AND expires_at > now() FOR SHARE))",
             id,
             status,
             now,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 
@@ -75,17 +86,26 @@ impl Store {
         &self,
         ids: &[Uuid],
         error: &StoredError,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query!(
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
             "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4
-             WHERE id = ANY($1) AND status = 'provisioning'",
+             WHERE id = ANY($1) AND status = 'provisioning'
+               AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $5 AND holder = $6 AND token = $7 AND expires_at > now() FOR SHARE))",
             ids,
             error.code,
             clean(&error.message),
             error.suggestion,
+            job,
+            holder,
+            token,
         )
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
         Ok(())
     }
 }

@@ -183,7 +183,7 @@ impl Worker {
     /// One pass of the replica tracker: one status call for every
     /// provisioning replica. `true` when a request moved on.
     pub async fn track_once(&self) -> anyhow::Result<bool> {
-        Ok(track::run(self).await?.moved)
+        Ok(track::run(self, None).await?.moved)
     }
 
     fn lease_duration(&self) -> Duration {

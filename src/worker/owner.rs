@@ -10,9 +10,11 @@
 //! is lost silently when that connection drops while the process works on
 //! through others, and does not survive a transaction-mode pooler. A lease
 //! row with the database's `now()` gives an explicit expiry the holder
-//! renews by heartbeat, a fencing token the planner's nonce allocation
-//! checks in its own transaction, and a takeover within one lease when the
-//! holder dies.
+//! renews by heartbeat, a fencing token that every write of a pass checks
+//! in the same statement (see `store::job_leases`), and a takeover within
+//! one lease when the holder dies. The heartbeat stops the passes of a
+//! holder that notices its loss; the fence refuses the writes of one that
+//! does not notice in time (a process paused past its lease, say).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use tracing::{Instrument, info_span};
 use super::Worker;
 use super::propose::{self, PlanScope};
 use super::{track, watch};
-use crate::store::{Acquired, JobLease};
+use crate::store::{Acquired, JobLease, StoreError};
 
 /// A Safe-flow job.
 #[derive(Debug, Clone)]
@@ -152,7 +154,9 @@ async fn hold(
         _ = keep(worker, held, lease) => {
             tracing::warn!(job = %held.job, token = held.token, "lost the Safe-flow job; stopping its passes");
         }
-        _ = passes(worker, job, held, wake) => {}
+        _ = passes(worker, job, held, wake) => {
+            tracing::warn!(job = %held.job, token = held.token, "lost the Safe-flow job: a write was refused by its fencing token; stopping its passes");
+        }
     }
 }
 
@@ -180,6 +184,8 @@ async fn keep(worker: &Worker, held: &JobLease, lease: Duration) {
 
 /// The job's passes, back to back while they move things, else at the
 /// planner's next due time or poll interval, or the follower's next block.
+/// Returns once a write was refused because the lease is lost: that pass
+/// stopped at the refused write, before any further call.
 async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
     let flow = worker
         .safe_flow
@@ -202,8 +208,10 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
                 };
                 (moved, due.min(poll))
             }
-            Job::Follower(chain_id) => (watch::run_chain(worker, *chain_id).await, poll),
-            Job::Tracker => match track::run(worker).await {
+            Job::Follower(chain_id) => {
+                (watch::run_chain(worker, *chain_id, Some(held)).await, poll)
+            }
+            Job::Tracker => match track::run(worker, Some(held)).await {
                 Ok(pass) => {
                     tracker_idle = !pass.tracking;
                     let wait = if pass.tracking { track::EVERY } else { poll };
@@ -215,6 +223,7 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
         let (wait, idle) = match moved {
             Ok(true) => (Duration::ZERO, false),
             Ok(false) => (wait, true),
+            Err(err) if StoreError::job_lost(&err).is_some() => return,
             Err(err) => {
                 tracing::error!(job = %held.job, error = format!("{err:#}"), "Safe-flow pass failed");
                 (poll, false)

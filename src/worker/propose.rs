@@ -130,9 +130,9 @@ pub(super) async fn run_scope(
     scope: &PlanScope,
     fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
-    let mut moved = submit_stored(worker, flow, scope).await?;
+    let mut moved = submit_stored(worker, flow, scope, fence).await?;
     moved |= plan(worker, flow, scope, fence).await?;
-    refresh_confirmations(worker, flow, scope).await?;
+    refresh_confirmations(worker, flow, scope, fence).await?;
     super::describe::fill_missing(worker, scope).await?;
     Ok(moved)
 }
@@ -166,6 +166,7 @@ async fn plan(
             None => {
                 fail(
                     worker,
+                    fence,
                     &request,
                     StoredError::new(
                         "NO-CHAIN",
@@ -203,7 +204,7 @@ async fn plan_chain(
             &format!("no RPC URL is configured for chain {chain_id}"),
             Some("Set APPROVAL_BRIDGE_RPC_URLS (or ETH_RPC_URL) and restart the bridge."),
         );
-        defer(worker, &requests, now + CHAIN_RETRY * 10, Some(&err)).await?;
+        defer(worker, fence, &requests, now + CHAIN_RETRY * 10, Some(&err)).await?;
         return Ok(false);
     };
 
@@ -224,7 +225,7 @@ async fn plan_chain(
                 missing,
             }),
             Err(err) => {
-                fail(worker, &request, err).await?;
+                fail(worker, fence, &request, err).await?;
                 moved = true;
             }
         }
@@ -266,7 +267,7 @@ async fn plan_chain(
                 &format!("cannot read the DstackApp on chain {chain_id}: {err:#}"),
                 None,
             );
-            defer(worker, &requests, now + CHAIN_RETRY, Some(&err)).await?;
+            defer(worker, fence, &requests, now + CHAIN_RETRY, Some(&err)).await?;
             return Ok(moved);
         }
     };
@@ -296,7 +297,7 @@ async fn plan_chain(
             ),
         );
         tracing::warn!(chain_id, %app, requests = requests.len(), "an app does not answer owner(); its requests wait");
-        defer(worker, &requests, now + CHAIN_RETRY, Some(&err)).await?;
+        defer(worker, fence, &requests, now + CHAIN_RETRY, Some(&err)).await?;
     }
 
     // Sort the requests into Safe groups; settle the ones that need nothing.
@@ -323,6 +324,7 @@ async fn plan_chain(
             if registrations.iter().all(|(r, _)| confirmed.is_allowed(r)) {
                 allowed_already(
                     worker,
+                    fence,
                     &request,
                     "everything it needs is already allowed on chain",
                 )
@@ -331,6 +333,7 @@ async fn plan_chain(
             } else {
                 defer(
                     worker,
+                    fence,
                     std::slice::from_ref(&request),
                     now + chrono::Duration::seconds(5),
                     None,
@@ -354,6 +357,7 @@ async fn plan_chain(
                     );
                     defer(
                         worker,
+                        fence,
                         std::slice::from_ref(&request),
                         now + CHAIN_RETRY,
                         Some(&err),
@@ -376,7 +380,7 @@ async fn plan_chain(
             // Another allowed Safe's planner takes it.
             Ok(_) => {}
             Err(err) if scope.takes_orphans() => {
-                fail(worker, &request, err).await?;
+                fail(worker, fence, &request, err).await?;
                 moved = true;
             }
             Err(_) => {}
@@ -397,7 +401,7 @@ async fn plan_chain(
             members.into_iter().map(|m| m.request).collect()
         };
         if now < oldest + window {
-            defer(worker, &requests_of(members), oldest + window, None).await?;
+            defer(worker, fence, &requests_of(members), oldest + window, None).await?;
             continue;
         }
         let preparing = worker
@@ -407,6 +411,7 @@ async fn plan_chain(
         if preparing > 0 && now < oldest + window * 3 {
             defer(
                 worker,
+                fence,
                 &requests_of(members),
                 now + chrono::Duration::seconds(1),
                 None,
@@ -514,7 +519,7 @@ async fn propose_group(
         Err(err) => {
             let requests: Vec<ReplicaRequest> = members.into_iter().map(|m| m.request).collect();
             let err = StoredError::new("CHAIN-UNAVAILABLE", &format!("{err:#}"), None);
-            defer(worker, &requests, now + CHAIN_RETRY, Some(&err)).await?;
+            defer(worker, fence, &requests, now + CHAIN_RETRY, Some(&err)).await?;
             return Ok(moved);
         }
     };
@@ -533,7 +538,7 @@ async fn propose_group(
             let proposal = open[&member.missing[0].1];
             worker
                 .store
-                .join_open_proposal(member.request.id, proposal, &safe_key, now)
+                .join_open_proposal(member.request.id, proposal, &safe_key, now, fence)
                 .await?;
             moved = true;
             continue;
@@ -573,7 +578,7 @@ async fn propose_group(
                             );
                             proposing.push(member.request);
                             for request in &proposing {
-                                fail(worker, request, err.clone()).await?;
+                                fail(worker, fence, request, err.clone()).await?;
                             }
                             return Ok(true);
                         }
@@ -584,7 +589,7 @@ async fn propose_group(
                                 None,
                             );
                             proposing.push(member.request);
-                            defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+                            defer(worker, fence, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
                             return Ok(moved);
                         }
                     }
@@ -654,7 +659,7 @@ async fn propose_group(
                             Some(err.suggestion()),
                         );
                         for request in &proposing {
-                            fail(worker, request, err.clone()).await?;
+                            fail(worker, fence, request, err.clone()).await?;
                         }
                         return Ok(true);
                     }
@@ -663,7 +668,7 @@ async fn propose_group(
                         &err.to_string(),
                         Some(err.suggestion()),
                     );
-                    defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+                    defer(worker, fence, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
                     return Ok(moved);
                 }
             };
@@ -685,7 +690,7 @@ async fn propose_group(
         Ok(head) => head as i64,
         Err(err) => {
             let err = StoredError::new("CHAIN-UNAVAILABLE", &format!("{err:#}"), None);
-            defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+            defer(worker, fence, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
             return Ok(moved);
         }
     };
@@ -716,7 +721,7 @@ async fn propose_group(
             ),
         );
         for request in &proposing {
-            fail(worker, request, err.clone()).await?;
+            fail(worker, fence, request, err.clone()).await?;
         }
         return Ok(true);
     }
@@ -764,7 +769,7 @@ async fn propose_group(
                 Some("The bridge plans again shortly; report this if it persists."),
             );
             tracing::error!(%safe_tx_hash, nonce, %status, "the planned transaction is stored already");
-            defer(worker, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
+            defer(worker, fence, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
             return Ok(moved);
         }
         Err(err @ ProposalConflict::LeaseLost(_)) => return Err(err.into()),
@@ -776,7 +781,7 @@ async fn propose_group(
         // the owners gave it. Look it up there, and post it if it is not.
         tracing::info!(%safe_tx_hash, nonce, requests = proposing.len(), "a stored proposal with the same calls and nonce is opened again");
         let stored = worker.store.proposals(&[id]).await?.remove(0);
-        post_stored(worker, flow, &stored).await?;
+        post_stored(worker, flow, &stored, fence).await?;
         return Ok(true);
     }
     // The HTTP request ids that queued them: each finds the proposal that batches it.
@@ -788,7 +793,7 @@ async fn propose_group(
     // Before the post, so the owners' first notification has the human terms.
     super::describe::learn(worker, new.id, &new.calls).await?;
     let stored = worker.store.proposals(&[new.id]).await?.remove(0);
-    submit(worker, flow, &stored).await?;
+    submit(worker, flow, &stored, fence).await?;
     Ok(true)
 }
 
@@ -801,13 +806,14 @@ async fn submit_stored(
     worker: &Worker,
     flow: &SafeFlow,
     scope: &PlanScope,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let mut moved = false;
     for proposal in worker.store.proposals_to_submit(worker.clock.now()).await? {
         if !scope.takes_proposal(&proposal) {
             continue;
         }
-        moved |= post_stored(worker, flow, &proposal).await?;
+        moved |= post_stored(worker, flow, &proposal, fence).await?;
     }
     Ok(moved)
 }
@@ -817,26 +823,27 @@ async fn post_stored(
     worker: &Worker,
     flow: &SafeFlow,
     proposal: &ProposalRow,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     Ok(match already_out(flow, proposal).await {
         Ok(Some(message)) => {
             tracing::info!(safe_tx_hash = %proposal.safe_tx_hash, message = %message, "stored proposal is out already; following the chain");
             worker
                 .store
-                .mark_submitted(proposal.id, worker.clock.now(), &message)
+                .mark_submitted(proposal.id, worker.clock.now(), &message, fence)
                 .await?;
             true
         }
-        Ok(None) => submit(worker, flow, proposal).await?,
+        Ok(None) => submit(worker, flow, proposal, fence).await?,
         Err(err) => {
             let now = worker.clock.now();
-            if give_up_if_overdue(worker, flow, proposal, &err, false).await? {
+            if give_up_if_overdue(worker, flow, proposal, &err, false, fence).await? {
                 return Ok(true);
             }
             tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, message = %err.message, "cannot look up the stored proposal; retrying later");
             worker
                 .store
-                .proposal_retry_later(proposal.id, now, now + CHAIN_RETRY, &err)
+                .proposal_retry_later(proposal.id, now, now + CHAIN_RETRY, &err, fence)
                 .await?;
             false
         }
@@ -857,6 +864,7 @@ async fn give_up_if_overdue(
     proposal: &ProposalRow,
     last: &StoredError,
     refused: bool,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let now = worker.clock.now();
     let waited = now - proposal.opened_at;
@@ -875,7 +883,7 @@ async fn give_up_if_overdue(
     tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, "giving up on an unsent proposal; its nonce is free for the next batch");
     worker
         .store
-        .reject_proposal(proposal.id, now, &err, true)
+        .reject_proposal(proposal.id, now, &err, true, fence)
         .await?;
     Ok(true)
 }
@@ -946,7 +954,12 @@ async fn already_out(flow: &SafeFlow, stored: &ProposalRow) -> Result<Option<Str
     }
 }
 
-async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyhow::Result<bool> {
+async fn submit(
+    worker: &Worker,
+    flow: &SafeFlow,
+    stored: &ProposalRow,
+    fence: Option<&JobLease>,
+) -> anyhow::Result<bool> {
     let chain_id = stored.chain_id as u64;
     let safe: Address = stored.safe.parse()?;
     let tx = SafeTx::new(
@@ -988,7 +1001,7 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
             );
             worker
                 .store
-                .mark_submitted(stored.id, now, &message)
+                .mark_submitted(stored.id, now, &message, fence)
                 .await?;
             tracing::info!(safe_tx_hash = %stored.safe_tx_hash, "proposal accepted by the Safe Transaction Service");
             Ok(true)
@@ -1004,7 +1017,7 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
             );
             worker
                 .store
-                .reject_proposal(stored.id, now, &err, false)
+                .reject_proposal(stored.id, now, &err, false, fence)
                 .await?;
             Ok(true)
         }
@@ -1012,7 +1025,16 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
             let stored_err =
                 StoredError::new(&err.stored_code(), &err.to_string(), Some(err.suggestion()));
             // Refusals and outages alike are bounded: see `give_up_if_overdue`.
-            if give_up_if_overdue(worker, flow, stored, &stored_err, !err.is_transient()).await? {
+            if give_up_if_overdue(
+                worker,
+                flow,
+                stored,
+                &stored_err,
+                !err.is_transient(),
+                fence,
+            )
+            .await?
+            {
                 return Ok(true);
             }
             // Rate limits, outages and configuration trouble pass with time or a restart.
@@ -1031,6 +1053,7 @@ async fn submit(worker: &Worker, flow: &SafeFlow, stored: &ProposalRow) -> anyho
                     now,
                     now + chrono::Duration::from_std(wait)?,
                     &stored_err,
+                    fence,
                 )
                 .await?;
             Ok(false)
@@ -1048,6 +1071,7 @@ async fn refresh_confirmations(
     worker: &Worker,
     flow: &SafeFlow,
     scope: &PlanScope,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<()> {
     let now = worker.clock.now();
     let due = worker
@@ -1099,6 +1123,7 @@ async fn refresh_confirmations(
                             &confirmed,
                             threshold,
                             owners.as_deref(),
+                            fence,
                         )
                         .await?;
                 }
@@ -1107,7 +1132,7 @@ async fn refresh_confirmations(
                     let kept = proposal.confirmed_by.clone().unwrap_or_default();
                     worker
                         .store
-                        .set_confirmations(proposal.id, now, &kept, None, None)
+                        .set_confirmations(proposal.id, now, &kept, None, None, fence)
                         .await?
                 }
             }
@@ -1162,6 +1187,7 @@ fn lower(address: Address) -> String {
 /// A request that changed meanwhile (cancelled, or planned by another worker) is left alone.
 async fn fail(
     worker: &Worker,
+    fence: Option<&JobLease>,
     request: &ReplicaRequest,
     err: StoredError,
 ) -> Result<(), StoreError> {
@@ -1173,13 +1199,21 @@ async fn fail(
     };
     worker
         .store
-        .move_waiting(request, Event::Fail, worker.clock.now(), &message, changes)
+        .move_waiting(
+            request,
+            Event::Fail,
+            worker.clock.now(),
+            &message,
+            changes,
+            fence,
+        )
         .await?;
     Ok(())
 }
 
 async fn allowed_already(
     worker: &Worker,
+    fence: Option<&JobLease>,
     request: &ReplicaRequest,
     why: &str,
 ) -> Result<(), StoreError> {
@@ -1192,6 +1226,7 @@ async fn allowed_already(
             now,
             why,
             Changes::default(),
+            fence,
         )
         .await?;
     Ok(())
@@ -1199,10 +1234,11 @@ async fn allowed_already(
 
 async fn defer(
     worker: &Worker,
+    fence: Option<&JobLease>,
     requests: &[ReplicaRequest],
     until: chrono::DateTime<chrono::Utc>,
     err: Option<&StoredError>,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
-    worker.store.defer_requests(&ids, until, err).await
+    worker.store.defer_requests(&ids, until, err, fence).await
 }

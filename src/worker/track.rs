@@ -13,7 +13,7 @@ use super::reconcile::normalize;
 use super::{Worker, stored_phala_error};
 use crate::domain::Event;
 use crate::phala::CvmStatus;
-use crate::store::{Changes, StoredError, Tracked};
+use crate::store::{Changes, JobLease, StoredError, Tracked};
 
 /// How often the tracker polls while a replica is provisioning: a replica
 /// that runs is seen within this time, at the cost of one call per pass.
@@ -31,7 +31,9 @@ pub(super) struct Pass {
 }
 
 /// One pass: a single status call for every provisioning replica.
-pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
+/// `fence`: the tracker's lease (`None` when tests drain by hand); a write
+/// it refuses ends the pass before any further call.
+pub(super) async fn run(worker: &Worker, fence: Option<&JobLease>) -> anyhow::Result<Pass> {
     let tracked = worker.store.provisioning().await?;
     if tracked.is_empty() {
         return Ok(Pass::default());
@@ -53,7 +55,10 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
             let ids: Vec<uuid::Uuid> = tracked.iter().map(|t| t.request.id).collect();
             let mut error = stored_phala_error(&err);
             error.message = format!("cannot read the replica's status: {}", error.message);
-            worker.store.note_tracking_error(&ids, &error).await?;
+            worker
+                .store
+                .note_tracking_error(&ids, &error, fence)
+                .await?;
             None
         }
     };
@@ -86,6 +91,7 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
                         now,
                         &format!("replica {vm} is running"),
                         changes,
+                        fence,
                     )
                     .await?;
             }
@@ -98,7 +104,7 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
                 };
                 pass.moved |= worker
                     .store
-                    .move_waiting(&t.request, Event::Fail, now, &message, changes)
+                    .move_waiting(&t.request, Event::Fail, now, &message, changes, fence)
                     .await?;
             }
             Verdict::SlowBoot(warning) => {
@@ -106,7 +112,7 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
                     tracing::warn!(replica_id = %t.request.id, "replica slow to boot");
                     worker
                         .store
-                        .note_tracking_error(&[t.request.id], &warning)
+                        .note_tracking_error(&[t.request.id], &warning, fence)
                         .await?;
                 }
             }
@@ -115,7 +121,7 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<Pass> {
             {
                 worker
                     .store
-                    .note_replica_status(t.request.id, &status, now)
+                    .note_replica_status(t.request.id, &status, now, fence)
                     .await?;
             }
             Verdict::Waiting(_) => {}

@@ -35,7 +35,8 @@ use super::safe_flow::SafeFlow;
 use crate::chain::{ChainClient, Registration};
 use crate::domain::Event;
 use crate::store::{
-    Changes, Cursor, ProposalEnd, ProposalRow, ReplicaRequest, RequestMove, StoredError,
+    Changes, Cursor, JobLease, ProposalEnd, ProposalRow, ReplicaRequest, RequestMove, StoreError,
+    StoredError,
 };
 
 /// How far back to rescan when the cursor's block was reorganised away.
@@ -65,14 +66,15 @@ fn may_allow(log: &Log) -> bool {
     })
 }
 
-/// One pass over every chain with open proposals. `true` when something moved.
+/// One pass over every chain with open proposals, unfenced (tests drain
+/// with this). `true` when something moved.
 pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
     if worker.safe_flow.is_none() {
         return Ok(false);
     }
     let mut moved = false;
     for chain_id in worker.store.chains_to_follow().await? {
-        moved |= run_chain(worker, chain_id).await?;
+        moved |= run_chain(worker, chain_id, None).await?;
     }
     Ok(moved)
 }
@@ -94,12 +96,20 @@ pub(super) async fn wait_for_block(worker: &Worker, chain_id: i64) {
 }
 
 /// One pass over one chain: the follower job of that chain runs this.
-pub(super) async fn run_chain(worker: &Worker, chain_id: i64) -> anyhow::Result<bool> {
+/// `fence`: the job's lease; every write of the pass checks it, and a write
+/// it refuses ends the pass with [`StoreError::JobLost`].
+pub(super) async fn run_chain(
+    worker: &Worker,
+    chain_id: i64,
+    fence: Option<&JobLease>,
+) -> anyhow::Result<bool> {
     let Some(flow) = worker.safe_flow.as_ref() else {
         return Ok(false);
     };
-    match follow(worker, flow, chain_id).await {
+    match follow(worker, flow, chain_id, fence).await {
         Ok(moved) => Ok(moved),
+        // Another process follows the chain now: nothing more is written.
+        Err(err) if StoreError::job_lost(&err).is_some() => Err(err),
         Err(err) => {
             // Keep waiting, with the cause visible on the requests.
             tracing::warn!(
@@ -115,14 +125,22 @@ pub(super) async fn run_chain(worker: &Worker, chain_id: i64) -> anyhow::Result<
                 ),
             );
             for proposal in worker.store.open_proposals(chain_id).await? {
-                worker.store.note_on_requests(proposal.id, &err).await?;
+                worker
+                    .store
+                    .note_on_requests(proposal.id, &err, fence)
+                    .await?;
             }
             Ok(false)
         }
     }
 }
 
-async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Result<bool> {
+async fn follow(
+    worker: &Worker,
+    flow: &SafeFlow,
+    chain_id: i64,
+    fence: Option<&JobLease>,
+) -> anyhow::Result<bool> {
     let chain = flow
         .chain(chain_id as u64)
         .ok_or_else(|| anyhow::anyhow!("no RPC URL is configured for chain {chain_id}"))?;
@@ -135,7 +153,7 @@ async fn follow(worker: &Worker, flow: &SafeFlow, chain_id: i64) -> anyhow::Resu
         chain.unfollow();
         return Ok(false);
     }
-    let passed = scan(worker, flow, &chain, chain_id, &open, &ended).await;
+    let passed = scan(worker, flow, &chain, chain_id, &open, &ended, fence).await;
     if passed.is_err() {
         // Maybe another provider answers next time: trust nothing seen so far.
         chain.connection_changed();
@@ -150,6 +168,7 @@ async fn scan(
     chain_id: i64,
     open: &[ProposalRow],
     ended: &[ProposalRow],
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     // An RPC that answers for another chain must not be believed.
     chain.check_chain_id_once().await?;
@@ -157,7 +176,7 @@ async fn scan(
     let subscribed = chain.subscribed_head();
     if followed.is_some() && followed == subscribed {
         // No block since the last pass: only the clock can have moved.
-        return expire_overdue(worker, flow, open).await;
+        return expire_overdue(worker, flow, open, fence).await;
     }
     let stored = worker.store.cursor(chain_id).await?;
     // Ended proposals the owners may still execute are watched as the open
@@ -192,7 +211,7 @@ async fn scan(
         }
     };
     if followed == Some(head) {
-        return expire_overdue(worker, flow, open).await;
+        return expire_overdue(worker, flow, open, fence).await;
     }
     let confirmed = range.confirmed(head);
     // Where to scan from: past the stored cursor, unless a reorg took its
@@ -259,7 +278,7 @@ async fn scan(
     // What was seen from `from` on is read again from the chain as it is now.
     let forgotten = worker
         .store
-        .forget_executions_from(chain_id, from as i64)
+        .forget_executions_from(chain_id, from as i64, fence)
         .await?;
     if forgotten > 0 {
         tracing::info!(
@@ -291,7 +310,7 @@ async fn scan(
                 unsettled.insert(log.address());
             }
         }
-        let anomalies = record_executions(worker, &watched, &safes, &logs).await?;
+        let anomalies = record_executions(worker, &watched, &safes, &logs, fence).await?;
         // An odd log proves nothing about any proposal: report it on the
         // Safe's requests and move past it, so one log cannot stall the chain.
         for (safe, problem) in anomalies {
@@ -307,7 +326,10 @@ async fn scan(
                 .iter()
                 .filter(|p| p.safe.parse::<Address>().ok() == Some(safe))
             {
-                worker.store.note_on_requests(proposal.id, &err).await?;
+                worker
+                    .store
+                    .note_on_requests(proposal.id, &err, fence)
+                    .await?;
             }
         }
     }
@@ -319,7 +341,7 @@ async fn scan(
     };
     worker
         .store
-        .set_cursor(chain_id, &cursor, worker.clock.now())
+        .set_cursor(chain_id, &cursor, worker.clock.now(), fence)
         .await?;
     if !caught_up {
         // Nothing is decided on a partial view; the next pass goes on.
@@ -357,10 +379,10 @@ async fn scan(
         unsettled: &unsettled,
     };
     for proposal in &current {
-        moved |= decide(worker, flow, &view, proposal, now).await?;
+        moved |= decide(worker, flow, &view, proposal, now, fence).await?;
     }
     for proposal in &current_ended {
-        moved |= settle_ended(worker, &view, proposal, now).await?;
+        moved |= settle_ended(worker, &view, proposal, now, fence).await?;
     }
     if apps_touched {
         // A Safe that changed its VERSION() is doubtful evidence: its requests wait.
@@ -373,8 +395,8 @@ async fn scan(
             })
             .map(|p| p.safe.clone())
             .collect();
-        moved |= release_allowed_meanwhile(worker, &view, chain_id, &doubtful).await?;
-        worker.store.clear_apps_touched(chain_id).await?;
+        moved |= release_allowed_meanwhile(worker, &view, chain_id, &doubtful, fence).await?;
+        worker.store.clear_apps_touched(chain_id, fence).await?;
     }
     chain.set_followed_head(head);
     Ok(moved)
@@ -440,11 +462,12 @@ async fn expire_overdue(
     worker: &Worker,
     flow: &SafeFlow,
     open: &[ProposalRow],
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let now = worker.clock.now();
     let mut moved = false;
     for proposal in open.iter().filter(|p| p.execution_block.is_none()) {
-        moved |= expire_if_overdue(worker, flow, proposal, now).await?;
+        moved |= expire_if_overdue(worker, flow, proposal, now, fence).await?;
     }
     Ok(moved)
 }
@@ -468,6 +491,7 @@ async fn record_executions(
     open: &[ProposalRow],
     safes: &BTreeSet<Address>,
     logs: &[Log],
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<Vec<(Address, String)>> {
     let by_hash: HashMap<(Address, B256), &ProposalRow> = open
         .iter()
@@ -523,6 +547,7 @@ async fn record_executions(
                 block as i64,
                 &block_hash.to_string(),
                 success,
+                fence,
             )
             .await?;
     }
@@ -535,6 +560,7 @@ async fn decide(
     view: &View<'_>,
     proposal: &ProposalRow,
     now: DateTime<Utc>,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let safe: Address = proposal.safe.parse()?;
     // `None`: the Safe did not exist yet at the confirmed block.
@@ -554,11 +580,14 @@ async fn decide(
             ),
         );
         tracing::error!(safe_tx_hash = %proposal.safe_tx_hash, message = %err.message, "Safe version changed");
-        worker.store.note_on_requests(proposal.id, &err).await?;
+        worker
+            .store
+            .note_on_requests(proposal.id, &err, fence)
+            .await?;
         // Nothing is committed on this evidence, but time-based expiry needs
         // none: a proposal nobody executed still ends on time.
         if proposal.execution_block.is_none() {
-            return expire_if_overdue(worker, flow, proposal, now).await;
+            return expire_if_overdue(worker, flow, proposal, now, fence).await;
         }
         return Ok(false);
     }
@@ -569,7 +598,7 @@ async fn decide(
                 return Ok(false); // Seen, not final yet.
             }
             if success {
-                executed(worker, view, proposal, now).await
+                executed(worker, view, proposal, now, fence).await
             } else {
                 let err = StoredError::new(
                     "SAFE-EXECUTION-FAILED",
@@ -579,7 +608,7 @@ async fn decide(
                     ),
                     Some("The bridge proposes the registrations again."),
                 );
-                lost(worker, flow, proposal, ProposalEnd::Failed, err, now).await
+                lost(worker, flow, proposal, ProposalEnd::Failed, err, now, fence).await
             }
         }
         // The Safe moved past our nonce at a confirmed block, and no
@@ -593,10 +622,19 @@ async fn decide(
                 ),
                 Some("The bridge proposes the registrations again."),
             );
-            lost(worker, flow, proposal, ProposalEnd::Replaced, err, now).await
+            lost(
+                worker,
+                flow,
+                proposal,
+                ProposalEnd::Replaced,
+                err,
+                now,
+                fence,
+            )
+            .await
         }
         (Some(_), _) => Ok(false),
-        (None, _) => expire_if_overdue(worker, flow, proposal, now).await,
+        (None, _) => expire_if_overdue(worker, flow, proposal, now, fence).await,
     }
 }
 
@@ -606,6 +644,7 @@ async fn expire_if_overdue(
     flow: &SafeFlow,
     proposal: &ProposalRow,
     now: DateTime<Utc>,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let submitted = proposal.submitted_at.unwrap_or(proposal.opened_at);
     let timeout = chrono::Duration::seconds(flow.proposal_timeout.as_secs() as i64);
@@ -630,6 +669,7 @@ async fn expire_if_overdue(
             ProposalEnd::Expired,
             now,
             Some(&err),
+            fence,
             |_, _| RequestMove {
                 event: Event::Fail,
                 message: err.message.clone(),
@@ -647,16 +687,17 @@ async fn expire_if_overdue(
 }
 
 /// An ended proposal the owners may still execute. Executed (at confirmed
-/// depth): it is recorded so, and the requests that failed with it are told
-/// that what they needed is on chain now; a request that waits for the same
-/// registrations finds them allowed when it is planned, and commits. Its
-/// nonce used by another transaction, or executed with `ExecutionFailure`:
-/// nothing more can come of it.
+/// depth): it is recorded so, and the requests that failed with it are
+/// planned again (the planner finds their registrations allowed, and they
+/// commit), unless a newer request makes the same replica (see
+/// `Store::executed_after_end`). Its nonce used by another transaction, or
+/// executed with `ExecutionFailure`: nothing more can come of it.
 async fn settle_ended(
     worker: &Worker,
     view: &View<'_>,
     proposal: &ProposalRow,
     now: DateTime<Utc>,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let safe: Address = proposal.safe.parse()?;
     let state = view.states.get(&safe);
@@ -666,30 +707,25 @@ async fn settle_ended(
                 return Ok(false);
             }
             if !success {
-                worker.store.stop_watching(proposal.id).await?;
+                worker.store.stop_watching(proposal.id, fence).await?;
                 return Ok(true);
             }
             let tx = proposal.execution_tx_hash.as_deref().unwrap_or("?");
-            let report = StoredError::new(
-                "PROPOSAL-EXECUTED-LATE",
-                &format!(
-                    "the Safe owners executed proposal {} in {tx} after the bridge had given up on it: \
-                     what this request needed is allowed on chain now",
-                    proposal.safe_tx_hash
-                ),
-                Some(
-                    "Queue the replica again: it commits without a new proposal (unless it was queued again already).",
-                ),
-            );
-            let told = worker
+            let settled = worker
                 .store
-                .executed_after_end(proposal.id, now, &report)
+                .executed_after_end(proposal.id, now, fence)
                 .await?;
-            tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, execution = tx, requests = told, "an ended proposal was executed after all");
+            tracing::warn!(
+                safe_tx_hash = %proposal.safe_tx_hash,
+                execution = tx,
+                revived = settled.revived,
+                superseded = settled.superseded,
+                "an ended proposal was executed after all; its failed requests are planned again"
+            );
             Ok(true)
         }
         _ if state.is_some_and(|(nonce, _)| *nonce > proposal.nonce as u64) => {
-            worker.store.stop_watching(proposal.id).await?;
+            worker.store.stop_watching(proposal.id, fence).await?;
             Ok(true)
         }
         _ => Ok(false),
@@ -705,6 +741,7 @@ async fn executed(
     view: &View<'_>,
     proposal: &ProposalRow,
     now: DateTime<Utc>,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let requests = worker.store.requests_of_proposal(proposal.id).await?;
     let Some(allowed) = allowed_requests(worker, view, &requests, Settled::All).await? else {
@@ -713,7 +750,7 @@ async fn executed(
     let tx_hash = proposal.execution_tx_hash.clone();
     let ended = worker
         .store
-        .end_proposal(proposal.id, ProposalEnd::Executed, now, None, |request, _| {
+        .end_proposal(proposal.id, ProposalEnd::Executed, now, None, fence, |request, _| {
             if allowed.contains(&request.id) {
                 RequestMove {
                     event: Event::RegistrationsAllowed,
@@ -751,39 +788,47 @@ async fn lost(
     end: ProposalEnd,
     err: StoredError,
     now: DateTime<Utc>,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let max = flow.max_reproposals as i64;
     let ended = worker
         .store
-        .end_proposal(proposal.id, end, now, Some(&err), |_, lost_before| {
-            if lost_before + 1 > max {
-                let err = StoredError {
-                    message: format!(
-                        "{} (gave up after {} proposals)",
-                        err.message,
-                        lost_before + 1
-                    ),
-                    ..err.clone()
-                };
-                RequestMove {
-                    event: Event::Fail,
-                    message: err.message.clone(),
-                    changes: Changes {
-                        error: Some(err),
-                        ..Changes::default()
-                    },
+        .end_proposal(
+            proposal.id,
+            end,
+            now,
+            Some(&err),
+            fence,
+            |_, lost_before| {
+                if lost_before + 1 > max {
+                    let err = StoredError {
+                        message: format!(
+                            "{} (gave up after {} proposals)",
+                            err.message,
+                            lost_before + 1
+                        ),
+                        ..err.clone()
+                    };
+                    RequestMove {
+                        event: Event::Fail,
+                        message: err.message.clone(),
+                        changes: Changes {
+                            error: Some(err),
+                            ..Changes::default()
+                        },
+                    }
+                } else {
+                    RequestMove {
+                        event: Event::ProposalDropped,
+                        message: err.message.clone(),
+                        changes: Changes {
+                            error: Some(err.clone()),
+                            ..Changes::default()
+                        },
+                    }
                 }
-            } else {
-                RequestMove {
-                    event: Event::ProposalDropped,
-                    message: err.message.clone(),
-                    changes: Changes {
-                        error: Some(err.clone()),
-                        ..Changes::default()
-                    },
-                }
-            }
-        })
+            },
+        )
         .await?;
     if ended {
         tracing::warn!(safe_tx_hash = %proposal.safe_tx_hash, code = %err.code, "proposal lost");
@@ -800,6 +845,7 @@ async fn release_allowed_meanwhile(
     view: &View<'_>,
     chain_id: i64,
     doubtful_safes: &BTreeSet<String>,
+    fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
     let mut waiting = worker.store.requests_awaiting_approval(chain_id).await?;
     waiting.retain(|r| {
@@ -826,6 +872,7 @@ async fn release_allowed_meanwhile(
                 &ids,
                 now,
                 "everything it needs was allowed on chain by other means",
+                fence,
             )
             .await?;
         moved |= released > 0;

@@ -802,3 +802,180 @@ async fn late_suite_creates_and_commits_landing_late_behind_lagging_lists_make_e
     );
     figures.assert_exactly_once();
 }
+
+/// A holder paused past its leases, end to end: a `serve` that holds the
+/// Safe-flow jobs (planner, follower, tracker) is caught in the middle of
+/// its calls (the follower at its log read, whose cursor write comes next)
+/// and paused (SIGSTOP); a second instance takes every job over and moves
+/// the flow on; then the first wakes up (SIGCONT) with the answers it was
+/// waiting for. No row of `chain_cursors` or `proposals` changes at its
+/// hand after it wakes (a trigger records which connection wrote what), and
+/// the run still ends with every request done with exactly one replica, one
+/// proposal per nonce and one execution per registration.
+///
+/// On waking, the heartbeat and the interrupted pass race: the heartbeat
+/// usually learns of the loss first and drops the pass, and the fence
+/// refuses the write of a pass that gets there first. The fence itself is
+/// proven write by write in `fencing.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serve_paused_past_its_job_leases_writes_nothing_once_it_wakes() {
+    let mut run = Run::start().await;
+    let direct = run.env.clone();
+    // The first instance reaches the chain, Phala and the Safe service
+    // through gates that can catch it in the middle of a call.
+    let plan = || FaultPlan::latency(LATENCY, 7);
+    let gates = [
+        run.proxy("APPROVAL_BRIDGE_RPC_URLS", plan()).await,
+        run.proxy("APPROVAL_BRIDGE_PHALA_API_URL", plan()).await,
+        run.proxy("APPROVAL_BRIDGE_SAFE_SERVICE_URLS", plan()).await,
+    ];
+    let named = |name: &str| format!("{}?application_name={name}", run.database_url);
+    let first = run.world.serve_with(&named("first"), &run.env).await;
+    // Which connection writes what, from here on.
+    sqlx::raw_sql(
+        "CREATE TABLE fence_audit (at timestamptz NOT NULL DEFAULT clock_timestamp(),
+             writer text NOT NULL, tbl text NOT NULL, op text NOT NULL);
+         CREATE FUNCTION fence_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO fence_audit (writer, tbl, op)
+             VALUES (current_setting('application_name'), TG_TABLE_NAME, TG_OP);
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER fence_audit AFTER INSERT OR UPDATE OR DELETE ON chain_cursors
+             FOR EACH ROW EXECUTE FUNCTION fence_audit();
+         CREATE TRIGGER fence_audit AFTER INSERT OR UPDATE OR DELETE ON proposals
+             FOR EACH ROW EXECUTE FUNCTION fence_audit();",
+    )
+    .execute(&run.db)
+    .await
+    .unwrap();
+    run.queue(&run.bridge()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let signer = run.sign_and_execute(stop.clone());
+
+    // Once the first proposal is out and followed, every job is the first's.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let first_holder: uuid::Uuid = loop {
+        let followed: Option<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT l.holder FROM job_leases l
+             WHERE l.job LIKE 'follower:%' AND l.expires_at > now()
+               AND EXISTS (SELECT 1 FROM chain_cursors)
+               AND EXISTS (SELECT 1 FROM proposals WHERE submitted_at IS NOT NULL)",
+        )
+        .fetch_optional(&run.db)
+        .await
+        .unwrap();
+        if let Some(holder) = followed {
+            break holder;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing was proposed and followed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let jobs: Vec<String> = sqlx::query_scalar("SELECT job FROM job_leases ORDER BY job")
+        .fetch_all(&run.db)
+        .await
+        .unwrap();
+
+    // Catch the first in the middle of its calls, and pause it there: the
+    // follower at its log read (its cursor write comes next), the others
+    // wherever they call Phala or the Safe service.
+    let [rpc, phala, safe] = &gates;
+    rpc.close_to(Some("eth_getLogs"));
+    phala.close();
+    safe.close();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rpc.held() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first instance's follower read no logs"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.pause();
+    let held = gates.iter().map(|g| g.held()).sum::<usize>();
+    let cursor_at_pause: i64 = sqlx::query_scalar("SELECT max(block_number) FROM chain_cursors")
+        .fetch_one(&run.db)
+        .await
+        .unwrap();
+
+    // The second takes every job over once the first's leases run out, and
+    // follows the chain well past where the first stood.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut second_env = direct.clone();
+    second_env.insert("APPROVAL_BRIDGE_LISTEN".into(), format!("127.0.0.1:{port}"));
+    let second = run.world.serve_with(&named("second"), &second_env).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (taken, cursor): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM job_leases WHERE job = ANY($1) AND holder <> $2 AND expires_at > now()),
+                    (SELECT max(block_number) FROM chain_cursors)",
+        )
+        .bind(&jobs)
+        .bind(first_holder)
+        .fetch_one(&run.db)
+        .await
+        .unwrap();
+        if taken == jobs.len() as i64 && cursor >= cursor_at_pause + 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second instance did not take the jobs over ({taken} of {}) and follow on (cursor {cursor}, was {cursor_at_pause})",
+            jobs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The first wakes with the answers it waited for.
+    for gate in &gates {
+        gate.open();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let woke_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&run.db)
+        .await
+        .unwrap();
+    first.resume();
+
+    run.wait_finished(Duration::from_secs(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let executions = signer.await.unwrap();
+    let late: Vec<(String, String)> = sqlx::query_as(
+        "SELECT tbl, op FROM fence_audit WHERE writer = 'first' AND at > $1 ORDER BY at",
+    )
+    .bind(woke_at)
+    .fetch_all(&run.db)
+    .await
+    .unwrap();
+    let log = first.log();
+    drop(first);
+    drop(second);
+
+    let figures = run.verify().await;
+    let refused = log
+        .matches("a write was refused by its fencing token")
+        .count();
+    let lost = log.matches("lost the Safe-flow job").count();
+    eprintln!(
+        "paused holder: {held} calls caught at the gates, {} jobs taken over; after waking: {} writes as a job holder, {refused} refused passes, {lost} jobs given up; {}; {executions} Safe executions",
+        jobs.len(),
+        late.len(),
+        figures.line()
+    );
+    assert!(
+        late.is_empty(),
+        "the paused instance wrote after it woke: {late:?}"
+    );
+    assert!(
+        lost > 0,
+        "the first instance noticed it lost its jobs:\n{log}"
+    );
+    figures.assert_exactly_once();
+}

@@ -169,6 +169,18 @@ pub struct FaultProxy {
     stats: Arc<Mutex<FaultStats>>,
     enabled: Arc<AtomicBool>,
     pending: Arc<AtomicUsize>,
+    gate: Arc<Gate>,
+}
+
+/// Closed, the proxy holds every call it receives (or only those whose body
+/// holds `only`) until it opens again.
+#[derive(Default)]
+struct Gate {
+    closed: AtomicBool,
+    only: Mutex<Option<String>>,
+    /// Calls waiting at the closed gate.
+    held: AtomicUsize,
+    opened: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -181,6 +193,7 @@ struct Shared {
     enabled: Arc<AtomicBool>,
     /// Late calls not yet forwarded.
     pending: Arc<AtomicUsize>,
+    gate: Arc<Gate>,
     /// When each new CVM (normalized `vm_uuid`) shows in the lists.
     visible_at: Arc<Mutex<HashMap<String, Instant>>>,
     started: Instant,
@@ -193,7 +206,9 @@ impl FaultProxy {
         let stats = Arc::new(Mutex::new(FaultStats::default()));
         let enabled = Arc::new(AtomicBool::new(true));
         let pending = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Gate::default());
         let shared = Shared {
+            gate: gate.clone(),
             upstream,
             http: reqwest::Client::new(),
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(plan.seed))),
@@ -215,6 +230,7 @@ impl FaultProxy {
             stats,
             enabled,
             pending,
+            gate,
         }
     }
 
@@ -228,6 +244,30 @@ impl FaultProxy {
     /// final check. Late calls already under way still land.
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::SeqCst);
+    }
+
+    /// Holds every call from now on until [`FaultProxy::open`]: a client
+    /// caught at the gate waits for an answer.
+    pub fn close(&self) {
+        self.close_to(None);
+    }
+
+    /// [`FaultProxy::close`] to the calls whose body holds `only` (a JSON-RPC
+    /// method, say); the others pass.
+    pub fn close_to(&self, only: Option<&str>) {
+        *self.gate.only.lock().unwrap() = only.map(str::to_owned);
+        self.gate.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets the held calls and every later one through.
+    pub fn open(&self) {
+        self.gate.closed.store(false, Ordering::SeqCst);
+        self.gate.opened.notify_waiters();
+    }
+
+    /// How many calls wait at the closed gate.
+    pub fn held(&self) -> usize {
+        self.gate.held.load(Ordering::SeqCst)
     }
 
     /// Waits until every late create and commit has reached the upstream
@@ -304,6 +344,22 @@ async fn forward(State(proxy): State<Shared>, request: Request) -> Response {
     let Ok(body) = axum::body::to_bytes(body, 16 * 1024 * 1024).await else {
         return (StatusCode::BAD_REQUEST, "unreadable body").into_response();
     };
+    let caught = proxy.gate.closed.load(Ordering::SeqCst)
+        && match proxy.gate.only.lock().unwrap().as_deref() {
+            Some(only) => String::from_utf8_lossy(&body).contains(only),
+            None => true,
+        };
+    if caught {
+        proxy.gate.held.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let opened = proxy.gate.opened.notified();
+            if !proxy.gate.closed.load(Ordering::SeqCst) {
+                break;
+            }
+            opened.await;
+        }
+        proxy.gate.held.fetch_sub(1, Ordering::SeqCst);
+    }
     let call = Call {
         method: parts.method,
         path: parts.uri.path().to_owned(),

@@ -13,6 +13,7 @@ mod doctor;
 mod env_keys;
 mod exactly_once;
 mod fault_proxy;
+mod fencing;
 mod helpers;
 mod intake_cache;
 mod kms_mock;

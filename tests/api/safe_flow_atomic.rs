@@ -175,7 +175,7 @@ async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
         let safe = safe.clone();
         tokio::spawn(async move {
             store
-                .join_open_proposal(second_id, proposal, &safe, now)
+                .join_open_proposal(second_id, proposal, &safe, now, None)
                 .await
         })
     };
@@ -185,7 +185,7 @@ async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
         let store = app.store.clone();
         tokio::spawn(async move {
             store
-                .mark_submitted(proposal, now, "proposed to the Safe")
+                .mark_submitted(proposal, now, "proposed to the Safe", None)
                 .await
         })
     };

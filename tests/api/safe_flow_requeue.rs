@@ -2,7 +2,8 @@
 //! service never accepted: the same calls at the same nonce reuse the stored
 //! proposal (same safeTxHash), an unsent proposal ends after the bound and
 //! frees its nonce, and an ended proposal the owners execute after all is
-//! noticed by the follower.
+//! noticed by the follower: the requests it failed are planned again and
+//! commit, unless their replica was queued again meanwhile.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -173,27 +174,34 @@ async fn an_unsent_proposal_the_owners_execute_after_the_bridge_gave_up_is_notic
     let execution = execute(&world, call).await;
     mine(&world, 3).await;
     app.drain_all(10).await;
-    let request = app.get_replica(&first).await;
-    assert_eq!(request["proposal"]["status"], "executed", "{request}");
-    assert_eq!(request["proposal"]["execution_tx_hash"], execution.as_str());
-    // A failed request is final (its caller may have queued it again
-    // already): it is told what happened and what to do.
-    assert_eq!(request["status"], "failed", "{request}");
-    assert_eq!(error_code(&request), "PROPOSAL-EXECUTED-LATE", "{request}");
-    let message = request["last_error"]["message"].as_str().unwrap();
+    assert_revived_and_done(&app, &first, &hash, &execution).await;
+    let executed: Vec<(String, String)> =
+        sqlx::query_as("SELECT safe_tx_hash, status FROM proposals")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(executed, [(hash, "executed".to_owned())]);
+}
+
+/// The request that failed with an ended proposal the owners then executed:
+/// planned again (an event says why), it commits once, with one replica and
+/// no new proposal.
+async fn assert_revived_and_done(app: &TestApp, id: &str, hash: &str, execution: &str) {
+    let request = app.get_replica(id).await;
+    assert_eq!(request["status"], "done", "{request}");
+    let events = request["events"].as_array().unwrap();
+    let revived = events
+        .iter()
+        .find(|e| e["from"] == "failed")
+        .unwrap_or_else(|| panic!("no event out of `failed`: {request}"));
+    assert_eq!(revived["to"], "awaiting_proposal", "{request}");
+    let message = revived["message"].as_str().unwrap();
     assert!(
-        message.contains(&hash) && message.contains(&execution),
+        message.contains(hash) && message.contains(execution),
         "{message}"
     );
-
-    // Queued again, it finds everything allowed and commits, without a proposal.
-    let again = queue_node(&app, 1).await;
-    app.drain_all(10).await;
-    let request = app.get_replica(&again).await;
-    assert_eq!(request["status"], "done", "{request}");
-    assert!(request["proposal"].is_null(), "{request}");
-    assert_eq!(proposals(&app).await.len(), 1);
-    assert_eq!(commits(&app).await.len(), 1);
+    assert_eq!(commits(app).await.len(), 1, "one commit, one replica");
+    assert_eq!(proposals(app).await.len(), 1, "no new proposal");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,9 +220,50 @@ async fn an_expired_proposal_the_owners_execute_later_is_noticed() {
     let execution = execute(&world, call).await;
     mine(&world, 3).await;
     app.drain_all(10).await;
-    let request = app.get_replica(&first).await;
-    assert_eq!(request["proposal"]["status"], "executed", "{request}");
-    assert_eq!(request["proposal"]["safe_tx_hash"], hash.as_str());
-    assert_eq!(request["proposal"]["execution_tx_hash"], execution.as_str());
-    assert_eq!(error_code(&request), "PROPOSAL-EXECUTED-LATE", "{request}");
+    assert_revived_and_done(&app, &first, &hash, &execution).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_proposal_executed_after_its_replica_was_queued_again_leaves_the_old_request_failed()
+ {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    let first = proposed(&world, &app, &[1]).await.remove(0);
+    let (call, hash) = proposal_call(&app, &first).await;
+    app.clock
+        .advance(chrono::Duration::days(7) + chrono::Duration::seconds(1));
+    app.drain_all(3).await;
+    assert_eq!(app.status_of(&first).await, "failed");
+
+    // The caller follows the advice and queues the replica again; before
+    // the bridge gets to it, the owners execute the expired proposal.
+    let again = queue_node(&app, 1).await;
+    let execution = execute(&world, call).await;
+    mine(&world, 3).await;
+    app.drain_all(10).await;
+
+    // The newer request makes the replica; the old one stays failed and
+    // names it, rather than making a second one.
+    let newer = app.get_replica(&again).await;
+    assert_eq!(newer["status"], "done", "{newer}");
+    let old = app.get_replica(&first).await;
+    assert_eq!(old["status"], "failed", "{old}");
+    assert_eq!(old["proposal"]["status"], "executed", "{old}");
+    assert_eq!(error_code(&old), "PROPOSAL-EXECUTED-LATE", "{old}");
+    let message = old["last_error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&hash) && message.contains(&execution) && message.contains(&again),
+        "{message}"
+    );
+    assert!(
+        old["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["from"] != "failed"),
+        "{old}"
+    );
+    assert_eq!(commits(&app).await.len(), 1, "one commit, one replica");
+    assert_eq!(proposals(&app).await.len(), 1);
 }

@@ -182,6 +182,25 @@ impl ServeProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the process stops where it is, holding its connections and
+    /// leases, as a long pause (a VM frozen, a swap storm) would.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`ServeProcess::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill {signal} {}", self.child.id());
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
