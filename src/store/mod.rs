@@ -33,6 +33,9 @@ pub use proposals::{
     StoredRegistration,
 };
 pub use request_filters::RequestFilter;
+/// For tests elsewhere in the crate that build a [`ReplicaRequest`] by hand.
+#[cfg(test)]
+pub(crate) use requests::StatusColumn;
 pub use requests::{
     AwaitedOutcome, Changes, Claimed, EventRow, Lane, Lease, NewRequest, PreparedFields,
     ReplicaRequest, StoredError, WORKABLE,
