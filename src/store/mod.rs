@@ -25,7 +25,7 @@ pub use follower::{Cursor, ProposalEnd, RequestMove};
 pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
-pub use orders::{IdempotencyKey, LostCommit, Order, QUOTA_WINDOW, Stored};
+pub use orders::{IdempotencyKey, LostCommit, Order, QUOTA_WINDOW, QuotaUsed, Stored};
 pub use outbox::{DueDelivery, PendingNotification};
 pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
 pub use proposals::{
