@@ -26,6 +26,8 @@ pub const FOLLOWER_LAG: &str = "approval_bridge_follower_lag_blocks";
 pub const EXECUTION_TO_COMMIT: &str = "approval_bridge_execution_to_commit_seconds";
 /// Leases a step lost while it ran (the step's writes were void).
 pub const LEASES_LOST: &str = "approval_bridge_leases_lost_total";
+/// Stored proposals the bridge refused to sign: not what it planned (`safe::verify`).
+pub const PROPOSALS_REFUSED: &str = "approval_bridge_proposals_refused_total";
 /// Rows removed by the retention job, by `kind`.
 pub const RETENTION_DELETED: &str = "approval_bridge_retention_deleted_total";
 
@@ -97,6 +99,10 @@ fn describe() {
         "time from a Safe execution at confirmed depth to the replica's commit"
     );
     describe_counter!(LEASES_LOST, "request leases lost while their step ran");
+    describe_counter!(
+        PROPOSALS_REFUSED,
+        "stored proposals not signed because they are not what the bridge planned"
+    );
     describe_counter!(RETENTION_DELETED, "rows deleted by the retention job");
     describe_gauge!(QUEUE_DEPTH, "requests by status that are not finished");
     describe_gauge!(OPEN_PROPOSALS, "Safe proposals waiting for execution");

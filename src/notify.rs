@@ -346,37 +346,60 @@ pub struct EventPayload {
     pub extra_replicas: Vec<String>,
 }
 
-/// The message of one notification, in the signers' human terms.
+/// Text for Slack's mrkdwn: `&`, `<` and `>` as entities, as Slack asks
+/// of every text it parses. Then a value from a caller, Phala or the chain
+/// cannot make a mention (`<!channel>`, `<@U…>`) or a link that shows other
+/// text than where it goes (`<http://evil|docs>`). The message's own markup
+/// is written around the escaped values.
+pub fn slack_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The message of one notification, in the signers' human terms. Every
+/// value is escaped for Slack (see [`slack_escape`]); the metadata keeps
+/// them as they are, for programs.
 pub fn message(event: &str, r: &ReplicaRequest, proposal: Option<ProposalView>) -> SlackMessage {
+    let esc = |text: &str| slack_escape(text);
     let source = r.source_name.clone().unwrap_or_else(|| r.source.clone());
     let node = r.node_name.clone().or_else(|| r.node.clone());
-    let replica = match &node {
+    let replica = esc(&match &node {
         Some(node) => format!("{source} on {node}"),
         None => source.clone(),
-    };
+    });
+    let created_by = esc(&r.created_by);
     let mut blocks = Vec::new();
     let text = match (event, &proposal) {
         ("awaiting_approval", Some(p)) => {
+            let (safe, summary, hash) = (esc(&p.safe), esc(&p.summary), esc(&p.safe_tx_hash));
             let requests = p.requests.len().max(1);
             let plural = if requests == 1 { "" } else { "s" };
             let text = format!(
-                "Safe approval needed: Safe {} nonce {} unblocks {requests} replica request{plural} ({})",
-                p.safe, p.nonce, p.summary
+                "Safe approval needed: Safe {safe} nonce {} unblocks {requests} replica request{plural} ({summary})",
+                p.nonce
             );
             let sign = match &p.link {
-                Some(link) => format!("<{link}|Open in Safe{{Wallet}}>"),
-                None => format!("safeTxHash `{}`", p.safe_tx_hash),
+                Some(link) => format!("<{}|Open in Safe{{Wallet}}>", esc(link)),
+                None => format!("safeTxHash `{hash}`"),
             };
             blocks.push(Block::Section {
                 text: Text::mrkdwn(format!(
-                    "*Safe approval needed* on Safe `{}` (chain {}, nonce {}): {sign}",
-                    p.safe, p.chain_id, p.nonce
+                    "*Safe approval needed* on Safe `{safe}` (chain {}, nonce {}): {sign}",
+                    p.chain_id, p.nonce
                 )),
             });
             let calls: Vec<String> = p
                 .calls
                 .iter()
-                .map(|c| format!("• {}", c.description))
+                .map(|c| format!("• {}", esc(&c.description)))
                 .collect();
             blocks.push(Block::Section {
                 text: Text::mrkdwn(calls.join("\n")),
@@ -384,20 +407,18 @@ pub fn message(event: &str, r: &ReplicaRequest, proposal: Option<ProposalView>) 
             let to_sign = if p.owners_to_sign.is_empty() {
                 String::new()
             } else {
-                format!(". Still to sign: {}", p.owners_to_sign.join(", "))
+                format!(". Still to sign: {}", esc(&p.owners_to_sign.join(", ")))
             };
             blocks.push(Block::Context {
                 elements: vec![Text::mrkdwn(format!(
-                    "{}{to_sign}. safeTxHash {}",
-                    p.summary, p.safe_tx_hash
+                    "{summary}{to_sign}. safeTxHash {hash}"
                 ))],
             });
             text
         }
         ("awaiting_approval", None) => {
             let text = format!(
-                "Safe approval needed for the replica of {replica} (queued by {})",
-                r.created_by
+                "Safe approval needed for the replica of {replica} (queued by {created_by})"
             );
             blocks.push(Block::Section {
                 text: Text::mrkdwn(format!(
@@ -407,36 +428,28 @@ pub fn message(event: &str, r: &ReplicaRequest, proposal: Option<ProposalView>) 
             text
         }
         ("done", _) => {
-            let vm = r.replica_vm_uuid.as_deref().unwrap_or("?");
-            let text = format!(
-                "Replica of {replica} is running: {vm} (queued by {})",
-                r.created_by
-            );
+            let vm = esc(r.replica_vm_uuid.as_deref().unwrap_or("?"));
+            let text = format!("Replica of {replica} is running: {vm} (queued by {created_by})");
             blocks.push(Block::Section {
                 text: Text::mrkdwn(format!(
-                    "*Replica done*: {replica}, CVM `{vm}`, queued by {}",
-                    r.created_by
+                    "*Replica done*: {replica}, CVM `{vm}`, queued by {created_by}"
                 )),
             });
             text
         }
         (_, _) => {
-            let code = r.last_error_code.as_deref().unwrap_or("FAILED");
+            let code = esc(r.last_error_code.as_deref().unwrap_or("FAILED"));
             let why = r
                 .last_error_message
                 .as_deref()
-                .map(|m| redact(m).into_owned())
+                .map(|m| esc(&redact(m)))
                 .unwrap_or_default();
-            let text = format!(
-                "Replica of {replica} failed: {code}: {why} (queued by {})",
-                r.created_by
-            );
-            let mut detail = format!(
-                "*Replica failed*: {replica}, queued by {}\n`{code}` {why}",
-                r.created_by
-            );
+            let text =
+                format!("Replica of {replica} failed: {code}: {why} (queued by {created_by})");
+            let mut detail =
+                format!("*Replica failed*: {replica}, queued by {created_by}\n`{code}` {why}");
             if let Some(suggestion) = &r.last_error_suggestion {
-                detail.push_str(&format!("\n{}", redact(suggestion)));
+                detail.push_str(&format!("\n{}", esc(&redact(suggestion))));
             }
             blocks.push(Block::Section {
                 text: Text::mrkdwn(detail),
@@ -448,7 +461,7 @@ pub fn message(event: &str, r: &ReplicaRequest, proposal: Option<ProposalView>) 
     let text = if r.extra_replicas.is_empty() {
         text
     } else {
-        let extra = r.extra_replicas.join(", ");
+        let extra = esc(&r.extra_replicas.join(", "));
         blocks.push(Block::Section {
             text: Text::mrkdwn(format!(
                 "*Warning: more than one CVM* may have been created for this request. Besides its replica, Phala lists `{extra}`: look at them on the Phala dashboard and remove the one you do not want."
@@ -482,5 +495,119 @@ pub fn message(event: &str, r: &ReplicaRequest, proposal: Option<ProposalView>) 
                 owners_to_sign: proposal.map(|p| p.owners_to_sign).unwrap_or_default(),
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Status;
+    use crate::store::StatusColumn;
+
+    const HOSTILE: &str = "<!channel> <@U024BE7LH> <http://evil.example|docs> & more";
+
+    fn request(status: Status) -> ReplicaRequest {
+        let now = chrono::Utc::now();
+        ReplicaRequest {
+            id: Uuid::nil(),
+            status: StatusColumn(status),
+            source: HOSTILE.into(),
+            node: Some(format!("node {HOSTILE}")),
+            requested_compose_hash: None,
+            env_names: Vec::new(),
+            note: Some(HOSTILE.into()),
+            encrypted_env: None,
+            created_by: format!("api:{HOSTILE}"),
+            source_vm_uuid: "vm".into(),
+            source_name: Some(format!("source {HOSTILE}")),
+            node_id: None,
+            node_name: None,
+            kms_type: None,
+            onchain_kms: true,
+            app_id: None,
+            chain_id: None,
+            compose_hash: None,
+            device_id: None,
+            compose_hash_allowed: None,
+            device_id_allowed: None,
+            prepared_at: None,
+            commit_tx_hash: None,
+            call_sent_at: None,
+            replica_vm_uuid: Some(format!("vm {HOSTILE}")),
+            replica_status: None,
+            attempts: 0,
+            next_attempt_at: now,
+            last_error_code: Some(format!("CODE{HOSTILE}")),
+            last_error_message: Some(format!("Phala said {HOSTILE}")),
+            last_error_suggestion: Some(format!("try {HOSTILE}")),
+            created_at: now,
+            updated_at: now,
+            proposal_id: None,
+            safe: None,
+            workspace_slug: None,
+            instances_before: None,
+            outcome_unknown_since: None,
+            settles_at: None,
+            first_call_took_effect_at: None,
+            extra_replicas: vec![format!("cvm {HOSTILE}")],
+            expected_device_id: None,
+            http_request_id: None,
+        }
+    }
+
+    fn texts(message: &SlackMessage) -> Vec<String> {
+        let mut texts = vec![message.text.clone()];
+        for block in &message.blocks {
+            match block {
+                Block::Section { text } => texts.push(text.text.clone()),
+                Block::Context { elements } => {
+                    texts.extend(elements.iter().map(|t| t.text.clone()))
+                }
+            }
+        }
+        texts
+    }
+
+    #[test]
+    fn slack_escape_turns_the_three_control_characters_into_entities() {
+        assert_eq!(
+            slack_escape("<!here> a & b <@U1|x>"),
+            "&lt;!here&gt; a &amp; b &lt;@U1|x&gt;"
+        );
+        assert_eq!(slack_escape("plain *text* `ok`"), "plain *text* `ok`");
+        // Escaped once, not again: `&amp;` in the input is shown as typed.
+        assert_eq!(slack_escape("&amp;"), "&amp;amp;");
+    }
+
+    #[test]
+    fn mentions_and_disguised_links_in_fields_do_not_reach_slack() {
+        for status in [Status::Failed, Status::Done, Status::AwaitingApproval] {
+            let event = match status {
+                Status::Failed => "failed",
+                Status::Done => "done",
+                _ => "awaiting_approval",
+            };
+            let message = message(event, &request(status), None);
+            let texts = texts(&message);
+            assert!(texts.len() >= 3, "{texts:?}");
+            for text in &texts {
+                assert!(
+                    !text.contains('<') && !text.contains('>'),
+                    "{event}: {text}"
+                );
+                assert!(!text.contains("& more"), "{event}: {text}");
+            }
+            let all = texts.join("\n");
+            assert!(all.contains("&lt;!channel&gt;"), "{event}: {all}");
+            assert!(
+                all.contains("&lt;http://evil.example|docs&gt;"),
+                "{event}: {all}"
+            );
+            // Programs get the values as they are.
+            assert_eq!(
+                message.metadata.event_payload.created_by,
+                format!("api:{HOSTILE}")
+            );
+        }
     }
 }

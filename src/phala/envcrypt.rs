@@ -12,6 +12,12 @@ use x25519_dalek::{EphemeralSecret, PublicKey};
 pub enum EnvCryptError {
     #[error("the app's env public key is not 32 bytes of hex")]
     BadPublicKey,
+    /// A low-order point (all zeros, say): the shared secret, and so the
+    /// AES key, would be all zeros, known to anyone.
+    #[error(
+        "the app's env public key is a low-order point, which makes a shared secret anyone knows"
+    )]
+    LowOrderPublicKey,
 }
 
 /// Encrypts `env` for the holder of `public_key_hex` (`0x` optional).
@@ -26,6 +32,9 @@ pub fn encrypt_env(
     let ephemeral = EphemeralSecret::random_from_rng(OsRng);
     let ephemeral_public = PublicKey::from(&ephemeral);
     let shared = ephemeral.diffie_hellman(&PublicKey::from(recipient));
+    if !shared.was_contributory() {
+        return Err(EnvCryptError::LowOrderPublicKey);
+    }
 
     let cipher = Aes256Gcm::new(shared.as_bytes().into());
     let iv = Aes256Gcm::generate_nonce(&mut OsRng);
@@ -96,6 +105,24 @@ mod tests {
         let a = encrypt_env(&public, &env).unwrap();
         let b = encrypt_env(&public, &env).unwrap();
         assert_ne!(a[..88], b[..88]);
+    }
+
+    #[test]
+    fn a_low_order_public_key_is_refused() {
+        let env = BTreeMap::from([("TOKEN".to_owned(), "secret".to_owned())]);
+        // 0 and 1 are points of small order on Curve25519; so is this one of order 8.
+        let order_eight = "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800";
+        for key in [
+            &"00".repeat(32),
+            &format!("01{}", "00".repeat(31)),
+            order_eight,
+        ] {
+            assert_eq!(
+                encrypt_env(key, &env),
+                Err(EnvCryptError::LowOrderPublicKey),
+                "{key}"
+            );
+        }
     }
 
     #[test]

@@ -7,10 +7,13 @@
 //!   batching, and owner signatures.
 //! - [`service`]: the Transaction Service behind a small trait, with a reqwest
 //!   client.
+//! - [`verify`]: what the proposer key may sign, checked on every stored
+//!   transaction before it is signed.
 
 pub mod gas;
 pub mod service;
 pub mod tx;
+pub mod verify;
 
 use std::fmt;
 use std::str::FromStr;
@@ -26,6 +29,7 @@ pub use tx::{
     BuildError, Call, Operation, SafeTx, SignatureError, SignatureKind, build_safe_tx,
     check_operation, encode_multi_send, recover_signer, sign_safe_tx_hash, split_signatures,
 };
+pub use verify::{AppCall, Unsignable, check_signable};
 
 mod bindings {
     // The generated `getTransactionHash` builder takes every SafeTx field.

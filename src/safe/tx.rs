@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Deployment, SafeVersion};
 
-mod abi {
+pub(super) mod abi {
     alloy::sol! {
         struct SafeTx {
             address to;

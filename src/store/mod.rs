@@ -25,7 +25,7 @@ pub use follower::{Cursor, LateExecution, ProposalEnd, RequestMove};
 pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
-pub use orders::{IdempotencyKey, LostCommit, Order, QUOTA_WINDOW, Stored};
+pub use orders::{IdempotencyKey, LostCommit, Order, QUOTA_WINDOW, QuotaUsed, Stored};
 pub use outbox::{DueDelivery, PendingNotification};
 pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
 pub use proposals::{
@@ -33,6 +33,9 @@ pub use proposals::{
     StoredRegistration,
 };
 pub use request_filters::RequestFilter;
+/// For tests elsewhere in the crate that build a [`ReplicaRequest`] by hand.
+#[cfg(test)]
+pub(crate) use requests::StatusColumn;
 pub use requests::{
     AwaitedOutcome, Changes, Claimed, EventRow, Lane, Lease, NewRequest, PreparedFields,
     ReplicaRequest, StoredError, WORKABLE,

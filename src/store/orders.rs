@@ -64,6 +64,23 @@ pub enum Stored {
     },
 }
 
+/// A caller's requests in its quota window, by kind of KMS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuotaUsed {
+    pub onchain: i64,
+    pub cloud: i64,
+}
+
+impl QuotaUsed {
+    pub fn of(&self, onchain_kms: bool) -> i64 {
+        if onchain_kms {
+            self.onchain
+        } else {
+            self.cloud
+        }
+    }
+}
+
 impl Order {
     fn caller(&self) -> String {
         self.actor.label()
@@ -93,7 +110,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         lock_callers(&mut tx, &callers).await?;
         let since = now - QUOTA_WINDOW;
-        let mut used = used_by(&mut tx, &callers, since).await?;
+        let mut used = used_by(&mut *tx, &callers, since).await?;
 
         let mut outcomes = Vec::with_capacity(orders.len());
         let mut created: Vec<Uuid> = Vec::new();
@@ -116,7 +133,8 @@ impl Store {
             }
             let kind = (caller.clone(), order.onchain_kms());
             let in_window = used.get(&kind).copied().unwrap_or(0);
-            let check = quota_check(&mut tx, &kind, in_window, order, since, now).await?;
+            let (wanted, limit) = (order.requests.len() as i64, i64::from(order.limit));
+            let check = quota_check(&mut *tx, &kind, in_window, wanted, limit, since, now).await?;
             if let QuotaCheck::Exceeded { used, retry_after } = check {
                 outcomes.push(Some(Stored::OverQuota { used, retry_after }));
                 continue;
@@ -184,6 +202,61 @@ impl Store {
         }
     }
 
+    /// `caller`'s requests of the last hour, by kind of KMS, read without its
+    /// quota lock: intake's look before it calls anyone. The count under the
+    /// lock, in [`Store::store_orders`], decides.
+    pub async fn quota_used(
+        &self,
+        caller: &str,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaUsed, sqlx::Error> {
+        let caller = caller.to_owned();
+        let used = used_by(
+            &self.pool,
+            std::slice::from_ref(&caller),
+            now - QUOTA_WINDOW,
+        )
+        .await?;
+        let of = |onchain_kms| {
+            used.get(&(caller.clone(), onchain_kms))
+                .copied()
+                .unwrap_or(0)
+        };
+        Ok(QuotaUsed {
+            onchain: of(true),
+            cloud: of(false),
+        })
+    }
+
+    /// `None` when `wanted` more requests of one kind of KMS fit beside the
+    /// `used` of `caller`'s hour and its `limit`; else how long until they
+    /// would. Read without the caller's lock, as [`Store::quota_used`].
+    pub async fn quota_wait(
+        &self,
+        caller: &str,
+        onchain_kms: bool,
+        used: i64,
+        wanted: u32,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Option<chrono::Duration>, sqlx::Error> {
+        let kind = (caller.to_owned(), onchain_kms);
+        let (wanted, limit) = (i64::from(wanted), i64::from(limit));
+        let check = quota_check(
+            &self.pool,
+            &kind,
+            used,
+            wanted,
+            limit,
+            now - QUOTA_WINDOW,
+            now,
+        );
+        Ok(match check.await? {
+            QuotaCheck::Within => None,
+            QuotaCheck::Exceeded { retry_after, .. } => Some(retry_after),
+        })
+    }
+
     /// Whether the requests `ids` of a batch whose COMMIT got no answer are
     /// stored, looked up on another connection. The callers' quota locks are
     /// taken first: the batch's transaction holds them until it commits or
@@ -249,8 +322,8 @@ async fn lock_callers(
 /// Each caller's requests of each kind of KMS since `since`. A statement of
 /// its own, after the locks: its snapshot sees what their previous holders
 /// committed.
-async fn used_by(
-    tx: &mut Transaction<'_, Postgres>,
+async fn used_by<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     callers: &[String],
     since: DateTime<Utc>,
 ) -> Result<HashMap<(String, bool), i64>, sqlx::Error> {
@@ -261,7 +334,7 @@ async fn used_by(
         callers,
         since,
     )
-    .fetch_all(&mut **tx)
+    .fetch_all(executor)
     .await?;
     Ok(rows
         .into_iter()
@@ -269,18 +342,19 @@ async fn used_by(
         .collect())
 }
 
-/// Whether `order` fits beside the `used` requests of its caller's hour.
-/// When it does not, enough of them leave the window after `retry_after`
-/// (never, if it asks for more than the whole quota: then the window's length).
-async fn quota_check(
-    tx: &mut Transaction<'_, Postgres>,
+/// Whether `wanted` requests fit beside the `used` requests of the caller's
+/// hour. When they do not, enough of them leave the window after
+/// `retry_after` (never, if it asks for more than the whole quota: then the
+/// window's length).
+async fn quota_check<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     (caller, onchain_kms): &(String, bool),
     used: i64,
-    order: &Order,
+    wanted: i64,
+    limit: i64,
     since: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<QuotaCheck, sqlx::Error> {
-    let (wanted, limit) = (order.requests.len() as i64, i64::from(order.limit));
     if used + wanted <= limit {
         return Ok(QuotaCheck::Within);
     }
@@ -302,7 +376,7 @@ async fn quota_check(
         since,
         must_leave - 1,
     )
-    .fetch_optional(&mut **tx)
+    .fetch_optional(executor)
     .await?;
     Ok(QuotaCheck::Exceeded {
         used,

@@ -1,7 +1,9 @@
 //! Queuing replicas: the part shared by the JSON API, the CI webhook and the
 //! page. An order is validated, resolved against Phala Cloud (source, node,
 //! env), checked against the caller's scope and quota, and its env key
-//! verified before anything is stored, so bad input changes nothing.
+//! verified before anything is stored, so bad input changes nothing. The
+//! quota is looked at before any call to Phala or the chain, so a caller
+//! over it costs neither.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -19,8 +21,8 @@ use super::views;
 use crate::domain::{Actor, Bytes32, InvalidOrder, NodeRef, ReplicaOrder};
 use crate::phala::{EnvKeyError, PhalaError, ResolveError, ResolvedSource, encrypt_env};
 use crate::store::{
-    IdempotencyKey, IdempotencyOutcome, LostCommit, NewRequest, Order, ReplicaRequest, Stored,
-    StoredResponse, Trouble,
+    IdempotencyKey, IdempotencyOutcome, LostCommit, NewRequest, Order, QuotaUsed, ReplicaRequest,
+    Stored, StoredResponse, Trouble,
 };
 
 /// Largest accepted request body.
@@ -91,21 +93,35 @@ pub async fn queue(
     let canonical: Value = serde_json::from_slice(body).expect("parsed above");
     let request_hash = Sha256::digest(canonical.to_string().as_bytes()).to_vec();
 
-    let keys_expired_before = state.clock.now() - state.retention.idempotency_key_ttl();
+    let now = state.clock.now();
+    let keys_expired_before = now - state.retention.idempotency_key_ttl();
     if let Some(key) = &idempotency_key
         && let Some(earlier) = state
             .store
             .idempotent_response(&principal, key, &request_hash, keys_expired_before)
             .await
-            .map_err(|err| match Trouble::of_sqlx(&err) {
-                Some(trouble) => database_trouble(trouble),
-                None => err.into(),
-            })?
+            .map_err(database_error)?
     {
         return replay(earlier);
     }
 
-    let rows = resolve(state, &principal, &order).await?;
+    // The quota before any call out (Phala, the chain): an order that fits
+    // no kind of KMS is refused before Phala is asked anything, and one that
+    // does not fit its source's kind before the node, the env key and the
+    // chain. A look without the caller's lock; the order writer's count
+    // under it decides.
+    let look = QuotaLook {
+        principal: &principal,
+        used: state
+            .store
+            .quota_used(&principal, now)
+            .await
+            .map_err(database_error)?,
+        wanted: order.count,
+        now,
+    };
+    look.check_any(state).await?;
+    let rows = resolve(state, &principal, &order, &look).await?;
     let onchain_kms = rows[0].onchain_kms;
     let limit = state.access.quota(&principal, onchain_kms);
     let count = rows.len();
@@ -190,6 +206,13 @@ fn write_error(err: WriteError) -> ApiError {
     }
 }
 
+fn database_error(err: sqlx::Error) -> ApiError {
+    match Trouble::of_sqlx(&err) {
+        Some(trouble) => database_trouble(trouble),
+        None => err.into(),
+    }
+}
+
 fn database_trouble(trouble: Trouble) -> ApiError {
     let (code, cause) = match trouble {
         Trouble::LockTimeout => (
@@ -218,6 +241,100 @@ fn invalid_order(err: InvalidOrder) -> ApiError {
     }
 }
 
+/// A caller's quota as intake sees it before calling out: its hour, read
+/// once, and the order's size.
+struct QuotaLook<'a> {
+    principal: &'a str,
+    used: QuotaUsed,
+    wanted: u32,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+impl QuotaLook<'_> {
+    /// `None` when the order fits the caller's quota for the kind of KMS;
+    /// else the quota and how long until it would fit.
+    async fn wait(
+        &self,
+        state: &AppState,
+        onchain_kms: bool,
+    ) -> Result<Option<(u32, chrono::Duration)>, ApiError> {
+        let limit = state.access.quota(self.principal, onchain_kms);
+        let used = self.used.of(onchain_kms);
+        if used + i64::from(self.wanted) <= i64::from(limit) {
+            return Ok(None);
+        }
+        let wait = state
+            .store
+            .quota_wait(
+                self.principal,
+                onchain_kms,
+                used,
+                self.wanted,
+                limit,
+                self.now,
+            )
+            .await
+            .map_err(database_error)?;
+        Ok(wait.map(|wait| (limit, wait)))
+    }
+
+    /// Refuses the order if it fits neither kind of KMS: whatever its source,
+    /// it would be refused.
+    async fn check_any(&self, state: &AppState) -> Result<(), ApiError> {
+        let Some((onchain_limit, onchain_wait)) = self.wait(state, true).await? else {
+            return Ok(());
+        };
+        let Some((cloud_limit, cloud_wait)) = self.wait(state, false).await? else {
+            return Ok(());
+        };
+        let (principal, wanted) = (self.principal, self.wanted);
+        let retry_after_secs = whole_seconds(onchain_wait.min(cloud_wait));
+        let message = if wanted > onchain_limit && wanted > cloud_limit {
+            format!(
+                "`{principal}` may queue {onchain_limit} replicas of sources on on-chain KMS and \
+                 {cloud_limit} of Cloud-KMS sources per hour, and this asks for {wanted}; ask for fewer"
+            )
+        } else {
+            format!(
+                "`{principal}` has queued {} of its {onchain_limit} replicas of sources on on-chain \
+                 KMS and {} of its {cloud_limit} of Cloud-KMS sources in the last hour; {wanted} more \
+                 fit in {retry_after_secs} s at the earliest",
+                self.used.onchain, self.used.cloud
+            )
+        };
+        Err(ApiError::RateLimited {
+            message,
+            retry_after_secs,
+        })
+    }
+
+    /// Refuses the order if it does not fit the quota of its source's kind.
+    async fn check(&self, state: &AppState, onchain_kms: bool) -> Result<(), ApiError> {
+        match self.wait(state, onchain_kms).await? {
+            None => Ok(()),
+            Some((limit, wait)) => Err(quota_exceeded(
+                self.principal,
+                onchain_kms,
+                self.wanted,
+                limit,
+                self.used.of(onchain_kms),
+                wait,
+            )),
+        }
+    }
+}
+
+/// Whole seconds, rounded up: retrying at once after them must succeed.
+fn whole_seconds(wait: chrono::Duration) -> u64 {
+    let whole = wait.num_seconds();
+    let rounded = if wait > chrono::Duration::seconds(whole) {
+        whole + 1
+    } else {
+        whole
+    };
+    rounded.max(1) as u64
+}
+
 fn quota_exceeded(
     principal: &str,
     onchain_kms: bool,
@@ -231,14 +348,7 @@ fn quota_exceeded(
     } else {
         "Cloud-KMS sources"
     };
-    // Whole seconds, rounded up: retrying at once after them must succeed.
-    let whole = retry_after.num_seconds();
-    let retry_after_secs = if retry_after > chrono::Duration::seconds(whole) {
-        whole + 1
-    } else {
-        whole
-    }
-    .max(1) as u64;
+    let retry_after_secs = whole_seconds(retry_after);
     let message = if i64::from(wanted) > i64::from(limit) {
         format!(
             "`{principal}` may queue {limit} replicas of {kind} per hour, and this asks for {wanted}; ask for fewer"
@@ -255,11 +365,13 @@ fn quota_exceeded(
 }
 
 /// Resolves the source, node and env with Phala, checks the source against
-/// the caller's scope, and builds one row per replica.
+/// the caller's scope and the quota of its kind of KMS, and builds one row
+/// per replica.
 async fn resolve(
     state: &AppState,
     principal: &str,
     order: &ReplicaOrder,
+    quota: &QuotaLook<'_>,
 ) -> Result<Vec<NewRequest>, ApiError> {
     let source = state
         .lookups
@@ -267,6 +379,7 @@ async fn resolve(
         .await
         .map_err(resolve_error)?;
     state.access.check_scope(principal, &source)?;
+    quota.check(state, source.cvm.is_onchain_kms()).await?;
     let node = match &order.node {
         Some(node) => Some(
             state

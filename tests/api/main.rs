@@ -47,6 +47,8 @@ mod sandbox_process;
 mod secrets;
 mod security_metrics;
 mod security_prepare;
+mod security_quota;
+mod security_signing;
 mod signers_view;
 mod supervision;
 mod tracking;

@@ -19,7 +19,7 @@ use crate::watch_commit::{commits, execute, mine, mount_commit_and_run, proposal
 /// A bridge whose Transaction Service is `double`, with one request for
 /// node 1 planned once: its proposal is stored, the answer to its post is
 /// whatever the double gives.
-async fn one_planned_request(world: &SafeWorld, on_propose: OnPropose) -> (TestApp, String) {
+pub async fn one_planned_request(world: &SafeWorld, on_propose: OnPropose) -> (TestApp, String) {
     let app = world.spawn_bridge().await;
     let double = Arc::new(ServiceDouble::new(world, on_propose, Duration::ZERO));
     app.worker.safe_flow().unwrap().set_service(31337, double);
