@@ -965,7 +965,7 @@ async fn submit(
     let (safe, tx, version) = match signable(worker, stored).await? {
         Ok(checked) => checked,
         Err(why) => {
-            refuse_to_sign(worker, stored, &why).await?;
+            refuse_to_sign(worker, stored, &why, fence).await?;
             return Ok(true);
         }
     };
@@ -1127,7 +1127,12 @@ async fn signable(
 
 /// A stored proposal that is not what the bridge planned fails, with its
 /// requests, and nothing is signed or posted.
-async fn refuse_to_sign(worker: &Worker, stored: &ProposalRow, why: &str) -> anyhow::Result<()> {
+async fn refuse_to_sign(
+    worker: &Worker,
+    stored: &ProposalRow,
+    why: &str,
+    fence: Option<&JobLease>,
+) -> anyhow::Result<()> {
     tracing::error!(
         proposal_id = %stored.id,
         safe_tx_hash = %stored.safe_tx_hash,
@@ -1149,7 +1154,7 @@ async fn refuse_to_sign(worker: &Worker, stored: &ProposalRow, why: &str) -> any
     );
     worker
         .store
-        .reject_proposal(stored.id, worker.clock.now(), &err, false)
+        .reject_proposal(stored.id, worker.clock.now(), &err, false, fence)
         .await?;
     Ok(())
 }
