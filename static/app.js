@@ -16,7 +16,8 @@ const elementKey = node => node.nodeType === Node.ELEMENT_NODE ? (node.id || nod
 function sameNode(a, b) {
   if (a.nodeType !== b.nodeType) return false;
   if (a.nodeType !== Node.ELEMENT_NODE) return true;
-  return a.tagName === b.tagName && elementKey(a) === elementKey(b);
+  return a.tagName === b.tagName && elementKey(a) === elementKey(b)
+    && a.getAttribute("aria-label") === b.getAttribute("aria-label");
 }
 
 function syncAttributes(current, wanted) {
@@ -29,19 +30,21 @@ function syncAttributes(current, wanted) {
 }
 
 // Makes the children of `parent` those of `wanted`, reusing every node that
-// is already right.
+// is already right. Nodes are never moved (a moved node loses the focus):
+// what is gone is removed, what is new is inserted.
 function patchChildren(parent, wanted) {
   const want = Array.from(wanted.childNodes);
   want.forEach((node, i) => {
-    const current = parent.childNodes[i];
-    if (!current) { parent.appendChild(node); return; }
-    if (!sameNode(current, node)) {
-      const key = elementKey(node);
-      const moved = key && Array.from(parent.children).find(c => elementKey(c) === key && c.tagName === node.tagName);
-      if (moved) { parent.insertBefore(moved, current); patchNode(moved, node); }
-      else parent.insertBefore(node, current);
-      return;
+    let current = parent.childNodes[i];
+    if (current && !sameNode(current, node) && node.nodeType === Node.ELEMENT_NODE) {
+      // Still further down: what stands before it here is gone.
+      const rest = Array.from(parent.childNodes).slice(i + 1);
+      const later = rest.findIndex(c => sameNode(c, node));
+      for (let k = 0; k <= later; k++) parent.removeChild(parent.childNodes[i]);
+      current = parent.childNodes[i];
     }
+    if (!current) { parent.appendChild(node); return; }
+    if (!sameNode(current, node)) { parent.insertBefore(node, current); return; }
     patchNode(current, node);
   });
   while (parent.childNodes.length > want.length) parent.removeChild(parent.lastChild);
