@@ -343,3 +343,47 @@ async fn a_cancelled_proposal_an_owner_signed_waits_for_a_rejection_and_what_sta
     .await;
     d.sandbox.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_call_says_how_the_bridge_tied_it_to_the_order() {
+    let d = QueueDriver::start().await;
+    // A node named by the order.
+    let named = d.queue("prod-3").await;
+    let proposal = d.proposal_of(&named).await;
+    assert_eq!(proposal["calls"][0]["function"], "addDevice");
+    assert_eq!(
+        proposal["calls"][0]["checked"],
+        "device of node prod-3, named by the order"
+    );
+    // "Auto" for the canary, whose compose hash the app no longer allows:
+    // the hash intake pinned from the source. (The simulator places it on
+    // its source's node, whose device the app allows: no addDevice here.)
+    let response = d
+        .http
+        .post(d.url("/api/v1/replicas"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"source": "api-canary"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let queued: Value = response.json().await.unwrap();
+    let auto = queued["replicas"][0]["id"].as_str().unwrap().to_owned();
+    let proposal = d.proposal_of(&auto).await;
+    let request = d.get(&format!("/api/v1/replicas/{auto}")).await;
+    let queued_at: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(request["created_at"].clone()).unwrap();
+    let calls = proposal["calls"].as_array().unwrap();
+    let hash = calls
+        .iter()
+        .find(|c| c["function"] == "addComposeHash")
+        .unwrap_or_else(|| panic!("{proposal}"));
+    assert_eq!(
+        hash["checked"],
+        format!(
+            "hash of api-canary as queued at {}",
+            queued_at.format("%H:%M UTC")
+        )
+    );
+    d.sandbox.stop().await.unwrap();
+}
