@@ -5,21 +5,102 @@
 
 const csrf = () => document.querySelector('meta[name="csrf-token"]')?.content || "";
 
-// Live updates: every element with data-live-src is replaced by what that URL
-// renders, every 2 s while the tab is visible.
+// Live updates: every element with data-live-src is refreshed from what that
+// URL renders, every 2 s while the tab is visible. Only the nodes that
+// differ are touched, so focus, text selection and a half-done click survive
+// a refresh; nothing is touched when nothing changed. Status changes (any
+// element with data-status-of) are read out through the #announce region.
+// <html data-live-refreshes> counts the refreshes, for the browser tests.
+const elementKey = node => node.nodeType === Node.ELEMENT_NODE ? (node.id || node.dataset.id || null) : null;
+
+function sameNode(a, b) {
+  if (a.nodeType !== b.nodeType) return false;
+  if (a.nodeType !== Node.ELEMENT_NODE) return true;
+  return a.tagName === b.tagName && elementKey(a) === elementKey(b)
+    && a.getAttribute("aria-label") === b.getAttribute("aria-label");
+}
+
+function syncAttributes(current, wanted) {
+  for (const {name} of Array.from(current.attributes)) {
+    if (!wanted.hasAttribute(name)) current.removeAttribute(name);
+  }
+  for (const {name, value} of Array.from(wanted.attributes)) {
+    if (current.getAttribute(name) !== value) current.setAttribute(name, value);
+  }
+}
+
+// Makes the children of `parent` those of `wanted`, reusing every node that
+// is already right. Nodes are never moved (a moved node loses the focus):
+// what is gone is removed, what is new is inserted.
+function patchChildren(parent, wanted) {
+  const want = Array.from(wanted.childNodes);
+  want.forEach((node, i) => {
+    let current = parent.childNodes[i];
+    if (current && !sameNode(current, node) && node.nodeType === Node.ELEMENT_NODE) {
+      // Still further down: what stands before it here is gone.
+      const rest = Array.from(parent.childNodes).slice(i + 1);
+      const later = rest.findIndex(c => sameNode(c, node));
+      for (let k = 0; k <= later; k++) parent.removeChild(parent.childNodes[i]);
+      current = parent.childNodes[i];
+    }
+    if (!current) { parent.appendChild(node); return; }
+    if (!sameNode(current, node)) { parent.insertBefore(node, current); return; }
+    patchNode(current, node);
+  });
+  while (parent.childNodes.length > want.length) parent.removeChild(parent.lastChild);
+}
+
+function patchNode(current, wanted) {
+  if (current.nodeType === Node.ELEMENT_NODE) {
+    if (current.outerHTML === wanted.outerHTML) return;
+    syncAttributes(current, wanted);
+    patchChildren(current, wanted);
+  } else if (current.nodeValue !== wanted.nodeValue) {
+    current.nodeValue = wanted.nodeValue;
+  }
+}
+
+const statuses = root => new Map(Array.from(root.querySelectorAll("[data-status-of]"),
+  e => [e.dataset.statusOf, e.textContent.trim()]));
+
 function live() {
+  const announce = document.getElementById("announce");
+  let refreshes = 0;
   for (const element of document.querySelectorAll("[data-live-src]")) {
+    let last = null;
     const refresh = async () => {
       if (document.hidden) return;
       try {
         const answer = await fetch(element.dataset.liveSrc, {credentials: "same-origin"});
         // Signed out meanwhile: the reload shows the sign-in page.
         if (answer.redirected || answer.status === 401) { window.location.reload(); return; }
-        if (answer.ok) element.innerHTML = await answer.text();
+        if (!answer.ok) return;
+        const text = await answer.text();
+        if (text !== last) {
+          last = text;
+          const wanted = document.createElement("template");
+          wanted.innerHTML = text;
+          const before = statuses(element);
+          patchChildren(element, wanted.content);
+          const changed = [];
+          for (const [key, now] of statuses(element)) {
+            if (before.has(key) && before.get(key) !== now) changed.push(now);
+          }
+          if (changed.length && announce) announce.textContent = changed.join(". ");
+        }
+        document.documentElement.dataset.liveRefreshes = String(++refreshes);
       } catch (_) { /* offline for a moment: try again next time */ }
     };
     setInterval(refresh, 2000);
   }
+}
+
+// A form with data-confirm asks before it is sent (cancelling, say).
+function confirmations() {
+  document.addEventListener("submit", event => {
+    const message = event.target.dataset ? event.target.dataset.confirm : undefined;
+    if (message && !window.confirm(message)) event.preventDefault();
+  });
 }
 
 async function postJson(path, body) {
@@ -105,4 +186,4 @@ function queueForm() {
   });
 }
 
-document.addEventListener("DOMContentLoaded", () => { live(); signIn(); queueForm(); });
+document.addEventListener("DOMContentLoaded", () => { live(); confirmations(); signIn(); queueForm(); });

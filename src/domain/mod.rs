@@ -2,10 +2,12 @@
 
 mod ids;
 mod order;
+mod queue;
 mod state;
 
 pub use ids::{AppId, Bytes32, InvalidId};
 pub use order::{InvalidOrder, MAX_REPLICAS_PER_ORDER, NodeRef, OrderBody, ReplicaOrder};
+pub use queue::{Mark, Queued, Stuck, mark, serves_no_request_advice};
 pub use state::{
     Effects, Event, IllegalTransition, Status, Transition, UnknownStatus, holds_source_lock, next,
     transition,

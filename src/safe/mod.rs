@@ -22,7 +22,7 @@ use alloy::primitives::{Address, B256, address, keccak256};
 use alloy::sol_types::{SolStruct, eip712_domain};
 
 pub use service::{
-    DelegateRegistration, Delegation, Proposal, SafeService, SafeServiceError, ServiceTx,
+    DelegateRegistration, Delegation, Deletion, Proposal, SafeService, SafeServiceError, ServiceTx,
     TxServiceClient, TxServiceOptions,
 };
 pub use tx::{
@@ -230,6 +230,36 @@ pub fn delegate_hash(delegate: Address, totp: u64, chain_id: Option<u64>) -> B25
     message.eip712_signing_hash(&domain)
 }
 
+// The typed data the Transaction Service checks when a proposer deletes an
+// unexecuted proposal (safe.md §2.3).
+mod delete_types {
+    alloy::sol! {
+        struct DeleteRequest {
+            bytes32 safeTxHash;
+            uint256 totp;
+        }
+    }
+}
+
+/// The EIP-712 digest the proposer (or the delegate that proposed) signs to
+/// delete the unexecuted proposal `safe_tx_hash` of `safe`: `DeleteRequest`
+/// under the domain `{name: "Safe Transaction Service", version: "1.0",
+/// chainId, verifyingContract: safe}`, with the hourly `totp` of
+/// [`delegate_totp`].
+pub fn delete_request_hash(safe_tx_hash: B256, totp: u64, chain_id: u64, safe: Address) -> B256 {
+    let message = delete_types::DeleteRequest {
+        safeTxHash: safe_tx_hash,
+        totp: alloy::primitives::U256::from(totp),
+    };
+    let domain = eip712_domain! {
+        name: "Safe Transaction Service",
+        version: "1.0",
+        chain_id: chain_id,
+        verifying_contract: safe,
+    };
+    message.eip712_signing_hash(&domain)
+}
+
 /// keccak256 of a Solidity type string: the typehash of an EIP-712 struct.
 /// Used by tests to check the `sol!` types against the reference's constants.
 pub fn type_hash(type_string: &str) -> B256 {
@@ -325,6 +355,44 @@ mod tests {
         assert_eq!(
             message.eip712_type_hash(),
             type_hash("Delegate(address delegateAddress,uint256 totp)")
+        );
+    }
+
+    #[test]
+    fn delete_request_hash_follows_the_reference() {
+        assert_eq!(
+            type_hash("DeleteRequest(bytes32 safeTxHash,uint256 totp)"),
+            b256!("ea0e2920ae94ffdb9d98b7bbb85bc34fe4df5ccca3a98a2e3bfec8b64919fc08")
+        );
+        let safe = address!("1f9090aaE28b8a3dCeaDf281B0F12828e676c326");
+        let hash = b256!("1111111111111111111111111111111111111111111111111111111111111111");
+        let (totp, chain_id) = (472_222u64, 8453u64);
+        let domain_separator = keccak256(
+            (
+                type_hash(
+                    "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)",
+                ),
+                keccak256("Safe Transaction Service"),
+                keccak256("1.0"),
+                U256::from(chain_id),
+                safe,
+            )
+                .abi_encode(),
+        );
+        let struct_hash = keccak256(
+            (
+                type_hash("DeleteRequest(bytes32 safeTxHash,uint256 totp)"),
+                hash,
+                U256::from(totp),
+            )
+                .abi_encode(),
+        );
+        let mut preimage = vec![0x19, 0x01];
+        preimage.extend_from_slice(domain_separator.as_slice());
+        preimage.extend_from_slice(struct_hash.as_slice());
+        assert_eq!(
+            delete_request_hash(hash, totp, chain_id, safe),
+            keccak256(&preimage)
         );
     }
 

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::tx::{SafeTx, SignatureError, sign_safe_tx_hash};
-use super::{SafeVersion, delegate_hash, delegate_totp};
+use super::{SafeVersion, delegate_hash, delegate_totp, delete_request_hash};
 
 /// A boxed future, so that [`SafeService`] can be held as `Arc<dyn SafeService>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -71,6 +71,13 @@ pub trait SafeService: Send + Sync {
         &self,
         delegate: Address,
     ) -> BoxFuture<'_, Result<Vec<Delegation>, SafeServiceError>>;
+
+    /// Deletes an unexecuted proposal, as its proposer may: `true` when the
+    /// service deleted it, `false` when it does not know the hash.
+    fn delete_transaction<'a>(
+        &'a self,
+        deletion: &'a Deletion,
+    ) -> BoxFuture<'a, Result<bool, SafeServiceError>>;
 }
 
 /// One delegate registration as the service lists it.
@@ -190,6 +197,39 @@ impl DelegateRegistration {
             "label": self.label,
             "signature": self.signature.to_string(),
         })
+    }
+}
+
+/// A proposer's request to delete its unexecuted proposal (safe.md §2.3):
+/// `DELETE /api/v2/multisig-transactions/{safeTxHash}/` with the signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deletion {
+    pub safe_tx_hash: B256,
+    /// The proposer's (or proposing delegate's) signature of
+    /// [`delete_request_hash`] for the current hour.
+    pub signature: Bytes,
+}
+
+impl Deletion {
+    /// Signs the deletion of `safe_tx_hash` of `safe` with `signer`, for the
+    /// hour that contains `unix_now`.
+    pub fn sign(
+        signer: &PrivateKeySigner,
+        safe: Address,
+        chain_id: u64,
+        safe_tx_hash: B256,
+        unix_now: u64,
+    ) -> Result<Deletion, SignatureError> {
+        let digest = delete_request_hash(safe_tx_hash, delegate_totp(unix_now), chain_id, safe);
+        let signature = sign_safe_tx_hash(signer, digest)?;
+        Ok(Deletion {
+            safe_tx_hash,
+            signature: Bytes::copy_from_slice(&signature),
+        })
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"signature": self.signature.to_string()})
     }
 }
 
@@ -614,6 +654,17 @@ impl TxServiceClient {
         let url = self.url(&["api", "v2", "delegates"]);
         self.write(url, &registration.body()).await
     }
+
+    /// `DELETE /api/v2/multisig-transactions/{safeTxHash}/`: 204 deleted,
+    /// 404 unknown (`false`), 400 refused.
+    pub async fn delete_transaction(&self, deletion: &Deletion) -> Result<bool, SafeServiceError> {
+        let hash = deletion.safe_tx_hash.to_string();
+        let url = self.url(&["api", "v2", "multisig-transactions", &hash]);
+        let (status, _) = self
+            .send(Method::DELETE, url, Some(&deletion.body()))
+            .await?;
+        Ok(status != StatusCode::NOT_FOUND)
+    }
 }
 
 impl TxServiceClient {
@@ -699,6 +750,13 @@ impl SafeService for TxServiceClient {
         delegate: Address,
     ) -> BoxFuture<'_, Result<Vec<Delegation>, SafeServiceError>> {
         Box::pin(TxServiceClient::delegates(self, delegate))
+    }
+
+    fn delete_transaction<'a>(
+        &'a self,
+        deletion: &'a Deletion,
+    ) -> BoxFuture<'a, Result<bool, SafeServiceError>> {
+        Box::pin(TxServiceClient::delete_transaction(self, deletion))
     }
 }
 
@@ -1151,6 +1209,35 @@ mod tests {
         assert_eq!(tx.confirmations_required, Some(2));
         assert!(!tx.is_executed && tx.trusted);
         assert_eq!(client.get_transaction(B256::ZERO).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn delete_sends_the_proposers_signature_to_the_v2_path() {
+        let server = MockServer::start().await;
+        let signer = PrivateKeySigner::random();
+        let hash = B256::repeat_byte(0x5a);
+        let deletion = Deletion::sign(&signer, SAFE, 8453, hash, 1_700_000_000).unwrap();
+        let digest = delete_request_hash(hash, delegate_totp(1_700_000_000), 8453, SAFE);
+        assert_eq!(
+            recover_signer(digest, &deletion.signature).unwrap().0,
+            signer.address()
+        );
+        Mock::given(method("DELETE"))
+            .and(path(format!("/api/v2/multisig-transactions/{hash}/")))
+            .and(body_json(
+                json!({"signature": deletion.signature.to_string()}),
+            ))
+            .respond_with(ResponseTemplate::new(204))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let client = client(&server, None, 100.0);
+        assert!(client.delete_transaction(&deletion).await.unwrap());
+        let unknown = Deletion {
+            safe_tx_hash: B256::ZERO,
+            ..deletion
+        };
+        assert!(!client.delete_transaction(&unknown).await.unwrap());
     }
 
     #[tokio::test]

@@ -25,8 +25,10 @@ use super::SandboxApps;
 use super::chain::LocalChain;
 use super::phala_sim::PhalaSim;
 use super::safe_service::SafeServiceSim;
-use crate::chain::{ChainClient, Registration};
-use crate::safe::{Operation, SafeTx, sign_safe_tx_hash};
+use crate::chain::{ChainClient, Registration, SafeInfo};
+use crate::safe::{
+    Operation, Proposal, SafeTx, TxServiceClient, TxServiceOptions, sign_safe_tx_hash,
+};
 
 /// The largest body the front door forwards to the bridge.
 const MAX_FORWARDED_BODY: usize = 4 * 1024 * 1024;
@@ -59,6 +61,7 @@ pub(super) fn router(controls: Controls) -> Router {
         .route("/sandbox/world", get(world))
         .route("/sandbox/safe/{safe_tx_hash}/sign", post(sign))
         .route("/sandbox/safe/{safe_tx_hash}/execute", post(execute))
+        .route("/sandbox/safe/{safe_tx_hash}/reject", post(reject_tx))
         .fallback(forward)
         .with_state(controls)
 }
@@ -101,6 +104,43 @@ fn back_to_page() -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, "/sandbox")]).into_response()
 }
 
+/// A control posted by the page's form that could not act: back to the page,
+/// which says why in words (not the JSON the API callers get).
+fn back_with_notice((_, Json(body)): Rejection) -> Response {
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or("the control failed")
+        .to_owned();
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("notice", &message)
+        .finish();
+    (
+        StatusCode::SEE_OTHER,
+        [(header::LOCATION, format!("/sandbox?{query}"))],
+    )
+        .into_response()
+}
+
+/// The parsed `owner` of a control's body: the page's form or JSON.
+fn owner_of(headers: &HeaderMap, body: &[u8]) -> Result<usize, Rejection> {
+    if from_form(headers) {
+        form_urlencoded::parse(body)
+            .find(|(name, _)| name == "owner")
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| {
+                reject(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    "the form names no owner",
+                )
+            })
+    } else {
+        serde_json::from_slice::<SignBody>(body)
+            .map(|b| b.owner)
+            .map_err(|err| reject(StatusCode::BAD_REQUEST, "invalid_body", err.to_string()))
+    }
+}
+
 /// `POST /sandbox/safe/{hash}/sign` `{"owner": 0|1|2}` (JSON, or the page's
 /// form): the owner confirms the proposal at the Safe Transaction Service,
 /// as Safe{Wallet} would.
@@ -111,28 +151,15 @@ async fn sign(
     body: axum::body::Bytes,
 ) -> Result<Response, Rejection> {
     let form = from_form(&headers);
-    let body: SignBody = if form {
-        let owner = form_urlencoded::parse(&body)
-            .find(|(name, _)| name == "owner")
-            .and_then(|(_, v)| v.parse().ok());
-        SignBody {
-            owner: owner.ok_or_else(|| {
-                reject(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_body",
-                    "the form names no owner",
-                )
-            })?,
-        }
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|err| reject(StatusCode::BAD_REQUEST, "invalid_body", err.to_string()))?
+    let answer = match owner_of(&headers, &body) {
+        Ok(owner) => sign_as(&c, &hash, owner).await,
+        Err(err) => Err(err),
     };
-    let answer = sign_as(&c, &hash, body.owner).await?;
-    Ok(if form {
-        back_to_page()
-    } else {
-        Json(answer).into_response()
+    Ok(match answer {
+        Ok(_) if form => back_to_page(),
+        Ok(answer) => Json(answer).into_response(),
+        Err(err) if form => back_with_notice(err),
+        Err(err) => return Err(err),
     })
 }
 
@@ -194,53 +221,153 @@ async fn execute(
     Path(hash): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Rejection> {
-    let answer = execute_now(&c, &hash).await?;
-    Ok(if from_form(&headers) {
-        back_to_page()
-    } else {
-        Json(answer).into_response()
+    let form = from_form(&headers);
+    Ok(match execute_now(&c, &hash).await {
+        Ok(_) if form => back_to_page(),
+        Ok(answer) => Json(answer).into_response(),
+        Err(err) if form => back_with_notice(err),
+        Err(err) => return Err(err),
     })
+}
+
+/// `POST /sandbox/safe/{hash}/reject` `{"owner": 0|1|2}`: the owner rejects
+/// the proposal as Safe{Wallet}'s Reject does: it proposes an on-chain
+/// rejection at the same nonce (a call of the Safe to itself, value 0, no
+/// data), signed by that owner. Once the owners sign and execute it, the
+/// nonce is used and what stood behind it moves up.
+async fn reject_tx(
+    State(c): State<Controls>,
+    Path(hash): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, Rejection> {
+    let form = from_form(&headers);
+    let answer = match owner_of(&headers, &body) {
+        Ok(owner) => reject_as(&c, &hash, owner).await,
+        Err(err) => Err(err),
+    };
+    Ok(match answer {
+        Ok(_) if form => back_to_page(),
+        Ok(answer) => Json(answer).into_response(),
+        Err(err) if form => back_with_notice(err),
+        Err(err) => return Err(err),
+    })
+}
+
+async fn reject_as(c: &Controls, hash: &str, owner: usize) -> Result<Value, Rejection> {
+    let hash = parse_hash(hash)?;
+    let key = c.owner_keys.get(owner).ok_or_else(|| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_owner",
+            format!("owner must be 0 to {}", c.owner_keys.len() - 1),
+        )
+    })?;
+    let rejected = proposed_tx(c, hash).await?;
+    let info = safe_info(c).await?;
+    let rejection = SafeTx::new(
+        c.safe,
+        U256::ZERO,
+        Bytes::new(),
+        Operation::Call,
+        rejected.call.nonce,
+    );
+    let proposal = Proposal::sign(
+        rejection,
+        c.safe,
+        c.chain.chain_id(),
+        info.version,
+        key,
+        Some(r#"{"name":"Safe{Wallet} (sandbox)","url":""}"#.to_owned()),
+    )
+    .map_err(|err| {
+        reject(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "signing_failed",
+            err.to_string(),
+        )
+    })?;
+    let mut options = TxServiceOptions::for_chain(c.chain.chain_id());
+    options.base_url = Some(c.safe_service_url.clone());
+    options.requests_per_second = 100.0;
+    let service = TxServiceClient::new(&options).map_err(|err| {
+        reject(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "safe_service",
+            format!("{err:#}"),
+        )
+    })?;
+    service.propose(c.safe, &proposal).await.map_err(|err| {
+        reject(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rejection_refused",
+            err.to_string(),
+        )
+    })?;
+    Ok(json!({
+        "rejected": hash,
+        "safe_tx_hash": proposal.safe_tx_hash,
+        "nonce": rejected.call.nonce,
+        "owner": key.address().to_checksum(None),
+    }))
+}
+
+/// The Safe as the chain has it now.
+async fn safe_info(c: &Controls) -> Result<SafeInfo, Rejection> {
+    let client = ChainClient::new(c.chain.chain_id(), c.chain.rpc_url());
+    match client.owner_kind(c.safe).await {
+        Ok(crate::chain::OwnerKind::Safe(info)) => Ok(info),
+        _ => Err(reject(
+            StatusCode::BAD_GATEWAY,
+            "chain",
+            "cannot read the Safe",
+        )),
+    }
+}
+
+/// Why the executor cannot execute a proposal now, in the words of the page;
+/// `None` when it can.
+fn execute_blocker(
+    nonce: u64,
+    confirmed: usize,
+    safe_nonce: u64,
+    threshold: u64,
+) -> Option<String> {
+    if nonce > safe_nonce {
+        Some(format!(
+            "nonce {safe_nonce} must go first: the Safe is at nonce {safe_nonce}, this is nonce {nonce}"
+        ))
+    } else if nonce < safe_nonce {
+        Some(format!("the Safe has used nonce {nonce} already"))
+    } else if (confirmed as u64) < threshold {
+        Some(format!(
+            "not enough signatures: {confirmed} of {threshold}; an owner must confirm first"
+        ))
+    } else {
+        None
+    }
 }
 
 async fn execute_now(c: &Controls, hash: &str) -> Result<Value, Rejection> {
     let hash = parse_hash(hash)?;
     let tx = proposed_tx(c, hash).await?;
-    let client = ChainClient::new(c.chain.chain_id(), c.chain.rpc_url());
-    let info = match client.owner_kind(c.safe).await {
-        Ok(crate::chain::OwnerKind::Safe(info)) => info,
-        _ => {
-            return Err(reject(
-                StatusCode::BAD_GATEWAY,
-                "chain",
-                "cannot read the Safe",
-            ));
-        }
-    };
+    let info = safe_info(c).await?;
     let signers: Vec<PrivateKeySigner> = c
         .owner_keys
         .iter()
         .filter(|k| tx.confirmations.contains(&k.address()))
         .cloned()
         .collect();
-    if (signers.len() as u64) < info.threshold {
+    if let Some(why) = execute_blocker(tx.call.nonce, signers.len(), info.nonce, info.threshold) {
+        let code = if tx.call.nonce == info.nonce {
+            "not_enough_confirmations"
+        } else {
+            "not_next"
+        };
         return Err(reject(
             StatusCode::CONFLICT,
-            "not_enough_confirmations",
-            format!(
-                "{} of {} confirmations; sign first",
-                signers.len(),
-                info.threshold
-            ),
-        ));
-    }
-    if info.nonce != tx.call.nonce {
-        return Err(reject(
-            StatusCode::CONFLICT,
-            "not_next",
-            format!(
-                "the Safe is at nonce {}, the proposal has nonce {}",
-                info.nonce, tx.call.nonce
-            ),
+            code,
+            format!("Not executed: {why}."),
         ));
     }
     let call = tx.call;
@@ -554,8 +681,21 @@ struct OpenProposal {
     nonce: String,
     confirmed: usize,
     required: String,
-    /// Per owner index: whether that owner has confirmed.
-    signed: Vec<bool>,
+    /// Per owner, what Safe{Wallet} would offer that owner.
+    actions: Vec<OwnerAction>,
+    /// Why it cannot be executed now; `None` when it can.
+    blocker: Option<String>,
+    /// An on-chain rejection (the Safe calling itself with nothing).
+    is_rejection: bool,
+}
+
+/// What Safe{Wallet} shows one owner for one queued transaction.
+struct OwnerAction {
+    index: usize,
+    /// "Confirm", "Execute" or "Signed; waiting for …".
+    label: String,
+    /// The owner may still confirm.
+    can_confirm: bool,
 }
 
 /// The Safe's unexecuted proposals from the Safe Transaction Service.
@@ -577,6 +717,9 @@ async fn open_proposals(c: &Controls) -> Result<Vec<OpenProposal>, String> {
     .await
     .map_err(|err: reqwest::Error| err.to_string())?;
     let results = page["results"].as_array().cloned().unwrap_or_default();
+    let info = safe_info(c)
+        .await
+        .map_err(|(_, Json(body))| body.to_string())?;
     Ok(results
         .iter()
         .filter(|tx| tx["isExecuted"].as_bool() != Some(true))
@@ -589,19 +732,51 @@ async fn open_proposals(c: &Controls) -> Result<Vec<OpenProposal>, String> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let nonce = tx["nonce"].to_string().trim_matches('"').to_owned();
+            let blocker = execute_blocker(
+                nonce.parse().unwrap_or(u64::MAX),
+                owners.len(),
+                info.nonce,
+                info.threshold,
+            );
+            let signed: Vec<bool> = c
+                .owner_keys
+                .iter()
+                .map(|k| owners.contains(&k.address()))
+                .collect();
+            let missing = (info.threshold as usize).saturating_sub(owners.len());
+            let actions = signed
+                .iter()
+                .enumerate()
+                .map(|(index, &signed)| OwnerAction {
+                    index,
+                    label: match (signed, &blocker) {
+                        (false, _) => "Confirm".to_owned(),
+                        (true, None) => "Execute".to_owned(),
+                        (true, Some(_)) if missing > 0 => format!(
+                            "Signed; waiting for {missing} more signature{}",
+                            if missing == 1 { "" } else { "s" }
+                        ),
+                        (true, Some(why)) => format!("Signed; waiting: {why}"),
+                    },
+                    can_confirm: !signed,
+                })
+                .collect();
+            let is_rejection = tx["to"].as_str().and_then(|t| t.parse::<Address>().ok())
+                == Some(c.safe)
+                && tx["data"].as_str().is_none_or(|d| d == "0x")
+                && tx["value"].to_string().trim_matches('"') == "0";
             OpenProposal {
                 safe_tx_hash: tx["safeTxHash"].as_str().unwrap_or_default().to_owned(),
-                nonce: tx["nonce"].to_string().trim_matches('"').to_owned(),
+                nonce,
                 confirmed: owners.len(),
                 required: tx["confirmationsRequired"]
                     .to_string()
                     .trim_matches('"')
                     .to_owned(),
-                signed: c
-                    .owner_keys
-                    .iter()
-                    .map(|k| owners.contains(&k.address()))
-                    .collect(),
+                actions,
+                blocker,
+                is_rejection,
             }
         })
         .collect())
@@ -615,6 +790,8 @@ struct SandboxPage {
     operator: String,
     proposals: Vec<OpenProposal>,
     error: Option<String>,
+    /// What a control posted by the page could not do, and why.
+    notice: Option<String>,
 }
 
 #[derive(Template)]
@@ -639,7 +816,10 @@ fn render(body: Result<String, askama::Error>) -> Response {
 /// `GET /sandbox`: sign in to the team page as one of the sandbox's
 /// accounts, and sign or execute the Safe's proposals as its owners. It
 /// holds no token: queuing happens on the team page, as the signed-in person.
-async fn page(State(c): State<Controls>) -> Response {
+async fn page(
+    State(c): State<Controls>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
     let (proposals, error) = match open_proposals(&c).await {
         Ok(p) => (p, None),
         Err(e) => (Vec::new(), Some(e)),
@@ -655,6 +835,7 @@ async fn page(State(c): State<Controls>) -> Response {
             operator: c.operator_key.address().to_checksum(None),
             proposals,
             error,
+            notice: query.get("notice").cloned(),
         }
         .render(),
     )

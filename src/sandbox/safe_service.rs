@@ -50,7 +50,9 @@ use reqwest::Url;
 use serde_json::{Value, json};
 
 use crate::safe::tx::SignatureKind;
-use crate::safe::{SafeTx, SafeVersion, recover_signer, split_signatures};
+use crate::safe::{
+    SafeTx, SafeVersion, delegate_totp, delete_request_hash, recover_signer, split_signatures,
+};
 
 mod answers;
 mod chain;
@@ -177,7 +179,10 @@ impl SafeServiceSim {
                 post(propose).get(list_v2),
             )
             .route("/api/v1/multisig-transactions/{safe_tx_hash}/", get(get_v1))
-            .route("/api/v2/multisig-transactions/{safe_tx_hash}/", get(get_v2))
+            .route(
+                "/api/v2/multisig-transactions/{safe_tx_hash}/",
+                get(get_v2).delete(delete_v2),
+            )
             .route(
                 "/api/v1/multisig-transactions/{safe_tx_hash}/confirmations/",
                 post(add_confirmation).get(list_confirmations),
@@ -207,6 +212,12 @@ impl SafeServiceSim {
     pub fn stored_transactions(&self) -> usize {
         let state = self.shared.state.lock().expect("sim state poisoned");
         state.transactions.len()
+    }
+
+    /// Whether the service holds a proposal (its proposer may delete it).
+    pub fn holds(&self, safe_tx_hash: B256) -> bool {
+        let state = self.shared.state.lock().expect("sim state poisoned");
+        state.transactions.contains_key(&safe_tx_hash)
     }
 
     /// The owners whose confirmation the service holds for a proposal.
@@ -605,7 +616,7 @@ async fn add_confirmation(
         let state = shared.state.lock().expect("sim state poisoned");
         state.transactions.get(&hash).map(|t| t.safe)
     }
-    .ok_or(missing)?;
+    .ok_or_else(|| missing.clone())?;
     let facts = shared.safe_facts(safe).await?;
     let executions = shared.executions(safe).await?;
     let bad = |message: String| {
@@ -640,10 +651,8 @@ async fn add_confirmation(
 
     let now = Utc::now();
     let mut state = shared.state.lock().expect("sim state poisoned");
-    let stored = state
-        .transactions
-        .get_mut(&hash)
-        .expect("transactions are never removed");
+    // Deleted by its proposer meanwhile.
+    let stored = state.transactions.get_mut(&hash).ok_or(missing)?;
     for (owner, signature, kind) in added {
         if !stored.confirmations.iter().any(|c| c.owner == owner) {
             stored.confirmations.push(StoredConfirmation {
@@ -660,6 +669,74 @@ async fn add_confirmation(
         StatusCode::CREATED,
         axum::Json(json!({ "signature": signature.to_string() })),
     ))
+}
+
+/// `DELETE /api/v2/multisig-transactions/{safeTxHash}/` `{"signature"}`: the
+/// proposer, or the still valid delegate that proposed it, deletes an
+/// unexecuted proposal (safe.md §2.3). The signature is of `DeleteRequest`
+/// for the current or the previous hour. 204, or 400 with the reason (this
+/// view raises instead of answering 422); 404 for an unknown hash. The
+/// refusal wordings are this fake's own.
+async fn delete_v2(
+    State(shared): Sim,
+    Path(text): Path<String>,
+    body: BodyBytes,
+) -> Result<StatusCode, Rejection> {
+    let hash: B256 = text
+        .parse()
+        .map_err(|_| Rejection::not_found(NO_TRANSACTION))?;
+    let bad = StatusCode::BAD_REQUEST;
+    let json = json_object(&body, bad)?;
+    let mut f = Fields::new(&json);
+    let signature = f.hex("signature", true);
+    let signature = f
+        .finish(|| signature.expect("checked"))
+        .map_err(|e| Rejection::fields(bad, e))?;
+    let stored = {
+        let state = shared.state.lock().expect("sim state poisoned");
+        state.transactions.get(&hash).cloned()
+    }
+    .ok_or_else(|| Rejection::not_found(NO_TRANSACTION))?;
+    let executions = shared.executions(stored.safe).await?;
+    if executions.by_hash.contains_key(&hash) {
+        return Err(Rejection::non_field(
+            bad,
+            "Executed transactions cannot be deleted",
+        ));
+    }
+    let chain_id = shared.chain_id().await?;
+    let totp = delegate_totp(unix_now());
+    let signer = [totp, totp.saturating_sub(1)].iter().find_map(|&totp| {
+        let digest = delete_request_hash(hash, totp, chain_id, stored.safe);
+        recover_signer(digest, &signature)
+            .ok()
+            .map(|(signer, _)| signer)
+            .filter(|signer| {
+                *signer == stored.proposer || Some(*signer) == stored.proposed_by_delegate
+            })
+    });
+    let Some(signer) = signer else {
+        return Err(Rejection::non_field(
+            bad,
+            "Provided signer is not the proposer or the delegate user who proposed the transaction",
+        ));
+    };
+    if Some(signer) == stored.proposed_by_delegate && signer != stored.proposer {
+        let facts = shared.safe_facts(stored.safe).await?;
+        let state = shared.state.lock().expect("sim state poisoned");
+        let still = valid_delegates(&state, stored.safe, &facts.owners)
+            .iter()
+            .any(|(delegate, delegator)| *delegate == signer && *delegator == stored.proposer);
+        if !still {
+            return Err(Rejection::non_field(
+                bad,
+                "The delegate that proposed the transaction is no longer valid",
+            ));
+        }
+    }
+    let mut state = shared.state.lock().expect("sim state poisoned");
+    state.transactions.remove(&hash);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn add_delegate(

@@ -11,6 +11,7 @@ mod proposals;
 mod request_filters;
 mod requests;
 mod retention;
+mod safe_queue;
 mod source_locks;
 mod tracking;
 mod web_sessions;
@@ -41,6 +42,7 @@ pub use requests::{
     ReplicaRequest, StoredError, WORKABLE,
 };
 pub use retention::Purged;
+pub use safe_queue::{QueueEntry, Withdrawn};
 pub use tracking::Tracked;
 pub use web_sessions::WebSession;
 

@@ -23,8 +23,10 @@ use super::auth::ApiCaller;
 use super::error::{ApiError, ErrorBody};
 use super::replicas::{MAX_LIST_LIMIT, list_limit};
 use super::views::explorer_tx_link;
+use crate::domain::{Mark, Queued, Status, mark, serves_no_request_advice};
 use crate::store::{
-    CvmFacts, ProposalFacts, ProposalRow, ReplicaRequest, Store, StoredRegistration, same_hex,
+    CvmFacts, ProposalFacts, ProposalRow, QueueEntry, ReplicaRequest, Store, StoredRegistration,
+    same_hex,
 };
 use crate::telemetry::redact;
 use crate::worker::safe_wallet_link;
@@ -58,6 +60,14 @@ pub struct ProposalView {
     pub confirmations_checked_at: Option<DateTime<Utc>>,
     /// "1 of 2 confirmations; waiting for one of 0x…, 0x…", or how it ended.
     pub summary: String,
+    /// While open: where it stands in the Safe's queue, read from the Safe's
+    /// nonce on chain.
+    pub queue: Option<QueuePosition>,
+    /// Some request it serves is neither cancelled nor failed.
+    pub serves_request: bool,
+    /// While open and serving no request: what happens to it, and how the
+    /// owners clear it.
+    pub advice: Option<String>,
     /// Safe{Wallet}, where the owners sign.
     pub link: Option<String>,
     pub execution_tx_hash: Option<String>,
@@ -71,6 +81,17 @@ pub struct ProposalView {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Where an open proposal stands in its Safe's queue (lowest nonce first).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct QueuePosition {
+    /// `ready`, `next`, `blocked`, `used`, `executed` or `unknown`.
+    pub kind: &'static str,
+    /// "ready to execute", "next; needs 1 more signature", "blocked by nonce 4", …
+    pub label: String,
+    /// The Safe's nonce as the bridge last read it on chain.
+    pub safe_nonce: Option<i64>,
+}
+
 /// One inner call of the Safe transaction.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CallView {
@@ -82,6 +103,10 @@ pub struct CallView {
     pub value: String,
     /// One sentence: what allowing this means.
     pub description: String,
+    /// How the bridge tied the value to the order: "hash of web-prod as
+    /// queued at 12:03 UTC", "device of node prod-2 from the node list",
+    /// "device of node prod-2, named by the order".
+    pub checked: String,
     pub app_name: Option<String>,
     /// The app's CVMs, as Phala listed them when the proposal was planned
     /// (empty when Phala could not be asked).
@@ -141,12 +166,21 @@ pub async fn proposal_view(state: &AppState, id: Uuid) -> anyhow::Result<Option<
     Ok(views_of(&state.store, rows).await?.pop())
 }
 
-/// The open proposals (proposed, not executed or ended yet), newest first.
+/// The open proposals (proposed, not executed or ended yet) as Safe{Wallet}
+/// queues them: by Safe, then nonce, lowest first.
 pub async fn open_proposals(state: &AppState) -> anyhow::Result<Vec<ProposalView>> {
-    let rows = state
+    let mut rows = state
         .store
         .list_proposals(Some("proposed"), MAX_LIST_LIMIT)
         .await?;
+    rows.sort_by(|a, b| {
+        (a.chain_id, &a.safe, a.nonce, a.created_at).cmp(&(
+            b.chain_id,
+            &b.safe,
+            b.nonce,
+            b.created_at,
+        ))
+    });
     views_of(&state.store, rows).await
 }
 
@@ -192,19 +226,106 @@ pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<V
             served.entry(p).or_default().push(request);
         }
     }
+    let queues = if rows.iter().any(|p| p.status == "proposed") {
+        Some((store.open_queue().await?, store.safe_nonces().await?))
+    } else {
+        None
+    };
     Ok(rows
         .into_iter()
         .map(|p| {
             let id = p.id;
+            let requests = served.remove(&id).unwrap_or_default();
+            let position = match &queues {
+                Some((queue, nonces)) if p.status == "proposed" => {
+                    position(&p, &requests, queue, nonces)
+                }
+                _ => Position::ended(&p, &requests),
+            };
             build(
                 p,
                 calls.remove(&id).unwrap_or_default(),
                 facts.remove(&id),
-                served.remove(&id).unwrap_or_default(),
+                requests,
                 &needs,
+                &position,
             )
         })
         .collect())
+}
+
+/// Where a proposal stands: its queue mark (while open), and whether it
+/// still serves a request.
+#[derive(Debug, Clone)]
+struct Position {
+    mark: Option<Mark>,
+    safe_nonce: Option<i64>,
+    serves_request: bool,
+    signed_by_owner: bool,
+}
+
+impl Position {
+    fn ended(p: &ProposalRow, requests: &[&ReplicaRequest]) -> Position {
+        Position {
+            mark: None,
+            safe_nonce: None,
+            serves_request: serves_a_request(requests),
+            signed_by_owner: signed_by_owner(&p.proposer, p.confirmed_by.as_deref()),
+        }
+    }
+}
+
+fn serves_a_request(requests: &[&ReplicaRequest]) -> bool {
+    requests
+        .iter()
+        .any(|r| !matches!(r.status(), Status::Cancelled | Status::Failed))
+}
+
+/// An owner other than the bridge's proposer confirmed.
+fn signed_by_owner(proposer: &str, confirmed_by: Option<&[String]>) -> bool {
+    confirmed_by
+        .unwrap_or_default()
+        .iter()
+        .any(|o| !same_hex(o, proposer))
+}
+
+fn queued(entry: &QueueEntry) -> Queued {
+    Queued {
+        nonce: entry.nonce as u64,
+        confirmations: entry.confirmations.unwrap_or(0).max(0) as u32,
+        threshold: entry.threshold.map(|t| t.max(0) as u32),
+        serves_request: entry.live_requests > 0,
+        signed_by_owner: signed_by_owner(&entry.proposer, entry.confirmed_by.as_deref()),
+        executed: entry.executed,
+    }
+}
+
+fn position(
+    p: &ProposalRow,
+    requests: &[&ReplicaRequest],
+    queue: &[QueueEntry],
+    nonces: &HashMap<(i64, String), i64>,
+) -> Position {
+    let of_safe: Vec<Queued> = queue
+        .iter()
+        .filter(|q| q.chain_id == p.chain_id && q.safe == p.safe)
+        .map(queued)
+        .collect();
+    let safe_nonce = nonces.get(&(p.chain_id, p.safe.clone())).copied();
+    let this = Queued {
+        nonce: p.nonce as u64,
+        confirmations: p.confirmations.unwrap_or(0).max(0) as u32,
+        threshold: p.threshold.map(|t| t.max(0) as u32),
+        serves_request: serves_a_request(requests),
+        signed_by_owner: signed_by_owner(&p.proposer, p.confirmed_by.as_deref()),
+        executed: p.execution_tx_hash.is_some(),
+    };
+    Position {
+        mark: Some(mark(&this, safe_nonce.map(|n| n as u64), &of_safe)),
+        safe_nonce,
+        serves_request: this.serves_request,
+        signed_by_owner: this.signed_by_owner,
+    }
 }
 
 fn build(
@@ -213,6 +334,7 @@ fn build(
     facts: Option<ProposalFacts>,
     requests: Vec<&ReplicaRequest>,
     needs: &HashMap<Uuid, Vec<StoredRegistration>>,
+    position: &Position,
 ) -> ProposalView {
     let safe: Option<Address> = p.safe.parse().ok();
     let owners: Vec<String> = p
@@ -241,7 +363,15 @@ fn build(
     } else {
         Vec::new()
     };
-    let summary = summary(&p, confirmations, signatures_needed, &owners_to_sign);
+    let summary = summary(
+        &p,
+        confirmations,
+        signatures_needed,
+        &owners_to_sign,
+        position,
+    );
+    let advice = (open && !position.serves_request && p.execution_tx_hash.is_none())
+        .then(|| serves_no_request_advice(p.nonce as u64, position.signed_by_owner));
     let call_views = calls
         .iter()
         .map(|c| call_view(c, facts.as_ref(), &requests, needs))
@@ -268,6 +398,13 @@ fn build(
         signatures_needed,
         confirmations_checked_at: p.checked_at,
         summary,
+        queue: position.mark.map(|m| QueuePosition {
+            kind: m.kind(),
+            label: m.label(),
+            safe_nonce: position.safe_nonce,
+        }),
+        serves_request: position.serves_request,
+        advice,
         execution_tx_hash: p.execution_tx_hash,
         gas_estimate: p.gas_estimate,
         calls: call_views,
@@ -282,20 +419,46 @@ fn build(
     }
 }
 
-fn summary(p: &ProposalRow, confirmations: i32, needed: Option<i32>, to_sign: &[String]) -> String {
+fn summary(
+    p: &ProposalRow,
+    confirmations: i32,
+    needed: Option<i32>,
+    to_sign: &[String],
+    position: &Position,
+) -> String {
     let of = match p.threshold {
         Some(t) => format!("{confirmations} of {t} confirmations"),
         None => format!("{confirmations} confirmations"),
     };
+    // "Ready" only when it is the Safe's next nonce, as read on chain.
+    let turn = match position.mark {
+        Some(Mark::Ready | Mark::Next { .. }) | None => None,
+        Some(other) => Some(other.label()),
+    };
+    let with_turn = |text: String| match &turn {
+        Some(turn) => format!("{text}; {turn}"),
+        None => text,
+    };
     match p.status.as_str() {
-        "proposed" if p.submitted_at.is_none() => {
-            "stored; not yet accepted by the Safe Transaction Service".to_owned()
-        }
         "proposed" if p.execution_tx_hash.is_some() => {
             format!("{of}; executed, waiting for the block confirmations")
         }
+        "proposed" if !position.serves_request => {
+            let what = if position.signed_by_owner {
+                "an owner must reject it in Safe{Wallet}"
+            } else {
+                "the bridge withdraws it"
+            };
+            format!("serves no request; {of}; {what}")
+        }
+        "proposed" if p.submitted_at.is_none() => {
+            "stored; not yet accepted by the Safe Transaction Service".to_owned()
+        }
         "proposed" => match needed {
-            Some(0) => format!("{of}; ready to execute"),
+            Some(0) if matches!(position.mark, Some(Mark::Ready)) => {
+                format!("{of}; ready to execute")
+            }
+            Some(0) => with_turn(of),
             Some(n) if !to_sign.is_empty() => {
                 let who = if n == 1 && to_sign.len() == 1 {
                     to_sign[0].clone()
@@ -304,11 +467,15 @@ fn summary(p: &ProposalRow, confirmations: i32, needed: Option<i32>, to_sign: &[
                 } else {
                     format!("{n} of {}", to_sign.join(", "))
                 };
-                format!("{of}; waiting for {who}")
+                with_turn(format!("{of}; waiting for {who}"))
             }
-            _ => format!("{of}; waiting for the owners"),
+            _ => with_turn(format!("{of}; waiting for the owners")),
         },
         "executed" => format!("executed with {of}"),
+        "failed" if p.last_error_code.as_deref() == Some("NO-REQUEST") => format!(
+            "withdrawn: it served no request, and nonce {} went to the next batch",
+            p.nonce
+        ),
         other => format!("{other} ({of})"),
     }
 }
@@ -413,16 +580,76 @@ fn call_view(
             format!("{description}; unblocks {n} {requests}: {}", who.join("; "))
         }
     };
+    let checked = checked(call, app_facts.map(|a| a.cvms.as_slice()), &unblocks);
     CallView {
         function,
         app: call.app_id.clone(),
         value: call.value.clone(),
         description,
+        checked,
         app_name,
         app_cvms,
         node,
         cvms_running_it,
         unblocks: unblocks.iter().map(|r| served(r)).collect(),
+    }
+}
+
+/// How the bridge tied a call's value to the orders it serves (see
+/// `web::intake`): a compose hash to the one pinned at intake (the order's,
+/// or the source's own as queued), a device to the node the order named or,
+/// for "Auto", to the node of the workspace's list whose device it is.
+fn checked(
+    call: &StoredRegistration,
+    app_cvms: Option<&[CvmFacts]>,
+    requests: &[&ReplicaRequest],
+) -> String {
+    let at = |r: &ReplicaRequest| r.created_at.format("%H:%M UTC").to_string();
+    let source = |r: &ReplicaRequest| r.source_name.clone().unwrap_or_else(|| r.source.clone());
+    if call.kind == "device" {
+        let tied = requests.iter().find(|r| {
+            r.device_id
+                .as_deref()
+                .or(r.expected_device_id.as_deref())
+                .is_some_and(|d| same_hex(d, &call.value))
+                && r.node_name.is_some()
+        });
+        return match tied {
+            Some(r) if r.node.is_some() && r.expected_device_id.is_some() => format!(
+                "device of node {}, named by the order",
+                r.node_name.as_deref().unwrap_or_default()
+            ),
+            Some(r) => format!(
+                "device of node {} from the node list",
+                r.node_name.as_deref().unwrap_or_default()
+            ),
+            None => "device as Phala's answer named it; no order named a node".to_owned(),
+        };
+    }
+    let pinned = requests.iter().find(|r| {
+        r.requested_compose_hash
+            .as_deref()
+            .is_some_and(|h| same_hex(h, &call.value))
+    });
+    let Some(r) = pinned else {
+        return "compose hash as Phala's answer named it; no order pinned one".to_owned();
+    };
+    // The source's own hash, as Phala listed the app's CVMs when planning.
+    let runs_it = app_cvms.map(|cvms| {
+        cvms.iter().any(|c| {
+            let same_cvm = c.name.as_deref() == r.source_name.as_deref()
+                || c.vm_uuid
+                    .as_deref()
+                    .is_some_and(|v| v.replace('-', "") == r.source_vm_uuid.replace('-', ""));
+            same_cvm
+                && c.compose_hash
+                    .as_deref()
+                    .is_some_and(|h| same_hex(h, &call.value))
+        })
+    });
+    match runs_it {
+        Some(false) => format!("hash named by the order (queued at {})", at(r)),
+        _ => format!("hash of {} as queued at {}", source(r), at(r)),
     }
 }
 
@@ -621,6 +848,16 @@ mod tests {
         }
     }
 
+    /// Open, serving a live request, at this mark.
+    fn at(mark: Mark) -> Position {
+        Position {
+            mark: Some(mark),
+            safe_nonce: Some(4),
+            serves_request: true,
+            signed_by_owner: false,
+        }
+    }
+
     const A: &str = "0x0000000000000000000000000000000000000001";
     const B: &str = "0x0000000000000000000000000000000000000002";
     const C: &str = "0x0000000000000000000000000000000000000003";
@@ -633,6 +870,7 @@ mod tests {
             None,
             vec![],
             &HashMap::new(),
+            &at(Mark::Next { missing: Some(1) }),
         );
         assert_eq!(view.confirmations, 1);
         assert_eq!(view.signatures_needed, Some(1));
@@ -656,16 +894,50 @@ mod tests {
             None,
             vec![],
             &HashMap::new(),
+            &at(Mark::Ready),
         );
         assert!(ready.owners_to_sign.is_empty());
         assert_eq!(ready.signatures_needed, Some(0));
         assert_eq!(ready.summary, "2 of 2 confirmations; ready to execute");
+        assert_eq!(ready.queue.as_ref().unwrap().kind, "ready");
+        // Its threshold met, yet a lower nonce must go first: not "ready".
+        let blocked = build(
+            row("proposed", Some(2), &[A, B], &[A, B, C]),
+            vec![],
+            None,
+            vec![],
+            &HashMap::new(),
+            &at(Mark::Blocked { by: 3, stuck: None }),
+        );
+        assert_eq!(blocked.summary, "2 of 2 confirmations; blocked by nonce 3");
+        // Serving no request, unsigned: the bridge withdraws it.
+        let orphan = build(
+            row("proposed", Some(2), &[], &[A, B, C]),
+            vec![],
+            None,
+            vec![],
+            &HashMap::new(),
+            &Position {
+                serves_request: false,
+                ..at(Mark::Next { missing: Some(2) })
+            },
+        );
+        assert!(
+            orphan.summary.starts_with("serves no request"),
+            "{}",
+            orphan.summary
+        );
+        assert!(orphan.advice.unwrap().contains("deletes it"));
         let executed = build(
             row("executed", Some(2), &[A, C], &[A, B, C]),
             vec![],
             None,
             vec![],
             &HashMap::new(),
+            &Position {
+                mark: None,
+                ..at(Mark::Ready)
+            },
         );
         assert!(executed.owners_to_sign.is_empty());
         assert_eq!(executed.confirmed_by, vec![checksum(A), checksum(C)]);
@@ -706,6 +978,7 @@ mod tests {
             Some(facts),
             vec![],
             &HashMap::new(),
+            &at(Mark::Next { missing: Some(2) }),
         );
         let add_device = &view.calls[0];
         assert_eq!(add_device.function, "addDevice");

@@ -344,6 +344,7 @@ struct DetailPage {
 #[derive(Template)]
 #[template(path = "page/live.html")]
 struct LivePartial {
+    chrome: Chrome,
     d: DetailView,
 }
 
@@ -381,11 +382,19 @@ pub async fn detail(
 /// `GET /replicas/{id}/live`: the detail's changing part, which the page polls.
 pub async fn live_partial(
     State(state): State<AppState>,
-    _user: PageUser,
+    user: PageUser,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
     let d = detail_view(&state, &id).await?;
-    Ok(html(LivePartial { d }.render(), StatusCode::OK, None))
+    // The cancel form lives in the changing part: it shows only while the
+    // request can be cancelled.
+    let (chrome, cookie) = chrome(&state, &headers, Some(&user));
+    Ok(html(
+        LivePartial { chrome, d }.render(),
+        StatusCode::OK,
+        cookie,
+    ))
 }
 
 /// `POST /replicas/{id}/cancel`: operators only, as the API's cancel.
@@ -727,12 +736,22 @@ mod tests {
             error: None,
             proposal: None,
             events: Vec::new(),
+            cancellable: false,
+        }
+    }
+
+    fn operator() -> Chrome {
+        Chrome {
+            csrf: "token".into(),
+            user: Some("0xabc".into()),
+            operator: true,
         }
     }
 
     #[test]
     fn the_detail_warns_of_a_second_cvm_for_one_request() {
         let page = LivePartial {
+            chrome: operator(),
             d: detail(vec!["replica-2".into(), "replica-3".into()]),
         }
         .render()
@@ -747,10 +766,36 @@ mod tests {
         );
 
         let page = LivePartial {
+            chrome: operator(),
             d: detail(Vec::new()),
         }
         .render()
         .unwrap();
         assert!(!page.contains("More than one CVM"), "{page}");
+    }
+
+    #[test]
+    fn cancel_is_offered_only_while_it_can_act_and_asks_first() {
+        let provisioning = LivePartial {
+            chrome: operator(),
+            d: detail(Vec::new()),
+        }
+        .render()
+        .unwrap();
+        assert!(
+            !provisioning.contains("Cancel this request"),
+            "{provisioning}"
+        );
+        let waiting = LivePartial {
+            chrome: operator(),
+            d: DetailView {
+                cancellable: true,
+                ..detail(Vec::new())
+            },
+        }
+        .render()
+        .unwrap();
+        assert!(waiting.contains("Cancel this request"), "{waiting}");
+        assert!(waiting.contains("data-confirm="), "{waiting}");
     }
 }

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 
 use super::signers::ProposalView;
 use super::views::{ReplicaDetail, ReplicaView};
+use crate::domain::{Event, next};
 
 fn short(at: DateTime<Utc>) -> String {
     // As the API's RFC 3339 cut to "2026-11-30 10:27:02".
@@ -95,6 +96,8 @@ pub struct DetailView {
     pub error: Option<ErrorView>,
     pub proposal: Option<ProposalView>,
     pub events: Vec<EventView>,
+    /// Cancelling can still act: the commit has not started.
+    pub cancellable: bool,
 }
 
 impl DetailView {
@@ -104,6 +107,7 @@ impl DetailView {
             events,
         } = detail;
         DetailView {
+            cancellable: next(view.status, Event::Cancel).is_ok(),
             row: RowView::new(&view),
             compose_hash: view.compose_hash,
             env_names: view.env_names.join(", "),

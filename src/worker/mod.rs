@@ -11,6 +11,7 @@ mod describe;
 mod owner;
 mod prepare;
 mod propose;
+mod queue;
 mod reconcile;
 mod retention;
 mod safe_flow;

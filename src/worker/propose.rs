@@ -131,7 +131,8 @@ pub(super) async fn run_scope(
     scope: &PlanScope,
     fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
-    let mut moved = submit_stored(worker, flow, scope, fence).await?;
+    let mut moved = super::queue::withdraw_unserving(worker, flow, scope, fence).await?;
+    moved |= submit_stored(worker, flow, scope, fence).await?;
     moved |= plan(worker, flow, scope, fence).await?;
     refresh_confirmations(worker, flow, scope, fence).await?;
     super::describe::fill_missing(worker, scope).await?;

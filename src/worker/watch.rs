@@ -213,6 +213,7 @@ async fn scan(
     if followed == Some(head) {
         return expire_overdue(worker, flow, open, fence).await;
     }
+    super::queue::record_nonces(worker, chain_id, &at_head, head, fence).await?;
     let confirmed = range.confirmed(head);
     // Where to scan from: past the stored cursor, unless a reorg took its
     // block away; never past the unconfirmed blocks, which are read again.

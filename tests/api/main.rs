@@ -44,6 +44,7 @@ mod safe_service;
 mod sandbox_e2e;
 mod sandbox_page;
 mod sandbox_process;
+mod sandbox_queue;
 mod secrets;
 mod security_metrics;
 mod security_prepare;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use alloy::primitives::{Address, B256};
 use approval_bridge::safe::service::BoxFuture;
 use approval_bridge::safe::{
-    DelegateRegistration, Delegation, Proposal, SafeService, SafeServiceError, ServiceTx,
+    DelegateRegistration, Delegation, Deletion, Proposal, SafeService, SafeServiceError, ServiceTx,
     TxServiceClient, TxServiceOptions,
 };
 
@@ -170,6 +170,13 @@ impl SafeService for ServiceDouble {
         delegate: Address,
     ) -> BoxFuture<'_, Result<Vec<Delegation>, SafeServiceError>> {
         Box::pin(self.counted(self.inner.delegates(delegate)))
+    }
+
+    fn delete_transaction<'a>(
+        &'a self,
+        deletion: &'a Deletion,
+    ) -> BoxFuture<'a, Result<bool, SafeServiceError>> {
+        Box::pin(self.counted(self.inner.delete_transaction(deletion)))
     }
 }
 

@@ -14,7 +14,7 @@ use approval_bridge::chain::IDstackApp;
 use approval_bridge::config::{AllowedSafes, Settings};
 use approval_bridge::safe::service::BoxFuture;
 use approval_bridge::safe::{
-    Call, DelegateRegistration, Delegation, ISafe, Operation, Proposal, SafeService,
+    Call, DelegateRegistration, Delegation, Deletion, ISafe, Operation, Proposal, SafeService,
     SafeServiceError, SafeTx, SafeVersion, ServiceTx, TxServiceClient, TxServiceOptions,
 };
 use approval_bridge::sandbox::chain::{ISafeMore, MULTICALL3};
@@ -486,6 +486,13 @@ impl SafeService for FirstProposeUnavailable {
         delegate: Address,
     ) -> BoxFuture<'_, Result<Vec<Delegation>, SafeServiceError>> {
         SafeService::delegates(&self.inner, delegate)
+    }
+
+    fn delete_transaction<'a>(
+        &'a self,
+        deletion: &'a Deletion,
+    ) -> BoxFuture<'a, Result<bool, SafeServiceError>> {
+        SafeService::delete_transaction(&self.inner, deletion)
     }
 }
 

@@ -440,15 +440,18 @@ async fn the_page_refuses_a_form_without_csrf_and_an_owner_cancelling() {
         .await;
     browser.wait_for_text("header", "operator", 20).await;
     browser.open(&format!("{base}replicas/{id}")).await;
+    // In one script, so no live refresh comes in between; the confirmation
+    // is answered "yes" (it has its own test).
     browser
         .client
         .execute(
-            "document.querySelector('form.cancel input[name=csrf]').remove()",
+            "window.confirm = () => true;
+             document.querySelector('form.cancel input[name=csrf]').remove();
+             document.querySelector('form.cancel').requestSubmit()",
             vec![],
         )
         .await
         .unwrap();
-    browser.click("form.cancel button").await;
     browser
         .wait_for_text("body", "CSRF token is missing", 20)
         .await;
@@ -476,10 +479,231 @@ async fn the_page_refuses_a_form_without_csrf_and_an_owner_cancelling() {
     // With its token, the operator's cancel goes through, recorded as theirs.
     browser.open(&format!("{base}replicas/{id}")).await;
     browser.click("form.cancel button").await;
+    browser.client.accept_alert().await.unwrap();
     browser.wait_for_text("#status", "cancelled", 20).await;
     let timeline = browser.text(".timeline").await;
     let operator = format!("web:{}", operator(&sandbox).address().to_checksum(None));
     assert!(timeline.contains(&operator), "{timeline}");
+
+    browser.client.clone().close().await.ok();
+    drop(browser);
+    sandbox.stop().await.unwrap();
+}
+
+/// Queues web-prod on `node` through the API; the request's id.
+async fn queue_api(sandbox: &Sandbox, node: &str) -> String {
+    let queued: Value = reqwest::Client::new()
+        .post(format!("{}api/v1/replicas", sandbox.url))
+        .bearer_auth(&sandbox.options.api_token)
+        .json(&json!({"source": "web-prod", "node": node}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    queued["replicas"][0]["id"].as_str().unwrap().to_owned()
+}
+
+/// The request through the API, once `done` holds (bounded).
+async fn request_until(sandbox: &Sandbox, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..240 {
+        last = reqwest::Client::new()
+            .get(format!("{}api/v1/replicas/{id}", sandbox.url))
+            .bearer_auth(&sandbox.options.api_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("never: {last}");
+}
+
+impl Browser {
+    /// The sandbox's dev login as `account` (`operator`, `owner-0`…).
+    async fn dev_login(&self, base: &str, account: &str) {
+        self.open(&format!("{base}sandbox")).await;
+        let select = self.client.find(Locator::Css("#account")).await.unwrap();
+        select.select_by_value(account).await.unwrap();
+        self.click("form[action='/sandbox/dev-login'] button").await;
+        self.wait_for_text("header", "Sign out", 20).await;
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        self.client.execute(script, vec![]).await.unwrap()
+    }
+
+    /// Waits until the page has refreshed its live parts `n` more times
+    /// (its own counter, `<html data-live-refreshes>`).
+    async fn wait_for_refreshes(&self, n: u64) {
+        let count = || async {
+            self.js("return Number(document.documentElement.dataset.liveRefreshes || 0)")
+                .await
+                .as_u64()
+                .unwrap()
+        };
+        let start = count().await;
+        for _ in 0..200 {
+            if count().await >= start + n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the page did not refresh {n} times");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_updates_keep_focus_and_selection_and_cancel_asks_first() {
+    let sandbox = start_sandbox().await;
+    let base = sandbox.url.to_string();
+    let browser = Browser::start("live_focus").await;
+    browser.client.set_window_size(1366, 900).await.unwrap();
+    browser.dev_login(&base, "operator").await;
+    let first = queue_api(&sandbox, "prod-2").await;
+
+    // Focus the cancel button while the request is on its way.
+    browser.open(&format!("{base}replicas/{first}")).await;
+    browser
+        .js("window.__cancel = document.querySelector('#cancel-form button'); window.__cancel.focus();")
+        .await;
+    browser
+        .wait_for_text("#status", "awaiting_approval", 60)
+        .await;
+    assert_eq!(
+        browser
+            .js("return document.activeElement === window.__cancel && window.__cancel.isConnected")
+            .await,
+        json!(true),
+        "the focus left the cancel button"
+    );
+
+    // Select the safeTxHash and focus the button; then owner 0 signs, so
+    // the proposal's part of the page changes under them.
+    let hash = browser
+        .js("const code = document.querySelector('#live .proposal code.hash');
+             const range = document.createRange(); range.selectNodeContents(code);
+             const selection = window.getSelection(); selection.removeAllRanges(); selection.addRange(range);
+             window.__hash = code; window.__cancel.focus();
+             return code.textContent;")
+        .await;
+    let hash = hash.as_str().unwrap().to_owned();
+    assert!(hash.starts_with("0x") && hash.len() == 66, "{hash}");
+    let signed = reqwest::Client::new()
+        .post(format!("{base}sandbox/safe/{hash}/sign"))
+        .json(&json!({"owner": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert!(signed.status().is_success());
+    browser
+        .wait_for_text("#live .approval", "1 of 2 confirmations", 30)
+        .await;
+    // And nothing more changes for several refreshes.
+    browser.wait_for_refreshes(3).await;
+    let kept = browser
+        .js("return [document.activeElement === window.__cancel, window.getSelection().toString(), window.__hash.isConnected]")
+        .await;
+    assert_eq!(kept, json!([true, hash, true]), "focus or selection lost");
+    // The change was read out to screen readers.
+    let announced = browser
+        .js("return document.getElementById('announce').textContent")
+        .await;
+    assert!(
+        announced.as_str().unwrap().contains("1 of 2 confirmations"),
+        "{announced}"
+    );
+
+    // A second batch stacks behind the first: the queue shows both, by nonce.
+    let second = queue_api(&sandbox, "prod-3").await;
+    let behind = request_until(&sandbox, &second, |r| r["status"] == "awaiting_approval").await;
+    let behind_hash = behind["proposal"]["safe_tx_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let nonce = behind["proposal"]["nonce"].as_i64().unwrap() - 1;
+    browser.open(&format!("{base}proposals")).await;
+    let queue = browser
+        .wait_for_text("#proposals", &format!("blocked by nonce {nonce}"), 60)
+        .await;
+    assert!(queue.contains("next; needs 1 more signature"), "{queue}");
+    assert!(
+        queue.find(&hash).unwrap() < queue.find(&behind_hash).unwrap(),
+        "lowest nonce first: {queue}"
+    );
+    assert!(
+        queue.contains("Checked: device of node prod-2, named by the order"),
+        "{queue}"
+    );
+    let shot = browser.screenshot("proposal-queue").await;
+    println!("the queue: {}", shot.display());
+    browser.open(&format!("{base}replicas")).await;
+    browser.screenshot("replicas-list").await;
+
+    // The sandbox says, per owner, what Safe{Wallet} offers, and why a
+    // proposal cannot execute yet, in words.
+    browser.open(&format!("{base}sandbox")).await;
+    let row = format!("tr[data-id='{behind_hash}']");
+    let text = browser
+        .wait_for_text(&row, &format!("nonce {nonce} must go first"), 20)
+        .await;
+    assert!(text.contains("Confirm as 0"), "{text}");
+    assert!(
+        browser
+            .text(&format!("tr[data-id='{hash}']"))
+            .await
+            .contains("not enough signatures: 1 of 2"),
+    );
+    browser
+        .click(&format!("{row} form[action$='/execute'] button"))
+        .await;
+    let notice = browser.wait_for_text("#notice", "Not executed", 20).await;
+    assert!(
+        notice.contains(&format!("nonce {nonce} must go first")),
+        "{notice}"
+    );
+    assert!(
+        !browser.body().await.contains("\"error\""),
+        "raw JSON on the page"
+    );
+    browser.screenshot("sandbox-queue").await;
+
+    // Cancel asks first: "no" keeps the request, "yes" cancels it, and the
+    // button goes with the state that allowed it.
+    browser.open(&format!("{base}replicas/{first}")).await;
+    browser.click("#cancel-form button").await;
+    let question = browser.client.get_alert_text().await.unwrap();
+    assert!(question.starts_with("Cancel this request?"), "{question}");
+    browser.client.dismiss_alert().await.unwrap();
+    browser.wait_for_refreshes(1).await;
+    let request = request_until(&sandbox, &first, |_| true).await;
+    assert_eq!(request["status"], "awaiting_approval");
+    browser.click("#cancel-form button").await;
+    browser.client.accept_alert().await.unwrap();
+    browser.wait_for_text("#status", "cancelled", 20).await;
+    assert!(
+        browser
+            .client
+            .find(Locator::Css("#cancel-form"))
+            .await
+            .is_err(),
+        "cancel is offered on a cancelled request"
+    );
+
+    // On a phone.
+    browser.open(&format!("{base}proposals")).await;
+    browser.client.set_window_size(390, 844).await.unwrap();
+    browser
+        .wait_for_text("#proposals", "blocked by nonce", 30)
+        .await;
+    browser.screenshot("proposal-queue-phone").await;
 
     browser.client.clone().close().await.ok();
     drop(browser);
