@@ -119,6 +119,47 @@ impl std::fmt::Debug for Key {
     }
 }
 
+impl Key {
+    /// HMAC-SHA256 under the server's key of `purpose` and `data`.
+    fn mac(&self, purpose: &str, data: &[u8]) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("any key length");
+        mac.update(purpose.as_bytes());
+        mac.update(&[0]);
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// A fresh sign-in nonce valid until `expires`: 16 random bytes, the
+    /// expiry and a MAC of both, in hex (EIP-4361 wants alphanumerics).
+    fn new_nonce(&self, expires: DateTime<Utc>) -> String {
+        let mut body = [0u8; 24];
+        rand::thread_rng().fill_bytes(&mut body[..16]);
+        body[16..].copy_from_slice(&expires.timestamp().to_be_bytes());
+        let mac = self.mac("siwe-nonce", &body);
+        format!("{}{}", hex::encode(body), hex::encode(&mac[..16]))
+    }
+
+    /// When a nonce of this bridge expires; `None` for one it did not make.
+    fn nonce_expiry(&self, nonce: &str) -> Option<DateTime<Utc>> {
+        let bytes = hex::decode(nonce).ok().filter(|b| b.len() == 40)?;
+        let (body, mac) = bytes.split_at(24);
+        if !bool::from(self.mac("siwe-nonce", body)[..16].ct_eq(mac)) {
+            return None;
+        }
+        let secs = i64::from_be_bytes(body[16..].try_into().expect("8 bytes"));
+        DateTime::from_timestamp(secs, 0)
+    }
+
+    /// The CSRF token of a session, or of a browser not signed in.
+    fn csrf_for(&self, binding: &Binding) -> String {
+        let mac = match binding {
+            Binding::Session(id) => self.mac("csrf-session", id.as_bytes()),
+            Binding::Browser(id) => self.mac("csrf-browser", id.as_bytes()),
+        };
+        hex::encode(mac)
+    }
+}
+
 /// A Safe's owners as last read, and when.
 type OwnersCache = Mutex<HashMap<(u64, Address), (Arc<Vec<Address>>, DateTime<Utc>)>>;
 
@@ -298,45 +339,6 @@ impl PageAuth {
             .unwrap_or_else(|p| p.into_inner())
             .insert((chain_id, safe), (owners.clone(), now));
         Ok(owners)
-    }
-
-    /// HMAC-SHA256 under the server's key of `purpose` and `data`.
-    fn mac(&self, purpose: &str, data: &[u8]) -> [u8; 32] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0.key.0).expect("any key length");
-        mac.update(purpose.as_bytes());
-        mac.update(&[0]);
-        mac.update(data);
-        mac.finalize().into_bytes().into()
-    }
-
-    /// A fresh sign-in nonce valid until `expires`: 16 random bytes, the
-    /// expiry and a MAC of both, in hex (EIP-4361 wants alphanumerics).
-    fn new_nonce(&self, expires: DateTime<Utc>) -> String {
-        let mut body = [0u8; 24];
-        rand::thread_rng().fill_bytes(&mut body[..16]);
-        body[16..].copy_from_slice(&expires.timestamp().to_be_bytes());
-        let mac = self.mac("siwe-nonce", &body);
-        format!("{}{}", hex::encode(body), hex::encode(&mac[..16]))
-    }
-
-    /// When a nonce of this bridge expires; `None` for one it did not make.
-    fn nonce_expiry(&self, nonce: &str) -> Option<DateTime<Utc>> {
-        let bytes = hex::decode(nonce).ok().filter(|b| b.len() == 40)?;
-        let (body, mac) = bytes.split_at(24);
-        if !bool::from(self.mac("siwe-nonce", body)[..16].ct_eq(mac)) {
-            return None;
-        }
-        let secs = i64::from_be_bytes(body[16..].try_into().expect("8 bytes"));
-        DateTime::from_timestamp(secs, 0)
-    }
-
-    /// The CSRF token of a session, or of a browser not signed in.
-    fn csrf_for(&self, binding: &Binding) -> String {
-        let mac = match binding {
-            Binding::Session(id) => self.mac("csrf-session", id.as_bytes()),
-            Binding::Browser(id) => self.mac("csrf-browser", id.as_bytes()),
-        };
-        hex::encode(mac)
     }
 
     fn cookie_name(&self, headers: &HeaderMap, name: &str) -> String {
@@ -574,11 +576,11 @@ impl FromRequestParts<AppState> for PageUser {
 /// `ab_csrf` cookie, or of a new one with the `Set-Cookie` that stores it.
 pub fn csrf_token(auth: &PageAuth, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
     match auth.binding(headers) {
-        Some(binding) => (auth.csrf_for(&binding), None),
+        Some(binding) => (auth.0.key.csrf_for(&binding), None),
         None => {
             let id = random_hex();
             let cookie = auth.set_cookie(headers, CSRF_COOKIE, &id, None);
-            (auth.csrf_for(&Binding::Browser(id)), Some(cookie))
+            (auth.0.key.csrf_for(&Binding::Browser(id)), Some(cookie))
         }
     }
 }
@@ -596,7 +598,7 @@ pub fn check_csrf(
         .unwrap_or_default();
     let expected = auth
         .binding(headers)
-        .map(|b| auth.csrf_for(&b))
+        .map(|b| auth.0.key.csrf_for(&b))
         .unwrap_or_default();
     if presented.is_empty()
         || expected.is_empty()
@@ -664,7 +666,7 @@ pub async fn message(
     let now = state.clock.now();
     let expires = now + Duration::minutes(NONCE_TTL_MINUTES);
     // Stateless: nothing is stored until the nonce is used.
-    let nonce = auth.new_nonce(expires);
+    let nonce = auth.0.key.new_nonce(expires);
     let message = siwe::Message {
         domain: domain.parse().map_err(anyhow::Error::from)?,
         address: address.0.0,
@@ -782,6 +784,8 @@ pub async fn sign_in(
         )
     };
     let nonce_expires = auth
+        .0
+        .key
         .nonce_expiry(&message.nonce)
         .filter(|expires| *expires > now)
         .ok_or_else(stale_nonce)?;
@@ -846,4 +850,51 @@ pub async fn sign_out(
         }
     }
     Ok(auth.session_cookie(headers, "", 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nonce_counts_only_unaltered_and_under_the_key_that_made_it() {
+        let key = Key([7; 32]);
+        let expires = DateTime::from_timestamp(1_900_000_000, 0).unwrap();
+        let nonce = key.new_nonce(expires);
+        assert_eq!(nonce.len(), 80);
+        assert!(
+            nonce.chars().all(|c| c.is_ascii_alphanumeric()),
+            "EIP-4361 wants alphanumerics"
+        );
+        assert_eq!(key.nonce_expiry(&nonce), Some(expires));
+        assert_ne!(key.new_nonce(expires), nonce, "random");
+        // A later expiry written into it, a flipped MAC, another key, junk.
+        let later = format!(
+            "{}{}{}",
+            &nonce[..32],
+            hex::encode(2_000_000_000i64.to_be_bytes()),
+            &nonce[48..]
+        );
+        let mut flipped = nonce.clone().into_bytes();
+        flipped[79] = if flipped[79] == b'0' { b'1' } else { b'0' };
+        let flipped = String::from_utf8(flipped).unwrap();
+        for forged in [later.as_str(), flipped.as_str(), "kEWepMt9knR6lWJ6A", ""] {
+            assert_eq!(key.nonce_expiry(forged), None, "{forged}");
+        }
+        assert_eq!(Key([8; 32]).nonce_expiry(&nonce), None);
+    }
+
+    #[test]
+    fn csrf_tokens_differ_by_session_browser_and_key() {
+        let key = Key([7; 32]);
+        let session = key.csrf_for(&Binding::Session("a".repeat(64)));
+        let browser = key.csrf_for(&Binding::Browser("a".repeat(64)));
+        assert_ne!(session, browser, "a browser id is no session id");
+        assert_ne!(session, key.csrf_for(&Binding::Session("b".repeat(64))));
+        assert_ne!(
+            session,
+            Key([8; 32]).csrf_for(&Binding::Session("a".repeat(64)))
+        );
+        assert_eq!(session, key.csrf_for(&Binding::Session("a".repeat(64))));
+    }
 }
