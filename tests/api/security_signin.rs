@@ -11,6 +11,7 @@ use approval_bridge::config::{Operators, TrustedProxies};
 use approval_bridge::safe::{Call, ISafe};
 use approval_bridge::sandbox::chain::ISafeMore;
 use futures_util::StreamExt;
+use proptest::prelude::*;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
@@ -335,4 +336,197 @@ async fn page_error_messages_are_redacted() {
     assert!(html.contains("is not allowed here"), "{html}");
     assert!(!html.contains(crate::helpers::PHALA_API_KEY), "{html}");
     assert!(html.contains("[redacted]"), "{html}");
+}
+
+/// One sign-in request, often nearly right.
+#[derive(Debug, Clone)]
+enum SignInCase {
+    Message {
+        address: Value,
+        chain_id: Value,
+        extra: bool,
+    },
+    SignIn {
+        /// Sign as the operator (else as a stranger).
+        operator: bool,
+        /// How the bridge's message is altered after signing, if at all.
+        alter: Option<(String, String)>,
+        /// A signature of junk instead of the real one.
+        signature: Option<String>,
+    },
+    Raw(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+enum Csrf {
+    Page,
+    Missing,
+    Chosen(String),
+}
+
+fn sign_in_case() -> impl Strategy<Value = (SignInCase, Csrf)> {
+    let json_leaf = prop_oneof![
+        Just(Value::Null),
+        any::<i64>().prop_map(Value::from),
+        ".{0,50}".prop_map(Value::from),
+    ];
+    let message = (
+        prop_oneof![
+            4 => Just(json!("0x976EA74026E726554dB657fA54763abd0C3a0aa9")),
+            1 => "0x[0-9a-fA-F]{0,44}".prop_map(Value::from),
+            1 => json_leaf.clone(),
+        ],
+        prop_oneof![4 => Just(json!(CHAIN)), 1 => (0u64..100_000).prop_map(Value::from), 1 => json_leaf],
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(address, chain_id, extra)| SignInCase::Message {
+            address,
+            chain_id,
+            extra,
+        });
+    let alter = prop_oneof![
+        4 => Just(None),
+        1 => Just(Some(("bridge.test:8080".to_owned(), "evil.test".to_owned()))),
+        1 => Just(Some(("Chain ID: 31337".to_owned(), "Chain ID: 1".to_owned()))),
+        1 => Just(Some(("Nonce: ".to_owned(), "Nonce: 00".to_owned()))),
+        1 => (".{1,3}", ".{0,3}").prop_map(|(a, b)| Some((a, b))),
+    ];
+    let signature = prop_oneof![
+        4 => Just(None),
+        1 => "(0x)?[0-9a-f]{0,140}".prop_map(Some),
+        1 => ".{0,40}".prop_map(Some),
+    ];
+    let sign_in =
+        (prop::bool::weighted(0.8), alter, signature).prop_map(|(operator, alter, signature)| {
+            SignInCase::SignIn {
+                operator,
+                alter,
+                signature,
+            }
+        });
+    let case = prop_oneof![
+        3 => message,
+        4 => sign_in,
+        1 => prop::collection::vec(any::<u8>(), 0..200).prop_map(SignInCase::Raw),
+    ];
+    let csrf = prop_oneof![
+        8 => Just(Csrf::Page),
+        1 => Just(Csrf::Missing),
+        1 => "[0-9a-f]{64}".prop_map(Csrf::Chosen),
+    ];
+    (case, csrf)
+}
+
+async fn sign_in_counts(page: &crate::web_signin::Page) -> (i64, i64) {
+    sqlx::query_as("SELECT (SELECT count(*) FROM web_sessions), (SELECT count(*) FROM web_nonces)")
+        .fetch_one(&page.app.db)
+        .await
+        .unwrap()
+}
+
+/// Whatever the body and the CSRF pair, `/login/message` and `/login` never
+/// answer 5xx, a refusal is JSON with a code and stores nothing, and only a
+/// good sign-in stores a session (and its used nonce).
+#[test]
+fn sign_in_bodies_and_csrf_pairs_never_cause_a_5xx_and_refusals_store_nothing() {
+    use alloy::signers::SignerSync;
+    use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let page = rt.block_on(page_app(false));
+    let stranger = PrivateKeySigner::random();
+    let seen = std::sync::Mutex::new(std::collections::BTreeMap::<u16, usize>::new());
+    let mut runner = TestRunner::new(Config {
+        failure_persistence: None,
+        rng_seed: RngSeed::Fixed(0x5157_e000),
+        cases: 128,
+        ..Config::default()
+    });
+    runner
+        .run(&sign_in_case(), |(case, csrf)| {
+            rt.block_on(async {
+                let (path, body) = match &case {
+                    SignInCase::Message {
+                        address,
+                        chain_id,
+                        extra,
+                    } => {
+                        let mut body = json!({"address": address, "chain_id": chain_id});
+                        if *extra {
+                            body["role"] = json!("operator");
+                        }
+                        ("/login/message", body.to_string().into_bytes())
+                    }
+                    SignInCase::SignIn {
+                        operator,
+                        alter,
+                        signature,
+                    } => {
+                        let key = if *operator { &page.operator } else { &stranger };
+                        let message = page.message(key).await;
+                        let real = key.sign_message_sync(message.as_bytes()).unwrap();
+                        let message = match alter {
+                            Some((from, to)) => message.replacen(from.as_str(), to, 1),
+                            None => message,
+                        };
+                        let signature = signature
+                            .clone()
+                            .unwrap_or_else(|| format!("0x{}", hex::encode(real.as_bytes())));
+                        let body = json!({"message": message, "signature": signature});
+                        ("/login", body.to_string().into_bytes())
+                    }
+                    SignInCase::Raw(bytes) => ("/login", bytes.clone()),
+                };
+                let mut request = page
+                    .app
+                    .http
+                    .post(format!("{}{path}", page.app.address))
+                    .header("content-type", "application/json")
+                    .body(body);
+                match &csrf {
+                    Csrf::Page => {
+                        request = request
+                            .header("cookie", &page.browser.cookie)
+                            .header("x-csrf-token", &page.browser.token)
+                    }
+                    Csrf::Missing => {}
+                    Csrf::Chosen(token) => {
+                        request = request
+                            .header("cookie", format!("ab_csrf={token}"))
+                            .header("x-csrf-token", token)
+                    }
+                }
+                let before = sign_in_counts(&page).await;
+                let answer = request.send().await.unwrap();
+                let status = answer.status();
+                *seen.lock().unwrap().entry(status.as_u16()).or_default() += 1;
+                let text = answer.text().await.unwrap();
+                let after = sign_in_counts(&page).await;
+                prop_assert!(!status.is_server_error(), "{status} for {case:?}: {text}");
+                if status == 200 && path == "/login" {
+                    prop_assert_eq!(after, (before.0 + 1, before.1 + 1), "{:?}", case);
+                } else {
+                    prop_assert_eq!(before, after, "{} for {:?}: {}", status, case, text);
+                }
+                if status != 200 {
+                    let body: Value = serde_json::from_str(&text)
+                        .map_err(|_| TestCaseError::fail(format!("{status}: {text}")))?;
+                    prop_assert!(body["error"]["code"].is_string(), "{status}: {text}");
+                    if !matches!(csrf, Csrf::Page) {
+                        prop_assert_eq!(status.as_u16(), 403, "{}", text);
+                    }
+                }
+                Ok::<(), TestCaseError>(())
+            })
+        })
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    eprintln!("statuses: {seen:?}");
+    for status in [200, 400, 401, 403, 422] {
+        assert!(seen.contains_key(&status), "no case got {status}: {seen:?}");
+    }
 }
