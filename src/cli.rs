@@ -2,6 +2,7 @@
 
 pub mod delegate;
 pub mod doctor;
+pub mod sessions;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -32,6 +33,9 @@ pub enum Command {
     /// Register the proposer key as a delegate of a Safe owner.
     #[command(subcommand)]
     Delegate(delegate::DelegateCommand),
+    /// End the team page's sessions: of one person, or of everyone.
+    #[command(subcommand)]
+    Sessions(sessions::SessionsCommand),
     /// Run the whole flow on this machine: anvil with a Safe, the Phala Cloud
     /// and Safe Transaction Service simulators, and the bridge.
     #[cfg(feature = "sandbox")]

@@ -162,7 +162,8 @@ impl Settings {
 pub struct WebSettings {
     /// The address people open the page at, e.g. `https://bridge.example.com`.
     /// Sign-In with Ethereum messages must name its host as their domain; an
-    /// `https` URL marks cookies `Secure`. Without it, only the proxy signs in.
+    /// `https` URL makes the page's cookies `__Host-` and `Secure` and turns on
+    /// HSTS. Without it, only the proxy signs in.
     #[arg(long, env = "APPROVAL_BRIDGE_PUBLIC_URL")]
     pub public_url: Option<Url>,
 
@@ -178,10 +179,31 @@ pub struct WebSettings {
     #[arg(long, env = "APPROVAL_BRIDGE_PROXY_USER_HEADER", value_parser = parse_header_name)]
     pub proxy_user_header: Option<axum::http::HeaderName>,
 
-    /// The IP addresses of the SSO proxy, separated by commas.
+    /// The IP addresses of the SSO proxy (or of a TLS proxy whose
+    /// `X-Forwarded-Proto` counts), separated by commas.
     #[arg(long, env = "APPROVAL_BRIDGE_TRUSTED_PROXIES", value_parser = parse_ips,
           default_value = "", hide_default_value = true)]
     pub trusted_proxies: TrustedProxies,
+
+    /// The secret the SSO proxy sends in `X-Proxy-Secret` with every request:
+    /// the user header counts only with it, and only from a trusted address.
+    #[arg(long, env = "APPROVAL_BRIDGE_PROXY_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub proxy_secret: Option<SecretString>,
+
+    /// The key of the page's CSRF tokens and sign-in nonces (at least 32
+    /// characters). Every process of one deployment needs the same one; without
+    /// it each process draws its own at start, so a restart asks open forms to
+    /// reload and sign-ins in flight to start again.
+    #[arg(long, env = "APPROVAL_BRIDGE_SESSION_SECRET", value_parser = parse_session_secret,
+          hide_env_values = true)]
+    pub session_secret: Option<SecretString>,
+}
+
+fn parse_session_secret(value: &str) -> Result<SecretString, String> {
+    if value.trim().len() < 32 {
+        return Err("must be at least 32 characters".into());
+    }
+    Ok(SecretString::from(value.trim().to_owned()))
 }
 
 impl WebSettings {
@@ -190,6 +212,11 @@ impl WebSettings {
             self.proxy_user_header.is_none() || !self.trusted_proxies.0.is_empty(),
             "invalid setting APPROVAL_BRIDGE_PROXY_USER_HEADER (--proxy-user-header): \
              set APPROVAL_BRIDGE_TRUSTED_PROXIES to the proxy's addresses as well"
+        );
+        anyhow::ensure!(
+            self.proxy_user_header.is_none() || self.proxy_secret.is_some(),
+            "missing setting APPROVAL_BRIDGE_PROXY_SECRET (--proxy-secret): the SSO proxy \
+             must send it in X-Proxy-Secret, or its user header is not believed"
         );
         if let Some(url) = &self.public_url {
             anyhow::ensure!(

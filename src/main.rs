@@ -1,4 +1,4 @@
-use approval_bridge::cli::{Cli, Command, delegate, doctor};
+use approval_bridge::cli::{Cli, Command, delegate, doctor, sessions};
 use approval_bridge::config::LogFormat;
 use approval_bridge::{startup, store, telemetry};
 
@@ -44,6 +44,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let delegate::DelegateCommand::Register(args) = &command;
             telemetry::register_safe_settings(&args.settings);
             delegate::run(command).await
+        }
+        Command::Sessions(command) => {
+            telemetry::init_stderr(LogFormat::Text);
+            sessions::run(command).await
         }
         #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => sandbox(args).await,

@@ -29,6 +29,7 @@ use crate::chain::{ChainClient, Registration, SafeInfo};
 use crate::safe::{
     Operation, Proposal, SafeTx, TxServiceClient, TxServiceOptions, sign_safe_tx_hash,
 };
+use crate::web::check_same_origin;
 
 /// The largest body the front door forwards to the bridge.
 const MAX_FORWARDED_BODY: usize = 4 * 1024 * 1024;
@@ -62,11 +63,25 @@ pub(super) fn router(controls: Controls) -> Router {
         .route("/sandbox/safe/{safe_tx_hash}/sign", post(sign))
         .route("/sandbox/safe/{safe_tx_hash}/execute", post(execute))
         .route("/sandbox/safe/{safe_tx_hash}/reject", post(reject_tx))
+        // The controls sign in and act as the owners: only the page itself
+        // may post to them. Forwarded paths are the bridge's to check.
+        .route_layer(axum::middleware::from_fn(same_origin))
         .fallback(forward)
         .with_state(controls)
 }
 
 type Rejection = (StatusCode, Json<Value>);
+
+/// Refuses a browser's cross-site POST to a control, as the bridge refuses
+/// one to its page ([`check_same_origin`]).
+async fn same_origin(request: Request, next: axum::middleware::Next) -> Response {
+    match check_same_origin(request.method(), request.headers(), None) {
+        Ok(()) => next.run(request).await,
+        Err(message) => {
+            reject(StatusCode::FORBIDDEN, "cross_site_request", message).into_response()
+        }
+    }
+}
 
 fn reject(status: StatusCode, code: &str, message: impl Into<String>) -> Rejection {
     (

@@ -19,10 +19,28 @@ pub async fn sign_in(
     key: &PrivateKeySigner,
     chain_id: u64,
 ) -> anyhow::Result<HeaderValue> {
-    // The bridge's CSRF check is a double submit: any fresh token, sent as
-    // both the cookie and the header, passes it.
-    let csrf = hex::encode(rand::random::<[u8; 32]>());
-    let cookie = format!("ab_csrf={csrf}");
+    // As a browser: the sign-in page sets the CSRF cookie and carries the
+    // token made from it, which only the bridge can make.
+    let login = http
+        .get(bridge.join("login").expect("a fixed path"))
+        .send()
+        .await
+        .context("opening the bridge's sign-in page")?;
+    let cookie = login
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.contains("ab_csrf="))
+        .and_then(|v| v.split(';').next())
+        .context("the sign-in page set no CSRF cookie")?
+        .to_owned();
+    let page = login.text().await?;
+    let csrf = page
+        .split_once(r#"<meta name="csrf-token" content=""#)
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(token, _)| token.to_owned())
+        .context("the sign-in page carries no CSRF token")?;
     let post = |path: &str, body: Value| {
         http.post(bridge.join(path).expect("a fixed path"))
             .header("cookie", &cookie)

@@ -1,4 +1,4 @@
-//! Sign-in nonces and page sessions (`web_nonces`, `web_sessions`).
+//! Used sign-in nonces and page sessions (`web_nonces`, `web_sessions`).
 
 use chrono::{DateTime, Utc};
 
@@ -13,44 +13,28 @@ pub struct WebSession {
 }
 
 impl Store {
-    /// Stores a fresh nonce until `expires_at`, unless `max` live nonces
-    /// wait already (`false`): anyone may ask for one, so the table is
-    /// bounded. Old ones are swept on the way.
-    pub async fn insert_web_nonce(
+    /// Marks a sign-in nonce used until it expires. `false`: used already.
+    /// Nonces are stateless (`web::signin`), so this table holds only used
+    /// ones, and only of people who may sign in. Expired ones are swept on
+    /// the way.
+    pub async fn use_web_nonce(
         &self,
         nonce: &str,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
-        max: i64,
     ) -> Result<bool, sqlx::Error> {
         sqlx::query!("DELETE FROM web_nonces WHERE expires_at <= $1", now)
             .execute(&self.pool)
             .await?;
         let inserted = sqlx::query!(
-            "INSERT INTO web_nonces (nonce, expires_at)
-             SELECT $1, $2 WHERE (SELECT count(*) FROM web_nonces) < $3",
+            "INSERT INTO web_nonces (nonce, expires_at) VALUES ($1, $2)
+             ON CONFLICT (nonce) DO NOTHING",
             nonce,
             expires_at,
-            max,
         )
         .execute(&self.pool)
         .await?;
         Ok(inserted.rows_affected() == 1)
-    }
-
-    /// Uses a nonce up. `false`: unknown, used already, or expired.
-    pub async fn take_web_nonce(
-        &self,
-        nonce: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool, sqlx::Error> {
-        let taken = sqlx::query_scalar!(
-            "DELETE FROM web_nonces WHERE nonce = $1 RETURNING expires_at",
-            nonce
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(taken.is_some_and(|expires_at| expires_at > now))
     }
 
     pub async fn insert_web_session(
@@ -100,5 +84,21 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Ends every session of one person ("sign out everywhere"); how many.
+    pub async fn delete_web_sessions_of(&self, subject: &str) -> Result<u64, sqlx::Error> {
+        let ended = sqlx::query!("DELETE FROM web_sessions WHERE subject = $1", subject)
+            .execute(&self.pool)
+            .await?;
+        Ok(ended.rows_affected())
+    }
+
+    /// Ends every session of everyone; how many.
+    pub async fn delete_all_web_sessions(&self) -> Result<u64, sqlx::Error> {
+        let ended = sqlx::query!("DELETE FROM web_sessions")
+            .execute(&self.pool)
+            .await?;
+        Ok(ended.rows_affected())
     }
 }

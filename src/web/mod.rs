@@ -34,6 +34,7 @@ use tower_http::trace::TraceLayer;
 pub use access::Access;
 pub use auth::ApiTokens;
 pub use order_writer::OrderWriter;
+pub use security::check_same_origin;
 pub use signin::PageAuth;
 pub use webhook::WebhookSecrets;
 
@@ -76,8 +77,14 @@ pub fn router(state: AppState) -> Router {
         .route("/proposals/{id}", get(signers::show))
         .route("/openapi.json", get(openapi::openapi_json));
 
+    // The page's forms and sign-in refuse cross-site requests; the API and
+    // the webhook carry credentials a browser does not add by itself.
+    let page = ui::routes().layer(middleware::from_fn_with_state(
+        state.clone(),
+        security::same_origin,
+    ));
     let routes = Router::new()
-        .merge(ui::routes())
+        .merge(page)
         .route("/", get(pages::index))
         .route("/health", get(health::health))
         .route("/healthz", get(health::healthz))
@@ -86,7 +93,11 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .route("/webhooks/ci", post(webhook::ci_webhook))
         .route("/static/style.css", get(pages::stylesheet))
-        .fallback(pages::not_found);
+        .fallback(pages::not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            security::transport,
+        ));
     with_layers(routes).with_state(state)
 }
 

@@ -29,6 +29,7 @@ use super::ui_models::{DetailView, RowView};
 use super::views;
 use crate::domain::Status;
 use crate::store::RequestFilter;
+use crate::telemetry::redact;
 
 const LIST_LIMIT: i64 = 100;
 
@@ -100,13 +101,14 @@ struct MessagePage<'a> {
     sign_in_link: bool,
 }
 
-/// A page that says one thing: a refusal or an error.
+/// A page that says one thing: a refusal or an error, redacted as logs are.
 pub fn message_page(
     status: StatusCode,
     title: &str,
     message: &str,
     sign_in_link: bool,
 ) -> Response {
+    let message = &redact(message);
     let page = MessagePage {
         chrome: Chrome {
             csrf: String::new(),
@@ -198,15 +200,16 @@ pub async fn login(State(state): State<AppState>, headers: HeaderMap) -> Respons
     html(page.render(), StatusCode::OK, cookie)
 }
 
-/// `POST /logout`
+/// `POST /logout`; with `everywhere`, every session of the person ends.
 pub async fn logout(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, PageError> {
     let pairs = form_pairs(&body);
-    check_csrf(&headers, field(&pairs, CSRF_FIELD))?;
-    let forget = sign_out(&state, &headers).await?;
+    check_csrf(&state.page_auth, &headers, field(&pairs, CSRF_FIELD))?;
+    let everywhere = field(&pairs, "everywhere").is_some();
+    let forget = sign_out(&state, &headers, everywhere).await?;
     let mut response = see_other("/login");
     response.headers_mut().append(SET_COOKIE, forget);
     Ok(response)
@@ -406,7 +409,7 @@ pub async fn cancel(
     body: Bytes,
 ) -> Result<Response, PageError> {
     let pairs = form_pairs(&body);
-    check_csrf(&headers, field(&pairs, CSRF_FIELD))?;
+    check_csrf(&state.page_auth, &headers, field(&pairs, CSRF_FIELD))?;
     user.require_operator()?;
     let request = cancel_as(&state, &user.actor(), parse_id(&id)?).await?;
     Ok(see_other(&format!("/replicas/{}", request.id)))
@@ -489,7 +492,7 @@ async fn queue_page(
                 .collect(),
             None,
         ),
-        Err(err) => (Vec::new(), Some(err.to_string())),
+        Err(err) => (Vec::new(), Some(redact(&err.to_string()).into_owned())),
     };
     let (nodes, nodes_error) = match state.phala.available_nodes().await {
         Ok(available) => (
@@ -515,11 +518,11 @@ async fn queue_page(
                 .collect(),
             None,
         ),
-        Err(err) => (Vec::new(), Some(err.to_string())),
+        Err(err) => (Vec::new(), Some(redact(&err.to_string()).into_owned())),
     };
     let (chrome, cookie) = chrome(state, headers, Some(user));
     let (status, error) = match error {
-        Some((status, message)) => (status, Some(message)),
+        Some((status, message)) => (status, Some(redact(&message).into_owned())),
         None => (StatusCode::OK, None),
     };
     let page = QueuePage {
@@ -608,7 +611,7 @@ pub async fn queue(
     body: Bytes,
 ) -> Result<Response, PageError> {
     let pairs = form_pairs(&body);
-    check_csrf(&headers, field(&pairs, CSRF_FIELD))?;
+    check_csrf(&state.page_auth, &headers, field(&pairs, CSRF_FIELD))?;
     user.require_operator()?;
     let values = FormValues {
         source: field(&pairs, "source").unwrap_or_default().to_owned(),

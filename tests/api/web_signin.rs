@@ -13,24 +13,61 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, spawn_app_with};
 use crate::safe_flow::SafeWorld;
 
-const PUBLIC_URL: &str = "http://bridge.test:8080";
-const CHAIN: u64 = 31337;
-/// The browser's CSRF token, as both cookie and header (double submit).
-const CSRF: &str = "a1b2c3d4e5f6a7b8c9d0a1b2c3d4e5f6a1b2c3d4e5f6a7b8c9d0a1b2c3d4e5f6";
+pub(crate) const PUBLIC_URL: &str = "http://bridge.test:8080";
+pub(crate) const CHAIN: u64 = 31337;
 
-struct Page {
-    app: TestApp,
-    world: SafeWorld,
-    operator: PrivateKeySigner,
+pub(crate) struct Page {
+    pub app: TestApp,
+    pub world: SafeWorld,
+    pub operator: PrivateKeySigner,
+    /// This browser's CSRF cookie and the token the sign-in page made of it.
+    pub browser: Browser,
+}
+
+/// A browser before sign-in: its `ab_csrf` cookie (`name=value`) and token.
+#[derive(Clone)]
+pub(crate) struct Browser {
+    pub cookie: String,
+    pub token: String,
+}
+
+/// Opens `/login` as a new browser would: the CSRF cookie it sets, and the
+/// token on the page.
+pub(crate) async fn open_login(app: &TestApp) -> Browser {
+    let answer = app
+        .http
+        .get(format!("{}/login", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let cookie = answer
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|v| v.contains("ab_csrf="))
+        .expect("a CSRF cookie");
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let token = csrf_on_page(&answer.text().await.unwrap());
+    Browser { cookie, token }
+}
+
+/// The CSRF token a page carries.
+pub(crate) fn csrf_on_page(html: &str) -> String {
+    html.split_once(r#"<meta name="csrf-token" content=""#)
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(token, _)| token.to_owned())
+        .unwrap_or_else(|| panic!("no CSRF token in {html}"))
 }
 
 /// The bridge on a real Safe (owners: anvil accounts 0..2), with account 6
 /// as its operator and, when asked, an SSO proxy at 127.0.0.1.
-async fn page_app(proxy: bool) -> Page {
+pub(crate) async fn page_app(proxy: bool) -> Page {
     page_app_with(proxy, |_, _| {}).await
 }
 
-async fn page_app_with(
+pub(crate) async fn page_app_with(
     proxy: bool,
     adjust: impl FnOnce(&mut approval_bridge::config::Settings, Address),
 ) -> Page {
@@ -48,31 +85,44 @@ async fn page_app_with(
         if proxy {
             s.web.proxy_user_header = Some("x-forwarded-email".parse().unwrap());
             s.web.trusted_proxies = TrustedProxies(vec!["10.9.8.7".parse().unwrap()]);
+            s.web.proxy_secret = Some(PROXY_SECRET.to_owned().into());
         }
         adjust(s, operator_address);
     })
     .await;
+    let browser = open_login(&app).await;
     Page {
         app,
         world,
         operator,
+        browser,
     }
 }
 
+/// What the SSO proxy sends in `X-Proxy-Secret`.
+pub(crate) const PROXY_SECRET: &str = "proxy-secret-0123456789abcdef";
+
 impl Page {
-    async fn post_json(&self, path: &str, body: Value, cookies: &str) -> reqwest::Response {
+    /// Posts JSON from this browser before sign-in, with its CSRF pair.
+    pub async fn post_json(&self, path: &str, body: Value, cookies: &str) -> reqwest::Response {
         self.app
             .http
             .post(format!("{}{path}", self.app.address))
-            .header("cookie", format!("ab_csrf={CSRF}; {cookies}"))
-            .header("x-csrf-token", CSRF)
+            .header("cookie", format!("{}; {cookies}", self.browser.cookie))
+            .header("x-csrf-token", &self.browser.token)
             .json(&body)
             .send()
             .await
             .unwrap()
     }
 
-    async fn message_for(&self, address: Address, chain_id: u64) -> reqwest::Response {
+    /// The CSRF token of the pages the browser holding `cookies` sees.
+    pub async fn csrf_of(&self, cookies: &str) -> String {
+        let answer = self.get_page("/login", cookies).await;
+        csrf_on_page(&answer.text().await.unwrap())
+    }
+
+    pub async fn message_for(&self, address: Address, chain_id: u64) -> reqwest::Response {
         self.post_json(
             "/login/message",
             json!({"address": address.to_checksum(None), "chain_id": chain_id}),
@@ -82,20 +132,20 @@ impl Page {
     }
 
     /// A fresh message from the bridge for `key`.
-    async fn message(&self, key: &PrivateKeySigner) -> String {
+    pub async fn message(&self, key: &PrivateKeySigner) -> String {
         let answer = self.message_for(key.address(), CHAIN).await;
         assert_eq!(answer.status(), 200);
         let json: Value = answer.json().await.unwrap();
         json["message"].as_str().unwrap().to_owned()
     }
 
-    async fn sign_in(&self, message: &str, key: &PrivateKeySigner) -> reqwest::Response {
+    pub async fn sign_in(&self, message: &str, key: &PrivateKeySigner) -> reqwest::Response {
         let signature = key.sign_message_sync(message.as_bytes()).unwrap();
         self.send_signed(message, &signature).await
     }
 
     /// `POST /login` with `message` and `signature`, whoever signed what.
-    async fn send_signed(
+    pub async fn send_signed(
         &self,
         message: &str,
         signature: &alloy::primitives::Signature,
@@ -109,14 +159,14 @@ impl Page {
     }
 
     /// Signs `key` in with a fresh message; its session cookie.
-    async fn session_for(&self, key: &PrivateKeySigner) -> String {
+    pub async fn session_for(&self, key: &PrivateKeySigner) -> String {
         let message = self.message(key).await;
         session_cookie(&self.sign_in(&message, key).await)
     }
 
     /// A page form posted by the browser holding `cookies`, with the CSRF
     /// cookie (the form carries its token, or not, in `form`).
-    async fn post_form(
+    pub async fn post_form(
         &self,
         path: &str,
         cookies: &str,
@@ -125,7 +175,7 @@ impl Page {
         self.app
             .http
             .post(format!("{}{path}", self.app.address))
-            .header("cookie", format!("ab_csrf={CSRF}; {cookies}"))
+            .header("cookie", format!("{}; {cookies}", self.browser.cookie))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(form_body(form))
             .send()
@@ -133,14 +183,14 @@ impl Page {
             .unwrap()
     }
 
-    async fn sessions(&self) -> i64 {
+    pub async fn sessions(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM web_sessions")
             .fetch_one(&self.app.db)
             .await
             .unwrap()
     }
 
-    async fn get_page(&self, path: &str, cookies: &str) -> reqwest::Response {
+    pub async fn get_page(&self, path: &str, cookies: &str) -> reqwest::Response {
         self.app
             .http
             .get(format!("{}{path}", self.app.address))
@@ -152,13 +202,13 @@ impl Page {
 }
 
 /// A form body, as a browser sends it.
-fn form_body(pairs: &[(&str, &str)]) -> String {
+pub(crate) fn form_body(pairs: &[(&str, &str)]) -> String {
     form_urlencoded::Serializer::new(String::new())
         .extend_pairs(pairs)
         .finish()
 }
 
-fn session_cookie(answer: &reqwest::Response) -> String {
+pub(crate) fn session_cookie(answer: &reqwest::Response) -> String {
     let set = answer
         .headers()
         .get_all("set-cookie")
@@ -171,7 +221,7 @@ fn session_cookie(answer: &reqwest::Response) -> String {
     set.split(';').next().unwrap().to_owned()
 }
 
-async fn refusal(answer: reqwest::Response, status: u16) -> String {
+pub(crate) async fn refusal(answer: reqwest::Response, status: u16) -> String {
     let got = answer.status();
     let body: Value = answer.json().await.unwrap();
     assert_eq!(got.as_u16(), status, "{body}");
@@ -230,18 +280,22 @@ async fn an_operator_signs_in_with_ethereum_and_an_owner_reads_only() {
             .unwrap()
             .contains("only operators may queue")
     );
+    let owner_csrf = page.csrf_of(&owner_cookie).await;
     let queue = page
         .post_form(
             "/replicas",
             &owner_cookie,
-            &[("csrf", CSRF), ("source", "web-prod")],
+            &[("csrf", owner_csrf.as_str()), ("source", "web-prod")],
         )
         .await;
     assert_eq!(queue.status(), 403);
     assert_eq!(page.app.request_count().await, 0);
 
     // Signing out ends the session: the same cookie no longer signs in.
-    let out = page.post_form("/logout", &cookie, &[("csrf", CSRF)]).await;
+    let csrf = page.csrf_of(&cookie).await;
+    let out = page
+        .post_form("/logout", &cookie, &[("csrf", csrf.as_str())])
+        .await;
     assert_eq!(out.url().path(), "/login", "redirected to sign in");
     assert_eq!(page.get_page("/replicas", &cookie).await.status(), 401);
 }
@@ -351,12 +405,14 @@ async fn a_trusted_proxy_signs_in_its_user() {
         };
         s.web.proxy_user_header = Some("x-forwarded-email".parse().unwrap());
         s.web.trusted_proxies = TrustedProxies(vec!["127.0.0.1".parse().unwrap()]);
+        s.web.proxy_secret = Some(PROXY_SECRET.to_owned().into());
     })
     .await;
     let get = |user: &'static str| {
         page.http
             .get(format!("{}/replicas/new", page.address))
             .header("x-forwarded-email", user)
+            .header("x-proxy-secret", PROXY_SECRET)
             .send()
     };
     let operator = get("ops@example.com").await.unwrap();
@@ -400,12 +456,13 @@ async fn the_page_queues_through_intake_as_the_person_and_within_their_scope() {
     .await;
     crate::safe_flow::mount_source_on(&page.app, page.world.app, true).await;
     let cookie = page.session_for(&page.operator).await;
+    let csrf = page.csrf_of(&cookie).await;
     let answer = page
         .post_form(
             "/replicas",
             &cookie,
             &[
-                ("csrf", CSRF),
+                ("csrf", csrf.as_str()),
                 ("source", crate::phala_mock::ONCHAIN_NAME),
                 ("node", "node-b"),
                 ("count", "1"),
@@ -428,15 +485,16 @@ async fn env_from_the_page_reaches_the_bridges_allowed_envs_check() {
     let page = page_app(false).await;
     crate::safe_flow::mount_source_on(&page.app, page.world.app, true).await;
     let cookie = page.session_for(&page.operator).await;
+    let csrf = page.csrf_of(&cookie).await;
     // From the .env text and from a name/value row: both are checked.
     for form in [
         vec![
-            ("csrf", CSRF),
+            ("csrf", csrf.as_str()),
             ("source", "web-prod"),
             ("env", "# comment\nDB_URL=postgres://x\n"),
         ],
         vec![
-            ("csrf", CSRF),
+            ("csrf", csrf.as_str()),
             ("source", "web-prod"),
             ("env_name", "DB_URL"),
             ("env_value", "x"),
@@ -456,7 +514,7 @@ async fn env_from_the_page_reaches_the_bridges_allowed_envs_check() {
             "/replicas",
             &cookie,
             &[
-                ("csrf", CSRF),
+                ("csrf", csrf.as_str()),
                 ("source", "web-prod"),
                 ("env", "NOT A LINE"),
             ],
@@ -474,43 +532,21 @@ async fn env_from_the_page_reaches_the_bridges_allowed_envs_check() {
 }
 
 #[tokio::test]
-async fn open_sign_in_nonces_are_bounded_and_expired_ones_make_room() {
+async fn a_used_nonce_is_kept_until_it_expires_then_swept() {
     let app = crate::helpers::spawn_app().await;
     let now = app.clock.now();
     let expires = now + chrono::Duration::minutes(10);
+    let store = &app.store;
+    assert!(store.use_web_nonce("nonce-1", now, expires).await.unwrap());
     assert!(
-        app.store
-            .insert_web_nonce("nonce-1", now, expires, 2)
-            .await
-            .unwrap()
-    );
-    assert!(
-        app.store
-            .insert_web_nonce("nonce-2", now, expires, 2)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !app.store
-            .insert_web_nonce("nonce-3", now, expires, 2)
-            .await
-            .unwrap()
-    );
-    let later = expires + chrono::Duration::seconds(1);
-    let again = later + chrono::Duration::minutes(10);
-    assert!(
-        app.store
-            .insert_web_nonce("nonce-4", later, again, 2)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !app.store.take_web_nonce("nonce-1", later).await.unwrap(),
-        "swept"
-    );
-    assert!(app.store.take_web_nonce("nonce-4", later).await.unwrap());
-    assert!(
-        !app.store.take_web_nonce("nonce-4", later).await.unwrap(),
+        !store.use_web_nonce("nonce-1", now, expires).await.unwrap(),
         "single use"
     );
+    let later = expires + chrono::Duration::seconds(1);
+    assert!(store.use_web_nonce("nonce-2", later, later).await.unwrap());
+    let kept: Vec<String> = sqlx::query_scalar("SELECT nonce FROM web_nonces")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["nonce-2"], "the expired one is swept");
 }
