@@ -23,7 +23,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 pub use follower::{Cursor, LateExecution, ProposalEnd, RequestMove};
 pub use gauges::QueueGauges;
-pub use idempotency::{IdempotencyOutcome, StoredResponse};
+pub use idempotency::{IdempotencyOutcome, RequestHasher, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
 pub use orders::{IdempotencyKey, LostCommit, Order, QUOTA_WINDOW, Stored};
 pub use outbox::{DueDelivery, PendingNotification};
@@ -32,7 +32,7 @@ pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, ProposalStored, RequestRegistration,
     StoredRegistration,
 };
-pub use request_filters::RequestFilter;
+pub use request_filters::{Reach, RequestFilter};
 pub use requests::{
     AwaitedOutcome, Changes, Claimed, EventRow, Lane, Lease, NewRequest, PreparedFields,
     ReplicaRequest, StoredError, WORKABLE,

@@ -24,7 +24,8 @@ use super::error::{ApiError, ErrorBody};
 use super::replicas::{MAX_LIST_LIMIT, list_limit};
 use super::views::explorer_tx_link;
 use crate::store::{
-    CvmFacts, ProposalFacts, ProposalRow, ReplicaRequest, Store, StoredRegistration, same_hex,
+    CvmFacts, ProposalFacts, ProposalRow, Reach, ReplicaRequest, Store, StoredRegistration,
+    same_hex,
 };
 use crate::telemetry::redact;
 use crate::worker::safe_wallet_link;
@@ -135,39 +136,61 @@ pub struct ProposalList {
     pub proposals: Vec<ProposalView>,
 }
 
-/// The view of one proposal, by id.
-pub async fn proposal_view(state: &AppState, id: Uuid) -> anyhow::Result<Option<ProposalView>> {
+/// The view of one proposal, by id, as `reach` sees it.
+pub async fn proposal_view(
+    state: &AppState,
+    id: Uuid,
+    reach: &Reach,
+) -> anyhow::Result<Option<ProposalView>> {
     let rows = state.store.proposals(&[id]).await?;
-    Ok(views_of(&state.store, rows).await?.pop())
+    Ok(views_of(&state.store, rows, reach)
+        .await?
+        .pop()
+        .filter(|view| seen(view, reach)))
 }
 
-/// The open proposals (proposed, not executed or ended yet), newest first.
-pub async fn open_proposals(state: &AppState) -> anyhow::Result<Vec<ProposalView>> {
+/// The open proposals (proposed, not executed or ended yet) that `reach`
+/// sees, newest first.
+pub async fn open_proposals(state: &AppState, reach: &Reach) -> anyhow::Result<Vec<ProposalView>> {
     let rows = state
         .store
-        .list_proposals(Some("proposed"), MAX_LIST_LIMIT)
+        .list_proposals(Some("proposed"), MAX_LIST_LIMIT, reach)
         .await?;
-    views_of(&state.store, rows).await
+    views_of(&state.store, rows, reach).await
 }
 
-/// The views of the given proposals by id (for the requests that point to them).
+/// The views of the given proposals by id (for the requests that point to
+/// them), as `reach` sees them.
 pub async fn views_by_id(
     store: &Store,
     ids: &[Uuid],
+    reach: &Reach,
 ) -> anyhow::Result<HashMap<Uuid, ProposalView>> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
     let rows = store.proposals(ids).await?;
-    Ok(views_of(store, rows)
+    Ok(views_of(store, rows, reach)
         .await?
         .into_iter()
         .map(|v| (v.id, v))
         .collect())
 }
 
-/// Builds the views of `rows`, in their order, with four batched reads.
-pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<Vec<ProposalView>> {
+/// Whether `reach` sees a proposal whose view [`views_of`] cut down for it:
+/// it sees at least one of its calls.
+fn seen(view: &ProposalView, reach: &Reach) -> bool {
+    reach.is_all() || !view.calls.is_empty()
+}
+
+/// Builds the views of `rows`, in their order, with four batched reads. A
+/// caller of limited reach sees only the calls and requests within it
+/// ([`Reach::sees_call`], [`Reach::sees`]).
+pub async fn views_of(
+    store: &Store,
+    rows: Vec<ProposalRow>,
+    reach: &Reach,
+) -> anyhow::Result<Vec<ProposalView>> {
     let ids: Vec<Uuid> = rows.iter().map(|p| p.id).collect();
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -177,7 +200,8 @@ pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<V
         calls.entry(id).or_default().push(call);
     }
     let mut facts = store.proposal_facts(&ids).await?;
-    let requests = store.requests_served_by(&ids).await?;
+    let mut requests = store.requests_served_by(&ids).await?;
+    requests.retain(|r| reach.sees(r));
     let request_ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
     let mut needs: HashMap<Uuid, Vec<StoredRegistration>> = HashMap::new();
     for row in store.registrations_of(&request_ids).await? {
@@ -196,13 +220,10 @@ pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<V
         .into_iter()
         .map(|p| {
             let id = p.id;
-            build(
-                p,
-                calls.remove(&id).unwrap_or_default(),
-                facts.remove(&id),
-                served.remove(&id).unwrap_or_default(),
-                &needs,
-            )
+            let served = served.remove(&id).unwrap_or_default();
+            let mut calls = calls.remove(&id).unwrap_or_default();
+            calls.retain(|c| reach.sees_call(&c.app_id, served.iter().copied()));
+            build(p, calls, facts.remove(&id), served, &needs)
         })
         .collect())
 }
@@ -515,7 +536,7 @@ pub struct ListParams {
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
-    _caller: ApiCaller,
+    ApiCaller(actor): ApiCaller,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ProposalList>, ApiError> {
     let Query(params) = params
@@ -536,9 +557,10 @@ pub async fn list(
         }
     };
     let limit = list_limit(params.limit)?;
-    let rows = state.store.list_proposals(status, limit).await?;
+    let reach = state.access.reach(&actor);
+    let rows = state.store.list_proposals(status, limit, &reach).await?;
     Ok(Json(ProposalList {
-        proposals: views_of(&state.store, rows).await?,
+        proposals: views_of(&state.store, rows, &reach).await?,
     }))
 }
 
@@ -552,7 +574,7 @@ pub async fn list(
     security(("bearer" = [])))]
 pub async fn show(
     State(state): State<AppState>,
-    _caller: ApiCaller,
+    ApiCaller(actor): ApiCaller,
     Path(id): Path<String>,
 ) -> Result<Json<ProposalView>, ApiError> {
     let row = if let Ok(uuid) = Uuid::parse_str(&id) {
@@ -567,11 +589,17 @@ pub async fn show(
             ),
         ));
     };
-    let row = row.ok_or_else(|| ApiError::not_found(format!("no proposal has id {id}")))?;
-    let view = views_of(&state.store, vec![row])
+    // One out of the caller's reach is not found, as if it did not exist.
+    let not_found = || ApiError::not_found(format!("no proposal has id {id}"));
+    let row = row.ok_or_else(not_found)?;
+    let reach = state.access.reach(&actor);
+    let view = views_of(&state.store, vec![row], &reach)
         .await?
         .pop()
         .expect("one row gives one view");
+    if !seen(&view, &reach) {
+        return Err(not_found());
+    }
     Ok(Json(view))
 }
 
