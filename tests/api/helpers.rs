@@ -24,9 +24,6 @@ pub const API_TOKEN: &str = "test-api-token-1";
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
 pub const PHALA_API_KEY: &str = "test-phala-api-key";
 pub const SERVER_SECRET: &str = "test-server-secret-of-32-characters";
-/// What a `serve` started by hand needs so that the test's token and CI
-/// clients may queue any source (callers without a scope may do nothing).
-pub const ALL_SCOPES: &str = "api:ci-bot=*,ci:github=*,ci:gitlab=*";
 
 /// `*` for each of the given callers: a scope that allows everything.
 pub fn every_source_for(callers: &[&str]) -> Scopes {

@@ -274,7 +274,7 @@ async fn no_secret_reaches_the_log_the_database_or_the_api() {
         ),
         ("APPROVAL_BRIDGE_PHALA_API_KEY", PHALA_API_KEY.into()),
         ("APPROVAL_BRIDGE_API_TOKENS", format!("ci-bot={API_TOKEN}")),
-        ("APPROVAL_BRIDGE_SCOPES", crate::helpers::ALL_SCOPES.into()),
+        ("APPROVAL_BRIDGE_SCOPES", "api:ci-bot=*,ci:github=*".into()),
         (
             "APPROVAL_BRIDGE_SERVER_SECRET",
             crate::helpers::SERVER_SECRET.into(),
