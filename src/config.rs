@@ -134,6 +134,9 @@ pub struct Settings {
     #[command(flatten)]
     pub retention: RetentionSettings,
 
+    #[command(flatten)]
+    pub server: ServerSettings,
+
     /// Log format: human-readable `text` or `json`.
     #[arg(long, env = "APPROVAL_BRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -153,8 +156,75 @@ impl Settings {
             "missing setting APPROVAL_BRIDGE_NOTIFY_SECRET (--notify-secret): notifications to \
              APPROVAL_BRIDGE_NOTIFY_URLS are signed with it"
         );
-        self.web.check()
+        self.web.check()?;
+        anyhow::ensure!(
+            self.server
+                .ops_listen
+                .is_none_or(|ops| ops != self.listen || ops.port() == 0),
+            "invalid setting APPROVAL_BRIDGE_OPS_LISTEN (--ops-listen): it must differ from \
+             APPROVAL_BRIDGE_LISTEN"
+        );
+        Ok(())
     }
+}
+
+/// The HTTP server's limits, where `/metrics` and `/readyz` are served, and
+/// the server's own secret.
+#[derive(Debug, Clone, Args)]
+pub struct ServerSettings {
+    /// A second listen address that alone serves `/metrics` and `/readyz`
+    /// (and `/healthz`); the public listener then answers them with 404.
+    #[arg(long, env = "APPROVAL_BRIDGE_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
+
+    /// A bearer token that `/metrics` and `/readyz` require, wherever they
+    /// are served (secret).
+    #[arg(long, env = "APPROVAL_BRIDGE_OPS_TOKEN", value_parser = parse_token, hide_env_values = true)]
+    pub ops_token: Option<SecretString>,
+
+    /// How long a client may take to send a request's headers, in seconds;
+    /// then the connection is closed.
+    #[arg(long, env = "APPROVAL_BRIDGE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_read_timeout_secs: u64,
+
+    /// The server's own secret, at least 32 characters: it keys the hashes
+    /// the database keeps of idempotent orders. Without it they are keyed
+    /// with a key derived from APPROVAL_BRIDGE_PHALA_API_KEY (secret).
+    #[arg(long, env = "APPROVAL_BRIDGE_SERVER_SECRET", value_parser = parse_server_secret,
+          hide_env_values = true)]
+    pub server_secret: Option<SecretString>,
+}
+
+impl ServerSettings {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            ops_listen: None,
+            ops_token: None,
+            header_read_timeout_secs: 10,
+            server_secret: None,
+        }
+    }
+}
+
+fn parse_token(value: &str) -> Result<SecretString, String> {
+    if value.trim().chars().count() < 8 {
+        return Err("must be at least 8 characters".into());
+    }
+    Ok(SecretString::from(value.trim().to_owned()))
+}
+
+fn parse_server_secret(value: &str) -> Result<SecretString, String> {
+    if value.trim().chars().count() < 32 {
+        return Err("must be at least 32 characters (e.g. `openssl rand -hex 32`)".into());
+    }
+    Ok(SecretString::from(value.trim().to_owned()))
 }
 
 /// Who may use the team page, and how they sign in.
@@ -572,11 +642,14 @@ impl Default for SafeSettings {
 /// how many, and whose env encryption keys it believes.
 #[derive(Debug, Clone, Args)]
 pub struct TrustSettings {
-    /// The sources each caller may replicate, as `caller=source|source` separated
-    /// by commas. A caller is `api:<token name>`, `ci:<webhook client name>` or
-    /// `web:<address or proxy user>`; a
-    /// source is a CVM name or an app id; `*` allows any source. A caller not
-    /// listed may replicate any source.
+    /// The sources each caller may replicate, and see and cancel requests
+    /// of, as `caller=source|source` separated by commas. A caller is
+    /// `api:<token name>`, `ci:<webhook client name>` or
+    /// `web:<address or proxy user>`; a source is a CVM name or an app id;
+    /// `*` allows any source, and the grant `+admin` lets the caller see and
+    /// cancel every request and proposal. An API token or CI client not
+    /// listed may do nothing; a person on the page not listed keeps their
+    /// role (an operator queues any source, everyone reads everything).
     #[arg(long, env = "APPROVAL_BRIDGE_SCOPES", value_parser = parse_scopes,
           default_value = "", hide_default_value = true)]
     pub scopes: Scopes,
@@ -655,13 +728,16 @@ impl Quota {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Quotas(pub Vec<(String, Quota)>);
 
-/// A source a caller may replicate.
+/// A source a caller may replicate, or the `+admin` grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourcePattern {
     Any,
     /// A CVM name, compared exactly.
     Name(String),
     App(crate::domain::AppId),
+    /// `+admin`: no source to queue, but every request and proposal to see
+    /// and cancel. Written with a `+` so that no CVM name can mean it.
+    Admin,
 }
 
 /// `caller=source|source` entries.
@@ -736,6 +812,9 @@ fn parse_scopes(value: &str) -> Result<Scopes, String> {
                 if source == "*" {
                     return Ok(SourcePattern::Any);
                 }
+                if source == "+admin" {
+                    return Ok(SourcePattern::Admin);
+                }
                 if let Ok(app) = source.parse() {
                     return Ok(SourcePattern::App(app));
                 }
@@ -747,7 +826,7 @@ fn parse_scopes(value: &str) -> Result<Scopes, String> {
                     Ok(SourcePattern::Name(source.to_owned()))
                 } else {
                     Err(format!(
-                        "`{caller}`: `{source}` is neither a CVM name, an app id nor `*`"
+                        "`{caller}`: `{source}` is neither a CVM name, an app id, `*` nor `+admin`"
                     ))
                 }
             })
@@ -1083,6 +1162,23 @@ mod tests {
         );
         assert_eq!(scopes.0[1].0, "web:ops@example.com");
         assert!(parse_scopes("web:0x12=*").is_err());
+    }
+
+    #[test]
+    fn the_admin_grant_is_written_with_a_plus_and_nothing_else_is() {
+        let scopes = parse_scopes("api:ops=web-prod|+admin,api:audit=+admin").unwrap();
+        assert_eq!(
+            scopes.0[0].1,
+            vec![SourcePattern::Name("web-prod".into()), SourcePattern::Admin]
+        );
+        assert_eq!(scopes.0[1].1, vec![SourcePattern::Admin]);
+        // A CVM may be called `admin`: that is a name, not the grant.
+        assert_eq!(
+            parse_scopes("api:ops=admin").unwrap().0[0].1,
+            vec![SourcePattern::Name("admin".into())]
+        );
+        let err = parse_scopes("api:ops=+root").unwrap_err();
+        assert!(err.contains("+admin"), "{err}");
     }
 
     #[test]

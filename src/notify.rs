@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::config::{NotifySettings, WorkerSettings};
-use crate::store::{DueDelivery, PendingNotification, ReplicaRequest, Store};
+use crate::store::{DueDelivery, PendingNotification, Reach, ReplicaRequest, Store};
 use crate::telemetry::redact;
 use crate::web::signers::{ProposalView, views_by_id};
 use crate::web::webhook;
@@ -269,7 +269,9 @@ impl Notifier {
             .await?
             .context("a notification's request exists (foreign key)")?;
         let proposal = match pending.proposal_id {
-            Some(id) => views_by_id(&self.store, &[id]).await?.remove(&id),
+            Some(id) => views_by_id(&self.store, &[id], &Reach::All)
+                .await?
+                .remove(&id),
             None => None,
         };
         Ok(message(&pending.event, &request, proposal))

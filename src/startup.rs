@@ -20,6 +20,9 @@ use crate::worker::{SafeFlow, Worker};
 
 pub struct Application {
     listener: TcpListener,
+    /// `APPROVAL_BRIDGE_OPS_LISTEN`: `/metrics` and `/readyz` apart.
+    ops_listener: Option<TcpListener>,
+    header_read_timeout: Duration,
     state: AppState,
     worker: Worker,
     notifier: Option<Notifier>,
@@ -62,6 +65,19 @@ impl Application {
                 settings.listen
             )
         })?;
+        let ops_listener = match settings.server.ops_listen {
+            Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+                format!("cannot listen on {address} (APPROVAL_BRIDGE_OPS_LISTEN)")
+            })?),
+            None => None,
+        };
+        if settings.server.server_secret.is_none() {
+            tracing::warn!(
+                "APPROVAL_BRIDGE_SERVER_SECRET is not set: the hashes of idempotent orders are \
+                 keyed with a key derived from the Phala API key (rotating that key forgets the \
+                 Idempotency-Keys in flight)"
+            );
+        }
         crate::metrics::handle();
         let shutdown = CancellationToken::new();
         let state = AppState {
@@ -85,6 +101,16 @@ impl Application {
                 settings.retention.idempotency_key_ttl(),
                 web::intake::answer,
             ),
+            request_hasher: store::RequestHasher::new(
+                settings.server.server_secret.as_ref(),
+                &settings.phala.phala_api_key,
+            ),
+            ops_token: settings.server.ops_token.as_ref().map(|token| {
+                ApiTokens::new(&crate::config::NamedSecrets(vec![(
+                    "ops".to_owned(),
+                    token.clone(),
+                )]))
+            }),
         };
         let safe_flow = SafeFlow::from_settings(&settings.safe)?;
         safe_flow.check_proposer().await?;
@@ -99,6 +125,8 @@ impl Application {
             .with_retention(settings.retention.clone());
         Ok(Application {
             listener,
+            ops_listener,
+            header_read_timeout: settings.server.header_read_timeout(),
             state,
             worker,
             notifier,
@@ -113,6 +141,16 @@ impl Application {
             .local_addr()
             .expect("a bound listener has an address")
             .port()
+    }
+
+    /// The port of `APPROVAL_BRIDGE_OPS_LISTEN`, when it is set.
+    pub fn ops_port(&self) -> Option<u16> {
+        self.ops_listener.as_ref().map(|listener| {
+            listener
+                .local_addr()
+                .expect("a bound listener has an address")
+                .port()
+        })
     }
 
     /// A worker over the same database and clients, for driving steps by hand.
@@ -168,12 +206,24 @@ impl Application {
         }
         let readiness = self.state.readiness.clone();
         let grace = self.grace;
-        let router = web::router(self.state);
-        // The peer's address tells a trusted SSO proxy from anyone else.
-        let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let server = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future();
+        let timeout = self.header_read_timeout;
+        let ops = self.ops_listener.map(|listener| {
+            tracing::info!(address = ?listener.local_addr().ok(), "serving /metrics and /readyz apart");
+            web::server::serve(
+                listener,
+                web::ops_router(self.state.clone()),
+                timeout,
+                shutdown.clone(),
+            )
+        });
+        let router = web::router(self.state, ops.is_some());
+        let public = web::server::serve(self.listener, router, timeout, shutdown.clone());
+        let server = async move {
+            match ops {
+                Some(ops) => tokio::try_join!(public, ops).map(|_| ()),
+                None => public.await,
+            }
+        };
         let mut server = std::pin::pin!(server);
 
         let mut failure = None;

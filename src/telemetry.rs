@@ -77,14 +77,14 @@ pub fn register_settings(settings: &Settings) {
     for (_, url) in &settings.notify.notify_urls.0 {
         register_secret(url.expose_secret());
     }
-    for secret in [
+    let others = [
         &settings.notify.notify_secret,
         &settings.web.proxy_secret,
         &settings.web.session_secret,
-    ]
-    .into_iter()
-    .flatten()
-    {
+        &settings.server.ops_token,
+        &settings.server.server_secret,
+    ];
+    for secret in others.into_iter().flatten() {
         register_secret(secret.expose_secret());
     }
     if let Ok(url) = Url::parse(settings.database.database_url.expose_secret())

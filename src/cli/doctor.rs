@@ -63,6 +63,8 @@ pub async fn check(settings: &Settings) -> Vec<Row> {
     let mut rows = Vec::new();
     rows.extend(check_database(settings).await);
     rows.push(check_phala(settings).await);
+    rows.extend(check_scopes(settings));
+    rows.push(check_server_secret(settings));
     let flow = match SafeFlow::from_settings(&settings.safe) {
         Ok(flow) => flow,
         Err(err) => {
@@ -240,6 +242,59 @@ fn describe_safe(info: &SafeInfo) -> String {
         owners.join(", "),
         info.nonce
     )
+}
+
+/// Every API token and CI client needs a scope entry: without one it may do
+/// nothing (this was "anything" before scopes covered reading).
+fn check_scopes(settings: &Settings) -> Vec<Row> {
+    let target = "APPROVAL_BRIDGE_SCOPES";
+    let callers = settings
+        .api_tokens
+        .0
+        .iter()
+        .map(|(name, _)| format!("api:{name}"))
+        .chain(
+            settings
+                .webhook_secrets
+                .0
+                .iter()
+                .map(|(name, _)| format!("ci:{name}")),
+        );
+    let unscoped: Vec<Row> = callers
+        .filter(|caller| !settings.trust.scopes.0.iter().any(|(c, _)| c == caller))
+        .map(|caller| {
+            Row::new(
+                "scope",
+                target,
+                Err(format!(
+                    "{caller} has no scope, so every call it makes is refused: add \
+                     `{caller}=<sources>`, or `{caller}=*` for any source"
+                )),
+            )
+        })
+        .collect();
+    if unscoped.is_empty() {
+        vec![Row::new(
+            "scope",
+            target,
+            Ok("every API token and CI client has a scope".to_owned()),
+        )]
+    } else {
+        unscoped
+    }
+}
+
+/// The server's secret keys what the database keeps of idempotent orders.
+fn check_server_secret(settings: &Settings) -> Row {
+    let detail = if settings.server.server_secret.is_some() {
+        "set: it keys the hashes of idempotent orders".to_owned()
+    } else {
+        "not set: the hashes of idempotent orders are keyed with a key derived from \
+         APPROVAL_BRIDGE_PHALA_API_KEY; give the bridge a secret of its own \
+         (`openssl rand -hex 32`) so that rotating the Phala key keeps them"
+            .to_owned()
+    };
+    Row::new("server secret", "APPROVAL_BRIDGE_SERVER_SECRET", Ok(detail))
 }
 
 /// HOOK for the notification targets (webhooks, chat) that tell the Safe's

@@ -256,6 +256,14 @@ impl Sandbox {
             "APPROVAL_BRIDGE_WEBHOOK_SECRETS",
             format!("ci={}", options.webhook_secret),
         );
+        // The sandbox's token and CI client may do everything.
+        env.set("APPROVAL_BRIDGE_SCOPES", "api:sandbox=*,ci:ci=*");
+        env.set("APPROVAL_BRIDGE_SERVER_SECRET", {
+            use rand::RngCore;
+            let mut secret = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut secret);
+            hex::encode(secret)
+        });
         env.set("APPROVAL_BRIDGE_WORKERS", 2);
         env.set("APPROVAL_BRIDGE_POLL_INTERVAL_SECS", 1);
         env.set(

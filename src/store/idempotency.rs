@@ -1,10 +1,61 @@
 //! Idempotency keys: a retried call with the same key gets the first answer.
 
 use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
+use sha2::Sha256;
 use sqlx::{Postgres, Transaction};
 
 use super::Store;
+
+/// Hashes an order's body for its idempotency key: HMAC-SHA256 under a key
+/// of the server's, so the hash in the database gives nobody a way to test
+/// guesses of the env values the body carried.
+///
+/// Why a key and not the body with its env replaced by the ciphertext: the
+/// env is encrypted with a fresh ephemeral key and nonce every time, so the
+/// same body would never hash the same twice, and a retry could not be told
+/// from a new order.
+#[derive(Clone)]
+pub struct RequestHasher {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for RequestHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestHasher([redacted])")
+    }
+}
+
+impl RequestHasher {
+    /// The key is derived from `APPROVAL_BRIDGE_SERVER_SECRET`, or else from
+    /// the Phala API key: either way a secret the database never holds, and
+    /// the same in every process that shares it. The label keeps it apart
+    /// from any other use of the same secret.
+    pub fn new(server_secret: Option<&SecretString>, phala_api_key: &SecretString) -> Self {
+        let (secret, label): (&str, &[u8]) = match server_secret {
+            Some(secret) => (secret.expose_secret(), b"approval-bridge idempotency v1"),
+            None => (
+                phala_api_key.expose_secret(),
+                b"approval-bridge idempotency v1 from the Phala API key",
+            ),
+        };
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+        mac.update(label);
+        RequestHasher {
+            key: mac.finalize().into_bytes().into(),
+        }
+    }
+
+    /// The hash stored with a key: HMAC-SHA256 of the canonical body.
+    pub fn hash(&self, canonical_body: &[u8]) -> Vec<u8> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(canonical_body);
+        mac.finalize().into_bytes().to_vec()
+    }
+}
 
 /// The response saved under a key.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,4 +146,27 @@ pub(super) async fn answer_under_key<'c>(
             IdempotencyOutcome::Mismatch
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use sha2::Digest;
+
+    use super::*;
+
+    #[test]
+    fn the_hash_is_keyed_by_the_server_secret_or_else_the_phala_key() {
+        let phala = SecretString::from("phak_one-key".to_owned());
+        let secret = SecretString::from("s".repeat(32));
+        let body = br#"{"env":{"DB_URL":"postgres://u:hunter2@db/x"},"source":"web-prod"}"#;
+        let keyed = RequestHasher::new(Some(&secret), &phala).hash(body);
+        assert_ne!(keyed, sha2::Sha256::digest(body).to_vec());
+        assert_eq!(keyed, RequestHasher::new(Some(&secret), &phala).hash(body));
+        let other = SecretString::from("t".repeat(32));
+        assert_ne!(keyed, RequestHasher::new(Some(&other), &phala).hash(body));
+        let derived = RequestHasher::new(None, &phala).hash(body);
+        assert_ne!(derived, keyed);
+        assert_ne!(derived, sha2::Sha256::digest(body).to_vec());
+        assert!(!format!("{:?}", RequestHasher::new(Some(&secret), &phala)).contains("sss"));
+    }
 }

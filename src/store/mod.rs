@@ -24,7 +24,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 pub use follower::{Cursor, LateExecution, ProposalEnd, RequestMove};
 pub use gauges::QueueGauges;
-pub use idempotency::{IdempotencyOutcome, StoredResponse};
+pub use idempotency::{IdempotencyOutcome, RequestHasher, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
 pub use orders::{IdempotencyKey, LostCommit, Order, QUOTA_WINDOW, QuotaUsed, Stored};
 pub use outbox::{DueDelivery, PendingNotification};
@@ -33,7 +33,7 @@ pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, ProposalStored, RequestRegistration,
     StoredRegistration,
 };
-pub use request_filters::RequestFilter;
+pub use request_filters::{Reach, RequestFilter};
 /// For tests elsewhere in the crate that build a [`ReplicaRequest`] by hand.
 #[cfg(test)]
 pub(crate) use requests::StatusColumn;

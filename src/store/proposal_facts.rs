@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::Store;
 use super::proposals::{ProposalRow, query_proposals};
 use super::requests::{ReplicaRequest, query_requests};
+use super::{Reach, Store};
 
 /// What Phala said about a proposal's apps and nodes when it was planned.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,13 +133,27 @@ impl Store {
         &self,
         status: Option<&str>,
         limit: i64,
+        reach: &Reach,
     ) -> Result<Vec<ProposalRow>, sqlx::Error> {
+        // A call is seen when its app is named, or when the proposal serves
+        // a request of that app which the caller sees (`Reach::sees_call`).
+        let (all, names, app_ids) = reach.binds();
         query_proposals!(
             "SELECT ",
             " FROM proposals WHERE ($1::text IS NULL OR status = $1)
+               AND ($3::bool OR EXISTS (
+                   SELECT 1 FROM proposal_calls c WHERE c.proposal_id = proposals.id
+                      AND (lower(c.app_id) = ANY($5) OR EXISTS (
+                          SELECT 1 FROM replica_requests r
+                           WHERE r.proposal_id = proposals.id
+                             AND lower(r.app_id) = lower(c.app_id)
+                             AND r.source_name = ANY($4)))))
              ORDER BY created_at DESC, id DESC LIMIT $2",
             status,
             limit,
+            all,
+            &names,
+            &app_ids,
         )
         .fetch_all(&self.pool)
         .await

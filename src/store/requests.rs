@@ -265,21 +265,22 @@ impl Store {
             .await
     }
 
-    /// Newest first, optionally of one status.
+    /// Newest first, optionally of one status, of those `reach` sees.
     pub async fn list_requests(
         &self,
         status: Option<Status>,
         limit: i64,
+        reach: &super::Reach,
     ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-        query_requests!(
-            "SELECT ",
-            " FROM replica_requests
-             WHERE ($1::text IS NULL OR status = $1)
-             ORDER BY created_at DESC, id DESC LIMIT $2",
-            status.map(Status::as_str),
+        self.filtered_requests(
+            &super::RequestFilter {
+                status,
+                app_id: None,
+                source: None,
+                reach: reach.clone(),
+            },
             limit,
         )
-        .fetch_all(&self.pool)
         .await
     }
 

@@ -1,12 +1,19 @@
-//! What each caller may ask for: the sources in its scope and its hourly
-//! quota of replicas (see `TrustSettings`). Quotas are counted in Postgres
-//! by intake, in the transaction that inserts.
+//! What each caller may ask for: the sources in its scope, the requests and
+//! proposals it may see and cancel, and its hourly quota of replicas (see
+//! `TrustSettings`). Quotas are counted in Postgres by intake, in the
+//! transaction that inserts.
+//!
+//! An API token or CI client with no scope entry may do nothing. A person on
+//! the page has a role instead (operators queue and cancel, owners read);
+//! a `web:` entry narrows what they may queue and see like a token's.
 
 use anyhow::bail;
 
 use super::error::ApiError;
 use crate::config::{NamedSecrets, Quota, Quotas, Scopes, SourcePattern, TrustSettings};
+use crate::domain::Actor;
 use crate::phala::ResolvedSource;
+use crate::store::Reach;
 
 #[derive(Debug, Clone)]
 pub struct Access {
@@ -50,6 +57,25 @@ impl Access {
                 );
             }
         }
+        let unscoped: Vec<String> = api_tokens
+            .0
+            .iter()
+            .map(|(name, _)| format!("api:{name}"))
+            .chain(
+                webhook_secrets
+                    .0
+                    .iter()
+                    .map(|(name, _)| format!("ci:{name}")),
+            )
+            .filter(|caller| !trust.scopes.0.iter().any(|(c, _)| c == caller))
+            .collect();
+        if !unscoped.is_empty() {
+            tracing::warn!(
+                callers = %unscoped.join(", "),
+                "these callers have no entry in APPROVAL_BRIDGE_SCOPES and may do nothing; \
+                 give each its sources, or `*` for all"
+            );
+        }
         Ok(Access {
             scopes: trust.scopes.clone(),
             quotas: trust.quotas.clone(),
@@ -60,10 +86,41 @@ impl Access {
         })
     }
 
-    /// Whether `caller` (an actor label) may replicate `source`. A caller
-    /// without a scope may replicate any source.
+    fn entry(&self, caller: &str) -> Option<&[SourcePattern]> {
+        self.scopes
+            .0
+            .iter()
+            .find(|(c, _)| c == caller)
+            .map(|(_, patterns)| patterns.as_slice())
+    }
+
+    /// A person on the page without an entry keeps their role; anyone else
+    /// without one may do nothing.
+    fn is_person(caller: &str) -> bool {
+        caller.starts_with("web:")
+    }
+
+    /// Refuses, before anything is looked up, a caller that may queue no
+    /// source at all because it has no scope entry.
+    pub fn check_may_queue(&self, caller: &str) -> Result<(), ApiError> {
+        if self.entry(caller).is_some() || Self::is_person(caller) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "no_scope",
+            format!(
+                "`{caller}` has no entry in APPROVAL_BRIDGE_SCOPES, so it may queue nothing; \
+                 configure its sources (`{caller}=web-prod`), or `{caller}=*` for any"
+            ),
+        ))
+    }
+
+    /// Whether `caller` (an actor label) may replicate `source`. A person
+    /// on the page without a scope may replicate any source.
     pub fn check_scope(&self, caller: &str, source: &ResolvedSource) -> Result<(), ApiError> {
-        let Some((_, patterns)) = self.scopes.0.iter().find(|(c, _)| c == caller) else {
+        self.check_may_queue(caller)?;
+        let Some(patterns) = self.entry(caller) else {
             return Ok(());
         };
         let app = source.app_id();
@@ -71,6 +128,7 @@ impl Access {
             SourcePattern::Any => true,
             SourcePattern::Name(name) => source.cvm.name.as_deref() == Some(name.as_str()),
             SourcePattern::App(id) => app == Some(*id),
+            SourcePattern::Admin => false,
         });
         if allowed {
             return Ok(());
@@ -88,11 +146,50 @@ impl Access {
                         SourcePattern::Any => "*".to_owned(),
                         SourcePattern::Name(n) => n.clone(),
                         SourcePattern::App(a) => a.to_string(),
+                        SourcePattern::Admin => "+admin (no source)".to_owned(),
                     })
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         ))
+    }
+
+    /// The requests and proposals `actor` may see and cancel: those of the
+    /// sources in its scope; everything with `*` or `+admin`. A person on
+    /// the page without a scope sees everything (their role decides what
+    /// they may do); a token or CI client without one sees nothing.
+    pub fn reach(&self, actor: &Actor) -> Reach {
+        let caller = actor.label();
+        let Some(patterns) = self.entry(&caller) else {
+            return if Self::is_person(&caller) {
+                Reach::All
+            } else {
+                Reach::nothing()
+            };
+        };
+        if patterns
+            .iter()
+            .any(|p| matches!(p, SourcePattern::Any | SourcePattern::Admin))
+        {
+            return Reach::All;
+        }
+        let mut names = Vec::new();
+        let mut app_ids = Vec::new();
+        for pattern in patterns {
+            match pattern {
+                SourcePattern::Name(name) => names.push(name.clone()),
+                SourcePattern::App(app) => app_ids.push(app.to_string()),
+                SourcePattern::Any | SourcePattern::Admin => {}
+            }
+        }
+        Reach::Sources { names, app_ids }
+    }
+
+    /// Whether `caller` holds the `+admin` grant (or `*`), which operations
+    /// on everyone's behalf require.
+    pub fn is_admin(&self, caller: &str) -> bool {
+        self.entry(caller)
+            .is_some_and(|patterns| patterns.iter().any(|p| matches!(p, SourcePattern::Admin)))
     }
 
     /// Replicas `caller` may queue per hour of sources on this kind of KMS.
@@ -140,7 +237,7 @@ mod tests {
     }
 
     #[test]
-    fn scopes_match_names_and_app_ids_and_leave_others_free() {
+    fn scopes_match_names_and_app_ids_and_refuse_callers_without_one() {
         let app = "1f".repeat(20);
         let scopes = Scopes(vec![
             (
@@ -177,11 +274,62 @@ mod tests {
                 .check_scope("api:ops", &source("api-prod", &app))
                 .is_ok()
         );
-        // Not listed: any source.
+        // Not listed: nothing, unless a person on the page.
+        let err = access
+            .check_scope("ci:gitlab", &source("api-prod", &app))
+            .unwrap_err();
+        assert!(format!("{err:?}").contains("no_scope"), "{err:?}");
         assert!(
             access
-                .check_scope("ci:gitlab", &source("api-prod", &app))
+                .check_scope("web:ops@example.com", &source("api-prod", &app))
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn reach_follows_the_scope_and_admin_sees_everything() {
+        let app = format!("0x{}", "2e".repeat(20));
+        let scopes = Scopes(vec![
+            (
+                "api:ops".into(),
+                vec![
+                    SourcePattern::Name("web-prod".into()),
+                    SourcePattern::App(app.parse().unwrap()),
+                ],
+            ),
+            (
+                "ci:github".into(),
+                vec![SourcePattern::Name("docs".into()), SourcePattern::Admin],
+            ),
+        ]);
+        let api = parse_named_secrets("ops=token-12345678,other=token-87654321").unwrap();
+        let ci = parse_named_secrets("github=secret-12345678").unwrap();
+        let access = Access::new(&trust(scopes, Quotas::default()), &api, &ci).unwrap();
+        assert_eq!(
+            access.reach(&Actor::ApiClient("ops".into())),
+            Reach::Sources {
+                names: vec!["web-prod".into()],
+                app_ids: vec![app.clone()]
+            }
+        );
+        assert_eq!(access.reach(&Actor::CiClient("github".into())), Reach::All);
+        assert!(access.is_admin("ci:github"));
+        assert!(!access.is_admin("api:ops"));
+        assert_eq!(
+            access.reach(&Actor::ApiClient("other".into())),
+            Reach::nothing()
+        );
+        assert_eq!(
+            access.reach(&Actor::WebUser("ops@example.com".into())),
+            Reach::All
+        );
+        // +admin alone queues nothing.
+        let err = access
+            .check_scope("ci:github", &source("web-prod", &"1f".repeat(20)))
+            .unwrap_err();
+        assert!(
+            format!("{err:?}").contains("source_out_of_scope"),
+            "{err:?}"
         );
     }
 

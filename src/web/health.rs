@@ -7,13 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use super::AppState;
+use super::error::ApiError;
 use crate::chain::{ChainClient, Chains};
 use crate::config::SafeSettings;
 use crate::telemetry::redact;
@@ -61,6 +65,30 @@ impl Readiness {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// Lets a request through to `/metrics` or `/readyz` only with
+/// `Authorization: Bearer <APPROVAL_BRIDGE_OPS_TOKEN>`, when that is set.
+pub async fn require_ops_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.ops_token {
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if presented.and_then(|p| token.verify(p)).is_none() {
+            return ApiError::unauthorized(
+                "this endpoint needs `Authorization: Bearer <APPROVAL_BRIDGE_OPS_TOKEN>`",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// `/healthz`: `{"status": "ok"}`.

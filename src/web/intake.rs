@@ -11,7 +11,6 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::AppState;
@@ -89,9 +88,11 @@ pub async fn queue(
 ) -> Result<StoredResponse, ApiError> {
     let order = ReplicaOrder::from_json(body).map_err(invalid_order)?;
     let principal = actor.label();
-    // Same meaning, same hash: key order and whitespace do not matter.
+    state.access.check_may_queue(&principal)?;
+    // Same meaning, same hash: key order and whitespace do not matter. Keyed,
+    // so the hash at rest reveals nothing of the env values.
     let canonical: Value = serde_json::from_slice(body).expect("parsed above");
-    let request_hash = Sha256::digest(canonical.to_string().as_bytes()).to_vec();
+    let request_hash = state.request_hasher.hash(canonical.to_string().as_bytes());
 
     let now = state.clock.now();
     let keys_expired_before = now - state.retention.idempotency_key_ttl();

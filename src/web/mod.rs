@@ -13,6 +13,7 @@ mod pages;
 mod replicas;
 mod request_id;
 mod security;
+pub mod server;
 pub mod signers;
 pub mod signin;
 mod ui;
@@ -64,11 +65,17 @@ pub struct AppState {
     pub retention: crate::config::RetentionSettings,
     /// Stores intake's orders, in batches under load.
     pub orders: OrderWriter,
+    /// Keys the hashes of idempotent orders' bodies.
+    pub request_hasher: crate::store::RequestHasher,
+    /// The bearer token `/metrics` and `/readyz` require, if any.
+    pub ops_token: Option<ApiTokens>,
 }
 
 use request_id::REQUEST_ID;
 
-pub fn router(state: AppState) -> Router {
+/// The public listener's routes. With `ops_apart` (a listener of their own
+/// serves them, see [`ops_router`]) it leaves out `/metrics` and `/readyz`.
+pub fn router(state: AppState, ops_apart: bool) -> Router {
     let api = Router::new()
         .route("/replicas", post(replicas::create).get(replicas::list))
         .route("/replicas/{id}", get(replicas::show))
@@ -83,22 +90,43 @@ pub fn router(state: AppState) -> Router {
         state.clone(),
         security::same_origin,
     ));
-    let routes = Router::new()
+    let mut routes = Router::new()
         .merge(page)
         .route("/", get(pages::index))
         .route("/health", get(health::health))
         .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(metrics::scrape))
         .nest("/api/v1", api)
         .route("/webhooks/ci", post(webhook::ci_webhook))
         .route("/static/style.css", get(pages::stylesheet))
-        .fallback(pages::not_found)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            security::transport,
-        ));
+        .fallback(pages::not_found);
+    if !ops_apart {
+        routes = routes.merge(ops_routes(&state));
+    }
+    let routes = routes.layer(middleware::from_fn_with_state(
+        state.clone(),
+        security::transport,
+    ));
     with_layers(routes).with_state(state)
+}
+
+/// The routes of `APPROVAL_BRIDGE_OPS_LISTEN`: `/metrics`, `/readyz` and
+/// `/healthz`, and nothing else.
+pub fn ops_router(state: AppState) -> Router {
+    let routes = ops_routes(&state)
+        .route("/healthz", get(health::healthz))
+        .fallback(pages::not_found);
+    with_layers(routes).with_state(state)
+}
+
+/// `/metrics` and `/readyz`, behind `APPROVAL_BRIDGE_OPS_TOKEN` when it is set.
+fn ops_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::scrape))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            health::require_ops_token,
+        ))
 }
 
 /// What every route gets: a request id and its span, a count, a timeout, a

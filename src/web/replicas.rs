@@ -15,7 +15,7 @@ use super::error::{ApiError, ErrorBody};
 use super::intake::{self, RawBody};
 use super::views;
 use crate::domain::{IllegalTransition, OrderBody, Status};
-use crate::store::StoreError;
+use crate::store::{Reach, StoreError};
 
 const DEFAULT_LIST_LIMIT: i64 = 50;
 pub(super) const MAX_LIST_LIMIT: i64 = 500;
@@ -51,21 +51,40 @@ pub async fn create(
     security(("bearer" = [])))]
 pub async fn show(
     State(state): State<AppState>,
-    _caller: ApiCaller,
+    ApiCaller(actor): ApiCaller,
     Path(id): Path<String>,
 ) -> Result<Json<views::ReplicaDetail>, ApiError> {
-    let id = parse_id(&id)?;
-    let request = state
+    let reach = state.access.reach(&actor);
+    Ok(Json(detail_of(&state, &reach, parse_id(&id)?).await?))
+}
+
+/// Request `id` with its events, if `reach` sees it: the API's and the page's
+/// detail. One out of reach is not found, as if it did not exist.
+pub(super) async fn detail_of(
+    state: &AppState,
+    reach: &Reach,
+    id: Uuid,
+) -> Result<views::ReplicaDetail, ApiError> {
+    let request = visible_request(state, reach, id).await?;
+    let events = state.store.events(id).await?;
+    let proposals = proposals_of(state, reach, std::slice::from_ref(&request)).await?;
+    Ok(views::ReplicaDetail {
+        replica: views::replica(&request, &proposals),
+        events: events.iter().map(views::event).collect(),
+    })
+}
+
+async fn visible_request(
+    state: &AppState,
+    reach: &Reach,
+    id: Uuid,
+) -> Result<crate::store::ReplicaRequest, ApiError> {
+    state
         .store
         .get_request(id)
         .await?
-        .ok_or_else(|| not_found(id))?;
-    let events = state.store.events(id).await?;
-    let proposals = proposals_of(&state, std::slice::from_ref(&request)).await?;
-    Ok(Json(views::ReplicaDetail {
-        replica: views::replica(&request, &proposals),
-        events: events.iter().map(views::event).collect(),
-    }))
+        .filter(|request| reach.sees(request))
+        .ok_or_else(|| not_found(id))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -102,7 +121,7 @@ pub(super) fn list_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
-    _caller: ApiCaller,
+    ApiCaller(actor): ApiCaller,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<views::ReplicaList>, ApiError> {
     let Query(params) = params
@@ -120,8 +139,9 @@ pub async fn list(
             })
         })
         .transpose()?;
-    let requests = state.store.list_requests(status, limit).await?;
-    let proposals = proposals_of(&state, &requests).await?;
+    let reach = state.access.reach(&actor);
+    let requests = state.store.list_requests(status, limit, &reach).await?;
+    let proposals = proposals_of(&state, &reach, &requests).await?;
     let replicas = requests
         .iter()
         .map(|r| views::replica(r, &proposals))
@@ -143,17 +163,22 @@ pub async fn cancel(
     ApiCaller(actor): ApiCaller,
     Path(id): Path<String>,
 ) -> Result<Json<views::ReplicaView>, ApiError> {
-    let request = cancel_as(&state, &actor, parse_id(&id)?).await?;
-    let proposals = proposals_of(&state, std::slice::from_ref(&request)).await?;
+    let reach = state.access.reach(&actor);
+    let request = cancel_as(&state, &actor, &reach, parse_id(&id)?).await?;
+    let proposals = proposals_of(&state, &reach, std::slice::from_ref(&request)).await?;
     Ok(Json(views::replica(&request, &proposals)))
 }
 
-/// Cancels request `id` on behalf of `actor`: the API's and the page's path.
+/// Cancels request `id` on behalf of `actor`, if `reach` sees it: the API's
+/// and the page's path. Which sources a request is of never changes after
+/// intake, so the check need not be in the cancelling transaction.
 pub(super) async fn cancel_as(
     state: &AppState,
     actor: &crate::domain::Actor,
+    reach: &Reach,
     id: Uuid,
 ) -> Result<crate::store::ReplicaRequest, ApiError> {
+    visible_request(state, reach, id).await?;
     match state
         .store
         .cancel_request(id, actor, state.clock.now())
@@ -178,15 +203,17 @@ pub(super) async fn cancel_as(
     }
 }
 
-/// The proposals the given requests point to, as the signers see them.
+/// The proposals the given requests point to, as the signers see them, cut
+/// down to what `reach` sees.
 pub(super) async fn proposals_of(
     state: &AppState,
+    reach: &Reach,
     requests: &[crate::store::ReplicaRequest],
 ) -> Result<views::Proposals, ApiError> {
     let mut ids: Vec<Uuid> = requests.iter().filter_map(|r| r.proposal_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    Ok(super::signers::views_by_id(&state.store, &ids).await?)
+    Ok(super::signers::views_by_id(&state.store, &ids, reach).await?)
 }
 
 pub(super) fn parse_id(id: &str) -> Result<Uuid, ApiError> {

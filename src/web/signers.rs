@@ -25,8 +25,8 @@ use super::replicas::{MAX_LIST_LIMIT, list_limit};
 use super::views::explorer_tx_link;
 use crate::domain::{Mark, Queued, Status, mark, serves_no_request_advice};
 use crate::store::{
-    CvmFacts, ProposalFacts, ProposalRow, QueueEntry, ReplicaRequest, Store, StoredRegistration,
-    same_hex,
+    CvmFacts, ProposalFacts, ProposalRow, QueueEntry, Reach, ReplicaRequest, Store,
+    StoredRegistration, same_hex,
 };
 use crate::telemetry::redact;
 use crate::worker::safe_wallet_link;
@@ -160,18 +160,25 @@ pub struct ProposalList {
     pub proposals: Vec<ProposalView>,
 }
 
-/// The view of one proposal, by id.
-pub async fn proposal_view(state: &AppState, id: Uuid) -> anyhow::Result<Option<ProposalView>> {
+/// The view of one proposal, by id, as `reach` sees it.
+pub async fn proposal_view(
+    state: &AppState,
+    id: Uuid,
+    reach: &Reach,
+) -> anyhow::Result<Option<ProposalView>> {
     let rows = state.store.proposals(&[id]).await?;
-    Ok(views_of(&state.store, rows).await?.pop())
+    Ok(views_of(&state.store, rows, reach)
+        .await?
+        .pop()
+        .filter(|view| seen(view, reach)))
 }
 
-/// The open proposals (proposed, not executed or ended yet) as Safe{Wallet}
-/// queues them: by Safe, then nonce, lowest first.
-pub async fn open_proposals(state: &AppState) -> anyhow::Result<Vec<ProposalView>> {
+/// The open proposals (proposed, not executed or ended yet) that `reach`
+/// sees, as Safe{Wallet} queues them: by Safe, then nonce, lowest first.
+pub async fn open_proposals(state: &AppState, reach: &Reach) -> anyhow::Result<Vec<ProposalView>> {
     let mut rows = state
         .store
-        .list_proposals(Some("proposed"), MAX_LIST_LIMIT)
+        .list_proposals(Some("proposed"), MAX_LIST_LIMIT, reach)
         .await?;
     rows.sort_by(|a, b| {
         (a.chain_id, &a.safe, a.nonce, a.created_at).cmp(&(
@@ -181,27 +188,41 @@ pub async fn open_proposals(state: &AppState) -> anyhow::Result<Vec<ProposalView
             b.created_at,
         ))
     });
-    views_of(&state.store, rows).await
+    views_of(&state.store, rows, reach).await
 }
 
-/// The views of the given proposals by id (for the requests that point to them).
+/// The views of the given proposals by id (for the requests that point to
+/// them), as `reach` sees them.
 pub async fn views_by_id(
     store: &Store,
     ids: &[Uuid],
+    reach: &Reach,
 ) -> anyhow::Result<HashMap<Uuid, ProposalView>> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
     let rows = store.proposals(ids).await?;
-    Ok(views_of(store, rows)
+    Ok(views_of(store, rows, reach)
         .await?
         .into_iter()
         .map(|v| (v.id, v))
         .collect())
 }
 
-/// Builds the views of `rows`, in their order, with four batched reads.
-pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<Vec<ProposalView>> {
+/// Whether `reach` sees a proposal whose view [`views_of`] cut down for it:
+/// it sees at least one of its calls.
+fn seen(view: &ProposalView, reach: &Reach) -> bool {
+    reach.is_all() || !view.calls.is_empty()
+}
+
+/// Builds the views of `rows`, in their order, with four batched reads. A
+/// caller of limited reach sees only the calls and requests within it
+/// ([`Reach::sees_call`], [`Reach::sees`]).
+pub async fn views_of(
+    store: &Store,
+    rows: Vec<ProposalRow>,
+    reach: &Reach,
+) -> anyhow::Result<Vec<ProposalView>> {
     let ids: Vec<Uuid> = rows.iter().map(|p| p.id).collect();
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -211,7 +232,14 @@ pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<V
         calls.entry(id).or_default().push(call);
     }
     let mut facts = store.proposal_facts(&ids).await?;
-    let requests = store.requests_served_by(&ids).await?;
+    let every_request = store.requests_served_by(&ids).await?;
+    let mut every_served: HashMap<Uuid, Vec<&ReplicaRequest>> = HashMap::new();
+    for request in &every_request {
+        if let Some(p) = request.proposal_id {
+            every_served.entry(p).or_default().push(request);
+        }
+    }
+    let requests: Vec<&ReplicaRequest> = every_request.iter().filter(|r| reach.sees(r)).collect();
     let request_ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
     let mut needs: HashMap<Uuid, Vec<StoredRegistration>> = HashMap::new();
     for row in store.registrations_of(&request_ids).await? {
@@ -221,7 +249,7 @@ pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<V
             .push(row.registration);
     }
     let mut served: HashMap<Uuid, Vec<&ReplicaRequest>> = HashMap::new();
-    for request in &requests {
+    for &request in &requests {
         if let Some(p) = request.proposal_id {
             served.entry(p).or_default().push(request);
         }
@@ -236,20 +264,18 @@ pub async fn views_of(store: &Store, rows: Vec<ProposalRow>) -> anyhow::Result<V
         .map(|p| {
             let id = p.id;
             let requests = served.remove(&id).unwrap_or_default();
+            // Whether it serves a request is the proposal's own fact, out of
+            // the caller's reach or not.
+            let all = every_served.remove(&id).unwrap_or_default();
             let position = match &queues {
                 Some((queue, nonces)) if p.status == "proposed" => {
-                    position(&p, &requests, queue, nonces)
+                    position(&p, &all, queue, nonces)
                 }
-                _ => Position::ended(&p, &requests),
+                _ => Position::ended(&p, &all),
             };
-            build(
-                p,
-                calls.remove(&id).unwrap_or_default(),
-                facts.remove(&id),
-                requests,
-                &needs,
-                &position,
-            )
+            let mut calls = calls.remove(&id).unwrap_or_default();
+            calls.retain(|c| reach.sees_call(&c.app_id, requests.iter().copied()));
+            build(p, calls, facts.remove(&id), requests, &needs, &position)
         })
         .collect())
 }
@@ -742,7 +768,7 @@ pub struct ListParams {
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
-    _caller: ApiCaller,
+    ApiCaller(actor): ApiCaller,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ProposalList>, ApiError> {
     let Query(params) = params
@@ -763,9 +789,10 @@ pub async fn list(
         }
     };
     let limit = list_limit(params.limit)?;
-    let rows = state.store.list_proposals(status, limit).await?;
+    let reach = state.access.reach(&actor);
+    let rows = state.store.list_proposals(status, limit, &reach).await?;
     Ok(Json(ProposalList {
-        proposals: views_of(&state.store, rows).await?,
+        proposals: views_of(&state.store, rows, &reach).await?,
     }))
 }
 
@@ -779,7 +806,7 @@ pub async fn list(
     security(("bearer" = [])))]
 pub async fn show(
     State(state): State<AppState>,
-    _caller: ApiCaller,
+    ApiCaller(actor): ApiCaller,
     Path(id): Path<String>,
 ) -> Result<Json<ProposalView>, ApiError> {
     let row = if let Ok(uuid) = Uuid::parse_str(&id) {
@@ -794,11 +821,17 @@ pub async fn show(
             ),
         ));
     };
-    let row = row.ok_or_else(|| ApiError::not_found(format!("no proposal has id {id}")))?;
-    let view = views_of(&state.store, vec![row])
+    // One out of the caller's reach is not found, as if it did not exist.
+    let not_found = || ApiError::not_found(format!("no proposal has id {id}"));
+    let row = row.ok_or_else(not_found)?;
+    let reach = state.access.reach(&actor);
+    let view = views_of(&state.store, vec![row], &reach)
         .await?
         .pop()
         .expect("one row gives one view");
+    if !seen(&view, &reach) {
+        return Err(not_found());
+    }
     Ok(Json(view))
 }
 

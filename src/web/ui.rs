@@ -22,13 +22,13 @@ use serde_json::{Map, Value, json};
 use super::AppState;
 use super::error::ApiError;
 use super::intake;
-use super::replicas::{cancel_as, parse_id, proposals_of};
+use super::replicas::{cancel_as, detail_of, parse_id, proposals_of};
 use super::signers::{ProposalView, open_proposals};
 use super::signin::{self, CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
 use super::ui_models::{DetailView, RowView};
 use super::views;
 use crate::domain::Status;
-use crate::store::RequestFilter;
+use crate::store::{Reach, RequestFilter};
 use crate::telemetry::redact;
 
 const LIST_LIMIT: i64 = 100;
@@ -228,7 +228,7 @@ pub struct ListQuery {
 }
 
 impl ListQuery {
-    fn filter(&self) -> Result<RequestFilter, ApiError> {
+    fn filter(&self, reach: Reach) -> Result<RequestFilter, ApiError> {
         let status = match self.status.as_str() {
             "" => None,
             s => Some(s.parse::<Status>().map_err(|_| {
@@ -240,6 +240,7 @@ impl ListQuery {
             status,
             app_id: some(&self.app),
             source: some(&self.source),
+            reach,
         })
     }
 
@@ -285,12 +286,21 @@ struct RowsPartial {
     filtered: bool,
 }
 
-async fn rows(state: &AppState, query: &ListQuery) -> Result<Vec<RowView>, PageError> {
+/// What a person sees: everything, unless a `web:` scope narrows it.
+fn reach_of(state: &AppState, user: &PageUser) -> Reach {
+    state.access.reach(&user.actor())
+}
+
+async fn rows(
+    state: &AppState,
+    reach: &Reach,
+    query: &ListQuery,
+) -> Result<Vec<RowView>, PageError> {
     let requests = state
         .store
-        .filtered_requests(&query.filter()?, LIST_LIMIT)
+        .filtered_requests(&query.filter(reach.clone())?, LIST_LIMIT)
         .await?;
-    let proposals = proposals_of(state, &requests).await?;
+    let proposals = proposals_of(state, reach, &requests).await?;
     Ok(requests
         .iter()
         .map(|r| RowView::new(&views::replica(r, &proposals)))
@@ -304,8 +314,9 @@ pub async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, PageError> {
-    let rows = rows(&state, &query).await?;
-    let (apps, sources) = state.store.request_facets().await?;
+    let reach = reach_of(&state, &user);
+    let rows = rows(&state, &reach, &query).await?;
+    let (apps, sources) = state.store.request_facets(&reach).await?;
     let (chrome, cookie) = chrome(&state, &headers, Some(&user));
     let page = ReplicasPage {
         chrome,
@@ -325,11 +336,11 @@ pub async fn list(
 /// `GET /replicas/rows`: the list's rows alone, which the page polls.
 pub async fn rows_partial(
     State(state): State<AppState>,
-    _user: PageUser,
+    user: PageUser,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, PageError> {
     let page = RowsPartial {
-        rows: rows(&state, &query).await?,
+        rows: rows(&state, &reach_of(&state, &user), &query).await?,
         filtered: !query.query_string().is_empty(),
     };
     Ok(html(page.render(), StatusCode::OK, None))
@@ -351,19 +362,11 @@ struct LivePartial {
     d: DetailView,
 }
 
-async fn detail_view(state: &AppState, id: &str) -> Result<DetailView, PageError> {
-    let id = parse_id(id)?;
-    let request = state
-        .store
-        .get_request(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no replica request has id {id}")))?;
-    let events = state.store.events(id).await?;
-    let proposals = proposals_of(state, std::slice::from_ref(&request)).await?;
-    Ok(DetailView::new(views::ReplicaDetail {
-        replica: views::replica(&request, &proposals),
-        events: events.iter().map(views::event).collect(),
-    }))
+async fn detail_view(state: &AppState, user: &PageUser, id: &str) -> Result<DetailView, PageError> {
+    let reach = reach_of(state, user);
+    Ok(DetailView::new(
+        detail_of(state, &reach, parse_id(id)?).await?,
+    ))
 }
 
 /// `GET /replicas/{id}`: status, timeline, error, proposal, cancel.
@@ -373,7 +376,7 @@ pub async fn detail(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
-    let d = detail_view(&state, &id).await?;
+    let d = detail_view(&state, &user, &id).await?;
     let (chrome, cookie) = chrome(&state, &headers, Some(&user));
     Ok(html(
         DetailPage { chrome, d }.render(),
@@ -389,7 +392,7 @@ pub async fn live_partial(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
-    let d = detail_view(&state, &id).await?;
+    let d = detail_view(&state, &user, &id).await?;
     // The cancel form lives in the changing part: it shows only while the
     // request can be cancelled.
     let (chrome, cookie) = chrome(&state, &headers, Some(&user));
@@ -411,7 +414,8 @@ pub async fn cancel(
     let pairs = form_pairs(&body);
     check_csrf(&state.page_auth, &headers, field(&pairs, CSRF_FIELD))?;
     user.require_operator()?;
-    let request = cancel_as(&state, &user.actor(), parse_id(&id)?).await?;
+    let reach = reach_of(&state, &user);
+    let request = cancel_as(&state, &user.actor(), &reach, parse_id(&id)?).await?;
     Ok(see_other(&format!("/replicas/{}", request.id)))
 }
 
@@ -689,7 +693,9 @@ pub async fn proposals(
     user: PageUser,
     headers: HeaderMap,
 ) -> Result<Response, PageError> {
-    let proposals = open_proposals(&state).await.map_err(ApiError::from)?;
+    let proposals = open_proposals(&state, &reach_of(&state, &user))
+        .await
+        .map_err(ApiError::from)?;
     let (chrome, cookie) = chrome(&state, &headers, Some(&user));
     Ok(html(
         ProposalsPage { chrome, proposals }.render(),
@@ -701,9 +707,11 @@ pub async fn proposals(
 /// `GET /proposals/live`: the list alone, which the page polls.
 pub async fn proposals_partial(
     State(state): State<AppState>,
-    _user: PageUser,
+    user: PageUser,
 ) -> Result<Response, PageError> {
-    let proposals = open_proposals(&state).await.map_err(ApiError::from)?;
+    let proposals = open_proposals(&state, &reach_of(&state, &user))
+        .await
+        .map_err(ApiError::from)?;
     Ok(html(
         ProposalsPartial { proposals }.render(),
         StatusCode::OK,

@@ -29,6 +29,7 @@ async fn a_caller_outside_its_scope_is_refused_and_nothing_is_stored() {
                 "api:ci-bot".into(),
                 vec![SourcePattern::App(app_id().parse().unwrap())],
             ),
+            ("ci:gitlab".into(), vec![SourcePattern::Any]),
         ])
     })
     .await;
@@ -50,7 +51,7 @@ async fn a_caller_outside_its_scope_is_refused_and_nothing_is_stored() {
             && message.contains("api-prod"),
         "{message}"
     );
-    // The other CI client has no scope: any source.
+    // The other CI client's scope is `*`: any source.
     let other = app
         .post_webhook(body, "another-secret-123", now, None)
         .await;

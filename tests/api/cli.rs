@@ -200,6 +200,7 @@ async fn sigterm_mid_step_exits_cleanly_and_gives_the_lease_back() {
         .env("APPROVAL_BRIDGE_PHALA_API_KEY", PHALA_API_KEY)
         .env("APPROVAL_BRIDGE_PHALA_TIMEOUT_SECS", "20")
         .env("APPROVAL_BRIDGE_API_TOKENS", format!("ci-bot={API_TOKEN}"))
+        .env("APPROVAL_BRIDGE_SCOPES", "api:ci-bot=*")
         .env("APPROVAL_BRIDGE_WORKERS", "2")
         .env("APPROVAL_BRIDGE_SHUTDOWN_GRACE_SECS", "1")
         .stdout(std::process::Stdio::null())

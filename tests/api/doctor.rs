@@ -72,6 +72,14 @@ async fn doctor_checks_the_sandbox_world_and_names_a_wrong_phala_key() {
         row(&table, "proposer").contains("is a delegate of owner"),
         "{table}"
     );
+    assert!(
+        row(&table, "scope").contains("every API token and CI client has a scope"),
+        "{table}"
+    );
+    assert!(
+        row(&table, "server secret").contains("set: it keys"),
+        "{table}"
+    );
     assert!(table.contains("checks passed"), "{table}");
     // No secret reaches the table.
     assert!(
@@ -93,6 +101,19 @@ async fn doctor_checks_the_sandbox_world_and_names_a_wrong_phala_key() {
         "{table}"
     );
     assert!(!phala.contains("phak_wrong-key-0000"), "{table}");
+
+    // A token without a scope may do nothing: doctor says which, and how to fix it.
+    let (code, table, _) = doctor(
+        &world,
+        &database_url,
+        &[("APPROVAL_BRIDGE_SCOPES", "ci:ci=*")],
+    );
+    assert_eq!(code, 1, "{table}");
+    let scope = row(&table, "scope");
+    assert!(
+        scope.starts_with("FAIL") && scope.contains("api:sandbox=*"),
+        "{table}"
+    );
     // Everything else still passes, and nothing panicked.
     assert!(row(&table, "safe").starts_with("ok"), "{table}");
     assert!(table.contains("1 of "), "{table}");

@@ -7,7 +7,8 @@ use std::time::Duration;
 use approval_bridge::clock::Clock;
 use approval_bridge::config::{
     DatabaseSettings, LogFormat, NotifySettings, PhalaSettings, RetentionSettings, SafeSettings,
-    Settings, TrustSettings, WebSettings, WorkerSettings, parse_named_secrets,
+    Scopes, ServerSettings, Settings, SourcePattern, TrustSettings, WebSettings, WorkerSettings,
+    parse_named_secrets,
 };
 use approval_bridge::startup::Application;
 use approval_bridge::store::{Lane, Store};
@@ -22,9 +23,22 @@ use wiremock::MockServer;
 pub const API_TOKEN: &str = "test-api-token-1";
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
 pub const PHALA_API_KEY: &str = "test-phala-api-key";
+pub const SERVER_SECRET: &str = "test-server-secret-of-32-characters";
+
+/// `*` for each of the given callers: a scope that allows everything.
+pub fn every_source_for(callers: &[&str]) -> Scopes {
+    Scopes(
+        callers
+            .iter()
+            .map(|caller| (caller.to_string(), vec![SourcePattern::Any]))
+            .collect(),
+    )
+}
 
 pub struct TestApp {
     pub address: String,
+    /// `APPROVAL_BRIDGE_OPS_LISTEN`'s address, when the test set it.
+    pub ops_address: Option<String>,
     pub http: reqwest::Client,
     /// Shared, so that a restarted app can talk to the same Phala.
     pub phala: Arc<MockServer>,
@@ -91,10 +105,17 @@ pub fn test_settings(database_url: &str, phala_url: &str) -> Settings {
             safe_rate_limit: 50.0,
             ..SafeSettings::default()
         },
-        trust: TrustSettings::default(),
+        trust: TrustSettings {
+            scopes: every_source_for(&["api:ci-bot", "ci:github", "ci:gitlab"]),
+            ..TrustSettings::default()
+        },
         web: WebSettings::default(),
         notify: NotifySettings::default(),
         retention: RetentionSettings::default(),
+        server: ServerSettings {
+            server_secret: Some(SERVER_SECRET.to_owned().into()),
+            ..ServerSettings::default()
+        },
         log_format: LogFormat::Text,
     }
 }
@@ -139,12 +160,16 @@ pub async fn spawn_app_with_clock(
         .await
         .expect("build app");
     let address = format!("http://127.0.0.1:{}", app.port());
+    let ops_address = app
+        .ops_port()
+        .map(|port| format!("http://127.0.0.1:{port}"));
     let worker = app.worker();
     let store = app.store();
     let db = store.pool().clone();
     tokio::spawn(app.run_until_stopped());
     TestApp {
         address,
+        ops_address,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()

@@ -212,10 +212,14 @@ async fn world() -> (TestApp, MockKms) {
     let configure = kms.configure();
     let app = spawn_app_with(move |s| {
         configure(s);
-        s.trust.scopes = Scopes(vec![(
-            "ci:github".into(),
-            vec![SourcePattern::Name(ONCHAIN_NAME.into())],
-        )]);
+        s.trust.scopes = Scopes(vec![
+            (
+                "ci:github".into(),
+                vec![SourcePattern::Name(ONCHAIN_NAME.into())],
+            ),
+            ("api:ci-bot".into(), vec![SourcePattern::Any]),
+            ("ci:gitlab".into(), vec![SourcePattern::Any]),
+        ]);
         s.trust.quotas = Quotas(vec![(
             "api:ci-bot".into(),
             Quota {

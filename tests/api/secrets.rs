@@ -274,6 +274,11 @@ async fn no_secret_reaches_the_log_the_database_or_the_api() {
         ),
         ("APPROVAL_BRIDGE_PHALA_API_KEY", PHALA_API_KEY.into()),
         ("APPROVAL_BRIDGE_API_TOKENS", format!("ci-bot={API_TOKEN}")),
+        ("APPROVAL_BRIDGE_SCOPES", "api:ci-bot=*,ci:github=*".into()),
+        (
+            "APPROVAL_BRIDGE_SERVER_SECRET",
+            crate::helpers::SERVER_SECRET.into(),
+        ),
         (
             "APPROVAL_BRIDGE_WEBHOOK_SECRETS",
             format!("github={WEBHOOK_SECRET}"),
@@ -357,6 +362,7 @@ async fn no_secret_reaches_the_log_the_database_or_the_api() {
         RPC_KEY,
         SAFE_SERVICE_KEY,
         PHALA_URL_KEY,
+        crate::helpers::SERVER_SECRET,
     ] {
         assert!(!log.contains(secret), "`{secret}` leaked into the log");
         assert!(

@@ -446,12 +446,12 @@ async fn a_page_form_without_its_csrf_token_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn the_page_queues_through_intake_as_the_person_and_within_their_scope() {
     let page = page_app_with(false, |s, operator| {
-        s.trust.scopes = approval_bridge::config::Scopes(vec![(
+        s.trust.scopes.0.push((
             format!("web:{}", operator.to_checksum(None)),
             vec![approval_bridge::config::SourcePattern::Name(
                 "other-cvm".into(),
             )],
-        )]);
+        ));
     })
     .await;
     crate::safe_flow::mount_source_on(&page.app, page.world.app, true).await;
