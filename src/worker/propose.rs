@@ -1064,7 +1064,7 @@ async fn submit(
 /// parse, hash to its safeTxHash, and make exactly the calls stored with it
 /// on the apps of its requests (`safe::verify`). Whoever can write the
 /// database must not get anything else signed. `Err`: why not.
-async fn signable(
+pub(super) async fn signable(
     worker: &Worker,
     stored: &ProposalRow,
 ) -> anyhow::Result<Result<(Address, SafeTx, SafeVersion), String>> {
@@ -1128,7 +1128,7 @@ async fn signable(
 
 /// A stored proposal that is not what the bridge planned fails, with its
 /// requests, and nothing is signed or posted.
-async fn refuse_to_sign(
+pub(super) async fn refuse_to_sign(
     worker: &Worker,
     stored: &ProposalRow,
     why: &str,

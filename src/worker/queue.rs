@@ -72,6 +72,12 @@ async fn withdraw(
     proposal: &ProposalRow,
     fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
+    // The proposer key acts (signs, posts, deletes) only for a row that is
+    // what the bridge planned; a forged one is refused, not withdrawn.
+    if let Err(why) = super::propose::signable(worker, proposal).await? {
+        super::propose::refuse_to_sign(worker, proposal, &why, fence).await?;
+        return Ok(true);
+    }
     let hash: B256 = proposal.safe_tx_hash.parse()?;
     let safe: Address = proposal.safe.parse()?;
     let chain_id = proposal.chain_id as u64;

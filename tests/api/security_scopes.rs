@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use crate::helpers::{API_TOKEN, TestApp, error_of, spawn_app_with};
 use crate::phala_mock::*;
 use crate::safe_flow::{SafeWorld, mount_source_on};
+use crate::web_signin::PROXY_SECRET;
 
 const DOCS: &str = "docs-token-12345";
 const WEB: &str = "web-token-123456";
@@ -239,6 +240,7 @@ async fn a_person_with_a_scope_sees_only_its_sources_on_the_page() {
             vec![SourcePattern::Name(CLOUD_NAME.into())],
         ));
         s.web.proxy_user_header = Some("x-forwarded-email".parse().unwrap());
+        s.web.proxy_secret = Some(PROXY_SECRET.to_owned().into());
         s.web.trusted_proxies =
             approval_bridge::config::TrustedProxies(vec!["127.0.0.1".parse().unwrap()]);
     })
@@ -252,7 +254,8 @@ async fn a_person_with_a_scope_sees_only_its_sources_on_the_page() {
         let request = app
             .http
             .get(format!("{}{path}", app.address))
-            .header("x-forwarded-email", user);
+            .header("x-forwarded-email", user)
+            .header("x-proxy-secret", PROXY_SECRET);
         async move { request.send().await.unwrap() }
     };
     // Scoped: the list and the detail stop at the scope.
