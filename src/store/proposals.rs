@@ -697,6 +697,22 @@ impl Store {
         Ok(())
     }
 
+    /// Records a read of confirmations that changed nothing, for many
+    /// proposals in one statement.
+    pub async fn mark_checked(&self, ids: &[Uuid], now: DateTime<Utc>) -> Result<(), sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query!(
+            "UPDATE proposals SET checked_at = $2 WHERE id = ANY($1)",
+            ids,
+            now,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Puts waiting requests off until `until`, keeping `error` on them (or
     /// clearing it). No status changes: they wait for the batch window, or
     /// for a chain problem to pass.
