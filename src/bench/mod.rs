@@ -30,7 +30,7 @@ use figures::{Figure, Pace, Table};
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Nodes with free slots in the world (`prod-1` to `prod-N`).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(40..=1000))]
+    #[arg(long, default_value_t = 160, value_parser = clap::value_parser!(u32).range(140..=1000))]
     pub nodes: u32,
     /// Free CVM slots on each node: room for the whole intake burst on one.
     #[arg(long, default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(32..=100_000))]
@@ -74,6 +74,12 @@ const SLOW_PHALA: Duration = Duration::from_millis(500);
 const SLOW_BURST: u32 = 400;
 /// How long `serve` reuses a Phala lookup (its default, set explicitly).
 const LOOKUP_CACHE: Duration = Duration::from_secs(30);
+/// Open proposals at which the planner's passes are measured.
+const PASS_LEVELS: [u32; 3] = [1, 10, 100];
+/// How long the planner's passes are watched at each level: about fifteen
+/// passes (it polls every second in the sandbox), five of them reading
+/// confirmations.
+const PASS_WINDOW: Duration = Duration::from_secs(15);
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sandbox = Sandbox::start(SandboxOptions {
@@ -208,20 +214,96 @@ impl Bench<'_> {
         );
         table.push(self.intake_with_slow_phala().await?);
 
-        // 3: RPC calls per new block with open proposals (left unexecuted: last).
-        eprintln!("bench: RPC calls per block");
+        // 3: RPC calls per new block with open proposals, and 8: the
+        // planner's passes with 1, 10 and 100 (left unexecuted: last).
+        eprintln!("bench: RPC calls per block and planner passes");
         let mut per_block = Vec::new();
-        for open in [1, args.open_proposals] {
-            while self.open_proposals().await?.len() < open as usize {
+        let mut passes = Vec::new();
+        let mut levels: Vec<u32> = [1, args.open_proposals]
+            .into_iter()
+            .chain(PASS_LEVELS)
+            .collect();
+        levels.sort_unstable();
+        levels.dedup();
+        for open in levels {
+            while self.awaiting_approval().await?.len() < open as usize {
                 let node = nodes.next().context("not enough nodes: raise --nodes")?;
                 let id = self.queue(node).await?;
                 self.wait_status(&id, "awaiting_approval", Duration::from_secs(60))
                     .await?;
             }
-            per_block.push((open, self.rpc_per_block(10, Duration::from_secs(1)).await?));
+            if open == 1 || open == args.open_proposals {
+                per_block.push((open, self.rpc_per_block(10, Duration::from_secs(1)).await?));
+            }
+            if PASS_LEVELS.contains(&open) {
+                passes.push((open, self.planner_passes(PASS_WINDOW).await?));
+            }
         }
         table.push(Figure::rpc_per_block(Pace::NewHeads, &per_block));
+        table.push(Figure::planner_passes(&passes));
+
+        // The polling figures count with `--open-proposals` open: the
+        // lowest nonces of the rest are executed (a Safe executes in order).
+        let requests = self.awaiting_approval().await?;
+        let open = self.open_proposals().await?;
+        let extra = open.len().saturating_sub(args.open_proposals as usize);
+        eprintln!("bench: executing {extra} of {} open proposals", open.len());
+        for (_, hash) in &open[..extra] {
+            self.sign_and_execute(hash).await?;
+        }
+        for (_, hash, id) in &requests {
+            if open[..extra].iter().any(|(_, executed)| executed == hash) {
+                self.wait_status(id, "done", Duration::from_secs(180))
+                    .await?;
+            }
+        }
         Ok(nodes.next().unwrap_or(args.nodes + 1))
+    }
+
+    /// The planner's passes over `window`, with nothing but open proposals
+    /// to look after: how many there were and how long they took (the
+    /// bridge's own histogram on `/metrics`), and how many calls the Safe
+    /// Transaction Service received meanwhile (counted at the simulator).
+    async fn planner_passes(&self, window: Duration) -> anyhow::Result<figures::Passes> {
+        let job = format!(
+            "planner:{}:{:#x}",
+            self.sandbox.chain.chain_id(),
+            self.sandbox.safe
+        );
+        let (count, sum) = self.pass_histogram(&job).await?;
+        let calls = self.sandbox.safe_service.calls();
+        tokio::time::sleep(window).await;
+        let (count_after, sum_after) = self.pass_histogram(&job).await?;
+        let calls_after = self.sandbox.safe_service.calls();
+        Ok(figures::Passes {
+            passes: count_after - count,
+            seconds: sum_after - sum,
+            calls: calls_after - calls,
+        })
+    }
+
+    /// The count and the sum of the planner `job`'s pass histogram.
+    async fn pass_histogram(&self, job: &str) -> anyhow::Result<(u64, f64)> {
+        let page = self
+            .http
+            .get(self.bridge.join("metrics")?)
+            .send()
+            .await?
+            .text()
+            .await?;
+        let series = |suffix: &str| -> anyhow::Result<f64> {
+            let name = format!("{}_{suffix}{{", crate::metrics::PLANNER_PASS_SECONDS);
+            let label = format!("planner=\"{job}\"");
+            let line = page
+                .lines()
+                .find(|l| l.starts_with(&name) && l.contains(&label))
+                .with_context(|| format!("no {name}{label}}} on /metrics"))?;
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            value
+                .parse()
+                .with_context(|| format!("/metrics: {line}"))
+        };
+        Ok((series("count")? as u64, series("sum")?))
     }
 
     /// Figures 1 and 3 for a `serve` without the WebSocket, at 1 s blocks
@@ -607,9 +689,22 @@ impl Bench<'_> {
 
     /// The open proposals' nonces and hashes, in nonce order.
     async fn open_proposals(&self) -> anyhow::Result<Vec<(u64, String)>> {
+        let mut open: Vec<(u64, String)> = self
+            .awaiting_approval()
+            .await?
+            .into_iter()
+            .map(|(nonce, hash, _)| (nonce, hash))
+            .collect();
+        open.dedup();
+        Ok(open)
+    }
+
+    /// The requests awaiting approval: each one's proposal nonce and hash,
+    /// and its id, in nonce order.
+    async fn awaiting_approval(&self) -> anyhow::Result<Vec<(u64, String, String)>> {
         let url = self
             .bridge
-            .join("api/v1/replicas?status=awaiting_approval&limit=100")?;
+            .join("api/v1/replicas?status=awaiting_approval&limit=500")?;
         let list: Value = self
             .http
             .get(url)
@@ -618,7 +713,7 @@ impl Bench<'_> {
             .await?
             .json()
             .await?;
-        let mut open: Vec<(u64, String)> = list["replicas"]
+        let mut open: Vec<(u64, String, String)> = list["replicas"]
             .as_array()
             .into_iter()
             .flatten()
@@ -627,11 +722,11 @@ impl Bench<'_> {
                 Some((
                     proposal["nonce"].as_u64()?,
                     proposal["safe_tx_hash"].as_str()?.to_owned(),
+                    r["id"].as_str()?.to_owned(),
                 ))
             })
             .collect();
         open.sort_unstable();
-        open.dedup();
         Ok(open)
     }
 

@@ -130,11 +130,17 @@ pub(super) async fn run_scope(
     scope: &PlanScope,
     fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
-    let mut moved = submit_stored(worker, flow, scope).await?;
-    moved |= plan(worker, flow, scope, fence).await?;
-    refresh_confirmations(worker, flow, scope).await?;
-    super::describe::fill_missing(worker, scope).await?;
-    Ok(moved)
+    let started = std::time::Instant::now();
+    let pass = async {
+        let mut moved = submit_stored(worker, flow, scope).await?;
+        moved |= plan(worker, flow, scope, fence).await?;
+        refresh_confirmations(worker, flow, scope).await?;
+        super::describe::fill_missing(worker, scope).await?;
+        anyhow::Ok(moved)
+    };
+    let moved = pass.await;
+    crate::metrics::record_planner_pass(scope.job(), started.elapsed());
+    moved
 }
 
 async fn plan(
