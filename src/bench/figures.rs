@@ -166,13 +166,7 @@ impl Figure {
         let calls = |p: &Passes| p.calls as f64 / p.passes.max(1) as f64;
         let measured = levels
             .iter()
-            .map(|(open, p)| {
-                format!(
-                    "{:.1} ms, {:.2} calls with {open} open",
-                    ms(p),
-                    calls(p)
-                )
-            })
+            .map(|(open, p)| format!("{:.1} ms, {:.2} calls with {open} open", ms(p), calls(p)))
             .collect::<Vec<_>>()
             .join("; ");
         let (time_ratio, calls_ratio) = match (levels.first(), levels.last()) {
@@ -317,5 +311,24 @@ mod tests {
         assert_eq!(quantile(&values, 0.5), 0.2);
         assert_eq!(quantile(&values, 0.99), 0.4);
         assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn the_planner_pass_figure_compares_the_most_open_proposals_with_the_fewest() {
+        let at = |passes, seconds, calls| Passes {
+            passes,
+            seconds,
+            calls,
+        };
+        let flat = Figure::planner_passes(&[
+            (1, at(15, 0.030, 5)),
+            (10, at(15, 0.090, 5)),
+            (100, at(16, 0.040, 5)),
+        ]);
+        assert_eq!(flat.met, Some(true), "{}", flat.measured);
+        let slower = Figure::planner_passes(&[(1, at(15, 0.030, 5)), (100, at(15, 0.060, 5))]);
+        assert_eq!(slower.met, Some(false), "{}", slower.measured);
+        let costlier = Figure::planner_passes(&[(1, at(15, 0.030, 5)), (100, at(15, 0.030, 500))]);
+        assert_eq!(costlier.met, Some(false), "{}", costlier.measured);
     }
 }

@@ -299,9 +299,7 @@ impl Bench<'_> {
                 .find(|l| l.starts_with(&name) && l.contains(&label))
                 .with_context(|| format!("no {name}{label}}} on /metrics"))?;
             let value = line.rsplit(' ').next().unwrap_or_default();
-            value
-                .parse()
-                .with_context(|| format!("/metrics: {line}"))
+            value.parse().with_context(|| format!("/metrics: {line}"))
         };
         Ok((series("count")? as u64, series("sum")?))
     }

@@ -431,7 +431,13 @@ async fn plan_chain(
             else {
                 continue;
             };
-            match usable_safe(flow, chain_id as u64, member.app, &states[&member.app], owner) {
+            match usable_safe(
+                flow,
+                chain_id as u64,
+                member.app,
+                &states[&member.app],
+                owner,
+            ) {
                 Ok(info) => {
                     safe = Some(info);
                     usable.push(member);
@@ -473,7 +479,13 @@ async fn owner_kind(
                 None,
             );
             let until = worker.clock.now() + CHAIN_RETRY;
-            defer(worker, std::slice::from_ref(&member.request), until, Some(&err)).await?;
+            defer(
+                worker,
+                std::slice::from_ref(&member.request),
+                until,
+                Some(&err),
+            )
+            .await?;
             Ok(None)
         }
     }
@@ -1168,13 +1180,7 @@ async fn refresh_confirmations(
             }
             worker
                 .store
-                .set_confirmations(
-                    proposal.id,
-                    now,
-                    &confirmed,
-                    threshold,
-                    owners.as_deref(),
-                )
+                .set_confirmations(proposal.id, now, &confirmed, threshold, owners.as_deref())
                 .await?;
         }
         worker.store.mark_checked(&unchanged, now).await?;
