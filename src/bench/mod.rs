@@ -539,15 +539,19 @@ impl Bench<'_> {
         sqlx::query("CREATE TABLE IF NOT EXISTS bench_rows (LIKE replica_requests INCLUDING ALL)")
             .execute(&pool)
             .await?;
-        let columns: String = sqlx::query_scalar(
-            "SELECT string_agg(column_name, ', ' ORDER BY ordinal_position)
+        // Each copy without the row's replica, as intake stores a request:
+        // a replica id is unique.
+        let (columns, values): (String, String) = sqlx::query_as(
+            "SELECT string_agg(column_name, ', ' ORDER BY ordinal_position),
+                    string_agg(CASE WHEN column_name = 'replica_vm_uuid' THEN 'NULL'
+                                    ELSE column_name::text END, ', ' ORDER BY ordinal_position)
              FROM information_schema.columns
              WHERE table_name = 'replica_requests' AND column_name <> 'id'",
         )
         .fetch_one(&pool)
         .await?;
         let insert = format!(
-            "INSERT INTO bench_rows (id, {columns}) SELECT $2, {columns} FROM replica_requests WHERE id = $1"
+            "INSERT INTO bench_rows (id, {columns}) SELECT $2, {values} FROM replica_requests WHERE id = $1"
         );
         let row: uuid::Uuid = sqlx::query_scalar("SELECT id FROM replica_requests LIMIT 1")
             .fetch_one(&pool)
