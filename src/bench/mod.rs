@@ -215,7 +215,9 @@ impl Bench<'_> {
         table.push(self.intake_with_slow_phala().await?);
 
         // 3: RPC calls per new block with open proposals, and 8: the
-        // planner's passes with 1, 10 and 100 (left unexecuted: last).
+        // planner's passes with 1, 10 and 100 (left unexecuted: last), once
+        // the intake's requests are done: they pass through the planner too.
+        self.wait_for_backlog(Duration::from_secs(600)).await?;
         eprintln!("bench: RPC calls per block and planner passes");
         let mut per_block = Vec::new();
         let mut passes = Vec::new();
@@ -258,6 +260,35 @@ impl Bench<'_> {
             }
         }
         Ok(nodes.next().unwrap_or(args.nodes + 1))
+    }
+
+    /// Waits (at most `limit`) until no request is in flight but those
+    /// awaiting approval, by `serve`'s queue depth on `/metrics`.
+    async fn wait_for_backlog(&self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let page = self
+                .http
+                .get(self.bridge.join("metrics")?)
+                .send()
+                .await?
+                .text()
+                .await?;
+            let busy: f64 = page
+                .lines()
+                .filter(|l| l.starts_with(crate::metrics::QUEUE_DEPTH))
+                .filter(|l| !l.contains("awaiting_approval"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if busy == 0.0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < limit,
+                "{busy} requests still in flight after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// The planner's passes over `window`, with nothing but open proposals
