@@ -114,10 +114,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         outcome = match Serve::start(&sandbox, &proxy.url, &database_url, Follow::Polling).await {
             Ok(polling) => {
                 serve = polling;
-                bench
-                    .polling(&args, next_node, &mut table)
-                    .await
-                    .map(|()| None)
+                match bench.polling(&args, next_node, &mut table).await {
+                    Ok(next_node) => bench
+                        .planner_levels(&args, next_node, &mut table)
+                        .await
+                        .map(|()| None),
+                    Err(err) => Err(err),
+                }
             }
             Err(err) => Err(err),
         };
@@ -214,52 +217,53 @@ impl Bench<'_> {
         );
         table.push(self.intake_with_slow_phala().await?);
 
-        // 3: RPC calls per new block with open proposals, and 8: the
-        // planner's passes with 1, 10 and 100 (left unexecuted: last), once
-        // the intake's requests are done: they pass through the planner too.
+        // 3: RPC calls per new block with open proposals (left unexecuted:
+        // last), once the intake's requests are done: they pass through the
+        // planner too.
         self.wait_for_backlog(Duration::from_secs(600)).await?;
-        eprintln!("bench: RPC calls per block and planner passes");
+        eprintln!("bench: RPC calls per block");
         let mut per_block = Vec::new();
-        let mut passes = Vec::new();
-        let mut levels: Vec<u32> = [1, args.open_proposals]
-            .into_iter()
-            .chain(PASS_LEVELS)
-            .collect();
-        levels.sort_unstable();
-        levels.dedup();
-        for open in levels {
-            while self.awaiting_approval().await?.len() < open as usize {
-                let node = nodes.next().context("not enough nodes: raise --nodes")?;
-                let id = self.queue(node).await?;
-                self.wait_status(&id, "awaiting_approval", Duration::from_secs(60))
-                    .await?;
-            }
-            if open == 1 || open == args.open_proposals {
-                per_block.push((open, self.rpc_per_block(10, Duration::from_secs(1)).await?));
-            }
-            if PASS_LEVELS.contains(&open) {
-                passes.push((open, self.planner_passes(PASS_WINDOW).await?));
-            }
+        for open in [1, args.open_proposals] {
+            self.open_up_to(open, &mut nodes).await?;
+            per_block.push((open, self.rpc_per_block(10, Duration::from_secs(1)).await?));
         }
         table.push(Figure::rpc_per_block(Pace::NewHeads, &per_block));
-        table.push(Figure::planner_passes(&passes));
-
-        // The polling figures count with `--open-proposals` open: the
-        // lowest nonces of the rest are executed (a Safe executes in order).
-        let requests = self.awaiting_approval().await?;
-        let open = self.open_proposals().await?;
-        let extra = open.len().saturating_sub(args.open_proposals as usize);
-        eprintln!("bench: executing {extra} of {} open proposals", open.len());
-        for (_, hash) in &open[..extra] {
-            self.sign_and_execute(hash).await?;
-        }
-        for (_, hash, id) in &requests {
-            if open[..extra].iter().any(|(_, executed)| executed == hash) {
-                self.wait_status(id, "done", Duration::from_secs(180))
-                    .await?;
-            }
-        }
         Ok(nodes.next().unwrap_or(args.nodes + 1))
+    }
+
+    /// 8: the planner's passes with 1, 10 and 100 open proposals, on nodes
+    /// from `first_node` on; last, as they are left open.
+    async fn planner_levels(
+        &self,
+        args: &BenchArgs,
+        first_node: u32,
+        table: &mut Table,
+    ) -> anyhow::Result<()> {
+        let mut nodes = first_node..=args.nodes;
+        self.wait_for_backlog(Duration::from_secs(600)).await?;
+        eprintln!("bench: planner passes");
+        let mut passes = Vec::new();
+        for open in PASS_LEVELS {
+            self.open_up_to(open, &mut nodes).await?;
+            passes.push((open, self.planner_passes(PASS_WINDOW).await?));
+        }
+        table.push(Figure::planner_passes(&passes));
+        Ok(())
+    }
+
+    /// Queues single replicas, one proposal each, until `open` are open.
+    async fn open_up_to(
+        &self,
+        open: u32,
+        nodes: &mut impl Iterator<Item = u32>,
+    ) -> anyhow::Result<()> {
+        while self.open_proposals().await?.len() < open as usize {
+            let node = nodes.next().context("not enough nodes: raise --nodes")?;
+            let id = self.queue(node).await?;
+            self.wait_status(&id, "awaiting_approval", Duration::from_secs(60))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Waits (at most `limit`) until no request is in flight but those
@@ -345,7 +349,7 @@ impl Bench<'_> {
         args: &BenchArgs,
         first_node: u32,
         table: &mut Table,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u32> {
         let mut nodes = first_node..=args.nodes;
         let open = self.open_proposals().await?;
         let count = open.len() as u32;
@@ -383,7 +387,7 @@ impl Bench<'_> {
             Pace::PollingSlowBlocks,
             &[(count, slow)],
         ));
-        Ok(())
+        Ok(nodes.next().unwrap_or(args.nodes + 1))
     }
 
     /// `rounds` single replicas, one after another: each one's commit delay
