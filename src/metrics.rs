@@ -20,6 +20,8 @@ pub const STEP_SECONDS: &str = "approval_bridge_step_duration_seconds";
 pub const CALLS: &str = "approval_bridge_calls_total";
 /// Failed calls to an outside service by `service` and `code` (an HTTP status, a Phala error code, `timeout`, `transport`).
 pub const CALL_ERRORS: &str = "approval_bridge_call_errors_total";
+/// Seconds one planner pass took (`planner`: its job, one per allowed Safe).
+pub const PLANNER_PASS_SECONDS: &str = "approval_bridge_planner_pass_duration_seconds";
 /// Blocks between a chain's head and the follower's scan (`chain_id`).
 pub const FOLLOWER_LAG: &str = "approval_bridge_follower_lag_blocks";
 /// Seconds from a Safe execution seen at confirmed depth to the replica's commit.
@@ -40,6 +42,10 @@ pub const EXTRA_REPLICAS: &str = "approval_bridge_requests_with_extra_replicas";
 /// Histogram buckets, in seconds: steps take milliseconds to a Phala timeout;
 /// an execution waits for a commit from seconds to hours of retries.
 const STEP_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// A planner pass takes milliseconds, more with the Safe service's answers.
+const PASS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 const COMMIT_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -55,6 +61,12 @@ pub fn handle() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(EXECUTION_TO_COMMIT.into()),
                         COMMIT_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(PLANNER_PASS_SECONDS.into()),
+                        PASS_BUCKETS,
                     )
                 })
                 .expect("the bucket lists are not empty")
@@ -80,6 +92,11 @@ fn describe() {
         STEP_SECONDS,
         Unit::Seconds,
         "duration of one worker step, by state and outcome"
+    );
+    describe_histogram!(
+        PLANNER_PASS_SECONDS,
+        Unit::Seconds,
+        "duration of one planner pass (post, plan, read confirmations), by planner job"
     );
     describe_counter!(
         CALLS,
@@ -125,6 +142,10 @@ pub fn record_call(service: &'static str, result: Result<(), String>) {
             metrics::counter!(CALL_ERRORS, "service" => service, "code" => code).increment(1);
         }
     }
+}
+
+pub fn record_planner_pass(job: String, took: Duration) {
+    metrics::histogram!(PLANNER_PASS_SECONDS, "planner" => job).record(took.as_secs_f64());
 }
 
 pub fn record_step(state: &'static str, outcome: &'static str, took: Duration) {

@@ -16,6 +16,17 @@ pub struct Figure {
     pub values: Value,
 }
 
+/// The planner's passes over one window, seen from outside.
+#[derive(Debug, Clone, Copy)]
+pub struct Passes {
+    /// Passes of the Safe's planner (the count of its `/metrics` histogram).
+    pub passes: u64,
+    /// Their total time (the histogram's sum).
+    pub seconds: f64,
+    /// Requests the Safe Transaction Service received meanwhile.
+    pub calls: usize,
+}
+
 /// How `serve` learnt of new blocks, and how often they came.
 #[derive(Debug, Clone, Copy)]
 pub enum Pace {
@@ -146,6 +157,48 @@ impl Figure {
         }
     }
 
+    /// The planner's passes at each count of open proposals. "Flat" is
+    /// read as: at the most open proposals, a pass takes at most half as
+    /// long again, and costs at most half as many Safe-service calls again,
+    /// as at the fewest.
+    pub fn planner_passes(levels: &[(u32, Passes)]) -> Figure {
+        let ms = |p: &Passes| p.seconds * 1000.0 / p.passes.max(1) as f64;
+        let calls = |p: &Passes| p.calls as f64 / p.passes.max(1) as f64;
+        let measured = levels
+            .iter()
+            .map(|(open, p)| format!("{:.1} ms, {:.2} calls with {open} open", ms(p), calls(p)))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let (time_ratio, calls_ratio) = match (levels.first(), levels.last()) {
+            (Some((_, fewest)), Some((_, most))) => (
+                ms(most) / ms(fewest),
+                calls(most) / calls(fewest).max(f64::MIN_POSITIVE),
+            ),
+            _ => (f64::NAN, f64::NAN),
+        };
+        let (fewest, most) = (
+            levels.first().map_or(0, |(open, _)| *open),
+            levels.last().map_or(0, |(open, _)| *open),
+        );
+        Figure {
+            name: "planner pass (mean time; Safe-service calls per pass, confirmations read every 3 s)",
+            measured: format!(
+                "{measured} ({most} / {fewest} open: {time_ratio:.2}× the time, {calls_ratio:.2}× the calls)"
+            ),
+            baseline: "1 Safe-service GET per open proposal per pass (5 rps: about 10 s a pass with 50 open)",
+            target: "flat: ≤ 1.5× the time and the calls with 100 open as with 1",
+            met: Some(time_ratio <= 1.5 && calls_ratio <= 1.5),
+            values: json!({
+                "levels": levels.iter().map(|(open, p)| json!({
+                    "open_proposals": open, "passes": p.passes, "pass_seconds_total": p.seconds,
+                    "mean_pass_ms": ms(p), "safe_service_calls": p.calls,
+                    "calls_per_pass": calls(p),
+                })).collect::<Vec<_>>(),
+                "time_ratio": time_ratio, "calls_ratio": calls_ratio,
+            }),
+        }
+    }
+
     pub fn intake(intake_rate: f64, insert_rate: f64, latencies: &mut [f64]) -> Figure {
         let ratio = intake_rate / insert_rate;
         let p99 = quantile(latencies, 0.99) * 1000.0;
@@ -258,5 +311,24 @@ mod tests {
         assert_eq!(quantile(&values, 0.5), 0.2);
         assert_eq!(quantile(&values, 0.99), 0.4);
         assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn the_planner_pass_figure_compares_the_most_open_proposals_with_the_fewest() {
+        let at = |passes, seconds, calls| Passes {
+            passes,
+            seconds,
+            calls,
+        };
+        let flat = Figure::planner_passes(&[
+            (1, at(15, 0.030, 5)),
+            (10, at(15, 0.090, 5)),
+            (100, at(16, 0.040, 5)),
+        ]);
+        assert_eq!(flat.met, Some(true), "{}", flat.measured);
+        let slower = Figure::planner_passes(&[(1, at(15, 0.030, 5)), (100, at(15, 0.060, 5))]);
+        assert_eq!(slower.met, Some(false), "{}", slower.measured);
+        let costlier = Figure::planner_passes(&[(1, at(15, 0.030, 5)), (100, at(15, 0.030, 500))]);
+        assert_eq!(costlier.met, Some(false), "{}", costlier.measured);
     }
 }

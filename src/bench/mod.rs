@@ -30,7 +30,7 @@ use figures::{Figure, Pace, Table};
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Nodes with free slots in the world (`prod-1` to `prod-N`).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(40..=1000))]
+    #[arg(long, default_value_t = 160, value_parser = clap::value_parser!(u32).range(140..=1000))]
     pub nodes: u32,
     /// Free CVM slots on each node: room for the whole intake burst on one.
     #[arg(long, default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(32..=100_000))]
@@ -74,6 +74,12 @@ const SLOW_PHALA: Duration = Duration::from_millis(500);
 const SLOW_BURST: u32 = 400;
 /// How long `serve` reuses a Phala lookup (its default, set explicitly).
 const LOOKUP_CACHE: Duration = Duration::from_secs(30);
+/// Open proposals at which the planner's passes are measured.
+const PASS_LEVELS: [u32; 3] = [1, 10, 100];
+/// How long the planner's passes are watched at each level: about fifteen
+/// passes (it polls every second in the sandbox), five of them reading
+/// confirmations.
+const PASS_WINDOW: Duration = Duration::from_secs(15);
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sandbox = Sandbox::start(SandboxOptions {
@@ -108,10 +114,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         outcome = match Serve::start(&sandbox, &proxy.url, &database_url, Follow::Polling).await {
             Ok(polling) => {
                 serve = polling;
-                bench
-                    .polling(&args, next_node, &mut table)
-                    .await
-                    .map(|()| None)
+                match bench.polling(&args, next_node, &mut table).await {
+                    Ok(next_node) => bench
+                        .planner_levels(&args, next_node, &mut table)
+                        .await
+                        .map(|()| None),
+                    Err(err) => Err(err),
+                }
             }
             Err(err) => Err(err),
         };
@@ -208,20 +217,126 @@ impl Bench<'_> {
         );
         table.push(self.intake_with_slow_phala().await?);
 
-        // 3: RPC calls per new block with open proposals (left unexecuted: last).
+        // 3: RPC calls per new block with open proposals (left unexecuted:
+        // last), once the intake's requests are done: they pass through the
+        // planner too.
+        self.wait_for_backlog(Duration::from_secs(600)).await?;
         eprintln!("bench: RPC calls per block");
         let mut per_block = Vec::new();
         for open in [1, args.open_proposals] {
-            while self.open_proposals().await?.len() < open as usize {
-                let node = nodes.next().context("not enough nodes: raise --nodes")?;
-                let id = self.queue(node).await?;
-                self.wait_status(&id, "awaiting_approval", Duration::from_secs(60))
-                    .await?;
-            }
+            self.open_up_to(open, &mut nodes).await?;
             per_block.push((open, self.rpc_per_block(10, Duration::from_secs(1)).await?));
         }
         table.push(Figure::rpc_per_block(Pace::NewHeads, &per_block));
         Ok(nodes.next().unwrap_or(args.nodes + 1))
+    }
+
+    /// 8: the planner's passes with 1, 10 and 100 open proposals, on nodes
+    /// from `first_node` on; last, as they are left open.
+    async fn planner_levels(
+        &self,
+        args: &BenchArgs,
+        first_node: u32,
+        table: &mut Table,
+    ) -> anyhow::Result<()> {
+        let mut nodes = first_node..=args.nodes;
+        self.wait_for_backlog(Duration::from_secs(600)).await?;
+        eprintln!("bench: planner passes");
+        let mut passes = Vec::new();
+        for open in PASS_LEVELS {
+            self.open_up_to(open, &mut nodes).await?;
+            passes.push((open, self.planner_passes(PASS_WINDOW).await?));
+        }
+        table.push(Figure::planner_passes(&passes));
+        Ok(())
+    }
+
+    /// Queues single replicas, one proposal each, until `open` are open.
+    async fn open_up_to(
+        &self,
+        open: u32,
+        nodes: &mut impl Iterator<Item = u32>,
+    ) -> anyhow::Result<()> {
+        while self.open_proposals().await?.len() < open as usize {
+            let node = nodes.next().context("not enough nodes: raise --nodes")?;
+            let id = self.queue(node).await?;
+            self.wait_status(&id, "awaiting_approval", Duration::from_secs(60))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most `limit`) until no request is in flight but those
+    /// awaiting approval, by `serve`'s queue depth on `/metrics`.
+    async fn wait_for_backlog(&self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let page = self
+                .http
+                .get(self.bridge.join("metrics")?)
+                .send()
+                .await?
+                .text()
+                .await?;
+            let busy: f64 = page
+                .lines()
+                .filter(|l| l.starts_with(crate::metrics::QUEUE_DEPTH))
+                .filter(|l| !l.contains("awaiting_approval"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if busy == 0.0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < limit,
+                "{busy} requests still in flight after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The planner's passes over `window`, with nothing but open proposals
+    /// to look after: how many there were and how long they took (the
+    /// bridge's own histogram on `/metrics`), and how many calls the Safe
+    /// Transaction Service received meanwhile (counted at the simulator).
+    async fn planner_passes(&self, window: Duration) -> anyhow::Result<figures::Passes> {
+        let job = format!(
+            "planner:{}:{:#x}",
+            self.sandbox.chain.chain_id(),
+            self.sandbox.safe
+        );
+        let (count, sum) = self.pass_histogram(&job).await?;
+        let calls = self.sandbox.safe_service.calls();
+        tokio::time::sleep(window).await;
+        let (count_after, sum_after) = self.pass_histogram(&job).await?;
+        let calls_after = self.sandbox.safe_service.calls();
+        Ok(figures::Passes {
+            passes: count_after - count,
+            seconds: sum_after - sum,
+            calls: calls_after - calls,
+        })
+    }
+
+    /// The count and the sum of the planner `job`'s pass histogram.
+    async fn pass_histogram(&self, job: &str) -> anyhow::Result<(u64, f64)> {
+        let page = self
+            .http
+            .get(self.bridge.join("metrics")?)
+            .send()
+            .await?
+            .text()
+            .await?;
+        let series = |suffix: &str| -> anyhow::Result<f64> {
+            let name = format!("{}_{suffix}{{", crate::metrics::PLANNER_PASS_SECONDS);
+            let label = format!("planner=\"{job}\"");
+            let line = page
+                .lines()
+                .find(|l| l.starts_with(&name) && l.contains(&label))
+                .with_context(|| format!("no {name}{label}}} on /metrics"))?;
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            value.parse().with_context(|| format!("/metrics: {line}"))
+        };
+        Ok((series("count")? as u64, series("sum")?))
     }
 
     /// Figures 1 and 3 for a `serve` without the WebSocket, at 1 s blocks
@@ -234,7 +349,7 @@ impl Bench<'_> {
         args: &BenchArgs,
         first_node: u32,
         table: &mut Table,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u32> {
         let mut nodes = first_node..=args.nodes;
         let open = self.open_proposals().await?;
         let count = open.len() as u32;
@@ -272,7 +387,7 @@ impl Bench<'_> {
             Pace::PollingSlowBlocks,
             &[(count, slow)],
         ));
-        Ok(())
+        Ok(nodes.next().unwrap_or(args.nodes + 1))
     }
 
     /// `rounds` single replicas, one after another: each one's commit delay
@@ -459,15 +574,19 @@ impl Bench<'_> {
         sqlx::query("CREATE TABLE IF NOT EXISTS bench_rows (LIKE replica_requests INCLUDING ALL)")
             .execute(&pool)
             .await?;
-        let columns: String = sqlx::query_scalar(
-            "SELECT string_agg(column_name, ', ' ORDER BY ordinal_position)
+        // Each copy without the row's replica, as intake stores a request:
+        // a replica id is unique.
+        let (columns, values): (String, String) = sqlx::query_as(
+            "SELECT string_agg(column_name, ', ' ORDER BY ordinal_position),
+                    string_agg(CASE WHEN column_name = 'replica_vm_uuid' THEN 'NULL'
+                                    ELSE column_name::text END, ', ' ORDER BY ordinal_position)
              FROM information_schema.columns
              WHERE table_name = 'replica_requests' AND column_name <> 'id'",
         )
         .fetch_one(&pool)
         .await?;
         let insert = format!(
-            "INSERT INTO bench_rows (id, {columns}) SELECT $2, {columns} FROM replica_requests WHERE id = $1"
+            "INSERT INTO bench_rows (id, {columns}) SELECT $2, {values} FROM replica_requests WHERE id = $1"
         );
         let row: uuid::Uuid = sqlx::query_scalar("SELECT id FROM replica_requests LIMIT 1")
             .fetch_one(&pool)
@@ -607,9 +726,22 @@ impl Bench<'_> {
 
     /// The open proposals' nonces and hashes, in nonce order.
     async fn open_proposals(&self) -> anyhow::Result<Vec<(u64, String)>> {
+        let mut open: Vec<(u64, String)> = self
+            .awaiting_approval()
+            .await?
+            .into_iter()
+            .map(|(nonce, hash, _)| (nonce, hash))
+            .collect();
+        open.dedup();
+        Ok(open)
+    }
+
+    /// The requests awaiting approval: each one's proposal nonce and hash,
+    /// and its id, in nonce order.
+    async fn awaiting_approval(&self) -> anyhow::Result<Vec<(u64, String, String)>> {
         let url = self
             .bridge
-            .join("api/v1/replicas?status=awaiting_approval&limit=100")?;
+            .join("api/v1/replicas?status=awaiting_approval&limit=500")?;
         let list: Value = self
             .http
             .get(url)
@@ -618,7 +750,7 @@ impl Bench<'_> {
             .await?
             .json()
             .await?;
-        let mut open: Vec<(u64, String)> = list["replicas"]
+        let mut open: Vec<(u64, String, String)> = list["replicas"]
             .as_array()
             .into_iter()
             .flatten()
@@ -627,11 +759,11 @@ impl Bench<'_> {
                 Some((
                     proposal["nonce"].as_u64()?,
                     proposal["safe_tx_hash"].as_str()?.to_owned(),
+                    r["id"].as_str()?.to_owned(),
                 ))
             })
             .collect();
         open.sort_unstable();
-        open.dedup();
         Ok(open)
     }
 

@@ -231,7 +231,7 @@ impl ChainClient {
         wanted: &[(Address, Vec<Registration>)],
         block: Option<u64>,
     ) -> anyhow::Result<HashMap<Address, AppState>> {
-        let (states, owners_read) = self.read_app_states(wanted, block).await?;
+        let (_, states, owners_read) = self.read_app_states(wanted, block).await?;
         if let Some((app, _)) = owners_read.iter().find(|(_, read)| !**read) {
             anyhow::bail!(
                 "{app} did not answer owner(): it is not a DstackApp on chain {}",
@@ -241,22 +241,24 @@ impl ChainClient {
         Ok(states)
     }
 
-    /// [`ChainClient::read_apps`] app by app: the states of the apps that
-    /// answered `owner()`, and the apps that did not (not a DstackApp on
+    /// [`ChainClient::read_apps`] app by app, with the number of the block
+    /// read, all in one call: that block's number, the states of the apps
+    /// that answered `owner()`, and the apps that did not (not a DstackApp on
     /// this chain, or one that reverts), so one odd app holds back only the
     /// requests on it.
     pub async fn read_apps_each(
         &self,
         wanted: &[(Address, Vec<Registration>)],
-    ) -> anyhow::Result<(HashMap<Address, AppState>, Vec<Address>)> {
-        let (mut states, owners_read) = self.read_app_states(wanted, None).await?;
+    ) -> anyhow::Result<(u64, HashMap<Address, AppState>, Vec<Address>)> {
+        let (number, mut states, owners_read) = self.read_app_states(wanted, None).await?;
+        let head = number.context("Multicall3 getBlockNumber() failed")?;
         let silent: Vec<Address> = owners_read
             .into_iter()
             .filter(|(_, read)| !read)
             .map(|(app, _)| app)
             .collect();
         states.retain(|app, _| !silent.contains(app));
-        Ok((states, silent))
+        Ok((head, states, silent))
     }
 
     /// What is allowed as of `block`: like [`ChainClient::read_apps_at`],
@@ -267,16 +269,24 @@ impl ChainClient {
         wanted: &[(Address, Vec<Registration>)],
         block: u64,
     ) -> anyhow::Result<HashMap<Address, AppState>> {
-        Ok(self.read_app_states(wanted, Some(block)).await?.0)
+        Ok(self.read_app_states(wanted, Some(block)).await?.1)
     }
 
-    /// The states, and whether each app answered `owner()`.
+    /// The states, and whether each app answered `owner()`; at the latest
+    /// block (`block` `None`), first that block's number, read in the same
+    /// call (`None` if Multicall3 did not answer it).
+    #[allow(clippy::type_complexity)]
     async fn read_app_states(
         &self,
         wanted: &[(Address, Vec<Registration>)],
         block: Option<u64>,
-    ) -> anyhow::Result<(HashMap<Address, AppState>, HashMap<Address, bool>)> {
+    ) -> anyhow::Result<(
+        Option<u64>,
+        HashMap<Address, AppState>,
+        HashMap<Address, bool>,
+    )> {
         enum Slot {
+            Number,
             Owner(Address),
             Pending(Address),
             AnyDevice(Address),
@@ -292,6 +302,13 @@ impl ChainClient {
             });
             slots.push(slot);
         };
+        if block.is_none() {
+            push(
+                MULTICALL3,
+                IMulticall3::getBlockNumberCall {}.abi_encode(),
+                Slot::Number,
+            );
+        }
         for (app, registrations) in wanted {
             push(
                 *app,
@@ -324,10 +341,17 @@ impl ChainClient {
 
         let mut states: HashMap<Address, AppState> = HashMap::new();
         let mut owners_read: HashMap<Address, bool> = HashMap::new();
+        let mut number = block;
         for (slot, result) in slots.into_iter().zip(results) {
             let ok = result.success;
             let data = result.returnData;
             match slot {
+                Slot::Number => {
+                    number = ok
+                        .then(|| IMulticall3::getBlockNumberCall::abi_decode_returns(&data).ok())
+                        .flatten()
+                        .and_then(|n| u64::try_from(n).ok());
+                }
                 Slot::Owner(app) => {
                     let owner = ok
                         .then(|| IDstackApp::ownerCall::abi_decode_returns(&data).ok())
@@ -360,7 +384,7 @@ impl ChainClient {
                 }
             }
         }
-        Ok((states, owners_read))
+        Ok((number, states, owners_read))
     }
 
     /// The Safe's `nonce()` at the latest block.

@@ -35,6 +35,7 @@
 //! typed JSON of the reads; this file holds the state and the HTTP handlers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use alloy::primitives::{Address, B256, Bytes};
@@ -83,6 +84,8 @@ struct Shared {
     rpc: DynProvider,
     rpc_url: Url,
     state: Mutex<SimState>,
+    /// Every request received, of any kind.
+    calls: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -145,6 +148,7 @@ impl SafeServiceSim {
                 rpc,
                 rpc_url,
                 state: Mutex::new(SimState::default()),
+                calls: AtomicUsize::new(0),
             }),
             server: None,
         }
@@ -189,7 +193,17 @@ impl SafeServiceSim {
             )
             .route("/api/v2/delegates/", post(add_delegate).get(list_delegates))
             .fallback(not_found)
+            .layer(axum::middleware::from_fn_with_state(
+                self.shared.clone(),
+                count_call,
+            ))
             .with_state(self.shared.clone())
+    }
+
+    /// How many requests of any kind the service received: what a client
+    /// costs it, counted as its operator would.
+    pub fn calls(&self) -> usize {
+        self.shared.calls.load(Ordering::SeqCst)
     }
 
     /// How many POSTs named this `safeTxHash` as `contractTransactionHash`,
@@ -235,6 +249,15 @@ impl SafeServiceSim {
 // Handlers
 
 type Sim = State<Arc<Shared>>;
+
+async fn count_call(
+    State(shared): Sim,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    shared.calls.fetch_add(1, Ordering::SeqCst);
+    next.run(request).await
+}
 
 fn unix_now() -> u64 {
     u64::try_from(Utc::now().timestamp()).unwrap_or_default()

@@ -719,6 +719,35 @@ impl Store {
         Ok(())
     }
 
+    /// Records a read of confirmations that changed nothing, for many
+    /// proposals in one statement.
+    pub async fn mark_checked(
+        &self,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+        fence: Option<&JobLease>,
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (job, holder, token) = JobLease::binds(fence);
+        let rows = sqlx::query!(
+            "UPDATE proposals SET checked_at = $2 WHERE id = ANY($1)
+               AND ($3::text IS NULL OR EXISTS (SELECT 1 FROM job_leases
+                 WHERE job = $3 AND holder = $4 AND token = $5 AND expires_at > now() FOR SHARE))",
+            ids,
+            now,
+            job,
+            holder,
+            token,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        self.fenced(fence, rows).await?;
+        Ok(())
+    }
+
     /// Puts waiting requests off until `until`, keeping `error` on them (or
     /// clearing it). No status changes: they wait for the batch window, or
     /// for a chain problem to pass.

@@ -131,12 +131,18 @@ pub(super) async fn run_scope(
     scope: &PlanScope,
     fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
-    let mut moved = super::queue::withdraw_unserving(worker, flow, scope, fence).await?;
-    moved |= submit_stored(worker, flow, scope, fence).await?;
-    moved |= plan(worker, flow, scope, fence).await?;
-    refresh_confirmations(worker, flow, scope, fence).await?;
-    super::describe::fill_missing(worker, scope).await?;
-    Ok(moved)
+    let started = std::time::Instant::now();
+    let pass = async {
+        let mut moved = super::queue::withdraw_unserving(worker, flow, scope, fence).await?;
+        moved |= submit_stored(worker, flow, scope, fence).await?;
+        moved |= plan(worker, flow, scope, fence).await?;
+        refresh_confirmations(worker, flow, scope, fence).await?;
+        super::describe::fill_missing(worker, scope).await?;
+        anyhow::Ok(moved)
+    };
+    let moved = pass.await;
+    crate::metrics::record_planner_pass(scope.job(), started.elapsed());
+    moved
 }
 
 async fn plan(
@@ -187,9 +193,10 @@ async fn plan(
     Ok(moved)
 }
 
-/// Plans every waiting request of one chain with two Multicall3 reads: at
-/// the latest block (what is missing) and at the confirmed block (what is
-/// allowed for good).
+/// Plans every waiting request of one chain. One Multicall3 read at the
+/// latest block tells what is missing, and each app's owner; the confirmed
+/// block (what is allowed for good) and the owning Safe are read only when a
+/// request needs them, so a pass within the batch window costs that one call.
 async fn plan_chain(
     worker: &Worker,
     flow: &SafeFlow,
@@ -248,15 +255,9 @@ async fn plan_chain(
         .into_iter()
         .map(|(app, regs)| (app, regs.into_iter().collect()))
         .collect();
-    let read = async {
-        let head = chain.head().await?;
-        let confirmed = head.saturating_sub(flow.confirmations.of(chain_id as u64));
-        let latest = chain.read_apps_each(&wanted).await?;
-        let settled = chain.allowed_at(&wanted, confirmed).await?;
-        anyhow::Ok((latest, settled))
-    };
-    let ((states, silent), settled) = match read.await {
-        Ok(states) => states,
+    // One call: the head's number and what is allowed there.
+    let (head, states, silent) = match chain.read_apps_each(&wanted).await {
+        Ok(read) => read,
         Err(err) => {
             tracing::warn!(
                 chain_id,
@@ -273,6 +274,7 @@ async fn plan_chain(
             return Ok(moved);
         }
     };
+    let confirmed_block = head.saturating_sub(flow.confirmations.of(chain_id as u64));
 
     // An app that does not answer owner() holds back its own requests only,
     // with the reason on them; the rest of the chain is planned.
@@ -303,8 +305,13 @@ async fn plan_chain(
     }
 
     // Sort the requests into Safe groups; settle the ones that need nothing.
+    // Every other read waits until it is needed: the confirmed state for a
+    // request allowed at the head, the owner's kind for a group whose batch
+    // window has closed (or an owner that is none of the allowed Safes), so
+    // a pass within the window costs the one read above.
+    let mut settled: Option<HashMap<Address, AppState>> = None;
     let mut owners: HashMap<Address, OwnerKind> = HashMap::new();
-    let mut groups: BTreeMap<Address, (SafeInfo, Vec<Member>)> = BTreeMap::new();
+    let mut groups: BTreeMap<Address, Vec<Member>> = BTreeMap::new();
     for Member {
         request,
         app,
@@ -322,7 +329,27 @@ async fn plan_chain(
                 continue;
             }
             // Allowed at the head; it counts once it is allowed at confirmed depth.
-            let confirmed = &settled[&app];
+            if settled.is_none() {
+                match chain.allowed_at(&wanted, confirmed_block).await {
+                    Ok(read) => settled = Some(read),
+                    Err(err) => {
+                        let err = StoredError::new(
+                            "CHAIN-UNAVAILABLE",
+                            &format!("cannot read the DstackApp on chain {chain_id}: {err:#}"),
+                            None,
+                        );
+                        defer(
+                            worker,
+                            std::slice::from_ref(&request),
+                            now + CHAIN_RETRY,
+                            Some(&err),
+                        )
+                        .await?;
+                        continue;
+                    }
+                }
+            }
+            let confirmed = &settled.as_ref().expect("read above")[&app];
             if registrations.iter().all(|(r, _)| confirmed.is_allowed(r)) {
                 allowed_already(
                     worker,
@@ -344,52 +371,34 @@ async fn plan_chain(
             }
             continue;
         }
-        let owner = match owners.get(&state.owner) {
-            Some(kind) => kind.clone(),
-            None => match chain.owner_kind(state.owner).await {
-                Ok(kind) => {
-                    owners.insert(state.owner, kind.clone());
-                    kind
-                }
-                Err(err) => {
-                    let err = StoredError::new(
-                        "CHAIN-UNAVAILABLE",
-                        &format!("cannot read the app's owner: {err:#}"),
-                        None,
-                    );
-                    defer(
-                        worker,
-                        fence,
-                        std::slice::from_ref(&request),
-                        now + CHAIN_RETRY,
-                        Some(&err),
-                    )
-                    .await?;
-                    continue;
-                }
-            },
+        let member = Member {
+            request,
+            app,
+            missing,
         };
-        match usable_safe(flow, chain_id as u64, app, state, owner) {
-            Ok(info) if scope.takes_safe(info.address) => groups
-                .entry(info.address)
-                .or_insert_with(|| (info, Vec::new()))
-                .1
-                .push(Member {
-                    request,
-                    app,
-                    missing,
-                }),
-            // Another allowed Safe's planner takes it.
-            Ok(_) => {}
-            Err(err) if scope.takes_orphans() => {
-                fail(worker, fence, &request, err).await?;
-                moved = true;
+        // An allowed Safe's requests are its own planner's; it reads the
+        // Safe once their batch window has closed.
+        if flow.safes.contains(chain_id as u64, state.owner) {
+            if scope.takes_safe(state.owner) {
+                groups.entry(state.owner).or_default().push(member);
             }
-            Err(_) => {}
+            continue;
+        }
+        // Any other owner: the request fails, with the reason its kind gives.
+        if !scope.takes_orphans() {
+            continue;
+        }
+        let Some(owner) = owner_kind(worker, fence, &chain, &mut owners, state.owner, &member).await?
+        else {
+            continue;
+        };
+        if let Err(err) = usable_safe(flow, chain_id as u64, app, state, owner) {
+            fail(worker, fence, &member.request, err).await?;
+            moved = true;
         }
     }
 
-    for (_, (safe, members)) in groups {
+    for (address, members) in groups {
         // The batch window runs from the oldest request's queueing. Requests
         // queued within it may still be preparing (prepares of one source run
         // one at a time): wait for them too, but never past three windows.
@@ -421,9 +430,73 @@ async fn plan_chain(
             .await?;
             continue;
         }
-        moved |= propose_group(worker, flow, &chain, &safe, members, fence).await?;
+        let mut safe = None;
+        let mut usable = Vec::with_capacity(members.len());
+        for member in members {
+            let Some(owner) = owner_kind(worker, fence, &chain, &mut owners, address, &member).await?
+            else {
+                continue;
+            };
+            match usable_safe(
+                flow,
+                chain_id as u64,
+                member.app,
+                &states[&member.app],
+                owner,
+            ) {
+                Ok(info) => {
+                    safe = Some(info);
+                    usable.push(member);
+                }
+                Err(err) => {
+                    fail(worker, fence, &member.request, err).await?;
+                    moved = true;
+                }
+            }
+        }
+        if let Some(safe) = safe {
+            moved |= propose_group(worker, flow, &chain, &safe, head, usable, fence).await?;
+        }
     }
     Ok(moved)
+}
+
+/// The kind of `owner` (read once per pass); `None` when it cannot be read,
+/// and then `member` waits, with the reason on it.
+async fn owner_kind(
+    worker: &Worker,
+    fence: Option<&JobLease>,
+    chain: &ChainClient,
+    owners: &mut HashMap<Address, OwnerKind>,
+    owner: Address,
+    member: &Member,
+) -> anyhow::Result<Option<OwnerKind>> {
+    if let Some(kind) = owners.get(&owner) {
+        return Ok(Some(kind.clone()));
+    }
+    match chain.owner_kind(owner).await {
+        Ok(kind) => {
+            owners.insert(owner, kind.clone());
+            Ok(Some(kind))
+        }
+        Err(err) => {
+            let err = StoredError::new(
+                "CHAIN-UNAVAILABLE",
+                &format!("cannot read the app's owner: {err:#}"),
+                None,
+            );
+            let until = worker.clock.now() + CHAIN_RETRY;
+            defer(
+                worker,
+                fence,
+                std::slice::from_ref(&member.request),
+                until,
+                Some(&err),
+            )
+            .await?;
+            Ok(None)
+        }
+    }
 }
 
 struct Member {
@@ -497,6 +570,7 @@ async fn propose_group(
     flow: &SafeFlow,
     chain: &ChainClient,
     safe: &SafeInfo,
+    head: u64,
     members: Vec<Member>,
     fence: Option<&JobLease>,
 ) -> anyhow::Result<bool> {
@@ -687,15 +761,9 @@ async fn propose_group(
         }
     };
 
-    // The follower scans for the execution from here on.
-    let proposed_block = match chain.head().await {
-        Ok(head) => head as i64,
-        Err(err) => {
-            let err = StoredError::new("CHAIN-UNAVAILABLE", &format!("{err:#}"), None);
-            defer(worker, fence, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
-            return Ok(moved);
-        }
-    };
+    // The follower scans for the execution from here on: the head the pass
+    // read, no later than the proposal.
+    let proposed_block = head as i64;
     let deployment = Deployment::preferred_for_chain(chain_id);
     let tx = build_safe_tx(&safe_calls, safe.version, deployment, nonce)?;
     let safe_tx_hash = tx.hash(safe.address, chain_id, safe.version);
@@ -1203,8 +1271,11 @@ async fn refresh_confirmations(
             .into_iter()
             .map(|tx| (tx.safe_tx_hash.to_string(), tx))
             .collect();
+        // Most reads change nothing: those are marked read together, in one
+        // statement, so the pass's writes do not grow with the proposals.
+        let mut unchanged = Vec::new();
         for proposal in proposals {
-            match by_hash.get(&proposal.safe_tx_hash) {
+            let (confirmed, threshold, owners) = match by_hash.get(&proposal.safe_tx_hash) {
                 Some(tx) => {
                     let confirmed: Vec<String> =
                         tx.confirmations.iter().map(|o| lower(*o)).collect();
@@ -1214,28 +1285,36 @@ async fn refresh_confirmations(
                         Some(_) => None,
                         None => safe_owners(flow, &proposal).await,
                     };
-                    worker
-                        .store
-                        .set_confirmations(
-                            proposal.id,
-                            now,
-                            &confirmed,
-                            threshold,
-                            owners.as_deref(),
-                            fence,
-                        )
-                        .await?;
+                    (confirmed, threshold, owners)
                 }
                 // Not (or no longer) known to the service: the last tally stands.
-                None => {
-                    let kept = proposal.confirmed_by.clone().unwrap_or_default();
-                    worker
-                        .store
-                        .set_confirmations(proposal.id, now, &kept, None, None, fence)
-                        .await?
-                }
+                None => (
+                    proposal.confirmed_by.clone().unwrap_or_default(),
+                    None,
+                    None,
+                ),
+            };
+            let same = proposal.confirmed_by.as_ref() == Some(&confirmed)
+                && proposal.confirmations == Some(confirmed.len() as i32)
+                && threshold.is_none_or(|t| proposal.threshold == Some(t))
+                && owners.is_none();
+            if same {
+                unchanged.push(proposal.id);
+                continue;
             }
+            worker
+                .store
+                .set_confirmations(
+                    proposal.id,
+                    now,
+                    &confirmed,
+                    threshold,
+                    owners.as_deref(),
+                    fence,
+                )
+                .await?;
         }
+        worker.store.mark_checked(&unchanged, now, fence).await?;
     }
     Ok(())
 }

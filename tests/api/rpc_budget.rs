@@ -1,11 +1,13 @@
 //! Every JSON-RPC call of the Safe flow, counted at the RPC as an outside
 //! proxy counts them: the planner's passes and the follower's together, as
-//! `serve` runs them, with 1 and with 10 open proposals.
+//! `serve` runs them, with 1 and with 10 open proposals; and a planner pass
+//! while a batch window is open.
 
 use serde_json::json;
 use wiremock::matchers::{body_partial_json, header, method, path};
 use wiremock::{Mock, ResponseTemplate};
 
+use crate::helpers::spawn_app_with;
 use crate::phala_mock::*;
 use crate::rpc_proxy::RpcProxy;
 use crate::safe_flow::{SafeWorld, hex40, mount_source_on};
@@ -93,4 +95,63 @@ async fn every_rpc_call_of_the_planner_and_follower_stays_within_budget_per_new_
             "{open} open: {total} calls over {BLOCKS} new blocks: {per_block:?}"
         );
     }
+}
+
+/// While a Safe's batch window is open, a planner pass reads the chain once
+/// (what each app allows at the head, with the head's number), however many
+/// requests wait in the window; the Safe and the confirmed block are read
+/// when the window closes, and the proposal then carries every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planner_pass_within_the_batch_window_reads_the_chain_once() {
+    let world = SafeWorld::start().await;
+    let RpcProxy {
+        url: proxy,
+        methods,
+        ..
+    } = RpcProxy::start(world.chain.rpc_url(), None).await;
+    let configure = world.configure(proxy);
+    let app = spawn_app_with(|s| {
+        configure(s);
+        s.safe.batch_window_secs = 60;
+    })
+    .await;
+    mount_source_on(&app, world.app, false).await;
+
+    // A request every 10 s; each is prepared (the request steps alone), then
+    // the planner passes.
+    let mut ids = Vec::new();
+    let mut passes = Vec::new();
+    for node in 1..=3u32 {
+        let id = app
+            .queue(&json!({"source": ONCHAIN_NAME, "node": node}))
+            .await
+            .remove(0);
+        while app.worker.run_once().await.unwrap() {}
+        assert_eq!(app.status_of(&id).await, "awaiting_proposal");
+        ids.push(id);
+        let before = methods.lock().unwrap().len();
+        app.worker.propose_once().await.unwrap();
+        passes.push(methods.lock().unwrap()[before..].to_vec());
+        app.clock.advance(chrono::Duration::seconds(10));
+    }
+    assert_eq!(
+        passes,
+        vec![vec!["eth_call".to_owned()]; 3],
+        "a pass within the batch window reads the chain once"
+    );
+    for id in &ids {
+        assert_eq!(app.status_of(id).await, "awaiting_proposal");
+    }
+
+    // t+61 s: the window is closed; one Safe transaction takes all three.
+    app.clock.advance(chrono::Duration::seconds(31));
+    app.drain().await;
+    let mut hashes = Vec::new();
+    for id in &ids {
+        let request = app.get_replica(id).await;
+        assert_eq!(request["status"], "awaiting_approval", "{request}");
+        hashes.push(request["proposal"]["safe_tx_hash"].clone());
+    }
+    hashes.dedup();
+    assert_eq!(hashes.len(), 1, "one proposal: {hashes:?}");
 }
