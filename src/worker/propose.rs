@@ -340,6 +340,7 @@ async fn plan_chain(
                         );
                         defer(
                             worker,
+                            fence,
                             std::slice::from_ref(&request),
                             now + CHAIN_RETRY,
                             Some(&err),
@@ -388,7 +389,8 @@ async fn plan_chain(
         if !scope.takes_orphans() {
             continue;
         }
-        let Some(owner) = owner_kind(worker, fence, &chain, &mut owners, state.owner, &member).await?
+        let Some(owner) =
+            owner_kind(worker, fence, &chain, &mut owners, state.owner, &member).await?
         else {
             continue;
         };
@@ -433,7 +435,8 @@ async fn plan_chain(
         let mut safe = None;
         let mut usable = Vec::with_capacity(members.len());
         for member in members {
-            let Some(owner) = owner_kind(worker, fence, &chain, &mut owners, address, &member).await?
+            let Some(owner) =
+                owner_kind(worker, fence, &chain, &mut owners, address, &member).await?
             else {
                 continue;
             };
