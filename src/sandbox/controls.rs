@@ -115,6 +115,32 @@ fn from_form(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
 }
 
+/// A control's answer: JSON to API callers; to the page's form, a redirect
+/// back to the page, with the reason in words when it could not act.
+fn answer_control(
+    headers: &HeaderMap,
+    answer: Result<Value, Rejection>,
+) -> Result<Response, Rejection> {
+    let form = from_form(headers);
+    Ok(match answer {
+        Ok(_) if form => back_to_page(),
+        Ok(answer) => Json(answer).into_response(),
+        Err(err) if form => back_with_notice(err),
+        Err(err) => return Err(err),
+    })
+}
+
+/// The key of owner `owner` (0, 1, 2…), as the controls' bodies name them.
+fn owner_key(c: &Controls, owner: usize) -> Result<&PrivateKeySigner, Rejection> {
+    c.owner_keys.get(owner).ok_or_else(|| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_owner",
+            format!("owner must be 0 to {}", c.owner_keys.len() - 1),
+        )
+    })
+}
+
 fn back_to_page() -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, "/sandbox")]).into_response()
 }
@@ -165,28 +191,16 @@ async fn sign(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, Rejection> {
-    let form = from_form(&headers);
     let answer = match owner_of(&headers, &body) {
         Ok(owner) => sign_as(&c, &hash, owner).await,
         Err(err) => Err(err),
     };
-    Ok(match answer {
-        Ok(_) if form => back_to_page(),
-        Ok(answer) => Json(answer).into_response(),
-        Err(err) if form => back_with_notice(err),
-        Err(err) => return Err(err),
-    })
+    answer_control(&headers, answer)
 }
 
 async fn sign_as(c: &Controls, hash: &str, owner: usize) -> Result<Value, Rejection> {
     let hash = parse_hash(hash)?;
-    let key = c.owner_keys.get(owner).ok_or_else(|| {
-        reject(
-            StatusCode::BAD_REQUEST,
-            "invalid_owner",
-            format!("owner must be 0 to {}", c.owner_keys.len() - 1),
-        )
-    })?;
+    let key = owner_key(c, owner)?;
     let signature = sign_safe_tx_hash(key, hash).map_err(|err| {
         reject(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -236,13 +250,7 @@ async fn execute(
     Path(hash): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Rejection> {
-    let form = from_form(&headers);
-    Ok(match execute_now(&c, &hash).await {
-        Ok(_) if form => back_to_page(),
-        Ok(answer) => Json(answer).into_response(),
-        Err(err) if form => back_with_notice(err),
-        Err(err) => return Err(err),
-    })
+    answer_control(&headers, execute_now(&c, &hash).await)
 }
 
 /// `POST /sandbox/safe/{hash}/reject` `{"owner": 0|1|2}`: the owner rejects
@@ -256,28 +264,16 @@ async fn reject_tx(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, Rejection> {
-    let form = from_form(&headers);
     let answer = match owner_of(&headers, &body) {
         Ok(owner) => reject_as(&c, &hash, owner).await,
         Err(err) => Err(err),
     };
-    Ok(match answer {
-        Ok(_) if form => back_to_page(),
-        Ok(answer) => Json(answer).into_response(),
-        Err(err) if form => back_with_notice(err),
-        Err(err) => return Err(err),
-    })
+    answer_control(&headers, answer)
 }
 
 async fn reject_as(c: &Controls, hash: &str, owner: usize) -> Result<Value, Rejection> {
     let hash = parse_hash(hash)?;
-    let key = c.owner_keys.get(owner).ok_or_else(|| {
-        reject(
-            StatusCode::BAD_REQUEST,
-            "invalid_owner",
-            format!("owner must be 0 to {}", c.owner_keys.len() - 1),
-        )
-    })?;
+    let key = owner_key(c, owner)?;
     let rejected = proposed_tx(c, hash).await?;
     let info = safe_info(c).await?;
     let rejection = SafeTx::new(
