@@ -11,6 +11,7 @@ pub mod openapi;
 mod order_writer;
 mod pages;
 mod replicas;
+mod replication;
 mod request_id;
 mod security;
 pub mod server;
@@ -69,6 +70,12 @@ pub struct AppState {
     pub request_hasher: crate::store::RequestHasher,
     /// The bearer token `/metrics` and `/readyz` require, if any.
     pub ops_token: Option<ApiTokens>,
+    /// The chains, for the queue form's reads of the apps.
+    pub chains: crate::chain::Chains,
+    /// The Safes the bridge may propose to.
+    pub safes: crate::config::AllowedSafes,
+    /// The queue form's last read of Phala and the chains.
+    pub form_facts: replication::FormFactsCache,
 }
 
 use request_id::REQUEST_ID;
