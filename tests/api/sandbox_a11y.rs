@@ -46,6 +46,20 @@ fn axe_source() -> String {
         .unwrap_or_else(|err| panic!("{path}: {err} (npm ci installs the pinned axe-core)"))
 }
 
+/// What axe found on the pages checked so far.
+struct Audit {
+    axe: String,
+    found: Vec<String>,
+    checked: usize,
+}
+
+impl Audit {
+    async fn check(&mut self, browser: &Browser, page: &str) {
+        self.found.extend(browser.axe(&self.axe, page).await);
+        self.checked += 1;
+    }
+}
+
 impl Browser {
     /// The serious and critical axe violations of the page as it is, at
     /// both widths. axe goes in through WebDriver, which the page's CSP
@@ -137,19 +151,37 @@ async fn every_page_has_no_serious_axe_violation_signed_in_or_out_at_both_widths
     let failed = queue_source(&sandbox, "eoa-app", "prod-2").await;
     request_until(&sandbox, &waiting, |r| r["status"] == "awaiting_approval").await;
     request_until(&sandbox, &failed, |r| r["status"] == "failed").await;
-    let axe = axe_source();
     let browser = Browser::start("axe").await;
-    let mut found = Vec::new();
+    let mut audit = Audit {
+        axe: axe_source(),
+        found: Vec::new(),
+        checked: 0,
+    };
 
     // Signed out: the sign-in page, and the page a stale session gets.
     browser.open(&format!("{base}login")).await;
-    found.extend(browser.axe(&axe, "sign-in page").await);
+    // First, that the check can fail: a button without a name is critical.
+    browser
+        .js(
+            "const b = document.createElement('button'); b.id = 'nameless';
+             document.querySelector('main').append(b);",
+        )
+        .await;
+    let caught = browser.axe(&audit.axe, "a nameless button").await;
+    assert!(
+        caught.len() == WIDTHS.len() && caught.iter().all(|v| v.contains("critical button-name")),
+        "{caught:?}"
+    );
+    browser
+        .js("document.getElementById('nameless').remove()")
+        .await;
+    audit.check(&browser, "sign-in page").await;
     browser
         .js("document.cookie = 'ab_session=not-a-session; path=/'")
         .await;
     browser.open(&format!("{base}replicas")).await;
     browser.wait_for_text("main", "Sign in again", 10).await;
-    found.extend(browser.axe(&axe, "error page, signed out").await);
+    audit.check(&browser, "error page, signed out").await;
 
     for account in ["operator", "owner-0"] {
         browser.dev_login(&base, account).await;
@@ -167,7 +199,7 @@ async fn every_page_has_no_serious_axe_violation_signed_in_or_out_at_both_widths
         ];
         for (name, path) in pages {
             browser.open(&format!("{base}{path}")).await;
-            found.extend(browser.axe(&axe, &format!("{name} ({account})")).await);
+            audit.check(&browser, &format!("{name} ({account})")).await;
         }
         if account != "operator" {
             continue;
@@ -187,11 +219,9 @@ async fn every_page_has_no_serious_axe_violation_signed_in_or_out_at_both_widths
         browser
             .wait_for_text("#form-error", "NOT_ALLOWED", 10)
             .await;
-        found.extend(
-            browser
-                .axe(&axe, "queue form, refused in the browser")
-                .await,
-        );
+        audit
+            .check(&browser, "queue form, refused in the browser")
+            .await;
         // And with the bridge's refusal: a source the form does not offer,
         // sent by a hand-made form.
         browser.open(&format!("{base}replicas/new")).await;
@@ -203,12 +233,19 @@ async fn every_page_has_no_serious_axe_violation_signed_in_or_out_at_both_widths
         browser
             .wait_for_text("#form-error", "cannot be replicated", 10)
             .await;
-        found.extend(browser.axe(&axe, "queue form, refused by the bridge").await);
+        audit
+            .check(&browser, "queue form, refused by the bridge")
+            .await;
     }
+    println!(
+        "axe: {} page states, each at {} widths",
+        audit.checked,
+        WIDTHS.len()
+    );
     assert!(
-        found.is_empty(),
+        audit.found.is_empty(),
         "axe found serious or critical violations:\n{}",
-        found.join("\n")
+        audit.found.join("\n")
     );
 
     browser.client.clone().close().await.ok();
@@ -366,6 +403,9 @@ async fn the_queue_form_shows_instances_and_needs_and_marks_the_sources_it_canno
         "{prod_3}"
     );
 
+    browser.client.set_window_size(1366, 900).await.unwrap();
+    browser.screenshot("queue-form-needs").await;
+
     // A hand-made form with the EOA source is refused with the reason, and
     // nothing is stored.
     browser
@@ -450,6 +490,17 @@ async fn a_refused_form_takes_the_focus_and_marks_its_field_with_and_without_jav
             rect,
             json!(true),
             "javascript {javascript}: the refusal is off screen"
+        );
+        // And nothing on the phone scrolls sideways.
+        let wide = browser
+            .js("return Array.from(document.querySelectorAll('body *'))
+                   .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)
+                   .map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : ''))")
+            .await;
+        assert_eq!(
+            wide,
+            json!([]),
+            "javascript {javascript}: wider than the phone"
         );
         browser
             .screenshot(&format!("form-error-js-{javascript}"))
