@@ -72,9 +72,12 @@ impl FormFacts {
     }
 }
 
+/// A read and when it was made.
+type Dated = (Instant, Arc<FormFacts>);
+
 /// The last read, shared by the form's page loads.
 #[derive(Debug, Clone, Default)]
-pub struct FormFactsCache(Arc<Mutex<Option<(Instant, Arc<FormFacts>)>>>);
+pub struct FormFactsCache(Arc<Mutex<Option<Dated>>>);
 
 /// What the chain says about one app: its state, with the refusal of its
 /// owner if the bridge cannot propose to it; or why it could not be read.
