@@ -15,6 +15,7 @@ mod replicas;
 mod request_id;
 mod security;
 pub mod server;
+mod sessions;
 pub mod signers;
 pub mod signin;
 mod ui;
@@ -85,7 +86,8 @@ pub fn router(state: AppState, ops_apart: bool) -> Router {
         .route("/replicas/{id}", get(replicas::show))
         .route("/replicas/{id}/cancel", post(replicas::cancel))
         .route("/proposals", get(signers::list))
-        .route("/proposals/{id}", get(signers::show));
+        .route("/proposals/{id}", get(signers::show))
+        .route("/sessions/sign-out", post(sessions::sign_out));
 
     // The page's forms and sign-in refuse cross-site requests; the API and
     // the webhook carry credentials a browser does not add by itself.
