@@ -630,8 +630,10 @@ pub async fn queue(
         env: field(&pairs, "env").unwrap_or_default().to_owned(),
         note: field(&pairs, "note").unwrap_or_default().to_owned(),
     };
+    // The page makes it (a UUID); anything else, as the API's header rule
+    // would refuse it, is no key (Postgres takes no NUL in text).
     let key = field(&pairs, "idempotency_key")
-        .filter(|k| !k.is_empty() && k.len() <= 64)
+        .filter(|k| !k.is_empty() && k.len() <= 64 && k.bytes().all(|b| b.is_ascii_graphic()))
         .map(|k| format!("page-{k}"));
     let retry_key = uuid::Uuid::new_v4().to_string();
     let order = match order_json(&pairs) {
