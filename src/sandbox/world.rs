@@ -265,6 +265,8 @@ impl Sandbox {
             hex::encode(secret)
         });
         env.set("APPROVAL_BRIDGE_WORKERS", 2);
+        // The browser, the controls and the scripts all come from 127.0.0.1.
+        env.set("APPROVAL_BRIDGE_CLIENT_RATE_PER_MINUTE", 1200);
         env.set("APPROVAL_BRIDGE_POLL_INTERVAL_SECS", 1);
         env.set(
             "APPROVAL_BRIDGE_RPC_URLS",

@@ -52,6 +52,7 @@ mod security_metrics;
 mod security_ops;
 mod security_prepare;
 mod security_quota;
+mod security_ratelimit;
 mod security_scopes;
 mod security_signin;
 mod security_signing;
