@@ -46,6 +46,7 @@ mod sandbox_page;
 mod sandbox_process;
 mod sandbox_queue;
 mod secrets;
+mod security_1271;
 mod security_at_rest;
 mod security_csrf;
 mod security_metrics;
