@@ -80,6 +80,7 @@ impl Application {
         }
         crate::metrics::handle();
         let shutdown = CancellationToken::new();
+        let chains = Chains::new(&settings.safe.rpc_urls.0, settings.safe.eth_rpc_url.clone());
         let state = AppState {
             store: store.clone(),
             phala: phala.clone(),
@@ -88,10 +89,10 @@ impl Application {
             api_tokens: ApiTokens::new(&settings.api_tokens),
             webhook_secrets: WebhookSecrets::new(&settings.webhook_secrets),
             access,
-            env_keys: EnvKeyVerifier::new(
-                Chains::new(&settings.safe.rpc_urls.0, settings.safe.eth_rpc_url.clone()),
-                &settings.trust,
-            ),
+            env_keys: EnvKeyVerifier::new(chains.clone(), &settings.trust),
+            chains,
+            safes: settings.safe.safes.clone(),
+            form_facts: Default::default(),
             page_auth: web::PageAuth::new(&settings),
             readiness: web::health::Readiness::new(&settings.safe, shutdown.clone()),
             retention: settings.retention.clone(),

@@ -142,46 +142,75 @@ function signIn() {
   });
 }
 
-// The queue form: a .env file fills the text area, and env names outside the
-// source's allowed_envs are refused before the form is sent.
+// The queue form: a .env file fills the text area; the node menu says what
+// a replica of the chosen source needs on each node (the server renders it
+// for the source it preselects, data-need-<source index> holds the rest);
+// and env names outside the source's allowed_envs are refused before the
+// form is sent, as the server refuses: the message takes the focus and the
+// fields it is about are marked.
 function queueForm() {
   const form = document.getElementById("queue");
   if (!form) return;
   const source = document.getElementById("source");
+  const node = document.getElementById("node");
   const shown = document.getElementById("allowed-envs");
   const error = document.getElementById("form-error");
+  const chosen = () => source.selectedOptions ? source.selectedOptions[0] : null;
   const allowed = () => {
-    const option = source.selectedOptions ? source.selectedOptions[0] : null;
-    const list = option ? option.dataset.allowedEnvs : undefined;
+    const list = chosen()?.dataset.allowedEnvs;
     return list === undefined ? null : list.split(",").filter(Boolean);
   };
-  const showAllowed = () => {
+  const showChoice = () => {
     const names = allowed();
     shown.textContent = names === null ? "" :
       names.length ? `This app allows: ${names.join(", ")}` : "This app allows no env overrides.";
+    const index = chosen()?.dataset.index;
+    if (index === undefined || !node) return;
+    for (const option of node.options) {
+      if (option.dataset.label === undefined) continue;
+      const need = option.getAttribute(`data-need-${index}`);
+      option.textContent = need ? `${option.dataset.label}: ${need}` : option.dataset.label;
+    }
   };
-  source.addEventListener("change", showAllowed);
-  showAllowed();
+  source.addEventListener("change", showChoice);
+  showChoice();
   document.getElementById("env-file").addEventListener("change", async event => {
     const file = event.target.files[0];
     if (file) document.getElementById("env").value = await file.text();
   });
+  const mark = (field, invalid) => {
+    if (invalid) {
+      field.setAttribute("aria-invalid", "true");
+      field.setAttribute("aria-describedby", "form-error");
+    } else if (field.getAttribute("aria-describedby") === "form-error") {
+      field.removeAttribute("aria-invalid");
+      field.removeAttribute("aria-describedby");
+    }
+  };
   form.addEventListener("submit", event => {
     const names = allowed();
     if (names === null) return;
-    const used = [];
-    for (const line of document.getElementById("env").value.split("\n")) {
+    const refused = name => !names.includes(name);
+    const text = document.getElementById("env");
+    const inText = [];
+    for (const line of text.value.split("\n")) {
       const match = line.trim().match(/^(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=/);
-      if (match) used.push(match[1]);
+      if (match && refused(match[1])) inText.push(match[1]);
     }
+    mark(text, inText.length > 0);
+    const inRows = [];
     for (const input of form.querySelectorAll('input[name="env_name"]')) {
-      if (input.value.trim()) used.push(input.value.trim());
+      const name = input.value.trim();
+      mark(input, name !== "" && refused(name));
+      if (name && refused(name)) inRows.push(name);
     }
-    const refused = used.filter(name => !names.includes(name));
-    if (refused.length) {
+    const all = inText.concat(inRows);
+    if (all.length) {
       event.preventDefault();
       error.hidden = false;
-      error.textContent = `Not in the app's allowed_envs: ${refused.join(", ")}.`;
+      error.textContent = `Not in the app's allowed_envs: ${all.join(", ")}.`;
+      error.focus();
+      error.scrollIntoView({block: "center"});
     }
   });
 }

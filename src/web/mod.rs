@@ -12,6 +12,7 @@ mod order_writer;
 mod pages;
 mod ratelimit;
 mod replicas;
+mod replication;
 mod request_id;
 mod security;
 pub mod server;
@@ -72,6 +73,12 @@ pub struct AppState {
     pub request_hasher: crate::store::RequestHasher,
     /// The bearer token `/metrics` and `/readyz` require, if any.
     pub ops_token: Option<ApiTokens>,
+    /// The chains, for the queue form's reads of the apps.
+    pub chains: crate::chain::Chains,
+    /// The Safes the bridge may propose to.
+    pub safes: crate::config::AllowedSafes,
+    /// The queue form's last read of Phala and the chains.
+    pub form_facts: replication::FormFactsCache,
     /// Each client address's rate limit on what needs no credentials.
     pub client_limiter: ClientLimiter,
 }

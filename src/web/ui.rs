@@ -7,6 +7,7 @@
 //! the actor, so scopes, quotas and validation are the API's.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use askama::Template;
 use axum::Router;
@@ -23,11 +24,12 @@ use super::AppState;
 use super::error::ApiError;
 use super::intake;
 use super::replicas::{cancel_as, detail_of, parse_id, proposals_of};
+use super::replication::{FormFacts, NodeChoice, form_facts};
 use super::signers::{ProposalView, open_proposals};
 use super::signin::{self, CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
 use super::ui_models::{DetailView, RowView};
 use super::views;
-use crate::domain::Status;
+use crate::domain::{InvalidOrder, ReplicaOrder, Status};
 use crate::store::{Reach, RequestFilter};
 use crate::telemetry::redact;
 
@@ -427,20 +429,6 @@ pub async fn cancel(
 
 // ---- the queue form -------------------------------------------------------------
 
-/// A source CVM in the form's menu.
-struct SourceOption {
-    value: String,
-    label: String,
-    /// Comma-separated, for the browser's check before submit.
-    allowed_envs: String,
-}
-
-struct NodeOption {
-    value: String,
-    label: String,
-    full: bool,
-}
-
 /// What the person typed, shown again when the bridge refuses it.
 #[derive(Default)]
 struct FormValues {
@@ -451,17 +439,41 @@ struct FormValues {
     note: String,
 }
 
+/// A refusal of the form, and the field it is about (marked
+/// `aria-invalid` and described by the message).
+struct FormError {
+    status: StatusCode,
+    message: String,
+    field: Option<&'static str>,
+}
+
 #[derive(Template)]
 #[template(path = "page/queue.html")]
 struct QueuePage {
     chrome: Chrome,
-    error: Option<String>,
-    sources: Vec<SourceOption>,
-    sources_error: Option<String>,
-    nodes: Vec<NodeOption>,
-    nodes_error: Option<String>,
+    error: Option<FormError>,
+    facts: Arc<FormFacts>,
+    nodes: Vec<NodeRow>,
     values: FormValues,
     idempotency_key: String,
+}
+
+impl QueuePage {
+    fn invalid(&self, field: &str) -> bool {
+        self.error.as_ref().and_then(|e| e.field) == Some(field)
+    }
+
+    fn some_refused(&self) -> bool {
+        self.facts.sources.iter().any(|s| s.refusal.is_some())
+    }
+}
+
+/// A node of the form's menu, with what a replica of each source needs
+/// there (the script shows the chosen source's), and of the source shown.
+struct NodeRow {
+    choice: NodeChoice,
+    needs: Vec<String>,
+    shown_need: String,
 }
 
 async fn queue_page(
@@ -469,79 +481,40 @@ async fn queue_page(
     user: &PageUser,
     headers: &HeaderMap,
     values: FormValues,
-    error: Option<(StatusCode, String)>,
+    error: Option<FormError>,
     idempotency_key: String,
 ) -> Response {
-    let (sources, sources_error) = match state.phala.list_cvms().await {
-        Ok(cvms) => (
-            cvms.iter()
-                .filter_map(|cvm| {
-                    let value = cvm.name.clone().or_else(|| cvm.vm_uuid.clone())?;
-                    let kms = if cvm.is_onchain_kms() {
-                        format!(
-                            "on-chain KMS{}",
-                            cvm.chain_id()
-                                .map(|c| format!(", chain {c}"))
-                                .unwrap_or_default()
-                        )
-                    } else {
-                        format!("{} KMS", cvm.kms_type.as_deref().unwrap_or("Cloud"))
-                    };
-                    let hash = cvm
-                        .compose_hash
-                        .as_deref()
-                        .map(|h| format!(", compose {}…", &h[..h.len().min(12)]))
-                        .unwrap_or_default();
-                    let status = cvm.status.as_deref().unwrap_or("unknown");
-                    Some(SourceOption {
-                        label: format!("{value} ({kms}{hash}, {status})"),
-                        allowed_envs: cvm.allowed_envs().unwrap_or_default().join(","),
-                        value,
-                    })
-                })
-                .collect(),
-            None,
-        ),
-        Err(err) => (Vec::new(), Some(redact(&err.to_string()).into_owned())),
-    };
-    let (nodes, nodes_error) = match state.phala.available_nodes().await {
-        Ok(available) => (
-            available
-                .nodes
-                .iter()
-                .map(|n| {
-                    let slots = n.remaining_cvm_slots;
-                    let region = n
-                        .region_identifier
-                        .as_deref()
-                        .map(|r| format!(", {r}"))
-                        .unwrap_or_default();
-                    NodeOption {
-                        value: n.name.clone(),
-                        label: match slots {
-                            Some(s) => format!("{} ({s} free{region})", n.name),
-                            None => format!("{}{region}", n.name),
-                        },
-                        full: slots == Some(0),
-                    }
-                })
-                .collect(),
-            None,
-        ),
-        Err(err) => (Vec::new(), Some(redact(&err.to_string()).into_owned())),
-    };
+    let facts = form_facts(state).await;
+    // The node menu shows the needs of the chosen source, else of the
+    // first one offered: the one the browser selects.
+    let shown_source = facts
+        .sources
+        .iter()
+        .position(|s| s.value == values.source && s.refusal.is_none())
+        .or_else(|| facts.sources.iter().position(|s| s.refusal.is_none()));
+    let nodes = facts
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, choice)| NodeRow {
+            choice: choice.clone(),
+            needs: facts.sources.iter().map(|s| s.need(i).to_owned()).collect(),
+            shown_need: shown_source
+                .map(|s| facts.sources[s].need(i).to_owned())
+                .unwrap_or_default(),
+        })
+        .collect();
     let (chrome, cookie) = chrome(state, headers, Some(user));
-    let (status, error) = match error {
-        Some((status, message)) => (status, Some(redact(&message).into_owned())),
-        None => (StatusCode::OK, None),
-    };
+    let status = error.as_ref().map_or(StatusCode::OK, |e| e.status);
+    let error = error.map(|e| FormError {
+        message: redact(&e.message).into_owned(),
+        ..e
+    });
     let page = QueuePage {
         chrome,
         error,
-        sources,
-        sources_error,
+        facts,
         nodes,
-        nodes_error,
         values: FormValues {
             count: if values.count.is_empty() {
                 "1".to_owned()
@@ -567,11 +540,13 @@ pub async fn new_form(
 }
 
 /// The form as the JSON API's body: env from the .env text, then the rows.
-fn order_json(pairs: &[(String, String)]) -> Result<Value, String> {
+/// A refusal names its field.
+fn order_json(pairs: &[(String, String)]) -> Result<Value, (&'static str, String)> {
     let mut env = BTreeMap::new();
     let text = field(pairs, "env").unwrap_or_default();
     for item in dotenvy::from_read_iter(text.as_bytes()) {
-        let (name, value) = item.map_err(|err| format!("the .env text does not parse: {err}"))?;
+        let (name, value) =
+            item.map_err(|err| ("env", format!("the .env text does not parse: {err}")))?;
         env.insert(name, value);
     }
     let names = pairs
@@ -598,7 +573,7 @@ fn order_json(pairs: &[(String, String)]) -> Result<Value, String> {
     let count = field(pairs, "count").unwrap_or("1").trim();
     let count: u64 = count
         .parse()
-        .map_err(|_| format!("count `{count}` is not a whole number"))?;
+        .map_err(|_| ("count", format!("count `{count}` is not a whole number")))?;
     order.insert("count".into(), json!(count));
     if !env.is_empty() {
         order.insert("env".into(), json!(env));
@@ -636,13 +611,29 @@ pub async fn queue(
         .filter(|k| !k.is_empty() && k.len() <= 64 && k.bytes().all(|b| b.is_ascii_graphic()))
         .map(|k| format!("page-{k}"));
     let retry_key = uuid::Uuid::new_v4().to_string();
+    let refuse = |status, field, message| FormError {
+        status,
+        message,
+        field,
+    };
     let order = match order_json(&pairs) {
         Ok(order) => order,
-        Err(message) => {
-            let error = Some((StatusCode::UNPROCESSABLE_ENTITY, message));
-            return Ok(queue_page(&state, &user, &headers, values, error, retry_key).await);
+        Err((name, message)) => {
+            let error = refuse(StatusCode::UNPROCESSABLE_ENTITY, Some(name), message);
+            return Ok(queue_page(&state, &user, &headers, values, Some(error), retry_key).await);
         }
     };
+    // A source the form marks as not replicable is refused with its reason
+    // (the menu does not offer it; a hand-made form could).
+    if let Some(reason) = form_facts(&state)
+        .await
+        .source(&values.source)
+        .and_then(|s| s.refusal.clone())
+    {
+        let message = format!("{} cannot be replicated: {reason}", values.source);
+        let error = refuse(StatusCode::UNPROCESSABLE_ENTITY, Some("source"), message);
+        return Ok(queue_page(&state, &user, &headers, values, Some(error), retry_key).await);
+    }
     let body = serde_json::to_vec(&order).map_err(ApiError::from)?;
     match intake::queue(&state, user.actor(), key, &body).await {
         Ok(answer) => {
@@ -656,16 +647,34 @@ pub async fn queue(
             })
         }
         Err(ApiError::Client {
-            status, message, ..
+            status,
+            code,
+            message,
         }) => {
-            let error = Some((status, message));
-            Ok(queue_page(&state, &user, &headers, values, error, retry_key).await)
+            let error = refuse(status, field_of(code, &body), message);
+            Ok(queue_page(&state, &user, &headers, values, Some(error), retry_key).await)
         }
         Err(ApiError::RateLimited { message, .. }) => {
-            let error = Some((StatusCode::TOO_MANY_REQUESTS, message));
-            Ok(queue_page(&state, &user, &headers, values, error, retry_key).await)
+            let error = refuse(StatusCode::TOO_MANY_REQUESTS, Some("count"), message);
+            Ok(queue_page(&state, &user, &headers, values, Some(error), retry_key).await)
         }
         Err(err) => Err(err.into()),
+    }
+}
+
+/// The form field an intake refusal is about, if one is.
+fn field_of(code: &str, body: &[u8]) -> Option<&'static str> {
+    match code {
+        "unknown_source" | "ambiguous_source" => Some("source"),
+        "unknown_node" | "ambiguous_node" => Some("node"),
+        "env_not_allowed" | "env_key_unverified" => Some("env"),
+        "invalid_field" => match ReplicaOrder::from_json(body) {
+            Err(InvalidOrder::Field { field, .. }) => ["source", "node", "count", "env", "note"]
+                .into_iter()
+                .find(|f| *f == field),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

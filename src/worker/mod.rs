@@ -36,6 +36,7 @@ use crate::store::{
     AwaitedOutcome, Changes, Claimed, Lane, Lease, Store, StoreError, StoredError, WAKE_CHANNEL,
 };
 
+pub use propose::usable_safe;
 pub use safe_flow::{SafeFlow, safe_wallet_link, short_chain_name};
 
 /// How long a request waits while another request of its source holds the

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::Worker;
 use super::safe_flow::{SafeFlow, safe_wallet_link};
 use crate::chain::{AppState, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
+use crate::config::AllowedSafes;
 use crate::domain::Event;
 use crate::safe::{
     AppCall, Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, SafeVersion,
@@ -394,7 +395,7 @@ async fn plan_chain(
         else {
             continue;
         };
-        if let Err(err) = usable_safe(flow, chain_id as u64, app, state, owner) {
+        if let Err(err) = usable_safe(&flow.safes, chain_id as u64, app, state, owner) {
             fail(worker, fence, &member.request, err).await?;
             moved = true;
         }
@@ -441,7 +442,7 @@ async fn plan_chain(
                 continue;
             };
             match usable_safe(
-                flow,
+                &flow.safes,
                 chain_id as u64,
                 member.app,
                 &states[&member.app],
@@ -508,9 +509,10 @@ struct Member {
     missing: Vec<(Registration, StoredRegistration)>,
 }
 
-/// The app's owner must be a Safe the bridge may propose to.
-fn usable_safe(
-    flow: &SafeFlow,
+/// The app's owner must be a Safe the bridge may propose to (the queue
+/// form asks the same question to mark the sources it cannot replicate).
+pub fn usable_safe(
+    safes: &AllowedSafes,
     chain_id: u64,
     app: Address,
     state: &AppState,
@@ -519,11 +521,11 @@ fn usable_safe(
     let app = app.to_checksum(None);
     let owner_address = state.owner.to_checksum(None);
     match owner {
-        OwnerKind::Safe(info) if flow.safes.contains(chain_id, info.address) => Ok(info),
+        OwnerKind::Safe(info) if safes.contains(chain_id, info.address) => Ok(info),
         // Only one of our Safes staged as the next owner makes this the cause.
         _ if state
             .pending_owner
-            .is_some_and(|p| flow.safes.contains(chain_id, p)) =>
+            .is_some_and(|p| safes.contains(chain_id, p)) =>
         {
             let pending = state.pending_owner.unwrap_or_default().to_checksum(None);
             Err(StoredError::new(

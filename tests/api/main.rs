@@ -41,6 +41,7 @@ mod safe_flow_repost;
 mod safe_flow_requeue;
 mod safe_flow_stalls;
 mod safe_service;
+mod sandbox_a11y;
 mod sandbox_e2e;
 mod sandbox_page;
 mod sandbox_process;

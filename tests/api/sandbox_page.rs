@@ -35,14 +35,20 @@ window.ethereum = {
 };
 "#;
 
-struct Browser {
-    client: Client,
+pub(crate) struct Browser {
+    pub(crate) client: Client,
     driver: Child,
     shots: PathBuf,
 }
 
 impl Browser {
-    async fn start(name: &str) -> Browser {
+    pub(crate) async fn start(name: &str) -> Browser {
+        Browser::start_with(name, true).await
+    }
+
+    /// With `javascript` false, the page's script does not run (the
+    /// WebDriver's own scripts still do).
+    pub(crate) async fn start_with(name: &str, javascript: bool) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -62,6 +68,7 @@ impl Browser {
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
                          "--window-size=1100,900", format!("--user-data-dir={}", profile.display())],
+                "prefs": {"profile.managed_default_content_settings.javascript": if javascript { 1 } else { 2 }},
             },
         });
         let capabilities = capabilities.as_object().unwrap().clone();
@@ -90,18 +97,18 @@ impl Browser {
         }
     }
 
-    async fn open(&self, url: &str) {
+    pub(crate) async fn open(&self, url: &str) {
         self.client.goto(url).await.unwrap();
     }
 
-    async fn screenshot(&self, name: &str) -> PathBuf {
+    pub(crate) async fn screenshot(&self, name: &str) -> PathBuf {
         let png = self.client.screenshot().await.unwrap();
         let path = self.shots.join(format!("{name}.png"));
         std::fs::write(&path, png).unwrap();
         path
     }
 
-    async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         self.client
             .wait()
             .at_most(Duration::from_secs(30))
@@ -113,7 +120,7 @@ impl Browser {
             .unwrap();
     }
 
-    async fn text(&self, css: &str) -> String {
+    pub(crate) async fn text(&self, css: &str) -> String {
         match self.client.find(Locator::Css(css)).await {
             Ok(element) => element.text().await.unwrap_or_default(),
             Err(_) => String::new(),
@@ -121,7 +128,7 @@ impl Browser {
     }
 
     /// Waits until the text at `css` contains `wanted`, without touching the page.
-    async fn wait_for_text(&self, css: &str, wanted: &str, secs: u64) -> String {
+    pub(crate) async fn wait_for_text(&self, css: &str, wanted: &str, secs: u64) -> String {
         let mut text = String::new();
         for _ in 0..secs * 4 {
             text = self.text(css).await;
@@ -133,7 +140,7 @@ impl Browser {
         panic!("`{css}` never showed `{wanted}`; last: `{text}`");
     }
 
-    async fn body(&self) -> String {
+    pub(crate) async fn body(&self) -> String {
         self.text("body").await
     }
 
@@ -211,7 +218,7 @@ impl Drop for Browser {
     }
 }
 
-async fn start_sandbox() -> Sandbox {
+pub(crate) async fn start_sandbox() -> Sandbox {
     Sandbox::start(SandboxOptions {
         port: 0,
         database_url: Some(sandbox_database()),
@@ -225,7 +232,7 @@ async fn start_sandbox() -> Sandbox {
 }
 
 /// The operator of the sandbox's bridge: anvil account 6.
-fn operator(sandbox: &Sandbox) -> PrivateKeySigner {
+pub(crate) fn operator(sandbox: &Sandbox) -> PrivateKeySigner {
     sandbox.chain.signer(6)
 }
 
@@ -491,22 +498,34 @@ async fn the_page_refuses_a_form_without_csrf_and_an_owner_cancelling() {
 }
 
 /// Queues web-prod on `node` through the API; the request's id.
-async fn queue_api(sandbox: &Sandbox, node: &str) -> String {
+pub(crate) async fn queue_api(sandbox: &Sandbox, node: &str) -> String {
+    queue_source(sandbox, "web-prod", node).await
+}
+
+/// Queues `source` on `node` through the API; the request's id.
+pub(crate) async fn queue_source(sandbox: &Sandbox, source: &str, node: &str) -> String {
     let queued: Value = reqwest::Client::new()
         .post(format!("{}api/v1/replicas", sandbox.url))
         .bearer_auth(&sandbox.options.api_token)
-        .json(&json!({"source": "web-prod", "node": node}))
+        .json(&json!({"source": source, "node": node}))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    queued["replicas"][0]["id"].as_str().unwrap().to_owned()
+    queued["replicas"][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not queued: {queued}"))
+        .to_owned()
 }
 
 /// The request through the API, once `done` holds (bounded).
-async fn request_until(sandbox: &Sandbox, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn request_until(
+    sandbox: &Sandbox,
+    id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let mut last = Value::Null;
     for _ in 0..240 {
         last = reqwest::Client::new()
@@ -528,7 +547,7 @@ async fn request_until(sandbox: &Sandbox, id: &str, done: impl Fn(&Value) -> boo
 
 impl Browser {
     /// The sandbox's dev login as `account` (`operator`, `owner-0`…).
-    async fn dev_login(&self, base: &str, account: &str) {
+    pub(crate) async fn dev_login(&self, base: &str, account: &str) {
         self.open(&format!("{base}sandbox")).await;
         let select = self.client.find(Locator::Css("#account")).await.unwrap();
         select.select_by_value(account).await.unwrap();
@@ -536,13 +555,13 @@ impl Browser {
         self.wait_for_text("header", "Sign out", 20).await;
     }
 
-    async fn js(&self, script: &str) -> Value {
+    pub(crate) async fn js(&self, script: &str) -> Value {
         self.client.execute(script, vec![]).await.unwrap()
     }
 
     /// Waits until the page has refreshed its live parts `n` more times
     /// (its own counter, `<html data-live-refreshes>`).
-    async fn wait_for_refreshes(&self, n: u64) {
+    pub(crate) async fn wait_for_refreshes(&self, n: u64) {
         let count = || async {
             self.js("return Number(document.documentElement.dataset.liveRefreshes || 0)")
                 .await
