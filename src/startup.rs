@@ -93,6 +93,7 @@ impl Application {
                 &settings.trust,
             ),
             page_auth: web::PageAuth::new(&settings),
+            names: settings.web.names.clone(),
             readiness: web::health::Readiness::new(&settings.safe, shutdown.clone()),
             retention: settings.retention.clone(),
             orders: OrderWriter::new(

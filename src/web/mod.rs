@@ -18,6 +18,7 @@ pub mod signers;
 pub mod signin;
 mod ui;
 mod ui_models;
+mod ui_people;
 mod views;
 pub mod webhook;
 
@@ -59,6 +60,8 @@ pub struct AppState {
     pub env_keys: EnvKeyVerifier,
     /// Who may use the team page.
     pub page_auth: PageAuth,
+    /// What the page calls people (`APPROVAL_BRIDGE_NAMES`).
+    pub names: crate::config::Names,
     /// What `/readyz` checks besides the database.
     pub readiness: health::Readiness,
     /// How long idempotency keys last.
@@ -86,10 +89,15 @@ pub fn router(state: AppState, ops_apart: bool) -> Router {
 
     // The page's forms and sign-in refuse cross-site requests; the API and
     // the webhook carry credentials a browser does not add by itself.
-    let page = ui::routes().layer(middleware::from_fn_with_state(
-        state.clone(),
-        security::same_origin,
-    ));
+    let page = ui::routes()
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            security::same_origin,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            ui::keep_header,
+        ));
     let mut routes = Router::new()
         .merge(page)
         .route("/", get(pages::index))
@@ -98,7 +106,7 @@ pub fn router(state: AppState, ops_apart: bool) -> Router {
         .nest("/api/v1", api)
         .route("/webhooks/ci", post(webhook::ci_webhook))
         .route("/static/style.css", get(pages::stylesheet))
-        .fallback(pages::not_found);
+        .fallback(ui::not_found);
     if !ops_apart {
         routes = routes.merge(ops_routes(&state));
     }
