@@ -23,7 +23,7 @@ for (const e of document.querySelectorAll("main *")) {
     wide.push(`${e.tagName}.${e.className} scrolls ${e.scrollWidth} > ${e.clientWidth}`);
   }
   const right = e.getBoundingClientRect().right;
-  if (right > width + 1) wide.push(`${e.tagName}.${e.className} ends at ${right}`);
+  if (right > width + 1) wide.push(`${e.tagName}.${e.className} ends at ${right}: ${e.textContent.slice(0, 80)}`);
 }
 return wide.slice(0, 5);
 "#;
