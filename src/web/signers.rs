@@ -152,6 +152,10 @@ pub struct CallView {
     pub cvms_running_it: Option<Vec<CvmView>>,
     /// The requests that wait for this call.
     pub unblocks: Vec<ServedRequest>,
+    /// The description without the requests it unblocks, for the page to
+    /// name who queued them.
+    #[serde(skip)]
+    pub approves: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -624,38 +628,63 @@ fn call_view(
         );
         ("addComposeHash", None, running, description)
     };
-    let description = match unblocks.len() {
-        0 => description,
-        n => {
-            let who: Vec<String> = unblocks
-                .iter()
-                .map(|r| {
-                    let node = r.node_name.as_deref().or(r.node.as_deref());
-                    format!(
-                        "{}{} queued by {}",
-                        r.source_name.as_deref().unwrap_or(&r.source),
-                        node.map(|n| format!(" on {n}")).unwrap_or_default(),
-                        r.created_by
-                    )
-                })
-                .collect();
-            let requests = if n == 1 { "request" } else { "requests" };
-            format!("{description}; unblocks {n} {requests}: {}", who.join("; "))
-        }
-    };
     let checked = checked(call, app_facts.map(|a| a.cvms.as_slice()), &unblocks);
-    CallView {
+    let mut view = CallView {
         function,
         app: call.app_id.clone(),
         value: call.value.clone(),
-        description,
+        description: String::new(),
         checked,
         app_name,
         app_cvms,
         node,
         cvms_running_it,
         unblocks: unblocks.iter().map(|r| served(r)).collect(),
+        approves: description,
+    };
+    view.description = view.described_naming(|actor| actor.to_owned());
+    view
+}
+
+impl CallView {
+    /// What it approves and the requests it unblocks, with who queued them
+    /// named by `name`.
+    pub fn described_naming(&self, name: impl Fn(&str) -> String) -> String {
+        match unblocks_sentence(&self.unblocks, name) {
+            Some(unblocking) => format!("{}; {unblocking}", self.approves),
+            None => self.approves.clone(),
+        }
     }
+}
+
+/// "unblocks 2 requests: web-prod on prod-2 queued by api:ops; …", with
+/// who queued each named by `name` (the API gives the actor, the page a
+/// person's name).
+fn unblocks_sentence(unblocks: &[ServedRequest], name: impl Fn(&str) -> String) -> Option<String> {
+    let who: Vec<String> = unblocks
+        .iter()
+        .map(|r| {
+            format!(
+                "{}{} queued by {}",
+                r.source,
+                r.node
+                    .as_deref()
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default(),
+                name(&r.created_by)
+            )
+        })
+        .collect();
+    let requests = match who.len() {
+        0 => return None,
+        1 => "request",
+        _ => "requests",
+    };
+    Some(format!(
+        "unblocks {} {requests}: {}",
+        who.len(),
+        who.join("; ")
+    ))
 }
 
 /// How the bridge tied a call's value to the orders it serves (see

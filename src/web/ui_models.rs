@@ -125,7 +125,16 @@ pub struct ProposalPage {
     pub safe: Person,
     pub confirmed_by: Vec<Person>,
     pub to_sign: Vec<Person>,
+    pub calls: Vec<CallPage>,
     pub requests: Vec<ServedView>,
+}
+
+/// One call of a Safe transaction, with who queued its requests named.
+#[derive(Debug, Clone)]
+pub struct CallPage {
+    pub function: &'static str,
+    pub description: String,
+    pub checked: String,
 }
 
 impl ProposalPage {
@@ -136,6 +145,15 @@ impl ProposalPage {
             safe: people.person(&v.safe),
             confirmed_by: v.confirmed_by.iter().map(|o| people.person(o)).collect(),
             to_sign: v.owners_to_sign.iter().map(|o| people.person(o)).collect(),
+            calls: v
+                .calls
+                .iter()
+                .map(|c| CallPage {
+                    function: c.function,
+                    description: c.described_naming(|actor| people.actor(actor).word()),
+                    checked: c.checked.clone(),
+                })
+                .collect(),
             requests: v
                 .requests
                 .iter()

@@ -185,6 +185,11 @@ async fn the_page_names_people_words_states_and_fits_a_laptop_and_a_phone() {
     browser.open(&format!("{base}proposals")).await;
     let queue = browser.wait_for_text("#proposals", "1/2 signed", 30).await;
     assert!(queue.contains(OWNER_NAMES[0]), "{queue}");
+    assert!(
+        queue.contains("unblocks 1 request: web-prod on prod-2 queued by API token sandbox")
+            && !queue.contains("api:sandbox"),
+        "{queue}"
+    );
     browser.fits("the queue at 1366 px").await;
     browser.screenshot("words-proposal-queue").await;
 
