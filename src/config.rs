@@ -188,6 +188,25 @@ pub struct ServerSettings {
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub header_read_timeout_secs: u64,
 
+    /// Requests per minute one client address may make to what needs no
+    /// credentials (sign-in, the login and static pages, the CI webhook
+    /// before its signature is checked), in bursts of as many; refused
+    /// credentials count too. 0 turns the limit off. Behind a proxy, list it
+    /// in APPROVAL_BRIDGE_TRUSTED_PROXIES so that its X-Forwarded-For names
+    /// the client.
+    #[arg(
+        long,
+        env = "APPROVAL_BRIDGE_CLIENT_RATE_PER_MINUTE",
+        default_value_t = 120
+    )]
+    pub client_rate_per_minute: u32,
+
+    /// How many client addresses the rate limit remembers at most; a flood
+    /// of addresses makes it forget those seen longest ago.
+    #[arg(long, env = "APPROVAL_BRIDGE_CLIENT_RATE_MAX_CLIENTS", default_value_t = 100_000,
+          value_parser = parse_max_clients)]
+    pub client_rate_max_clients: usize,
+
     /// The server's own secret, at least 32 characters: it keys the hashes
     /// the database keeps of idempotent orders. Without it they are keyed
     /// with a key derived from APPROVAL_BRIDGE_PHALA_API_KEY (secret).
@@ -208,8 +227,17 @@ impl Default for ServerSettings {
             ops_listen: None,
             ops_token: None,
             header_read_timeout_secs: 10,
+            client_rate_per_minute: 120,
+            client_rate_max_clients: 100_000,
             server_secret: None,
         }
+    }
+}
+
+fn parse_max_clients(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if (2..=10_000_000).contains(&n) => Ok(n),
+        _ => Err("must be a whole number from 2 to 10000000".into()),
     }
 }
 
@@ -257,7 +285,7 @@ pub struct WebSettings {
     pub proxy_user_header: Option<axum::http::HeaderName>,
 
     /// The IP addresses of the SSO proxy (or of a TLS proxy whose
-    /// `X-Forwarded-Proto` counts), separated by commas.
+    /// `X-Forwarded-Proto` and `X-Forwarded-For` count), separated by commas.
     #[arg(long, env = "APPROVAL_BRIDGE_TRUSTED_PROXIES", value_parser = parse_ips,
           default_value = "", hide_default_value = true)]
     pub trusted_proxies: TrustedProxies,

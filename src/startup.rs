@@ -112,6 +112,7 @@ impl Application {
                     token.clone(),
                 )]))
             }),
+            client_limiter: web::ClientLimiter::new(&settings.server),
         };
         let safe_flow = SafeFlow::from_settings(&settings.safe)?;
         safe_flow.check_proposer().await?;

@@ -20,6 +20,15 @@ alloy::sol! {
         error OwnableInvalidOwner(address owner);
     }
 
+    /// EIP-1271: a contract account says whether it accepts a signature of a
+    /// hash. A Safe answers through its CompatibilityFallbackHandler (Safe
+    /// 1.3.0 and later), which checks its owners' signatures of the Safe's
+    /// own `SafeMessage` hash of `hash`.
+    #[sol(rpc)]
+    interface IERC1271 {
+        function isValidSignature(bytes32 hash, bytes signature) external view returns (bytes4 magicValue);
+    }
+
     /// Multicall3's `aggregate3`: many calls, one `eth_call`.
     #[sol(rpc)]
     interface IMulticall3 {

@@ -3,6 +3,7 @@
 //! own hash for cross-checking.
 
 mod bindings;
+mod eip1271;
 mod heads;
 mod revert;
 mod transport;
@@ -19,7 +20,8 @@ use alloy::sol_types::{SolCall, SolValue};
 use anyhow::Context;
 use reqwest::Url;
 
-pub use bindings::{IDstackApp, IMulticall3};
+pub use bindings::{IDstackApp, IERC1271, IMulticall3};
+pub use eip1271::EIP1271_MAGIC;
 pub use revert::decode_revert;
 
 use crate::safe::{ISafe, SafeTx, SafeVersion};

@@ -1,6 +1,7 @@
 //! `approval-bridge sessions sign-out`: ends the team page's sessions of one
 //! person, or of everyone, e.g. after a key is lost or a laptop stolen. The
-//! page's own "Sign out everywhere" does the first for the person signed in.
+//! page's own "Sign out everywhere" does the first for the person signed in,
+//! and an admin token does either with `POST /api/v1/sessions/sign-out`.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -43,10 +44,7 @@ pub async fn run(command: SessionsCommand) -> anyhow::Result<()> {
     let store = Store::new(pool);
     let ended = match &args.who.subject {
         Some(subject) => {
-            let subject = match subject.parse::<alloy::primitives::Address>() {
-                Ok(address) => address.to_checksum(None),
-                Err(_) => subject.trim().to_owned(),
-            };
+            let subject = crate::domain::session_subject(subject);
             let ended = store
                 .delete_web_sessions_of(&subject)
                 .await

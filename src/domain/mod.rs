@@ -37,3 +37,26 @@ impl Actor {
         }
     }
 }
+
+/// A person as page sessions name them: an address checksummed (however a
+/// wallet or a person wrote it), or a proxy user name as given.
+pub fn session_subject(raw: &str) -> String {
+    let raw = raw.trim();
+    match raw.parse::<alloy::primitives::Address>() {
+        Ok(address) => address.to_checksum(None),
+        Err(_) => raw.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod session_subject_tests {
+    use super::session_subject;
+
+    #[test]
+    fn an_address_is_checksummed_and_a_user_name_kept() {
+        let checksummed = "0x976EA74026E726554dB657fA54763abd0C3a0aa9";
+        assert_eq!(session_subject(&checksummed.to_lowercase()), checksummed);
+        assert_eq!(session_subject(&format!(" {checksummed} ")), checksummed);
+        assert_eq!(session_subject("ops@example.com"), "ops@example.com");
+    }
+}

@@ -1150,6 +1150,21 @@ mod tests {
                 Ok(())
             }
         }
+        let key = "sk-test-7f3a9c";
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(header("authorization", format!("Bearer {key}").as_str()))
+            .respond_with(ResponseTemplate::new(201))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let client = client(&server, Some(key), 100.0);
+        // One call before the subscriber exists, so that this module's
+        // callsites are registered by now: a first registration racing on
+        // another test's thread could otherwise store "disabled" after the
+        // rebuild below.
+        client.propose(SAFE, &proposal()).await.unwrap();
+
         let logs = Capture::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -1157,19 +1172,8 @@ mod tests {
             .with_writer(move || writer.clone())
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
-        // Other tests' threads may have cached this module's callsites as
-        // disabled before this subscriber existed.
+        // The callsites were cached as disabled while no subscriber existed.
         tracing::callsite::rebuild_interest_cache();
-
-        let key = "sk-test-7f3a9c";
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(header("authorization", format!("Bearer {key}").as_str()))
-            .respond_with(ResponseTemplate::new(201))
-            .expect(1)
-            .mount(&server)
-            .await;
-        let client = client(&server, Some(key), 100.0);
         client.propose(SAFE, &proposal()).await.unwrap();
 
         let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();

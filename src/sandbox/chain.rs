@@ -71,9 +71,17 @@ sol! {
             address paymentReceiver
         ) external;
         function swapOwner(address prevOwner, address oldOwner, address newOwner) external;
+        function addOwnerWithThreshold(address owner, uint256 _threshold) external;
 
         event ExecutionSuccess(bytes32 indexed txHash, uint256 payment);
         event ExecutionFailure(bytes32 indexed txHash, uint256 payment);
+    }
+
+    /// What a Safe's owners sign for the Safe to accept a signature of a
+    /// hash (EIP-1271 through the CompatibilityFallbackHandler): the Safe's
+    /// EIP-712 hash, in the Safe's own domain, of `abi.encode(hash)`.
+    struct SafeMessage {
+        bytes message;
     }
 
     #[sol(rpc)]
@@ -749,6 +757,32 @@ fn owner_signatures(hash: B256, signers: &[PrivateKeySigner]) -> anyhow::Result<
         signatures.extend_from_slice(&signature);
     }
     Ok(signatures.into())
+}
+
+/// The signature a Safe (1.3.0 or later, with the CompatibilityFallbackHandler)
+/// accepts for `hash` in `isValidSignature(bytes32,bytes)`: its owners'
+/// signatures (v = 27/28, ascending owner order) of the Safe's `SafeMessage`
+/// hash of `hash`. The handler computes that hash as `keccak256(0x1901 ‖
+/// domainSeparator ‖ keccak256(abi.encode(SAFE_MSG_TYPEHASH,
+/// keccak256(abi.encode(hash)))))` and has the Safe check the owners'
+/// signatures of it (`checkSignatures`), so `owners` must reach the Safe's
+/// threshold.
+pub fn safe_message_signature(
+    safe: Address,
+    chain_id: u64,
+    hash: B256,
+    owners: &[PrivateKeySigner],
+) -> anyhow::Result<Bytes> {
+    use alloy::sol_types::{SolStruct, eip712_domain};
+    let domain = eip712_domain! {
+        chain_id: chain_id,
+        verifying_contract: safe,
+    };
+    let safe_message = SafeMessage {
+        message: hash.to_vec().into(),
+    }
+    .eip712_signing_hash(&domain);
+    owner_signatures(safe_message, owners)
 }
 
 /// Creation code followed by the ABI-encoded constructor arguments, checked

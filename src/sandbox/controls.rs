@@ -21,15 +21,24 @@ use reqwest::Url;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::SandboxApps;
 use super::chain::LocalChain;
+use super::dev_login::DevAccount;
 use super::phala_sim::PhalaSim;
 use super::safe_service::SafeServiceSim;
+use super::{SafeOwner, SandboxApps};
 use crate::chain::{ChainClient, Registration, SafeInfo};
 use crate::safe::{
     Operation, Proposal, SafeTx, TxServiceClient, TxServiceOptions, sign_safe_tx_hash,
 };
 use crate::web::check_same_origin;
+
+/// The dev login's name for the Safe-owner.
+const SAFE_OWNER_ACCOUNT: &str = "safe-owner";
+
+/// Why the page offers the Safe-owner no Confirm button.
+const SAFE_OWNER_CONFIRM: &str = "no Confirm button here: a Safe confirms with a contract signature or an \
+     on-chain approveHash of its own owners, which this sandbox does not make; two of owners 0 to 2 \
+     reach the threshold without it";
 
 /// The largest body the front door forwards to the bridge.
 const MAX_FORWARDED_BODY: usize = 4 * 1024 * 1024;
@@ -40,6 +49,10 @@ pub(super) struct Controls {
     pub safe: Address,
     /// Keys of the Safe's owners, by owner index.
     pub owner_keys: Vec<PrivateKeySigner>,
+    /// The Safe's owner that is itself a Safe.
+    pub safe_owner: SafeOwner,
+    /// How many owners the Safe needs.
+    pub threshold: u64,
     /// A non-owner account that sends `execTransaction`.
     pub executor: PrivateKeySigner,
     pub safe_service: SafeServiceSim,
@@ -673,8 +686,16 @@ async fn world_json(c: &Controls) -> anyhow::Result<Value> {
         "safe_service_url": c.safe_service_url,
         "safe": {
             "address": c.safe.to_checksum(None),
-            "threshold": 2,
+            "threshold": c.threshold,
             "owners": c.owner_keys.iter().enumerate().map(|(i, k)| json!({"index": i, "address": k.address().to_checksum(None)})).collect::<Vec<_>>(),
+            "safe_owner": {
+                "address": c.safe_owner.address.to_checksum(None),
+                "threshold": c.safe_owner.threshold,
+                "owners": c.safe_owner.keys.iter().map(|k| k.address().to_checksum(None)).collect::<Vec<_>>(),
+                "fallback_handler": super::chain::v1_4_1::COMPATIBILITY_FALLBACK_HANDLER.to_checksum(None),
+                "dev_login": SAFE_OWNER_ACCOUNT,
+                "confirm": SAFE_OWNER_CONFIRM,
+            },
         },
         "apps": {
             "web": app(c.apps.web, c.safe.to_checksum(None).into(), "one-step"),
@@ -797,7 +818,9 @@ async fn open_proposals(c: &Controls) -> Result<Vec<OpenProposal>, String> {
 #[template(path = "sandbox.html")]
 struct SandboxPage {
     safe: String,
+    threshold: u64,
     owners: Vec<String>,
+    safe_owner: SafeOwnerView,
     operator: String,
     proposals: Vec<OpenProposal>,
     error: Option<String>,
@@ -810,6 +833,32 @@ struct SandboxPage {
 struct ProposalsPartial {
     proposals: Vec<OpenProposal>,
     error: Option<String>,
+    safe_owner: SafeOwnerView,
+}
+
+/// The Safe-owner as the page shows it.
+struct SafeOwnerView {
+    address: String,
+    threshold: u64,
+    owners: Vec<String>,
+    /// Why it has no Confirm button.
+    confirm: &'static str,
+}
+
+impl SafeOwnerView {
+    fn of(c: &Controls) -> SafeOwnerView {
+        SafeOwnerView {
+            address: c.safe_owner.address.to_checksum(None),
+            threshold: c.safe_owner.threshold,
+            owners: c
+                .safe_owner
+                .keys
+                .iter()
+                .map(|k| k.address().to_checksum(None))
+                .collect(),
+            confirm: SAFE_OWNER_CONFIRM,
+        }
+    }
 }
 
 fn render(body: Result<String, askama::Error>) -> Response {
@@ -838,6 +887,8 @@ async fn page(
     render(
         SandboxPage {
             safe: c.safe.to_checksum(None),
+            threshold: c.threshold,
+            safe_owner: SafeOwnerView::of(&c),
             owners: c
                 .owner_keys
                 .iter()
@@ -858,12 +909,20 @@ async fn proposals_partial(State(c): State<Controls>) -> Response {
         Ok(p) => (p, None),
         Err(e) => (Vec::new(), Some(e)),
     };
-    render(ProposalsPartial { proposals, error }.render())
+    render(
+        ProposalsPartial {
+            proposals,
+            error,
+            safe_owner: SafeOwnerView::of(&c),
+        }
+        .render(),
+    )
 }
 
-/// `POST /sandbox/dev-login` `account=owner-0|owner-1|owner-2|operator`:
-/// signs in to the bridge as that account (see [`super::dev_login`]) and
-/// hands its session cookie to the browser.
+/// `POST /sandbox/dev-login` `account=owner-0|owner-1|owner-2|safe-owner|operator`:
+/// signs in to the bridge as that account (see [`super::dev_login`]; the
+/// Safe-owner with a contract signature) and hands its session cookie to
+/// the browser.
 async fn dev_login(
     State(c): State<Controls>,
     body: axum::body::Bytes,
@@ -872,21 +931,25 @@ async fn dev_login(
         .find(|(name, _)| name == "account")
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default();
-    let key = match account.as_str() {
-        "operator" => c.operator_key.clone(),
+    let account = match account.as_str() {
+        "operator" => DevAccount::Key(&c.operator_key),
+        SAFE_OWNER_ACCOUNT => DevAccount::Safe(&c.safe_owner),
         other => other
             .strip_prefix("owner-")
             .and_then(|i| i.parse::<usize>().ok())
-            .and_then(|i| c.owner_keys.get(i).cloned())
+            .and_then(|i| c.owner_keys.get(i))
+            .map(DevAccount::Key)
             .ok_or_else(|| {
                 reject(
                     StatusCode::BAD_REQUEST,
                     "invalid_account",
-                    format!("`{other}` is none of owner-0, owner-1, owner-2, operator"),
+                    format!(
+                        "`{other}` is none of owner-0, owner-1, owner-2, {SAFE_OWNER_ACCOUNT}, operator"
+                    ),
                 )
             })?,
     };
-    let cookie = super::dev_login::sign_in(&c.http, &c.bridge_url, &key, c.chain.chain_id())
+    let cookie = super::dev_login::sign_in(&c.http, &c.bridge_url, account, c.chain.chain_id())
         .await
         .map_err(|err| {
             reject(

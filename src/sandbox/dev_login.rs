@@ -2,8 +2,11 @@
 //! accounts with a real Sign-In with Ethereum round trip (the bridge's own
 //! `/login/message` and `/login`, the account's anvil key signing), then
 //! hands the session cookie to the browser. Nothing is skipped: the bridge
-//! checks the message, nonce, chain and role as it would a wallet's.
+//! checks the message, nonce, chain and role as it would a wallet's. The
+//! Safe-owner signs as Safe{Wallet} signs for a Safe: its owners sign the
+//! Safe's `SafeMessage` hash, and the bridge asks the Safe (EIP-1271).
 
+use alloy::primitives::{Address, Bytes, eip191_hash_message};
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, bail};
@@ -11,12 +14,43 @@ use axum::http::HeaderValue;
 use reqwest::Url;
 use serde_json::{Value, json};
 
-/// Signs in at `bridge` as `key` on `chain_id`; answers the `Set-Cookie`
+use super::SafeOwner;
+
+/// An account the dev login signs in as.
+pub enum DevAccount<'a> {
+    /// An account with its own key.
+    Key(&'a PrivateKeySigner),
+    /// A Safe, signing through its owners' keys.
+    Safe(&'a SafeOwner),
+}
+
+impl DevAccount<'_> {
+    fn address(&self) -> Address {
+        match self {
+            DevAccount::Key(key) => key.address(),
+            DevAccount::Safe(safe) => safe.address,
+        }
+    }
+
+    /// Its signature of `message` (EIP-191 personal message).
+    fn sign(&self, message: &str, chain_id: u64) -> anyhow::Result<Bytes> {
+        match self {
+            DevAccount::Key(key) => Ok(key
+                .sign_message_sync(message.as_bytes())?
+                .as_bytes()
+                .to_vec()
+                .into()),
+            DevAccount::Safe(safe) => safe.sign_hash(chain_id, eip191_hash_message(message)),
+        }
+    }
+}
+
+/// Signs in at `bridge` as `account` on `chain_id`; answers the `Set-Cookie`
 /// value of the session.
 pub async fn sign_in(
     http: &reqwest::Client,
     bridge: &Url,
-    key: &PrivateKeySigner,
+    account: DevAccount<'_>,
     chain_id: u64,
 ) -> anyhow::Result<HeaderValue> {
     // As a browser: the sign-in page sets the CSRF cookie and carries the
@@ -50,7 +84,7 @@ pub async fn sign_in(
     };
     let answer = post(
         "login/message",
-        json!({"address": key.address().to_checksum(None), "chain_id": chain_id}),
+        json!({"address": account.address().to_checksum(None), "chain_id": chain_id}),
     )
     .await
     .context("asking the bridge for a sign-in message")?;
@@ -65,8 +99,7 @@ pub async fn sign_in(
         .as_str()
         .context("the bridge's answer has no message")?
         .to_owned();
-    let signature = key.sign_message_sync(message.as_bytes())?;
-    let signature = format!("0x{}", hex::encode(signature.as_bytes()));
+    let signature = account.sign(&message, chain_id)?.to_string();
     let answer = post("login", json!({"message": message, "signature": signature}))
         .await
         .context("signing in to the bridge")?;

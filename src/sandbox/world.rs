@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::network::TransactionBuilder;
-use alloy::primitives::{Address, U256};
+use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::Provider;
 use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
@@ -30,8 +30,14 @@ use crate::startup::Application;
 /// The CVM owned by an account, not a Safe: the bridge refuses it clearly.
 pub const EOA_CVM: &str = "eoa-app";
 /// Anvil accounts: 0..2 own the Safe, 3 executes, 4 and 5 deploy apps, 6 is
-/// the team page's operator, 9 proposes.
+/// the team page's operator, 7 and 8 own the Safe's fourth owner (itself a
+/// Safe), 9 proposes.
 const OWNERS: [usize; 3] = [0, 1, 2];
+/// The owners of the Safe-owner, both of whom must sign for it.
+const SAFE_OWNER_OWNERS: [usize; 2] = [7, 8];
+const SAFE_OWNER_THRESHOLD: u64 = 2;
+/// The app's Safe needs two of its four owners.
+const THRESHOLD: u64 = 2;
 const EXECUTOR: usize = 3;
 const DEPLOYER: usize = 4;
 const EOA_OWNER: usize = 5;
@@ -98,6 +104,25 @@ pub struct SandboxApps {
     pub eoa: Address,
 }
 
+/// The app's Safe's fourth owner: a wallet that is itself a Safe, as is
+/// common for a team's owner. It signs in with contract signatures
+/// (EIP-1271 through its CompatibilityFallbackHandler).
+#[derive(Debug, Clone)]
+pub struct SafeOwner {
+    pub address: Address,
+    pub threshold: u64,
+    /// Its owners' keys (anvil accounts 7 and 8).
+    pub keys: Vec<PrivateKeySigner>,
+}
+
+impl SafeOwner {
+    /// Its signature of `hash`, as its `isValidSignature(bytes32,bytes)`
+    /// accepts it.
+    pub fn sign_hash(&self, chain_id: u64, hash: B256) -> anyhow::Result<Bytes> {
+        super::chain::safe_message_signature(self.address, chain_id, hash, &self.keys)
+    }
+}
+
 /// A running sandbox. Dropping it stops anvil; [`Sandbox::stop`] stops the
 /// bridge and the sandbox's own server.
 pub struct Sandbox {
@@ -110,7 +135,9 @@ pub struct Sandbox {
     pub env: ServeEnv,
     pub chain: Arc<LocalChain>,
     pub safe: Address,
+    /// The Safe's owners in its own order: accounts 0..2, then the Safe-owner.
     pub owners: Vec<Address>,
+    pub safe_owner: SafeOwner,
     pub proposer: Address,
     pub apps: SandboxApps,
     pub phala: PhalaSim,
@@ -169,8 +196,23 @@ impl Sandbox {
 
         super::ensure_npm_packages()?;
         let chain = Arc::new(LocalChain::start(Some(options.block_time)).await?);
-        let owners: Vec<Address> = OWNERS.iter().map(|i| chain.address(*i)).collect();
-        let safe = chain.create_safe(&owners, 2, 1).await?;
+        let safe_owner_keys: Vec<PrivateKeySigner> =
+            SAFE_OWNER_OWNERS.iter().map(|i| chain.signer(*i)).collect();
+        let safe_owner_owners: Vec<Address> = safe_owner_keys
+            .iter()
+            .map(PrivateKeySigner::address)
+            .collect();
+        let safe_owner = SafeOwner {
+            address: chain
+                .create_safe(&safe_owner_owners, SAFE_OWNER_THRESHOLD, 2)
+                .await
+                .context("creating the Safe-owner")?,
+            threshold: SAFE_OWNER_THRESHOLD,
+            keys: safe_owner_keys,
+        };
+        let mut owners: Vec<Address> = OWNERS.iter().map(|i| chain.address(*i)).collect();
+        owners.push(safe_owner.address);
+        let safe = chain.create_safe(&owners, THRESHOLD, 1).await?;
         let owner_keys: Vec<PrivateKeySigner> = OWNERS.iter().map(|i| chain.signer(*i)).collect();
         let executor = chain.signer(EXECUTOR);
 
@@ -268,6 +310,8 @@ impl Sandbox {
             hex::encode(secret)
         });
         env.set("APPROVAL_BRIDGE_WORKERS", 2);
+        // The browser, the controls and the scripts all come from 127.0.0.1.
+        env.set("APPROVAL_BRIDGE_CLIENT_RATE_PER_MINUTE", 1200);
         env.set("APPROVAL_BRIDGE_POLL_INTERVAL_SECS", 1);
         env.set(
             "APPROVAL_BRIDGE_RPC_URLS",
@@ -341,6 +385,8 @@ impl Sandbox {
             chain: chain.clone(),
             safe,
             owner_keys,
+            safe_owner: safe_owner.clone(),
+            threshold: THRESHOLD,
             executor,
             safe_service: safe_service.clone(),
             safe_service_url: safe_service_url.clone(),
@@ -369,6 +415,7 @@ impl Sandbox {
             chain,
             safe,
             owners,
+            safe_owner,
             proposer: proposer.address(),
             apps,
             phala,
@@ -403,8 +450,10 @@ impl Sandbox {
              \n  chain           {rpc} (chain id {chain_id}, a block every {block}s)\
              \n  Phala sim       {phala}\
              \n  Safe service    {service}\
-             \n  Safe            {safe} (2 of 3)\
+             \n  Safe            {safe} ({threshold} of {count})\
              \n  owners          {owners}\
+             \n                  (the last is a Safe of {inner}, {inner_threshold} of {inner_count};\
+             \n                  the dev login signs in as it with a contract signature)\
              \n\nPress Ctrl-C to stop everything.",
             url = self.url,
             token = self.options.api_token,
@@ -415,7 +464,18 @@ impl Sandbox {
             phala = self.phala.base_url(),
             service = self.safe_service_url,
             safe = self.safe.to_checksum(None),
+            threshold = THRESHOLD,
+            count = self.owners.len(),
             owners = owners.join(", "),
+            inner = self
+                .safe_owner
+                .keys
+                .iter()
+                .map(|k| k.address().to_checksum(None))
+                .collect::<Vec<_>>()
+                .join(", "),
+            inner_threshold = self.safe_owner.threshold,
+            inner_count = self.safe_owner.keys.len(),
         )
     }
 

@@ -19,6 +19,10 @@ const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn scrape(State(state): State<AppState>) -> Response {
     let handle = crate::metrics::handle();
+    if state.client_limiter.enabled() {
+        metrics::gauge!(super::ratelimit::TRACKED_CLIENTS)
+            .set(state.client_limiter.clients() as f64);
+    }
     match state.store.queue_gauges().await {
         Ok(gauges) => {
             // Every unfinished status, so one that emptied shows 0, not its last count.

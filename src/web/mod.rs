@@ -10,10 +10,12 @@ mod metrics;
 pub mod openapi;
 mod order_writer;
 mod pages;
+mod ratelimit;
 mod replicas;
 mod request_id;
 mod security;
 pub mod server;
+mod sessions;
 pub mod signers;
 pub mod signin;
 mod ui;
@@ -36,6 +38,7 @@ use tower_http::trace::TraceLayer;
 pub use access::Access;
 pub use auth::ApiTokens;
 pub use order_writer::OrderWriter;
+pub use ratelimit::ClientLimiter;
 pub use security::check_same_origin;
 pub use signin::PageAuth;
 pub use webhook::WebhookSecrets;
@@ -72,6 +75,8 @@ pub struct AppState {
     pub request_hasher: crate::store::RequestHasher,
     /// The bearer token `/metrics` and `/readyz` require, if any.
     pub ops_token: Option<ApiTokens>,
+    /// Each client address's rate limit on what needs no credentials.
+    pub client_limiter: ClientLimiter,
 }
 
 use request_id::REQUEST_ID;
@@ -85,30 +90,42 @@ pub fn router(state: AppState, ops_apart: bool) -> Router {
         .route("/replicas/{id}/cancel", post(replicas::cancel))
         .route("/proposals", get(signers::list))
         .route("/proposals/{id}", get(signers::show))
-        .route("/openapi.json", get(openapi::openapi_json));
+        .route("/sessions/sign-out", post(sessions::sign_out));
 
     // The page's forms and sign-in refuse cross-site requests; the API and
     // the webhook carry credentials a browser does not add by itself.
-    let page = ui::routes()
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            security::same_origin,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            ui::keep_header,
-        ));
-    let mut routes = Router::new()
-        .merge(page)
+    let same_origin = middleware::from_fn_with_state(state.clone(), security::same_origin);
+    // An error page of someone signed in keeps their header.
+    let keep_header = middleware::from_fn_with_state(state.clone(), ui::keep_header);
+    let limit_anonymous = middleware::from_fn_with_state(state.clone(), ratelimit::limit_anonymous);
+    let limit_refused =
+        middleware::from_fn_with_state(state.clone(), ratelimit::limit_refused_credentials);
+    // What anyone may call costs a token of the client's rate limit.
+    let open = Router::new()
+        .merge(ui::open_routes().layer(same_origin.clone()))
         .route("/", get(pages::index))
         .route("/health", get(health::health))
-        .route("/healthz", get(health::healthz))
-        .nest("/api/v1", api)
+        .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .route("/webhooks/ci", post(webhook::ci_webhook))
         .route("/static/style.css", get(pages::stylesheet))
+        .route_layer(limit_anonymous.clone());
+    // What needs a token or a session costs one only when refused.
+    let signed_in = Router::new()
+        .merge(ui::signed_in_routes().layer(same_origin).layer(keep_header))
+        .nest("/api/v1", api)
+        .route_layer(limit_refused.clone());
+    let mut routes = Router::new()
+        .merge(open)
+        .merge(signed_in)
+        .route("/healthz", get(health::healthz))
         .fallback(ui::not_found);
     if !ops_apart {
-        routes = routes.merge(ops_routes(&state));
+        let ops = ops_routes(&state);
+        routes = routes.merge(if state.ops_token.is_some() {
+            ops.route_layer(limit_refused)
+        } else {
+            ops.route_layer(limit_anonymous)
+        });
     }
     let routes = routes.layer(middleware::from_fn_with_state(
         state.clone(),

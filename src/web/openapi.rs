@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, metrics, replicas, signers, webhook};
+use super::{health, metrics, replicas, sessions, signers, webhook};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,6 +22,7 @@ use super::{health, metrics, replicas, signers, webhook};
         replicas::cancel,
         signers::list,
         signers::show,
+        sessions::sign_out,
         webhook::ci_webhook,
         health::healthz,
         health::readyz,
@@ -33,6 +34,7 @@ use super::{health, metrics, replicas, signers, webhook};
     tags(
         (name = "replicas", description = "the JSON API; every call needs `Authorization: Bearer <token>`"),
         (name = "proposals", description = "the Safe proposals as the owners see them; bearer token as above"),
+        (name = "sessions", description = "the team page's sessions; needs a token with the `+admin` grant"),
         (name = "webhook", description = "CI deliveries, authenticated by HMAC-SHA256"),
         (name = "operations", description = "probes, metrics and this description"),
     )

@@ -16,6 +16,12 @@
 //! server's key, so a planted cookie is worth nothing; the `Origin` check in
 //! `security` refuses cross-site requests before they get here.
 //!
+//! A signature counts when the message's address made it with its key
+//! (EIP-191), or, for a wallet that is a contract (a Safe owning the Safe),
+//! when that contract accepts it: `isValidSignature` (EIP-1271) asked on the
+//! message's chain through the configured RPC, bounded in time. A chain that
+//! cannot be asked is "retry later", never a yes.
+//!
 //! Sign-in nonces are stateless: random bytes, an expiry and a MAC. Asking
 //! for one stores nothing; only used nonces are kept, until they expire, so a
 //! signed message works once and no flood of requests fills a table.
@@ -24,7 +30,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use alloy::primitives::Address;
+use alloy::primitives::{Address, B256, Bytes};
 use axum::Json;
 use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::header::{COOKIE, SET_COOKIE};
@@ -58,6 +64,10 @@ const SESSION_TTL_HOURS: i64 = 8;
 /// How long a Safe's owners, once read from the chain, decide roles.
 const OWNERS_TTL_SECS: i64 = 60;
 const STATEMENT: &str = "Sign in to approval-bridge.";
+/// How long a contract account's `isValidSignature` may take before sign-in
+/// answers "retry later". Below the RPC transport's own retries (about 30 s
+/// for a provider that never answers): a person is waiting.
+const CONTRACT_SIGNATURE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -339,6 +349,64 @@ impl PageAuth {
             .unwrap_or_else(|p| p.into_inner())
             .insert((chain_id, safe), (owners.clone(), now));
         Ok(owners)
+    }
+
+    /// Whether `signature` signs `message` for the message's address: made
+    /// by that address's key (EIP-191), or accepted by that address as a
+    /// contract account (EIP-1271) on the message's chain. A key's signature
+    /// needs no call: no one holds the key of a contract's address, and an
+    /// account whose key signed is that key's (an EIP-7702 account too).
+    async fn verify_signature(
+        &self,
+        message: &siwe::Message,
+        signature: &[u8],
+    ) -> Result<(), ApiError> {
+        if let Ok(signature) = <&[u8; 65]>::try_from(signature)
+            && message.verify_eip191(signature).is_ok()
+        {
+            return Ok(());
+        }
+        let address = Address::from(message.address);
+        let subject = address.to_checksum(None);
+        let chain_id = message.chain_id;
+        let hash = B256::from(message.eip191_hash().map_err(anyhow::Error::from)?);
+        let client = self.0.chains.get(chain_id).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "chain_unavailable",
+                format!(
+                    "no RPC URL for chain {chain_id}, so a contract wallet's signature cannot be checked"
+                ),
+            )
+        })?;
+        let asked = tokio::time::timeout(
+            CONTRACT_SIGNATURE_TIMEOUT,
+            client.accepts_signature(address, hash, Bytes::copy_from_slice(signature)),
+        )
+        .await;
+        let failure = match asked {
+            Ok(Ok(true)) => return Ok(()),
+            Ok(Ok(false)) => {
+                return Err(ApiError::unauthorized(format!(
+                    "the signature does not verify for {subject}: {subject}'s key did not make it, \
+                     and {subject} does not accept it as a contract wallet (EIP-1271)"
+                )));
+            }
+            Ok(Err(err)) => format!("{err:#}"),
+            Err(_) => format!(
+                "no answer within {} s",
+                CONTRACT_SIGNATURE_TIMEOUT.as_secs()
+            ),
+        };
+        tracing::warn!(subject = %subject, chain_id, error = %failure, "sign-in: cannot ask a contract wallet about its signature");
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "signature_unverifiable",
+            format!(
+                "cannot ask {subject} on chain {chain_id} whether it accepts the signature \
+                 (EIP-1271): the chain does not answer; retry later"
+            ),
+        ))
     }
 
     fn cookie_name(&self, headers: &HeaderMap, name: &str) -> String {
@@ -728,8 +796,8 @@ pub struct SignInAnswer {
 }
 
 /// `POST /login` `{message, signature}`: checks the message's domain, URI,
-/// chain, times and signature, then uses its nonce up, then starts a
-/// session. Any failure creates nothing.
+/// chain, times, nonce and signature (a key's, or a contract wallet's), then
+/// uses its nonce up, then starts a session. Any failure creates nothing.
 pub async fn sign_in(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -765,34 +833,26 @@ pub async fn sign_in(
     let signature = hex::decode(body.signature.trim().trim_start_matches("0x"))
         .map_err(|_| ApiError::bad_request("invalid_signature", "the signature is not hex"))?;
     let now = state.clock.now();
-    let options = siwe::VerificationOpts {
-        timestamp: Some(to_time(now)),
-        ..Default::default()
-    };
-    message
-        .verify(&signature, &options)
-        .await
-        .map_err(|err| match err {
-            siwe::VerificationError::Time => ApiError::unprocessable(
-                "message_expired",
-                "the message has expired (or is not valid yet): sign in again",
-            ),
-            _ => ApiError::unauthorized(format!(
-                "the signature does not verify for {}: {err}",
-                Address::from(message.address).to_checksum(None)
-            )),
-        })?;
+    if !message.valid_at(&to_time(now)) {
+        return Err(ApiError::unprocessable(
+            "message_expired",
+            "the message has expired (or is not valid yet): sign in again",
+        ));
+    }
     let stale_nonce = || {
         ApiError::unauthorized(
             "the message's nonce is unknown, used already or expired: sign in again",
         )
     };
+    // Before the signature: checking a contract wallet's signature calls the
+    // chain, which only a fresh message of this bridge's may cost.
     let nonce_expires = auth
         .0
         .key
         .nonce_expiry(&message.nonce)
         .filter(|expires| *expires > now)
         .ok_or_else(stale_nonce)?;
+    auth.verify_signature(&message, &signature).await?;
     let address = Address::from(message.address);
     let subject = address.to_checksum(None);
     let role = auth.role_of(address, now).await?.ok_or_else(|| {

@@ -37,13 +37,20 @@ use crate::telemetry::redact;
 
 const LIST_LIMIT: i64 = 100;
 
-/// The team page's routes (pages, not the JSON API: the OpenAPI description
-/// leaves them out). Its forms carry CSRF tokens (see `signin`).
-pub fn routes() -> Router<AppState> {
+/// The team page's routes that anyone may call: sign-in, sign-out and the
+/// script (pages, not the JSON API: the OpenAPI description leaves them
+/// out). Its forms carry CSRF tokens (see `signin`).
+pub fn open_routes() -> Router<AppState> {
     Router::new()
         .route("/login", get(login).post(signin::sign_in))
         .route("/login/message", post(signin::message))
         .route("/logout", post(logout))
+        .route("/static/app.js", get(script))
+}
+
+/// The team page's routes for people signed in.
+pub fn signed_in_routes() -> Router<AppState> {
+    Router::new()
         .route("/replicas", get(list).post(queue))
         .route("/replicas/rows", get(rows_partial))
         .route("/replicas/new", get(new_form))
@@ -52,7 +59,6 @@ pub fn routes() -> Router<AppState> {
         .route("/replicas/{id}/cancel", post(cancel))
         .route("/proposals", get(proposals))
         .route("/proposals/live", get(proposals_partial))
-        .route("/static/app.js", get(script))
 }
 
 /// What every page's frame shows: who is signed in, and the CSRF token.
@@ -740,8 +746,10 @@ pub async fn queue(
         env: field(&pairs, "env").unwrap_or_default().to_owned(),
         note: field(&pairs, "note").unwrap_or_default().to_owned(),
     };
+    // The page makes it (a UUID); anything else, as the API's header rule
+    // would refuse it, is no key (Postgres takes no NUL in text).
     let key = field(&pairs, "idempotency_key")
-        .filter(|k| !k.is_empty() && k.len() <= 64)
+        .filter(|k| !k.is_empty() && k.len() <= 64 && k.bytes().all(|b| b.is_ascii_graphic()))
         .map(|k| format!("page-{k}"));
     let retry_key = uuid::Uuid::new_v4().to_string();
     let order = match order_json(&pairs) {

@@ -62,9 +62,10 @@ async fn doctor_checks_the_sandbox_world_and_names_a_wrong_phala_key() {
         row(&table, "rpc").contains(&format!("answers for chain {chain_id}")),
         "{table}"
     );
-    // The sandbox's Safe: 1.4.1, 2 of 3 owners; its proposer is a delegate of owner 0.
+    // The sandbox's Safe: 1.4.1, 2 of 4 owners (one a Safe); its proposer
+    // is a delegate of owner 0.
     assert!(
-        row(&table, "safe").contains("Safe 1.4.1, 2 of 3 owners"),
+        row(&table, "safe").contains("Safe 1.4.1, 2 of 4 owners"),
         "{table}"
     );
     assert!(row(&table, "safe service").starts_with("ok"), "{table}");

@@ -1,5 +1,7 @@
-//! Property tests of the two ways in: whatever the body and the headers, the
-//! JSON API and the CI webhook never answer 5xx, and a refusal stores nothing.
+//! Property tests of the ways in: whatever the body and the headers, the
+//! JSON API, the CI webhook and the team page's queue and cancel forms never
+//! answer 5xx, and a refusal stores nothing. (The sign-in endpoints' own are
+//! in `security_signin`.)
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -208,6 +210,12 @@ async fn counts(app: &TestApp) -> (i64, i64, i64) {
 /// its KMS), a Cloud-KMS source and four nodes. The CI client may replicate
 /// only the on-chain source; the API token has small quotas.
 async fn world() -> (TestApp, MockKms) {
+    world_with(|_| {}).await
+}
+
+async fn world_with(
+    adjust: impl FnOnce(&mut approval_bridge::config::Settings),
+) -> (TestApp, MockKms) {
     let kms = MockKms::start(None).await;
     let configure = kms.configure();
     let app = spawn_app_with(move |s| {
@@ -227,6 +235,7 @@ async fn world() -> (TestApp, MockKms) {
                 cloud: 3,
             },
         )]);
+        adjust(s);
     })
     .await;
     mount_onchain_source(&app.phala, &["DB_URL"]).await;
@@ -387,4 +396,272 @@ fn webhook_bodies_and_headers_never_cause_a_5xx_and_refusals_store_nothing() {
         })
         .unwrap();
     assert_reached_every_outcome(&seen, &[202, 400, 401, 403, 422]);
+}
+
+/// A field of the queue form, often nearly right.
+fn queue_fields() -> impl Strategy<Value = Vec<(String, String)>> {
+    let source = prop_oneof![
+        3 => Just(ONCHAIN_NAME.to_owned()),
+        2 => Just(CLOUD_NAME.to_owned()),
+        1 => Just(ONCHAIN_VM.to_owned()),
+        1 => "[A-Za-z0-9._-]{0,20}",
+        1 => ".{0,20}",
+    ];
+    let node = prop_oneof![
+        2 => Just(String::new()),
+        3 => (1u32..5).prop_map(|n| n.to_string()),
+        1 => prop_oneof![Just("node-a"), Just("twin"), Just("0")].prop_map(str::to_owned),
+        1 => ".{0,10}",
+    ];
+    let count = prop_oneof![
+        3 => (1u32..4).prop_map(|n| n.to_string()),
+        1 => (-3i64..30).prop_map(|n| n.to_string()),
+        1 => ".{0,6}",
+    ];
+    let env = prop_oneof![
+        2 => Just("DB_URL=postgres://db/x".to_owned()),
+        1 => Just("NOT_ALLOWED=1".to_owned()),
+        1 => Just("DB_URL=\"unterminated".to_owned()),
+        1 => ".{0,40}",
+    ];
+    let row = (
+        prop_oneof![
+            Just("DB_URL".to_owned()),
+            "[A-Z_]{0,8}",
+            Just(" ".to_owned())
+        ],
+        ".{0,20}",
+    );
+    let note = prop_oneof![3 => ".{0,80}", 1 => ".{1000,1100}"];
+    let key = prop_oneof![3 => "[a-z0-9-]{1,12}", 1 => ".{0,70}"];
+    let junk = ("[a-z_]{1,8}", ".{0,10}");
+    (
+        prop::option::weighted(0.9, source),
+        prop::option::weighted(0.6, node),
+        prop::option::weighted(0.7, count),
+        prop::option::weighted(0.3, env),
+        prop::collection::vec(row, 0..3),
+        prop::option::weighted(0.3, note),
+        prop::option::weighted(0.5, key),
+        prop::option::weighted(0.2, junk),
+    )
+        .prop_map(|(source, node, count, env, rows, note, key, junk)| {
+            let mut fields = Vec::new();
+            let named = [
+                ("source", source),
+                ("node", node),
+                ("count", count),
+                ("env", env),
+                ("note", note),
+                ("idempotency_key", key),
+            ];
+            for (name, value) in named {
+                if let Some(value) = value {
+                    fields.push((name.to_owned(), value));
+                }
+            }
+            for (name, value) in rows {
+                fields.push(("env_name".to_owned(), name));
+                fields.push(("env_value".to_owned(), value));
+            }
+            fields.extend(junk);
+            fields
+        })
+}
+
+/// Which request a cancel form is for.
+#[derive(Debug, Clone)]
+enum Target {
+    /// One of the requests queued before the cases run.
+    Queued(usize),
+    Nil,
+    Junk(String),
+}
+
+#[derive(Debug, Clone)]
+enum FormCsrf {
+    /// The token the page handed out.
+    Page,
+    Missing,
+    Wrong(String),
+}
+
+#[derive(Debug, Clone)]
+enum FormCase {
+    Queue(Vec<(String, String)>),
+    Cancel(Target, Vec<(String, String)>),
+    /// Any bytes, to the queue form or a cancel form.
+    Raw {
+        queue: bool,
+        bytes: Vec<u8>,
+    },
+}
+
+const QUEUED_BEFORE: usize = 4;
+
+fn form_case() -> impl Strategy<Value = (FormCase, FormCsrf)> {
+    let target = prop_oneof![
+        4 => (0..QUEUED_BEFORE).prop_map(Target::Queued),
+        1 => Just(Target::Nil),
+        1 => "[A-Za-z0-9-]{1,40}".prop_map(Target::Junk),
+    ];
+    let case = prop_oneof![
+        5 => queue_fields().prop_map(FormCase::Queue),
+        2 => (target, prop::collection::vec(("[a-z_]{1,8}", ".{0,10}"), 0..2))
+            .prop_map(|(target, junk)| FormCase::Cancel(target, junk)),
+        1 => (any::<bool>(), prop::collection::vec(any::<u8>(), 0..200))
+            .prop_map(|(queue, bytes)| FormCase::Raw { queue, bytes }),
+    ];
+    let csrf = prop_oneof![
+        8 => Just(FormCsrf::Page),
+        1 => Just(FormCsrf::Missing),
+        1 => "[0-9a-f]{64}".prop_map(FormCsrf::Wrong),
+    ];
+    (case, csrf)
+}
+
+/// Whatever the queue and cancel forms carry, the page never answers 5xx;
+/// only a form with the page's CSRF token changes anything; a refusal is a
+/// 4xx that says why (the form again with its error, or a message) and
+/// stores nothing; an accepted queue form stores what it ordered (or
+/// replays), and an accepted cancel writes its one event.
+#[test]
+fn page_form_bodies_never_cause_a_5xx_and_refusals_store_nothing() {
+    use crate::web_signin::{PROXY_SECRET, csrf_on_page};
+    use approval_bridge::config::{Operators, TrustedProxies};
+
+    let rt = runtime();
+    // An operator through the SSO proxy: no chain needed to sign in.
+    let (app, _kms) = rt.block_on(world_with(|s| {
+        s.web.operators = Operators {
+            addresses: vec![],
+            users: vec!["ops@example.com".into()],
+        };
+        s.web.proxy_user_header = Some("x-forwarded-email".parse().unwrap());
+        s.web.trusted_proxies = TrustedProxies(vec!["127.0.0.1".parse().unwrap()]);
+        s.web.proxy_secret = Some(PROXY_SECRET.to_owned().into());
+    }));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "x-forwarded-email",
+        HeaderValue::from_static("ops@example.com"),
+    );
+    headers.insert("x-proxy-secret", HeaderValue::from_static(PROXY_SECRET));
+    let browser = reqwest::Client::builder()
+        .default_headers(headers)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let (cookie, token, queued) = rt.block_on(async {
+        let form = browser
+            .get(format!("{}/replicas/new", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(form.status(), 200);
+        let cookie = form.headers()["set-cookie"].to_str().unwrap();
+        let cookie = cookie.split(';').next().unwrap().to_owned();
+        let token = csrf_on_page(&form.text().await.unwrap());
+        let queued = app
+            .queue(&json!({"source": ONCHAIN_NAME, "count": QUEUED_BEFORE}))
+            .await;
+        (cookie, token, queued)
+    });
+    let seen = Statuses::default();
+    runner()
+        .run(&form_case(), |(case, csrf)| {
+            let csrf_value = match &csrf {
+                FormCsrf::Page => Some(token.clone()),
+                FormCsrf::Missing => None,
+                FormCsrf::Wrong(wrong) => Some(wrong.clone()),
+            };
+            let with_csrf = |mut fields: Vec<(String, String)>| {
+                if let Some(value) = &csrf_value {
+                    fields.push(("csrf".to_owned(), value.clone()));
+                }
+                form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(fields)
+                    .finish()
+                    .into_bytes()
+            };
+            let cancel_path = |target: &Target| match target {
+                Target::Queued(n) => format!("/replicas/{}/cancel", queued[*n]),
+                Target::Nil => format!("/replicas/{}/cancel", uuid::Uuid::nil()),
+                Target::Junk(id) => format!("/replicas/{id}/cancel"),
+            };
+            let (path, body) = match &case {
+                FormCase::Queue(fields) => ("/replicas".to_owned(), with_csrf(fields.clone())),
+                FormCase::Cancel(target, junk) => (cancel_path(target), with_csrf(junk.clone())),
+                FormCase::Raw { queue, bytes } => {
+                    let path = if *queue {
+                        "/replicas".to_owned()
+                    } else {
+                        cancel_path(&Target::Queued(0))
+                    };
+                    (path, bytes.clone())
+                }
+            };
+            let mut request = browser
+                .post(format!("{}{path}", app.address))
+                .header("cookie", &cookie)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body);
+            if let (FormCase::Raw { .. }, Some(value)) = (&case, &csrf_value) {
+                request = request.header("x-csrf-token", value);
+            }
+            rt.block_on(async {
+                let before = counts(&app).await;
+                let answer = request.send().await.unwrap();
+                let status = answer.status();
+                *seen.lock().unwrap().entry(status.as_u16()).or_default() += 1;
+                let location = answer
+                    .headers()
+                    .get("location")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let text = answer.text().await.unwrap();
+                let after = counts(&app).await;
+                prop_assert!(!status.is_server_error(), "{status} for {case:?}: {text}");
+                if status.as_u16() == 303 {
+                    prop_assert!(matches!(csrf, FormCsrf::Page), "{case:?} without the token");
+                    let location = location.unwrap_or_default();
+                    prop_assert!(location.starts_with("/replicas"), "{location}");
+                    if path == "/replicas" {
+                        prop_assert!(
+                            after.0 > before.0 || after == before,
+                            "{case:?}: {before:?} -> {after:?}"
+                        );
+                    } else {
+                        prop_assert_eq!(
+                            (after.0, after.1, after.2),
+                            (before.0, before.1 + 1, before.2),
+                            "{:?}",
+                            case
+                        );
+                    }
+                    return Ok(());
+                }
+                prop_assert!(status.is_client_error(), "{status} for {case:?}: {text}");
+                prop_assert_eq!(
+                    before,
+                    after,
+                    "{} for {:?} changed something: {}",
+                    status,
+                    case,
+                    text
+                );
+                if !matches!(csrf, FormCsrf::Page) {
+                    prop_assert_eq!(status.as_u16(), 403, "{:?}: {}", case, text);
+                }
+                let says_why = match serde_json::from_str::<Value>(&text) {
+                    Ok(body) => body["error"]["code"].is_string(),
+                    Err(_) => {
+                        text.contains(r#"role="alert">"#) || text.contains(r#"id="form-error">"#)
+                    }
+                };
+                prop_assert!(says_why, "{status} says nothing: {text}");
+                Ok(())
+            })
+        })
+        .unwrap();
+    assert_reached_every_outcome(&seen, &[303, 400, 403, 404, 409, 422]);
 }

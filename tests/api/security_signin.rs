@@ -1,13 +1,13 @@
 //! Issue 18, findings 5, 7 and 9 (sign-in): a flood of sign-in messages
 //! locks nobody out and the client cannot choose its CSRF pair; sessions
 //! follow the configuration and the Safe's owners, and can be ended
-//! everywhere; the SSO header needs the proxy's secret; page errors are
-//! redacted.
+//! everywhere (by the person, the CLI or an admin token); the SSO header
+//! needs the proxy's secret; page errors are redacted.
 
 use alloy::primitives::{Address, U256, address};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
-use approval_bridge::config::{Operators, TrustedProxies};
+use approval_bridge::config::{Operators, SourcePattern, TrustedProxies, parse_named_secrets};
 use approval_bridge::safe::{Call, ISafe};
 use approval_bridge::sandbox::chain::ISafeMore;
 use futures_util::StreamExt;
@@ -17,7 +17,7 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
 use crate::cli::bridge;
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{API_TOKEN, TestApp, error_of, spawn_app_with};
 use crate::phala_mock::{api, phala_error};
 use crate::web_signin::{
     Browser, CHAIN, PROXY_SECRET, open_login, page_app, refusal, session_cookie,
@@ -249,6 +249,86 @@ async fn the_sessions_command_signs_out_one_person_or_everyone() {
             .unwrap();
         assert!(!output.status.success());
     }
+}
+
+const ADMIN_TOKEN: &str = "test-admin-token-1";
+
+/// `POST /api/v1/sessions/sign-out` with `token`, if any.
+async fn api_sign_out(app: &TestApp, token: Option<&str>, body: &str) -> reqwest::Response {
+    let mut request = app
+        .http
+        .post(format!("{}/api/v1/sessions/sign-out", app.address))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_admin_token_signs_out_one_person_or_everyone_over_the_api() {
+    let page = crate::web_signin::page_app_with(false, |s, _| {
+        s.api_tokens =
+            parse_named_secrets(&format!("ci-bot={API_TOKEN},audit={ADMIN_TOKEN}")).unwrap();
+        s.trust
+            .scopes
+            .0
+            .push(("api:audit".into(), vec![SourcePattern::Admin]));
+    })
+    .await;
+    let app = &page.app;
+    let operator = page.session_for(&page.operator).await;
+    let owner_key = page.world.chain.signer(1);
+    let owner = page.session_for(&owner_key).await;
+    let both_work = || async {
+        assert_eq!(page.get_page("/replicas", &operator).await.status(), 200);
+        assert_eq!(page.get_page("/replicas", &owner).await.status(), 200);
+        assert_eq!(page.sessions().await, 2);
+    };
+
+    // A token without `+admin` (even one whose scope is `*`), or none:
+    // refused, and every session still works.
+    let (code, message) = error_of(
+        api_sign_out(app, Some(API_TOKEN), r#"{"all": true}"#).await,
+        403,
+    )
+    .await;
+    assert_eq!(code, "admin_only");
+    assert!(message.contains("+admin"), "{message}");
+    error_of(api_sign_out(app, None, r#"{"all": true}"#).await, 401).await;
+    // Bad bodies from the admin: refused, nothing ends.
+    for (body, status) in [
+        ("{}", 422),
+        (r#"{"all": false}"#, 422),
+        (r#"{"subject": " ", "all": false}"#, 422),
+        (r#"{"subject": "ops@example.com", "all": true}"#, 422),
+        (r#"{"everyone": true}"#, 400),
+        ("all", 400),
+    ] {
+        let answer = api_sign_out(app, Some(ADMIN_TOKEN), body).await;
+        error_of(answer, status).await;
+    }
+    both_work().await;
+
+    // One person, named in lower case as a wallet might show it.
+    let lower = format!("{:#x}", owner_key.address());
+    let answer = api_sign_out(
+        app,
+        Some(ADMIN_TOKEN),
+        &json!({"subject": lower}).to_string(),
+    )
+    .await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.json::<Value>().await.unwrap(), json!({"ended": 1}));
+    assert_eq!(page.get_page("/replicas", &owner).await.status(), 401);
+    assert_eq!(page.get_page("/replicas", &operator).await.status(), 200);
+
+    // Everyone.
+    let answer = api_sign_out(app, Some(ADMIN_TOKEN), r#"{"all": true}"#).await;
+    assert_eq!(answer.json::<Value>().await.unwrap(), json!({"ended": 1}));
+    assert_eq!(page.get_page("/replicas", &operator).await.status(), 401);
+    assert_eq!(page.sessions().await, 0);
 }
 
 /// The bridge behind an SSO proxy at 127.0.0.1, `ops@example.com` its operator.

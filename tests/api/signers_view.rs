@@ -156,7 +156,12 @@ async fn owners_who_confirmed_and_owners_still_to_sign_stay_current_through_exec
     assert_eq!(view["safe"], front.sandbox.safe.to_checksum(None));
     assert_eq!(view["threshold"], 2);
     assert_eq!(view["confirmations"], 0);
-    let owners: Vec<String> = (0..3).map(|i| owner(&front, i)).collect();
+    // Accounts 0..2, then the Safe that is an owner too.
+    let owners: Vec<String> = (0..4).map(|i| owner(&front, i)).collect();
+    assert_eq!(
+        owners[3],
+        front.sandbox.safe_owner.address.to_checksum(None)
+    );
     assert_eq!(strings(&view["owners"]), owners);
     assert_eq!(strings(&view["owners_to_sign"]), owners);
     assert_eq!(view["requests"][0]["id"], id.as_str());
@@ -195,7 +200,7 @@ async fn owners_who_confirmed_and_owners_still_to_sign_stay_current_through_exec
     assert_eq!(strings(&one["confirmed_by"]), vec![owner(&front, 0)]);
     assert_eq!(
         strings(&one["owners_to_sign"]),
-        vec![owner(&front, 1), owner(&front, 2)]
+        vec![owner(&front, 1), owner(&front, 2), owner(&front, 3)]
     );
     assert_eq!(one["signatures_needed"], 1);
     assert!(

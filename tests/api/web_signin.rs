@@ -71,7 +71,16 @@ pub(crate) async fn page_app_with(
     proxy: bool,
     adjust: impl FnOnce(&mut approval_bridge::config::Settings, Address),
 ) -> Page {
-    let world = SafeWorld::start().await;
+    page_app_on(SafeWorld::start().await, proxy, adjust).await
+}
+
+/// [`page_app_with`] on a world started by the caller (to put an RPC proxy
+/// in front of its chain, say).
+pub(crate) async fn page_app_on(
+    world: SafeWorld,
+    proxy: bool,
+    adjust: impl FnOnce(&mut approval_bridge::config::Settings, Address),
+) -> Page {
     let operator = world.chain.signer(6);
     let configure = world.configure(world.chain.rpc_url());
     let operator_address = operator.address();
@@ -133,7 +142,12 @@ impl Page {
 
     /// A fresh message from the bridge for `key`.
     pub async fn message(&self, key: &PrivateKeySigner) -> String {
-        let answer = self.message_for(key.address(), CHAIN).await;
+        self.message_of(key.address()).await
+    }
+
+    /// A fresh message from the bridge for `address`, whatever signs for it.
+    pub async fn message_of(&self, address: Address) -> String {
+        let answer = self.message_for(address, CHAIN).await;
         assert_eq!(answer.status(), 200);
         let json: Value = answer.json().await.unwrap();
         json["message"].as_str().unwrap().to_owned()
@@ -150,9 +164,15 @@ impl Page {
         message: &str,
         signature: &alloy::primitives::Signature,
     ) -> reqwest::Response {
+        self.send_signature(message, &signature.as_bytes()).await
+    }
+
+    /// `POST /login` with `message` and any signature bytes (a contract
+    /// wallet's are longer than a key's).
+    pub async fn send_signature(&self, message: &str, signature: &[u8]) -> reqwest::Response {
         self.post_json(
             "/login",
-            json!({"message": message, "signature": format!("0x{}", hex::encode(signature.as_bytes()))}),
+            json!({"message": message, "signature": format!("0x{}", hex::encode(signature))}),
             "",
         )
         .await
