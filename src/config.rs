@@ -272,6 +272,13 @@ pub struct WebSettings {
           default_value = "", hide_default_value = true)]
     pub operators: Operators,
 
+    /// What the page calls people: `address=Name` or `user=Name` pairs
+    /// separated by commas, e.g. `0x976E…0aa9=Alice,ops@example.com=Ops`.
+    /// Anyone not named is shown by a short address.
+    #[arg(long, env = "APPROVAL_BRIDGE_NAMES", value_parser = parse_names,
+          default_value = "", hide_default_value = true)]
+    pub names: Names,
+
     /// The header in which an SSO proxy names the signed-in user, e.g.
     /// `X-Forwarded-Email`; trusted only from APPROVAL_BRIDGE_TRUSTED_PROXIES.
     #[arg(long, env = "APPROVAL_BRIDGE_PROXY_USER_HEADER", value_parser = parse_header_name)]
@@ -350,6 +357,57 @@ fn parse_operators(value: &str) -> Result<Operators, String> {
         }
     }
     Ok(out)
+}
+
+/// People's names for the page: by address (any case) or by the SSO proxy's
+/// user name. Shared, since every page render reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Names(std::sync::Arc<std::collections::HashMap<String, String>>);
+
+/// The longest name the page shows.
+const MAX_NAME_CHARS: usize = 40;
+
+impl Names {
+    /// The key of an address or user name: addresses in lower case, so a
+    /// checksummed and a lower-case spelling find the same person.
+    fn key(who: &str) -> String {
+        match who.parse::<alloy::primitives::Address>() {
+            Ok(address) => format!("{address:#x}"),
+            Err(_) => who.to_owned(),
+        }
+    }
+
+    pub fn of(&self, who: &str) -> Option<&str> {
+        self.0.get(&Self::key(who)).map(String::as_str)
+    }
+}
+
+fn parse_names(value: &str) -> Result<Names, String> {
+    let mut names = std::collections::HashMap::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (who, name) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("`{entry}` is not `address=Name`"))?;
+        let (who, name) = (who.trim(), name.trim());
+        if who.starts_with("0x") && who.parse::<alloy::primitives::Address>().is_err() {
+            return Err(format!("`{who}` is not an address"));
+        }
+        if who.is_empty() || who.chars().any(char::is_whitespace) {
+            return Err(format!("`{who}` is neither an address nor a user name"));
+        }
+        if name.is_empty()
+            || name.chars().count() > MAX_NAME_CHARS
+            || name.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "the name of `{who}` must be 1 to {MAX_NAME_CHARS} printable characters"
+            ));
+        }
+        if names.insert(Names::key(who), name.to_owned()).is_some() {
+            return Err(format!("`{who}` is named twice"));
+        }
+    }
+    Ok(Names(std::sync::Arc::new(names)))
 }
 
 /// The SSO proxy's addresses.
@@ -1153,6 +1211,42 @@ pub fn parse_named_secrets(value: &str) -> Result<NamedSecrets, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_found_by_any_spelling_of_the_address_or_by_user_name() {
+        let names = parse_names(
+            "0x976EA74026E726554dB657fA54763abd0C3a0aa9=Alice, ops@example.com = Ops team",
+        )
+        .unwrap();
+        assert_eq!(
+            names.of("0x976ea74026e726554db657fa54763abd0c3a0aa9"),
+            Some("Alice")
+        );
+        assert_eq!(
+            names.of("0x976EA74026E726554dB657fA54763abd0C3a0aa9"),
+            Some("Alice")
+        );
+        assert_eq!(names.of("ops@example.com"), Some("Ops team"));
+        assert_eq!(names.of("0x0000000000000000000000000000000000000001"), None);
+        assert_eq!(parse_names("").unwrap(), Names::default());
+    }
+
+    #[test]
+    fn bad_names_are_refused_with_the_entry() {
+        for (bad, says) in [
+            ("0x976E=Alice", "not an address"),
+            ("Alice", "not `address=Name`"),
+            ("ops@example.com=", "printable"),
+            ("a b=Alice", "neither an address"),
+            (
+                "0x976EA74026E726554dB657fA54763abd0C3a0aa9=A,0x976ea74026e726554db657fa54763abd0c3a0aa9=B",
+                "named twice",
+            ),
+        ] {
+            let err = parse_names(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn named_secrets_parse_and_never_show_in_debug() {

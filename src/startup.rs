@@ -94,6 +94,7 @@ impl Application {
             safes: settings.safe.safes.clone(),
             form_facts: Default::default(),
             page_auth: web::PageAuth::new(&settings),
+            names: settings.web.names.clone(),
             readiness: web::health::Readiness::new(&settings.safe, shutdown.clone()),
             retention: settings.retention.clone(),
             orders: OrderWriter::new(

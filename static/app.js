@@ -215,4 +215,35 @@ function queueForm() {
   });
 }
 
-document.addEventListener("DOMContentLoaded", () => { live(); confirmations(); signIn(); queueForm(); });
+// Copy buttons (data-copy holds the full address or hash the page shows
+// short): one listener for the whole page, so buttons that a live refresh
+// brings along work too. Outside a secure context there is no Clipboard
+// API, so the value is copied through a selected, hidden text area.
+function copyButtons() {
+  document.addEventListener("click", async event => {
+    const button = event.target.closest ? event.target.closest("button[data-copy]") : null;
+    if (!button) return;
+    const value = button.dataset.copy;
+    try {
+      if (navigator.clipboard && window.isSecureContext) {
+        await navigator.clipboard.writeText(value);
+      } else {
+        const area = document.createElement("textarea");
+        area.value = value;
+        area.setAttribute("readonly", "");
+        area.className = "visually-hidden";
+        document.body.append(area);
+        area.select();
+        document.execCommand("copy");
+        area.remove();
+      }
+      button.dataset.copied = "";
+      const announce = document.getElementById("announce");
+      if (announce) announce.textContent = `Copied ${value}`;
+    } catch (_) {
+      button.title = "Copy failed: select the text instead";
+    }
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => { live(); confirmations(); signIn(); queueForm(); copyButtons(); });

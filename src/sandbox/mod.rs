@@ -29,7 +29,9 @@ use anyhow::{Context, bail};
 pub use chain::LocalChain;
 pub use database::SandboxDatabase;
 pub use serve_env::{EnvFormat, ServeEnv};
-pub use world::{EOA_CVM, SafeOwner, Sandbox, SandboxApps, SandboxOptions};
+pub use world::{
+    EOA_CVM, OPERATOR_NAME, OWNER_NAMES, SafeOwner, Sandbox, SandboxApps, SandboxOptions,
+};
 
 /// A file only this project has, used to recognise the project root.
 const ROOT_MARKER: &str = "contracts/DstackApp.sol";

@@ -42,6 +42,9 @@ const EXECUTOR: usize = 3;
 const DEPLOYER: usize = 4;
 const EOA_OWNER: usize = 5;
 const OPERATOR: usize = 6;
+/// What the page calls the owners (in order) and the operator.
+pub const OWNER_NAMES: [&str; 3] = ["Alice", "Bob", "Carol"];
+pub const OPERATOR_NAME: &str = "Olivia";
 const PROPOSER: usize = 9;
 
 #[derive(Debug, Clone)]
@@ -355,6 +358,18 @@ impl Sandbox {
         env.set(
             "APPROVAL_BRIDGE_OPERATORS",
             chain.address(OPERATOR).to_checksum(None),
+        );
+        // Names for the page, as a team would configure them.
+        env.set(
+            "APPROVAL_BRIDGE_NAMES",
+            OWNERS
+                .iter()
+                .zip(OWNER_NAMES)
+                .map(|(i, name)| (*i, name))
+                .chain([(OPERATOR, OPERATOR_NAME)])
+                .map(|(i, name)| format!("{}={name}", chain.address(i).to_checksum(None)))
+                .collect::<Vec<_>>()
+                .join(","),
         );
         env.set(SANDBOX_URL, &url);
 

@@ -21,6 +21,7 @@ pub mod signers;
 pub mod signin;
 mod ui;
 mod ui_models;
+mod ui_people;
 mod views;
 pub mod webhook;
 
@@ -63,6 +64,8 @@ pub struct AppState {
     pub env_keys: EnvKeyVerifier,
     /// Who may use the team page.
     pub page_auth: PageAuth,
+    /// What the page calls people (`APPROVAL_BRIDGE_NAMES`).
+    pub names: crate::config::Names,
     /// What `/readyz` checks besides the database.
     pub readiness: health::Readiness,
     /// How long idempotency keys last.
@@ -99,6 +102,8 @@ pub fn router(state: AppState, ops_apart: bool) -> Router {
     // The page's forms and sign-in refuse cross-site requests; the API and
     // the webhook carry credentials a browser does not add by itself.
     let same_origin = middleware::from_fn_with_state(state.clone(), security::same_origin);
+    // An error page of someone signed in keeps their header.
+    let keep_header = middleware::from_fn_with_state(state.clone(), ui::keep_header);
     let limit_anonymous = middleware::from_fn_with_state(state.clone(), ratelimit::limit_anonymous);
     let limit_refused =
         middleware::from_fn_with_state(state.clone(), ratelimit::limit_refused_credentials);
@@ -113,14 +118,14 @@ pub fn router(state: AppState, ops_apart: bool) -> Router {
         .route_layer(limit_anonymous.clone());
     // What needs a token or a session costs one only when refused.
     let signed_in = Router::new()
-        .merge(ui::signed_in_routes().layer(same_origin))
+        .merge(ui::signed_in_routes().layer(same_origin).layer(keep_header))
         .nest("/api/v1", api)
         .route_layer(limit_refused.clone());
     let mut routes = Router::new()
         .merge(open)
         .merge(signed_in)
         .route("/healthz", get(health::healthz))
-        .fallback(pages::not_found);
+        .fallback(ui::not_found);
     if !ops_apart {
         let ops = ops_routes(&state);
         routes = routes.merge(if state.ops_token.is_some() {

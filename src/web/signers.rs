@@ -79,6 +79,40 @@ pub struct ProposalView {
     pub last_error: Option<ProposalError>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// What `summary` is made of, so the page can word it with people's names.
+    #[serde(skip)]
+    pub summary_facts: SummaryFacts,
+}
+
+impl ProposalView {
+    /// The summary with the owners still to sign named by `name` (the page
+    /// names people; the API keeps their addresses).
+    pub fn summary_naming(&self, name: impl Fn(&str) -> String) -> String {
+        let to_sign: Vec<String> = self.owners_to_sign.iter().map(|o| name(o)).collect();
+        summary(&self.summary_facts, &to_sign)
+    }
+
+    /// "1/2 signed", when the threshold is known.
+    pub fn signed_badge(&self) -> Option<String> {
+        self.threshold
+            .map(|t| format!("{}/{t} signed", self.confirmations))
+    }
+}
+
+/// The facts a proposal's summary is worded from.
+#[derive(Debug, Clone, Default)]
+pub struct SummaryFacts {
+    status: String,
+    confirmations: i32,
+    threshold: Option<i32>,
+    needed: Option<i32>,
+    executed: bool,
+    submitted: bool,
+    withdrawn: bool,
+    nonce: i64,
+    mark: Option<Mark>,
+    serves_request: bool,
+    signed_by_owner: bool,
 }
 
 /// Where an open proposal stands in its Safe's queue (lowest nonce first).
@@ -118,6 +152,10 @@ pub struct CallView {
     pub cvms_running_it: Option<Vec<CvmView>>,
     /// The requests that wait for this call.
     pub unblocks: Vec<ServedRequest>,
+    /// The description without the requests it unblocks, for the page to
+    /// name who queued them.
+    #[serde(skip)]
+    pub approves: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -389,13 +427,20 @@ fn build(
     } else {
         Vec::new()
     };
-    let summary = summary(
-        &p,
+    let summary_facts = SummaryFacts {
+        status: p.status.clone(),
         confirmations,
-        signatures_needed,
-        &owners_to_sign,
-        position,
-    );
+        threshold: p.threshold,
+        needed: signatures_needed,
+        executed: p.execution_tx_hash.is_some(),
+        submitted: p.submitted_at.is_some(),
+        withdrawn: p.last_error_code.as_deref() == Some("NO-REQUEST"),
+        nonce: p.nonce,
+        mark: position.mark,
+        serves_request: position.serves_request,
+        signed_by_owner: position.signed_by_owner,
+    };
+    let summary = summary(&summary_facts, &owners_to_sign);
     let advice = (open && !position.serves_request && p.execution_tx_hash.is_none())
         .then(|| serves_no_request_advice(p.nonce as u64, position.signed_by_owner));
     let call_views = calls
@@ -442,22 +487,18 @@ fn build(
         created_at: p.created_at,
         updated_at: p.updated_at,
         status: p.status,
+        summary_facts,
     }
 }
 
-fn summary(
-    p: &ProposalRow,
-    confirmations: i32,
-    needed: Option<i32>,
-    to_sign: &[String],
-    position: &Position,
-) -> String {
+fn summary(p: &SummaryFacts, to_sign: &[String]) -> String {
+    let confirmations = p.confirmations;
     let of = match p.threshold {
         Some(t) => format!("{confirmations} of {t} confirmations"),
         None => format!("{confirmations} confirmations"),
     };
     // "Ready" only when it is the Safe's next nonce, as read on chain.
-    let turn = match position.mark {
+    let turn = match p.mark {
         Some(Mark::Ready | Mark::Next { .. }) | None => None,
         Some(other) => Some(other.label()),
     };
@@ -466,22 +507,22 @@ fn summary(
         None => text,
     };
     match p.status.as_str() {
-        "proposed" if p.execution_tx_hash.is_some() => {
+        "proposed" if p.executed => {
             format!("{of}; executed, waiting for the block confirmations")
         }
-        "proposed" if !position.serves_request => {
-            let what = if position.signed_by_owner {
+        "proposed" if !p.serves_request => {
+            let what = if p.signed_by_owner {
                 "an owner must reject it in Safe{Wallet}"
             } else {
                 "the bridge withdraws it"
             };
             format!("serves no request; {of}; {what}")
         }
-        "proposed" if p.submitted_at.is_none() => {
+        "proposed" if !p.submitted => {
             "stored; not yet accepted by the Safe Transaction Service".to_owned()
         }
-        "proposed" => match needed {
-            Some(0) if matches!(position.mark, Some(Mark::Ready)) => {
+        "proposed" => match p.needed {
+            Some(0) if matches!(p.mark, Some(Mark::Ready)) => {
                 format!("{of}; ready to execute")
             }
             Some(0) => with_turn(of),
@@ -498,7 +539,7 @@ fn summary(
             _ => with_turn(format!("{of}; waiting for the owners")),
         },
         "executed" => format!("executed with {of}"),
-        "failed" if p.last_error_code.as_deref() == Some("NO-REQUEST") => format!(
+        "failed" if p.withdrawn => format!(
             "withdrawn: it served no request, and nonce {} went to the next batch",
             p.nonce
         ),
@@ -587,38 +628,63 @@ fn call_view(
         );
         ("addComposeHash", None, running, description)
     };
-    let description = match unblocks.len() {
-        0 => description,
-        n => {
-            let who: Vec<String> = unblocks
-                .iter()
-                .map(|r| {
-                    let node = r.node_name.as_deref().or(r.node.as_deref());
-                    format!(
-                        "{}{} queued by {}",
-                        r.source_name.as_deref().unwrap_or(&r.source),
-                        node.map(|n| format!(" on {n}")).unwrap_or_default(),
-                        r.created_by
-                    )
-                })
-                .collect();
-            let requests = if n == 1 { "request" } else { "requests" };
-            format!("{description}; unblocks {n} {requests}: {}", who.join("; "))
-        }
-    };
     let checked = checked(call, app_facts.map(|a| a.cvms.as_slice()), &unblocks);
-    CallView {
+    let mut view = CallView {
         function,
         app: call.app_id.clone(),
         value: call.value.clone(),
-        description,
+        description: String::new(),
         checked,
         app_name,
         app_cvms,
         node,
         cvms_running_it,
         unblocks: unblocks.iter().map(|r| served(r)).collect(),
+        approves: description,
+    };
+    view.description = view.described_naming(|actor| actor.to_owned());
+    view
+}
+
+impl CallView {
+    /// What it approves and the requests it unblocks, with who queued them
+    /// named by `name`.
+    pub fn described_naming(&self, name: impl Fn(&str) -> String) -> String {
+        match unblocks_sentence(&self.unblocks, name) {
+            Some(unblocking) => format!("{}; {unblocking}", self.approves),
+            None => self.approves.clone(),
+        }
     }
+}
+
+/// "unblocks 2 requests: web-prod on prod-2 queued by api:ops; …", with
+/// who queued each named by `name` (the API gives the actor, the page a
+/// person's name).
+fn unblocks_sentence(unblocks: &[ServedRequest], name: impl Fn(&str) -> String) -> Option<String> {
+    let who: Vec<String> = unblocks
+        .iter()
+        .map(|r| {
+            format!(
+                "{}{} queued by {}",
+                r.source,
+                r.node
+                    .as_deref()
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default(),
+                name(&r.created_by)
+            )
+        })
+        .collect();
+    let requests = match who.len() {
+        0 => return None,
+        1 => "request",
+        _ => "requests",
+    };
+    Some(format!(
+        "unblocks {} {requests}: {}",
+        who.len(),
+        who.join("; ")
+    ))
 }
 
 /// How the bridge tied a call's value to the orders it serves (see

@@ -597,10 +597,12 @@ impl FromRequestParts<AppState> for PageUser {
             } else {
                 Role::Viewer
             };
-            return Ok(PageUser {
+            let user = PageUser {
                 subject: user.to_owned(),
                 role,
-            });
+            };
+            super::ui::remember_signed_in(parts, &user);
+            return Ok(user);
         }
         let Some(session) = auth.session_id(&parts.headers) else {
             return Err(SignInRequired::Anonymous);
@@ -633,10 +635,12 @@ impl FromRequestParts<AppState> for PageUser {
             tracing::info!(subject = %session.subject, "session ended: no longer an operator or owner");
             return Err(SignInRequired::Revoked(session.subject, forget));
         };
-        Ok(PageUser {
+        let user = PageUser {
             subject: session.subject,
             role,
-        })
+        };
+        super::ui::remember_signed_in(parts, &user);
+        Ok(user)
     }
 }
 

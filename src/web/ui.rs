@@ -7,14 +7,16 @@
 //! the actor, so scopes, quotas and validation are the API's.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use askama::Template;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::header::{LOCATION, SET_COOKIE};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::header::{ACCEPT, LOCATION, SET_COOKIE};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -25,9 +27,10 @@ use super::error::ApiError;
 use super::intake;
 use super::replicas::{cancel_as, detail_of, parse_id, proposals_of};
 use super::replication::{FormFacts, NodeChoice, form_facts};
-use super::signers::{ProposalView, open_proposals};
+use super::signers::open_proposals;
 use super::signin::{self, CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
-use super::ui_models::{DetailView, RowView};
+use super::ui_models::{DetailView, ProposalPage, RowView};
+use super::ui_people::{People, Person, page_words, status_words};
 use super::views;
 use crate::domain::{InvalidOrder, ReplicaOrder, Status};
 use crate::store::{Reach, RequestFilter};
@@ -62,8 +65,13 @@ pub fn signed_in_routes() -> Router<AppState> {
 /// What every page's frame shows: who is signed in, and the CSRF token.
 pub struct Chrome {
     pub csrf: String,
-    pub user: Option<String>,
+    pub user: Option<Person>,
     pub operator: bool,
+}
+
+/// How the page names people for `user`: "you" for them.
+fn people(state: &AppState, user: &PageUser) -> People {
+    People::new(&state.names, Some(&user.subject))
 }
 
 /// An answer to a page request: HTML with the CSRF cookie when it is new.
@@ -93,7 +101,8 @@ fn chrome(
     (
         Chrome {
             csrf,
-            user: user.map(|u| u.subject.clone()),
+            // In the header, by name (or short address), not as "you".
+            user: user.map(|u| People::new(&state.names, None).person(&u.subject)),
             operator: user.is_some_and(PageUser::is_operator),
         },
         cookie,
@@ -116,18 +125,105 @@ pub fn message_page(
     message: &str,
     sign_in_link: bool,
 ) -> Response {
-    let message = &redact(message);
+    let chrome = Chrome {
+        csrf: String::new(),
+        user: None,
+        operator: false,
+    };
+    framed_message(chrome, status, title, message, sign_in_link, None)
+}
+
+fn framed_message(
+    chrome: Chrome,
+    status: StatusCode,
+    title: &str,
+    message: &str,
+    sign_in_link: bool,
+    cookie: Option<HeaderValue>,
+) -> Response {
+    let message = &page_words(&redact(message));
     let page = MessagePage {
-        chrome: Chrome {
-            csrf: String::new(),
-            user: None,
-            operator: false,
-        },
+        chrome,
         title,
         message,
         sign_in_link,
     };
-    html(page.render(), status, None)
+    html(page.render(), status, cookie)
+}
+
+/// An error page that a handler of a signed-in person answered: the frame
+/// adds the person's header ([`keep_header`]).
+#[derive(Clone)]
+struct ErrorPage {
+    status: StatusCode,
+    title: &'static str,
+    message: String,
+}
+
+/// The signed-in person of a page request, once the extractor knew them.
+#[derive(Clone, Default)]
+struct SignedIn(Arc<OnceLock<PageUser>>);
+
+/// Called by the [`PageUser`] extractor: an error page of this request
+/// keeps the person's header.
+pub fn remember_signed_in(parts: &Parts, user: &PageUser) {
+    if let Some(slot) = parts.extensions.get::<SignedIn>() {
+        let _ = slot.0.set(user.clone());
+    }
+}
+
+/// Layered over the page's routes: an error page answered after the person
+/// was known is shown with their header (who, role, sign out), as every
+/// other page is.
+pub async fn keep_header(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let slot = SignedIn::default();
+    request.extensions_mut().insert(slot.clone());
+    let headers = request.headers().clone();
+    let response = next.run(request).await;
+    let (Some(error), Some(user)) = (
+        response.extensions().get::<ErrorPage>().cloned(),
+        slot.0.get(),
+    ) else {
+        return response;
+    };
+    let (chrome, cookie) = chrome(&state, &headers, Some(user));
+    framed_message(
+        chrome,
+        error.status,
+        error.title,
+        &error.message,
+        false,
+        cookie,
+    )
+}
+
+/// A path nobody serves: for a browser, a page with the person's header;
+/// for the API and everything else, the JSON 404.
+pub async fn not_found(State(state): State<AppState>, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let browser = request
+        .headers()
+        .get(ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if !browser || path.starts_with("/api/") || path.starts_with("/webhooks/") {
+        return super::pages::not_found().await.into_response();
+    }
+    let (mut parts, _) = request.into_parts();
+    let user = PageUser::from_request_parts(&mut parts, &state).await.ok();
+    let (chrome, cookie) = chrome(&state, &parts.headers, user.as_ref());
+    framed_message(
+        chrome,
+        StatusCode::NOT_FOUND,
+        "Not found",
+        &format!("There is no page at {path}."),
+        user.is_none(),
+        cookie,
+    )
 }
 
 /// An [`ApiError`] shown as a page.
@@ -147,25 +243,29 @@ impl From<sqlx::Error> for PageError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        match self.0 {
+        let error = match self.0 {
             ApiError::Client {
                 status, message, ..
-            } => {
-                let title = if status == StatusCode::FORBIDDEN {
-                    "Not allowed"
-                } else {
-                    "Cannot do that"
-                };
-                message_page(status, title, &message, false)
-            }
-            ApiError::RateLimited { message, .. } => message_page(
-                StatusCode::TOO_MANY_REQUESTS,
-                "Over the quota",
-                &message,
-                false,
-            ),
-            internal => internal.into_response(),
-        }
+            } => ErrorPage {
+                status,
+                title: match status {
+                    StatusCode::FORBIDDEN => "Not allowed",
+                    StatusCode::NOT_FOUND => "Not found",
+                    _ => "Cannot do that",
+                },
+                message,
+            },
+            ApiError::RateLimited { message, .. } => ErrorPage {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                title: "Over the quota",
+                message,
+            },
+            internal => return internal.into_response(),
+        };
+        // Without the person (see `keep_header`, which adds them).
+        let mut response = message_page(error.status, error.title, &error.message, false);
+        response.extensions_mut().insert(error);
+        response
     }
 }
 
@@ -240,7 +340,7 @@ impl ListQuery {
         let status = match self.status.as_str() {
             "" => None,
             s => Some(s.parse::<Status>().map_err(|_| {
-                ApiError::bad_request("invalid_status", format!("unknown status `{s}`"))
+                ApiError::bad_request("invalid_status", format!("there is no status {s}"))
             })?),
         };
         let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
@@ -272,13 +372,19 @@ impl ListQuery {
     }
 }
 
+/// A status in the list's filter: its name, and its words.
+struct StatusOption {
+    value: &'static str,
+    label: &'static str,
+}
+
 #[derive(Template)]
 #[template(path = "page/replicas.html")]
 struct ReplicasPage {
     chrome: Chrome,
     rows: Vec<RowView>,
     filtered: bool,
-    statuses: &'static [Status],
+    statuses: Vec<StatusOption>,
     apps: Vec<String>,
     sources: Vec<String>,
     filter_status: String,
@@ -301,17 +407,19 @@ fn reach_of(state: &AppState, user: &PageUser) -> Reach {
 
 async fn rows(
     state: &AppState,
-    reach: &Reach,
+    user: &PageUser,
     query: &ListQuery,
 ) -> Result<Vec<RowView>, PageError> {
+    let reach = reach_of(state, user);
     let requests = state
         .store
         .filtered_requests(&query.filter(reach.clone())?, LIST_LIMIT)
         .await?;
-    let proposals = proposals_of(state, reach, &requests).await?;
+    let proposals = proposals_of(state, &reach, &requests).await?;
+    let (people, now) = (people(state, user), state.clock.now());
     Ok(requests
         .iter()
-        .map(|r| RowView::new(&views::replica(r, &proposals)))
+        .map(|r| RowView::new(&views::replica(r, &proposals), &people, now))
         .collect())
 }
 
@@ -322,15 +430,20 @@ pub async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, PageError> {
-    let reach = reach_of(&state, &user);
-    let rows = rows(&state, &reach, &query).await?;
-    let (apps, sources) = state.store.request_facets(&reach).await?;
+    let rows = rows(&state, &user, &query).await?;
+    let (apps, sources) = state.store.request_facets(&reach_of(&state, &user)).await?;
     let (chrome, cookie) = chrome(&state, &headers, Some(&user));
     let page = ReplicasPage {
         chrome,
         rows,
         filtered: !query.query_string().is_empty(),
-        statuses: &Status::ALL,
+        statuses: Status::ALL
+            .iter()
+            .map(|s| StatusOption {
+                value: s.as_str(),
+                label: status_words(*s).label,
+            })
+            .collect(),
         apps,
         sources,
         query: query.query_string(),
@@ -348,7 +461,7 @@ pub async fn rows_partial(
     Query(query): Query<ListQuery>,
 ) -> Result<Response, PageError> {
     let page = RowsPartial {
-        rows: rows(&state, &reach_of(&state, &user), &query).await?,
+        rows: rows(&state, &user, &query).await?,
         filtered: !query.query_string().is_empty(),
     };
     Ok(html(page.render(), StatusCode::OK, None))
@@ -374,6 +487,8 @@ async fn detail_view(state: &AppState, user: &PageUser, id: &str) -> Result<Deta
     let reach = reach_of(state, user);
     Ok(DetailView::new(
         detail_of(state, &reach, parse_id(id)?).await?,
+        &people(state, user),
+        state.clock.now(),
     ))
 }
 
@@ -507,7 +622,7 @@ async fn queue_page(
     let (chrome, cookie) = chrome(state, headers, Some(user));
     let status = error.as_ref().map_or(StatusCode::OK, |e| e.status);
     let error = error.map(|e| FormError {
-        message: redact(&e.message).into_owned(),
+        message: page_words(&redact(&e.message)),
         ..e
     });
     let page = QueuePage {
@@ -573,7 +688,7 @@ fn order_json(pairs: &[(String, String)]) -> Result<Value, (&'static str, String
     let count = field(pairs, "count").unwrap_or("1").trim();
     let count: u64 = count
         .parse()
-        .map_err(|_| ("count", format!("count `{count}` is not a whole number")))?;
+        .map_err(|_| ("count", format!("Count: {count} is not a whole number")))?;
     order.insert("count".into(), json!(count));
     if !env.is_empty() {
         order.insert("env".into(), json!(env));
@@ -695,13 +810,24 @@ pub async fn script() -> impl IntoResponse {
 #[template(path = "page/proposals.html")]
 struct ProposalsPage {
     chrome: Chrome,
-    proposals: Vec<ProposalView>,
+    proposals: Vec<ProposalPage>,
 }
 
 #[derive(Template)]
 #[template(path = "page/proposal_list.html")]
 struct ProposalsPartial {
-    proposals: Vec<ProposalView>,
+    proposals: Vec<ProposalPage>,
+}
+
+/// The open proposals `user` sees, with people named for them.
+async fn proposal_pages(state: &AppState, user: &PageUser) -> Result<Vec<ProposalPage>, PageError> {
+    let people = people(state, user);
+    Ok(open_proposals(state, &reach_of(state, user))
+        .await
+        .map_err(ApiError::from)?
+        .into_iter()
+        .map(|p| ProposalPage::new(p, &people))
+        .collect())
 }
 
 /// `GET /proposals`: the open Safe transactions, as the signers see them.
@@ -710,9 +836,7 @@ pub async fn proposals(
     user: PageUser,
     headers: HeaderMap,
 ) -> Result<Response, PageError> {
-    let proposals = open_proposals(&state, &reach_of(&state, &user))
-        .await
-        .map_err(ApiError::from)?;
+    let proposals = proposal_pages(&state, &user).await?;
     let (chrome, cookie) = chrome(&state, &headers, Some(&user));
     Ok(html(
         ProposalsPage { chrome, proposals }.render(),
@@ -726,9 +850,7 @@ pub async fn proposals_partial(
     State(state): State<AppState>,
     user: PageUser,
 ) -> Result<Response, PageError> {
-    let proposals = open_proposals(&state, &reach_of(&state, &user))
-        .await
-        .map_err(ApiError::from)?;
+    let proposals = proposal_pages(&state, &user).await?;
     Ok(html(
         ProposalsPartial { proposals }.render(),
         StatusCode::OK,
@@ -742,18 +864,23 @@ mod tests {
     use crate::web::ui_models::RowView;
 
     fn detail(extra_replicas: Vec<String>) -> DetailView {
+        let words = status_words(Status::Provisioning);
+        let now = chrono::Utc::now();
         DetailView {
             row: RowView {
                 id: "0190a1b2-0000-7000-8000-000000000001".into(),
                 short_id: "00000001".into(),
                 status: "provisioning".into(),
-                error_code: None,
+                status_label: words.label,
+                next_step: words.next_step,
+                error: None,
                 source: "web-prod".into(),
                 node: "prod-2".into(),
                 app: "2e2e".into(),
                 approval: "-".into(),
-                created_by: "ops".into(),
-                created_at: "2026-12-07 12:00:00".into(),
+                signed: None,
+                created_by: People::new(&Default::default(), None).actor("api:ops"),
+                created_at: crate::web::ui_people::Moment::new(now, now),
             },
             compose_hash: None,
             env_names: String::new(),
@@ -771,7 +898,7 @@ mod tests {
     fn operator() -> Chrome {
         Chrome {
             csrf: "token".into(),
-            user: Some("0xabc".into()),
+            user: Some(People::new(&Default::default(), None).person("ops@example.com")),
             operator: true,
         }
     }
