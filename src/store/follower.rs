@@ -522,6 +522,17 @@ async fn settle_failed(
     execution: &str,
     now: DateTime<Utc>,
 ) -> Result<LateExecution, StoreError> {
+    // Intake holds the source's lock from its insert to its commit (see
+    // `store::orders`): taken here first, a newer request being stored right
+    // now is committed, and seen below, before any request is revived.
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('replica-source:' || source_vm_uuid, 0))
+         FROM (SELECT DISTINCT source_vm_uuid FROM replica_requests
+               WHERE proposal_id = $1 AND status = 'failed' ORDER BY source_vm_uuid) AS sorted",
+        proposal_id,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
     let failed = sqlx::query_scalar!(
         "SELECT id FROM replica_requests WHERE proposal_id = $1 AND status = 'failed'
          ORDER BY created_at, id FOR UPDATE",

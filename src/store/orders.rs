@@ -109,6 +109,11 @@ impl Store {
         callers.dedup();
         let mut tx = self.pool.begin().await?;
         lock_callers(&mut tx, &callers).await?;
+        let sources: Vec<String> = orders
+            .iter()
+            .flat_map(|o| o.requests.iter().map(|r| r.source_vm_uuid.clone()))
+            .collect();
+        lock_sources(&mut tx, &sources).await?;
         let since = now - QUOTA_WINDOW;
         let mut used = used_by(&mut *tx, &callers, since).await?;
 
@@ -313,6 +318,25 @@ async fn lock_callers(
         "SELECT pg_advisory_xact_lock(hashtextextended('quota:' || caller, 0))
          FROM (SELECT caller FROM unnest($1::text[]) AS c(caller) ORDER BY caller) AS sorted",
         callers,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Takes the lock of each source CVM the batch queues replicas of, until
+/// the commit, in one order for every process: the follower takes it before
+/// it revives a request whose expired proposal was executed late, so it
+/// sees a newer request for the same replica that is being stored now
+/// (`store::follower`), and never revives the old one beside it.
+async fn lock_sources(
+    tx: &mut Transaction<'_, Postgres>,
+    sources: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('replica-source:' || source, 0))
+         FROM (SELECT DISTINCT source FROM unnest($1::text[]) AS s(source) ORDER BY source) AS sorted",
+        sources,
     )
     .fetch_all(&mut **tx)
     .await?;

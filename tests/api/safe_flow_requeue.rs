@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
 
 use crate::helpers::TestApp;
+use crate::pg_waits::until_waiting_for_advisory_lock;
 use crate::phala_mock::*;
 use crate::safe_doubles::{OnPropose, ServiceDouble};
 use crate::safe_flow::{SafeWorld, mount_source_on};
@@ -266,4 +268,82 @@ async fn an_expired_proposal_executed_after_its_replica_was_queued_again_leaves_
     );
     assert_eq!(commits(&app).await.len(), 1, "one commit, one replica");
     assert_eq!(proposals(&app).await.len(), 1);
+}
+
+/// The late execution of an expired proposal is noticed while the replica's
+/// newer request is being stored (its transaction is committing): the
+/// follower waits for it, sees it, and leaves the old request failed, so
+/// one replica is made, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_execution_noticed_while_the_replica_is_queued_again_revives_nothing() {
+    let world = SafeWorld::start().await;
+    let app = world.spawn_bridge().await;
+    mount_commit_and_run(&app).await;
+    let first = proposed(&world, &app, &[1]).await.remove(0);
+    let (call, _) = proposal_call(&app, &first).await;
+    app.clock
+        .advance(chrono::Duration::days(7) + chrono::Duration::seconds(1));
+    app.drain_all(3).await;
+    assert_eq!(app.status_of(&first).await, "failed");
+    execute(&world, call).await;
+    mine(&world, 3).await;
+
+    // The newer request's commit waits, in a deferred trigger, for an
+    // advisory lock the test holds: its transaction stays open until the
+    // test lets go, with every lock it took.
+    const GATE: i64 = 0x1a7e_9a7e;
+    let mut gate = PgConnection::connect(&app.database_url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(GATE)
+        .execute(&mut gate)
+        .await
+        .unwrap();
+    for statement in [
+        format!(
+            "CREATE FUNCTION test_held_commit() RETURNS trigger AS $$
+             BEGIN PERFORM pg_advisory_xact_lock({GATE}); RETURN NULL; END $$ LANGUAGE plpgsql"
+        ),
+        "CREATE CONSTRAINT TRIGGER test_held_insert AFTER INSERT ON replica_requests
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_held_commit()"
+            .to_owned(),
+    ] {
+        sqlx::query(&statement).execute(&app.db).await.unwrap();
+    }
+    let source_lock: i64 = sqlx::query_scalar(
+        "SELECT hashtextextended('replica-source:' || source_vm_uuid, 0) FROM replica_requests WHERE id = $1",
+    )
+    .bind(first.parse::<uuid::Uuid>().unwrap())
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+
+    let queued_again = queue_node(&app, 1);
+    let followed = async {
+        until_waiting_for_advisory_lock(&app.database_url, GATE).await;
+        // The follower notices the execution while the new request commits.
+        let follow = app.worker.watch_once();
+        tokio::pin!(follow);
+        let done = tokio::select! {
+            _ = until_waiting_for_advisory_lock(&app.database_url, source_lock) => None,
+            done = &mut follow => Some(done),
+        };
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(GATE)
+            .execute(&mut gate)
+            .await
+            .unwrap();
+        match done {
+            Some(done) => done,
+            None => follow.await,
+        }
+    };
+    let (again, followed) = tokio::join!(queued_again, followed);
+    followed.unwrap();
+    app.drain_all(10).await;
+
+    let old = app.get_replica(&first).await;
+    assert_eq!(old["status"], "failed", "{old}");
+    assert_eq!(error_code(&old), "PROPOSAL-EXECUTED-LATE", "{old}");
+    assert_eq!(app.status_of(&again).await, "done");
+    assert_eq!(commits(&app).await.len(), 1, "one commit, one replica");
 }
