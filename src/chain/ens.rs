@@ -27,6 +27,10 @@ pub const TTL: Duration = Duration::from_secs(15 * 60);
 const MAX_LOOKUPS: usize = 4;
 /// One lookup's bound: a slow RPC leaves the entry missing, tried again later.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failed lookup waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Cached names at most: past it, expired entries go, then all.
+const MAX_ENTRIES: usize = 10_000;
 /// Longer names are not shown (DNS names stop at 253).
 const MAX_NAME_LEN: usize = 253;
 
@@ -62,13 +66,21 @@ pub fn reverse_node(address: Address) -> B256 {
 
 #[derive(Debug, Clone)]
 struct Entry<T> {
-    at: Instant,
+    /// When the entry is to be read again.
+    until: Instant,
     value: T,
 }
 
 impl<T> Entry<T> {
+    fn new(value: T) -> Entry<T> {
+        Entry {
+            until: Instant::now() + TTL,
+            value,
+        }
+    }
+
     fn fresh(&self) -> bool {
-        self.at.elapsed() < TTL
+        Instant::now() < self.until
     }
 }
 
@@ -78,6 +90,18 @@ struct Cache {
     /// Whether the chain has code at [`ENS_REGISTRY`].
     registries: HashMap<u64, Entry<bool>>,
     running: HashSet<(u64, Address)>,
+}
+
+impl Cache {
+    fn insert(&mut self, key: (u64, Address), entry: Entry<Option<String>>) {
+        if self.names.len() >= MAX_ENTRIES {
+            self.names.retain(|_, e| e.fresh());
+            if self.names.len() >= MAX_ENTRIES {
+                self.names.clear();
+            }
+        }
+        self.names.insert(key, entry);
+    }
 }
 
 /// The cached ENS names of every chain, shared by all pages.
@@ -123,23 +147,25 @@ impl EnsNames {
 
     /// The background lookup [`EnsNames::name`] starts.
     async fn look_up(&self, chain: &ChainClient, address: Address) {
-        let answer = match self.lookups.acquire().await {
-            Ok(_permit) => tokio::time::timeout(LOOKUP_TIMEOUT, self.lookup(chain, address)).await,
-            Err(_) => return,
+        let answer = {
+            // The semaphore is never closed.
+            let _permit = self.lookups.acquire().await;
+            tokio::time::timeout(LOOKUP_TIMEOUT, self.lookup(chain, address)).await
         };
-        self.cache
-            .lock()
-            .expect("ens cache")
-            .running
-            .remove(&(chain.chain_id, address));
-        match answer {
-            Ok(Ok(_)) => {}
-            // Left missing: the next page tries again.
-            Ok(Err(err)) => {
-                tracing::debug!(%address, chain = chain.chain_id, "ENS lookup failed: {err:#}")
-            }
-            Err(_) => tracing::debug!(%address, chain = chain.chain_id, "ENS lookup timed out"),
-        }
+        let key = (chain.chain_id, address);
+        let mut cache = self.cache.lock().expect("ens cache");
+        cache.running.remove(&key);
+        let failure = match answer {
+            Ok(Ok(_)) => return,
+            Ok(Err(err)) => format!("{err:#}"),
+            Err(_) => "timed out".to_owned(),
+        };
+        tracing::debug!(%address, chain = key.0, "ENS lookup failed: {failure}");
+        // Pages keep what they had and ask again after a while, so a chain
+        // that is down is not asked on every page.
+        let value = cache.names.get(&key).and_then(|e| e.value.clone());
+        let until = Instant::now() + RETRY_AFTER;
+        cache.insert(key, Entry { until, value });
     }
 
     /// Reads the verified name of `address` from the chain now (or "no
@@ -150,15 +176,10 @@ impl EnsNames {
         address: Address,
     ) -> anyhow::Result<Option<String>> {
         let name = self.resolve(chain, address).await?;
-        let entry = Entry {
-            at: Instant::now(),
-            value: name.clone(),
-        };
         self.cache
             .lock()
             .expect("ens cache")
-            .names
-            .insert((chain.chain_id, address), entry);
+            .insert((chain.chain_id, address), Entry::new(name.clone()));
         Ok(name)
     }
 
@@ -178,13 +199,11 @@ impl EnsNames {
         }
         let code = chain.provider.get_code_at(ENS_REGISTRY).await?;
         let has = !code.is_empty();
-        self.cache.lock().expect("ens cache").registries.insert(
-            chain.chain_id,
-            Entry {
-                at: Instant::now(),
-                value: has,
-            },
-        );
+        self.cache
+            .lock()
+            .expect("ens cache")
+            .registries
+            .insert(chain.chain_id, Entry::new(has));
         Ok(has)
     }
 
