@@ -91,6 +91,7 @@ impl Application {
             access,
             env_keys: EnvKeyVerifier::new(chains.clone(), &settings.trust),
             chains,
+            ens: Default::default(),
             safes: settings.safe.safes.clone(),
             form_facts: Default::default(),
             page_auth: web::PageAuth::new(&settings),

@@ -4,6 +4,7 @@
 
 mod bindings;
 mod eip1271;
+mod ens;
 mod heads;
 mod revert;
 mod transport;
@@ -22,6 +23,7 @@ use reqwest::Url;
 
 pub use bindings::{IDstackApp, IERC1271, IMulticall3};
 pub use eip1271::EIP1271_MAGIC;
+pub use ens::{ENS_REGISTRY, EnsNames, namehash};
 pub use revert::decode_revert;
 
 use crate::safe::{ISafe, SafeTx, SafeVersion};
@@ -885,6 +887,13 @@ impl Chains {
             fallback_clients: Arc::default(),
             ws_urls: ws_urls.to_vec(),
         }
+    }
+
+    /// The clients of the chains configured by id (not the fallback's), by id.
+    pub fn configured(&self) -> Vec<ChainClient> {
+        let mut clients: Vec<ChainClient> = self.clients.values().cloned().collect();
+        clients.sort_by_key(|c| c.chain_id);
+        clients
     }
 
     pub fn get(&self, chain_id: u64) -> Option<ChainClient> {

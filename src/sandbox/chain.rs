@@ -84,6 +84,13 @@ sol! {
         bytes message;
     }
 
+    /// The setters of the sandbox's minimal ENS (`contracts/Ens.sol`).
+    interface IEnsSetters {
+        function setResolver(bytes32 node, address resolverAddress) external;
+        function setName(bytes32 node, string calldata newName) external;
+        function setAddr(bytes32 node, address newAddr) external;
+    }
+
     #[sol(rpc)]
     interface ISafeProxyFactory {
         function createProxyWithNonce(address _singleton, bytes memory initializer, uint256 saltNonce)
@@ -706,6 +713,63 @@ impl LocalChain {
                 keccak256(&code)
             );
         }
+        Ok(())
+    }
+
+    /// Puts a minimal ENS on the chain: the registry at its real address
+    /// and one resolver holding every record. Each `(account, name,
+    /// name_points_to)` gives `account` the reverse name `name`, whose
+    /// forward record is `name_points_to` (the account itself for a name
+    /// that verifies). All records are set in one Multicall3 transaction.
+    pub async fn install_ens(&self, records: &[(Address, &str, Address)]) -> anyhow::Result<()> {
+        use crate::chain::{ENS_REGISTRY, namehash};
+        let registry = project_artifact(&self.root, "Ens", "EnsRegistry")?;
+        let runtime = self
+            .provider
+            .call(TransactionRequest::default().with_deploy_code(registry.bytecode))
+            .await
+            .context("building the ENS registry's runtime code")?;
+        let _: serde_json::Value = self
+            .provider
+            .raw_request("anvil_setCode".into(), (ENS_REGISTRY, runtime))
+            .await
+            .context("anvil_setCode for the ENS registry")?;
+        let resolver = self.deploy_contract("Ens", "EnsResolver", &[]).await?;
+        let mut calls = Vec::new();
+        let mut push = |target: Address, data: Vec<u8>| {
+            calls.push(IMulticall3::Call3 {
+                target,
+                allowFailure: false,
+                callData: data.into(),
+            });
+        };
+        for (account, name, points_to) in records {
+            let reverse = namehash(&format!("{}.addr.reverse", hex::encode(account)));
+            let forward = namehash(name);
+            for node in [reverse, forward] {
+                let set = IEnsSetters::setResolverCall {
+                    node,
+                    resolverAddress: resolver,
+                };
+                push(ENS_REGISTRY, set.abi_encode());
+            }
+            let set_name = IEnsSetters::setNameCall {
+                node: reverse,
+                newName: (*name).to_owned(),
+            };
+            push(resolver, set_name.abi_encode());
+            let set_addr = IEnsSetters::setAddrCall {
+                node: forward,
+                newAddr: *points_to,
+            };
+            push(resolver, set_addr.abi_encode());
+        }
+        let tx = TransactionRequest::default()
+            .to(MULTICALL3)
+            .input(IMulticall3::aggregate3Call { calls }.abi_encode().into());
+        self.send(&self.signers[0], tx)
+            .await
+            .context("setting the ENS records")?;
         Ok(())
     }
 

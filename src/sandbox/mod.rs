@@ -30,7 +30,8 @@ pub use chain::LocalChain;
 pub use database::SandboxDatabase;
 pub use serve_env::{EnvFormat, ServeEnv};
 pub use world::{
-    EOA_CVM, OPERATOR_NAME, OWNER_NAMES, SafeOwner, Sandbox, SandboxApps, SandboxOptions,
+    ENS_UNVERIFIED, ENS_VERIFIED, EOA_CVM, OPERATOR_NAME, OWNER_NAMES, SafeOwner, Sandbox,
+    SandboxApps, SandboxOptions,
 };
 
 /// A file only this project has, used to recognise the project root.

@@ -45,6 +45,10 @@ const OPERATOR: usize = 6;
 /// What the page calls the owners (in order) and the operator.
 pub const OWNER_NAMES: [&str; 3] = ["Alice", "Bob", "Carol"];
 pub const OPERATOR_NAME: &str = "Olivia";
+/// The Safe-owner's ENS name, which forward-verifies.
+pub const ENS_VERIFIED: &str = "treasury.eth";
+/// The Safe's reverse ENS name, whose forward record is another account's.
+pub const ENS_UNVERIFIED: &str = "not-the-safe.eth";
 const PROPOSER: usize = 9;
 
 #[derive(Debug, Clone)]
@@ -213,6 +217,21 @@ impl Sandbox {
         let mut owners: Vec<Address> = OWNERS.iter().map(|i| chain.address(*i)).collect();
         owners.push(safe_owner.address);
         let safe = chain.create_safe(&owners, THRESHOLD, 1).await?;
+        // ENS names, as on mainnet: the Safe-owner's verifies; the Safe's
+        // points elsewhere, so the page must not show it; Bob's loses to
+        // his configured name.
+        chain
+            .install_ens(&[
+                (safe_owner.address, ENS_VERIFIED, safe_owner.address),
+                (safe, ENS_UNVERIFIED, chain.address(EXECUTOR)),
+                (
+                    chain.address(OWNERS[1]),
+                    "bob.eth",
+                    chain.address(OWNERS[1]),
+                ),
+            ])
+            .await
+            .context("installing ENS")?;
         let owner_keys: Vec<PrivateKeySigner> = OWNERS.iter().map(|i| chain.signer(*i)).collect();
         let executor = chain.signer(EXECUTOR);
 

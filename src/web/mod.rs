@@ -78,6 +78,8 @@ pub struct AppState {
     pub ops_token: Option<ApiTokens>,
     /// The chains, for the queue form's reads of the apps.
     pub chains: crate::chain::Chains,
+    /// The page's ENS names, cached.
+    pub ens: crate::chain::EnsNames,
     /// The Safes the bridge may propose to.
     pub safes: crate::config::AllowedSafes,
     /// The queue form's last read of Phala and the chains.

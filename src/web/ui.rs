@@ -71,7 +71,7 @@ pub struct Chrome {
 
 /// How the page names people for `user`: "you" for them.
 fn people(state: &AppState, user: &PageUser) -> People {
-    People::new(&state.names, Some(&user.subject))
+    People::new(&state.names, Some(&user.subject)).with_ens(&state.ens, state.chains.configured())
 }
 
 /// An answer to a page request: HTML with the CSRF cookie when it is new.

@@ -7,6 +7,7 @@
 use alloy::primitives::Address;
 use chrono::{DateTime, Utc};
 
+use crate::chain::{ChainClient, EnsNames};
 use crate::config::Names;
 use crate::domain::Status;
 
@@ -46,6 +47,8 @@ pub fn short_hex(full: &str) -> String {
 pub struct People {
     names: Names,
     viewer: Option<String>,
+    /// ENS names from the cache, of these chains (first verified name wins).
+    ens: Option<(EnsNames, Vec<ChainClient>)>,
 }
 
 impl People {
@@ -53,7 +56,20 @@ impl People {
         People {
             names: names.clone(),
             viewer: viewer.map(str::to_owned),
+            ens: None,
         }
+    }
+
+    /// Also names addresses by their verified ENS name on `chains`, where
+    /// no name is configured.
+    pub fn with_ens(mut self, ens: &EnsNames, chains: Vec<ChainClient>) -> People {
+        self.ens = Some((ens.clone(), chains));
+        self
+    }
+
+    fn ens_name(&self, address: Address) -> Option<String> {
+        let (ens, chains) = self.ens.as_ref()?;
+        chains.iter().find_map(|chain| ens.name(chain, address))
     }
 
     fn is_viewer(&self, who: &str) -> bool {
@@ -78,7 +94,8 @@ impl People {
             Ok(address) => {
                 let full = address.to_checksum(None);
                 Person {
-                    name,
+                    // Configured names win over ENS.
+                    name: name.or_else(|| self.ens_name(address)),
                     short: Some(short_hex(&full)),
                     full,
                     you,

@@ -20,6 +20,7 @@ mod kms_mock;
 mod logs;
 mod notifications;
 mod operations;
+mod page_ens;
 mod page_words;
 mod pg_proxy;
 mod pg_waits;
