@@ -8,10 +8,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::signers::ProposalView;
 use crate::domain::Status;
 use crate::store::{EventRow, ReplicaRequest};
 use crate::telemetry::redact;
+use crate::views::proposals::ProposalView;
 
 /// Stored text that may quote a client error (and so a URL with a key).
 fn clean(text: &Option<String>) -> Option<String> {
