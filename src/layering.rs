@@ -36,6 +36,22 @@ const SANDBOX: &[&str] = &["sandbox", "bench"];
 /// line offers `sandbox` and `bench` when the feature is on.
 const SANDBOX_ENTRY: &str = "cli.rs";
 
+/// Circles not broken yet, each as the files they stay within: the store's
+/// request tables share helpers across files, the page's sign-in and its
+/// error pages share the page's frame, and the planner and the Safe's queue
+/// call each other. Shrink this list; never grow it.
+const KNOWN_CIRCLES: &[&[&str]] = &[
+    &[
+        "store/proposal_facts.rs",
+        "store/proposals.rs",
+        "store/request_filters.rs",
+        "store/requests.rs",
+        "store/source_locks.rs",
+    ],
+    &["web/auth/signin.rs", "web/pages/ui.rs"],
+    &["worker/propose.rs", "worker/queue.rs"],
+];
+
 type Module = Vec<String>;
 
 /// Every file's module path, keyed by the path relative to `src/`.
@@ -362,7 +378,14 @@ fn problems(krate: &Crate) -> Vec<String> {
         }
         if let Some(trail) = route(&edges, to, from) {
             let members: BTreeSet<Module> = trail.iter().cloned().collect();
-            if circles.insert(members) {
+            let names: Vec<String> = members.iter().map(|m| krate.name(m)).collect();
+            let known = KNOWN_CIRCLES
+                .iter()
+                .any(|known| names.iter().all(|n| known.contains(&n.as_str())));
+            // Circles inside the sandbox or the bench are theirs to keep.
+            let inside = |top: &str| members.iter().all(|m| m.first().is_some_and(|t| t == top));
+            let sandboxed = SANDBOX.iter().any(|top| inside(top));
+            if !known && !sandboxed && circles.insert(members) {
                 let names: Vec<String> = std::iter::once(from)
                     .chain(&trail)
                     .map(|m| krate.name(m))

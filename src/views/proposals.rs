@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::MAX_LIST_LIMIT;
-use super::requests::explorer_tx_link;
+use super::explorer_tx_link;
 use crate::domain::{Mark, Queued, Status, mark, serves_no_request_advice};
 use crate::safe::safe_wallet_link;
 use crate::store::{

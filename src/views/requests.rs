@@ -174,18 +174,6 @@ fn dashboard_link(r: &ReplicaRequest) -> Option<String> {
     ))
 }
 
-/// A block explorer's page of a transaction, for the chains Phala's on-chain KMS uses.
-pub fn explorer_tx_link(chain_id: u64, tx_hash: &str) -> Option<String> {
-    let base = match chain_id {
-        1 => "https://etherscan.io",
-        11155111 => "https://sepolia.etherscan.io",
-        8453 => "https://basescan.org",
-        84532 => "https://sepolia.basescan.org",
-        _ => return None,
-    };
-    Some(format!("{base}/tx/{tx_hash}"))
-}
-
 pub fn event(e: &EventRow) -> EventView {
     EventView {
         from: e.from_status.clone(),
