@@ -302,10 +302,10 @@ impl Crate {
         let mut edges = BTreeSet::new();
         for (from, refs) in &self.refs {
             for (path, _) in &refs.paths {
-                if let Some(to) = self.resolve(from, path, 0) {
-                    if !to.starts_with(from) {
-                        edges.insert((from.clone(), to));
-                    }
+                if let Some(to) = self.resolve(from, path, 0)
+                    && !to.starts_with(from)
+                {
+                    edges.insert((from.clone(), to));
                 }
             }
         }
@@ -368,10 +368,10 @@ fn problems(krate: &Crate) -> Vec<String> {
     let mut circles = BTreeSet::new();
     for (from, to) in &edges {
         let arrow = format!("{} → {}", krate.name(from), krate.name(to));
-        if let (Some(a), Some(b)) = (layer(from), layer(to)) {
-            if a < b {
-                problems.push(format!("{arrow}: runs up the layers"));
-            }
+        if let (Some(a), Some(b)) = (layer(from), layer(to))
+            && a < b
+        {
+            problems.push(format!("{arrow}: runs up the layers"));
         }
         if in_sandbox(to) && !in_sandbox(from) && krate.files[from] != Path::new(SANDBOX_ENTRY) {
             problems.push(format!("{arrow}: the product depends on the sandbox"));
