@@ -4,10 +4,9 @@ pub mod delegate;
 pub mod doctor;
 pub mod sessions;
 
-use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::config::{DatabaseSettings, Settings};
+use crate::config::{self, DatabaseSettings, Settings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,55 +112,9 @@ impl Cli {
     }
 }
 
-/// One line for a missing or invalid setting; `None` for other clap outcomes
-/// (help, version, unknown subcommand), which clap prints itself.
-pub fn setting_error_line(err: &clap::Error) -> Option<String> {
-    let args = match err.get(ContextKind::InvalidArg)? {
-        ContextValue::String(arg) => vec![arg.clone()],
-        ContextValue::Strings(args) => args.clone(),
-        _ => return None,
-    };
-    let names: Vec<String> = args.iter().map(|arg| describe_arg(arg)).collect();
-    match err.kind() {
-        ErrorKind::MissingRequiredArgument => Some(format!("missing setting {}", names.join(", "))),
-        ErrorKind::ValueValidation | ErrorKind::InvalidValue => {
-            // The cause names the problem; the value itself is never echoed (it may be a secret).
-            let reason = std::error::Error::source(err)
-                .map(|cause| cause.to_string())
-                .unwrap_or_else(|| match err.get(ContextKind::ValidValue) {
-                    Some(ContextValue::Strings(valid)) => {
-                        format!("expected one of {}", valid.join(", "))
-                    }
-                    _ => "invalid value".to_owned(),
-                });
-            Some(format!("invalid setting {}: {reason}", names.join(", ")))
-        }
-        _ => None,
-    }
-}
-
-/// `--phala-api-key <PHALA_API_KEY>` → `APPROVAL_BRIDGE_PHALA_API_KEY (--phala-api-key)`.
-fn describe_arg(arg: &str) -> String {
-    let flag = arg.split_whitespace().next().unwrap_or(arg);
-    let long = flag.trim_start_matches('-');
-    let env = find_env(&Cli::command(), long);
-    match env {
-        Some(env) => format!("{env} ({flag})"),
-        None => flag.to_owned(),
-    }
-}
-
-fn find_env(command: &clap::Command, long: &str) -> Option<String> {
-    command
-        .get_arguments()
-        .find(|arg| arg.get_long() == Some(long))
-        .and_then(|arg| arg.get_env())
-        .map(|env| env.to_string_lossy().into_owned())
-        .or_else(|| {
-            command
-                .get_subcommands()
-                .find_map(|sub| find_env(sub, long))
-        })
+/// [`config::setting_error_line`] against the whole command line.
+fn setting_error_line(err: &clap::Error) -> Option<String> {
+    config::setting_error_line(err, &Cli::command())
 }
 
 #[cfg(test)]

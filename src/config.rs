@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, ValueEnum};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
@@ -1206,6 +1207,58 @@ pub fn parse_named_secrets(value: &str) -> Result<NamedSecrets, String> {
         ));
     }
     Ok(NamedSecrets(out))
+}
+
+/// One line for a missing or invalid setting; `None` for other clap outcomes
+/// (help, version, unknown subcommand), which clap prints itself. `command`
+/// is what was parsed, for the settings' environment variables.
+pub fn setting_error_line(err: &clap::Error, command: &clap::Command) -> Option<String> {
+    let args = match err.get(ContextKind::InvalidArg)? {
+        ContextValue::String(arg) => vec![arg.clone()],
+        ContextValue::Strings(args) => args.clone(),
+        _ => return None,
+    };
+    let names: Vec<String> = args.iter().map(|arg| describe_arg(command, arg)).collect();
+    match err.kind() {
+        ErrorKind::MissingRequiredArgument => Some(format!("missing setting {}", names.join(", "))),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue => {
+            // The cause names the problem; the value itself is never echoed (it may be a secret).
+            let reason = std::error::Error::source(err)
+                .map(|cause| cause.to_string())
+                .unwrap_or_else(|| match err.get(ContextKind::ValidValue) {
+                    Some(ContextValue::Strings(valid)) => {
+                        format!("expected one of {}", valid.join(", "))
+                    }
+                    _ => "invalid value".to_owned(),
+                });
+            Some(format!("invalid setting {}: {reason}", names.join(", ")))
+        }
+        _ => None,
+    }
+}
+
+/// `--phala-api-key <PHALA_API_KEY>` → `APPROVAL_BRIDGE_PHALA_API_KEY (--phala-api-key)`.
+fn describe_arg(command: &clap::Command, arg: &str) -> String {
+    let flag = arg.split_whitespace().next().unwrap_or(arg);
+    let long = flag.trim_start_matches('-');
+    let env = find_env(command, long);
+    match env {
+        Some(env) => format!("{env} ({flag})"),
+        None => flag.to_owned(),
+    }
+}
+
+fn find_env(command: &clap::Command, long: &str) -> Option<String> {
+    command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .and_then(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .or_else(|| {
+            command
+                .get_subcommands()
+                .find_map(|sub| find_env(sub, long))
+        })
 }
 
 #[cfg(test)]

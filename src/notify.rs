@@ -7,7 +7,7 @@
 //! retries and backoff. A slow or dead target delays only its own
 //! deliveries, never the flow. Like `web`, it shows what the bridge knows,
 //! pushed instead of pulled: it renders the signers' view
-//! (`web::signers`) and signs as the CI webhook is signed (`web::webhook`),
+//! (`views::proposals`) and signs as the CI webhook is signed (`domain::signature`),
 //! so a receiver checks a notification with the same code as a CI delivery.
 //!
 //! Headers: `X-Bridge-Timestamp`, `X-Bridge-Signature: sha256=<hex
@@ -26,10 +26,10 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::config::{NotifySettings, WorkerSettings};
+use crate::domain::signature as webhook;
 use crate::store::{DueDelivery, PendingNotification, Reach, ReplicaRequest, Store};
 use crate::telemetry::redact;
-use crate::web::signers::{ProposalView, views_by_id};
-use crate::web::webhook;
+use crate::views::proposals::{ProposalView, views_by_id};
 use crate::worker::backoff;
 
 /// How often an idle target's task looks for new notifications.

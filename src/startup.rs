@@ -14,9 +14,10 @@ use crate::clock::{self, Clock};
 use crate::config::Settings;
 use crate::notify::Notifier;
 use crate::phala::{EnvKeyVerifier, Lookups, PhalaClient};
+use crate::safe::SafeFlow;
 use crate::store::{self, Store};
 use crate::web::{self, Access, ApiTokens, AppState, OrderWriter, WebhookSecrets};
-use crate::worker::{SafeFlow, Worker};
+use crate::worker::Worker;
 
 pub struct Application {
     listener: TcpListener,

@@ -20,10 +20,10 @@ use serde_json::{Value, json};
 
 use crate::chain::OwnerKind;
 use crate::config::{AllowedSafes, SafeSettings};
+use crate::safe::SafeFlow;
 use crate::safe::{
     DelegateRegistration, SafeServiceError, delegate_hash, delegate_totp, recover_signer,
 };
-use crate::worker::SafeFlow;
 
 #[derive(Debug, Subcommand)]
 pub enum DelegateCommand {

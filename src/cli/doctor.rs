@@ -12,9 +12,9 @@ use alloy::primitives::Address;
 use crate::chain::{OwnerKind, SafeInfo};
 use crate::config::Settings;
 use crate::phala::PhalaClient;
+use crate::safe::SafeFlow;
 use crate::store::{self, Store};
 use crate::telemetry::redact;
-use crate::worker::SafeFlow;
 
 /// One check may take this long: an RPC call retries transient failures
 /// for about 32 s, which is longer than anybody waits at a terminal.

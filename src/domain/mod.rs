@@ -3,6 +3,7 @@
 mod ids;
 mod order;
 mod queue;
+pub mod signature;
 mod state;
 
 pub use ids::{AppId, Bytes32, InvalidId};

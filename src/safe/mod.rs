@@ -10,7 +10,9 @@
 //! - [`verify`]: what the proposer key may sign, checked on every stored
 //!   transaction before it is signed.
 
+mod flow;
 pub mod gas;
+mod links;
 pub mod service;
 pub mod tx;
 pub mod verify;
@@ -21,6 +23,8 @@ use std::str::FromStr;
 use alloy::primitives::{Address, B256, address, keccak256};
 use alloy::sol_types::{SolStruct, eip712_domain};
 
+pub use flow::SafeFlow;
+pub use links::{safe_wallet_link, short_chain_name};
 pub use service::{
     DelegateRegistration, Delegation, Deletion, Proposal, SafeService, SafeServiceError, ServiceTx,
     TxServiceClient, TxServiceOptions,

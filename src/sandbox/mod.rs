@@ -6,7 +6,15 @@
 //! contracts (`contracts/*.sol`); [`chain`] starts anvil and deploys the world.
 //!
 //! The whole module is a test double of the outside world, compiled only with
-//! the `sandbox` feature: nothing outside it may depend on it.
+//! the `sandbox` feature: nothing outside it may depend on it, apart from the
+//! command line (`cli.rs`), which offers `approval-bridge sandbox` and `bench`
+//! when the feature is on. The layering test (`layering.rs`) enforces that.
+//!
+//! It is a feature rather than a crate of its own because the simulators and
+//! the integration tests use the crate's own types (the settings, `SafeTx`,
+//! the Phala client's wire types and error codes): a second crate would need
+//! them all exported as public API, for no gain the layering test does not
+//! already give. The production build compiles none of it.
 
 pub mod chain;
 mod controls;

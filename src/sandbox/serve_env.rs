@@ -9,8 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Context;
 use clap::{Args, FromArgMatches};
 
-use crate::cli::setting_error_line;
-use crate::config::Settings;
+use crate::config::{Settings, setting_error_line};
 
 /// The sandbox's front door: its controls and world view, with the bridge's
 /// own routes forwarded to it. Printed with the environment; `serve` ignores it.
@@ -98,7 +97,9 @@ impl ServeEnv {
             .mut_args(|arg| arg.env(None::<&str>))
             .try_get_matches_from(args)
             .map_err(|err| {
-                let line = setting_error_line(&err).unwrap_or_else(|| err.kind().to_string());
+                let serve = Settings::augment_args(clap::Command::new("serve"));
+                let line =
+                    setting_error_line(&err, &serve).unwrap_or_else(|| err.kind().to_string());
                 anyhow::anyhow!("the sandbox's serve settings do not parse: {line}")
             })?;
         Ok(Settings::from_arg_matches(&matches)?)

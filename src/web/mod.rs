@@ -1,48 +1,33 @@
-//! HTTP: the JSON API, the CI webhook and the pages. Handlers stay thin and
-//! call into the domain and the store.
+//! HTTP, split by audience: `api` (the JSON API, the CI webhook, the OpenAPI
+//! description), `pages` (the team page), `auth` (API tokens, Sign-In with
+//! Ethereum, the proxy's users, CSRF, scopes and quotas), `middleware` (request
+//! ids, rate limits, security headers and same-origin checks) and `ops`
+//! (health, readiness and metrics). Handlers stay thin and call into the
+//! read models (`views`), the domain and the store.
 
-pub mod access;
-mod auth;
+pub mod api;
+pub mod auth;
 pub mod error;
-pub mod health;
-pub mod intake;
-mod metrics;
-pub mod openapi;
-mod order_writer;
+pub mod middleware;
+pub mod ops;
 mod pages;
-mod ratelimit;
-mod replicas;
-mod replication;
-mod request_id;
-mod security;
 pub mod server;
-mod sessions;
-pub mod signers;
-pub mod signin;
-mod ui;
-mod ui_models;
-mod ui_people;
-mod views;
-pub mod webhook;
 
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
 use axum::routing::{get, post};
-use axum::{Router, middleware};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-pub use access::Access;
-pub use auth::ApiTokens;
-pub use order_writer::OrderWriter;
-pub use ratelimit::ClientLimiter;
-pub use security::check_same_origin;
-pub use signin::PageAuth;
-pub use webhook::WebhookSecrets;
+pub use api::{OrderWriter, WebhookSecrets, intake, openapi, webhook};
+pub use auth::{Access, ApiTokens, PageAuth, access, signin};
+pub use middleware::{ClientLimiter, check_same_origin};
+pub use ops::health;
 
 use crate::clock::Clock;
 use crate::phala::{EnvKeyVerifier, Lookups, PhalaClient};
@@ -83,11 +68,16 @@ pub struct AppState {
     /// The Safes the bridge may propose to.
     pub safes: crate::config::AllowedSafes,
     /// The queue form's last read of Phala and the chains.
-    pub form_facts: replication::FormFactsCache,
+    pub form_facts: pages::replication::FormFactsCache,
     /// Each client address's rate limit on what needs no credentials.
     pub client_limiter: ClientLimiter,
 }
 
+use api::{proposals, replicas};
+use auth::sessions;
+use middleware::{ratelimit, request_id, security};
+use ops::metrics;
+use pages::ui;
 use request_id::REQUEST_ID;
 
 /// The public listener's routes. With `ops_apart` (a listener of their own
@@ -97,18 +87,19 @@ pub fn router(state: AppState, ops_apart: bool) -> Router {
         .route("/replicas", post(replicas::create).get(replicas::list))
         .route("/replicas/{id}", get(replicas::show))
         .route("/replicas/{id}/cancel", post(replicas::cancel))
-        .route("/proposals", get(signers::list))
-        .route("/proposals/{id}", get(signers::show))
+        .route("/proposals", get(proposals::list))
+        .route("/proposals/{id}", get(proposals::show))
         .route("/sessions/sign-out", post(sessions::sign_out));
 
     // The page's forms and sign-in refuse cross-site requests; the API and
     // the webhook carry credentials a browser does not add by itself.
-    let same_origin = middleware::from_fn_with_state(state.clone(), security::same_origin);
+    let same_origin = axum::middleware::from_fn_with_state(state.clone(), security::same_origin);
     // An error page of someone signed in keeps their header.
-    let keep_header = middleware::from_fn_with_state(state.clone(), ui::keep_header);
-    let limit_anonymous = middleware::from_fn_with_state(state.clone(), ratelimit::limit_anonymous);
+    let keep_header = axum::middleware::from_fn_with_state(state.clone(), ui::keep_header);
+    let limit_anonymous =
+        axum::middleware::from_fn_with_state(state.clone(), ratelimit::limit_anonymous);
     let limit_refused =
-        middleware::from_fn_with_state(state.clone(), ratelimit::limit_refused_credentials);
+        axum::middleware::from_fn_with_state(state.clone(), ratelimit::limit_refused_credentials);
     // What anyone may call costs a token of the client's rate limit.
     let open = Router::new()
         .merge(ui::open_routes().layer(same_origin.clone()))
@@ -136,7 +127,7 @@ pub fn router(state: AppState, ops_apart: bool) -> Router {
             ops.route_layer(limit_anonymous)
         });
     }
-    let routes = routes.layer(middleware::from_fn_with_state(
+    let routes = routes.layer(axum::middleware::from_fn_with_state(
         state.clone(),
         security::transport,
     ));
@@ -157,7 +148,7 @@ fn ops_routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::scrape))
-        .route_layer(middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             health::require_ops_token,
         ))
@@ -170,9 +161,9 @@ fn with_layers<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S>
         .layer(DefaultBodyLimit::max(intake::MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(security::headers))
         .layer(CatchPanicLayer::custom(error::panic_response))
-        .layer(middleware::from_fn(request_id::scope))
+        .layer(axum::middleware::from_fn(request_id::scope))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::GATEWAY_TIMEOUT, Duration::from_secs(90)))
-        .layer(middleware::from_fn(metrics::count_requests))
+        .layer(axum::middleware::from_fn(metrics::count_requests))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");

@@ -7,14 +7,12 @@
 
 pub(crate) mod backoff;
 mod commit;
-mod describe;
 mod owner;
 mod prepare;
 mod propose;
 mod queue;
 mod reconcile;
 mod retention;
-mod safe_flow;
 mod track;
 mod watch;
 
@@ -32,12 +30,12 @@ use crate::clock::Clock;
 use crate::config::{RetentionSettings, WorkerSettings};
 use crate::domain::{Actor, Event, Status};
 use crate::phala::{PhalaClient, PhalaError};
+use crate::safe::SafeFlow;
 use crate::store::{
     AwaitedOutcome, Changes, Claimed, Lane, Lease, Store, StoreError, StoredError, WAKE_CHANNEL,
 };
 
 pub use propose::usable_safe;
-pub use safe_flow::{SafeFlow, safe_wallet_link, short_chain_name};
 
 /// How long a request waits while another request of its source holds the
 /// source's lock. The holder's release wakes the next waiter at once (see

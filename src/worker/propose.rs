@@ -8,6 +8,8 @@
 //! it is still waiting and unlinked, and a nonce is allocated under a
 //! per-Safe lock in Postgres, fenced by the planner's lease.
 
+mod describe;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -15,7 +17,6 @@ use alloy::primitives::{Address, B256, Bytes};
 use uuid::Uuid;
 
 use super::Worker;
-use super::safe_flow::{SafeFlow, safe_wallet_link};
 use crate::chain::{AppState, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
 use crate::config::AllowedSafes;
 use crate::domain::Event;
@@ -23,6 +24,7 @@ use crate::safe::{
     AppCall, Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, SafeVersion,
     build_safe_tx, check_signable, gas,
 };
+use crate::safe::{SafeFlow, safe_wallet_link};
 use crate::store::{
     Changes, JobLease, NewProposal, ProposalConflict, ProposalRow, ProposalStored, ReplicaRequest,
     StoreError, StoredError, StoredRegistration,
@@ -138,7 +140,7 @@ pub(super) async fn run_scope(
         moved |= submit_stored(worker, flow, scope, fence).await?;
         moved |= plan(worker, flow, scope, fence).await?;
         refresh_confirmations(worker, flow, scope, fence).await?;
-        super::describe::fill_missing(worker, scope).await?;
+        describe::fill_missing(worker, scope).await?;
         anyhow::Ok(moved)
     };
     let moved = pass.await;
@@ -866,7 +868,7 @@ async fn propose_group(
         .collect();
     tracing::info!(safe_tx_hash = %safe_tx_hash, nonce, calls = new.calls.len(), requests = new.request_ids.len(), ?http_request_ids, "proposal stored");
     // Before the post, so the owners' first notification has the human terms.
-    super::describe::learn(worker, new.id, &new.calls).await?;
+    describe::learn(worker, new.id, &new.calls).await?;
     let stored = worker.store.proposals(&[new.id]).await?.remove(0);
     submit(worker, flow, &stored, fence).await?;
     Ok(true)

@@ -17,8 +17,8 @@ use alloy::primitives::{Address, B256};
 
 use super::Worker;
 use super::propose::PlanScope;
-use super::safe_flow::SafeFlow;
 use crate::safe::Deletion;
+use crate::safe::SafeFlow;
 use crate::store::{JobLease, ProposalRow, Withdrawn};
 
 /// Records the Safes' nonces the follower read at `head`, under its lease.

@@ -31,9 +31,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::Worker;
-use super::safe_flow::SafeFlow;
 use crate::chain::{ChainClient, Registration};
 use crate::domain::Event;
+use crate::safe::SafeFlow;
 use crate::store::{
     Changes, Cursor, JobLease, ProposalEnd, ProposalRow, ReplicaRequest, RequestMove, StoreError,
     StoredError,

@@ -15,7 +15,6 @@ use serde_json::json;
 
 use super::Shared;
 use super::fields::{Rejection, UNPROCESSABLE};
-use super::rules::SafeFacts;
 use crate::safe::ISafe;
 
 /// The start and end of a Safe's module list.
@@ -34,6 +33,17 @@ pub(super) struct Execution {
     pub(super) payment: U256,
     /// The signatures it ran with, from SafeL2's `SafeMultiSigTransaction`.
     pub(super) signatures: Option<Bytes>,
+}
+
+/// What the chain says about a Safe at `latest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SafeFacts {
+    pub(super) chain_id: u64,
+    /// `VERSION()` as returned; parsed by the rules.
+    pub(super) version: String,
+    pub(super) owners: Vec<Address>,
+    pub(super) threshold: u64,
+    pub(super) nonce: u64,
 }
 
 /// Executions of one Safe found in its logs.

@@ -5,7 +5,7 @@ use alloy::primitives::{Address, B256, Bytes};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::chain::Executions;
+use super::chain::{Executions, SafeFacts};
 use super::fields::{FieldErrors, Fields};
 use crate::safe::tx::SignatureKind;
 use crate::safe::{
@@ -89,17 +89,6 @@ pub(super) fn parse_proposal(body: &Map<String, Value>) -> Result<ParsedProposal
         signature,
         origin,
     })
-}
-
-/// What the chain says about a Safe at `latest`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct SafeFacts {
-    pub(super) chain_id: u64,
-    /// `VERSION()` as returned; parsed by the rules.
-    pub(super) version: String,
-    pub(super) owners: Vec<Address>,
-    pub(super) threshold: u64,
-    pub(super) nonce: u64,
 }
 
 /// A proposal that passed every rule.

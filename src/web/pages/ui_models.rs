@@ -4,10 +4,12 @@
 
 use chrono::{DateTime, Utc};
 
-use super::signers::ProposalView;
-use super::ui_people::{Moment, People, Person, page_words, status_label, status_words};
-use super::views::{ReplicaDetail, ReplicaView};
 use crate::domain::{Event, next};
+use crate::views::proposals::ProposalView;
+use crate::views::requests::{ReplicaDetail, ReplicaView};
+use crate::web::pages::ui_people::{
+    Moment, People, Person, page_words, status_label, status_words,
+};
 
 /// One line of the replicas list.
 #[derive(Debug, Clone)]
@@ -86,7 +88,7 @@ pub struct ErrorView {
 }
 
 impl ErrorView {
-    fn new(e: &super::views::ErrorView) -> ErrorView {
+    fn new(e: &crate::views::requests::ErrorView) -> ErrorView {
         ErrorView {
             code: e.code.clone(),
             message: page_words(e.message.as_deref().unwrap_or_default()),

@@ -10,26 +10,20 @@
 use std::collections::HashMap;
 
 use alloy::primitives::Address;
-use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::AppState;
-use super::auth::ApiCaller;
-use super::error::{ApiError, ErrorBody};
-use super::replicas::{MAX_LIST_LIMIT, list_limit};
-use super::views::explorer_tx_link;
+use super::MAX_LIST_LIMIT;
+use super::explorer_tx_link;
 use crate::domain::{Mark, Queued, Status, mark, serves_no_request_advice};
+use crate::safe::safe_wallet_link;
 use crate::store::{
     CvmFacts, ProposalFacts, ProposalRow, QueueEntry, Reach, ReplicaRequest, Store,
     StoredRegistration, same_hex,
 };
 use crate::telemetry::redact;
-use crate::worker::safe_wallet_link;
 
 /// A proposal as the Safe's owners see it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -200,12 +194,12 @@ pub struct ProposalList {
 
 /// The view of one proposal, by id, as `reach` sees it.
 pub async fn proposal_view(
-    state: &AppState,
+    store: &Store,
     id: Uuid,
     reach: &Reach,
 ) -> anyhow::Result<Option<ProposalView>> {
-    let rows = state.store.proposals(&[id]).await?;
-    Ok(views_of(&state.store, rows, reach)
+    let rows = store.proposals(&[id]).await?;
+    Ok(views_of(store, rows, reach)
         .await?
         .pop()
         .filter(|view| seen(view, reach)))
@@ -213,9 +207,8 @@ pub async fn proposal_view(
 
 /// The open proposals (proposed, not executed or ended yet) that `reach`
 /// sees, as Safe{Wallet} queues them: by Safe, then nonce, lowest first.
-pub async fn open_proposals(state: &AppState, reach: &Reach) -> anyhow::Result<Vec<ProposalView>> {
-    let mut rows = state
-        .store
+pub async fn open_proposals(store: &Store, reach: &Reach) -> anyhow::Result<Vec<ProposalView>> {
+    let mut rows = store
         .list_proposals(Some("proposed"), MAX_LIST_LIMIT, reach)
         .await?;
     rows.sort_by(|a, b| {
@@ -226,7 +219,7 @@ pub async fn open_proposals(state: &AppState, reach: &Reach) -> anyhow::Result<V
             b.created_at,
         ))
     });
-    views_of(&state.store, rows, reach).await
+    views_of(store, rows, reach).await
 }
 
 /// The views of the given proposals by id (for the requests that point to
@@ -249,7 +242,7 @@ pub async fn views_by_id(
 
 /// Whether `reach` sees a proposal whose view [`views_of`] cut down for it:
 /// it sees at least one of its calls.
-fn seen(view: &ProposalView, reach: &Reach) -> bool {
+pub fn seen(view: &ProposalView, reach: &Reach) -> bool {
     reach.is_all() || !view.calls.is_empty()
 }
 
@@ -800,105 +793,6 @@ fn checksum(address: &str) -> String {
         .parse::<Address>()
         .map(|a| a.to_checksum(None))
         .unwrap_or_else(|_| address.to_owned())
-}
-
-/// The proposal statuses, plus `open` (= `proposed`) and `all`.
-const STATUSES: [&str; 7] = [
-    "open",
-    "proposed",
-    "executed",
-    "failed",
-    "replaced",
-    "superseded",
-    "all",
-];
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct ListParams {
-    /// `open` (the default), `executed`, `failed`, `replaced`, `superseded` or `all`.
-    status: Option<String>,
-    /// At most this many, 1 to 500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    limit: Option<i64>,
-}
-
-/// `GET /api/v1/proposals?status=open&limit=50`: open proposals by default, newest first.
-#[utoipa::path(get, path = "/api/v1/proposals", tag = "proposals",
-    params(ListParams),
-    responses(
-        (status = 200, description = "newest first", body = ProposalList),
-        (status = "4XX", description = "a bad status or limit, or not authorised", body = ErrorBody),
-    ),
-    security(("bearer" = [])))]
-pub async fn list(
-    State(state): State<AppState>,
-    ApiCaller(actor): ApiCaller,
-    params: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<ProposalList>, ApiError> {
-    let Query(params) = params
-        .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
-    let status = params.status.as_deref().unwrap_or("open");
-    let status = match status {
-        "open" => Some("proposed"),
-        "all" => None,
-        s if STATUSES.contains(&s) => Some(s),
-        s => {
-            return Err(ApiError::bad_request(
-                "invalid_status",
-                format!(
-                    "unknown proposal status `{s}`; one of {}",
-                    STATUSES.join(", ")
-                ),
-            ));
-        }
-    };
-    let limit = list_limit(params.limit)?;
-    let reach = state.access.reach(&actor);
-    let rows = state.store.list_proposals(status, limit, &reach).await?;
-    Ok(Json(ProposalList {
-        proposals: views_of(&state.store, rows, &reach).await?,
-    }))
-}
-
-/// `GET /api/v1/proposals/{id}`: by the bridge's id or by the safeTxHash.
-#[utoipa::path(get, path = "/api/v1/proposals/{id}", tag = "proposals",
-    params(("id" = String, Path, description = "the proposal's id (a UUID) or its safeTxHash")),
-    responses(
-        (status = 200, description = "the proposal as the signers see it", body = ProposalView),
-        (status = "4XX", description = "a bad id, no such proposal, or not authorised", body = ErrorBody),
-    ),
-    security(("bearer" = [])))]
-pub async fn show(
-    State(state): State<AppState>,
-    ApiCaller(actor): ApiCaller,
-    Path(id): Path<String>,
-) -> Result<Json<ProposalView>, ApiError> {
-    let row = if let Ok(uuid) = Uuid::parse_str(&id) {
-        state.store.proposals(&[uuid]).await?.pop()
-    } else if id.len() == 66 && id.starts_with("0x") && hex::decode(&id[2..]).is_ok() {
-        state.store.proposal_by_hash(&id.to_lowercase()).await?
-    } else {
-        return Err(ApiError::bad_request(
-            "invalid_id",
-            format!(
-                "`{id}` is neither a proposal id (a UUID) nor a safeTxHash (0x and 64 hex digits)"
-            ),
-        ));
-    };
-    // One out of the caller's reach is not found, as if it did not exist.
-    let not_found = || ApiError::not_found(format!("no proposal has id {id}"));
-    let row = row.ok_or_else(not_found)?;
-    let reach = state.access.reach(&actor);
-    let view = views_of(&state.store, vec![row], &reach)
-        .await?
-        .pop()
-        .expect("one row gives one view");
-    if !seen(&view, &reach) {
-        return Err(not_found());
-    }
-    Ok(Json(view))
 }
 
 #[cfg(test)]

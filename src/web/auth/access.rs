@@ -9,11 +9,11 @@
 
 use anyhow::bail;
 
-use super::error::ApiError;
 use crate::config::{NamedSecrets, Quota, Quotas, Scopes, SourcePattern, TrustSettings};
 use crate::domain::Actor;
 use crate::phala::ResolvedSource;
 use crate::store::Reach;
+use crate::web::error::ApiError;
 
 #[derive(Debug, Clone)]
 pub struct Access {

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use alloy::primitives::{Address, B256};
 use tokio::sync::Mutex;
 
-use super::AppState;
 use crate::chain::{AppState as AppRead, Registration};
 use crate::config::AllowedSafes;
 use crate::domain::AppId;
 use crate::phala::{AvailableNode, CvmInfo};
 use crate::telemetry::redact;
+use crate::web::AppState;
 use crate::worker::usable_safe;
 
 /// How long one read of the world serves the form.

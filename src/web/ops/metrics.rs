@@ -5,9 +5,9 @@ use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
 use crate::domain::Status;
 use crate::metrics::{EXPIRED_LEASES, EXTRA_REPLICAS, HTTP_REQUESTS, OPEN_PROPOSALS, QUEUE_DEPTH};
+use crate::web::AppState;
 
 /// The Prometheus text format, version 0.0.4.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -20,7 +20,7 @@ const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub async fn scrape(State(state): State<AppState>) -> Response {
     let handle = crate::metrics::handle();
     if state.client_limiter.enabled() {
-        metrics::gauge!(super::ratelimit::TRACKED_CLIENTS)
+        metrics::gauge!(crate::web::middleware::ratelimit::TRACKED_CLIENTS)
             .set(state.client_limiter.clients() as f64);
     }
     match state.store.queue_gauges().await {

@@ -16,11 +16,11 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
-use super::AppState;
-use super::error::ApiError;
 use crate::chain::{ChainClient, Chains};
 use crate::config::SafeSettings;
 use crate::telemetry::redact;
+use crate::web::AppState;
+use crate::web::error::ApiError;
 
 /// One probe may not hold the answer longer than this: an RPC that does not
 /// answer fails readiness rather than hanging the orchestrator's probe.

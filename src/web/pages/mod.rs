@@ -1,9 +1,16 @@
-//! Server-rendered pages (askama) and small service endpoints.
+//! Server-rendered pages (askama) and small service endpoints: the team page
+//! (`ui`, with its models and words) and the index, the stylesheet and the
+//! JSON 404.
+
+pub mod replication;
+pub mod ui;
+mod ui_models;
+mod ui_people;
 
 use askama::Template;
 use axum::response::{Html, IntoResponse};
 
-use super::error::ApiError;
+use crate::web::error::ApiError;
 
 #[derive(Template)]
 #[template(path = "index.html")]
@@ -23,7 +30,7 @@ pub async fn index() -> Result<Html<String>, ApiError> {
 pub async fn stylesheet() -> impl IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        include_str!("../../static/style.css"),
+        include_str!("../../../static/style.css"),
     )
 }
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::Worker;
-use super::propose::PlanScope;
+use super::PlanScope;
 use crate::phala::PhalaClient;
 use crate::store::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, StoredRegistration, same_hex};
+use crate::worker::Worker;
 
 /// How long the planner spends asking Phala about one proposal.
 const BUDGET: Duration = Duration::from_secs(10);

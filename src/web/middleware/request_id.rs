@@ -8,7 +8,7 @@ use axum::http::HeaderName;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::error::{ErrorBody, ErrorDetail, INTERNAL_MESSAGE, ServerError};
+use crate::web::error::{ErrorBody, ErrorDetail, INTERNAL_MESSAGE, ServerError};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

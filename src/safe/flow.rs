@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::Context;
 use secrecy::ExposeSecret;
@@ -215,28 +214,4 @@ fn load_proposer(settings: &SafeSettings) -> anyhow::Result<Option<PrivateKeySig
         anyhow::anyhow!("the proposer key is not a 32-byte hex secp256k1 private key")
     })?;
     Ok(Some(signer))
-}
-
-/// Safe{Wallet}'s short chain names, for links.
-pub fn short_chain_name(chain_id: u64) -> Option<&'static str> {
-    Some(match chain_id {
-        1 => "eth",
-        10 => "oeth",
-        100 => "gno",
-        137 => "pol",
-        8453 => "base",
-        42161 => "arb1",
-        84532 => "basesep",
-        11155111 => "sep",
-        _ => return None,
-    })
-}
-
-/// The proposal in Safe{Wallet}, where the owners sign it.
-pub fn safe_wallet_link(chain_id: u64, safe: Address, safe_tx_hash: &str) -> Option<String> {
-    let short = short_chain_name(chain_id)?;
-    let safe = safe.to_checksum(None);
-    Some(format!(
-        "https://app.safe.global/transactions/tx?safe={short}:{safe}&id=multisig_{safe}_{safe_tx_hash}"
-    ))
 }

@@ -9,16 +9,16 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-use super::AppState;
-use super::auth::ApiCaller;
-use super::error::{ApiError, ErrorBody};
-use super::intake::{self, RawBody};
-use super::views;
 use crate::domain::{IllegalTransition, OrderBody, Status};
 use crate::store::{Reach, StoreError};
+use crate::views::requests as views;
+use crate::web::AppState;
+use crate::web::api::intake::{self, RawBody};
+use crate::web::auth::tokens::ApiCaller;
+use crate::web::error::{ApiError, ErrorBody};
 
 const DEFAULT_LIST_LIMIT: i64 = 50;
-pub(super) const MAX_LIST_LIMIT: i64 = 500;
+pub(in crate::web) const MAX_LIST_LIMIT: i64 = 500;
 
 /// `POST /api/v1/replicas`
 #[utoipa::path(post, path = "/api/v1/replicas", tag = "replicas",
@@ -60,7 +60,7 @@ pub async fn show(
 
 /// Request `id` with its events, if `reach` sees it: the API's and the page's
 /// detail. One out of reach is not found, as if it did not exist.
-pub(super) async fn detail_of(
+pub(in crate::web) async fn detail_of(
     state: &AppState,
     reach: &Reach,
     id: Uuid,
@@ -100,7 +100,7 @@ pub struct ListParams {
 }
 
 /// A list's `limit`, 1 to 500 (default 50).
-pub(super) fn list_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+pub(in crate::web) fn list_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     let limit = limit.unwrap_or(DEFAULT_LIST_LIMIT);
     if !(1..=MAX_LIST_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -172,7 +172,7 @@ pub async fn cancel(
 /// Cancels request `id` on behalf of `actor`, if `reach` sees it: the API's
 /// and the page's path. Which sources a request is of never changes after
 /// intake, so the check need not be in the cancelling transaction.
-pub(super) async fn cancel_as(
+pub(in crate::web) async fn cancel_as(
     state: &AppState,
     actor: &crate::domain::Actor,
     reach: &Reach,
@@ -205,7 +205,7 @@ pub(super) async fn cancel_as(
 
 /// The proposals the given requests point to, as the signers see them, cut
 /// down to what `reach` sees.
-pub(super) async fn proposals_of(
+pub(in crate::web) async fn proposals_of(
     state: &AppState,
     reach: &Reach,
     requests: &[crate::store::ReplicaRequest],
@@ -213,10 +213,10 @@ pub(super) async fn proposals_of(
     let mut ids: Vec<Uuid> = requests.iter().filter_map(|r| r.proposal_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    Ok(super::signers::views_by_id(&state.store, &ids, reach).await?)
+    Ok(crate::views::proposals::views_by_id(&state.store, &ids, reach).await?)
 }
 
-pub(super) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+pub(in crate::web) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| {
         ApiError::bad_request("invalid_id", format!("`{id}` is not a request id (a UUID)"))
     })

@@ -8,10 +8,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::signers::ProposalView;
 use crate::domain::Status;
 use crate::store::{EventRow, ReplicaRequest};
 use crate::telemetry::redact;
+use crate::views::proposals::ProposalView;
 
 /// Stored text that may quote a client error (and so a URL with a key).
 fn clean(text: &Option<String>) -> Option<String> {
@@ -172,18 +172,6 @@ fn dashboard_link(r: &ReplicaRequest) -> Option<String> {
         "{PHALA_DASHBOARD}/{slug}/apps/{app}/instances/{}",
         vm.replace('-', "")
     ))
-}
-
-/// A block explorer's page of a transaction, for the chains Phala's on-chain KMS uses.
-pub fn explorer_tx_link(chain_id: u64, tx_hash: &str) -> Option<String> {
-    let base = match chain_id {
-        1 => "https://etherscan.io",
-        11155111 => "https://sepolia.etherscan.io",
-        8453 => "https://basescan.org",
-        84532 => "https://sepolia.basescan.org",
-        _ => return None,
-    };
-    Some(format!("{base}/tx/{tx_hash}"))
 }
 
 pub fn event(e: &EventRow) -> EventView {

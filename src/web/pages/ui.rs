@@ -22,19 +22,19 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::AppState;
-use super::error::ApiError;
-use super::intake;
-use super::replicas::{cancel_as, detail_of, parse_id, proposals_of};
-use super::replication::{FormFacts, NodeChoice, form_facts};
-use super::signers::open_proposals;
-use super::signin::{self, CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
-use super::ui_models::{DetailView, ProposalPage, RowView};
-use super::ui_people::{People, Person, page_words, status_words};
-use super::views;
 use crate::domain::{InvalidOrder, ReplicaOrder, Status};
 use crate::store::{Reach, RequestFilter};
 use crate::telemetry::redact;
+use crate::views::proposals::open_proposals;
+use crate::views::requests as views;
+use crate::web::AppState;
+use crate::web::api::intake;
+use crate::web::api::replicas::{cancel_as, detail_of, parse_id, proposals_of};
+use crate::web::auth::signin::{self, CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
+use crate::web::error::ApiError;
+use crate::web::pages::replication::{FormFacts, NodeChoice, form_facts};
+use crate::web::pages::ui_models::{DetailView, ProposalPage, RowView};
+use crate::web::pages::ui_people::{People, Person, page_words, status_words};
 
 const LIST_LIMIT: i64 = 100;
 
@@ -211,7 +211,7 @@ pub async fn not_found(State(state): State<AppState>, request: Request) -> Respo
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("text/html"));
     if !browser || path.starts_with("/api/") || path.starts_with("/webhooks/") {
-        return super::pages::not_found().await.into_response();
+        return crate::web::pages::not_found().await.into_response();
     }
     let (mut parts, _) = request.into_parts();
     let user = PageUser::from_request_parts(&mut parts, &state).await.ok();
@@ -800,7 +800,7 @@ pub async fn script() -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/javascript; charset=utf-8",
         )],
-        include_str!("../../static/app.js"),
+        include_str!("../../../static/app.js"),
     )
 }
 
@@ -822,7 +822,7 @@ struct ProposalsPartial {
 /// The open proposals `user` sees, with people named for them.
 async fn proposal_pages(state: &AppState, user: &PageUser) -> Result<Vec<ProposalPage>, PageError> {
     let people = people(state, user);
-    Ok(open_proposals(state, &reach_of(state, user))
+    Ok(open_proposals(&state.store, &reach_of(state, user))
         .await
         .map_err(ApiError::from)?
         .into_iter()
@@ -861,7 +861,7 @@ pub async fn proposals_partial(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::web::ui_models::RowView;
+    use crate::web::pages::ui_models::RowView;
 
     fn detail(extra_replicas: Vec<String>) -> DetailView {
         let words = status_words(Status::Provisioning);
@@ -880,7 +880,7 @@ mod tests {
                 approval: "-".into(),
                 signed: None,
                 created_by: People::new(&Default::default(), None).actor("api:ops"),
-                created_at: crate::web::ui_people::Moment::new(now, now),
+                created_at: crate::web::pages::ui_people::Moment::new(now, now),
             },
             compose_hash: None,
             env_names: String::new(),

@@ -13,16 +13,16 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::AppState;
-use super::error::ApiError;
-use super::order_writer::WriteError;
-use super::views;
 use crate::domain::{Actor, Bytes32, InvalidOrder, NodeRef, ReplicaOrder};
 use crate::phala::{EnvKeyError, PhalaError, ResolveError, ResolvedSource, encrypt_env};
 use crate::store::{
     IdempotencyKey, IdempotencyOutcome, LostCommit, NewRequest, Order, QuotaUsed, ReplicaRequest,
     Stored, StoredResponse, Trouble,
 };
+use crate::views::requests as views;
+use crate::web::AppState;
+use crate::web::api::order_writer::WriteError;
+use crate::web::error::ApiError;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -424,7 +424,7 @@ async fn resolve(
         chain_id: source.cvm.chain_id().map(|c| c as i64),
         workspace_slug: source.cvm.workspace.as_ref().and_then(|w| w.slug.clone()),
         expected_device_id,
-        http_request_id: super::request_id::current(),
+        http_request_id: crate::web::middleware::request_id::current(),
     };
     Ok((0..order.count)
         .map(|_| NewRequest {

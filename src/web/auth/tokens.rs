@@ -8,10 +8,10 @@ use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::AppState;
-use super::error::ApiError;
 use crate::config::NamedSecrets;
 use crate::domain::Actor;
+use crate::web::AppState;
+use crate::web::error::ApiError;
 
 #[derive(Clone, Debug, Default)]
 pub struct ApiTokens {

@@ -7,7 +7,9 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, metrics, replicas, sessions, signers, webhook};
+use super::{proposals, replicas, webhook};
+use crate::web::auth::sessions;
+use crate::web::ops::{health, metrics};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,8 +22,8 @@ use super::{health, metrics, replicas, sessions, signers, webhook};
         replicas::list,
         replicas::show,
         replicas::cancel,
-        signers::list,
-        signers::show,
+        proposals::list,
+        proposals::show,
         sessions::sign_out,
         webhook::ci_webhook,
         health::healthz,

@@ -13,14 +13,13 @@ use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 
-use super::AppState;
-use super::error::ApiError;
-use super::intake::{self, RawBody};
 use crate::config::NamedSecrets;
 use crate::domain::Actor;
+pub use crate::domain::signature::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
+use crate::web::AppState;
+use crate::web::api::intake::{self, RawBody};
+use crate::web::error::ApiError;
 
-pub const TIMESTAMP_HEADER: &str = "x-bridge-timestamp";
-pub const SIGNATURE_HEADER: &str = "x-bridge-signature";
 /// Signed requests older (or further in the future) than this are refused.
 pub const MAX_SKEW_SECS: i64 = 300;
 
@@ -109,9 +108,9 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
         ("Idempotency-Key" = Option<String>, Header, description = "signed with the body; without it the signature is the key"),
     ),
     responses(
-        (status = 202, description = "queued, as `POST /api/v1/replicas`", body = super::views::ReplicaList),
-        (status = "4XX", description = "a bad signature or timestamp, bad input, or over a quota", body = super::error::ErrorBody),
-        (status = "5XX", description = "Phala or the chain is unavailable, or an internal error", body = super::error::ErrorBody),
+        (status = 202, description = "queued, as `POST /api/v1/replicas`", body = crate::views::requests::ReplicaList),
+        (status = "4XX", description = "a bad signature or timestamp, bad input, or over a quota", body = crate::web::error::ErrorBody),
+        (status = "5XX", description = "Phala or the chain is unavailable, or an internal error", body = crate::web::error::ErrorBody),
     ))]
 pub async fn ci_webhook(
     State(state): State<AppState>,
@@ -130,16 +129,6 @@ pub async fn ci_webhook(
         None => format!("signature:{}", hex::encode(signature_bytes(&headers)?)),
     };
     intake::submit(&state, Actor::CiClient(client), Some(key), &body).await
-}
-
-/// Signs a delivery as a CI client would (for tests, the sandbox and docs):
-/// `idempotency_key` is the `Idempotency-Key` header it will carry, if any.
-pub fn sign(secret: &str, timestamp: i64, idempotency_key: Option<&str>, body: &[u8]) -> String {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
-    mac.update(format!("{timestamp}.{}.", idempotency_key.unwrap_or_default()).as_bytes());
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 #[cfg(test)]

@@ -32,9 +32,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 
-use super::AppState;
-use super::error::ErrorBody;
 use crate::config::ServerSettings;
+use crate::web::AppState;
+use crate::web::error::ErrorBody;
 
 /// Clients refused by the limit.
 const LIMITED: &str = "approval_bridge_rate_limited_total";
@@ -258,7 +258,7 @@ fn too_many_requests(request: &Request, client: IpAddr, retry_after: u64) -> Res
         .get(ACCEPT)
         .is_some_and(|v| v.as_bytes().windows(9).any(|w| w == b"text/html"));
     let mut response = if wants_html {
-        super::ui::message_page(
+        crate::web::pages::ui::message_page(
             StatusCode::TOO_MANY_REQUESTS,
             "Too many requests",
             &format!(

@@ -9,9 +9,9 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::AppState;
-use super::auth::ApiCaller;
-use super::error::{ApiError, ErrorBody};
+use crate::web::AppState;
+use crate::web::auth::tokens::ApiCaller;
+use crate::web::error::{ApiError, ErrorBody};
 
 /// Whose sessions end: `{"subject": "0x…"}` or `{"all": true}`.
 #[derive(Debug, Deserialize, ToSchema)]

@@ -45,11 +45,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::AppState;
-use super::error::ApiError;
 use crate::chain::{Chains, OwnerKind};
 use crate::config::{AllowedSafes, Operators, Settings};
 use crate::domain::Actor;
+use crate::web::AppState;
+use crate::web::error::ApiError;
 
 const SESSION_COOKIE: &str = "ab_session";
 const CSRF_COOKIE: &str = "ab_csrf";
@@ -557,7 +557,8 @@ impl IntoResponse for SignInRequired {
             SignInRequired::Internal(err) => return err.into_response(),
         };
         let mut response =
-            super::ui::message_page(status, "Not signed in", &message, true).into_response();
+            crate::web::pages::ui::message_page(status, "Not signed in", &message, true)
+                .into_response();
         if let Some(forget) = forget {
             response.headers_mut().append(SET_COOKIE, forget);
         }
@@ -601,7 +602,7 @@ impl FromRequestParts<AppState> for PageUser {
                 subject: user.to_owned(),
                 role,
             };
-            super::ui::remember_signed_in(parts, &user);
+            crate::web::pages::ui::remember_signed_in(parts, &user);
             return Ok(user);
         }
         let Some(session) = auth.session_id(&parts.headers) else {
@@ -639,7 +640,7 @@ impl FromRequestParts<AppState> for PageUser {
             subject: session.subject,
             role,
         };
-        super::ui::remember_signed_in(parts, &user);
+        crate::web::pages::ui::remember_signed_in(parts, &user);
         Ok(user)
     }
 }
