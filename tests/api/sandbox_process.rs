@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
-use crate::cli::{bridge, one_line_error};
+use crate::command::{bridge, one_line_error};
 use crate::helpers::{base_database_url, fresh_database};
 
 /// The token and secret the sandbox's environment carries.

@@ -151,7 +151,7 @@ impl Serve {
         let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("secrets-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
-        let mut command = crate::cli::bridge();
+        let mut command = crate::command::bridge();
         command
             .arg("serve")
             .env("APPROVAL_BRIDGE_LISTEN", format!("127.0.0.1:{port}"))

@@ -16,12 +16,11 @@ use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::cli::bridge;
+use crate::command::bridge;
 use crate::helpers::{API_TOKEN, TestApp, error_of, spawn_app_with};
 use crate::phala_mock::{api, phala_error};
-use crate::web_signin::{
-    Browser, CHAIN, PROXY_SECRET, open_login, page_app, refusal, session_cookie,
-};
+use crate::web::PROXY_SECRET;
+use crate::web_signin::{Browser, CHAIN, open_login, page_app, refusal, session_cookie};
 
 /// `POST /login/message` for `key` from `browser`.
 async fn message_from(app: &TestApp, browser: &Browser, key: Address) -> reqwest::Response {

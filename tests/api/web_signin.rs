@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app_with};
 use crate::safe_flow::SafeWorld;
+use crate::web::{PROXY_SECRET, csrf_on_page};
 
 pub(crate) const PUBLIC_URL: &str = "http://bridge.test:8080";
 pub(crate) const CHAIN: u64 = 31337;
@@ -51,14 +52,6 @@ pub(crate) async fn open_login(app: &TestApp) -> Browser {
     let cookie = cookie.split(';').next().unwrap().to_owned();
     let token = csrf_on_page(&answer.text().await.unwrap());
     Browser { cookie, token }
-}
-
-/// The CSRF token a page carries.
-pub(crate) fn csrf_on_page(html: &str) -> String {
-    html.split_once(r#"<meta name="csrf-token" content=""#)
-        .and_then(|(_, rest)| rest.split_once('"'))
-        .map(|(token, _)| token.to_owned())
-        .unwrap_or_else(|| panic!("no CSRF token in {html}"))
 }
 
 /// The bridge on a real Safe (owners: anvil accounts 0..2), with account 6
@@ -107,9 +100,6 @@ pub(crate) async fn page_app_on(
         browser,
     }
 }
-
-/// What the SSO proxy sends in `X-Proxy-Secret`.
-pub(crate) const PROXY_SECRET: &str = "proxy-secret-0123456789abcdef";
 
 impl Page {
     /// Posts JSON from this browser before sign-in, with its CSRF pair.
