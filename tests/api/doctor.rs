@@ -3,7 +3,7 @@
 
 use crate::command::bridge;
 use crate::helpers::fresh_database;
-use crate::sandbox_process::WorldProcess;
+use crate::processes::WorldProcess;
 
 fn doctor(
     world: &WorldProcess,

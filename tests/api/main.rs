@@ -9,7 +9,12 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use common::{command, helpers, kms_mock, pg_waits, phala_mock, web};
+use common::{command, commit_gate, helpers, kms_mock, pg_waits, phala_mock, wait, web};
+
+#[path = "../common/world/mod.rs"]
+mod world;
+
+use world::{browser, front, page_app, processes, rpc_proxy, safe_doubles, safe_world};
 
 mod chain_world;
 mod confirmed_depth;
@@ -27,8 +32,6 @@ mod page_words;
 mod phala_sim;
 mod prepare_checks;
 mod rpc_budget;
-mod rpc_proxy;
-mod safe_doubles;
 mod safe_flow;
 mod safe_flow_atomic;
 mod safe_flow_batches;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::signers_view::Front;
+use crate::front::Front;
 
 const SECRET: &str = "notify-secret-789";
 

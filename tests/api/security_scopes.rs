@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{API_TOKEN, TestApp, error_of, spawn_app_with};
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, mount_source_on};
+use crate::safe_world::{SafeWorld, mount_source_on};
 use crate::web::PROXY_SECRET;
 
 const DOCS: &str = "docs-token-12345";

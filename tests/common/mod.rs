@@ -8,9 +8,12 @@
 //! at its root, so a test reaches them as `crate::helpers`, `crate::phala_mock`.
 
 pub mod command;
+pub mod commit_gate;
 pub mod helpers;
 pub mod kms_mock;
 pub mod pg_proxy;
 pub mod pg_waits;
 pub mod phala_mock;
+pub mod template;
+pub mod wait;
 pub mod web;
