@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::helpers::base_database_url;
 
 /// The advisory lock that serializes building a template ("abtmpl").
-const TEMPLATE_LOCK: i64 = 0x61_6274_6d70_6c;
+const TEMPLATE_LOCK: i64 = 0x6162_746d_706c;
 
 /// This process's template, once it is known to be ready.
 static TEMPLATE: OnceCell<String> = OnceCell::const_new();
