@@ -10,8 +10,7 @@ use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::{TestApp, spawn_app_with};
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, b256, hex40};
-use crate::watch_commit::{commits, execute, mine, mount_commit_and_run};
+use crate::safe_world::{SafeWorld, b256, commits, execute, hex40, mine, mount_commit_and_run};
 
 const CONFIRMATIONS: u64 = 3;
 
@@ -26,7 +25,7 @@ async fn bridge_told_allowed(world: &SafeWorld) -> TestApp {
         }
     })
     .await;
-    crate::safe_flow::mount_source_on(&app, world.app, false).await;
+    crate::safe_world::mount_source_on(&app, world.app, false).await;
     // Mounted after the plain prepares, so it answers first for node 1.
     Mock::given(method("POST"))
         .and(path(api(&format!("/cvms/{ONCHAIN_VM}/replicas"))))

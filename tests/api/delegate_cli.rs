@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{fresh_database, spawn_app_with, test_settings};
 use crate::phala_mock::ONCHAIN_NAME;
-use crate::safe_flow::{SafeWorld, mount_source_on};
+use crate::safe_world::{SafeWorld, mount_source_on};
 
 /// Dev account 5 holds no share of the world's Safe (owners are 0, 1 and 2).
 const PROPOSER: usize = 5;

@@ -1,9 +1,9 @@
 //! `approval-bridge doctor` against the sandbox's world: a table of checks,
 //! exit code 0 when all pass, 1 with a clear row when one fails.
 
-use crate::cli::bridge;
+use crate::command::bridge;
 use crate::helpers::fresh_database;
-use crate::sandbox_process::WorldProcess;
+use crate::processes::WorldProcess;
 
 fn doctor(
     world: &WorldProcess,

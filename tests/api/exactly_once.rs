@@ -28,7 +28,7 @@ use crate::fault_proxy::{
     ALL_FAULTS, Fault, FaultPlan, FaultProxy, FaultStats, Journaled, LatePlan,
 };
 use crate::helpers::fresh_database;
-use crate::sandbox_process::{ServeProcess, TOKEN, WorldProcess};
+use crate::processes::{ServeProcess, TOKEN, WorldProcess};
 
 /// The 13 requests of a run: (source, node). Device registrations on two
 /// apps, a two-step app with two compose hashes, siblings of one source that

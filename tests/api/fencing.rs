@@ -12,8 +12,7 @@ use approval_bridge::store::{
 use uuid::Uuid;
 
 use crate::helpers::TestApp;
-use crate::safe_flow::SafeWorld;
-use crate::watch_commit::{mount_commit_and_run, proposed};
+use crate::safe_world::{SafeWorld, mount_commit_and_run, proposed};
 
 async fn hold(app: &TestApp, job: &str, holder: Uuid) -> JobLease {
     match app

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::helpers::fresh_database;
-use crate::sandbox_process::{TOKEN, WorldProcess};
+use crate::processes::{TOKEN, WorldProcess};
 
 #[tokio::test]
 async fn logs_to_a_file_have_no_colour_and_json_lines_carry_the_request_id_into_the_worker() {

@@ -1,38 +1,37 @@
-//! Integration tests: one binary, the real app on port 0, a fresh Postgres
-//! database per test, wiremock for Phala Cloud.
+//! The world tier of integration tests: the sandbox's anvil chain with the
+//! real Safe contracts, the Phala Cloud and Safe Transaction Service
+//! simulators, the sandbox as a process, and the page in a real browser. It
+//! needs the `sandbox` feature, npm's packages and Chromium (`scripts/test`
+//! installs them). The fast tier is `tests/fast`.
 
-mod access;
-mod chain_rpc;
+// Each binary uses only part of the shared fixtures.
+#[allow(dead_code)]
+#[path = "../common/mod.rs"]
+mod common;
+
+use common::{command, commit_gate, helpers, kms_mock, pg_waits, phala_mock, wait, web};
+
+#[path = "../common/world/mod.rs"]
+mod world;
+
+use world::{browser, front, page_app, processes, rpc_proxy, safe_doubles, safe_world};
+
 mod chain_world;
-mod cli;
 mod confirmed_depth;
 mod conformance;
-mod db_bounds;
 mod delegate_cli;
 mod doctor;
 mod env_keys;
 mod exactly_once;
 mod fault_proxy;
 mod fencing;
-mod helpers;
-mod intake_cache;
-mod kms_mock;
 mod logs;
 mod notifications;
-mod operations;
 mod page_ens;
 mod page_words;
-mod pg_proxy;
-mod pg_waits;
-mod phala_mock;
 mod phala_sim;
 mod prepare_checks;
-mod properties;
-mod readme;
-mod replicas_api;
 mod rpc_budget;
-mod rpc_proxy;
-mod safe_doubles;
 mod safe_flow;
 mod safe_flow_atomic;
 mod safe_flow_batches;
@@ -50,24 +49,15 @@ mod sandbox_process;
 mod sandbox_queue;
 mod secrets;
 mod security_1271;
-mod security_at_rest;
 mod security_csrf;
-mod security_metrics;
-mod security_ops;
 mod security_prepare;
-mod security_quota;
 mod security_ratelimit;
 mod security_scopes;
 mod security_signin;
 mod security_signing;
 mod signers_view;
-mod supervision;
-mod tracking;
-mod unknown_outcomes;
 mod watch_commit;
 mod watch_failures;
 mod watch_heads;
 mod watch_reorg;
 mod web_signin;
-mod webhook;
-mod worker;

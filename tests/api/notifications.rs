@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::signers_view::Front;
+use crate::front::Front;
 
 const SECRET: &str = "notify-secret-789";
 
@@ -289,7 +289,7 @@ async fn a_target_that_hangs_does_not_hold_up_the_flow() {
 #[test]
 fn a_target_that_is_not_http_or_has_no_secret_stops_start_up_in_one_line() {
     let serve = |urls: &str, secret: Option<&str>| {
-        let mut command = crate::cli::bridge();
+        let mut command = crate::command::bridge();
         command
             .arg("serve")
             .env("DATABASE_URL", "postgres://localhost/x")
@@ -298,7 +298,7 @@ fn a_target_that_is_not_http_or_has_no_secret_stops_start_up_in_one_line() {
         if let Some(secret) = secret {
             command.env("APPROVAL_BRIDGE_NOTIFY_SECRET", secret);
         }
-        crate::cli::one_line_error(command.output().unwrap())
+        crate::command::one_line_error(command.output().unwrap())
     };
     let line = serve("team=ftp://hooks.example/T0/token-123", Some(SECRET));
     assert_eq!(

@@ -10,8 +10,8 @@ use serde_json::json;
 use approval_bridge::chain::{ChainClient, ENS_REGISTRY, EnsNames};
 use approval_bridge::sandbox::{ENS_UNVERIFIED, ENS_VERIFIED, LocalChain, OWNER_NAMES};
 
+use crate::browser::{Browser, queue_api, request_until, start_sandbox};
 use crate::rpc_proxy::RpcProxy;
-use crate::sandbox_page::{Browser, queue_api, request_until, start_sandbox};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_verified_ens_names_and_not_the_others() {
@@ -59,9 +59,7 @@ async fn the_page_shows_verified_ens_names_and_not_the_others() {
     assert!(queue.contains(OWNER_NAMES[2]), "{queue}");
     assert!(!body.contains("bob.eth"), "{body}");
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
+    browser.finish(sandbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use approval_bridge::sandbox::{OPERATOR_NAME, OWNER_NAMES};
 
-use crate::sandbox_page::{Browser, queue_api, request_until, start_sandbox};
+use crate::browser::{Browser, queue_api, request_until, start_sandbox};
 
 /// Whether the page, and every element that scrolls on its own, fits the
 /// window's width; what overflows otherwise.
@@ -236,9 +236,7 @@ async fn the_page_names_people_words_states_and_fits_a_laptop_and_a_phone() {
         }
     }
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
+    browser.finish(sandbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +295,5 @@ async fn a_form_error_is_in_the_forms_words_and_error_pages_keep_the_header() {
         "{header}"
     );
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
+    browser.finish(sandbox).await;
 }

@@ -8,7 +8,7 @@ use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::TestApp;
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, b256, hex40, mount_source_on};
+use crate::safe_world::{SafeWorld, b256, hex40, mount_source_on};
 
 async fn mount_prepare_for_node(app: &TestApp, node: u32, body: Value) {
     Mock::given(method("POST"))

@@ -10,8 +10,7 @@ use wiremock::{Mock, ResponseTemplate};
 use crate::helpers::spawn_app_with;
 use crate::phala_mock::*;
 use crate::rpc_proxy::RpcProxy;
-use crate::safe_flow::{SafeWorld, hex40, mount_source_on};
-use crate::watch_commit::mine;
+use crate::safe_world::{SafeWorld, hex40, mine, mount_source_on};
 
 /// New blocks counted at each number of open proposals.
 const BLOCKS: usize = 6;

@@ -3,21 +3,19 @@
 //! its submission. Failures are injected with Postgres triggers, so a
 //! "crash" lands exactly between two writes.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Bytes, U256};
 use approval_bridge::safe::{Operation, SafeTx};
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
+use crate::commit_gate::CommitGate;
 use crate::helpers::TestApp;
-use crate::pg_waits::{until_waiting_for_a_row, until_waiting_for_advisory_lock};
+use crate::pg_waits::until_waiting_for_a_row;
 use crate::phala_mock::*;
 use crate::safe_doubles::{OnPropose, ServiceDouble};
-use crate::safe_flow::{SafeWorld, mount_source_on};
-use crate::watch_commit::{execute, mine, proposal_call, proposed};
+use crate::safe_world::{SafeWorld, execute, mine, mount_source_on, proposal_call, proposed};
 
 /// From now on, any change of a request's status fails its transaction, as
 /// if the process died right there. `disarm_crash` ends it.
@@ -117,15 +115,7 @@ async fn a_crash_while_ending_a_replaced_proposal_leaves_it_open_for_the_next_pa
 async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
     let world = SafeWorld::start().await;
     let app = world.spawn_bridge().await;
-    let double = Arc::new(ServiceDouble::new(
-        &world,
-        OnPropose::UnavailableOnce,
-        Duration::ZERO,
-    ));
-    app.worker
-        .safe_flow()
-        .unwrap()
-        .set_service(31337, double.clone());
+    ServiceDouble::install(&app, &world, OnPropose::UnavailableOnce);
     mount_source_on(&app, world.app, false).await;
     let first = app
         .queue(&json!({"source": ONCHAIN_NAME, "node": 1}))
@@ -149,25 +139,15 @@ async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
     // The join's commit waits, in a deferred trigger, for an advisory lock
     // the test holds: the join's own locks stay held until the test lets go.
     const GATE: i64 = 0x5afe_f10e;
-    let mut gate = PgConnection::connect(&app.database_url).await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(GATE)
-        .execute(&mut gate)
-        .await
-        .unwrap();
-    for statement in [
-        format!(
-            "CREATE FUNCTION test_held_commit() RETURNS trigger AS $$
-             BEGIN PERFORM pg_advisory_xact_lock({GATE}); RETURN NULL; END $$ LANGUAGE plpgsql"
-        ),
-        "CREATE CONSTRAINT TRIGGER test_held_link AFTER UPDATE ON replica_requests
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-         WHEN (OLD.proposal_id IS NULL AND NEW.proposal_id IS NOT NULL)
-         EXECUTE FUNCTION test_held_commit()"
-            .to_owned(),
-    ] {
-        sqlx::query(&statement).execute(&app.db).await.unwrap();
-    }
+    let mut gate = CommitGate::hold(
+        &app.db,
+        &app.database_url,
+        GATE,
+        "test_held_link",
+        "AFTER UPDATE ON replica_requests",
+        Some("OLD.proposal_id IS NULL AND NEW.proposal_id IS NOT NULL"),
+    )
+    .await;
     let now = app.clock.now();
     let second_id: Uuid = second.parse().unwrap();
     let join = {
@@ -180,7 +160,7 @@ async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
         })
     };
     // The join is committing, with its locks held.
-    until_waiting_for_advisory_lock(&app.database_url, GATE).await;
+    gate.until_held().await;
     let submit = {
         let store = app.store.clone();
         tokio::spawn(async move {
@@ -195,11 +175,7 @@ async fn a_request_joining_a_proposal_being_submitted_awaits_approval() {
         _ = until_waiting_for_a_row(&app.database_url) => {}
         _ = async { while !submit.is_finished() { tokio::time::sleep(Duration::from_millis(5)).await } } => {}
     }
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(GATE)
-        .execute(&mut gate)
-        .await
-        .unwrap();
+    gate.open().await;
     join.await.unwrap().unwrap();
     submit.await.unwrap().unwrap();
 

@@ -10,7 +10,7 @@ use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, Request, ResponseTemplate};
 
 use crate::phala_mock::*;
-use crate::safe_flow::SafeWorld;
+use crate::safe_world::SafeWorld;
 
 const NODES: u32 = 1_000;
 

@@ -9,8 +9,7 @@ use serde_json::json;
 
 use crate::phala_mock::*;
 use crate::safe_doubles::{OnPropose, ServiceDouble};
-use crate::safe_flow::{SafeWorld, mount_source_on, post_foreign_proposal};
-use crate::watch_commit::proposal_call;
+use crate::safe_world::{SafeWorld, mount_source_on, post_foreign_proposal, proposal_call};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planner_pass_reads_every_open_proposal_of_a_safe_with_one_call() {

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, fresh_database, spawn_app_with, test_settings};
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, b256, mount_source_on, post_foreign_proposal};
+use crate::safe_world::{SafeWorld, b256, mount_source_on, post_foreign_proposal};
 
 const CHAIN: u64 = 31337;
 /// The head of a Safe's owner list, the `prevOwner` of its first owner.

@@ -14,20 +14,19 @@ use wiremock::{Mock, ResponseTemplate};
 use crate::helpers::{TestApp, spawn_app_on, spawn_app_with};
 use crate::phala_mock::*;
 use crate::safe_doubles::{OnPropose, ServiceDouble};
-use crate::safe_flow::{SafeWorld, hex40, mount_source_on};
-use crate::watch_commit::{execute, mine, mount_commit_and_run, proposal_call, proposed};
+use crate::safe_world::{
+    SafeWorld, execute, hex40, mine, mount_commit_and_run, mount_source_on, proposal_call, proposed,
+};
+use crate::wait::{self, Pace};
 
 /// Polls `check` every 100 ms until it holds or `limit` passes.
-async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F)
+async fn wait_for<F, Fut>(limit: Duration, what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < limit, "waited {limit:?} for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let pace = Pace::every(Duration::from_millis(100), limit);
+    wait::until_paced(pace, what, check, |done| *done).await;
 }
 
 /// Sets the earlier of two manual clocks to the other's time: what one

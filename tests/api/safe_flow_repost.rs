@@ -12,29 +12,11 @@ use serde_json::json;
 
 use crate::helpers::TestApp;
 use crate::phala_mock::*;
-use crate::safe_doubles::{OnPropose, ServiceDouble};
-use crate::safe_flow::{SafeWorld, mount_source_on};
-use crate::watch_commit::{commits, execute, mine, mount_commit_and_run, proposal_call, proposed};
-
-/// A bridge whose Transaction Service is `double`, with one request for
-/// node 1 planned once: its proposal is stored, the answer to its post is
-/// whatever the double gives.
-pub async fn one_planned_request(world: &SafeWorld, on_propose: OnPropose) -> (TestApp, String) {
-    let app = world.spawn_bridge().await;
-    let double = Arc::new(ServiceDouble::new(world, on_propose, Duration::ZERO));
-    app.worker.safe_flow().unwrap().set_service(31337, double);
-    mount_source_on(&app, world.app, false).await;
-    mount_commit_and_run(&app).await;
-    let id = app
-        .queue(&json!({"source": ONCHAIN_NAME, "node": 1}))
-        .await
-        .remove(0);
-    app.drain().await;
-    let request = app.get_replica(&id).await;
-    assert_eq!(request["status"], "awaiting_proposal", "{request}");
-    assert_eq!(request["proposal"]["submitted"], false, "{request}");
-    (app, id)
-}
+use crate::safe_doubles::{OnPropose, ServiceDouble, one_planned_request};
+use crate::safe_world::{
+    SafeWorld, commits, execute, mine, mount_commit_and_run, mount_source_on, proposal_call,
+    proposed,
+};
 
 async fn stored_hash(app: &TestApp) -> String {
     sqlx::query_scalar("SELECT safe_tx_hash FROM proposals")

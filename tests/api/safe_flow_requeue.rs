@@ -5,28 +5,16 @@
 //! noticed by the follower: the requests it failed are planned again and
 //! commit, unless their replica was queued again meanwhile.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection};
 
+use crate::commit_gate::CommitGate;
 use crate::helpers::TestApp;
 use crate::pg_waits::until_waiting_for_advisory_lock;
 use crate::phala_mock::*;
-use crate::safe_doubles::{OnPropose, ServiceDouble};
-use crate::safe_flow::{SafeWorld, mount_source_on};
-use crate::watch_commit::{commits, execute, mine, mount_commit_and_run, proposal_call, proposed};
-
-/// The bridge of `world` with the Transaction Service behind `on_propose`.
-async fn bridge_with(world: &SafeWorld, on_propose: OnPropose) -> TestApp {
-    let app = world.spawn_bridge().await;
-    let double = Arc::new(ServiceDouble::new(world, on_propose, Duration::ZERO));
-    app.worker.safe_flow().unwrap().set_service(31337, double);
-    mount_source_on(&app, world.app, false).await;
-    mount_commit_and_run(&app).await;
-    app
-}
+use crate::safe_doubles::{OnPropose, ServiceDouble, bridge_behind};
+use crate::safe_world::{
+    SafeWorld, commits, execute, mine, mount_commit_and_run, proposal_call, proposed,
+};
 
 async fn queue_node(app: &TestApp, node: u32) -> String {
     app.queue(&json!({"source": ONCHAIN_NAME, "node": node}))
@@ -95,7 +83,7 @@ async fn the_same_replica_queued_again_after_its_proposal_expired_reuses_it_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_replica_queued_again_after_a_refusal_reuses_the_proposal_and_is_done() {
     let world = SafeWorld::start().await;
-    let app = bridge_with(&world, OnPropose::RejectedOnce).await;
+    let app = bridge_behind(&world, OnPropose::RejectedOnce).await;
     let first = queue_node(&app, 1).await;
     app.drain_all(10).await;
     let request = app.get_replica(&first).await;
@@ -112,7 +100,7 @@ async fn the_same_replica_queued_again_after_a_refusal_reuses_the_proposal_and_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposal_the_service_never_accepts_ends_after_the_bound_and_frees_its_nonce() {
     let world = SafeWorld::start().await;
-    let app = bridge_with(&world, OnPropose::UnavailableAlways).await;
+    let app = bridge_behind(&world, OnPropose::UnavailableAlways).await;
     let first = queue_node(&app, 1).await;
     app.drain().await;
     // Tried again every 10 s while the service answers 503.
@@ -135,12 +123,7 @@ async fn a_proposal_the_service_never_accepts_ends_after_the_bound_and_frees_its
 
     // The service is back: the next batch takes nonce 0, which the owners
     // can execute, rather than 1 behind a proposal nobody can see.
-    let double = Arc::new(ServiceDouble::new(
-        &world,
-        OnPropose::Forward,
-        Duration::ZERO,
-    ));
-    app.worker.safe_flow().unwrap().set_service(31337, double);
+    ServiceDouble::install(&app, &world, OnPropose::Forward);
     let next = queue_node(&app, 2).await;
     app.drain_all(10).await;
     let request = app.get_replica(&next).await;
@@ -157,7 +140,7 @@ async fn a_proposal_the_service_never_accepts_ends_after_the_bound_and_frees_its
 async fn an_unsent_proposal_the_owners_execute_after_the_bridge_gave_up_is_noticed() {
     let world = SafeWorld::start().await;
     // Every post reaches the service, and no answer comes back.
-    let app = bridge_with(&world, OnPropose::AnswersLost).await;
+    let app = bridge_behind(&world, OnPropose::AnswersLost).await;
     let first = queue_node(&app, 1).await;
     app.drain().await;
     app.clock.advance(chrono::Duration::minutes(61));
@@ -292,23 +275,15 @@ async fn a_late_execution_noticed_while_the_replica_is_queued_again_revives_noth
     // advisory lock the test holds: its transaction stays open until the
     // test lets go, with every lock it took.
     const GATE: i64 = 0x1a7e_9a7e;
-    let mut gate = PgConnection::connect(&app.database_url).await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(GATE)
-        .execute(&mut gate)
-        .await
-        .unwrap();
-    for statement in [
-        format!(
-            "CREATE FUNCTION test_held_commit() RETURNS trigger AS $$
-             BEGIN PERFORM pg_advisory_xact_lock({GATE}); RETURN NULL; END $$ LANGUAGE plpgsql"
-        ),
-        "CREATE CONSTRAINT TRIGGER test_held_insert AFTER INSERT ON replica_requests
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_held_commit()"
-            .to_owned(),
-    ] {
-        sqlx::query(&statement).execute(&app.db).await.unwrap();
-    }
+    let mut gate = CommitGate::hold(
+        &app.db,
+        &app.database_url,
+        GATE,
+        "test_held_insert",
+        "AFTER INSERT ON replica_requests",
+        None,
+    )
+    .await;
     let source_lock: i64 = sqlx::query_scalar(
         "SELECT hashtextextended('replica-source:' || source_vm_uuid, 0) FROM replica_requests WHERE id = $1",
     )
@@ -319,7 +294,7 @@ async fn a_late_execution_noticed_while_the_replica_is_queued_again_revives_noth
 
     let queued_again = queue_node(&app, 1);
     let followed = async {
-        until_waiting_for_advisory_lock(&app.database_url, GATE).await;
+        gate.until_held().await;
         // The follower notices the execution while the new request commits.
         let follow = app.worker.watch_once();
         tokio::pin!(follow);
@@ -327,11 +302,7 @@ async fn a_late_execution_noticed_while_the_replica_is_queued_again_revives_noth
             _ = until_waiting_for_advisory_lock(&app.database_url, source_lock) => None,
             done = &mut follow => Some(done),
         };
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(GATE)
-            .execute(&mut gate)
-            .await
-            .unwrap();
+        gate.open().await;
         match done {
             Some(done) => done,
             None => follow.await,

@@ -8,7 +8,7 @@ use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::TestApp;
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, hex40, mount_source_on};
+use crate::safe_world::{SafeWorld, hex40, mount_source_on};
 
 const ODD_VM: &str = "1d2e3f40516273849a0b1c2d3e4f5a6b";
 const ODD_NAME: &str = "odd-app";

@@ -13,7 +13,8 @@ use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::key::Key;
 use serde_json::{Value, json};
 
-use crate::sandbox_page::{Browser, queue_source, request_until, start_sandbox};
+use crate::browser::{Browser, queue_source, request_until, start_sandbox};
+use crate::wait::{self, Pace};
 
 /// A laptop and a phone.
 const WIDTHS: [(u32, u32); 2] = [(1366, 900), (390, 844)];
@@ -108,14 +109,9 @@ impl Browser {
     }
 
     async fn wait_for_path(&self, done: impl Fn(&str) -> bool) -> String {
-        for _ in 0..300 {
-            let url = self.client.current_url().await.unwrap();
-            if done(url.path()) {
-                return url.path().to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("still at {}", self.client.current_url().await.unwrap());
+        let read = || async { self.client.current_url().await.unwrap().path().to_owned() };
+        let pace = Pace::every(Duration::from_millis(100), Duration::from_secs(30));
+        wait::until_paced(pace, "the path", read, |path| done(path)).await
     }
 
     async fn attr(&self, css: &str, name: &str) -> Option<String> {
@@ -248,9 +244,7 @@ async fn every_page_has_no_serious_axe_violation_signed_in_or_out_at_both_widths
         audit.found.join("\n")
     );
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
+    browser.finish(sandbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,9 +319,7 @@ async fn keyboard_alone_queues_opens_and_cancels_a_replica_with_the_focus_always
     );
     assert!(stops.len() > 5, "{stops:?}");
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
+    browser.finish(sandbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,9 +425,7 @@ async fn the_queue_form_shows_instances_and_needs_and_marks_the_sources_it_canno
     );
     assert_eq!(requests(&sandbox).await["replicas"], json!([]));
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
+    browser.finish(sandbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

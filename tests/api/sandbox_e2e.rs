@@ -9,6 +9,7 @@ use approval_bridge::web::webhook;
 use serde_json::{Value, json};
 
 use crate::helpers::sandbox_database;
+use crate::wait;
 
 const TOKEN: &str = "e2e-token-123";
 const SECRET: &str = "e2e-secret-456";
@@ -105,24 +106,23 @@ impl Driver {
 
     /// Polls until every request is in `status` (bounded: the test fails, it never hangs).
     async fn wait_for(&self, ids: &[String], status: &str) -> Vec<Value> {
-        for _ in 0..120 {
+        let read = || async {
             let mut all = Vec::new();
             for id in ids {
                 all.push(self.replica(id).await);
             }
-            if all.iter().all(|r| r["status"] == status) {
-                return all;
-            }
+            all
+        };
+        wait::until(format!("all {status}"), read, |all: &Vec<Value>| {
             if let Some(failed) = all
                 .iter()
                 .find(|r| r["status"] == "failed" && status != "failed")
             {
                 panic!("a request failed: {failed}");
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let last: Vec<Value> = futures_statuses(self, ids).await;
-        panic!("not all {status}: {last:?}");
+            all.iter().all(|r| r["status"] == status)
+        })
+        .await
     }
 
     async fn control(&self, hash: &str, action: &str, body: Value) -> Value {
@@ -138,15 +138,6 @@ impl Driver {
         assert!(status.is_success(), "{action}: {status} {body}");
         body
     }
-}
-
-async fn futures_statuses(driver: &Driver, ids: &[String]) -> Vec<Value> {
-    let mut out = Vec::new();
-    for id in ids {
-        let r = driver.replica(id).await;
-        out.push(json!({"status": r["status"], "last_error": r["last_error"]}));
-    }
-    out
 }
 
 fn ids(body: Value) -> Vec<String> {

@@ -6,235 +6,13 @@
 //! sandbox's buttons sign and execute. Screenshots go to
 //! `target/screenshots/`.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use alloy::signers::SignerSync;
-use alloy::signers::local::PrivateKeySigner;
-use approval_bridge::sandbox::{OWNER_NAMES, Sandbox, SandboxOptions};
-use fantoccini::{Client, ClientBuilder, Locator};
+use approval_bridge::sandbox::OWNER_NAMES;
+use fantoccini::Locator;
 use serde_json::{Value, json};
 
-use crate::helpers::sandbox_database;
-
-/// The wallet the page sees: accounts and chain from the test, and every
-/// `personal_sign` parked in `window.__sign` until the test answers it.
-const PROVIDER: &str = r#"
-const [address, chainId] = arguments;
-window.__sign = null;
-window.ethereum = {
-  request: ({method, params}) => {
-    if (method === "eth_requestAccounts" || method === "eth_accounts") return Promise.resolve([address]);
-    if (method === "eth_chainId") return Promise.resolve(chainId);
-    if (method === "personal_sign") {
-      return new Promise((resolve, reject) => { window.__sign = {message: params[0], resolve, reject}; });
-    }
-    return Promise.reject(new Error("unsupported " + method));
-  },
-};
-"#;
-
-pub(crate) struct Browser {
-    pub(crate) client: Client,
-    driver: Child,
-    shots: PathBuf,
-}
-
-impl Browser {
-    pub(crate) async fn start(name: &str) -> Browser {
-        Browser::start_with(name, true).await
-    }
-
-    /// With `javascript` false, the page's script does not run (the
-    /// WebDriver's own scripts still do).
-    pub(crate) async fn start_with(name: &str, javascript: bool) -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (scripts/test installs chromium and chromium-driver)");
-        let profile = std::env::temp_dir().join(format!("ab-chromium-{}", uuid::Uuid::new_v4()));
-        let capabilities = json!({
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                         "--window-size=1100,900", format!("--user-data-dir={}", profile.display())],
-                "prefs": {"profile.managed_default_content_settings.javascript": if javascript { 1 } else { 2 }},
-            },
-        });
-        let capabilities = capabilities.as_object().unwrap().clone();
-        let mut client = None;
-        for _ in 0..100 {
-            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            match ClientBuilder::new(connector)
-                .capabilities(capabilities.clone())
-                .connect(&format!("http://127.0.0.1:{port}"))
-                .await
-            {
-                Ok(c) => {
-                    client = Some(c);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
-        std::fs::create_dir_all(&shots).unwrap();
-        println!("{name}: screenshots in {}", shots.display());
-        Browser {
-            client: client.expect("a WebDriver session"),
-            driver,
-            shots,
-        }
-    }
-
-    pub(crate) async fn open(&self, url: &str) {
-        self.client.goto(url).await.unwrap();
-    }
-
-    pub(crate) async fn screenshot(&self, name: &str) -> PathBuf {
-        let png = self.client.screenshot().await.unwrap();
-        let path = self.shots.join(format!("{name}.png"));
-        std::fs::write(&path, png).unwrap();
-        path
-    }
-
-    pub(crate) async fn click(&self, css: &str) {
-        self.client
-            .wait()
-            .at_most(Duration::from_secs(30))
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|err| panic!("no {css}: {err}"))
-            .click()
-            .await
-            .unwrap();
-    }
-
-    pub(crate) async fn text(&self, css: &str) -> String {
-        match self.client.find(Locator::Css(css)).await {
-            Ok(element) => element.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    }
-
-    /// Waits until the text at `css` contains `wanted`, without touching the page.
-    pub(crate) async fn wait_for_text(&self, css: &str, wanted: &str, secs: u64) -> String {
-        let mut text = String::new();
-        for _ in 0..secs * 4 {
-            text = self.text(css).await;
-            if text.contains(wanted) {
-                return text;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!("`{css}` never showed `{wanted}`; last: `{text}`");
-    }
-
-    pub(crate) async fn body(&self) -> String {
-        self.text("body").await
-    }
-
-    /// Signs in on `/login` with the injected wallet of `key`.
-    async fn sign_in_with_wallet(&self, base: &str, key: &PrivateKeySigner, chain_id: u64) {
-        self.open(&format!("{base}login")).await;
-        self.client
-            .execute(
-                PROVIDER,
-                vec![
-                    json!(key.address().to_checksum(None)),
-                    json!(format!("0x{chain_id:x}")),
-                ],
-            )
-            .await
-            .unwrap();
-        self.click("#siwe").await;
-        let mut message = Value::Null;
-        for _ in 0..80 {
-            message = self
-                .client
-                .execute("return window.__sign && window.__sign.message", vec![])
-                .await
-                .unwrap();
-            if message.is_string() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let hex_message = message.as_str().expect("the page asked the wallet to sign");
-        let bytes = hex::decode(hex_message.trim_start_matches("0x")).unwrap();
-        let text = String::from_utf8(bytes).unwrap();
-        assert!(
-            text.contains("wants you to sign in with your Ethereum account"),
-            "{text}"
-        );
-        let signature = key.sign_message_sync(text.as_bytes()).unwrap();
-        self.client
-            .execute(
-                "window.__sign.resolve(arguments[0])",
-                vec![json!(format!("0x{}", hex::encode(signature.as_bytes())))],
-            )
-            .await
-            .unwrap();
-        for _ in 0..80 {
-            if self.client.current_url().await.unwrap().path() == "/replicas" {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!("not signed in: {}", self.body().await);
-    }
-
-    /// Marks the page; [`Self::same_page`] then tells whether it was reloaded.
-    async fn mark(&self) {
-        self.client
-            .execute("window.__not_reloaded = true", vec![])
-            .await
-            .unwrap();
-    }
-
-    async fn same_page(&self) -> bool {
-        self.client
-            .execute("return window.__not_reloaded === true", vec![])
-            .await
-            .unwrap()
-            == json!(true)
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
-}
-
-pub(crate) async fn start_sandbox() -> Sandbox {
-    Sandbox::start(SandboxOptions {
-        port: 0,
-        database_url: Some(sandbox_database()),
-        batch_window_secs: 1,
-        confirmations: 1,
-        boot_delay: Duration::ZERO,
-        ..SandboxOptions::default()
-    })
-    .await
-    .unwrap()
-}
-
-/// The operator of the sandbox's bridge: anvil account 6.
-pub(crate) fn operator(sandbox: &Sandbox) -> PrivateKeySigner {
-    sandbox.chain.signer(6)
-}
+use crate::browser::{Browser, operator, queue_api, request_until, start_sandbox};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_signs_in_queues_and_follows_a_replica_to_done_in_the_browser() {
@@ -374,9 +152,7 @@ async fn a_person_signs_in_queues_and_follows_a_replica_to_done_in_the_browser()
     browser.client.set_window_size(390, 844).await.unwrap();
     browser.screenshot("replicas-phone").await;
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
+    browser.finish(sandbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,91 +262,7 @@ async fn the_page_refuses_a_form_without_csrf_and_an_owner_cancelling() {
     let timeline = browser.text(".timeline").await;
     assert!(timeline.contains("Cancelled by you"), "{timeline}");
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
-}
-
-/// Queues web-prod on `node` through the API; the request's id.
-pub(crate) async fn queue_api(sandbox: &Sandbox, node: &str) -> String {
-    queue_source(sandbox, "web-prod", node).await
-}
-
-/// Queues `source` on `node` through the API; the request's id.
-pub(crate) async fn queue_source(sandbox: &Sandbox, source: &str, node: &str) -> String {
-    let queued: Value = reqwest::Client::new()
-        .post(format!("{}api/v1/replicas", sandbox.url))
-        .bearer_auth(&sandbox.options.api_token)
-        .json(&json!({"source": source, "node": node}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    queued["replicas"][0]["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not queued: {queued}"))
-        .to_owned()
-}
-
-/// The request through the API, once `done` holds (bounded).
-pub(crate) async fn request_until(
-    sandbox: &Sandbox,
-    id: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..240 {
-        last = reqwest::Client::new()
-            .get(format!("{}api/v1/replicas/{id}", sandbox.url))
-            .bearer_auth(&sandbox.options.api_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if done(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("never: {last}");
-}
-
-impl Browser {
-    /// The sandbox's dev login as `account` (`operator`, `owner-0`…).
-    pub(crate) async fn dev_login(&self, base: &str, account: &str) {
-        self.open(&format!("{base}sandbox")).await;
-        let select = self.client.find(Locator::Css("#account")).await.unwrap();
-        select.select_by_value(account).await.unwrap();
-        self.click("form[action='/sandbox/dev-login'] button").await;
-        self.wait_for_text("header", "Sign out", 20).await;
-    }
-
-    pub(crate) async fn js(&self, script: &str) -> Value {
-        self.client.execute(script, vec![]).await.unwrap()
-    }
-
-    /// Waits until the page has refreshed its live parts `n` more times
-    /// (its own counter, `<html data-live-refreshes>`).
-    pub(crate) async fn wait_for_refreshes(&self, n: u64) {
-        let count = || async {
-            self.js("return Number(document.documentElement.dataset.liveRefreshes || 0)")
-                .await
-                .as_u64()
-                .unwrap()
-        };
-        let start = count().await;
-        for _ in 0..200 {
-            if count().await >= start + n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the page did not refresh {n} times");
-    }
+    browser.finish(sandbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -718,7 +410,5 @@ async fn live_updates_keep_focus_and_selection_and_cancel_asks_first() {
         .await;
     browser.screenshot("proposal-queue-phone").await;
 
-    browser.client.clone().close().await.ok();
-    drop(browser);
-    sandbox.stop().await.unwrap();
+    browser.finish(sandbox).await;
 }

@@ -13,6 +13,7 @@ use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
 
 use crate::helpers::sandbox_database;
+use crate::wait;
 
 const TOKEN: &str = "queue-token-123";
 
@@ -91,15 +92,7 @@ impl QueueDriver {
 
     /// Polls `path` until `done` holds (bounded: the test fails, it never hangs).
     async fn until(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let mut last = Value::Null;
-        for _ in 0..240 {
-            last = self.get(path).await;
-            if done(&last) {
-                return last;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!("{path} never showed {what}; last: {last}");
+        wait::until(format!("{path} to show {what}"), || self.get(path), done).await
     }
 
     /// Waits until the request awaits the owners; its proposal.

@@ -16,7 +16,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::helpers::{API_TOKEN, PHALA_API_KEY, WEBHOOK_SECRET, fresh_database};
 use crate::kms_mock::{MockKms, compressed};
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, hex40};
+use crate::safe_world::{SafeWorld, hex40};
+use crate::wait;
 
 const RPC_KEY: &str = "rpc-key-do-not-log-7311";
 const SAFE_SERVICE_KEY: &str = "safe-url-key-do-not-log-7312";
@@ -151,7 +152,7 @@ impl Serve {
         let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("secrets-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
-        let mut command = crate::cli::bridge();
+        let mut command = crate::command::bridge();
         command
             .arg("serve")
             .env("APPROVAL_BRIDGE_LISTEN", format!("127.0.0.1:{port}"))
@@ -230,20 +231,12 @@ async fn wait_for(
     id: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..240 {
-        last = serve
-            .get(http, &format!("/api/v1/replicas/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        if done(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("request {id} did not get there: {last}\n{}", serve.log());
+    let read = || async {
+        let path = format!("/api/v1/replicas/{id}");
+        serve.get(http, &path).await.json().await.unwrap()
+    };
+    let what = wait::Later(|| format!("request {id} to get there\n{}", serve.log()));
+    wait::until(what, read, done).await
 }
 
 /// The whole flow in a real `serve` at TRACE level, every library included:

@@ -16,10 +16,10 @@ use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
 use std::sync::atomic::Ordering;
 
+use crate::front::Front;
+use crate::page_app::{CHAIN, Page, page_app, page_app_on, refusal, session_cookie};
 use crate::rpc_proxy::RpcProxy;
-use crate::safe_flow::SafeWorld;
-use crate::signers_view::Front;
-use crate::web_signin::{CHAIN, Page, page_app, page_app_on, refusal, session_cookie};
+use crate::safe_world::SafeWorld;
 
 /// A 2-of-2 Safe of accounts 7 and 8, with the CompatibilityFallbackHandler,
 /// made a fourth owner of the world's Safe (whose threshold stays 2).

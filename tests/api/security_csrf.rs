@@ -10,7 +10,7 @@ use approval_bridge::sandbox::{Sandbox, SandboxOptions};
 use serde_json::json;
 
 use crate::helpers::{TestApp, error_of, sandbox_database, spawn_app_with};
-use crate::web_signin::{Browser, PUBLIC_URL, open_login, page_app, page_app_with};
+use crate::page_app::{Browser, PUBLIC_URL, open_login, page_app, page_app_with};
 
 fn set_cookies(answer: &reqwest::Response) -> Vec<String> {
     answer

@@ -10,7 +10,7 @@ use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::TestApp;
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, hex40};
+use crate::safe_world::{SafeWorld, hex40};
 
 /// The source on the world's app, three listed nodes, and a prepare that
 /// answers `body` to every ask.

@@ -14,7 +14,8 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 
 use crate::helpers::{API_TOKEN, TestApp, WEBHOOK_SECRET, error_of, spawn_app_with};
-use crate::web_signin::{CHAIN, csrf_on_page, page_app_with, session_cookie};
+use crate::page_app::{CHAIN, page_app_with, session_cookie};
+use crate::web::csrf_on_page;
 
 /// The limit on, at `per_minute`, with 127.0.0.1 (every test client) as
 /// the trusted proxy, so `X-Forwarded-For` names the client.

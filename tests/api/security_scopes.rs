@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 
 use crate::helpers::{API_TOKEN, TestApp, error_of, spawn_app_with};
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, mount_source_on};
-use crate::web_signin::PROXY_SECRET;
+use crate::safe_world::{SafeWorld, mount_source_on};
+use crate::web::PROXY_SECRET;
 
 const DOCS: &str = "docs-token-12345";
 const WEB: &str = "web-token-123456";

@@ -16,12 +16,11 @@ use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::cli::bridge;
+use crate::command::bridge;
 use crate::helpers::{API_TOKEN, TestApp, error_of, spawn_app_with};
+use crate::page_app::{Browser, CHAIN, open_login, page_app, refusal, session_cookie};
 use crate::phala_mock::{api, phala_error};
-use crate::web_signin::{
-    Browser, CHAIN, PROXY_SECRET, open_login, page_app, refusal, session_cookie,
-};
+use crate::web::PROXY_SECRET;
 
 /// `POST /login/message` for `key` from `browser`.
 async fn message_from(app: &TestApp, browser: &Browser, key: Address) -> reqwest::Response {
@@ -157,7 +156,7 @@ async fn an_operator_taken_off_the_list_is_signed_out_at_restart() {
         page.app.phala.clone(),
         move |s| {
             configure(s);
-            s.web.public_url = Some(crate::web_signin::PUBLIC_URL.parse().unwrap());
+            s.web.public_url = Some(crate::page_app::PUBLIC_URL.parse().unwrap());
         },
     )
     .await;
@@ -268,7 +267,7 @@ async fn api_sign_out(app: &TestApp, token: Option<&str>, body: &str) -> reqwest
 
 #[tokio::test]
 async fn an_admin_token_signs_out_one_person_or_everyone_over_the_api() {
-    let page = crate::web_signin::page_app_with(false, |s, _| {
+    let page = crate::page_app::page_app_with(false, |s, _| {
         s.api_tokens =
             parse_named_secrets(&format!("ci-bot={API_TOKEN},audit={ADMIN_TOKEN}")).unwrap();
         s.trust
@@ -497,7 +496,7 @@ fn sign_in_case() -> impl Strategy<Value = (SignInCase, Csrf)> {
     (case, csrf)
 }
 
-async fn sign_in_counts(page: &crate::web_signin::Page) -> (i64, i64) {
+async fn sign_in_counts(page: &crate::page_app::Page) -> (i64, i64) {
     sqlx::query_as("SELECT (SELECT count(*) FROM web_sessions), (SELECT count(*) FROM web_nonces)")
         .fetch_one(&page.app.db)
         .await

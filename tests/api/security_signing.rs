@@ -11,9 +11,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::helpers::TestApp;
-use crate::safe_doubles::OnPropose;
-use crate::safe_flow::SafeWorld;
-use crate::safe_flow_repost::one_planned_request;
+use crate::safe_doubles::{OnPropose, one_planned_request};
+use crate::safe_world::SafeWorld;
 
 const CODE: &str = "PROPOSAL-UNVERIFIED";
 

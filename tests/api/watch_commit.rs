@@ -5,96 +5,14 @@
 use alloy::primitives::{Bytes, U256};
 use alloy::providers::Provider;
 use approval_bridge::safe::{Call, Deployment, Operation, SafeTx, SafeVersion, build_safe_tx};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::helpers::TestApp;
 use crate::phala_mock::*;
 use crate::rpc_proxy::RpcProxy;
-use crate::safe_flow::{SafeWorld, mount_source_on};
-
-/// Mines `blocks` empty blocks on anvil.
-pub async fn mine(world: &SafeWorld, blocks: u64) {
-    let _: Value = world
-        .chain
-        .provider()
-        .raw_request("anvil_mine".into(), (U256::from(blocks),))
-        .await
-        .unwrap();
-}
-
-/// Phala's commit and the replica's status.
-pub async fn mount_commit_and_run(app: &TestApp) {
-    mount_commit_ok(&app.phala, ONCHAIN_VM).await;
-    mount_replica_status(&app.phala, "running").await;
-}
-
-pub async fn commits(app: &TestApp) -> Vec<Value> {
-    app.phala_requests("POST", &api(&format!("/cvms/{ONCHAIN_VM}/commit-replica")))
-        .await
-        .iter()
-        .map(|r| r.body_json::<Value>().unwrap())
-        .collect()
-}
-
-/// The stored Safe transaction of a request's proposal, ready to execute.
-pub async fn proposal_call(app: &TestApp, id: &str) -> (SafeTx, String) {
-    let hash = app.get_replica(id).await["proposal"]["safe_tx_hash"]
-        .as_str()
-        .expect("a proposal")
-        .to_owned();
-    let (to, data, operation): (String, String, i16) =
-        sqlx::query_as("SELECT to_address, data, operation FROM proposals WHERE safe_tx_hash = $1")
-            .bind(&hash)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
-    let call = SafeTx::new(
-        to.parse().unwrap(),
-        U256::ZERO,
-        data.parse::<Bytes>().unwrap(),
-        Operation::try_from(operation as u8).unwrap(),
-        0,
-    );
-    (call, hash)
-}
-
-pub async fn execute(world: &SafeWorld, call: SafeTx) -> String {
-    execute_by(world, call, 3).await
-}
-
-/// Executes at the Safe's current nonce with owners 0 and 2 signing, sent by
-/// dev account `executor`.
-async fn execute_by(world: &SafeWorld, call: SafeTx, executor: usize) -> String {
-    let signers = [world.chain.signer(0), world.chain.signer(2)];
-    let call = SafeTx {
-        nonce: world.chain.safe_nonce(world.safe).await.unwrap(),
-        ..call
-    };
-    let receipt = world
-        .chain
-        .exec_safe_tx(world.safe, &call, &signers, &world.chain.signer(executor))
-        .await
-        .unwrap();
-    receipt.transaction_hash.to_string()
-}
-
-/// Queues one replica per node and drives them to awaiting_approval.
-pub async fn proposed(world: &SafeWorld, app: &TestApp, nodes: &[u32]) -> Vec<String> {
-    mount_source_on(app, world.app, false).await;
-    let mut ids = Vec::new();
-    for node in nodes {
-        ids.extend(
-            app.queue(&json!({"source": ONCHAIN_NAME, "node": node}))
-                .await,
-        );
-    }
-    app.drain_all(10).await;
-    for id in &ids {
-        let request = app.get_replica(id).await;
-        assert_eq!(request["status"], "awaiting_approval", "{request}");
-    }
-    ids
-}
+use crate::safe_world::{
+    SafeWorld, commits, execute, execute_by, mine, mount_commit_and_run, mount_source_on,
+    proposal_call, proposed,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_goes_from_queued_to_done_after_the_owners_execute() {
@@ -332,11 +250,11 @@ async fn registrations_allowed_by_other_means_release_the_requests() {
     mount_commit_and_run(&app).await;
     // A foreign proposal holds nonce 0, so the bridge's takes nonce 1.
     let foreign = [
-        Call::add_device(world.app, crate::safe_flow::b256(&device_id(1))),
-        Call::add_compose_hash(world.app, crate::safe_flow::b256(&compose_hash())),
+        Call::add_device(world.app, crate::safe_world::b256(&device_id(1))),
+        Call::add_compose_hash(world.app, crate::safe_world::b256(&compose_hash())),
     ];
     let foreign = build_safe_tx(&foreign, SafeVersion::V1_4_1, Deployment::Canonical, 0).unwrap();
-    crate::safe_flow::post_foreign_proposal(&world, &foreign).await;
+    crate::safe_world::post_foreign_proposal(&world, &foreign).await;
     let ids = proposed(&world, &app, &[1]).await;
     assert_eq!(app.get_replica(&ids[0]).await["proposal"]["nonce"], 1);
 
@@ -443,10 +361,10 @@ async fn allow_any_device_turned_on_elsewhere_releases_the_requests() {
             value: U256::ZERO,
             data: any_device.abi_encode().into(),
         },
-        Call::add_compose_hash(world.app, crate::safe_flow::b256(&compose_hash())),
+        Call::add_compose_hash(world.app, crate::safe_world::b256(&compose_hash())),
     ];
     let foreign = build_safe_tx(&foreign, SafeVersion::V1_4_1, Deployment::Canonical, 0).unwrap();
-    crate::safe_flow::post_foreign_proposal(&world, &foreign).await;
+    crate::safe_world::post_foreign_proposal(&world, &foreign).await;
     let ids = proposed(&world, &app, &[2, 3]).await;
 
     execute(&world, foreign).await;

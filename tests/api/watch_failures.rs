@@ -25,8 +25,9 @@ use wiremock::{Mock, ResponseTemplate};
 use crate::helpers::TestApp;
 use crate::phala_mock::*;
 use crate::rpc_proxy::RpcProxy;
-use crate::safe_flow::{SafeWorld, hex40};
-use crate::watch_commit::{commits, execute, mine, mount_commit_and_run, proposal_call, proposed};
+use crate::safe_world::{
+    SafeWorld, commits, execute, hex40, mine, mount_commit_and_run, proposal_call, proposed,
+};
 
 alloy::sol! {
     /// The stand-in that emits a Safe's events (contracts/ChainFaults.sol).

@@ -9,8 +9,9 @@ use reqwest::Url;
 
 use crate::helpers::{TestApp, spawn_app_with};
 use crate::rpc_proxy::RpcProxy;
-use crate::safe_flow::SafeWorld;
-use crate::watch_commit::{commits, execute, mine, mount_commit_and_run, proposal_call, proposed};
+use crate::safe_world::{
+    SafeWorld, commits, execute, mine, mount_commit_and_run, proposal_call, proposed,
+};
 
 async fn bridge_with_ws(world: &SafeWorld, rpc: Url, ws: Url) -> TestApp {
     let configure = world.configure(rpc);

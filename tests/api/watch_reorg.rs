@@ -11,8 +11,10 @@ use serde_json::json;
 
 use crate::helpers::{TestApp, spawn_app_with};
 use crate::phala_mock::*;
-use crate::safe_flow::{SafeWorld, b256, mount_source_on};
-use crate::watch_commit::{commits, execute, mine, mount_commit_and_run, proposal_call, proposed};
+use crate::safe_world::{
+    SafeWorld, b256, commits, execute, mine, mount_commit_and_run, mount_source_on, proposal_call,
+    proposed,
+};
 
 async fn proposal_status(app: &TestApp, safe_tx_hash: &str) -> String {
     sqlx::query_scalar("SELECT status FROM proposals WHERE safe_tx_hash = $1")

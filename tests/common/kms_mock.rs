@@ -14,7 +14,7 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::phala_mock::{api, app_id};
+use super::phala_mock::{api, app_id};
 
 /// Base, whose DstackKms address the bridge knows without configuration.
 pub const BASE: u64 = 8453;

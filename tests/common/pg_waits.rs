@@ -3,26 +3,27 @@
 //! for it. Each polls on a connection of its own, so the pool under test is
 //! left alone, and is bounded: a wait that never ends fails the test.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
+use tokio::sync::Mutex;
+
+use super::wait::{self, Pace};
 
 /// Polls `sql` (one boolean, `$1` bound to `key`) until it is true.
 async fn until(database_url: &str, what: &str, sql: &str, key: i64) {
-    let mut db = PgConnection::connect(database_url).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let db = Mutex::new(PgConnection::connect(database_url).await.unwrap());
+    let pace = Pace::every(Duration::from_millis(5), Duration::from_secs(60));
+    let read = || async {
+        let mut db = db.lock().await;
         let done: bool = sqlx::query_scalar(sql)
             .bind(key)
-            .fetch_one(&mut db)
+            .fetch_one(&mut *db)
             .await
             .unwrap();
-        if done {
-            return;
-        }
-        assert!(Instant::now() < deadline, "still not {what} after 60 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        done
+    };
+    wait::until_paced(pace, what, read, |done| *done).await;
 }
 
 /// Until another session of this database waits for the advisory lock `key`

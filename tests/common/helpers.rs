@@ -1,5 +1,6 @@
-//! `spawn_app()`: the real application on port 0 with its own fresh database,
-//! wiremock standing in for Phala Cloud, and a manual clock.
+//! `spawn_app()`: the real application on port 0 with its own fresh database
+//! (a clone of the migrated template, see `template`), wiremock standing in
+//! for Phala Cloud, and a manual clock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,8 @@ pub fn base_database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// A fresh, empty database for one test.
+/// A fresh, empty database for one test. (`spawn_app` starts on a clone of
+/// the migrated template instead: see `template`.)
 pub async fn fresh_database() -> String {
     let base = base_database_url();
     let name = format!("ab_test_{}", Uuid::new_v4().simple());
@@ -131,7 +133,7 @@ pub async fn spawn_app() -> TestApp {
 /// run by themselves unless `adjust` asks for them: tests drive them by hand.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let phala = Arc::new(MockServer::start().await);
-    let database_url = fresh_database().await;
+    let database_url = super::template::migrated_database().await;
     spawn_app_on(database_url, phala, adjust).await
 }
 

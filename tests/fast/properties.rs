@@ -527,7 +527,7 @@ fn form_case() -> impl Strategy<Value = (FormCase, FormCsrf)> {
 /// replays), and an accepted cancel writes its one event.
 #[test]
 fn page_form_bodies_never_cause_a_5xx_and_refusals_store_nothing() {
-    use crate::web_signin::{PROXY_SECRET, csrf_on_page};
+    use crate::web::{PROXY_SECRET, csrf_on_page};
     use approval_bridge::config::{Operators, TrustedProxies};
 
     let rt = runtime();

@@ -2,6 +2,7 @@
 //! behind it, with a proposal answer that can be lost or refused, slow
 //! calls, and a count of the calls in flight across every bridge that uses it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -12,7 +13,11 @@ use approval_bridge::safe::{
     TxServiceClient, TxServiceOptions,
 };
 
-use crate::safe_flow::SafeWorld;
+use serde_json::json;
+
+use super::safe_world::{SafeWorld, mount_commit_and_run, mount_source_on};
+use crate::common::helpers::TestApp;
+use crate::common::phala_mock::ONCHAIN_NAME;
 
 /// What the double does with a proposal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +69,17 @@ impl ServiceDouble {
             max_in_flight: AtomicUsize::new(0),
             calls: AtomicUsize::new(0),
         }
+    }
+
+    /// A double answering `on_propose` at once, put between `app` and the
+    /// world's Transaction Service.
+    pub fn install(app: &TestApp, world: &SafeWorld, on_propose: OnPropose) -> Arc<ServiceDouble> {
+        let double = Arc::new(ServiceDouble::new(world, on_propose, Duration::ZERO));
+        app.worker
+            .safe_flow()
+            .unwrap()
+            .set_service(31337, double.clone());
+        double
     }
 
     /// The most calls that were ever in flight at once.
@@ -199,4 +215,30 @@ fn refusal(status: u16) -> SafeServiceError {
         status,
         body: r#"{"detail":"Invalid API key"}"#.into(),
     }
+}
+
+/// The bridge of `world` with its Transaction Service behind a double
+/// answering `on_propose`, and Phala's source, commit and replica mounted.
+pub async fn bridge_behind(world: &SafeWorld, on_propose: OnPropose) -> TestApp {
+    let app = world.spawn_bridge().await;
+    ServiceDouble::install(&app, world, on_propose);
+    mount_source_on(&app, world.app, false).await;
+    mount_commit_and_run(&app).await;
+    app
+}
+
+/// A bridge whose Transaction Service is `double`, with one request for
+/// node 1 planned once: its proposal is stored, the answer to its post is
+/// whatever the double gives.
+pub async fn one_planned_request(world: &SafeWorld, on_propose: OnPropose) -> (TestApp, String) {
+    let app = bridge_behind(world, on_propose).await;
+    let id = app
+        .queue(&json!({"source": ONCHAIN_NAME, "node": 1}))
+        .await
+        .remove(0);
+    app.drain().await;
+    let request = app.get_replica(&id).await;
+    assert_eq!(request["status"], "awaiting_proposal", "{request}");
+    assert_eq!(request["proposal"]["submitted"], false, "{request}");
+    (app, id)
 }

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::PHALA_API_KEY;
+use super::helpers::PHALA_API_KEY;
 
 pub const ONCHAIN_VM: &str = "0b9f6c1e8a2d4c3b9e7f1a2b3c4d5e6f";
 pub const ONCHAIN_NAME: &str = "web-prod";
