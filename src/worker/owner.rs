@@ -201,7 +201,9 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
         let mut tracker_idle = false;
         let (moved, wait) = match job {
             Job::Planner(scope) => {
-                let moved = propose::run_scope(worker, flow, scope, Some(held)).await;
+                let moved =
+                    propose::run_scope(worker, flow, scope, Some(held), propose::Pace::PerBlock)
+                        .await;
                 let due = match worker.store.next_plan_due_at().await {
                     Ok(Some(due)) => (due - worker.clock.now()).to_std().unwrap_or_default(),
                     _ => poll,

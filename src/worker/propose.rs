@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::Worker;
 use super::safe_flow::{SafeFlow, safe_wallet_link};
-use crate::chain::{AppState, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
+use crate::chain::{AppState, AtHead, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
 use crate::config::AllowedSafes;
 use crate::domain::Event;
 use crate::safe::{
@@ -28,6 +28,8 @@ use crate::store::{
     StoreError, StoredError, StoredRegistration,
 };
 
+/// Past the time the next block is due, so that its head read is there.
+const NEXT_BLOCK_MARGIN: chrono::Duration = chrono::Duration::milliseconds(100);
 /// How long requests wait after a chain or service problem before planning again.
 const CHAIN_RETRY: chrono::Duration = chrono::Duration::seconds(30);
 /// How often the confirmations of an open proposal are read: owners see
@@ -118,9 +120,23 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
     };
     let mut moved = false;
     for scope in PlanScope::all(flow) {
-        moved |= run_scope(worker, flow, &scope, None).await?;
+        moved |= run_scope(worker, flow, &scope, None, Pace::EveryPass).await?;
     }
     Ok(moved)
+}
+
+/// How often a planner reads the chain's head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pace {
+    /// At most once per new block, however often its passes run: `serve`'s
+    /// planners, woken by every request that changes. A pass between two
+    /// blocks plans with the head read of its block (the follower's poll
+    /// carries the planners' interest), and requests that read does not
+    /// cover wait for the next block.
+    PerBlock,
+    /// On every pass: passes driven by hand (tests), where the test decides
+    /// when blocks come.
+    EveryPass,
 }
 
 /// One pass of one planner: post its stored proposals, plan new ones,
@@ -131,12 +147,13 @@ pub(super) async fn run_scope(
     flow: &SafeFlow,
     scope: &PlanScope,
     fence: Option<&JobLease>,
+    pace: Pace,
 ) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
     let pass = async {
         let mut moved = super::queue::withdraw_unserving(worker, flow, scope, fence).await?;
         moved |= submit_stored(worker, flow, scope, fence).await?;
-        moved |= plan(worker, flow, scope, fence).await?;
+        moved |= plan(worker, flow, scope, fence, pace).await?;
         refresh_confirmations(worker, flow, scope, fence).await?;
         super::describe::fill_missing(worker, scope).await?;
         anyhow::Ok(moved)
@@ -151,6 +168,7 @@ async fn plan(
     flow: &SafeFlow,
     scope: &PlanScope,
     fence: Option<&JobLease>,
+    pace: Pace,
 ) -> anyhow::Result<bool> {
     let now = worker.clock.now();
     let mut requests = worker.store.requests_awaiting_proposal(now).await?;
@@ -189,7 +207,7 @@ async fn plan(
         }
     }
     for (chain_id, requests) in by_chain {
-        moved |= plan_chain(worker, flow, scope, fence, chain_id, requests, &needs).await?;
+        moved |= plan_chain(worker, flow, scope, fence, pace, chain_id, requests, &needs).await?;
     }
     Ok(moved)
 }
@@ -198,11 +216,13 @@ async fn plan(
 /// latest block tells what is missing, and each app's owner; the confirmed
 /// block (what is allowed for good) and the owning Safe are read only when a
 /// request needs them, so a pass within the batch window costs that one call.
+#[allow(clippy::too_many_arguments)]
 async fn plan_chain(
     worker: &Worker,
     flow: &SafeFlow,
     scope: &PlanScope,
     fence: Option<&JobLease>,
+    pace: Pace,
     chain_id: i64,
     requests: Vec<ReplicaRequest>,
     needs: &HashMap<Uuid, Vec<StoredRegistration>>,
@@ -256,9 +276,54 @@ async fn plan_chain(
         .into_iter()
         .map(|(app, regs)| (app, regs.into_iter().collect()))
         .collect();
-    // One call: the head's number and what is allowed there.
-    let (head, states, silent) = match chain.read_apps_each(&wanted).await {
-        Ok(read) => read,
+    // One call (or none, see `Pace`): the head's number and what is allowed there.
+    let read = match pace {
+        Pace::EveryPass => chain.read_apps_each(&wanted).await.map(Ok),
+        Pace::PerBlock => chain
+            .apps_at_head(&scope.job(), &wanted, flow.poll_interval)
+            .await
+            .map(|read| match read {
+                AtHead::Read {
+                    head,
+                    states,
+                    silent,
+                } => Ok((head, states, silent)),
+                AtHead::NextBlockIn(wait) => Err(wait),
+            }),
+    };
+    let (head, states, silent) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(wait)) => {
+            // Planned with the next block's read: the requests due now wait
+            // for it, each keeping the error it shows.
+            let until = now + chrono::Duration::from_std(wait)? + NEXT_BLOCK_MARGIN;
+            let due = parsed
+                .iter()
+                .map(|m| &m.request)
+                .filter(|r| r.next_attempt_at <= now);
+            let (plain, noted): (Vec<&ReplicaRequest>, Vec<&ReplicaRequest>) =
+                due.partition(|r| r.last_error_code.is_none());
+            let plain: Vec<ReplicaRequest> = plain.into_iter().cloned().collect();
+            if !plain.is_empty() {
+                defer(worker, fence, &plain, until, None).await?;
+            }
+            for request in noted {
+                let shown = StoredError {
+                    code: request.last_error_code.clone().unwrap_or_default(),
+                    message: request.last_error_message.clone().unwrap_or_default(),
+                    suggestion: request.last_error_suggestion.clone(),
+                };
+                defer(
+                    worker,
+                    fence,
+                    std::slice::from_ref(request),
+                    until,
+                    Some(&shown),
+                )
+                .await?;
+            }
+            return Ok(moved);
+        }
         Err(err) => {
             tracing::warn!(
                 chain_id,
@@ -331,8 +396,27 @@ async fn plan_chain(
             }
             // Allowed at the head; it counts once it is allowed at confirmed depth.
             if settled.is_none() {
-                match chain.allowed_at(&wanted, confirmed_block).await {
-                    Ok(read) => settled = Some(read),
+                let read = match pace {
+                    Pace::EveryPass => chain.allowed_at(&wanted, confirmed_block).await.map(Ok),
+                    Pace::PerBlock => {
+                        chain
+                            .allowed_at_paced(
+                                &scope.job(),
+                                &wanted,
+                                confirmed_block,
+                                flow.poll_interval,
+                            )
+                            .await
+                    }
+                };
+                match read {
+                    Ok(Ok(read)) => settled = Some(read),
+                    // Read with the others that arrive meanwhile.
+                    Ok(Err(wait)) => {
+                        let until = now + chrono::Duration::from_std(wait)? + NEXT_BLOCK_MARGIN;
+                        defer(worker, fence, std::slice::from_ref(&request), until, None).await?;
+                        continue;
+                    }
                     Err(err) => {
                         let err = StoredError::new(
                             "CHAIN-UNAVAILABLE",

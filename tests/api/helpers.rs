@@ -241,6 +241,26 @@ impl TestApp {
             .to_owned()
     }
 
+    /// Waits until every request in `ids` has `status` (the workers run by
+    /// themselves); fails after `secs`, showing where each one stands.
+    pub async fn wait_for_status(&self, ids: &[String], status: &str, secs: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let mut statuses = Vec::new();
+            for id in ids {
+                statuses.push(self.status_of(id).await);
+            }
+            if statuses.iter().all(|s| s == status) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not all {status} after {secs} s: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn list_replicas(&self, query: &str) -> Response {
         self.http
             .get(format!("{}/api/v1/replicas{query}", self.address))
