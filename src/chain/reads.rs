@@ -29,6 +29,9 @@ pub(super) struct AppRead {
     pub answered: bool,
 }
 
+/// Apps and the registrations wanted of each.
+type Wanted = Vec<(Address, Vec<Registration>)>;
+
 /// What several reads at one block found, merged.
 pub(super) type BlockApps = HashMap<Address, AppRead>;
 
@@ -62,7 +65,7 @@ pub(super) struct Reads {
     /// What each planner (by job name) wants read at the head, and since
     /// when: a planner whose requests all wait (deferred) asks for nothing
     /// for a while, yet still wants it read for when they are due.
-    interest: BTreeMap<String, (Instant, Vec<(Address, Vec<Registration>)>)>,
+    interest: BTreeMap<String, (Instant, Wanted)>,
     /// When each planner last read at confirmed depth.
     fixed_read: HashMap<String, Instant>,
 }
