@@ -127,8 +127,9 @@ pub enum AtHead {
         states: HashMap<Address, AppState>,
         silent: Vec<Address>,
     },
-    /// The head was read within a block time without all that is wanted:
-    /// the next head read, about this much later, carries it.
+    /// The head was read lately without all that is wanted: the next read
+    /// of the head carries it (see [`ChainClient::head_read`]); if none
+    /// comes within this, the planner reads the head itself.
     NextBlockIn(Duration),
 }
 
@@ -140,6 +141,8 @@ pub struct ChainClient {
     heads: Arc<heads::Heads>,
     /// App reads shared by every clone (see [`reads`]).
     reads: Arc<Mutex<reads::Reads>>,
+    /// Notified when a read of the head is kept.
+    head_read: Arc<tokio::sync::Notify>,
 }
 
 impl ChainClient {
@@ -160,6 +163,7 @@ impl ChainClient {
             provider,
             heads: heads::Heads::new(chain_id, ws_url),
             reads: Arc::default(),
+            head_read: Arc::default(),
         }
     }
 
@@ -212,23 +216,24 @@ impl ChainClient {
     /// What the planner `reader` needs at the head, read at most once per
     /// new block however often it asks: the head read of this block (the
     /// follower's poll carries each planner's last `wanted`, see
-    /// [`reads`]) when it holds all of `wanted`, until the next block is due
-    /// (a block time, `block_time_unknown` until the chain's is learnt);
-    /// else the caller waits for that block's read. Only when nobody read
-    /// the head since the next block was due does this read it: one call at
-    /// the latest block, with every planner's interest.
+    /// [`reads`]) when it holds all of `wanted`; else the caller waits for
+    /// the next read, which [`ChainClient::head_read`] announces. Only when
+    /// no new block came within a block time (`poll` until the chain's is
+    /// learnt, and `poll` if that is longer) does this read the head itself,
+    /// and then at most once per `poll` while none comes: one call at the
+    /// latest block, with every planner's interest.
     pub async fn apps_at_head(
         &self,
         reader: &str,
         wanted: &[(Address, Vec<Registration>)],
-        block_time_unknown: Duration,
+        poll: Duration,
     ) -> anyhow::Result<AtHead> {
-        let block_time = self.heads.block_time().unwrap_or(block_time_unknown);
+        let block_time = self.heads.block_time().unwrap_or(poll);
         let all = {
             let mut reads = self.reads();
             reads.set_interest(reader, wanted);
             if let Some(head) = reads.head() {
-                let until = head.current_until(block_time);
+                let until = head.current_until(block_time, poll);
                 let now = tokio::time::Instant::now();
                 if now < until {
                     return Ok(match reads::covered(&head.apps, wanted) {
@@ -242,7 +247,7 @@ impl ChainClient {
         tracing::debug!(
             chain_id = self.chain_id,
             reader,
-            "no head read this block holds what the planner wants: reading the head"
+            "no new block read within a block time holds what the planner wants: reading the head"
         );
         let (number, states, answered) = self.read_app_states(&all, None).await?;
         let head = number.context("Multicall3 getBlockNumber() failed")?;
@@ -251,6 +256,25 @@ impl ChainClient {
         let (states, answered) =
             reads::covered(&apps, wanted).context("a read answers what it asked")?;
         Ok(each(head, states, answered))
+    }
+
+    /// Notified whenever a read of the head is kept (the follower's poll
+    /// carries the planners' interest): a planner told to wait by
+    /// [`ChainClient::apps_at_head`] plans again then.
+    pub fn head_read(&self) -> Arc<tokio::sync::Notify> {
+        self.head_read.clone()
+    }
+
+    /// Keeps a read of the head, and tells the planners waiting for one.
+    fn keep_head(
+        &self,
+        head: u64,
+        sent: tokio::time::Instant,
+        states: &HashMap<Address, AppState>,
+        answered: &HashMap<Address, bool>,
+    ) {
+        self.reads().keep_head(head, sent, states, answered);
+        self.head_read.notify_waiters();
     }
 
     /// [`ChainClient::allowed_at`] for the planner `reader` while requests
@@ -417,7 +441,7 @@ impl ChainClient {
         match (block, number) {
             (Some(block), _) => self.reads().keep_fixed(block, &states, &owners_read),
             (None, Some(head)) => {
-                self.reads().keep_head(head, sent, &states, &owners_read);
+                self.keep_head(head, sent, &states, &owners_read);
                 self.heads.note_head(head, sent);
             }
             (None, None) => {}
@@ -616,7 +640,7 @@ impl ChainClient {
             // Kept even with no interest: a planner then knows the head is
             // current, and waits for the next poll rather than reading.
             let (app_states, answered) = decode_apps(app_slots, apps);
-            self.reads().keep_head(head, sent, &app_states, &answered);
+            self.keep_head(head, sent, &app_states, &answered);
         }
         let hashes = ancestors
             .iter()

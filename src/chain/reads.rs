@@ -6,8 +6,12 @@
 //!   answers every later read of the same block that asks for no more.
 //! - The head's state is read once per new block by whoever reads the head
 //!   first: the follower's poll carries what the planners want (their
-//!   interest), and a planner reads it itself only when nobody has within a
-//!   block time.
+//!   interest), and a planner reads it itself only when no new block came
+//!   within a block time (or the poll interval, if longer) of the last one;
+//!   then at most once per poll interval until one comes. So a chain that
+//!   mines only when a transaction arrives (anvil's automine, some L2s), or
+//!   one that stalled, delays a request by that much at most, never until a
+//!   block that may not come.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -48,13 +52,20 @@ pub(super) struct HeadApps {
 }
 
 impl HeadApps {
-    /// Until when this is taken as the head's state: until the next block
-    /// is due and the follower's poll for it had time to come (two of its
-    /// steps, an eighth of a block time each), or shortly after a read that
-    /// found this block still the head.
-    pub fn current_until(&self, block_time: std::time::Duration) -> Instant {
+    /// Until when this is taken as the head's state, and a planner it does
+    /// not cover waits for the next read rather than reading itself: until
+    /// the next block is due and the follower's poll for it had time to come
+    /// (a block time, or `poll` if longer, and two of the follower's steps,
+    /// an eighth of a block time each), or a `poll` after the last read that
+    /// found this block still the head. Past that, no new block came: the
+    /// chain mines on demand or stalled, and the planner reads itself.
+    pub fn current_until(
+        &self,
+        block_time: std::time::Duration,
+        poll: std::time::Duration,
+    ) -> Instant {
         let step = (block_time / 8).max(std::time::Duration::from_millis(50));
-        (self.first_sent + block_time + step * 2).max(self.last_sent + step)
+        (self.first_sent + block_time.max(poll) + step * 2).max(self.last_sent + poll)
     }
 }
 

@@ -28,8 +28,6 @@ use crate::store::{
     StoreError, StoredError, StoredRegistration,
 };
 
-/// Past the time the next block is due, so that its head read is there.
-const NEXT_BLOCK_MARGIN: chrono::Duration = chrono::Duration::milliseconds(100);
 /// How long requests wait after a chain or service problem before planning again.
 const CHAIN_RETRY: chrono::Duration = chrono::Duration::seconds(30);
 /// How often the confirmations of an open proposal are read: owners see
@@ -120,7 +118,9 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
     };
     let mut moved = false;
     for scope in PlanScope::all(flow) {
-        moved |= run_scope(worker, flow, &scope, None, Pace::EveryPass).await?;
+        moved |= run_scope(worker, flow, &scope, None, Pace::EveryPass)
+            .await?
+            .moved;
     }
     Ok(moved)
 }
@@ -131,12 +131,32 @@ pub(super) enum Pace {
     /// At most once per new block, however often its passes run: `serve`'s
     /// planners, woken by every request that changes. A pass between two
     /// blocks plans with the head read of its block (the follower's poll
-    /// carries the planners' interest), and requests that read does not
-    /// cover wait for the next block.
+    /// carries the planners' interest); requests that read does not cover
+    /// stay due, and the planner passes again when the next read of the
+    /// head comes, or reads the head itself once no new block came within a
+    /// block time (see [`ChainClient::apps_at_head`]). Nothing waits on the
+    /// worker's clock for a block that may never come.
     PerBlock,
     /// On every pass: passes driven by hand (tests), where the test decides
     /// when blocks come.
     EveryPass,
+}
+
+/// What one planner pass did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Pass {
+    /// Something moved: the next pass runs at once.
+    pub moved: bool,
+    /// Due requests wait for a read of the chain ([`Pace::PerBlock`]): one
+    /// of the head comes with the follower's next poll (see
+    /// [`ChainClient::head_read`]), and the planner reads itself after this.
+    pub read_in: Option<std::time::Duration>,
+}
+
+impl Pass {
+    fn read_in(&mut self, wait: std::time::Duration) {
+        self.read_in = Some(self.read_in.map_or(wait, |w| w.min(wait)));
+    }
 }
 
 /// One pass of one planner: post its stored proposals, plan new ones,
@@ -148,15 +168,18 @@ pub(super) async fn run_scope(
     scope: &PlanScope,
     fence: Option<&JobLease>,
     pace: Pace,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Pass> {
     let started = std::time::Instant::now();
     let pass = async {
-        let mut moved = super::queue::withdraw_unserving(worker, flow, scope, fence).await?;
-        moved |= submit_stored(worker, flow, scope, fence).await?;
-        moved |= plan(worker, flow, scope, fence, pace).await?;
+        let mut pass = Pass {
+            moved: super::queue::withdraw_unserving(worker, flow, scope, fence).await?,
+            read_in: None,
+        };
+        pass.moved |= submit_stored(worker, flow, scope, fence).await?;
+        plan(worker, flow, scope, fence, pace, &mut pass).await?;
         refresh_confirmations(worker, flow, scope, fence).await?;
         super::describe::fill_missing(worker, scope).await?;
-        anyhow::Ok(moved)
+        anyhow::Ok(pass)
     };
     let moved = pass.await;
     crate::metrics::record_planner_pass(scope.job(), started.elapsed());
@@ -169,12 +192,13 @@ async fn plan(
     scope: &PlanScope,
     fence: Option<&JobLease>,
     pace: Pace,
-) -> anyhow::Result<bool> {
+    pass: &mut Pass,
+) -> anyhow::Result<()> {
     let now = worker.clock.now();
     let mut requests = worker.store.requests_awaiting_proposal(now).await?;
     requests.retain(|r| scope.takes_chain(flow, r.chain_id));
     if requests.is_empty() {
-        return Ok(false);
+        return Ok(());
     }
     let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
     let mut needs: HashMap<Uuid, Vec<StoredRegistration>> = HashMap::new();
@@ -207,9 +231,13 @@ async fn plan(
         }
     }
     for (chain_id, requests) in by_chain {
-        moved |= plan_chain(worker, flow, scope, fence, pace, chain_id, requests, &needs).await?;
+        moved |= plan_chain(
+            worker, flow, scope, fence, pace, pass, chain_id, requests, &needs,
+        )
+        .await?;
     }
-    Ok(moved)
+    pass.moved |= moved;
+    Ok(())
 }
 
 /// Plans every waiting request of one chain. One Multicall3 read at the
@@ -223,6 +251,7 @@ async fn plan_chain(
     scope: &PlanScope,
     fence: Option<&JobLease>,
     pace: Pace,
+    pass: &mut Pass,
     chain_id: i64,
     requests: Vec<ReplicaRequest>,
     needs: &HashMap<Uuid, Vec<StoredRegistration>>,
@@ -294,34 +323,10 @@ async fn plan_chain(
     let (head, states, silent) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(wait)) => {
-            // Planned with the next block's read: the requests due now wait
-            // for it, each keeping the error it shows.
-            let until = now + chrono::Duration::from_std(wait)? + NEXT_BLOCK_MARGIN;
-            let due = parsed
-                .iter()
-                .map(|m| &m.request)
-                .filter(|r| r.next_attempt_at <= now);
-            let (plain, noted): (Vec<&ReplicaRequest>, Vec<&ReplicaRequest>) =
-                due.partition(|r| r.last_error_code.is_none());
-            let plain: Vec<ReplicaRequest> = plain.into_iter().cloned().collect();
-            if !plain.is_empty() {
-                defer(worker, fence, &plain, until, None).await?;
-            }
-            for request in noted {
-                let shown = StoredError {
-                    code: request.last_error_code.clone().unwrap_or_default(),
-                    message: request.last_error_message.clone().unwrap_or_default(),
-                    suggestion: request.last_error_suggestion.clone(),
-                };
-                defer(
-                    worker,
-                    fence,
-                    std::slice::from_ref(request),
-                    until,
-                    Some(&shown),
-                )
-                .await?;
-            }
+            // Planned with the next read of the head: the requests stay as
+            // they are, due, and the planner passes again when it comes (not
+            // deferred by the clock: a block may never come).
+            pass.read_in(wait);
             return Ok(moved);
         }
         Err(err) => {
@@ -411,10 +416,10 @@ async fn plan_chain(
                 };
                 match read {
                     Ok(Ok(read)) => settled = Some(read),
-                    // Read with the others that arrive meanwhile.
+                    // Read with the others that arrive meanwhile; the
+                    // request stays due until then.
                     Ok(Err(wait)) => {
-                        let until = now + chrono::Duration::from_std(wait)? + NEXT_BLOCK_MARGIN;
-                        defer(worker, fence, std::slice::from_ref(&request), until, None).await?;
+                        pass.read_in(wait);
                         continue;
                     }
                     Err(err) => {
