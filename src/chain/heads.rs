@@ -116,6 +116,28 @@ impl Heads {
         self.record_at(number, sent)
     }
 
+    /// Records a head another read found (a planner's) while the follower
+    /// follows nothing, so the block time is learnt then too. While it
+    /// follows, its polls alone pace it: a head found by another read first
+    /// would make its own poll that finds it count as an empty one.
+    pub(super) fn note_head(&self, number: u64, sent: Instant) {
+        if self.followed().is_some() {
+            return;
+        }
+        let new = {
+            let seen = self.seen.lock().expect("heads mutex");
+            seen.head.is_none_or(|(last, _)| number > last)
+        };
+        if new {
+            self.record_at(number, sent);
+        }
+    }
+
+    /// The chain's block time, once learnt.
+    pub(super) fn block_time(&self) -> Option<Duration> {
+        self.seen.lock().expect("heads mutex").block_time
+    }
+
     fn record_at(&self, number: u64, now: Instant) -> bool {
         let mut seen = self.seen.lock().expect("heads mutex");
         match seen.head {

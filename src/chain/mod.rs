@@ -6,6 +6,7 @@ mod bindings;
 mod eip1271;
 mod ens;
 mod heads;
+mod reads;
 mod revert;
 mod transport;
 
@@ -116,12 +117,32 @@ struct HeadRead {
     hashes: HashMap<u64, B256>,
 }
 
+/// What a planner gets from [`ChainClient::apps_at_head`].
+#[derive(Debug)]
+pub enum AtHead {
+    /// The head's number, the states of the apps that answered `owner()`
+    /// there, and the apps that did not.
+    Read {
+        head: u64,
+        states: HashMap<Address, AppState>,
+        silent: Vec<Address>,
+    },
+    /// The head was read lately without all that is wanted: the next read
+    /// of the head carries it (see [`ChainClient::head_read`]); if none
+    /// comes within this, the planner reads the head itself.
+    NextBlockIn(Duration),
+}
+
 /// A client for one chain.
 #[derive(Clone, Debug)]
 pub struct ChainClient {
     chain_id: u64,
     provider: DynProvider,
     heads: Arc<heads::Heads>,
+    /// App reads shared by every clone (see [`reads`]).
+    reads: Arc<Mutex<reads::Reads>>,
+    /// Notified when a read of the head is kept.
+    head_read: Arc<tokio::sync::Notify>,
 }
 
 impl ChainClient {
@@ -141,6 +162,8 @@ impl ChainClient {
             chain_id,
             provider,
             heads: heads::Heads::new(chain_id, ws_url),
+            reads: Arc::default(),
+            head_read: Arc::default(),
         }
     }
 
@@ -183,6 +206,103 @@ impl ChainClient {
     pub fn connection_changed(&self) {
         self.heads.set_chain_id_checked(false);
         self.heads.set_followed(None);
+        self.reads().forget_head();
+    }
+
+    fn reads(&self) -> std::sync::MutexGuard<'_, reads::Reads> {
+        self.reads.lock().expect("reads mutex")
+    }
+
+    /// What the planner `reader` needs at the head, read at most once per
+    /// new block however often it asks: the head read of this block (the
+    /// follower's poll carries each planner's last `wanted`, see
+    /// [`reads`]) when it holds all of `wanted`; else the caller waits for
+    /// the next read, which [`ChainClient::head_read`] announces. Only when
+    /// no new block came within a block time (`poll` until the chain's is
+    /// learnt, and `poll` if that is longer) does this read the head itself,
+    /// and then at most once per `poll` while none comes: one call at the
+    /// latest block, with every planner's interest.
+    pub async fn apps_at_head(
+        &self,
+        reader: &str,
+        wanted: &[(Address, Vec<Registration>)],
+        poll: Duration,
+    ) -> anyhow::Result<AtHead> {
+        let block_time = self.heads.block_time().unwrap_or(poll);
+        let all = {
+            let mut reads = self.reads();
+            reads.set_interest(reader, wanted);
+            if let Some(head) = reads.head() {
+                let until = head.current_until(block_time, poll);
+                let now = tokio::time::Instant::now();
+                if now < until {
+                    return Ok(match reads::covered(&head.apps, wanted) {
+                        Some((states, answered)) => each(head.number, states, answered),
+                        None => AtHead::NextBlockIn(until - now),
+                    });
+                }
+            }
+            reads.interest_with(wanted)
+        };
+        tracing::debug!(
+            chain_id = self.chain_id,
+            reader,
+            "no new block read within a block time holds what the planner wants: reading the head"
+        );
+        let (number, states, answered) = self.read_app_states(&all, None).await?;
+        let head = number.context("Multicall3 getBlockNumber() failed")?;
+        let mut apps = reads::BlockApps::new();
+        reads::merge(&mut apps, &states, &answered);
+        let (states, answered) =
+            reads::covered(&apps, wanted).context("a read answers what it asked")?;
+        Ok(each(head, states, answered))
+    }
+
+    /// Notified whenever a read of the head is kept (the follower's poll
+    /// carries the planners' interest): a planner told to wait by
+    /// [`ChainClient::apps_at_head`] plans again then.
+    pub fn head_read(&self) -> Arc<tokio::sync::Notify> {
+        self.head_read.clone()
+    }
+
+    /// Keeps a read of the head, and tells the planners waiting for one.
+    fn keep_head(
+        &self,
+        head: u64,
+        sent: tokio::time::Instant,
+        states: &HashMap<Address, AppState>,
+        answered: &HashMap<Address, bool>,
+    ) {
+        self.reads().keep_head(head, sent, states, answered);
+        self.head_read.notify_waiters();
+    }
+
+    /// [`ChainClient::allowed_at`] for the planner `reader` while requests
+    /// arrive one after another, each needing its own registrations read:
+    /// what a read of `block` holds answers at once; else one read per two
+    /// block times (`block_time_unknown` until the chain's is learnt) takes
+    /// what every request waiting then needs, and until it is due this says
+    /// how long to wait.
+    pub async fn allowed_at_paced(
+        &self,
+        reader: &str,
+        wanted: &[(Address, Vec<Registration>)],
+        block: u64,
+        block_time_unknown: Duration,
+    ) -> anyhow::Result<Result<HashMap<Address, AppState>, Duration>> {
+        let period = self.heads.block_time().unwrap_or(block_time_unknown) * 2;
+        {
+            let mut reads = self.reads();
+            if let Some((states, _)) = reads.fixed(block, wanted) {
+                return Ok(Ok(states));
+            }
+            let now = tokio::time::Instant::now();
+            if let Some(wait) = reads.fixed_read_due(reader, now, period) {
+                return Ok(Err(wait));
+            }
+            reads.fixed_read_at(reader, now);
+        }
+        Ok(Ok(self.allowed_at(wanted, block).await?))
     }
 
     /// The head at which the chain follower last finished a pass: with no
@@ -254,15 +374,16 @@ impl ChainClient {
         &self,
         wanted: &[(Address, Vec<Registration>)],
     ) -> anyhow::Result<(u64, HashMap<Address, AppState>, Vec<Address>)> {
-        let (number, mut states, owners_read) = self.read_app_states(wanted, None).await?;
+        let (number, states, owners_read) = self.read_app_states(wanted, None).await?;
         let head = number.context("Multicall3 getBlockNumber() failed")?;
-        let silent: Vec<Address> = owners_read
-            .into_iter()
-            .filter(|(_, read)| !read)
-            .map(|(app, _)| app)
-            .collect();
-        states.retain(|app, _| !silent.contains(app));
-        Ok((head, states, silent))
+        match each(head, states, owners_read) {
+            AtHead::Read {
+                head,
+                states,
+                silent,
+            } => Ok((head, states, silent)),
+            AtHead::NextBlockIn(_) => unreachable!("`each` reads"),
+        }
     }
 
     /// What is allowed as of `block`: like [`ChainClient::read_apps_at`],
@@ -278,7 +399,9 @@ impl ChainClient {
 
     /// The states, and whether each app answered `owner()`; at the latest
     /// block (`block` `None`), first that block's number, read in the same
-    /// call (`None` if Multicall3 did not answer it).
+    /// call (`None` if Multicall3 did not answer it). A block read before
+    /// with all of `wanted` answers from what was kept, with no call: the
+    /// callers read fixed blocks at confirmed depth only, which do not change.
     #[allow(clippy::type_complexity)]
     async fn read_app_states(
         &self,
@@ -289,104 +412,39 @@ impl ChainClient {
         HashMap<Address, AppState>,
         HashMap<Address, bool>,
     )> {
-        enum Slot {
-            Number,
-            Owner(Address),
-            Pending(Address),
-            AnyDevice(Address),
-            Registration(Address, Registration),
+        if let Some(block) = block
+            && let Some((states, answered)) = self.reads().fixed(block, wanted)
+        {
+            return Ok((Some(block), states, answered));
         }
-        let mut calls = Vec::new();
-        let mut slots = Vec::new();
-        let mut push = |target: Address, data: Vec<u8>, slot: Slot| {
-            calls.push(IMulticall3::Call3 {
-                target,
-                allowFailure: true,
-                callData: data.into(),
-            });
-            slots.push(slot);
+        tracing::debug!(
+            chain_id = self.chain_id,
+            ?block,
+            apps = wanted.len(),
+            "reading DstackApps"
+        );
+        let number_call = block.is_none().then(|| IMulticall3::Call3 {
+            target: MULTICALL3,
+            allowFailure: true,
+            callData: IMulticall3::getBlockNumberCall {}.abi_encode().into(),
+        });
+        let (calls, slots) = app_calls(wanted);
+        let sent = tokio::time::Instant::now();
+        let mut results = self
+            .aggregate_at(number_call.into_iter().chain(calls).collect(), block)
+            .await?;
+        let number = match block {
+            Some(block) => Some(block),
+            None => decode_number(&results.remove(0)),
         };
-        if block.is_none() {
-            push(
-                MULTICALL3,
-                IMulticall3::getBlockNumberCall {}.abi_encode(),
-                Slot::Number,
-            );
-        }
-        for (app, registrations) in wanted {
-            push(
-                *app,
-                IDstackApp::ownerCall {}.abi_encode(),
-                Slot::Owner(*app),
-            );
-            push(
-                *app,
-                IDstackApp::pendingOwnerCall {}.abi_encode(),
-                Slot::Pending(*app),
-            );
-            push(
-                *app,
-                IDstackApp::allowAnyDeviceCall {}.abi_encode(),
-                Slot::AnyDevice(*app),
-            );
-            for r in registrations {
-                let data = match r {
-                    Registration::ComposeHash(h) => {
-                        IDstackApp::allowedComposeHashesCall { composeHash: *h }.abi_encode()
-                    }
-                    Registration::Device(d) => {
-                        IDstackApp::allowedDeviceIdsCall { deviceId: *d }.abi_encode()
-                    }
-                };
-                push(*app, data, Slot::Registration(*app, *r));
+        let (states, owners_read) = decode_apps(slots, &results);
+        match (block, number) {
+            (Some(block), _) => self.reads().keep_fixed(block, &states, &owners_read),
+            (None, Some(head)) => {
+                self.keep_head(head, sent, &states, &owners_read);
+                self.heads.note_head(head, sent);
             }
-        }
-        let results = self.aggregate_at(calls, block).await?;
-
-        let mut states: HashMap<Address, AppState> = HashMap::new();
-        let mut owners_read: HashMap<Address, bool> = HashMap::new();
-        let mut number = block;
-        for (slot, result) in slots.into_iter().zip(results) {
-            let ok = result.success;
-            let data = result.returnData;
-            match slot {
-                Slot::Number => {
-                    number = ok
-                        .then(|| IMulticall3::getBlockNumberCall::abi_decode_returns(&data).ok())
-                        .flatten()
-                        .and_then(|n| u64::try_from(n).ok());
-                }
-                Slot::Owner(app) => {
-                    let owner = ok
-                        .then(|| IDstackApp::ownerCall::abi_decode_returns(&data).ok())
-                        .flatten();
-                    owners_read.insert(app, owner.is_some());
-                    state_of(&mut states, app).owner = owner.unwrap_or_default();
-                }
-                Slot::Pending(app) => {
-                    state_of(&mut states, app).pending_owner = ok
-                        .then(|| IDstackApp::pendingOwnerCall::abi_decode_returns(&data).ok())
-                        .flatten();
-                }
-                Slot::AnyDevice(app) => {
-                    state_of(&mut states, app).allow_any_device = ok
-                        && IDstackApp::allowAnyDeviceCall::abi_decode_returns(&data)
-                            .unwrap_or(false);
-                }
-                Slot::Registration(app, r) => {
-                    let allowed = ok
-                        && match r {
-                            Registration::ComposeHash(_) => {
-                                IDstackApp::allowedComposeHashesCall::abi_decode_returns(&data)
-                            }
-                            Registration::Device(_) => {
-                                IDstackApp::allowedDeviceIdsCall::abi_decode_returns(&data)
-                            }
-                        }
-                        .unwrap_or(false);
-                    state_of(&mut states, app).allowed.insert(r, allowed);
-                }
-            }
+            (None, None) => {}
         }
         Ok((number, states, owners_read))
     }
@@ -481,13 +539,15 @@ impl ChainClient {
     /// call. A Safe that does not answer `nonce()` there (not created yet at
     /// that block) is left out.
     pub async fn safe_states(&self, safes: &[Address], block: u64) -> anyhow::Result<SafeStates> {
-        Ok(self.safe_states_and_hashes(safes, block, &[]).await?.0)
+        Ok(self.read_head(safes, Some(block), &[], false).await?.states)
     }
 
     /// [`ChainClient::safe_states`] at `block`, and in the same call the
     /// hashes of `ancestors` of that block, as the EVM's BLOCKHASH sees them
     /// (only the 256 blocks below `block` have one; the others are left out).
-    /// One call instead of one `eth_getBlockByNumber` per hash.
+    /// One call instead of one `eth_getBlockByNumber` per hash. `block` is
+    /// the head (the subscription's): the call also reads what the planners
+    /// want there.
     pub async fn safe_states_and_hashes(
         &self,
         safes: &[Address],
@@ -499,7 +559,7 @@ impl ChainClient {
             .copied()
             .filter(|a| *a < block && block - a <= 256)
             .collect();
-        let read = self.read_head(safes, Some(block), &ancestors).await?;
+        let read = self.read_head(safes, Some(block), &ancestors, true).await?;
         Ok((read.states, read.hashes))
     }
 
@@ -507,13 +567,14 @@ impl ChainClient {
     /// in the same `eth_call` the Safes' state there and the hashes of
     /// `ancestors` (those the head has one for). Feeds the block-time
     /// estimate that times the polls, as [`ChainClient::latest_block`] does.
+    /// The call also reads what the planners want at the head.
     pub async fn poll_head(
         &self,
         safes: &[Address],
         ancestors: &[u64],
     ) -> anyhow::Result<(u64, SafeStates, HashMap<u64, B256>)> {
         let sent = tokio::time::Instant::now();
-        let read = self.read_head(safes, None, ancestors).await?;
+        let read = self.read_head(safes, None, ancestors, true).await?;
         let head = read.number.context("Multicall3 getBlockNumber() failed")?;
         self.heads.record_polled(head, sent);
         Ok((head, read.states, read.hashes))
@@ -521,13 +582,20 @@ impl ChainClient {
 
     /// One Multicall3 call at `block` (the latest when `None`, then with its
     /// number first): each Safe's `nonce()` and `VERSION()`, and the hashes
-    /// of `ancestors`.
+    /// of `ancestors`; with `at_head` (`block` is the head), also each
+    /// planner's interest, kept for them (see [`reads`]).
     async fn read_head(
         &self,
         safes: &[Address],
         block: Option<u64>,
         ancestors: &[u64],
+        at_head: bool,
     ) -> anyhow::Result<HeadRead> {
+        let interest = match at_head {
+            true => self.reads().interest_with(&[]),
+            false => Vec::new(),
+        };
+        let (app_calls, app_slots) = app_calls(&interest);
         let own = |data: Vec<u8>| IMulticall3::Call3 {
             target: MULTICALL3,
             allowFailure: true,
@@ -553,25 +621,27 @@ impl ChainClient {
                 callData: data.into(),
             })
         });
+        let hash_count = ancestors.len();
         let calls = number_call
             .into_iter()
             .chain(safe_calls)
             .chain(hash_calls)
+            .chain(app_calls)
             .collect();
+        let sent = tokio::time::Instant::now();
         let mut results = self.aggregate_at(calls, block).await?;
-        let number = if block.is_none() {
-            let result = results.remove(0);
-            result
-                .success
-                .then(|| {
-                    IMulticall3::getBlockNumberCall::abi_decode_returns(&result.returnData).ok()
-                })
-                .flatten()
-                .and_then(|n| u64::try_from(n).ok())
-        } else {
-            block
+        let number = match block {
+            Some(block) => Some(block),
+            None => decode_number(&results.remove(0)),
         };
-        let (states, hashes) = results.split_at(safes.len() * 2);
+        let (states, rest) = results.split_at(safes.len() * 2);
+        let (hashes, apps) = rest.split_at(hash_count.min(rest.len()));
+        if let (true, Some(head)) = (at_head, number) {
+            // Kept even with no interest: a planner then knows the head is
+            // current, and waits for the next poll rather than reading.
+            let (app_states, answered) = decode_apps(app_slots, apps);
+            self.keep_head(head, sent, &app_states, &answered);
+        }
         let hashes = ancestors
             .iter()
             .zip(hashes)
@@ -822,6 +892,132 @@ impl ChainClient {
             .with_context(|| format!("Multicall3 eth_call failed on chain {}", self.chain_id))?;
         Ok(IMulticall3::aggregate3Call::abi_decode_returns(&raw)?)
     }
+}
+
+/// Splits a read into the apps that answered `owner()` and the others.
+fn each(
+    head: u64,
+    mut states: HashMap<Address, AppState>,
+    answered: HashMap<Address, bool>,
+) -> AtHead {
+    let silent: Vec<Address> = answered
+        .into_iter()
+        .filter(|(_, read)| !read)
+        .map(|(app, _)| app)
+        .collect();
+    states.retain(|app, _| !silent.contains(app));
+    AtHead::Read {
+        head,
+        states,
+        silent,
+    }
+}
+
+/// Multicall3's `getBlockNumber()` answer.
+fn decode_number(result: &IMulticall3::Result) -> Option<u64> {
+    result
+        .success
+        .then(|| IMulticall3::getBlockNumberCall::abi_decode_returns(&result.returnData).ok())
+        .flatten()
+        .and_then(|n| u64::try_from(n).ok())
+}
+
+/// What one app sub-call asks.
+enum AppSlot {
+    Owner(Address),
+    Pending(Address),
+    AnyDevice(Address),
+    Registration(Address, Registration),
+}
+
+/// The Multicall3 sub-calls that read each app's ownership and `wanted` registrations.
+fn app_calls(wanted: &[(Address, Vec<Registration>)]) -> (Vec<IMulticall3::Call3>, Vec<AppSlot>) {
+    let mut calls = Vec::new();
+    let mut slots = Vec::new();
+    let mut push = |target: Address, data: Vec<u8>, slot: AppSlot| {
+        calls.push(IMulticall3::Call3 {
+            target,
+            allowFailure: true,
+            callData: data.into(),
+        });
+        slots.push(slot);
+    };
+    for (app, registrations) in wanted {
+        push(
+            *app,
+            IDstackApp::ownerCall {}.abi_encode(),
+            AppSlot::Owner(*app),
+        );
+        push(
+            *app,
+            IDstackApp::pendingOwnerCall {}.abi_encode(),
+            AppSlot::Pending(*app),
+        );
+        push(
+            *app,
+            IDstackApp::allowAnyDeviceCall {}.abi_encode(),
+            AppSlot::AnyDevice(*app),
+        );
+        for r in registrations {
+            let data = match r {
+                Registration::ComposeHash(h) => {
+                    IDstackApp::allowedComposeHashesCall { composeHash: *h }.abi_encode()
+                }
+                Registration::Device(d) => {
+                    IDstackApp::allowedDeviceIdsCall { deviceId: *d }.abi_encode()
+                }
+            };
+            push(*app, data, AppSlot::Registration(*app, *r));
+        }
+    }
+    (calls, slots)
+}
+
+/// The answers to [`app_calls`]: each app's state, and whether it answered
+/// `owner()`. A failed sub-call counts as "not allowed", except
+/// `pendingOwner()`, whose revert means one-step ownership.
+fn decode_apps(
+    slots: Vec<AppSlot>,
+    results: &[IMulticall3::Result],
+) -> (HashMap<Address, AppState>, HashMap<Address, bool>) {
+    let mut states: HashMap<Address, AppState> = HashMap::new();
+    let mut owners_read: HashMap<Address, bool> = HashMap::new();
+    for (slot, result) in slots.into_iter().zip(results) {
+        let ok = result.success;
+        let data = &result.returnData;
+        match slot {
+            AppSlot::Owner(app) => {
+                let owner = ok
+                    .then(|| IDstackApp::ownerCall::abi_decode_returns(data).ok())
+                    .flatten();
+                owners_read.insert(app, owner.is_some());
+                state_of(&mut states, app).owner = owner.unwrap_or_default();
+            }
+            AppSlot::Pending(app) => {
+                state_of(&mut states, app).pending_owner = ok
+                    .then(|| IDstackApp::pendingOwnerCall::abi_decode_returns(data).ok())
+                    .flatten();
+            }
+            AppSlot::AnyDevice(app) => {
+                state_of(&mut states, app).allow_any_device =
+                    ok && IDstackApp::allowAnyDeviceCall::abi_decode_returns(data).unwrap_or(false);
+            }
+            AppSlot::Registration(app, r) => {
+                let allowed = ok
+                    && match r {
+                        Registration::ComposeHash(_) => {
+                            IDstackApp::allowedComposeHashesCall::abi_decode_returns(data)
+                        }
+                        Registration::Device(_) => {
+                            IDstackApp::allowedDeviceIdsCall::abi_decode_returns(data)
+                        }
+                    }
+                    .unwrap_or(false);
+                state_of(&mut states, app).allowed.insert(r, allowed);
+            }
+        }
+    }
+    (states, owners_read)
 }
 
 /// Providers word range limits differently ("block range is too large",

@@ -194,19 +194,38 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
     let poll = flow
         .poll_interval
         .min(Duration::from_secs(worker.settings.poll_interval_secs));
+    // A planner whose requests wait for a read of the head also wakes when
+    // one is kept (the follower's poll).
+    let head_read = match job {
+        Job::Planner(PlanScope::Safe { chain_id, .. }) => flow.chain(*chain_id as u64),
+        _ => None,
+    }
+    .map(|chain| chain.head_read());
     loop {
         let notified = wake.notified();
+        let read = head_read.as_ref().map(|n| n.notified());
+        let mut read_in = None;
         // The tracker polls every `track::EVERY` while replicas provision;
         // idle, it waits for one to start (a notification) or the poll.
         let mut tracker_idle = false;
         let (moved, wait) = match job {
             Job::Planner(scope) => {
-                let moved = propose::run_scope(worker, flow, scope, Some(held)).await;
+                let pass =
+                    propose::run_scope(worker, flow, scope, Some(held), propose::Pace::PerBlock)
+                        .await;
                 let due = match worker.store.next_plan_due_at().await {
                     Ok(Some(due)) => (due - worker.clock.now()).to_std().unwrap_or_default(),
                     _ => poll,
                 };
-                (moved, due.min(poll))
+                read_in = pass.as_ref().ok().and_then(|p| p.read_in);
+                // Requests due now that wait for a read of the chain are
+                // planned once it comes, not at once again.
+                let wait = match read_in {
+                    Some(read_in) if due.is_zero() => read_in,
+                    Some(read_in) => read_in.min(due),
+                    None => due,
+                };
+                (pass.map(|p| p.moved), wait.min(poll))
             }
             Job::Follower(chain_id) => {
                 (watch::run_chain(worker, *chain_id, Some(held)).await, poll)
@@ -234,6 +253,12 @@ async fn passes(worker: &Worker, job: &Job, held: &JobLease, wake: &Notify) {
             // tracker.
             Job::Planner(_) | Job::Tracker => tokio::select! {
                 _ = notified, if matches!(job, Job::Planner(_)) || tracker_idle => {}
+                _ = async {
+                    match read {
+                        Some(read) => read.await,
+                        None => std::future::pending().await,
+                    }
+                }, if read_in.is_some() => {}
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
             },
             // Followers wait for the next block.

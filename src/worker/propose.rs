@@ -17,7 +17,7 @@ use alloy::primitives::{Address, B256, Bytes};
 use uuid::Uuid;
 
 use super::Worker;
-use crate::chain::{AppState, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
+use crate::chain::{AppState, AtHead, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
 use crate::config::AllowedSafes;
 use crate::domain::Event;
 use crate::safe::{
@@ -120,9 +120,45 @@ pub(super) async fn run(worker: &Worker) -> anyhow::Result<bool> {
     };
     let mut moved = false;
     for scope in PlanScope::all(flow) {
-        moved |= run_scope(worker, flow, &scope, None).await?;
+        moved |= run_scope(worker, flow, &scope, None, Pace::EveryPass)
+            .await?
+            .moved;
     }
     Ok(moved)
+}
+
+/// How often a planner reads the chain's head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pace {
+    /// At most once per new block, however often its passes run: `serve`'s
+    /// planners, woken by every request that changes. A pass between two
+    /// blocks plans with the head read of its block (the follower's poll
+    /// carries the planners' interest); requests that read does not cover
+    /// stay due, and the planner passes again when the next read of the
+    /// head comes, or reads the head itself once no new block came within a
+    /// block time (see [`ChainClient::apps_at_head`]). Nothing waits on the
+    /// worker's clock for a block that may never come.
+    PerBlock,
+    /// On every pass: passes driven by hand (tests), where the test decides
+    /// when blocks come.
+    EveryPass,
+}
+
+/// What one planner pass did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Pass {
+    /// Something moved: the next pass runs at once.
+    pub moved: bool,
+    /// Due requests wait for a read of the chain ([`Pace::PerBlock`]): one
+    /// of the head comes with the follower's next poll (see
+    /// [`ChainClient::head_read`]), and the planner reads itself after this.
+    pub read_in: Option<std::time::Duration>,
+}
+
+impl Pass {
+    fn read_in(&mut self, wait: std::time::Duration) {
+        self.read_in = Some(self.read_in.map_or(wait, |w| w.min(wait)));
+    }
 }
 
 /// One pass of one planner: post its stored proposals, plan new ones,
@@ -133,15 +169,19 @@ pub(super) async fn run_scope(
     flow: &SafeFlow,
     scope: &PlanScope,
     fence: Option<&JobLease>,
-) -> anyhow::Result<bool> {
+    pace: Pace,
+) -> anyhow::Result<Pass> {
     let started = std::time::Instant::now();
     let pass = async {
-        let mut moved = super::queue::withdraw_unserving(worker, flow, scope, fence).await?;
-        moved |= submit_stored(worker, flow, scope, fence).await?;
-        moved |= plan(worker, flow, scope, fence).await?;
+        let mut pass = Pass {
+            moved: super::queue::withdraw_unserving(worker, flow, scope, fence).await?,
+            read_in: None,
+        };
+        pass.moved |= submit_stored(worker, flow, scope, fence).await?;
+        plan(worker, flow, scope, fence, pace, &mut pass).await?;
         refresh_confirmations(worker, flow, scope, fence).await?;
         describe::fill_missing(worker, scope).await?;
-        anyhow::Ok(moved)
+        anyhow::Ok(pass)
     };
     let moved = pass.await;
     crate::metrics::record_planner_pass(scope.job(), started.elapsed());
@@ -153,12 +193,14 @@ async fn plan(
     flow: &SafeFlow,
     scope: &PlanScope,
     fence: Option<&JobLease>,
-) -> anyhow::Result<bool> {
+    pace: Pace,
+    pass: &mut Pass,
+) -> anyhow::Result<()> {
     let now = worker.clock.now();
     let mut requests = worker.store.requests_awaiting_proposal(now).await?;
     requests.retain(|r| scope.takes_chain(flow, r.chain_id));
     if requests.is_empty() {
-        return Ok(false);
+        return Ok(());
     }
     let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
     let mut needs: HashMap<Uuid, Vec<StoredRegistration>> = HashMap::new();
@@ -191,20 +233,27 @@ async fn plan(
         }
     }
     for (chain_id, requests) in by_chain {
-        moved |= plan_chain(worker, flow, scope, fence, chain_id, requests, &needs).await?;
+        moved |= plan_chain(
+            worker, flow, scope, fence, pace, pass, chain_id, requests, &needs,
+        )
+        .await?;
     }
-    Ok(moved)
+    pass.moved |= moved;
+    Ok(())
 }
 
 /// Plans every waiting request of one chain. One Multicall3 read at the
 /// latest block tells what is missing, and each app's owner; the confirmed
 /// block (what is allowed for good) and the owning Safe are read only when a
 /// request needs them, so a pass within the batch window costs that one call.
+#[allow(clippy::too_many_arguments)]
 async fn plan_chain(
     worker: &Worker,
     flow: &SafeFlow,
     scope: &PlanScope,
     fence: Option<&JobLease>,
+    pace: Pace,
+    pass: &mut Pass,
     chain_id: i64,
     requests: Vec<ReplicaRequest>,
     needs: &HashMap<Uuid, Vec<StoredRegistration>>,
@@ -258,9 +307,30 @@ async fn plan_chain(
         .into_iter()
         .map(|(app, regs)| (app, regs.into_iter().collect()))
         .collect();
-    // One call: the head's number and what is allowed there.
-    let (head, states, silent) = match chain.read_apps_each(&wanted).await {
-        Ok(read) => read,
+    // One call (or none, see `Pace`): the head's number and what is allowed there.
+    let read = match pace {
+        Pace::EveryPass => chain.read_apps_each(&wanted).await.map(Ok),
+        Pace::PerBlock => chain
+            .apps_at_head(&scope.job(), &wanted, flow.poll_interval)
+            .await
+            .map(|read| match read {
+                AtHead::Read {
+                    head,
+                    states,
+                    silent,
+                } => Ok((head, states, silent)),
+                AtHead::NextBlockIn(wait) => Err(wait),
+            }),
+    };
+    let (head, states, silent) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(wait)) => {
+            // Planned with the next read of the head: the requests stay as
+            // they are, due, and the planner passes again when it comes (not
+            // deferred by the clock: a block may never come).
+            pass.read_in(wait);
+            return Ok(moved);
+        }
         Err(err) => {
             tracing::warn!(
                 chain_id,
@@ -333,8 +403,27 @@ async fn plan_chain(
             }
             // Allowed at the head; it counts once it is allowed at confirmed depth.
             if settled.is_none() {
-                match chain.allowed_at(&wanted, confirmed_block).await {
-                    Ok(read) => settled = Some(read),
+                let read = match pace {
+                    Pace::EveryPass => chain.allowed_at(&wanted, confirmed_block).await.map(Ok),
+                    Pace::PerBlock => {
+                        chain
+                            .allowed_at_paced(
+                                &scope.job(),
+                                &wanted,
+                                confirmed_block,
+                                flow.poll_interval,
+                            )
+                            .await
+                    }
+                };
+                match read {
+                    Ok(Ok(read)) => settled = Some(read),
+                    // Read with the others that arrive meanwhile; the
+                    // request stays due until then.
+                    Ok(Err(wait)) => {
+                        pass.read_in(wait);
+                        continue;
+                    }
                     Err(err) => {
                         let err = StoredError::new(
                             "CHAIN-UNAVAILABLE",

@@ -243,6 +243,25 @@ impl TestApp {
             .to_owned()
     }
 
+    /// Waits until every request in `ids` has `status` (the workers run by
+    /// themselves); fails after `secs`, showing where each one stands.
+    pub async fn wait_for_status(&self, ids: &[String], status: &str, secs: u64) {
+        let pace = super::wait::Pace::every(Duration::from_millis(200), Duration::from_secs(secs));
+        super::wait::until_paced(
+            pace,
+            format_args!("every request {status}"),
+            || async {
+                let mut statuses = Vec::new();
+                for id in ids {
+                    statuses.push(self.status_of(id).await);
+                }
+                statuses
+            },
+            |statuses| statuses.iter().all(|s| s == status),
+        )
+        .await;
+    }
+
     pub async fn list_replicas(&self, query: &str) -> Response {
         self.http
             .get(format!("{}/api/v1/replicas{query}", self.address))
