@@ -279,10 +279,12 @@ impl ChainClient {
 
     /// [`ChainClient::allowed_at`] for the planner `reader` while requests
     /// arrive one after another, each needing its own registrations read:
-    /// what a read of `block` holds answers at once; else one read per two
+    /// what a read of `block` holds answers at once; else one read per three
     /// block times (`block_time_unknown` until the chain's is learnt) takes
     /// what every request waiting then needs, and until it is due this says
-    /// how long to wait.
+    /// how long to wait. Three, not two: with the follower's two calls per
+    /// block, one read per two blocks would sit exactly on the budget of 2.5
+    /// calls per new block.
     pub async fn allowed_at_paced(
         &self,
         reader: &str,
@@ -290,7 +292,7 @@ impl ChainClient {
         block: u64,
         block_time_unknown: Duration,
     ) -> anyhow::Result<Result<HashMap<Address, AppState>, Duration>> {
-        let period = self.heads.block_time().unwrap_or(block_time_unknown) * 2;
+        let period = self.heads.block_time().unwrap_or(block_time_unknown) * 3;
         {
             let mut reads = self.reads();
             if let Some((states, _)) = reads.fixed(block, wanted) {
