@@ -1,13 +1,19 @@
 //! Pure types and rules of the service. Nothing here talks to the outside world.
 
+mod failures;
 mod ids;
 mod order;
+mod proposal;
 mod queue;
 pub mod signature;
 mod state;
 
+pub use failures::{Failure, FailureInfo, readme_table};
 pub use ids::{AppId, Bytes32, InvalidId};
 pub use order::{InvalidOrder, MAX_REPLICAS_PER_ORDER, NodeRef, OrderBody, ReplicaOrder};
+pub use proposal::{
+    AlreadyEnded, ProposalEnd, ProposalStatus, UnknownProposalStatus, end_proposal,
+};
 pub use queue::{Mark, Queued, Stuck, mark, serves_no_request_advice};
 pub use state::{
     Effects, Event, IllegalTransition, Status, Transition, UnknownStatus, holds_source_lock, next,

@@ -3,6 +3,8 @@
 
 use serde_json::Value;
 
+use crate::domain::Failure;
+
 /// A failed Phala Cloud call.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PhalaError {
@@ -72,12 +74,8 @@ impl PhalaError {
     pub fn suggestion(&self) -> Option<&str> {
         match self {
             PhalaError::Api(api) => api.suggestion.as_deref(),
-            PhalaError::Transport { .. } => Some(
-                "The bridge retries with backoff; check the Phala Cloud status if it persists.",
-            ),
-            PhalaError::InvalidResponse(_) => {
-                Some("Report this to the bridge maintainers with the request id.")
-            }
+            PhalaError::Transport { .. } => Failure::PhalaUnreachable.suggestion(),
+            PhalaError::InvalidResponse(_) => Failure::PhalaInvalidResponse.suggestion(),
         }
     }
 
@@ -87,12 +85,12 @@ impl PhalaError {
             PhalaError::Api(ApiError {
                 code: Some(code), ..
             }) => code.clone(),
-            PhalaError::Api(ApiError { status, .. }) => format!("PHALA-HTTP-{status}"),
+            PhalaError::Api(ApiError { status, .. }) => Failure::PhalaHttp.code_for_status(*status),
             PhalaError::Transport {
                 timed_out: true, ..
-            } => "PHALA-TIMEOUT".to_owned(),
-            PhalaError::Transport { .. } => "PHALA-UNREACHABLE".to_owned(),
-            PhalaError::InvalidResponse(_) => "PHALA-INVALID-RESPONSE".to_owned(),
+            } => Failure::PhalaTimeout.code().to_owned(),
+            PhalaError::Transport { .. } => Failure::PhalaUnreachable.code().to_owned(),
+            PhalaError::InvalidResponse(_) => Failure::PhalaInvalidResponse.code().to_owned(),
         }
     }
 }

@@ -79,12 +79,6 @@ pub enum PrepareMismatch {
     UnlistedDevice { got: Option<Bytes32> },
 }
 
-impl PrepareMismatch {
-    /// The code kept on the failed request.
-    pub const CODE: &'static str = "PREPARE-ANSWER-MISMATCH";
-    pub const SUGGESTION: &'static str = "Nothing was proposed. Check the source CVM and the node on the Phala dashboard, then queue the replica again.";
-}
-
 /// Checks a 465 against what the bridge resolved itself. Pure.
 pub fn check_prepared(
     expected: &ExpectedReplica,

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use super::tx::{SafeTx, SignatureError, sign_safe_tx_hash};
 use super::{SafeVersion, delegate_hash, delegate_totp, delete_request_hash};
+use crate::domain::Failure;
 
 /// A boxed future, so that [`SafeService`] can be held as `Arc<dyn SafeService>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -293,38 +294,35 @@ impl SafeServiceError {
 
     /// The code stored with a failed request.
     pub fn stored_code(&self) -> String {
+        let failure = self.failure();
         match self {
-            SafeServiceError::Rejected { .. } => "SAFE-REJECTED".to_owned(),
-            SafeServiceError::RateLimited { .. } => "SAFE-RATE-LIMITED".to_owned(),
             SafeServiceError::Unavailable { status, .. }
-            | SafeServiceError::Http { status, .. } => {
-                format!("SAFE-HTTP-{status}")
-            }
-            SafeServiceError::Transport {
-                timed_out: true, ..
-            } => "SAFE-TIMEOUT".to_owned(),
-            SafeServiceError::Transport { .. } => "SAFE-UNREACHABLE".to_owned(),
-            SafeServiceError::InvalidResponse(_) => "SAFE-INVALID-RESPONSE".to_owned(),
+            | SafeServiceError::Http { status, .. } => failure.code_for_status(*status),
+            _ => failure.code().to_owned(),
         }
     }
 
     pub fn suggestion(&self) -> &'static str {
+        self.failure()
+            .suggestion()
+            .expect("every failure of the Safe Transaction Service has a suggestion")
+    }
+
+    /// Its entry in the catalogue of failures.
+    fn failure(&self) -> Failure {
         match self {
-            SafeServiceError::Rejected { .. } => {
-                "Read the service's message: it names the rule the proposal broke."
-            }
-            SafeServiceError::RateLimited { .. } => {
-                "The bridge retries later; lower the request rate or raise the API key's plan if it persists."
-            }
+            SafeServiceError::Rejected { .. } => Failure::SafeRejected,
+            SafeServiceError::RateLimited { .. } => Failure::SafeRateLimited,
+            SafeServiceError::Unavailable { .. } => Failure::SafeUnavailable,
             SafeServiceError::Http {
                 status: 401 | 403, ..
-            } => "Check the Safe Transaction Service API key.",
-            SafeServiceError::Unavailable { .. } | SafeServiceError::Transport { .. } => {
-                "The bridge retries with backoff; check the Safe service status if it persists."
-            }
-            SafeServiceError::Http { .. } | SafeServiceError::InvalidResponse(_) => {
-                "Report this to the bridge maintainers with the request id."
-            }
+            } => Failure::SafeUnauthorized,
+            SafeServiceError::Http { .. } => Failure::SafeHttp,
+            SafeServiceError::Transport {
+                timed_out: true, ..
+            } => Failure::SafeTimeout,
+            SafeServiceError::Transport { .. } => Failure::SafeUnreachable,
+            SafeServiceError::InvalidResponse(_) => Failure::SafeInvalidResponse,
         }
     }
 }

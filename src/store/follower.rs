@@ -9,7 +9,7 @@ use super::job_leases::{JobLease, fence_tx};
 use super::proposals::{ProposalRow, query_proposals};
 use super::requests::{Changes, ReplicaRequest, StoredError, advance_in, query_requests};
 use super::{Store, StoreError, clean};
-use crate::domain::{Actor, Event, Status};
+use crate::domain::{Actor, Event, Failure, ProposalEnd, ProposalStatus, Status};
 
 /// Where a chain's follower stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,32 +20,6 @@ pub struct Cursor {
     pub block_hash: String,
     /// App logs were seen that the follower has not acted on yet.
     pub apps_touched: bool,
-}
-
-/// How a proposal ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProposalEnd {
-    Executed,
-    /// Executed with `ExecutionFailure`: its nonce is used.
-    Failed,
-    /// Nobody executed it in time. It fails, yet the owners may still
-    /// execute it: the follower keeps watching for that.
-    Expired,
-    /// Its nonce was used by another transaction.
-    Replaced,
-    /// Everything it would register got allowed some other way.
-    Superseded,
-}
-
-impl ProposalEnd {
-    fn as_str(self) -> &'static str {
-        match self {
-            ProposalEnd::Executed => "executed",
-            ProposalEnd::Failed | ProposalEnd::Expired => "failed",
-            ProposalEnd::Replaced => "replaced",
-            ProposalEnd::Superseded => "superseded",
-        }
-    }
 }
 
 impl Store {
@@ -126,7 +100,7 @@ impl Store {
              WHERE id = $1 AND watch_after_end AND status <> 'proposed'
              RETURNING safe_tx_hash, execution_tx_hash",
             proposal_id,
-            ProposalEnd::Executed.as_str(),
+            ProposalStatus::Executed.as_str(),
             now,
         )
         .fetch_optional(&mut *tx)
@@ -332,11 +306,11 @@ impl Store {
              WHERE id = $1 AND status = 'proposed'
              RETURNING safe_tx_hash, execution_tx_hash",
             proposal_id,
-            end.as_str(),
+            end.status().as_str(),
             now,
             error.map(|e| &e.code),
             error.map(|e| clean(&e.message)),
-            end == ProposalEnd::Expired,
+            end.watch_after_end(),
         )
         .fetch_optional(&mut *tx)
         .await?;
@@ -345,7 +319,7 @@ impl Store {
         };
         // Opened again after it had failed requests (they were queued again),
         // and executed now: those are settled as after a late execution.
-        if end == ProposalEnd::Executed {
+        if end.settles_failed_requests() {
             let execution = ended.execution_tx_hash.as_deref().unwrap_or("?");
             settle_failed(&mut tx, proposal_id, &ended.safe_tx_hash, execution, now).await?;
         }
@@ -423,7 +397,7 @@ impl Store {
             sqlx::query!(
                 "UPDATE proposals SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'proposed'",
                 proposal_id,
-                ProposalEnd::Superseded.as_str(),
+                ProposalStatus::Superseded.as_str(),
                 now,
             )
             .execute(&mut *tx)
@@ -560,13 +534,13 @@ async fn settle_failed(
         .await?;
         if let Some(newer) = newer {
             taken.push(newer);
-            let report = StoredError::new(
-                "PROPOSAL-EXECUTED-LATE",
+            let report = StoredError::suggesting(
+                Failure::ProposalExecutedLate,
                 &format!(
                     "the Safe owners executed proposal {safe_tx_hash} in {execution} after the bridge had given up on it; \
                      request {newer} queued the same replica again and makes it"
                 ),
-                Some(&format!("Follow request {newer}.")),
+                &format!("Follow request {newer}."),
             );
             sqlx::query!(
                 "UPDATE replica_requests SET last_error_code = $2, last_error_message = $3, last_error_suggestion = $4,

@@ -1,5 +1,6 @@
 //! Postgres access. This module is the only place with SQL.
 
+mod decode;
 mod follower;
 mod gauges;
 mod idempotency;
@@ -22,7 +23,9 @@ use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
-pub use follower::{Cursor, LateExecution, ProposalEnd, RequestMove};
+/// How a proposal ends is a domain rule; `end_proposal` takes it here.
+pub use crate::domain::ProposalEnd;
+pub use follower::{Cursor, LateExecution, RequestMove};
 pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, RequestHasher, StoredResponse};
 pub use job_leases::{Acquired, JobLease};

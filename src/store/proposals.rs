@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::job_leases::{JobLease, fence_tx, still_held};
 use super::requests::{Changes, StoredError, advance_in, query_requests};
 use super::{Store, StoreError, clean};
-use crate::domain::{Actor, Event, Status};
+use crate::domain::{Actor, Event, ProposalStatus, Status};
 
 #[derive(Debug, Clone)]
 pub struct ProposalRow {
@@ -25,7 +25,7 @@ pub struct ProposalRow {
     pub value: String,
     pub data: String,
     pub operation: i16,
-    pub status: String,
+    pub status: ProposalStatus,
     pub proposer: String,
     pub gas_estimate: Option<i64>,
     pub submitted_at: Option<DateTime<Utc>>,
@@ -62,10 +62,10 @@ macro_rules! query_proposals {
         sqlx::query_as!(
             $crate::store::ProposalRow,
             $before
-                + "id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
-    status, proposer, gas_estimate, submitted_at, next_attempt_at, confirmations, threshold, checked_at,
+                + r#"id, chain_id, safe, safe_version, nonce, safe_tx_hash, to_address, value, data, operation,
+    status AS "status: crate::store::decode::ProposalStatusText", proposer, gas_estimate, submitted_at, next_attempt_at, confirmations, threshold, checked_at,
     execution_tx_hash, execution_block, last_error_code, last_error_message, created_at, updated_at,
-    proposed_block, execution_block_hash, execution_success, owners, confirmed_by, opened_at, watch_after_end"
+    proposed_block, execution_block_hash, execution_success, owners, confirmed_by, opened_at, watch_after_end"#
                 + $after
             $(, $arg)*
         )
@@ -140,7 +140,7 @@ pub enum ProposalConflict {
     /// The same transaction is stored already and cannot be opened again
     /// (it executed, or its nonce was used).
     #[error("the same Safe transaction is stored already as a proposal that is {status}")]
-    HashTaken { status: String },
+    HashTaken { status: ProposalStatus },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -308,6 +308,16 @@ impl Store {
         )
         .fetch_optional(&mut *tx)
         .await?;
+        let same = match same {
+            Some(old) => {
+                let status: ProposalStatus = old
+                    .status
+                    .parse()
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                Some((old.id, status, old.execution_tx_hash.is_some()))
+            }
+            None => None,
+        };
         let stored = match same {
             None => {
                 sqlx::query!(
@@ -348,10 +358,7 @@ impl Store {
                 }
                 ProposalStored::New(p.id)
             }
-            Some(old)
-                if matches!(old.status.as_str(), "failed" | "superseded")
-                    && old.execution_tx_hash.is_none() =>
-            {
+            Some((old, status, executed)) if status.may_reopen(executed) => {
                 // Posted again from scratch: `submitted_at` is set anew once the
                 // service has it, and the follower scans from today's head.
                 sqlx::query!(
@@ -361,7 +368,7 @@ impl Store {
                         watch_after_end = false, execution_block = NULL, execution_block_hash = NULL,
                         execution_success = NULL
                      WHERE id = $1",
-                    old.id,
+                    old,
                     now,
                     p.proposed_block,
                     p.gas_estimate,
@@ -370,9 +377,9 @@ impl Store {
                 )
                 .execute(&mut *tx)
                 .await?;
-                ProposalStored::Reopened(old.id)
+                ProposalStored::Reopened(old)
             }
-            Some(old) => return Err(ProposalConflict::HashTaken { status: old.status }),
+            Some((_, status, _)) => return Err(ProposalConflict::HashTaken { status }),
         };
         let linked = sqlx::query!(
             "UPDATE replica_requests SET proposal_id = $1, safe = $2, updated_at = $4

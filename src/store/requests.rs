@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::source_locks::{newest_token_of, release_source_lock};
 use super::{Store, StoreError, WAKE_CHANNEL, clean};
-use crate::domain::{Actor, Event, Status, Transition, transition};
+use crate::domain::{Actor, Event, Failure, Status, Transition, transition};
 
 /// Statuses a worker acts on by itself. The others wait for the Safe flow,
 /// or, in `provisioning`, for the replica tracker.
@@ -185,6 +185,21 @@ impl StoredError {
             message: message.to_owned(),
             suggestion: suggestion.map(str::to_owned),
         }
+    }
+
+    /// A failure of the catalogue, with its suggestion.
+    pub fn of(failure: Failure, message: &str) -> StoredError {
+        StoredError::new(failure.code(), message, failure.suggestion())
+    }
+
+    /// A failure of the catalogue, where the case offers no suggestion.
+    pub fn without_suggestion(failure: Failure, message: &str) -> StoredError {
+        StoredError::new(failure.code(), message, None)
+    }
+
+    /// A failure of the catalogue, with a suggestion worded for the case.
+    pub fn suggesting(failure: Failure, message: &str, suggestion: &str) -> StoredError {
+        StoredError::new(failure.code(), message, Some(suggestion))
     }
 }
 

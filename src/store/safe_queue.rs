@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::job_leases::{JobLease, fence_tx};
 use super::proposals::query_proposals;
 use super::{ProposalRow, Store, StoreError, clean};
+use crate::domain::Failure;
 
 /// One open proposal in its Safe's queue.
 #[derive(Debug, Clone)]
@@ -165,12 +166,13 @@ impl Store {
             Withdrawn::Revived
         } else {
             sqlx::query!(
-                "UPDATE proposals SET status = 'failed', last_error_code = 'NO-REQUEST', last_error_message = $3,
+                "UPDATE proposals SET status = 'failed', last_error_code = $4, last_error_message = $3,
                     updated_at = $2, watch_after_end = false
                  WHERE id = $1",
                 id,
                 now,
                 clean(message),
+                Failure::NoRequest.code(),
             )
             .execute(&mut *tx)
             .await?;

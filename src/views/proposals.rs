@@ -17,7 +17,9 @@ use uuid::Uuid;
 
 use super::MAX_LIST_LIMIT;
 use super::explorer_tx_link;
-use crate::domain::{Mark, Queued, Status, mark, serves_no_request_advice};
+use crate::domain::{
+    Failure, Mark, ProposalStatus, Queued, Status, mark, serves_no_request_advice,
+};
 use crate::safe::safe_wallet_link;
 use crate::store::{
     CvmFacts, ProposalFacts, ProposalRow, QueueEntry, Reach, ReplicaRequest, Store,
@@ -94,9 +96,9 @@ impl ProposalView {
 }
 
 /// The facts a proposal's summary is worded from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SummaryFacts {
-    status: String,
+    status: ProposalStatus,
     confirmations: i32,
     threshold: Option<i32>,
     needed: Option<i32>,
@@ -285,7 +287,7 @@ pub async fn views_of(
             served.entry(p).or_default().push(request);
         }
     }
-    let queues = if rows.iter().any(|p| p.status == "proposed") {
+    let queues = if rows.iter().any(|p| p.status.is_open()) {
         Some((store.open_queue().await?, store.safe_nonces().await?))
     } else {
         None
@@ -299,9 +301,7 @@ pub async fn views_of(
             // the caller's reach or not.
             let all = every_served.remove(&id).unwrap_or_default();
             let position = match &queues {
-                Some((queue, nonces)) if p.status == "proposed" => {
-                    position(&p, &all, queue, nonces)
-                }
+                Some((queue, nonces)) if p.status.is_open() => position(&p, &all, queue, nonces),
                 _ => Position::ended(&p, &all),
             };
             let mut calls = calls.remove(&id).unwrap_or_default();
@@ -410,7 +410,7 @@ fn build(
         .collect();
     let confirmations = p.confirmations.unwrap_or(confirmed_by.len() as i32);
     let signatures_needed = p.threshold.map(|t| (t - confirmations).max(0));
-    let open = p.status == "proposed";
+    let open = p.status.is_open();
     let owners_to_sign: Vec<String> = if open && signatures_needed.unwrap_or(1) > 0 {
         owners
             .iter()
@@ -421,13 +421,13 @@ fn build(
         Vec::new()
     };
     let summary_facts = SummaryFacts {
-        status: p.status.clone(),
+        status: p.status,
         confirmations,
         threshold: p.threshold,
         needed: signatures_needed,
         executed: p.execution_tx_hash.is_some(),
         submitted: p.submitted_at.is_some(),
-        withdrawn: p.last_error_code.as_deref() == Some("NO-REQUEST"),
+        withdrawn: p.last_error_code.as_deref() == Some(Failure::NoRequest.code()),
         nonce: p.nonce,
         mark: position.mark,
         serves_request: position.serves_request,
@@ -479,7 +479,7 @@ fn build(
         }),
         created_at: p.created_at,
         updated_at: p.updated_at,
-        status: p.status,
+        status: p.status.to_string(),
         summary_facts,
     }
 }
@@ -499,11 +499,11 @@ fn summary(p: &SummaryFacts, to_sign: &[String]) -> String {
         Some(turn) => format!("{text}; {turn}"),
         None => text,
     };
-    match p.status.as_str() {
-        "proposed" if p.executed => {
+    match p.status {
+        ProposalStatus::Proposed if p.executed => {
             format!("{of}; executed, waiting for the block confirmations")
         }
-        "proposed" if !p.serves_request => {
+        ProposalStatus::Proposed if !p.serves_request => {
             let what = if p.signed_by_owner {
                 "an owner must reject it in Safe{Wallet}"
             } else {
@@ -511,10 +511,10 @@ fn summary(p: &SummaryFacts, to_sign: &[String]) -> String {
             };
             format!("serves no request; {of}; {what}")
         }
-        "proposed" if !p.submitted => {
+        ProposalStatus::Proposed if !p.submitted => {
             "stored; not yet accepted by the Safe Transaction Service".to_owned()
         }
-        "proposed" => match p.needed {
+        ProposalStatus::Proposed => match p.needed {
             Some(0) if matches!(p.mark, Some(Mark::Ready)) => {
                 format!("{of}; ready to execute")
             }
@@ -531,8 +531,8 @@ fn summary(p: &SummaryFacts, to_sign: &[String]) -> String {
             }
             _ => with_turn(format!("{of}; waiting for the owners")),
         },
-        "executed" => format!("executed with {of}"),
-        "failed" if p.withdrawn => format!(
+        ProposalStatus::Executed => format!("executed with {of}"),
+        ProposalStatus::Failed if p.withdrawn => format!(
             "withdrawn: it served no request, and nonce {} went to the next batch",
             p.nonce
         ),
@@ -817,7 +817,7 @@ mod tests {
             value: "0".into(),
             data: "0x".into(),
             operation: 0,
-            status: status.into(),
+            status: status.parse().unwrap(),
             proposer: "0x0000000000000000000000000000000000000009".into(),
             gas_estimate: None,
             submitted_at: Some(now),

@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use super::prepare::{Prepared, call_prepare};
 use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
-use crate::domain::{Bytes32, Event, Status};
+use crate::domain::{Bytes32, Event, Failure, Status};
 use crate::phala::ReplicaVm;
 use crate::phala::errors::codes;
 use crate::store::{Changes, Claimed, ReplicaRequest, StoredError};
@@ -94,11 +94,10 @@ async fn commit(worker: &Worker, claimed: &Claimed, resend: Resend) -> anyhow::R
         .as_deref()
         .and_then(|h| h.parse::<Bytes32>().ok())
     else {
-        return Ok(Outcome::Fail(StoredError {
-            code: "MISSING-COMPOSE-HASH".into(),
-            message: "the request reached committing without a compose hash".into(),
-            suggestion: Some("Queue the replica again.".into()),
-        }));
+        return Ok(Outcome::Fail(StoredError::of(
+            Failure::MissingComposeHash,
+            "the request reached committing without a compose hash",
+        )));
     };
     // The token, and what exists before the call (to recognise what the
     // call made if its answer is lost), asked for side by side: siblings

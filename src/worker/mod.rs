@@ -28,7 +28,7 @@ use tracing::{Instrument, info_span};
 
 use crate::clock::Clock;
 use crate::config::{RetentionSettings, WorkerSettings};
-use crate::domain::{Actor, Event, Status};
+use crate::domain::{Actor, Event, Failure, Status};
 use crate::phala::{PhalaClient, PhalaError};
 use crate::safe::SafeFlow;
 use crate::store::{
@@ -340,13 +340,10 @@ impl Worker {
         if owners.is_empty() {
             return Ok(outcome);
         }
-        Ok(Outcome::Fail(StoredError::new(
-            "REPLICA-ID-REUSED",
+        Ok(Outcome::Fail(StoredError::of(
+            Failure::ReplicaIdReused,
             &format!(
                 "Phala answered with replica {vm_uuid}, which another request of this bridge already owns"
-            ),
-            Some(
-                "Look at the source's instances on the Phala dashboard: this request's replica may exist under another id.",
             ),
         )))
     }

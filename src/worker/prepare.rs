@@ -4,7 +4,7 @@
 
 use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
-use crate::domain::{Bytes32, Event};
+use crate::domain::{Bytes32, Event, Failure};
 use crate::phala::errors::codes;
 use crate::phala::{
     ExpectedReplica, PrepareMismatch, PrepareOutcome, PreparedReplica, ReplicaSpec, ReplicaVm,
@@ -81,10 +81,9 @@ pub(super) async fn call_prepare(worker: &Worker, claimed: &Claimed) -> anyhow::
                 request.chain_id,
             );
             let mismatch = |mismatch: PrepareMismatch| {
-                Prepared::Stop(Outcome::Fail(StoredError::new(
-                    PrepareMismatch::CODE,
+                Prepared::Stop(Outcome::Fail(StoredError::of(
+                    Failure::PrepareAnswerMismatch,
                     &mismatch.to_string(),
-                    Some(PrepareMismatch::SUGGESTION),
                 )))
             };
             if let Err(err) = check_prepared(&expected, &prepared) {

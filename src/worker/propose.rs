@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::Worker;
 use crate::chain::{AppState, AtHead, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
 use crate::config::AllowedSafes;
-use crate::domain::Event;
+use crate::domain::{Event, Failure};
 use crate::safe::{
     AppCall, Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, SafeVersion,
     build_safe_tx, check_signable, gas,
@@ -221,10 +221,9 @@ async fn plan(
                     worker,
                     fence,
                     &request,
-                    StoredError::new(
-                        "NO-CHAIN",
+                    StoredError::of(
+                        Failure::NoChain,
                         "Phala reported no chain for this on-chain KMS app",
-                        None,
                     ),
                 )
                 .await?;
@@ -260,10 +259,9 @@ async fn plan_chain(
 ) -> anyhow::Result<bool> {
     let now = worker.clock.now();
     let Some(chain) = flow.chain(chain_id as u64) else {
-        let err = StoredError::new(
-            "NO-RPC",
+        let err = StoredError::of(
+            Failure::NoRpc,
             &format!("no RPC URL is configured for chain {chain_id}"),
-            Some("Set APPROVAL_BRIDGE_RPC_URLS (or ETH_RPC_URL) and restart the bridge."),
         );
         defer(worker, fence, &requests, now + CHAIN_RETRY * 10, Some(&err)).await?;
         return Ok(false);
@@ -338,10 +336,9 @@ async fn plan_chain(
                 "cannot read the DstackApps"
             );
             let requests: Vec<ReplicaRequest> = parsed.into_iter().map(|m| m.request).collect();
-            let err = StoredError::new(
-                "CHAIN-UNAVAILABLE",
+            let err = StoredError::of(
+                Failure::ChainUnavailable,
                 &format!("cannot read the DstackApp on chain {chain_id}: {err:#}"),
-                None,
             );
             defer(worker, fence, &requests, now + CHAIN_RETRY, Some(&err)).await?;
             return Ok(moved);
@@ -363,14 +360,11 @@ async fn plan_chain(
         if requests.is_empty() || !scope.takes_orphans() {
             continue;
         }
-        let err = StoredError::new(
-            "APP-UNREADABLE",
+        let err = StoredError::of(
+            Failure::AppUnreadable,
             &format!(
                 "app {} did not answer owner() on chain {chain_id}: it is not a DstackApp there, or it reverts",
                 app.to_checksum(None)
-            ),
-            Some(
-                "Check the app id Phala reports for the source; the bridge reads the app again shortly.",
             ),
         );
         tracing::warn!(chain_id, %app, requests = requests.len(), "an app does not answer owner(); its requests wait");
@@ -425,10 +419,9 @@ async fn plan_chain(
                         continue;
                     }
                     Err(err) => {
-                        let err = StoredError::new(
-                            "CHAIN-UNAVAILABLE",
+                        let err = StoredError::of(
+                            Failure::ChainUnavailable,
                             &format!("cannot read the DstackApp on chain {chain_id}: {err:#}"),
-                            None,
                         );
                         defer(
                             worker,
@@ -575,10 +568,9 @@ async fn owner_kind(
             Ok(Some(kind))
         }
         Err(err) => {
-            let err = StoredError::new(
-                "CHAIN-UNAVAILABLE",
+            let err = StoredError::of(
+                Failure::ChainUnavailable,
                 &format!("cannot read the app's owner: {err:#}"),
-                None,
             );
             let until = worker.clock.now() + CHAIN_RETRY;
             defer(
@@ -619,43 +611,34 @@ pub fn usable_safe(
             .is_some_and(|p| safes.contains(chain_id, p)) =>
         {
             let pending = state.pending_owner.unwrap_or_default().to_checksum(None);
-            Err(StoredError::new(
-                "OWNERSHIP-PENDING",
+            Err(StoredError::suggesting(
+                Failure::OwnershipPending,
                 &format!(
                     "Safe {pending} is staged as the pendingOwner of app {app} but has not accepted ownership: \
                      it must call acceptOwnership()"
                 ),
-                Some(&format!(
+                &format!(
                     "The Safe {pending} must call acceptOwnership() on {app} (as a Safe transaction), then queue again."
-                )),
+                ),
             ))
         }
-        OwnerKind::Safe(info) => Err(StoredError::new(
-            "SAFE-NOT-ALLOWED",
+        OwnerKind::Safe(info) => Err(StoredError::of(
+            Failure::SafeNotAllowed,
             &format!(
                 "app {app} is owned by Safe {} on chain {chain_id}, which is not in the bridge's list of Safes",
                 info.address.to_checksum(None)
             ),
-            Some(
-                "Add it to APPROVAL_BRIDGE_SAFES as chain_id:address if the bridge should propose to it.",
-            ),
         )),
-        OwnerKind::Eoa => Err(StoredError::new(
-            "OWNER-IS-EOA",
+        OwnerKind::Eoa => Err(StoredError::of(
+            Failure::OwnerIsEoa,
             &format!(
                 "app {app} is owned by the account {owner_address}, not a Safe: the Safe flow does not apply"
             ),
-            Some(
-                "The owner can register the hash and device itself: the Phala CLI's `phala cvms replicate` does this automatically for EOA owners.",
-            ),
         )),
-        OwnerKind::NotASafe { detail } => Err(StoredError::new(
-            "OWNER-NOT-SAFE",
+        OwnerKind::NotASafe { detail } => Err(StoredError::of(
+            Failure::OwnerNotSafe,
             &format!(
                 "app {app} is owned by the contract {owner_address}, which is not a Safe ({detail})"
-            ),
-            Some(
-                "Transfer the app's ownership to a Safe, or register the hash and device through the owning contract.",
             ),
         )),
     }
@@ -690,7 +673,7 @@ async fn propose_group(
         Ok(limit) => limit,
         Err(err) => {
             let requests: Vec<ReplicaRequest> = members.into_iter().map(|m| m.request).collect();
-            let err = StoredError::new("CHAIN-UNAVAILABLE", &format!("{err:#}"), None);
+            let err = StoredError::of(Failure::ChainUnavailable, &format!("{err:#}"));
             defer(worker, fence, &requests, now + CHAIN_RETRY, Some(&err)).await?;
             return Ok(moved);
         }
@@ -737,15 +720,12 @@ async fn propose_group(
                                 Registration::ComposeHash(h) => format!("addComposeHash({h})"),
                                 Registration::Device(d) => format!("addDevice({d})"),
                             };
-                            let err = StoredError::new(
-                                "SIMULATION-REVERTED",
+                            let err = StoredError::of(
+                                Failure::SimulationReverted,
                                 &format!(
                                     "{what} on app {} reverts when Safe {} calls it: {reason}",
                                     member.app.to_checksum(None),
                                     safe.address.to_checksum(None)
-                                ),
-                                Some(
-                                    "Nothing was proposed. Check that the Safe owns the app and the values are right, then queue again.",
                                 ),
                             );
                             proposing.push(member.request);
@@ -755,10 +735,9 @@ async fn propose_group(
                             return Ok(true);
                         }
                         Err(Simulation::Rpc(message)) => {
-                            let err = StoredError::new(
-                                "CHAIN-UNAVAILABLE",
+                            let err = StoredError::of(
+                                Failure::ChainUnavailable,
                                 &format!("cannot simulate the proposal: {message}"),
-                                None,
                             );
                             proposing.push(member.request);
                             defer(worker, fence, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
@@ -877,13 +856,10 @@ async fn propose_group(
     };
     if onchain_hash != safe_tx_hash {
         tracing::error!(%safe_tx_hash, %onchain_hash, safe = %safe.address, "our safeTxHash differs from the Safe's getTransactionHash; not proposing");
-        let err = StoredError::new(
-            "HASH-MISMATCH",
+        let err = StoredError::of(
+            Failure::HashMismatch,
             &format!(
                 "the Safe computes {onchain_hash} for the transaction, the bridge {safe_tx_hash}"
-            ),
-            Some(
-                "Nothing was proposed. Report this to the bridge maintainers with the Safe's address and version.",
             ),
         );
         for request in &proposing {
@@ -927,12 +903,11 @@ async fn propose_group(
         // Cannot happen while the nonce is past the chain's; say so rather
         // than wait in silence.
         Err(ProposalConflict::HashTaken { status }) => {
-            let err = StoredError::new(
-                "PROPOSAL-CONFLICT",
+            let err = StoredError::of(
+                Failure::ProposalConflict,
                 &format!(
                     "the Safe transaction {safe_tx_hash} (nonce {nonce}) is stored already as a proposal that is {status}"
                 ),
-                Some("The bridge plans again shortly; report this if it persists."),
             );
             tracing::error!(%safe_tx_hash, nonce, %status, "the planned transaction is stored already");
             defer(worker, fence, &proposing, now + CHAIN_RETRY, Some(&err)).await?;
@@ -1059,15 +1034,14 @@ async fn give_up_if_overdue(
 /// follower then tells what became of it.
 async fn already_out(flow: &SafeFlow, stored: &ProposalRow) -> Result<Option<String>, StoredError> {
     let hash: B256 = stored.safe_tx_hash.parse().map_err(|_| {
-        StoredError::new(
-            "INVALID-PROPOSAL",
+        StoredError::of(
+            Failure::InvalidProposal,
             "stored safeTxHash is not 32 bytes",
-            None,
         )
     })?;
     let service = flow
         .service(stored.chain_id as u64)
-        .map_err(|err| StoredError::new("SAFE-SERVICE", &format!("{err:#}"), None))?;
+        .map_err(|err| StoredError::of(Failure::SafeService, &format!("{err:#}")))?;
     match service.get_transaction(hash).await {
         Ok(Some(tx)) if tx.is_executed => {
             return Ok(Some(format!(
@@ -1096,26 +1070,24 @@ async fn already_out(flow: &SafeFlow, stored: &ProposalRow) -> Result<Option<Str
         }
     }
     let chain = flow.chain(stored.chain_id as u64).ok_or_else(|| {
-        StoredError::new(
-            "NO-RPC",
+        StoredError::without_suggestion(
+            Failure::NoRpc,
             &format!("no RPC URL is configured for chain {}", stored.chain_id),
-            None,
         )
     })?;
     let safe: Address = stored
         .safe
         .parse()
-        .map_err(|_| StoredError::new("INVALID-PROPOSAL", "stored Safe is not an address", None))?;
+        .map_err(|_| StoredError::of(Failure::InvalidProposal, "stored Safe is not an address"))?;
     match chain.safe_nonce(safe).await {
         Ok(onchain) if onchain > stored.nonce as u64 => Ok(Some(format!(
             "Safe {} used nonce {} before the proposal reached the service; watching the chain",
             stored.safe, stored.nonce
         ))),
         Ok(_) => Ok(None),
-        Err(err) => Err(StoredError::new(
-            "CHAIN-UNAVAILABLE",
+        Err(err) => Err(StoredError::of(
+            Failure::ChainUnavailable,
             &format!("cannot read the Safe's nonce: {err:#}"),
-            None,
         )),
     }
 }
@@ -1171,12 +1143,10 @@ async fn submit(
         }
         Err(SafeServiceError::Rejected { body }) => {
             tracing::warn!(safe_tx_hash = %stored.safe_tx_hash, body = %body, "the Safe Transaction Service rejected the proposal");
-            let err = StoredError::new(
-                "SAFE-REJECTED",
+            let err = StoredError::suggesting(
+                Failure::SafeRejected,
                 &body,
-                Some(
-                    "The Safe Transaction Service refused the proposal; its message names the rule.",
-                ),
+                "The Safe Transaction Service refused the proposal; its message names the rule.",
             );
             worker
                 .store
@@ -1306,15 +1276,11 @@ pub(super) async fn refuse_to_sign(
         "a stored proposal is not what the bridge planned: not signed, not posted"
     );
     metrics::counter!(crate::metrics::PROPOSALS_REFUSED).increment(1);
-    let err = StoredError::new(
-        "PROPOSAL-UNVERIFIED",
+    let err = StoredError::of(
+        Failure::ProposalUnverified,
         &format!(
             "the bridge refused to sign its stored proposal {}: {why}",
             stored.safe_tx_hash
-        ),
-        Some(
-            "Nothing was posted. The proposal's row in the database is not what the bridge planned \
-             for its requests: find out who changed it, then queue the requests again.",
         ),
     );
     worker
@@ -1429,13 +1395,7 @@ fn parse_needs(
     request: &ReplicaRequest,
     needs: &[StoredRegistration],
 ) -> Result<(Address, Vec<(Registration, StoredRegistration)>), StoredError> {
-    let bad = |what: String| {
-        StoredError::new(
-            "INVALID-REGISTRATION",
-            &what,
-            Some("Phala sent an unusable value; queue again."),
-        )
-    };
+    let bad = |what: String| StoredError::of(Failure::InvalidRegistration, &what);
     let app: Address = request
         .app_id
         .as_deref()

@@ -27,6 +27,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{Outcome, Worker};
+use crate::domain::Failure;
 use crate::phala::{CvmInfo, PhalaError};
 use crate::store::{AwaitedOutcome, Claimed, ReplicaRequest, StoredError};
 
@@ -89,13 +90,7 @@ pub(super) fn first_call_took_effect(call: &str, worker: &Worker, err: &PhalaErr
 }
 
 fn pending(call: &str, message: String) -> StoredError {
-    StoredError {
-        code: format!("{}-OUTCOME-PENDING", call.to_uppercase()),
-        message,
-        suggestion: Some(
-            "Nothing to do: the bridge checks Phala's instance list and goes on by itself.".into(),
-        ),
-    }
+    StoredError::of(Failure::of_unanswered_call(call).0, &message)
 }
 
 fn secs(secs: u64) -> chrono::Duration {
@@ -178,17 +173,13 @@ pub(super) async fn reconcile(
     let cvms = match listed {
         Ok(cvms) => cvms,
         Err(err) if past_bound => {
-            return Ok(Reconciled::GiveUp(StoredError {
-                code: format!("{}-OUTCOME-UNKNOWN", call.to_uppercase()),
-                message: format!(
+            return Ok(Reconciled::GiveUp(StoredError::of(
+                Failure::of_unanswered_call(call).1,
+                &format!(
                     "the {call} call got no answer, and Phala's instance list could not be read for {} s since: {err}",
                     settings.unknown_outcome_timeout_secs
                 ),
-                suggestion: Some(
-                    "Check the source's instances on the Phala dashboard; queue again only if no replica was created."
-                        .into(),
-                ),
-            }));
+            )));
         }
         Err(err) => {
             return Ok(look_again(format!(
@@ -257,17 +248,13 @@ pub(super) async fn reconcile(
 
     if request.first_call_took_effect_at.is_some() {
         if past_bound {
-            return Ok(Reconciled::GiveUp(StoredError {
-                code: format!("{}-CREATED-NOT-VISIBLE", call.to_uppercase()),
-                message: format!(
+            return Ok(Reconciled::GiveUp(StoredError::of(
+                Failure::of_unanswered_call(call).2,
+                &format!(
                     "Phala refused the resent {call} as if the first had taken effect, but its replica has not appeared in Phala's instance list for {} s",
                     settings.unknown_outcome_timeout_secs
                 ),
-                suggestion: Some(
-                    "The replica most likely exists: look at the source's instances on the Phala dashboard before queueing it again."
-                        .into(),
-                ),
-            }));
+            )));
         }
         return Ok(look_again(format!(
             "the first {call} most likely created the replica; waiting for Phala's instance list to show it"
@@ -275,17 +262,14 @@ pub(super) async fn reconcile(
     }
     if !unsure.is_empty() {
         if past_bound {
-            return Ok(Reconciled::GiveUp(StoredError {
-                code: format!("{}-OUTCOME-UNKNOWN", call.to_uppercase()),
-                message: format!(
+            return Ok(Reconciled::GiveUp(StoredError::suggesting(
+                Failure::of_unanswered_call(call).1,
+                &format!(
                     "the {call} call got no answer, and Phala's instance list shows a new instance ({}) without the node or compose hash to tell whether it is this replica",
                     unsure[0].0
                 ),
-                suggestion: Some(
-                    "Look at the instance on the Phala dashboard; queue again only if it is not this replica."
-                        .into(),
-                ),
-            }));
+                "Look at the instance on the Phala dashboard; queue again only if it is not this replica.",
+            )));
         }
         return Ok(look_again(format!(
             "the {call} call got no answer; Phala lists a new instance ({}) without its node or compose hash yet",

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::reconcile::normalize;
 use super::{Worker, stored_phala_error};
-use crate::domain::Event;
+use crate::domain::{Event, Failure};
 use crate::phala::CvmStatus;
 use crate::store::{Changes, JobLease, StoredError, Tracked};
 
@@ -160,10 +160,9 @@ fn verdict(
 ) -> Verdict {
     let request = &t.request;
     let Some(vm_uuid) = request.replica_vm_uuid.as_deref() else {
-        return Verdict::Failed(StoredError::new(
-            "MISSING-REPLICA",
+        return Verdict::Failed(StoredError::of(
+            Failure::MissingReplica,
             "Phala accepted the replica but sent no vm_uuid to follow",
-            Some("Check the source's instances on the Phala dashboard."),
         ));
     };
     let since = t.provisioning_since.unwrap_or(now);
@@ -171,13 +170,12 @@ fn verdict(
         None => return Verdict::Waiting(None),
         // A replica can take a moment to appear, but not forever.
         Some(None) if now - since > bounds.missing => {
-            return Verdict::Failed(StoredError::new(
-                "REPLICA-NOT-FOUND",
+            return Verdict::Failed(StoredError::of(
+                Failure::ReplicaNotFound,
                 &format!(
                     "Phala accepted replica {vm_uuid}, but it has not been found for {} s",
                     bounds.missing.num_seconds()
                 ),
-                Some("Look at the source's instances on the Phala dashboard."),
             ));
         }
         Some(None) => return Verdict::Waiting(None),
@@ -189,10 +187,9 @@ fn verdict(
         return Verdict::Running(status);
     }
     if FAILED_STATUSES.contains(&status.as_str()) {
-        return Verdict::Failed(StoredError::new(
-            "REPLICA-FAILED",
+        return Verdict::Failed(StoredError::of(
+            Failure::ReplicaFailed,
             &format!("replica {vm_uuid} stopped in status `{status}`"),
-            Some("Look at the replica's logs on the Phala dashboard."),
         ));
     }
     let booting = now - since;
@@ -202,24 +199,22 @@ fn verdict(
         &status
     };
     if booting > bounds.boot {
-        return Verdict::Failed(StoredError::new(
-            "REPLICA-TIMEOUT",
+        return Verdict::Failed(StoredError::of(
+            Failure::ReplicaTimeout,
             &format!(
                 "replica {vm_uuid} did not reach `running` within {} minutes (Phala says `{shown}`)",
                 bounds.boot.num_minutes()
             ),
-            Some("Look at the replica on the Phala dashboard."),
         ));
     }
     if booting > bounds.boot / 2 {
-        return Verdict::SlowBoot(StoredError::new(
-            "REPLICA-SLOW-BOOT",
+        return Verdict::SlowBoot(StoredError::of(
+            Failure::ReplicaSlowBoot,
             &format!(
                 "replica {vm_uuid} has been booting for {} minutes (Phala says `{shown}`); the request fails if it does not run within {} minutes",
                 booting.num_minutes(),
                 bounds.boot.num_minutes()
             ),
-            Some("Look at the replica's boot progress on the Phala dashboard."),
         ));
     }
     Verdict::Waiting((!status.is_empty()).then_some(status))

@@ -32,11 +32,10 @@ use uuid::Uuid;
 
 use super::Worker;
 use crate::chain::{ChainClient, Registration};
-use crate::domain::Event;
+use crate::domain::{Event, Failure, ProposalEnd};
 use crate::safe::SafeFlow;
 use crate::store::{
-    Changes, Cursor, JobLease, ProposalEnd, ProposalRow, ReplicaRequest, RequestMove, StoreError,
-    StoredError,
+    Changes, Cursor, JobLease, ProposalRow, ReplicaRequest, RequestMove, StoreError, StoredError,
 };
 
 /// How far back to rescan when the cursor's block was reorganised away.
@@ -117,12 +116,9 @@ pub(super) async fn run_chain(
                 error = format!("{err:#}"),
                 "chain follower pass failed"
             );
-            let err = StoredError::new(
-                "CHAIN-FOLLOWER",
+            let err = StoredError::of(
+                Failure::ChainFollower,
                 &format!("watching chain {chain_id} failed: {err:#}"),
-                Some(
-                    "The bridge keeps watching; nothing is committed until the chain answers consistently.",
-                ),
             );
             for proposal in worker.store.open_proposals(chain_id).await? {
                 worker
@@ -316,12 +312,10 @@ async fn scan(
         // Safe's requests and move past it, so one log cannot stall the chain.
         for (safe, problem) in anomalies {
             tracing::error!(chain_id, %safe, problem = %problem, "unexpected execution log; ignored");
-            let err = StoredError::new(
-                "CHAIN-FOLLOWER",
+            let err = StoredError::suggesting(
+                Failure::ChainFollower,
                 &format!("chain {chain_id}: {problem}"),
-                Some(
-                    "The log was ignored; the bridge keeps waiting for an execution it can attribute.",
-                ),
+                "The log was ignored; the bridge keeps waiting for an execution it can attribute.",
             );
             for proposal in open
                 .iter()
@@ -569,15 +563,12 @@ async fn decide(
     if let Some((_, version)) = view.at_head.get(&safe)
         && *version != proposal.safe_version
     {
-        let err = StoredError::new(
-            "SAFE-VERSION-CHANGED",
+        let err = StoredError::of(
+            Failure::SafeVersionChanged,
             &format!(
                 "Safe {} now reports VERSION() `{version}`, not `{}` as when proposed",
                 safe.to_checksum(None),
                 proposal.safe_version
-            ),
-            Some(
-                "The bridge does not commit on doubtful evidence; check the Safe, then cancel and queue again if needed.",
             ),
         );
         tracing::error!(safe_tx_hash = %proposal.safe_tx_hash, message = %err.message, "Safe version changed");
@@ -601,13 +592,12 @@ async fn decide(
             if success {
                 executed(worker, view, proposal, now, fence).await
             } else {
-                let err = StoredError::new(
-                    "SAFE-EXECUTION-FAILED",
+                let err = StoredError::of(
+                    Failure::SafeExecutionFailed,
                     &format!(
                         "the Safe executed the proposal with ExecutionFailure in {}; its nonce is used",
                         proposal.execution_tx_hash.as_deref().unwrap_or("?")
                     ),
-                    Some("The bridge proposes the registrations again."),
                 );
                 lost(worker, flow, proposal, ProposalEnd::Failed, err, now, fence).await
             }
@@ -615,13 +605,12 @@ async fn decide(
         // The Safe moved past our nonce at a confirmed block, and no
         // execution of ours up to there: replaced or rejected.
         _ if state.is_some_and(|(nonce, _)| *nonce > proposal.nonce as u64) => {
-            let err = StoredError::new(
-                "SAFE-NONCE-REPLACED",
+            let err = StoredError::of(
+                Failure::SafeNonceReplaced,
                 &format!(
                     "the Safe used nonce {} for another transaction (a rejection or replacement)",
                     proposal.nonce
                 ),
-                Some("The bridge proposes the registrations again."),
             );
             lost(
                 worker,
@@ -654,14 +643,13 @@ async fn expire_if_overdue(
         // GS013): the proposal is still executable, keep waiting.
         return Ok(false);
     }
-    let err = StoredError::new(
-        "PROPOSAL-EXPIRED",
+    let err = StoredError::of(
+        Failure::ProposalExpired,
         &format!(
             "nobody executed Safe proposal {} within {} days",
             proposal.safe_tx_hash,
             timeout.num_days().max(1)
         ),
-        Some("Ask the Safe owners, then queue the replica again."),
     );
     let ended = worker
         .store
