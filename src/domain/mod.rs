@@ -1,10 +1,12 @@
 //! Pure types and rules of the service. Nothing here talks to the outside world.
 
+mod change;
 mod ids;
 mod order;
 mod queue;
 mod state;
 
+pub use change::{ChangeKind, UnknownKind};
 pub use ids::{AppId, Bytes32, InvalidId};
 pub use order::{InvalidOrder, MAX_REPLICAS_PER_ORDER, NodeRef, OrderBody, ReplicaOrder};
 pub use queue::{Mark, Queued, Stuck, mark, serves_no_request_advice};
