@@ -34,6 +34,8 @@ pub(super) enum Stage {
 }
 
 /// The Phala calls one step sends, as the change's kind chooses them.
+// Every variant ends in `Replica` only while the replica is the one kind.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Calls {
     /// A replica's prepare: the prepare-only replicate, answered with a
