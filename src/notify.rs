@@ -554,6 +554,7 @@ mod tests {
             extra_replicas: vec![format!("cvm {HOSTILE}")],
             expected_device_id: None,
             http_request_id: None,
+            kind: crate::domain::ChangeKind::Replica,
         }
     }
 

@@ -1,5 +1,6 @@
 //! Pure types and rules of the service. Nothing here talks to the outside world.
 
+mod change;
 mod failures;
 mod ids;
 mod order;
@@ -8,6 +9,7 @@ mod queue;
 pub mod signature;
 mod state;
 
+pub use change::{ChangeKind, UnknownKind};
 pub use failures::{Failure, FailureInfo, readme_table};
 pub use ids::{AppId, Bytes32, InvalidId};
 pub use order::{InvalidOrder, MAX_REPLICAS_PER_ORDER, NodeRef, OrderBody, ReplicaOrder};

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::source_locks::{newest_token_of, release_source_lock};
 use super::{Store, StoreError, WAKE_CHANNEL, clean};
-use crate::domain::{Actor, Event, Failure, Status, Transition, transition};
+use crate::domain::{Actor, ChangeKind, Event, Failure, Status, Transition, transition};
 
 /// Statuses a worker acts on by itself. The others wait for the Safe flow,
 /// or, in `provisioning`, for the replica tracker.
@@ -85,6 +85,9 @@ pub struct ReplicaRequest {
     /// The `x-request-id` of the HTTP request that queued it, carried into
     /// the worker's spans.
     pub http_request_id: Option<String>,
+    /// What the change changes: it decides the worker's Phala calls only
+    /// (see `worker::change`).
+    pub kind: ChangeKind,
 }
 
 /// `status` as read from the database (checked by a constraint there).
@@ -105,6 +108,25 @@ impl<'r> sqlx::Decode<'r, Postgres> for StatusColumn {
     fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
         let text = <&str as sqlx::Decode<Postgres>>::decode(value)?;
         Ok(StatusColumn(text.parse()?))
+    }
+}
+
+/// `kind` is read from the database as the domain's type (the column is
+/// checked by a constraint there).
+impl sqlx::Type<Postgres> for ChangeKind {
+    fn type_info() -> PgTypeInfo {
+        <str as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <str as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for ChangeKind {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<Postgres>>::decode(value)?;
+        Ok(text.parse()?)
     }
 }
 
@@ -129,7 +151,7 @@ macro_rules! query_requests {
     replica_vm_uuid, replica_status, attempts, next_attempt_at, last_error_code, last_error_message,
     last_error_suggestion, created_at, updated_at, proposal_id, safe, workspace_slug, instances_before,
     outcome_unknown_since, expected_device_id, http_request_id, settles_at, first_call_took_effect_at,
-    extra_replicas"#
+    extra_replicas, kind AS "kind: crate::domain::ChangeKind""#
                 + $after
             $(, $arg)*
         )

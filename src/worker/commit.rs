@@ -1,4 +1,4 @@
-//! The commit step: hand Phala the commit token once the DstackApp allows
+//! The replica's commit step: hand Phala the commit token once the DstackApp allows
 //! everything. A commit creates the replica, so it is sent under the rules of
 //! [`super::reconcile`]: a commit whose answer was lost is looked for in
 //! Phala's instance list before anything is sent again.
@@ -26,18 +26,12 @@ const TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(14);
 /// Fresh prepares after expired tokens before the request gives up.
 const MAX_REPREPARES: i64 = 3;
 
+/// The caller ([`super::change::step`]) holds the source lock: no prepare of
+/// the same source may run between this request's token and its commit, as
+/// it would supersede the token. The lock stays with the request until it
+/// leaves `committing` (or `preparing` after it).
 pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
-    // No prepare of the same source may run between this request's token and
-    // its commit: it would supersede the token. The lock stays with the
-    // request until it leaves `committing` (or `preparing` after it).
     let request = &claimed.request;
-    if !worker
-        .store
-        .try_lock_source(&request.source_vm_uuid, request.id)
-        .await?
-    {
-        return Ok(Outcome::Snooze(super::SOURCE_BUSY_WAIT));
-    }
     if request.call_sent_at.is_some() {
         match reconcile::reconcile(worker, claimed, "commit").await? {
             Reconciled::Found {

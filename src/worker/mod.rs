@@ -4,8 +4,12 @@
 //! A claim is a short transaction; the step's network calls run with no
 //! transaction open. Several processes can share one database: `SKIP LOCKED`
 //! and the lease keep two workers from running the same step.
+//!
+//! All of this is shared by every kind of change; the kind chooses only the
+//! Phala calls of a step, in [`change`].
 
 pub(crate) mod backoff;
+mod change;
 mod commit;
 mod owner;
 mod prepare;
@@ -253,8 +257,8 @@ impl Worker {
             let started = std::time::Instant::now();
             let outcome = match request.status() {
                 Status::Queued => Ok(Outcome::advance(Event::StartPrepare)),
-                Status::Preparing => prepare::run(self, claimed).await,
-                Status::Committing => commit::run(self, claimed).await,
+                Status::Preparing => change::step(self, claimed, change::Stage::Prepare).await,
+                Status::Committing => change::step(self, claimed, change::Stage::Commit).await,
                 other => unreachable!("claimed a request in `{other}`, which is not workable"),
             };
             let outcome = match outcome {

@@ -1,6 +1,7 @@
-//! The prepare step: ask Phala for a commit token and learn which
+//! The replica's prepare step: ask Phala for a commit token and learn which
 //! registrations the DstackApp still needs. Sources without on-chain KMS take
-//! the simple workflow and are replicated directly.
+//! the simple workflow and are replicated directly. `super::change` chooses
+//! between the two and holds the source lock around them.
 
 use super::reconcile::{self, Reconciled};
 use super::{Outcome, Worker};
@@ -11,26 +12,6 @@ use crate::phala::{
     ResolvedNode, check_prepared, node_with_device,
 };
 use crate::store::{Changes, Claimed, PreparedFields, StoredError};
-
-pub(super) async fn run(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
-    let request = &claimed.request;
-    // A newer prepare for the same CVM supersedes the older token, so prepares
-    // (and direct replicates) of one source never overlap. The lock is held by
-    // the request, not the worker: it stays while the request prepares or
-    // commits, and the transition out of those releases it.
-    if !worker
-        .store
-        .try_lock_source(&request.source_vm_uuid, request.id)
-        .await?
-    {
-        return Ok(Outcome::Snooze(super::SOURCE_BUSY_WAIT));
-    }
-    if request.onchain_kms {
-        prepare(worker, claimed).await
-    } else {
-        replicate_directly(worker, claimed).await
-    }
-}
 
 pub(super) fn spec(claimed: &Claimed) -> ReplicaSpec {
     let request = &claimed.request;
@@ -112,7 +93,7 @@ pub(super) async fn call_prepare(worker: &Worker, claimed: &Claimed) -> anyhow::
     })
 }
 
-async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+pub(super) async fn prepare(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
     Ok(match call_prepare(worker, claimed).await? {
         Prepared::Token(prepared, placed_on) => {
             // Where the bridge can read the app's chain, Phala's word that
@@ -220,7 +201,10 @@ fn created(vm: ReplicaVm) -> Outcome {
 /// Cloud KMS (or no KMS): no prepare, no approval. The call creates a CVM,
 /// so it follows [`super::reconcile`]: an unanswered call is looked for in
 /// Phala's instance list, never simply sent again.
-async fn replicate_directly(worker: &Worker, claimed: &Claimed) -> anyhow::Result<Outcome> {
+pub(super) async fn replicate_directly(
+    worker: &Worker,
+    claimed: &Claimed,
+) -> anyhow::Result<Outcome> {
     let request = &claimed.request;
     if request.call_sent_at.is_some() {
         match reconcile::reconcile(worker, claimed, "replicate").await? {

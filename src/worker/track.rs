@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::change::{Follow, follow};
 use super::reconcile::normalize;
 use super::{Worker, stored_phala_error};
 use crate::domain::{Event, Failure};
@@ -34,7 +35,22 @@ pub(super) struct Pass {
 /// `fence`: the tracker's lease (`None` when tests drain by hand); a write
 /// it refuses ends the pass before any further call.
 pub(super) async fn run(worker: &Worker, fence: Option<&JobLease>) -> anyhow::Result<Pass> {
-    let tracked = worker.store.provisioning().await?;
+    // Each kind is followed by its own calls (see `super::change`).
+    let mut replicas = Vec::new();
+    for tracked in worker.store.provisioning().await? {
+        match follow(tracked.request.kind) {
+            Follow::ReplicaStatus => replicas.push(tracked),
+        }
+    }
+    follow_replicas(worker, replicas, fence).await
+}
+
+/// The replicas' status batch: one call for all of them.
+async fn follow_replicas(
+    worker: &Worker,
+    tracked: Vec<Tracked>,
+    fence: Option<&JobLease>,
+) -> anyhow::Result<Pass> {
     if tracked.is_empty() {
         return Ok(Pass::default());
     }
