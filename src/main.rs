@@ -61,7 +61,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 #[cfg(feature = "sandbox")]
 async fn sandbox(args: approval_bridge::cli::SandboxArgs) -> anyhow::Result<()> {
-    use approval_bridge::sandbox::{EnvFormat, Sandbox, SandboxOptions};
+    use approval_bridge::sandbox::{EnvFormat, Sandbox, SandboxOptions, listen_for_stop};
     use std::io::Write;
 
     // Logs go to stderr: stdout carries the banner or the environment only.
@@ -83,6 +83,8 @@ async fn sandbox(args: approval_bridge::cli::SandboxArgs) -> anyhow::Result<()> 
         slots: args.slots,
         ..SandboxOptions::default()
     };
+    // Listening starts before the sandbox announces itself (see listen_for_stop).
+    let stop = listen_for_stop();
     let sandbox = Sandbox::start(options).await?;
     match print_env {
         Some(format) => {
@@ -93,5 +95,5 @@ async fn sandbox(args: approval_bridge::cli::SandboxArgs) -> anyhow::Result<()> 
         }
         None => println!("{}", sandbox.banner()),
     }
-    sandbox.run_until_stopped().await
+    sandbox.run_until(stop).await
 }
