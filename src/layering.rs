@@ -49,7 +49,6 @@ const KNOWN_CIRCLES: &[&[&str]] = &[
         "store/source_locks.rs",
     ],
     &["web/auth/signin.rs", "web/pages/ui.rs"],
-    &["worker/propose.rs", "worker/queue.rs"],
 ];
 
 type Module = Vec<String>;

@@ -140,7 +140,7 @@ mod tests {
 
     /// The shared parts of a change's life, as source: none of them may
     /// name the kind. The kind reaches the worker only through this module.
-    const SHARED: [(&str, &str); 13] = [
+    const SHARED: [(&str, &str); 15] = [
         ("domain/state.rs", include_str!("../domain/state.rs")),
         ("domain/queue.rs", include_str!("../domain/queue.rs")),
         (
@@ -163,6 +163,8 @@ mod tests {
         ("worker/propose.rs", include_str!("propose.rs")),
         ("worker/watch.rs", include_str!("watch.rs")),
         ("worker/queue.rs", include_str!("queue.rs")),
+        ("worker/scope.rs", include_str!("scope.rs")),
+        ("worker/signing.rs", include_str!("signing.rs")),
     ];
 
     #[test]

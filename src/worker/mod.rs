@@ -17,6 +17,8 @@ mod propose;
 mod queue;
 mod reconcile;
 mod retention;
+mod scope;
+mod signing;
 mod track;
 mod watch;
 
@@ -599,4 +601,9 @@ impl Worker {
             }
         }
     }
+}
+
+/// An address as the store keeps it: lowercase hex with `0x`.
+fn lower(address: alloy::primitives::Address) -> String {
+    format!("{address:#x}")
 }

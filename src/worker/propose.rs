@@ -13,17 +13,16 @@ mod describe;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, Bytes};
+use alloy::primitives::{Address, B256};
 use uuid::Uuid;
 
-use super::Worker;
+pub(super) use super::scope::PlanScope;
+use super::signing::{refuse_to_sign, signable};
+use super::{Worker, lower};
 use crate::chain::{AppState, AtHead, ChainClient, OwnerKind, Registration, SafeInfo, Simulation};
 use crate::config::AllowedSafes;
 use crate::domain::{Event, Failure};
-use crate::safe::{
-    AppCall, Call, Deployment, Operation, Proposal, SafeServiceError, SafeTx, SafeVersion,
-    build_safe_tx, check_signable, gas,
-};
+use crate::safe::{Call, Deployment, Proposal, SafeServiceError, build_safe_tx, gas};
 use crate::safe::{SafeFlow, safe_wallet_link};
 use crate::store::{
     Changes, JobLease, NewProposal, ProposalConflict, ProposalRow, ProposalStored, ReplicaRequest,
@@ -38,79 +37,6 @@ const CHECK_EVERY: chrono::Duration = chrono::Duration::seconds(3);
 /// A proposal that ended gets its last read of confirmations within this.
 const FINAL_READ_WITHIN: chrono::Duration = chrono::Duration::days(1);
 const ORIGIN: &str = r#"{"name":"approval-bridge","url":""}"#;
-
-/// What one planner owns. Each scope is planned by its own leased job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum PlanScope {
-    /// The proposals of one allowed Safe, and the requests on its chain whose
-    /// app that Safe owns. `orphans`: also settles the chain's requests that
-    /// need no Safe or that no allowed Safe can take (the first allowed Safe
-    /// of each chain does this).
-    Safe {
-        chain_id: i64,
-        safe: Address,
-        orphans: bool,
-    },
-    /// Requests on chains without an allowed Safe, or with no chain: they
-    /// fail with the reason, or wait for an RPC URL.
-    Elsewhere,
-}
-
-impl PlanScope {
-    /// Every scope of the configured Safes, plus [`PlanScope::Elsewhere`].
-    pub(super) fn all(flow: &SafeFlow) -> Vec<PlanScope> {
-        let mut scopes = Vec::new();
-        let mut chains = BTreeSet::new();
-        for &(chain_id, safe) in &flow.safes.0 {
-            scopes.push(PlanScope::Safe {
-                chain_id: chain_id as i64,
-                safe,
-                orphans: chains.insert(chain_id),
-            });
-        }
-        scopes.push(PlanScope::Elsewhere);
-        scopes
-    }
-
-    /// The scope's job in `job_leases`.
-    pub(super) fn job(&self) -> String {
-        match self {
-            PlanScope::Safe { chain_id, safe, .. } => {
-                format!("planner:{chain_id}:{}", lower(*safe))
-            }
-            PlanScope::Elsewhere => "planner:elsewhere".to_owned(),
-        }
-    }
-
-    fn takes_chain(&self, flow: &SafeFlow, chain_id: Option<i64>) -> bool {
-        match self {
-            PlanScope::Safe { chain_id: own, .. } => chain_id == Some(*own),
-            PlanScope::Elsewhere => {
-                chain_id.is_none_or(|id| !flow.safes.0.iter().any(|(chain, _)| *chain as i64 == id))
-            }
-        }
-    }
-
-    fn takes_safe(&self, address: Address) -> bool {
-        matches!(self, PlanScope::Safe { safe, .. } if *safe == address)
-    }
-
-    fn takes_orphans(&self) -> bool {
-        matches!(
-            self,
-            PlanScope::Safe { orphans: true, .. } | PlanScope::Elsewhere
-        )
-    }
-
-    pub(super) fn takes_proposal(&self, proposal: &ProposalRow) -> bool {
-        match self {
-            PlanScope::Safe { chain_id, safe, .. } => {
-                proposal.chain_id == *chain_id && proposal.safe == lower(*safe)
-            }
-            PlanScope::Elsewhere => false,
-        }
-    }
-}
 
 /// One pass of every scope, unfenced (tests drain with this). `true` when
 /// something moved, so a drain runs again.
@@ -1194,102 +1120,6 @@ async fn submit(
     }
 }
 
-/// The stored transaction, if the proposer key may sign it: its fields
-/// parse, hash to its safeTxHash, and make exactly the calls stored with it
-/// on the apps of its requests (`safe::verify`). Whoever can write the
-/// database must not get anything else signed. `Err`: why not.
-pub(super) async fn signable(
-    worker: &Worker,
-    stored: &ProposalRow,
-) -> anyhow::Result<Result<(Address, SafeTx, SafeVersion), String>> {
-    fn field<T: std::str::FromStr>(value: &str, name: &str) -> Result<T, String> {
-        value
-            .parse()
-            .map_err(|_| format!("its {name} `{value}` does not parse"))
-    }
-    let parsed = || -> Result<(Address, SafeTx, SafeVersion), String> {
-        let operation = Operation::try_from(stored.operation as u8)?;
-        let tx = SafeTx::new(
-            field(&stored.to_address, "to")?,
-            field(&stored.value, "value")?,
-            field::<Bytes>(&stored.data, "data")?,
-            operation,
-            stored.nonce as u64,
-        );
-        let safe = field(&stored.safe, "Safe")?;
-        let version = field(&stored.safe_version, "Safe version")?;
-        let hash = tx.hash(safe, stored.chain_id as u64, version);
-        if hash.to_string() != stored.safe_tx_hash {
-            return Err(format!("its fields hash to {hash}, not to its safeTxHash"));
-        }
-        Ok((safe, tx, version))
-    };
-    let (safe, tx, version) = match parsed() {
-        Ok(parsed) => parsed,
-        Err(why) => return Ok(Err(why)),
-    };
-    let mut planned = Vec::new();
-    for (position, (_, call)) in worker
-        .store
-        .proposal_calls(&[stored.id])
-        .await?
-        .into_iter()
-        .enumerate()
-    {
-        let app = call.app_id.parse().ok();
-        let value = call.value.parse().ok();
-        planned.push(match (app, value, call.kind.as_str()) {
-            (Some(app), Some(compose_hash), "compose_hash") => {
-                AppCall::AddComposeHash { app, compose_hash }
-            }
-            (Some(app), Some(device_id), "device") => AppCall::AddDevice { app, device_id },
-            _ => return Ok(Err(format!("its stored call {position} does not parse"))),
-        });
-    }
-    let apps: BTreeSet<Address> = worker
-        .store
-        .requests_served_by(&[stored.id])
-        .await?
-        .iter()
-        .filter_map(|r| r.app_id.as_deref()?.parse().ok())
-        .collect();
-    Ok(
-        check_signable(&tx, stored.chain_id as u64, version, &planned, &apps)
-            .map(|()| (safe, tx, version))
-            .map_err(|why| why.to_string()),
-    )
-}
-
-/// A stored proposal that is not what the bridge planned fails, with its
-/// requests, and nothing is signed or posted.
-pub(super) async fn refuse_to_sign(
-    worker: &Worker,
-    stored: &ProposalRow,
-    why: &str,
-    fence: Option<&JobLease>,
-) -> anyhow::Result<()> {
-    tracing::error!(
-        proposal_id = %stored.id,
-        safe_tx_hash = %stored.safe_tx_hash,
-        nonce = stored.nonce,
-        reason = %why,
-        "a stored proposal is not what the bridge planned: not signed, not posted"
-    );
-    metrics::counter!(crate::metrics::PROPOSALS_REFUSED).increment(1);
-    let err = StoredError::of(
-        Failure::ProposalUnverified,
-        &format!(
-            "the bridge refused to sign its stored proposal {}: {why}",
-            stored.safe_tx_hash
-        ),
-    );
-    worker
-        .store
-        .reject_proposal(stored.id, worker.clock.now(), &err, false, fence)
-        .await?;
-    Ok(())
-}
-
 /// Keeps the confirmations shown with each proposal current: which owners
 /// confirmed, read from the Transaction Service every few seconds while it
 /// is open, and once more after it ended (owners may confirm and execute
@@ -1412,10 +1242,6 @@ fn parse_needs(
         out.push((registration, need.clone()));
     }
     Ok((app, out))
-}
-
-fn lower(address: Address) -> String {
-    format!("{address:#x}")
 }
 
 /// A request that changed meanwhile (cancelled, or planned by another worker) is left alone.

@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use alloy::primitives::{Address, B256};
 
 use super::Worker;
-use super::propose::PlanScope;
+use super::scope::PlanScope;
+use super::signing::{refuse_to_sign, signable};
 use crate::safe::Deletion;
 use crate::safe::SafeFlow;
 use crate::store::{JobLease, ProposalRow, Withdrawn};
@@ -74,8 +75,8 @@ async fn withdraw(
 ) -> anyhow::Result<bool> {
     // The proposer key acts (signs, posts, deletes) only for a row that is
     // what the bridge planned; a forged one is refused, not withdrawn.
-    if let Err(why) = super::propose::signable(worker, proposal).await? {
-        super::propose::refuse_to_sign(worker, proposal, &why, fence).await?;
+    if let Err(why) = signable(worker, proposal).await? {
+        refuse_to_sign(worker, proposal, &why, fence).await?;
         return Ok(true);
     }
     let hash: B256 = proposal.safe_tx_hash.parse()?;
