@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use alloy::primitives::{Address, B256, Bytes};
 use axum::Json;
@@ -517,52 +517,15 @@ pub enum SignInRequired {
     Internal(ApiError),
 }
 
-impl IntoResponse for SignInRequired {
-    fn into_response(self) -> Response {
-        let (status, message, forget) = match self {
-            SignInRequired::Anonymous => {
-                return (
-                    StatusCode::SEE_OTHER,
-                    [(axum::http::header::LOCATION, "/login")],
-                )
-                    .into_response();
-            }
-            SignInRequired::InvalidSession(forget) => (
-                StatusCode::UNAUTHORIZED,
-                "Your session is not valid (it ended, expired or was altered). Sign in again."
-                    .to_owned(),
-                Some(forget),
-            ),
-            SignInRequired::Revoked(subject, forget) => (
-                StatusCode::UNAUTHORIZED,
-                format!(
-                    "{subject} is no longer an operator or an owner of a configured Safe, so the session has ended."
-                ),
-                Some(forget),
-            ),
-            SignInRequired::UntrustedProxy(header) => (
-                StatusCode::FORBIDDEN,
-                format!(
-                    "The {header} header came from an address that is not a trusted proxy; it was ignored and nobody is signed in."
-                ),
-                None,
-            ),
-            SignInRequired::ProxySecretMissing(header) => (
-                StatusCode::FORBIDDEN,
-                format!(
-                    "The {header} header came without the proxy's secret in {PROXY_SECRET_HEADER}; it was ignored and nobody is signed in."
-                ),
-                None,
-            ),
-            SignInRequired::Internal(err) => return err.into_response(),
-        };
-        let mut response =
-            crate::web::pages::ui::message_page(status, "Not signed in", &message, true)
-                .into_response();
-        if let Some(forget) = forget {
-            response.headers_mut().append(SET_COOKIE, forget);
-        }
-        response
+/// The signed-in person of a page request, once the [`PageUser`] extractor
+/// knew them: the page layer puts an empty slot in the request, so that an
+/// error page answered later keeps the person's header.
+#[derive(Clone, Default)]
+pub struct SignedIn(pub Arc<OnceLock<PageUser>>);
+
+fn remember_signed_in(parts: &Parts, user: &PageUser) {
+    if let Some(slot) = parts.extensions.get::<SignedIn>() {
+        let _ = slot.0.set(user.clone());
     }
 }
 
@@ -602,7 +565,7 @@ impl FromRequestParts<AppState> for PageUser {
                 subject: user.to_owned(),
                 role,
             };
-            crate::web::pages::ui::remember_signed_in(parts, &user);
+            remember_signed_in(parts, &user);
             return Ok(user);
         }
         let Some(session) = auth.session_id(&parts.headers) else {
@@ -640,7 +603,7 @@ impl FromRequestParts<AppState> for PageUser {
             subject: session.subject,
             role,
         };
-        crate::web::pages::ui::remember_signed_in(parts, &user);
+        remember_signed_in(parts, &user);
         Ok(user)
     }
 }

@@ -7,14 +7,13 @@
 //! the actor, so scopes, quotas and validation are the API's.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use askama::Template;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{ACCEPT, LOCATION, SET_COOKIE};
-use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
@@ -30,7 +29,10 @@ use crate::views::requests as views;
 use crate::web::AppState;
 use crate::web::api::intake;
 use crate::web::api::replicas::{cancel_as, detail_of, parse_id, proposals_of};
-use crate::web::auth::signin::{self, CSRF_FIELD, PageUser, check_csrf, csrf_token, sign_out};
+use crate::web::auth::signin::{
+    self, CSRF_FIELD, PROXY_SECRET_HEADER, PageUser, SignInRequired, SignedIn, check_csrf,
+    csrf_token, sign_out,
+};
 use crate::web::error::ApiError;
 use crate::web::pages::replication::{FormFacts, NodeChoice, form_facts};
 use crate::web::pages::ui_models::{DetailView, ProposalPage, RowView};
@@ -160,15 +162,52 @@ struct ErrorPage {
     message: String,
 }
 
-/// The signed-in person of a page request, once the extractor knew them.
-#[derive(Clone, Default)]
-struct SignedIn(Arc<OnceLock<PageUser>>);
-
-/// Called by the [`PageUser`] extractor: an error page of this request
-/// keeps the person's header.
-pub fn remember_signed_in(parts: &Parts, user: &PageUser) {
-    if let Some(slot) = parts.extensions.get::<SignedIn>() {
-        let _ = slot.0.set(user.clone());
+/// A page request that is not signed in: sent to sign in, or told why not
+/// (auth decides who is signed in; the page shows the refusal).
+impl IntoResponse for SignInRequired {
+    fn into_response(self) -> Response {
+        let (status, message, forget) = match self {
+            SignInRequired::Anonymous => {
+                return (
+                    StatusCode::SEE_OTHER,
+                    [(axum::http::header::LOCATION, "/login")],
+                )
+                    .into_response();
+            }
+            SignInRequired::InvalidSession(forget) => (
+                StatusCode::UNAUTHORIZED,
+                "Your session is not valid (it ended, expired or was altered). Sign in again."
+                    .to_owned(),
+                Some(forget),
+            ),
+            SignInRequired::Revoked(subject, forget) => (
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "{subject} is no longer an operator or an owner of a configured Safe, so the session has ended."
+                ),
+                Some(forget),
+            ),
+            SignInRequired::UntrustedProxy(header) => (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "The {header} header came from an address that is not a trusted proxy; it was ignored and nobody is signed in."
+                ),
+                None,
+            ),
+            SignInRequired::ProxySecretMissing(header) => (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "The {header} header came without the proxy's secret in {PROXY_SECRET_HEADER}; it was ignored and nobody is signed in."
+                ),
+                None,
+            ),
+            SignInRequired::Internal(err) => return err.into_response(),
+        };
+        let mut response = message_page(status, "Not signed in", &message, true);
+        if let Some(forget) = forget {
+            response.headers_mut().append(SET_COOKIE, forget);
+        }
+        response
     }
 }
 
