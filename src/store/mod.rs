@@ -5,6 +5,7 @@ mod follower;
 mod gauges;
 mod idempotency;
 mod job_leases;
+mod lease;
 mod orders;
 mod outbox;
 mod proposal_facts;
@@ -29,20 +30,21 @@ pub use follower::{Cursor, LateExecution, RequestMove};
 pub use gauges::QueueGauges;
 pub use idempotency::{IdempotencyOutcome, RequestHasher, StoredResponse};
 pub use job_leases::{Acquired, JobLease};
+pub use lease::Lease;
 pub use orders::{IdempotencyKey, LostCommit, Order, QUOTA_WINDOW, QuotaUsed, Stored};
 pub use outbox::{DueDelivery, PendingNotification};
-pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts, same_hex};
+pub use proposal_facts::{AppFacts, CvmFacts, NodeFacts, ProposalFacts};
 pub use proposals::{
     NewProposal, ProposalConflict, ProposalRow, ProposalStored, RequestRegistration,
     StoredRegistration,
 };
-pub use request_filters::{Reach, RequestFilter};
+pub use request_filters::{Reach, RequestFilter, same_hex};
 /// For tests elsewhere in the crate that build a [`ReplicaRequest`] by hand.
 #[cfg(test)]
 pub(crate) use requests::StatusColumn;
 pub use requests::{
-    AwaitedOutcome, Changes, Claimed, EventRow, Lane, Lease, NewRequest, PreparedFields,
-    ReplicaRequest, StoredError, WORKABLE,
+    AwaitedOutcome, Changes, Claimed, EventRow, Lane, NewRequest, PreparedFields, ReplicaRequest,
+    StoredError, WORKABLE,
 };
 pub use retention::Purged;
 pub use safe_queue::{QueueEntry, Withdrawn};

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::proposals::{ProposalRow, query_proposals};
 use super::requests::{ReplicaRequest, query_requests};
-use super::{Reach, Store};
+use super::{Reach, Store, same_hex};
 
 /// What Phala said about a proposal's apps and nodes when it was planned.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,16 +43,6 @@ pub struct NodeFacts {
     pub name: String,
     pub region: Option<String>,
     pub device_id: Option<String>,
-}
-
-/// Hex values as Phala and the chain spell them differently (`0x`, `app_`, case).
-pub fn same_hex(a: &str, b: &str) -> bool {
-    fn bare(v: &str) -> &str {
-        v.strip_prefix("0x")
-            .or_else(|| v.strip_prefix("app_"))
-            .unwrap_or(v)
-    }
-    bare(a).eq_ignore_ascii_case(bare(b))
 }
 
 impl ProposalFacts {

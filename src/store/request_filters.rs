@@ -1,8 +1,8 @@
 //! The replicas page's list: newest first, filtered by status, app and source;
 //! and [`Reach`], what one caller may see of requests and proposals.
 
+use super::Store;
 use super::requests::query_requests;
-use super::{Store, same_hex};
 use crate::domain::Status;
 use crate::store::ReplicaRequest;
 
@@ -91,6 +91,16 @@ impl Reach {
     }
 }
 
+/// Hex values as Phala and the chain spell them differently (`0x`, `app_`, case).
+pub fn same_hex(a: &str, b: &str) -> bool {
+    fn bare(v: &str) -> &str {
+        v.strip_prefix("0x")
+            .or_else(|| v.strip_prefix("app_"))
+            .unwrap_or(v)
+    }
+    bare(a).eq_ignore_ascii_case(bare(b))
+}
+
 /// What the list is narrowed to; `None` matches everything.
 #[derive(Debug, Clone)]
 pub struct RequestFilter {
@@ -160,6 +170,25 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok((apps, sources))
+    }
+
+    /// Newest first, optionally of one status, of those `reach` sees.
+    pub async fn list_requests(
+        &self,
+        status: Option<Status>,
+        limit: i64,
+        reach: &Reach,
+    ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
+        self.filtered_requests(
+            &RequestFilter {
+                status,
+                app_id: None,
+                source: None,
+                reach: reach.clone(),
+            },
+            limit,
+        )
+        .await
     }
 }
 

@@ -10,6 +10,7 @@ use sqlx::postgres::{PgTypeInfo, PgValueRef};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use super::lease::Lease;
 use super::source_locks::{newest_token_of, release_source_lock};
 use super::{Store, StoreError, WAKE_CHANNEL, clean};
 use crate::domain::{Actor, ChangeKind, Event, Failure, Status, Transition, transition};
@@ -268,13 +269,6 @@ pub struct AwaitedOutcome {
     pub first_call_took_effect: bool,
 }
 
-/// Proof that a worker holds a request. Writes that carry it are fenced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    pub request_id: Uuid,
-    pub lease_id: Uuid,
-}
-
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub request: ReplicaRequest,
@@ -300,25 +294,6 @@ impl Store {
         query_requests!("SELECT ", " FROM replica_requests WHERE id = $1", id)
             .fetch_optional(&self.pool)
             .await
-    }
-
-    /// Newest first, optionally of one status, of those `reach` sees.
-    pub async fn list_requests(
-        &self,
-        status: Option<Status>,
-        limit: i64,
-        reach: &super::Reach,
-    ) -> Result<Vec<ReplicaRequest>, sqlx::Error> {
-        self.filtered_requests(
-            &super::RequestFilter {
-                status,
-                app_id: None,
-                source: None,
-                reach: reach.clone(),
-            },
-            limit,
-        )
-        .await
     }
 
     pub async fn events(&self, id: Uuid) -> Result<Vec<EventRow>, sqlx::Error> {
