@@ -61,7 +61,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 #[cfg(feature = "sandbox")]
 async fn sandbox(args: approval_bridge::cli::SandboxArgs) -> anyhow::Result<()> {
-    use approval_bridge::sandbox::{EnvFormat, Sandbox, SandboxOptions, listen_for_stop};
+    use approval_bridge::sandbox::{EnvFormat, Sandbox, SandboxOptions};
+    use approval_bridge::startup::listen_for_stop;
     use std::io::Write;
 
     // Logs go to stderr: stdout carries the banner or the environment only.

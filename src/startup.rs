@@ -186,7 +186,7 @@ impl Application {
     /// process exits non-zero and its supervisor starts it again.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tokio::spawn(cancel_on_signal(listen_for_stop(), shutdown.clone()));
         tracing::info!(address = %self.listener.local_addr()?, workers = self.workers, "approval-bridge is serving");
         tokio::spawn(sync_clock(
             self.state.clock.clone(),
@@ -295,22 +295,37 @@ async fn sync_clock(clock: Clock, store: Store, shutdown: CancellationToken) {
     }
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Ctrl-C or SIGTERM, listened for from the moment this is called. Call it
+/// before the process announces itself: a stop sent as soon as the
+/// announcement is read would otherwise meet the default action and kill
+/// the process before anything it started is stopped.
+pub fn listen_for_stop() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                }
+                _ => std::future::pending().await,
             }
-            Err(_) => std::future::pending().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn cancel_on_signal(stop: impl Future<Output = ()>, shutdown: CancellationToken) {
     tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
+        _ = stop => {}
         _ = shutdown.cancelled() => return,
     }
     tracing::info!("shutting down");

@@ -39,7 +39,7 @@ pub use database::SandboxDatabase;
 pub use serve_env::{EnvFormat, ServeEnv};
 pub use world::{
     ENS_UNVERIFIED, ENS_VERIFIED, EOA_CVM, OPERATOR_NAME, OWNER_NAMES, SafeOwner, Sandbox,
-    SandboxApps, SandboxOptions, listen_for_stop,
+    SandboxApps, SandboxOptions,
 };
 
 /// A file only this project has, used to recognise the project root.

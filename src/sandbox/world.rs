@@ -515,7 +515,7 @@ impl Sandbox {
         bridge
     }
 
-    /// Runs until `stop` (see [`listen_for_stop`]) or a shutdown from the
+    /// Runs until `stop` (see [`crate::startup::listen_for_stop`]) or a shutdown from the
     /// controls, then stops everything it started.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::select! {
@@ -523,34 +523,6 @@ impl Sandbox {
             _ = self.shutdown.cancelled() => {}
         }
         self.stop().await
-    }
-}
-
-/// Ctrl-C or SIGTERM, listened for from the moment this is called. Call it
-/// before the sandbox announces itself: a stop sent as soon as the
-/// announcement is read would otherwise meet the default action and kill
-/// the process before anything it started is stopped.
-pub fn listen_for_stop() -> impl Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let terminate = signal(SignalKind::terminate());
-        let interrupt = signal(SignalKind::interrupt());
-        async move {
-            match (terminate, interrupt) {
-                (Ok(mut terminate), Ok(mut interrupt)) => {
-                    tokio::select! {
-                        _ = terminate.recv() => {}
-                        _ = interrupt.recv() => {}
-                    }
-                }
-                _ => std::future::pending().await,
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    async {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
