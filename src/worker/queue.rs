@@ -32,7 +32,7 @@ pub(super) async fn record_nonces(
 ) -> anyhow::Result<()> {
     let nonces: Vec<(String, i64)> = at_head
         .iter()
-        .map(|(safe, (nonce, _))| (format!("{safe:#x}"), *nonce as i64))
+        .map(|(safe, (nonce, _))| (super::lower(*safe), *nonce as i64))
         .collect();
     worker
         .store
